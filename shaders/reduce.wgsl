@@ -1,0 +1,32 @@
+// Reduction along one axis of a tensor viewed as [outer, len, inner]: one invocation per
+// output element. {{INIT}}, {{STEP}} (acc, v) and {{FINISH}} (acc, p.len) define the op.
+
+struct Params {
+    outer: u32,
+    len: u32,
+    inner: u32,
+    off_x: u32,
+    off_y: u32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> xs: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ys: array<f32>;
+
+@compute @workgroup_size(256, 1, 1)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + lid.x;
+    if (i >= p.outer * p.inner) { return; }
+    let o = i / p.inner;
+    let j = i % p.inner;
+    let base = p.off_x + o * p.len * p.inner + j;
+    var acc = {{INIT}};
+    for (var t = 0u; t < p.len; t++) {
+        let v = xs[base + t * p.inner];
+        acc = {{STEP}};
+    }
+    ys[p.off_y + i] = {{FINISH}};
+}

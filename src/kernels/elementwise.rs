@@ -1,0 +1,439 @@
+//! Elementwise kernels: unary and scalar ops, their gradients, binary ops with broadcasting,
+//! and fill. Same-shape launches split into chunks when a tensor exceeds one binding.
+
+use super::{bind, grid, uniform, Binding, Dispatch, View, WG_1D};
+use crate::error::{Error, Result};
+use crate::gpu::Caps;
+
+/// Math shared by the unary and binary shaders (WGSL has no erf).
+pub const HELPERS: &str = r#"
+fn erf_approx(x: f32) -> f32 {
+    // Abramowitz & Stegun 7.1.26 refined form (|error| < 1.5e-7).
+    let s = sign(x);
+    let a = abs(x);
+    let t = 1.0 / (1.0 + 0.3275911 * a);
+    let y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * exp(-a * a);
+    return s * y;
+}
+fn sigmoid(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
+fn gelu(x: f32) -> f32 { return 0.5 * x * (1.0 + erf_approx(x * 0.7071067811865476)); }
+fn gelu_grad(x: f32) -> f32 {
+    return 0.5 * (1.0 + erf_approx(x * 0.7071067811865476)) + x * 0.3989422804014327 * exp(-0.5 * x * x);
+}
+fn tanh_safe(x: f32) -> f32 { return tanh(clamp(x, -15.0, 15.0)); }
+"#;
+
+/// Unary and scalar ops. Scalar parameters travel in the uniform, so one pipeline serves all
+/// values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UnaryOp {
+    /// e^x
+    Exp,
+    /// ln x
+    Log,
+    /// sqrt x
+    Sqrt,
+    /// 1 / sqrt x
+    Rsqrt,
+    /// max(x, 0)
+    Relu,
+    /// exact (erf) GELU
+    Gelu,
+    /// x * sigmoid(1.702 x) (CLIP's QuickGELU)
+    QuickGelu,
+    /// x * sigmoid(x)
+    Silu,
+    /// 1 / (1 + e^-x)
+    Sigmoid,
+    /// tanh x
+    Tanh,
+    /// -x
+    Neg,
+    /// |x|
+    Abs,
+    /// x^2
+    Square,
+    /// 1 / x
+    Recip,
+    /// alpha * x + beta (scalar add, scale, ...)
+    Affine(f32, f32),
+    /// x^alpha
+    Pow(f32),
+    /// clamp(x, lo, hi)
+    Clamp(f32, f32),
+}
+
+impl UnaryOp {
+    /// Name used in pipeline keys.
+    pub fn name(&self) -> &'static str {
+        match self {
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Relu => "relu",
+            UnaryOp::Gelu => "gelu",
+            UnaryOp::QuickGelu => "quick_gelu",
+            UnaryOp::Silu => "silu",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Neg => "neg",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Square => "square",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Affine(..) => "affine",
+            UnaryOp::Pow(_) => "pow",
+            UnaryOp::Clamp(..) => "clamp",
+        }
+    }
+
+    /// (alpha, beta) uniform values.
+    pub fn scalars(&self) -> (f32, f32) {
+        match *self {
+            UnaryOp::Affine(a, b) | UnaryOp::Clamp(a, b) => (a, b),
+            UnaryOp::Pow(a) => (a, 0.0),
+            _ => (0.0, 0.0),
+        }
+    }
+
+    /// WGSL expression of y in terms of x, p.alpha, p.beta.
+    pub fn expr(&self) -> &'static str {
+        match self {
+            UnaryOp::Exp => "exp(x)",
+            UnaryOp::Log => "log(x)",
+            UnaryOp::Sqrt => "sqrt(x)",
+            UnaryOp::Rsqrt => "inverseSqrt(x)",
+            UnaryOp::Relu => "max(x, 0.0)",
+            UnaryOp::Gelu => "gelu(x)",
+            UnaryOp::QuickGelu => "x * sigmoid(1.702 * x)",
+            UnaryOp::Silu => "x * sigmoid(x)",
+            UnaryOp::Sigmoid => "sigmoid(x)",
+            UnaryOp::Tanh => "tanh_safe(x)",
+            UnaryOp::Neg => "-x",
+            UnaryOp::Abs => "abs(x)",
+            UnaryOp::Square => "x * x",
+            UnaryOp::Recip => "1.0 / x",
+            UnaryOp::Affine(..) => "p.alpha * x + p.beta",
+            UnaryOp::Pow(_) => "pow(x, p.alpha)",
+            UnaryOp::Clamp(..) => "clamp(x, p.alpha, p.beta)",
+        }
+    }
+
+    /// WGSL expression of dx in terms of a = x and b = dy (the alpha/beta values are spliced
+    /// in as literals since the binary uniform has no scalar slots).
+    pub fn grad_expr(&self) -> String {
+        let (al, be) = self.scalars();
+        let f = |v: f32| format!("f32({v:e})");
+        match self {
+            UnaryOp::Exp => "b * exp(a)".into(),
+            UnaryOp::Log => "b / a".into(),
+            UnaryOp::Sqrt => "b * 0.5 / sqrt(a)".into(),
+            UnaryOp::Rsqrt => "b * -0.5 * inverseSqrt(a) / a".into(),
+            UnaryOp::Relu => "select(0.0, b, a > 0.0)".into(),
+            UnaryOp::Gelu => "b * gelu_grad(a)".into(),
+            UnaryOp::QuickGelu => {
+                "b * (sigmoid(1.702 * a) + 1.702 * a * sigmoid(1.702 * a) * (1.0 - sigmoid(1.702 * a)))".into()
+            }
+            UnaryOp::Silu => "b * (sigmoid(a) + a * sigmoid(a) * (1.0 - sigmoid(a)))".into(),
+            UnaryOp::Sigmoid => "b * sigmoid(a) * (1.0 - sigmoid(a))".into(),
+            UnaryOp::Tanh => "b * (1.0 - tanh_safe(a) * tanh_safe(a))".into(),
+            UnaryOp::Neg => "-b".into(),
+            UnaryOp::Abs => "b * sign(a)".into(),
+            UnaryOp::Square => "2.0 * a * b".into(),
+            UnaryOp::Recip => "-b / (a * a)".into(),
+            UnaryOp::Affine(..) => format!("{} * b", f(al)),
+            UnaryOp::Pow(_) => format!("b * {} * pow(a, {})", f(al), f(al - 1.0)),
+            UnaryOp::Clamp(..) => format!("select(0.0, b, a > {} && a < {})", f(al), f(be)),
+        }
+    }
+}
+
+/// Binary ops (NumPy broadcasting), including the gradients of unary ops (a = x, b = dy).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BinaryOp {
+    /// a + b
+    Add,
+    /// a - b
+    Sub,
+    /// a * b
+    Mul,
+    /// a / b
+    Div,
+    /// max(a, b)
+    Max,
+    /// min(a, b)
+    Min,
+    /// 1 where a == b, else 0
+    Eq,
+    /// dy * f'(x) for a unary op (a = x, b = dy)
+    UnaryGrad(UnaryOp),
+}
+
+impl BinaryOp {
+    /// Name used in pipeline keys (gradients carry their scalars since they are literals).
+    pub fn key(&self) -> String {
+        match self {
+            BinaryOp::Add => "add".into(),
+            BinaryOp::Sub => "sub".into(),
+            BinaryOp::Mul => "mul".into(),
+            BinaryOp::Div => "div".into(),
+            BinaryOp::Max => "max".into(),
+            BinaryOp::Min => "min".into(),
+            BinaryOp::Eq => "eq".into(),
+            BinaryOp::UnaryGrad(u) => {
+                let (a, b) = u.scalars();
+                format!("{}_grad_{:08x}_{:08x}", u.name(), a.to_bits(), b.to_bits())
+            }
+        }
+    }
+
+    /// WGSL expression in a and b.
+    pub fn expr(&self) -> String {
+        match self {
+            BinaryOp::Add => "a + b".into(),
+            BinaryOp::Sub => "a - b".into(),
+            BinaryOp::Mul => "a * b".into(),
+            BinaryOp::Div => "a / b".into(),
+            BinaryOp::Max => "max(a, b)".into(),
+            BinaryOp::Min => "min(a, b)".into(),
+            BinaryOp::Eq => "select(0.0, 1.0, a == b)".into(),
+            BinaryOp::UnaryGrad(u) => u.grad_expr(),
+        }
+    }
+}
+
+/// Launches over `n` same-shaped elements in chunks that fit one binding: `views[i]` is
+/// bound at `[start, start + count)` of itself when `split[i]`, whole otherwise.
+pub fn chunked(
+    n: u64,
+    views: &[View],
+    split: &[bool],
+    caps: &Caps,
+    what: &str,
+    mut build: impl FnMut(&[(Binding, u32)], u64, u64) -> Result<Dispatch>,
+) -> Result<Vec<Dispatch>> {
+    let whole: u64 = views
+        .iter()
+        .zip(split)
+        .filter(|(_, s)| !**s)
+        .map(|(v, _)| v.len)
+        .max()
+        .unwrap_or(0);
+    if whole * 4 > caps.max_binding {
+        return Err(Error::TooLarge {
+            what: format!("{what}: an operand that cannot be split"),
+            bytes: whole * 4,
+            limit: caps.max_binding,
+            limit_name: "max_storage_buffer_binding_size",
+        });
+    }
+    let per = super::max_bind_elems(caps).max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < n || (n == 0 && out.is_empty()) {
+        let count = per.min(n - start);
+        let mut binds = Vec::with_capacity(views.len());
+        for (v, &s) in views.iter().zip(split) {
+            binds.push(if s {
+                bind(v, start, count, caps, what)?
+            } else {
+                super::bind_all(v, caps, what)?
+            });
+        }
+        if count > 0 {
+            out.push(build(&binds, start, count)?);
+        }
+        start += count;
+        if n == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn f32w(v: f32) -> u32 {
+    v.to_bits()
+}
+
+/// y = op(x) over `x.len` elements.
+pub fn unary(op: UnaryOp, x: View, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    if y.len < x.len {
+        return Err(Error::shape(op.name(), "output smaller than input"));
+    }
+    let (al, be) = op.scalars();
+    chunked(x.len, &[x, y], &[true, true], caps, op.name(), |b, _, count| {
+        Ok(Dispatch {
+            key: format!("unary_{}", op.name()),
+            template: "unary",
+            subst: vec![("EXPR", op.expr().to_string()), ("HELPERS", HELPERS.to_string())],
+            uniform: uniform(&[count as u32, b[0].1, b[1].1, 0, f32w(al), f32w(be), 0, 0]),
+            bindings: vec![b[0].0, b[1].0],
+            groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+        })
+    })
+}
+
+/// Fills `y` with `value`.
+pub fn fill(value: f32, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    chunked(y.len, &[y], &[true], caps, "fill", |b, _, count| {
+        Ok(Dispatch {
+            key: "fill".into(),
+            template: "fill",
+            subst: vec![],
+            uniform: uniform(&[count as u32, b[0].1, 0, 0, f32w(value), 0, 0, 0]),
+            bindings: vec![b[0].0],
+            groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+        })
+    })
+}
+
+/// Row-major element strides of `shape`.
+pub fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1] * shape[d + 1];
+    }
+    s
+}
+
+/// Output shape of broadcasting `a` with `b` (NumPy rules), or `None` if incompatible.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let r = a.len().max(b.len());
+    let mut out = vec![0; r];
+    for i in 0..r {
+        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+        out[i] = if da == db || db == 1 {
+            da
+        } else if da == 1 {
+            db
+        } else {
+            return None;
+        };
+    }
+    Some(out)
+}
+
+/// Strides of `src` as seen from the broadcast output shape `out` (0 on broadcast dims).
+pub fn broadcast_strides(src: &[usize], out: &[usize]) -> Vec<usize> {
+    let st = strides(src);
+    let r = out.len();
+    (0..r)
+        .map(|i| {
+            if i + src.len() < r {
+                0
+            } else {
+                let j = i + src.len() - r;
+                if src[j] == 1 && out[i] != 1 {
+                    0
+                } else {
+                    st[j]
+                }
+            }
+        })
+        .collect()
+}
+
+/// Packs up to 8 dims into two vec4<u32> worth of words.
+pub fn pack8(v: &[usize]) -> [u32; 8] {
+    let mut w = [1u32; 8];
+    for (i, &x) in v.iter().enumerate() {
+        w[i] = x as u32;
+    }
+    w
+}
+
+/// Merges adjacent dims that are contiguous in every operand, so ranks stay small.
+fn coalesce(shape: &[usize], ops: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let mut s: Vec<usize> = Vec::new();
+    let mut o: Vec<Vec<usize>> = vec![Vec::new(); ops.len()];
+    for d in 0..shape.len() {
+        if shape[d] == 1 {
+            continue;
+        }
+        let can_merge = !s.is_empty()
+            && ops
+                .iter()
+                .enumerate()
+                .all(|(k, st)| o[k].last().copied() == Some(st[d] * shape[d]));
+        if can_merge {
+            let last = s.len() - 1;
+            s[last] *= shape[d];
+            for (k, st) in ops.iter().enumerate() {
+                o[k][last] = st[d];
+            }
+        } else {
+            s.push(shape[d]);
+            for (k, st) in ops.iter().enumerate() {
+                o[k].push(st[d]);
+            }
+        }
+    }
+    if s.is_empty() {
+        s.push(1);
+        for ok in o.iter_mut() {
+            ok.push(0);
+        }
+    }
+    (s, o)
+}
+
+/// c = op(a, b) with broadcasting; `a_shape`/`b_shape` are the operands' shapes.
+pub fn binary(
+    op: BinaryOp,
+    a: View,
+    a_shape: &[usize],
+    b: View,
+    b_shape: &[usize],
+    c: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    let out = broadcast_shape(a_shape, b_shape).ok_or_else(|| {
+        Error::shape(op.key(), format!("cannot broadcast {a_shape:?} with {b_shape:?}"))
+    })?;
+    let n: usize = out.iter().product();
+    if c.len < n as u64 || a.len < a_shape.iter().product::<usize>() as u64 || b.len < b_shape.iter().product::<usize>() as u64 {
+        return Err(Error::shape(op.key(), "buffer smaller than its shape"));
+    }
+    let same = a_shape == b_shape;
+    let subst = vec![("EXPR", op.expr()), ("HELPERS", HELPERS.to_string())];
+    let key = format!("binary_{}", op.key());
+    if same {
+        return chunked(n as u64, &[a, b, c], &[true, true, true], caps, "binary op", |bd, _, count| {
+            let mut w = vec![count as u32, 1, bd[0].1, bd[1].1, bd[2].1, 0, 0, 0];
+            w.extend(pack8(&[count as usize]));
+            w.extend(pack8(&[1]));
+            w.extend(pack8(&[1]));
+            Ok(Dispatch {
+                key: key.clone(),
+                template: "binary",
+                subst: subst.clone(),
+                uniform: uniform(&w),
+                bindings: vec![bd[0].0, bd[1].0, bd[2].0],
+                groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+            })
+        });
+    }
+    let sa = broadcast_strides(a_shape, &out);
+    let sb = broadcast_strides(b_shape, &out);
+    let sc = strides(&out);
+    let (shape, st) = coalesce(&out, &[sa, sb, sc]);
+    if shape.len() > 8 {
+        return Err(Error::shape(op.key(), "more than 8 non-mergeable dims"));
+    }
+    let (ba, oa) = super::bind_all(&a, caps, "binary operand a")?;
+    let (bb, ob) = super::bind_all(&b, caps, "binary operand b")?;
+    let (bc, oc) = super::bind_all(&c, caps, "binary output")?;
+    let mut w = vec![n as u32, shape.len() as u32, oa, ob, oc, 0, 0, 0];
+    w.extend(pack8(&shape));
+    w.extend(pack8(&st[0]));
+    w.extend(pack8(&st[1]));
+    Ok(vec![Dispatch {
+        key,
+        template: "binary",
+        subst,
+        uniform: uniform(&w),
+        bindings: vec![ba, bb, bc],
+        groups: grid((n as u64).div_ceil(WG_1D as u64), caps)?,
+    }])
+}

@@ -1,0 +1,148 @@
+//! Data movement: strided copies (permute, expand, slice, concat pieces, pad placement),
+//! summing down to a broadcast shape, and embedding gather / its gradient.
+
+use super::elementwise::{pack8, strides};
+use super::{bind_all, grid, uniform, Dispatch, View, WG_1D};
+use crate::error::{Error, Result};
+use crate::gpu::Caps;
+
+/// Copies the index space `shape` from `x` (element strides `sx`, starting at element `x0`
+/// of the view) to `y` (strides `sy`, starting at `y0`).
+#[allow(clippy::too_many_arguments)]
+pub fn strided_copy(
+    shape: &[usize],
+    x: View,
+    x0: usize,
+    sx: &[usize],
+    y: View,
+    y0: usize,
+    sy: &[usize],
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    // Drop unit dims and merge dims contiguous in both operands.
+    let mut s: Vec<usize> = Vec::new();
+    let (mut a, mut b): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+    for d in 0..shape.len() {
+        if shape[d] == 1 {
+            continue;
+        }
+        if let (Some(&la), Some(&lb)) = (a.last(), b.last()) {
+            if la == sx[d] * shape[d] && lb == sy[d] * shape[d] {
+                let l = s.len() - 1;
+                s[l] *= shape[d];
+                a[l] = sx[d];
+                b[l] = sy[d];
+                continue;
+            }
+        }
+        s.push(shape[d]);
+        a.push(sx[d]);
+        b.push(sy[d]);
+    }
+    if s.is_empty() {
+        s.push(1);
+        a.push(0);
+        b.push(0);
+    }
+    if s.len() > 8 {
+        return Err(Error::shape("strided copy", "more than 8 non-mergeable dims"));
+    }
+    let n: usize = s.iter().product();
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    let (bx, ox) = bind_all(&x, caps, "copy source")?;
+    let (by, oy) = bind_all(&y, caps, "copy destination")?;
+    let mut w = vec![n as u32, s.len() as u32, ox + x0 as u32, oy + y0 as u32];
+    w.extend(pack8(&s));
+    w.extend(pack8(&a));
+    w.extend(pack8(&b));
+    Ok(vec![Dispatch {
+        key: "permute".into(),
+        template: "permute",
+        subst: vec![],
+        uniform: uniform(&w),
+        bindings: vec![bx, by],
+        groups: grid((n as u64).div_ceil(WG_1D as u64), caps)?,
+    }])
+}
+
+/// y = x.permute(perm) written contiguously.
+pub fn permute(x: View, shape: &[usize], perm: &[usize], y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    let st = strides(shape);
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let sx: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+    strided_copy(&out_shape, x, 0, &sx, y, 0, &strides(&out_shape), caps)
+}
+
+/// Sums `x` (shape `in_shape`) down to `out_shape` (same rank; 1 on reduced dims).
+pub fn sum_to(x: View, in_shape: &[usize], y: View, out_shape: &[usize], caps: &Caps) -> Result<Vec<Dispatch>> {
+    if in_shape.len() != out_shape.len() {
+        return Err(Error::shape("sum_to", "ranks differ"));
+    }
+    let st = strides(in_shape);
+    let (mut os, mut ost, mut rs, mut rst) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for d in 0..in_shape.len() {
+        if out_shape[d] == in_shape[d] {
+            os.push(in_shape[d]);
+            ost.push(st[d]);
+        } else if out_shape[d] == 1 {
+            rs.push(in_shape[d]);
+            rst.push(st[d]);
+        } else {
+            return Err(Error::shape("sum_to", format!("{in_shape:?} does not reduce to {out_shape:?}")));
+        }
+    }
+    if os.len() > 8 || rs.len() > 8 {
+        return Err(Error::shape("sum_to", "rank above 8"));
+    }
+    let n: usize = os.iter().product();
+    let count: usize = rs.iter().product();
+    let (bx, ox) = bind_all(&x, caps, "sum_to input")?;
+    let (by, oy) = bind_all(&y, caps, "sum_to output")?;
+    let mut w = vec![n as u32, os.len() as u32, rs.len() as u32, count as u32, ox, oy, 0, 0];
+    w.extend(pack8(&os));
+    w.extend(pack8(&ost));
+    w.extend(pack8(&rs));
+    w.extend(pack8(&rst));
+    Ok(vec![Dispatch {
+        key: "sum_to".into(),
+        template: "sum_to",
+        subst: vec![],
+        uniform: uniform(&w),
+        bindings: vec![bx, by],
+        groups: grid((n as u64).div_ceil(WG_1D as u64), caps)?,
+    }])
+}
+
+/// y[i, :] = table[idx[i], :] for `n` indices into a `[vocab, dim]` table.
+pub fn gather(table: View, vocab: usize, dim: usize, idx: View, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    let n = idx.len as usize;
+    let (bt, ot) = bind_all(&table, caps, "embedding table")?;
+    let (bi, oi) = bind_all(&idx, caps, "indices")?;
+    let (by, oy) = bind_all(&y, caps, "gather output")?;
+    Ok(vec![Dispatch {
+        key: "gather".into(),
+        template: "gather",
+        subst: vec![],
+        uniform: uniform(&[n as u32, dim as u32, vocab as u32, ot, oi, oy]),
+        bindings: vec![bt, bi, by],
+        groups: grid(((n * dim) as u64).div_ceil(WG_1D as u64), caps)?,
+    }])
+}
+
+/// dtable = scatter-add of dy rows into a `[vocab, dim]` table (no atomics).
+pub fn gather_grad(idx: View, dy: View, vocab: usize, dim: usize, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    let n = idx.len as usize;
+    let (bi, oi) = bind_all(&idx, caps, "indices")?;
+    let (bd, od) = bind_all(&dy, caps, "gradient")?;
+    let (by, oy) = bind_all(&y, caps, "table gradient")?;
+    Ok(vec![Dispatch {
+        key: "gather_grad".into(),
+        template: "gather_grad",
+        subst: vec![],
+        uniform: uniform(&[n as u32, dim as u32, vocab as u32, oi, od, oy]),
+        bindings: vec![bi, bd, by],
+        groups: grid(((vocab * dim) as u64).div_ceil(WG_1D as u64), caps)?,
+    }])
+}

@@ -1,0 +1,533 @@
+//! Batched matmul launcher and its WGSL code generator (template `shaders/matmul.wgsl`).
+
+use super::{bind, row_chunks, uniform, Binding, Dispatch, View};
+use crate::error::{Error, Result};
+use crate::gpu::Caps;
+
+/// Shape and layout of one batched matmul `C[b] = op(A[b]) op(B[b])`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MatmulShape {
+    /// Batch count.
+    pub batch: u32,
+    /// Rows of C.
+    pub m: u32,
+    /// Columns of C.
+    pub n: u32,
+    /// Contraction length.
+    pub k: u32,
+    /// A is stored [K, M] (transposed).
+    pub ta: bool,
+    /// B is stored [N, K] (transposed).
+    pub tb: bool,
+    /// A is shared by every batch (batch stride 0).
+    pub a_shared: bool,
+    /// B is shared by every batch (batch stride 0).
+    pub b_shared: bool,
+}
+
+/// Register-block configuration: each invocation computes `tm x tn` outputs; a workgroup is
+/// `wx x wy` invocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    /// Rows per invocation.
+    pub tm: u32,
+    /// Columns per invocation (multiple of 4).
+    pub tn: u32,
+    /// Workgroup width (invocations along N).
+    pub wx: u32,
+    /// Workgroup height (invocations along M).
+    pub wy: u32,
+}
+
+/// The tile used on this device: 8x8 outputs per invocation in 8x8 workgroups, a good choice on
+/// lavapipe and on discrete GPUs alike (see `examples/bench.rs` for the sweep).
+pub fn default_tile(_caps: &Caps) -> Tile {
+    Tile {
+        tm: 8,
+        tn: 8,
+        wx: 8,
+        wy: 8,
+    }
+}
+
+/// Which operands can use vec4 loads/stores (the "fits" specializations).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VecFlags {
+    /// A loads as vec4 (along K when A is [M,K], along M when transposed).
+    pub a: bool,
+    /// B loads as vec4 (along N when B is [K,N], along K when transposed).
+    pub b: bool,
+    /// C stores as vec4 (N multiple of 4).
+    pub c: bool,
+}
+
+/// Generates the WGSL of one variant.
+pub fn subst(s: &MatmulShape, t: Tile, v: VecFlags) -> Vec<(&'static str, String)> {
+    let (tm, tn) = (t.tm as usize, t.tn as usize);
+    let nj = tn / 4;
+    let ty = |vec: bool| if vec { "vec4<f32>" } else { "f32" }.to_string();
+    let a_idx = |m: &str, k: &str| {
+        if s.ta {
+            format!("abase + ({k}) * p.m + ({m})")
+        } else {
+            format!("abase + ({m}) * p.k + ({k})")
+        }
+    };
+    let b_idx = |k: &str, n: &str| {
+        if s.tb {
+            format!("bbase + ({n}) * p.k + ({k})")
+        } else {
+            format!("bbase + ({k}) * p.n + ({n})")
+        }
+    };
+    let scalar = |arr: &str, vec: bool, idx: String| {
+        if vec {
+            format!("{arr}[({idx}) >> 2u][({idx}) & 3u]")
+        } else {
+            format!("{arr}[{idx}]")
+        }
+    };
+    let a_scalar = format!(
+        "    let i = {};\n    return {};",
+        if s.ta { "base + k * p.m + m" } else { "base + m * p.k + k" },
+        if v.a { "a[i >> 2u][i & 3u]" } else { "a[i]" }
+    );
+    let b_scalar = format!(
+        "    let i = {};\n    return {};",
+        if s.tb { "base + n * p.k + k" } else { "base + k * p.n + n" },
+        if v.b { "b[i >> 2u][i & 3u]" } else { "b[i]" }
+    );
+    let mut acc = String::new();
+    for i in 0..tm {
+        for j in 0..nj {
+            acc += &format!("    var acc_{i}_{j} = vec4<f32>(0.0);\n");
+        }
+    }
+    // Fast step over k..k+4: scalars a_i_t, vectors b_t_j, then FMAs.
+    let mut fast = String::new();
+    let ind = "            ";
+    if v.a && !s.ta {
+        for i in 0..tm {
+            fast += &format!("{ind}let av_{i} = a[({}) >> 2u];\n", a_idx(&format!("row0 + {i}u"), "k"));
+            for tt in 0..4 {
+                fast += &format!("{ind}let a_{i}_{tt} = av_{i}[{tt}];\n");
+            }
+        }
+    } else if v.a && s.ta {
+        for tt in 0..4 {
+            for i4 in 0..tm / 4 {
+                fast += &format!(
+                    "{ind}let av_{tt}_{i4} = a[({}) >> 2u];\n",
+                    a_idx(&format!("row0 + {}u", 4 * i4), &format!("k + {tt}u"))
+                );
+                for r in 0..4 {
+                    fast += &format!("{ind}let a_{}_{tt} = av_{tt}_{i4}[{r}];\n", 4 * i4 + r);
+                }
+            }
+        }
+    } else {
+        for i in 0..tm {
+            for tt in 0..4 {
+                let idx = a_idx(&format!("row0 + {i}u"), &format!("k + {tt}u"));
+                fast += &format!("{ind}let a_{i}_{tt} = {};\n", scalar("a", false, idx));
+            }
+        }
+    }
+    if v.b && !s.tb {
+        for tt in 0..4 {
+            for j in 0..nj {
+                fast += &format!(
+                    "{ind}let b_{tt}_{j} = b[({}) >> 2u];\n",
+                    b_idx(&format!("k + {tt}u"), &format!("col0 + {}u", 4 * j))
+                );
+            }
+        }
+    } else if v.b && s.tb {
+        for n in 0..tn {
+            fast += &format!(
+                "{ind}let bv_{n} = b[({}) >> 2u];\n",
+                b_idx("k", &format!("col0 + {n}u"))
+            );
+        }
+        for tt in 0..4 {
+            for j in 0..nj {
+                fast += &format!(
+                    "{ind}let b_{tt}_{j} = vec4<f32>(bv_{}[{tt}], bv_{}[{tt}], bv_{}[{tt}], bv_{}[{tt}]);\n",
+                    4 * j,
+                    4 * j + 1,
+                    4 * j + 2,
+                    4 * j + 3
+                );
+            }
+        }
+    } else {
+        for tt in 0..4 {
+            for j in 0..nj {
+                let e: Vec<String> = (0..4)
+                    .map(|r| scalar("b", false, b_idx(&format!("k + {tt}u"), &format!("col0 + {}u", 4 * j + r))))
+                    .collect();
+                fast += &format!("{ind}let b_{tt}_{j} = vec4<f32>({});\n", e.join(", "));
+            }
+        }
+    }
+    for tt in 0..4 {
+        for i in 0..tm {
+            for j in 0..nj {
+                fast += &format!("{ind}acc_{i}_{j} = acc_{i}_{j} + a_{i}_{tt} * b_{tt}_{j};\n");
+            }
+        }
+    }
+    // Tail step (single k, block in range): scalar loads without checks.
+    let mut tail = String::new();
+    for i in 0..tm {
+        tail += &format!(
+            "{ind}let a_{i} = {};\n",
+            scalar("a", v.a, a_idx(&format!("row0 + {i}u"), "k"))
+        );
+    }
+    for j in 0..nj {
+        let e: Vec<String> = (0..4)
+            .map(|r| scalar("b", v.b, b_idx("k", &format!("col0 + {}u", 4 * j + r))))
+            .collect();
+        tail += &format!("{ind}let b_{j} = vec4<f32>({});\n", e.join(", "));
+    }
+    for i in 0..tm {
+        for j in 0..nj {
+            tail += &format!("{ind}acc_{i}_{j} = fma(vec4<f32>(a_{i}), b_{j}, acc_{i}_{j});\n");
+        }
+    }
+    // Checked step: everything through the bounds-checked accessors.
+    let mut checked = String::new();
+    for i in 0..tm {
+        checked += &format!("{ind}let a_{i} = a_at(abase, row0 + {i}u, k);\n");
+    }
+    for j in 0..nj {
+        let e: Vec<String> = (0..4)
+            .map(|r| format!("b_at(bbase, k, col0 + {}u)", 4 * j + r))
+            .collect();
+        checked += &format!("{ind}let b_{j} = vec4<f32>({});\n", e.join(", "));
+    }
+    for i in 0..tm {
+        for j in 0..nj {
+            checked += &format!("{ind}acc_{i}_{j} = fma(vec4<f32>(a_{i}), b_{j}, acc_{i}_{j});\n");
+        }
+    }
+    let ind2 = "        ";
+    let mut fast_store = String::new();
+    let mut checked_store = String::new();
+    for i in 0..tm {
+        for j in 0..nj {
+            let ci = format!("cbase + (row0 + {i}u) * p.n + col0 + {}u", 4 * j);
+            if v.c {
+                fast_store += &format!("{ind2}c[({ci}) >> 2u] = acc_{i}_{j};\n");
+            } else {
+                for r in 0..4 {
+                    fast_store += &format!("{ind2}c[{ci} + {r}u] = acc_{i}_{j}[{r}];\n");
+                }
+            }
+            for r in 0..4 {
+                let target = if v.c {
+                    format!("c[(ci) >> 2u][(ci) & 3u]")
+                } else {
+                    "c[ci]".to_string()
+                };
+                checked_store += &format!(
+                    "{ind2}if (row0 + {i}u < p.m && col0 + {cc}u < p.n) {{ let ci = cbase + (row0 + {i}u) * p.n + col0 + {cc}u; {target} = acc_{i}_{j}[{r}]; }}\n",
+                    cc = 4 * j + r
+                );
+            }
+        }
+    }
+    vec![
+        ("TM", t.tm.to_string()),
+        ("TN", t.tn.to_string()),
+        ("WX", t.wx.to_string()),
+        ("WY", t.wy.to_string()),
+        ("A_TY", ty(v.a)),
+        ("B_TY", ty(v.b)),
+        ("C_TY", ty(v.c)),
+        ("A_SCALAR", a_scalar),
+        ("B_SCALAR", b_scalar),
+        ("ACC_DECL", acc),
+        ("FAST_STEP", fast),
+        ("TAIL_STEP", tail),
+        ("CHECKED_STEP", checked),
+        ("FAST_STORE", fast_store),
+        ("CHECKED_STORE", checked_store),
+    ]
+}
+
+/// Pipeline key of a variant.
+pub fn key(s: &MatmulShape, t: Tile, v: VecFlags) -> String {
+    format!(
+        "matmul_{}{}_v{}{}{}_{}x{}_{}x{}",
+        if s.ta { "t" } else { "n" },
+        if s.tb { "t" } else { "n" },
+        v.a as u8,
+        v.b as u8,
+        v.c as u8,
+        t.tm,
+        t.tn,
+        t.wx,
+        t.wy
+    )
+}
+
+/// Element counts of A, B and C (all batches).
+pub fn sizes(s: &MatmulShape) -> (u64, u64, u64) {
+    let (b, m, n, k) = (s.batch as u64, s.m as u64, s.n as u64, s.k as u64);
+    let ab = if s.a_shared { 1 } else { b };
+    let bb = if s.b_shared { 1 } else { b };
+    (ab * m * k, bb * k * n, b * m * n)
+}
+
+/// Dispatches computing `c = op(a) op(b)`. Splits over batches and rows of C (and A when it is
+/// not transposed) so that every binding fits the device; B must fit one binding.
+pub fn launch(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    launch_with(s, a, b, c, caps, default_tile(caps))
+}
+
+/// [`launch`] with an explicit tile (benchmarks sweep tiles).
+pub fn launch_with(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps, t: Tile) -> Result<Vec<Dispatch>> {
+    let (na, nb, nc) = sizes(s);
+    if a.len < na || b.len < nb || c.len < nc {
+        return Err(Error::shape(
+            "matmul",
+            format!("buffers too small for {s:?}: a {} < {na}, b {} < {nb} or c {} < {nc}", a.len, b.len, c.len),
+        ));
+    }
+    let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
+    if m == 0 || n == 0 {
+        return Ok(vec![]);
+    }
+    let (bb, b_off) = bind(&b, 0, nb, caps, "matmul operand B")?;
+    // Work units: (batch, row range). Rows of C are contiguous per batch; A rows are contiguous
+    // only when A is not transposed, so a transposed A forces whole batches.
+    let a_row = if s.ta { 0 } else { k };
+    let mut units: Vec<(u64, u64, u64)> = Vec::new();
+    let a_batch_elems = if s.a_shared { 0 } else { m * k };
+    // Fold the batch into rows when A is a plain [B*M, K] matrix and B is shared.
+    let folded = s.b_shared && !s.ta && !s.a_shared && s.batch > 1;
+    let (batches, rows) = if folded { (1, m * s.batch as u64) } else { (s.batch as u64, m) };
+    let widest = n.max(a_row);
+    let chunk = if s.ta {
+        vec![(0, rows)]
+    } else {
+        row_chunks(rows, widest, caps, "matmul")?
+    };
+    for bi in 0..batches {
+        for &(r0, nr) in &chunk {
+            units.push((bi, r0, nr));
+        }
+    }
+    let mut out = Vec::new();
+    // Group consecutive batches into one dispatch (grid z) when nothing needs splitting.
+    let whole = !folded && chunk.len() == 1 && (s.ta || chunk[0].1 == rows);
+    if whole {
+        let (ba, a_off) = bind(&a, 0, na, caps, "matmul operand A")?;
+        let (bc, c_off) = bind(&c, 0, nc, caps, "matmul output C")?;
+        let max_z = caps.max_workgroups as u64;
+        let mut b0 = 0u64;
+        while b0 < s.batch as u64 {
+            let nbat = (s.batch as u64 - b0).min(max_z);
+            let offs = [
+                a_off as u64 + if s.a_shared { 0 } else { b0 * m * k },
+                b_off as u64 + if s.b_shared { 0 } else { b0 * k * n },
+                c_off as u64 + b0 * m * n,
+            ];
+            out.push(one(s, t, [ba, bb, bc], offs, m, nbat, caps)?);
+            b0 += nbat;
+        }
+        return Ok(out);
+    }
+    for (bi, r0, nr) in units {
+        let a_start = if folded { r0 * k } else { bi * a_batch_elems + r0 * k };
+        let (ba, a_off) = bind(&a, a_start, nr * k, caps, "matmul operand A")?;
+        let c_start = if folded { r0 * n } else { bi * m * n + r0 * n };
+        let (bc, c_off) = bind(&c, c_start, nr * n, caps, "matmul operand C")?;
+        let b_base = b_off as u64 + if s.b_shared { 0 } else { bi * k * n };
+        out.push(one(s, t, [ba, bb, bc], [a_off as u64, b_base, c_off as u64], nr, 1, caps)?);
+    }
+    Ok(out)
+}
+
+/// The subgroup kernel's tile on CPU adapters with 8-lane subgroups.
+pub const SG_TILE: SgTile = SgTile { s: 8, r: 32, tn: 8 };
+
+/// One dispatch over `rows` rows of C and `nbat` batches, choosing the variant.
+fn one(
+    s: &MatmulShape,
+    t: Tile,
+    bindings: [Binding; 3],
+    offs: [u64; 3],
+    rows: u64,
+    nbat: u64,
+    caps: &Caps,
+) -> Result<Dispatch> {
+    let (m, n, k) = (rows, s.n as u64, s.k as u64);
+    let batch_a = if s.a_shared { 0 } else { m * k };
+    let batch_b = if s.b_shared { 0 } else { k * n };
+    let batch_c = m * n;
+    let even = |x: u64| x % 4 == 0;
+    let v = VecFlags {
+        a: even(offs[0]) && even(batch_a) && if s.ta { even(m) && t.tm % 4 == 0 } else { even(k) },
+        b: even(offs[1]) && even(batch_b) && if s.tb { even(k) } else { even(n) },
+        c: even(offs[2]) && even(batch_c) && even(n),
+    };
+    let uniform = uniform(&[
+        m as u32,
+        n as u32,
+        k as u32,
+        batch_a as u32,
+        batch_b as u32,
+        batch_c as u32,
+        offs[0] as u32,
+        offs[1] as u32,
+        offs[2] as u32,
+    ]);
+    let sg = SG_TILE;
+    let use_sg = caps.subgroup_size == Some(sg.s)
+        && caps.is_cpu
+        && even(k)
+        && v.c
+        && even(offs[0])
+        && even(batch_a)
+        && (!s.ta || even(m))
+        && v.b;
+    let (key, template, subst, groups) = if use_sg {
+        (
+            format!("matmul_sg_{}{}_{}x{}_s{}", if s.ta { "t" } else { "n" }, if s.tb { "t" } else { "n" }, sg.r, sg.tn, sg.s),
+            "matmul_sg",
+            sg_subst(s, sg),
+            [n.div_ceil((sg.s * sg.tn) as u64), m.div_ceil(sg.r as u64), nbat],
+        )
+    } else {
+        (
+            key(s, t, v),
+            "matmul",
+            subst(s, t, v),
+            [n.div_ceil((t.tn * t.wx) as u64), m.div_ceil((t.tm * t.wy) as u64), nbat],
+        )
+    };
+    if groups.iter().any(|&g| g > caps.max_workgroups as u64) {
+        return Err(Error::TooLarge {
+            what: format!("matmul grid {groups:?}"),
+            bytes: *groups.iter().max().unwrap_or(&0),
+            limit: caps.max_workgroups as u64,
+            limit_name: "max_compute_workgroups_per_dimension",
+        });
+    }
+    Ok(Dispatch {
+        key,
+        template,
+        subst,
+        uniform,
+        bindings: bindings.to_vec(),
+        groups: [groups[0] as u32, groups[1] as u32, groups[2] as u32],
+    })
+}
+
+/// Configuration of the subgroup-sharing kernel for CPU adapters (`shaders/matmul_sg.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SgTile {
+    /// Subgroup (and workgroup) size.
+    pub s: u32,
+    /// Rows of C per workgroup (multiple of 4 * s).
+    pub r: u32,
+    /// Columns per lane (multiple of 4).
+    pub tn: u32,
+}
+
+/// Generates the subgroup kernel's code blocks.
+pub fn sg_subst(s: &MatmulShape, t: SgTile) -> Vec<(&'static str, String)> {
+    let (sz, r, tn) = (t.s as usize, t.r as usize, t.tn as usize);
+    let nj = tn / 4;
+    let ind = "        ";
+    let mut acc = String::new();
+    for i in 0..r {
+        for j in 0..nj {
+            acc += &format!("    var acc_{i}_{j} = vec4<f32>(0.0);\n");
+        }
+    }
+    let mut st = String::new();
+    // A panel: a_i_t for rows i < r and t < 4, shared through broadcasts.
+    if !s.ta {
+        for q in 0..r / sz {
+            st += &format!(
+                "{ind}let av_{q} = a[(abase + min(row0 + lane + {}u, p.m - 1u) * p.k + k) >> 2u];\n",
+                sz * q
+            );
+        }
+        for i in 0..r {
+            st += &format!("{ind}let ar_{i} = subgroupBroadcast(av_{}, {}u);\n", i / sz, i % sz);
+        }
+        let _ = ind;
+    } else {
+        for q in 0..r / (4 * sz) {
+            for tt in 0..4 {
+                st += &format!(
+                    "{ind}let av_{q}_{tt} = a[(abase + (k + {tt}u) * p.m + min(row0 + 4u * (lane + {}u), p.m - 4u)) >> 2u];\n",
+                    sz * q
+                );
+            }
+        }
+        for i in 0..r {
+            let (q, rem) = (i / (4 * sz), i % (4 * sz));
+            let (l, rr) = (rem / 4, rem % 4);
+            let comps: Vec<String> = (0..4)
+                .map(|tt| format!("subgroupBroadcast(av_{q}_{tt}[{rr}], {l}u)"))
+                .collect();
+            st += &format!("{ind}let ar_{i} = vec4<f32>({});\n", comps.join(", "));
+        }
+    }
+    // B rows k..k+4 for the lane's column groups.
+    if !s.tb {
+        for tt in 0..4 {
+            for j in 0..nj {
+                st += &format!(
+                    "{ind}let b_{tt}_{j} = b[(bbase + (k + {tt}u) * p.n + min(colbase + {}u, p.n - 4u)) >> 2u];\n",
+                    4 * sz * j
+                );
+            }
+        }
+    } else {
+        for j in 0..nj {
+            for cc in 0..4 {
+                st += &format!(
+                    "{ind}let bv_{j}_{cc} = b[(bbase + min(colbase + {}u, p.n - 1u) * p.k + k) >> 2u];\n",
+                    4 * sz * j + cc
+                );
+            }
+        }
+        for tt in 0..4 {
+            for j in 0..nj {
+                st += &format!(
+                    "{ind}let b_{tt}_{j} = vec4<f32>(bv_{j}_0[{tt}], bv_{j}_1[{tt}], bv_{j}_2[{tt}], bv_{j}_3[{tt}]);\n"
+                );
+            }
+        }
+    }
+    for j in 0..nj {
+        for i in 0..r {
+            let e: Vec<String> = (0..4).map(|tt| format!("vec4<f32>(ar_{i}[{tt}]) * b_{tt}_{j}")).collect();
+            st += &format!("{ind}acc_{i}_{j} += {};\n", e.join(" + "));
+        }
+    }
+    let mut store = String::new();
+    for i in 0..r {
+        for j in 0..nj {
+            store += &format!(
+                "    if (row0 + {i}u < p.m && colbase + {col}u < p.n) {{ c[(cbase + (row0 + {i}u) * p.n + colbase + {col}u) >> 2u] = acc_{i}_{j}; }}\n",
+                col = 4 * sz * j
+            );
+        }
+    }
+    vec![
+        ("S", t.s.to_string()),
+        ("R", t.r.to_string()),
+        ("TN", t.tn.to_string()),
+        ("ACC_DECL", acc),
+        ("STEP", st),
+        ("STORE", store),
+    ]
+}

@@ -1,0 +1,159 @@
+//! The kernel library: one thin launcher per kernel family. A launcher checks shapes, picks a
+//! variant for the device and shape (the pipeline key carries every specialization), packs the
+//! shape uniform and returns [`Dispatch`]es over abstract buffer ids. It never touches wgpu
+//! buffers itself, so the same launch can be replayed by a compiled plan or run eagerly.
+
+pub mod elementwise;
+pub mod layout;
+pub mod matmul;
+pub mod norm;
+pub mod optim;
+pub mod reduce;
+pub mod source;
+
+use crate::error::{Error, Result};
+use crate::gpu::Caps;
+
+/// Workgroup size of the one-invocation-per-element kernels.
+pub const WG_1D: u32 = 256;
+
+/// A contiguous range of f32/u32 elements inside a buffer known by id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    /// Buffer id (meaning is up to the caller: plan slot, eager buffer index).
+    pub buf: usize,
+    /// First element.
+    pub offset: u64,
+    /// Number of elements.
+    pub len: u64,
+}
+
+impl View {
+    /// A view of `len` elements at the start of buffer `buf`.
+    pub fn new(buf: usize, len: u64) -> Self {
+        View { buf, offset: 0, len }
+    }
+    /// A sub-range of this view.
+    pub fn sub(&self, start: u64, len: u64) -> Self {
+        debug_assert!(start + len <= self.len);
+        View {
+            buf: self.buf,
+            offset: self.offset + start,
+            len,
+        }
+    }
+}
+
+/// One byte range of a buffer bound to a storage binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// Buffer id.
+    pub buf: usize,
+    /// Byte offset (aligned to the device's storage offset alignment).
+    pub offset: u64,
+    /// Byte size.
+    pub size: u64,
+}
+
+/// One compute dispatch: pipeline key and source, uniform bytes, storage bindings (binding 1..)
+/// and the workgroup grid. The uniform is bound at binding 0.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    /// Readable pipeline key (`matmul_tn_v4_8x8_8x8`...), unique per WGSL source.
+    pub key: String,
+    /// Name of the template in `shaders/` and its substitutions.
+    pub template: &'static str,
+    /// Template substitutions.
+    pub subst: Vec<(&'static str, String)>,
+    /// Uniform bytes (a multiple of 16).
+    pub uniform: Vec<u8>,
+    /// Storage bindings in binding order starting at 1.
+    pub bindings: Vec<Binding>,
+    /// Workgroup counts.
+    pub groups: [u32; 3],
+}
+
+impl Dispatch {
+    /// The WGSL source of this dispatch's pipeline.
+    pub fn source(&self) -> Result<String> {
+        source::render(self.template, &self.subst)
+    }
+}
+
+/// Packs u32 words into a uniform block padded to 16 bytes.
+pub fn uniform(words: &[u32]) -> Vec<u8> {
+    let mut w = words.to_vec();
+    while w.len() % 4 != 0 {
+        w.push(0);
+    }
+    bytemuck::cast_slice(&w).to_vec()
+}
+
+/// Binds elements `[start, start + len)` of `view`: returns the aligned binding and the element
+/// offset of `start` inside it. Fails when the range cannot fit one binding.
+pub fn bind(view: &View, start: u64, len: u64, caps: &Caps, what: &str) -> Result<(Binding, u32)> {
+    let first = (view.offset + start) * 4;
+    let aligned = first / caps.storage_align * caps.storage_align;
+    let end = (view.offset + start + len.max(1)) * 4;
+    let size = end - aligned;
+    if size > caps.max_binding {
+        return Err(Error::TooLarge {
+            what: format!("{what} ({} elements in one binding)", len),
+            bytes: size,
+            limit: caps.max_binding,
+            limit_name: "max_storage_buffer_binding_size",
+        });
+    }
+    Ok((
+        Binding {
+            buf: view.buf,
+            offset: aligned,
+            size,
+        },
+        ((first - aligned) / 4) as u32,
+    ))
+}
+
+/// Binds a whole view (see [`bind`]).
+pub fn bind_all(view: &View, caps: &Caps, what: &str) -> Result<(Binding, u32)> {
+    bind(view, 0, view.len, caps, what)
+}
+
+/// The largest number of elements that can safely be bound at any offset: the binding limit
+/// minus one alignment unit, in elements.
+pub fn max_bind_elems(caps: &Caps) -> u64 {
+    (caps.max_binding - caps.storage_align) / 4
+}
+
+/// A 1-D grid of `groups` workgroups folded into 2-D when it exceeds the per-dimension limit.
+pub fn grid(groups: u64, caps: &Caps) -> Result<[u32; 3]> {
+    crate::gpu::grid_2d(groups, caps.max_workgroups)
+}
+
+/// Row chunks `[(start, count)]` over `rows` rows of `row_elems` elements each, so that every
+/// chunk binds within the limit. `extra_rows_per_chunk_elems` lets a launcher account for
+/// several operands of different row widths (pass the widest).
+pub fn row_chunks(rows: u64, row_elems: u64, caps: &Caps, what: &str) -> Result<Vec<(u64, u64)>> {
+    let max_elems = max_bind_elems(caps);
+    let row_elems = row_elems.max(1);
+    if row_elems > max_elems {
+        return Err(Error::TooLarge {
+            what: format!("{what}: one row of {row_elems} elements"),
+            bytes: row_elems * 4,
+            limit: caps.max_binding,
+            limit_name: "max_storage_buffer_binding_size",
+        });
+    }
+    let per = (max_elems / row_elems).max(1);
+    let mut out = Vec::new();
+    let mut s = 0;
+    while s < rows {
+        let n = per.min(rows - s);
+        out.push((s, n));
+        s += n;
+    }
+    if out.is_empty() {
+        out.push((0, 0));
+    }
+    Ok(out)
+}

@@ -1,0 +1,111 @@
+//! LayerNorm and BatchNorm pieces: statistics, apply, and the backward kernels. LayerNorm
+//! statistics are per row ([rows, 2]); BatchNorm statistics are per (group, column)
+//! ([groups, 2, cols]) so that per-view BatchNorm is one launch.
+
+use super::{bind_all, grid, uniform, Dispatch, View, WG_1D};
+use crate::error::Result;
+use crate::gpu::Caps;
+
+/// Which statistics layout a kernel reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stats {
+    /// LayerNorm: per row.
+    Row,
+    /// BatchNorm: per (group, column).
+    Col,
+}
+
+/// BatchNorm batch statistics of x viewed as [groups, rows, cols].
+pub fn bn_stats(x: View, groups: usize, rows: usize, cols: usize, eps: f32, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    let (bx, ox) = bind_all(&x, caps, "batchnorm input")?;
+    let (by, oy) = bind_all(&y, caps, "batchnorm statistics")?;
+    Ok(vec![Dispatch {
+        key: "col_stats".into(),
+        template: "col_stats",
+        subst: vec![],
+        uniform: uniform(&[groups as u32, rows as u32, cols as u32, ox, oy, 0, eps.to_bits(), 0]),
+        bindings: vec![bx, by],
+        groups: grid(((groups * cols) as u64).div_ceil(64), caps)?,
+    }])
+}
+
+/// y = (x - mean) * rstd * gamma + beta with row or column statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn apply(stats_kind: Stats, x: View, stats: View, gamma: View, beta: View, groups: usize, rows: usize, cols: usize, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    let code = match stats_kind {
+        Stats::Row => "    let mean = stats[p.off_s + 2u * row];\n    let rstd = stats[p.off_s + 2u * row + 1u];",
+        Stats::Col => "    let mean = stats[p.off_s + g * 2u * p.cols + c];\n    let rstd = stats[p.off_s + g * 2u * p.cols + p.cols + c];",
+    };
+    let (bx, ox) = bind_all(&x, caps, "norm input")?;
+    let (bs, os) = bind_all(&stats, caps, "norm statistics")?;
+    let (bg, og) = bind_all(&gamma, caps, "norm weight")?;
+    let (bb, ob) = bind_all(&beta, caps, "norm bias")?;
+    let (by, oy) = bind_all(&y, caps, "norm output")?;
+    Ok(vec![Dispatch {
+        key: format!("norm_apply_{stats_kind:?}").to_lowercase(),
+        template: "norm_apply",
+        subst: vec![("STATS", code.into())],
+        uniform: uniform(&[groups as u32, rows as u32, cols as u32, ox, os, og, ob, oy]),
+        bindings: vec![bx, bs, bg, bb, by],
+        groups: grid(((groups * rows * cols) as u64).div_ceil(WG_1D as u64), caps)?,
+    }])
+}
+
+/// Column sums [groups, 2, cols] of dy * xhat and dy (LayerNorm gamma/beta gradients with row
+/// statistics, BatchNorm backward sums with column statistics).
+#[allow(clippy::too_many_arguments)]
+pub fn col_grad(stats_kind: Stats, x: View, stats: View, dy: View, groups: usize, rows: usize, cols: usize, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    let xhat = match stats_kind {
+        Stats::Row => "(x - stats[p.off_s + 2u * row]) * stats[p.off_s + 2u * row + 1u]",
+        Stats::Col => "(x - stats[p.off_s + g * 2u * p.cols + c]) * stats[p.off_s + g * 2u * p.cols + p.cols + c]",
+    };
+    let (bx, ox) = bind_all(&x, caps, "norm input")?;
+    let (bs, os) = bind_all(&stats, caps, "norm statistics")?;
+    let (bd, od) = bind_all(&dy, caps, "norm gradient")?;
+    let (by, oy) = bind_all(&y, caps, "norm column sums")?;
+    Ok(vec![Dispatch {
+        key: format!("col_grad_{stats_kind:?}").to_lowercase(),
+        template: "col_grad",
+        subst: vec![("XHAT", xhat.into())],
+        uniform: uniform(&[groups as u32, rows as u32, cols as u32, ox, os, od, oy, 0]),
+        bindings: vec![bx, bs, bd, by],
+        groups: grid(((groups * cols) as u64).div_ceil(64), caps)?,
+    }])
+}
+
+/// LayerNorm input gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn ln_grad(x: View, stats: View, gamma: View, dy: View, rows: usize, cols: usize, dx: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    let (bx, ox) = bind_all(&x, caps, "layernorm input")?;
+    let (bs, os) = bind_all(&stats, caps, "layernorm statistics")?;
+    let (bg, og) = bind_all(&gamma, caps, "layernorm weight")?;
+    let (bd, od) = bind_all(&dy, caps, "layernorm gradient")?;
+    let (by, oy) = bind_all(&dx, caps, "layernorm input gradient")?;
+    Ok(vec![Dispatch {
+        key: "ln_grad".into(),
+        template: "ln_grad",
+        subst: vec![],
+        uniform: uniform(&[rows as u32, cols as u32, ox, os, og, od, oy, 0]),
+        bindings: vec![bx, bs, bg, bd, by],
+        groups: grid((rows as u64).div_ceil(64), caps)?,
+    }])
+}
+
+/// BatchNorm input gradient from the column sums of [`col_grad`].
+#[allow(clippy::too_many_arguments)]
+pub fn bn_grad(x: View, stats: View, gamma: View, sums: View, dy: View, groups: usize, rows: usize, cols: usize, dx: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    let (bx, ox) = bind_all(&x, caps, "batchnorm input")?;
+    let (bs, os) = bind_all(&stats, caps, "batchnorm statistics")?;
+    let (bg, og) = bind_all(&gamma, caps, "batchnorm weight")?;
+    let (bu, ou) = bind_all(&sums, caps, "batchnorm sums")?;
+    let (bd, od) = bind_all(&dy, caps, "batchnorm gradient")?;
+    let (by, oy) = bind_all(&dx, caps, "batchnorm input gradient")?;
+    Ok(vec![Dispatch {
+        key: "bn_grad".into(),
+        template: "bn_grad",
+        subst: vec![],
+        uniform: uniform(&[groups as u32, rows as u32, cols as u32, ox, os, og, ou, od, oy]),
+        bindings: vec![bx, bs, bg, bu, bd, by],
+        groups: grid(((groups * rows * cols) as u64).div_ceil(WG_1D as u64), caps)?,
+    }])
+}

@@ -1,0 +1,50 @@
+//! WGSL sources: the files in `shaders/`, embedded at build time, and a tiny `{{NAME}}`
+//! template filler. Every variant a launcher can produce is listed by [`all_variants`] so a
+//! test can validate each one with naga without a GPU.
+
+use crate::error::{Error, Result};
+
+/// (name, text) of every template in `shaders/`.
+pub const TEMPLATES: &[(&str, &str)] = &[
+    ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("matmul_sg", include_str!("../../shaders/matmul_sg.wgsl")),
+    ("unary", include_str!("../../shaders/unary.wgsl")),
+    ("binary", include_str!("../../shaders/binary.wgsl")),
+    ("reduce", include_str!("../../shaders/reduce.wgsl")),
+    ("sum_to", include_str!("../../shaders/sum_to.wgsl")),
+    ("rows", include_str!("../../shaders/rows.wgsl")),
+    ("ln_grad", include_str!("../../shaders/ln_grad.wgsl")),
+    ("col_grad", include_str!("../../shaders/col_grad.wgsl")),
+    ("bn_grad", include_str!("../../shaders/bn_grad.wgsl")),
+    ("row_grad", include_str!("../../shaders/row_grad.wgsl")),
+    ("col_stats", include_str!("../../shaders/col_stats.wgsl")),
+    ("norm_apply", include_str!("../../shaders/norm_apply.wgsl")),
+    ("permute", include_str!("../../shaders/permute.wgsl")),
+    ("gather", include_str!("../../shaders/gather.wgsl")),
+    ("gather_grad", include_str!("../../shaders/gather_grad.wgsl")),
+    ("cross_entropy", include_str!("../../shaders/cross_entropy.wgsl")),
+    ("adamw", include_str!("../../shaders/adamw.wgsl")),
+    ("sgd", include_str!("../../shaders/sgd.wgsl")),
+    ("fill", include_str!("../../shaders/fill.wgsl")),
+];
+
+/// Fills `{{KEY}}` placeholders of the template `name`. Fails on unknown templates and on
+/// placeholders left unfilled.
+pub fn render(name: &str, subst: &[(&str, String)]) -> Result<String> {
+    let (_, text) = TEMPLATES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| Error::Graph(format!("unknown shader template '{name}'")))?;
+    let mut s = text.to_string();
+    for (k, v) in subst {
+        s = s.replace(&format!("{{{{{k}}}}}"), v);
+    }
+    if let Some(pos) = s.find("{{") {
+        let end = s[pos..].find("}}").map_or(s.len(), |e| pos + e + 2);
+        return Err(Error::Graph(format!(
+            "shader template '{name}' has an unfilled placeholder {}",
+            &s[pos..end]
+        )));
+    }
+    Ok(s)
+}

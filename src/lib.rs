@@ -1,0 +1,12 @@
+//! `stablerep`: StableRep (Tian et al., NeurIPS 2023) on WebGPU.
+//!
+//! Layers, bottom up (see ARCHITECTURE.md): [`gpu`] (device, pools, pipeline cache),
+//! [`kernels`] (WGSL launchers), [`exec`] (prebuilt dispatches), [`graph`] (tensor IR,
+//! autodiff, planner, compiled plans), [`cpu`] (f64 reference implementations for tests).
+
+pub mod error;
+pub mod exec;
+pub mod gpu;
+pub mod kernels;
+
+pub use error::{Error, Result};
