@@ -7,6 +7,7 @@
 pub mod error;
 pub mod exec;
 pub mod gpu;
+pub mod graph;
 pub mod kernels;
 
 pub use error::{Error, Result};

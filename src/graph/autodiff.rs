@@ -1,0 +1,238 @@
+//! Reverse-mode autodiff: walks the graph backwards from a scalar loss and appends, for every
+//! node on a path to the requested leaves, the nodes computing its inputs' gradients.
+
+use std::collections::HashMap;
+
+use super::{Graph, NodeId, Op, Stats};
+use crate::error::{Error, Result};
+use crate::kernels::elementwise::{BinaryOp, UnaryOp};
+use crate::kernels::reduce::{ReduceOp, RowOp};
+
+impl Graph {
+    /// Gradients of `loss` (a single-element tensor) with respect to `wrt`, as new nodes of
+    /// this graph. A `wrt` node the loss does not depend on gets a zero constant.
+    pub fn grad(&mut self, loss: NodeId, wrt: &[NodeId]) -> Result<Vec<NodeId>> {
+        if self.nodes[loss.0].numel() != 1 {
+            return Err(Error::Graph(format!("loss must have one element, has shape {:?}", self.shape(loss))));
+        }
+        // Nodes on a path from any wrt node to the loss.
+        let mut needs = vec![false; loss.0 + 1];
+        for &w in wrt {
+            if w.0 <= loss.0 {
+                needs[w.0] = true;
+            }
+        }
+        for i in 0..=loss.0 {
+            if !needs[i] && self.nodes[i].inputs.iter().any(|x| x.0 <= loss.0 && needs[x.0]) {
+                needs[i] = true;
+            }
+        }
+        let mut grads: HashMap<usize, NodeId> = HashMap::new();
+        let seed = self.constant(1.0, &self.shape(loss).to_vec());
+        grads.insert(loss.0, seed);
+        for i in (0..=loss.0).rev() {
+            let Some(&dy) = grads.get(&i) else { continue };
+            if !needs[i] {
+                continue;
+            }
+            let node = self.nodes[i].clone();
+            let contribs = self.backward_of(NodeId(i), &node.op, &node.inputs, dy)?;
+            for (inp, g) in contribs {
+                if !needs[inp.0] {
+                    continue;
+                }
+                let acc = match grads.get(&inp.0) {
+                    Some(&prev) => self.add(prev, g)?,
+                    None => g,
+                };
+                grads.insert(inp.0, acc);
+            }
+        }
+        wrt.iter()
+            .map(|w| match grads.get(&w.0) {
+                Some(&g) => Ok(g),
+                None => Ok(self.constant(0.0, &self.shape(*w).to_vec())),
+            })
+            .collect()
+    }
+
+    /// Gradient contributions of one node to its inputs.
+    fn backward_of(&mut self, y: NodeId, op: &Op, ins: &[NodeId], dy: NodeId) -> Result<Vec<(NodeId, NodeId)>> {
+        let shape = |g: &Graph, n: NodeId| g.shape(n).to_vec();
+        Ok(match op {
+            Op::Input | Op::Param | Op::State(_) | Op::Const(_) => vec![],
+            Op::Matmul { ta, tb } => {
+                let (a, b) = (ins[0], ins[1]);
+                let (sa, sb) = (shape(self, a), shape(self, b));
+                let shared_b = sb.len() == 2 && sa.len() > 2;
+                let (a2, dy2) = if shared_b {
+                    // Fold the batch into rows: [B.., M, K] -> [B*M, K].
+                    let k = sa[sa.len() - 1];
+                    let n = *self.shape(dy).last().unwrap_or(&1);
+                    let rows = self.nodes[a.0].numel() / k;
+                    (self.reshape(a, &[rows, k])?, self.reshape(dy, &[rows, n])?)
+                } else {
+                    (a, dy)
+                };
+                let da = if *ta {
+                    self.matmul_t(b, dy, *tb, true)?
+                } else {
+                    self.matmul_t(dy, b, false, !tb)?
+                };
+                let db = if *tb {
+                    self.matmul_t(dy2, a2, true, *ta)?
+                } else {
+                    self.matmul_t(a2, dy2, !ta, false)?
+                };
+                vec![(a, da), (b, db)]
+            }
+            Op::Unary(u) => vec![(ins[0], self.binary(BinaryOp::UnaryGrad(*u), ins[0], dy)?)],
+            Op::Binary(b) => {
+                let (a, c) = (ins[0], ins[1]);
+                let (sa, sc) = (shape(self, a), shape(self, c));
+                match b {
+                    BinaryOp::Add => {
+                        let ga = self.sum_to(dy, &sa)?;
+                        let gc = self.sum_to(dy, &sc)?;
+                        vec![(a, ga), (c, gc)]
+                    }
+                    BinaryOp::Sub => {
+                        let ga = self.sum_to(dy, &sa)?;
+                        let n = self.unary(UnaryOp::Neg, dy)?;
+                        let gc = self.sum_to(n, &sc)?;
+                        vec![(a, ga), (c, gc)]
+                    }
+                    BinaryOp::Mul => {
+                        let t = self.mul(dy, c)?;
+                        let ga = self.sum_to(t, &sa)?;
+                        let t = self.mul(dy, a)?;
+                        let gc = self.sum_to(t, &sc)?;
+                        vec![(a, ga), (c, gc)]
+                    }
+                    BinaryOp::Div => {
+                        let t = self.div(dy, c)?;
+                        let ga = self.sum_to(t, &sa)?;
+                        let t = self.mul(dy, y)?;
+                        let t = self.div(t, c)?;
+                        let t = self.unary(UnaryOp::Neg, t)?;
+                        let gc = self.sum_to(t, &sc)?;
+                        vec![(a, ga), (c, gc)]
+                    }
+                    other => return Err(Error::Graph(format!("binary op '{}' is not differentiable", other.key()))),
+                }
+            }
+            Op::Reduce { op: r, axis } => {
+                let x = ins[0];
+                let sx = shape(self, x);
+                let mut keep = sx.clone();
+                keep[*axis] = 1;
+                let d = self.reshape(dy, &keep)?;
+                let d = self.expand(d, &sx)?;
+                match r {
+                    ReduceOp::Sum => vec![(x, d)],
+                    ReduceOp::Mean => vec![(x, self.affine(d, 1.0 / sx[*axis] as f32, 0.0)?)],
+                    ReduceOp::Max => {
+                        let yk = self.reshape(y, &keep)?;
+                        let yk = self.expand(yk, &sx)?;
+                        let mask = self.binary(BinaryOp::Eq, x, yk)?;
+                        vec![(x, self.mul(mask, d)?)]
+                    }
+                }
+            }
+            Op::SumTo => {
+                let sx = shape(self, ins[0]);
+                vec![(ins[0], self.expand(dy, &sx)?)]
+            }
+            Op::Expand => {
+                let sx = shape(self, ins[0]);
+                vec![(ins[0], self.sum_to(dy, &sx)?)]
+            }
+            Op::Reshape => {
+                let sx = shape(self, ins[0]);
+                vec![(ins[0], self.reshape(dy, &sx)?)]
+            }
+            Op::Permute(p) => {
+                let mut inv = vec![0; p.len()];
+                for (i, &v) in p.iter().enumerate() {
+                    inv[v] = i;
+                }
+                vec![(ins[0], self.permute(dy, &inv)?)]
+            }
+            Op::Slice { axis, start } => {
+                let total = self.shape(ins[0])[*axis];
+                vec![(ins[0], self.pad(dy, *axis, *start, total)?)]
+            }
+            Op::Pad { axis, start } => {
+                let len = self.shape(ins[0])[*axis];
+                vec![(ins[0], self.slice(dy, *axis, *start, len)?)]
+            }
+            Op::Concat { axis } => {
+                let mut off = 0;
+                let mut out = Vec::new();
+                for &x in ins {
+                    let len = self.shape(x)[*axis];
+                    out.push((x, self.slice(dy, *axis, off, len)?));
+                    off += len;
+                }
+                out
+            }
+            Op::Gather => {
+                let (table, idx) = (ins[0], ins[1]);
+                let ts = shape(self, table);
+                let g = self.push(Op::GatherGrad, vec![idx, dy], ts, super::DType::F32);
+                vec![(table, g)]
+            }
+            Op::Row(r) => match r {
+                RowOp::Softmax | RowOp::LogSoftmax => {
+                    let s = shape(self, ins[0]);
+                    vec![(ins[0], self.push(Op::RowGrad(*r), vec![y, dy], s, super::DType::F32))]
+                }
+                RowOp::L2Norm(_) => {
+                    let s = shape(self, ins[0]);
+                    vec![(ins[0], self.push(Op::RowGrad(*r), vec![ins[0], dy], s, super::DType::F32))]
+                }
+                // LayerNorm statistics are differentiated through NormApply's rule.
+                RowOp::LnStats(_) => vec![],
+            },
+            Op::NormApply { stats: kind, groups } => {
+                let (x, st, gamma, beta) = (ins[0], ins[1], ins[2], ins[3]);
+                let sx = shape(self, x);
+                let cols = *sx.last().unwrap_or(&1);
+                let g = *groups;
+                let sums = self.push(
+                    Op::ColGrad { stats: *kind, groups: g },
+                    vec![x, st, dy],
+                    vec![g, 2, cols],
+                    super::DType::F32,
+                );
+                let dx = match kind {
+                    Stats::Row => self.push(Op::LnGrad, vec![x, st, gamma, dy], sx.clone(), super::DType::F32),
+                    Stats::Col => self.push(Op::BnGrad { groups: g }, vec![x, st, gamma, sums, dy], sx.clone(), super::DType::F32),
+                };
+                let dg = self.slice(sums, 1, 0, 1)?;
+                let dg = self.reduce(ReduceOp::Sum, dg, 0)?;
+                let dg = self.reshape(dg, &[cols])?;
+                let db = self.slice(sums, 1, 1, 1)?;
+                let db = self.reduce(ReduceOp::Sum, db, 0)?;
+                let db = self.reshape(db, &[cols])?;
+                vec![(x, dx), (gamma, dg), (beta, db)]
+            }
+            // Batch statistics are differentiated through NormApply's rule.
+            Op::BnStats { .. } => vec![],
+            Op::CrossEntropy => {
+                let s = shape(self, ins[0]);
+                vec![(ins[0], self.push(Op::CrossEntropyGrad, vec![ins[0], ins[1], dy], s, super::DType::F32))]
+            }
+            Op::GatherGrad
+            | Op::RowGrad(_)
+            | Op::ColGrad { .. }
+            | Op::LnGrad
+            | Op::BnGrad { .. }
+            | Op::CrossEntropyGrad
+            | Op::AdamW(_)
+            | Op::Sgd { .. } => {
+                return Err(Error::Graph(format!("{op:?} cannot be differentiated (no second-order gradients)")))
+            }
+        })
+    }
+}

@@ -1,0 +1,574 @@
+//! The tensor IR: a graph of nodes with shapes, built through small methods that check and
+//! infer shapes. Reverse-mode autodiff ([`Graph::grad`]) appends gradient nodes to the same
+//! graph, so forward, backward and optimizer updates compile into one [`plan::Plan`].
+
+pub mod autodiff;
+pub mod plan;
+pub mod store;
+
+use crate::error::{Error, Result};
+use crate::kernels::elementwise::{broadcast_shape, BinaryOp, UnaryOp};
+use crate::kernels::optim::AdamW;
+use crate::kernels::reduce::{ReduceOp, RowOp};
+
+pub use plan::{Plan, PlanOptions, PlanStats};
+pub use store::{ParamStore, Tensor};
+
+/// Element type of a tensor (both are 4 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DType {
+    /// 32-bit float
+    F32,
+    /// 32-bit unsigned integer (indices, labels)
+    U32,
+}
+
+/// Handle to a node of a [`Graph`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub usize);
+
+/// Which statistics a normalization node uses (mirrors the kernels).
+pub use crate::kernels::norm::Stats;
+
+/// Graph operations. Inputs are listed per variant; the node's shape is its output shape.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Host-provided tensor, written before each run.
+    Input,
+    /// Trainable parameter living in a [`ParamStore`] under the node's name.
+    Param,
+    /// Persistent non-trainable state in the store (optimizer moments, running stats),
+    /// created with this value when missing.
+    State(f32),
+    /// A tensor filled with a constant.
+    Const(f32),
+    /// (a, b): batched matmul with either operand transposed.
+    Matmul {
+        /// a is stored [.., K, M]
+        ta: bool,
+        /// b is stored [.., N, K]
+        tb: bool,
+    },
+    /// (x): elementwise unary or scalar op.
+    Unary(UnaryOp),
+    /// (a, b): elementwise binary op with broadcasting.
+    Binary(BinaryOp),
+    /// (x): reduction that removes `axis`.
+    Reduce {
+        /// sum, mean or max
+        op: ReduceOp,
+        /// the reduced axis
+        axis: usize,
+    },
+    /// (x): sum down to this node's (broadcast-compatible, same-rank) shape.
+    SumTo,
+    /// (x): broadcast up to this node's shape (same rank).
+    Expand,
+    /// (x): same data, new shape (no kernel; shares the input's buffer).
+    Reshape,
+    /// (x): permutation of axes.
+    Permute(Vec<usize>),
+    /// (x): the range `start..start + len` along `axis` (len from the node's shape).
+    Slice {
+        /// axis
+        axis: usize,
+        /// first index
+        start: usize,
+    },
+    /// (x): x placed at `start` along `axis` inside zeros of this node's shape.
+    Pad {
+        /// axis
+        axis: usize,
+        /// offset along the axis
+        start: usize,
+    },
+    /// (xs...): concatenation along `axis`.
+    Concat {
+        /// axis
+        axis: usize,
+    },
+    /// (table [V, D], idx u32 [N]) -> [N, D].
+    Gather,
+    /// (idx u32 [N], dy [N, D]) -> [vocab, D].
+    GatherGrad,
+    /// (x): a row-wise op over the last axis.
+    Row(RowOp),
+    /// (a, dy): backward of a row op (a = y for softmax/log-softmax, x for L2-normalize).
+    RowGrad(RowOp),
+    /// (x, stats, gamma, beta): normalization apply over the last axis; x viewed as
+    /// [groups, rows, cols].
+    NormApply {
+        /// row (LayerNorm) or column (BatchNorm) statistics
+        stats: Stats,
+        /// BatchNorm groups (1 for LayerNorm)
+        groups: usize,
+    },
+    /// (x) -> [groups, 2, cols]: BatchNorm batch statistics.
+    BnStats {
+        /// groups of rows normalized separately
+        groups: usize,
+        /// variance epsilon
+        eps: f32,
+    },
+    /// (x, stats, dy) -> [groups, 2, cols]: column sums of dy*xhat and dy.
+    ColGrad {
+        /// statistics layout
+        stats: Stats,
+        /// groups
+        groups: usize,
+    },
+    /// (x, stats, gamma, dy): LayerNorm input gradient.
+    LnGrad,
+    /// (x, stats, gamma, sums, dy): BatchNorm input gradient.
+    BnGrad {
+        /// groups
+        groups: usize,
+    },
+    /// (logits [R, C], labels u32 [R]) -> per-row loss [R].
+    CrossEntropy,
+    /// (logits, labels, g [R]) -> dlogits.
+    CrossEntropyGrad,
+    /// (param, grad, m, v, hyper[3]): in-place AdamW step (no output).
+    AdamW(AdamW),
+    /// (param, grad, momentum, hyper[1]): in-place SGD step (no output).
+    Sgd {
+        /// momentum
+        momentum: f32,
+        /// coupled weight decay
+        weight_decay: f32,
+    },
+}
+
+impl Op {
+    /// True for ops that update persistent tensors instead of producing an output.
+    pub fn is_update(&self) -> bool {
+        matches!(self, Op::AdamW(_) | Op::Sgd { .. })
+    }
+    /// True for leaves whose storage lives outside the plan's planner.
+    pub fn is_leaf(&self) -> bool {
+        matches!(self, Op::Input | Op::Param | Op::State(_) | Op::Const(_))
+    }
+}
+
+/// One node: op, inputs, output shape and type, optional name.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// The operation.
+    pub op: Op,
+    /// Input nodes.
+    pub inputs: Vec<NodeId>,
+    /// Output shape.
+    pub shape: Vec<usize>,
+    /// Output element type.
+    pub dtype: DType,
+    /// Name (required for parameters and state, which are looked up by it).
+    pub name: Option<String>,
+}
+
+impl Node {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A computation graph. Nodes are appended in topological order.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    /// All nodes, inputs before their users.
+    pub nodes: Vec<Node>,
+}
+
+fn numel(s: &[usize]) -> usize {
+    s.iter().product()
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The node behind a handle.
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id.0]
+    }
+
+    /// Shape of a node.
+    pub fn shape(&self, id: NodeId) -> &[usize] {
+        &self.nodes[id.0].shape
+    }
+
+    /// Appends a node without checks (builders below check first).
+    pub fn push(&mut self, op: Op, inputs: Vec<NodeId>, shape: Vec<usize>, dtype: DType) -> NodeId {
+        self.nodes.push(Node {
+            op,
+            inputs,
+            shape,
+            dtype,
+            name: None,
+        });
+        NodeId(self.nodes.len() - 1)
+    }
+
+    fn expect_f32(&self, op: &str, ids: &[NodeId]) -> Result<()> {
+        for &i in ids {
+            if self.nodes[i.0].dtype != DType::F32 {
+                return Err(Error::shape(op, format!("input {} must be f32", i.0)));
+            }
+        }
+        Ok(())
+    }
+
+    /// A host-written f32 input.
+    pub fn input(&mut self, name: &str, shape: &[usize]) -> NodeId {
+        self.input_typed(name, shape, DType::F32)
+    }
+
+    /// A host-written input of the given type.
+    pub fn input_typed(&mut self, name: &str, shape: &[usize], dtype: DType) -> NodeId {
+        let id = self.push(Op::Input, vec![], shape.to_vec(), dtype);
+        self.nodes[id.0].name = Some(name.to_string());
+        id
+    }
+
+    /// A trainable parameter named `name` (looked up in the [`ParamStore`]).
+    pub fn param(&mut self, name: &str, shape: &[usize]) -> NodeId {
+        let id = self.push(Op::Param, vec![], shape.to_vec(), DType::F32);
+        self.nodes[id.0].name = Some(name.to_string());
+        id
+    }
+
+    /// Persistent state named `name`, created filled with `init` when missing.
+    pub fn state(&mut self, name: &str, shape: &[usize], init: f32) -> NodeId {
+        let id = self.push(Op::State(init), vec![], shape.to_vec(), DType::F32);
+        self.nodes[id.0].name = Some(name.to_string());
+        id
+    }
+
+    /// A constant tensor.
+    pub fn constant(&mut self, value: f32, shape: &[usize]) -> NodeId {
+        self.push(Op::Const(value), vec![], shape.to_vec(), DType::F32)
+    }
+
+    /// Batched matmul `op(a) @ op(b)`: a is [.., M, K] ([.., K, M] if `ta`), b is [.., K, N]
+    /// ([.., N, K] if `tb`) with the same leading dims, or 2-D (shared) when `ta` is false.
+    pub fn matmul_t(&mut self, a: NodeId, b: NodeId, ta: bool, tb: bool) -> Result<NodeId> {
+        self.expect_f32("matmul", &[a, b])?;
+        let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
+        if sa.len() < 2 || sb.len() < 2 {
+            return Err(Error::shape("matmul", format!("operands must be at least 2-D, got {sa:?} and {sb:?}")));
+        }
+        let (m, ka) = if ta { (sa[sa.len() - 1], sa[sa.len() - 2]) } else { (sa[sa.len() - 2], sa[sa.len() - 1]) };
+        let (kb, n) = if tb { (sb[sb.len() - 1], sb[sb.len() - 2]) } else { (sb[sb.len() - 2], sb[sb.len() - 1]) };
+        if ka != kb {
+            return Err(Error::shape("matmul", format!("contraction mismatch: {sa:?} (ta={ta}) x {sb:?} (tb={tb})")));
+        }
+        let (ba, bb) = (&sa[..sa.len() - 2], &sb[..sb.len() - 2]);
+        if !(ba == bb || (bb.is_empty() && !ta)) {
+            return Err(Error::shape(
+                "matmul",
+                format!("batch dims must match ({ba:?} vs {bb:?}); a 2-D right operand is shared only when the left one is not transposed"),
+            ));
+        }
+        let mut shape = ba.to_vec();
+        shape.extend([m, n]);
+        Ok(self.push(Op::Matmul { ta, tb }, vec![a, b], shape, DType::F32))
+    }
+
+    /// `a @ b`.
+    pub fn matmul(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.matmul_t(a, b, false, false)
+    }
+
+    /// Elementwise unary op.
+    pub fn unary(&mut self, op: UnaryOp, x: NodeId) -> Result<NodeId> {
+        self.expect_f32(op.name(), &[x])?;
+        let s = self.shape(x).to_vec();
+        Ok(self.push(Op::Unary(op), vec![x], s, DType::F32))
+    }
+
+    /// Elementwise binary op with broadcasting.
+    pub fn binary(&mut self, op: BinaryOp, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.expect_f32(&op.key(), &[a, b])?;
+        let s = broadcast_shape(self.shape(a), self.shape(b)).ok_or_else(|| {
+            Error::shape(op.key(), format!("cannot broadcast {:?} with {:?}", self.shape(a), self.shape(b)))
+        })?;
+        Ok(self.push(Op::Binary(op), vec![a, b], s, DType::F32))
+    }
+
+    /// a + b
+    pub fn add(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::Add, a, b)
+    }
+    /// a - b
+    pub fn sub(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::Sub, a, b)
+    }
+    /// a * b
+    pub fn mul(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::Mul, a, b)
+    }
+    /// a / b
+    pub fn div(&mut self, a: NodeId, b: NodeId) -> Result<NodeId> {
+        self.binary(BinaryOp::Div, a, b)
+    }
+    /// alpha * x + beta
+    pub fn affine(&mut self, x: NodeId, alpha: f32, beta: f32) -> Result<NodeId> {
+        self.unary(UnaryOp::Affine(alpha, beta), x)
+    }
+
+    /// Reduction removing `axis`.
+    pub fn reduce(&mut self, op: ReduceOp, x: NodeId, axis: usize) -> Result<NodeId> {
+        self.expect_f32("reduce", &[x])?;
+        let mut s = self.shape(x).to_vec();
+        if axis >= s.len() {
+            return Err(Error::shape("reduce", format!("axis {axis} out of range for {s:?}")));
+        }
+        s.remove(axis);
+        Ok(self.push(Op::Reduce { op, axis }, vec![x], s, DType::F32))
+    }
+
+    /// Sum of all elements as a [1] tensor.
+    pub fn sum_all(&mut self, x: NodeId) -> Result<NodeId> {
+        let n = self.nodes[x.0].numel();
+        let r = self.reshape(x, &[n])?;
+        let s = self.reduce(ReduceOp::Sum, r, 0)?;
+        self.reshape(s, &[1])
+    }
+
+    /// Mean of all elements as a [1] tensor.
+    pub fn mean_all(&mut self, x: NodeId) -> Result<NodeId> {
+        let n = self.nodes[x.0].numel();
+        let r = self.reshape(x, &[n])?;
+        let s = self.reduce(ReduceOp::Mean, r, 0)?;
+        self.reshape(s, &[1])
+    }
+
+    /// Same data with a new shape of equal size.
+    pub fn reshape(&mut self, x: NodeId, shape: &[usize]) -> Result<NodeId> {
+        if numel(shape) != self.nodes[x.0].numel() {
+            return Err(Error::shape("reshape", format!("{:?} -> {shape:?} changes the size", self.shape(x))));
+        }
+        let dt = self.nodes[x.0].dtype;
+        Ok(self.push(Op::Reshape, vec![x], shape.to_vec(), dt))
+    }
+
+    /// Broadcast to `shape` (NumPy rules; lower-rank inputs gain leading dims).
+    pub fn expand(&mut self, x: NodeId, shape: &[usize]) -> Result<NodeId> {
+        self.expect_f32("expand", &[x])?;
+        let s = self.shape(x).to_vec();
+        if broadcast_shape(&s, shape).as_deref() != Some(shape) {
+            return Err(Error::shape("expand", format!("{s:?} does not broadcast to {shape:?}")));
+        }
+        let x = if s.len() < shape.len() {
+            let mut full = vec![1; shape.len() - s.len()];
+            full.extend(&s);
+            self.reshape(x, &full)?
+        } else {
+            x
+        };
+        if self.shape(x) == shape {
+            return Ok(x);
+        }
+        Ok(self.push(Op::Expand, vec![x], shape.to_vec(), DType::F32))
+    }
+
+    /// Sum down to `shape` (the reverse of [`Graph::expand`]).
+    pub fn sum_to(&mut self, x: NodeId, shape: &[usize]) -> Result<NodeId> {
+        let s = self.shape(x).to_vec();
+        if s == shape {
+            return Ok(x);
+        }
+        if broadcast_shape(shape, &s).as_deref() != Some(&s[..]) {
+            return Err(Error::shape("sum_to", format!("{s:?} does not reduce to {shape:?}")));
+        }
+        let mut full = vec![1; s.len() - shape.len()];
+        full.extend(shape);
+        let y = self.push(Op::SumTo, vec![x], full, DType::F32);
+        self.reshape(y, shape)
+    }
+
+    /// Permutes axes: output axis i is input axis `perm[i]`.
+    pub fn permute(&mut self, x: NodeId, perm: &[usize]) -> Result<NodeId> {
+        let s = self.shape(x).to_vec();
+        let mut seen = vec![false; s.len()];
+        if perm.len() != s.len() || perm.iter().any(|&p| p >= s.len() || std::mem::replace(&mut seen[p], true)) {
+            return Err(Error::shape("permute", format!("{perm:?} is not a permutation of {} axes", s.len())));
+        }
+        let shape = perm.iter().map(|&p| s[p]).collect();
+        let dt = self.nodes[x.0].dtype;
+        Ok(self.push(Op::Permute(perm.to_vec()), vec![x], shape, dt))
+    }
+
+    /// Swaps the last two axes.
+    pub fn transpose(&mut self, x: NodeId) -> Result<NodeId> {
+        let r = self.shape(x).len();
+        if r < 2 {
+            return Err(Error::shape("transpose", "needs at least 2 axes"));
+        }
+        let mut p: Vec<usize> = (0..r).collect();
+        p.swap(r - 1, r - 2);
+        self.permute(x, &p)
+    }
+
+    /// `len` entries from `start` along `axis`.
+    pub fn slice(&mut self, x: NodeId, axis: usize, start: usize, len: usize) -> Result<NodeId> {
+        let mut s = self.shape(x).to_vec();
+        if axis >= s.len() || start + len > s[axis] {
+            return Err(Error::shape("slice", format!("{start}..{} on axis {axis} of {s:?}", start + len)));
+        }
+        s[axis] = len;
+        let dt = self.nodes[x.0].dtype;
+        Ok(self.push(Op::Slice { axis, start }, vec![x], s, dt))
+    }
+
+    /// x placed at `start` along `axis` in zeros of size `total` there.
+    pub fn pad(&mut self, x: NodeId, axis: usize, start: usize, total: usize) -> Result<NodeId> {
+        self.expect_f32("pad", &[x])?;
+        let mut s = self.shape(x).to_vec();
+        if axis >= s.len() || start + s[axis] > total {
+            return Err(Error::shape("pad", format!("{:?} at {start} of {total} on axis {axis}", s)));
+        }
+        s[axis] = total;
+        Ok(self.push(Op::Pad { axis, start }, vec![x], s, DType::F32))
+    }
+
+    /// Concatenation along `axis`.
+    pub fn concat(&mut self, xs: &[NodeId], axis: usize) -> Result<NodeId> {
+        let first = self.shape(*xs.first().ok_or_else(|| Error::shape("concat", "no inputs"))?).to_vec();
+        if axis >= first.len() {
+            return Err(Error::shape("concat", format!("axis {axis} out of range for {first:?}")));
+        }
+        let mut total = 0;
+        for &x in xs {
+            let s = self.shape(x);
+            if s.len() != first.len() || s.iter().enumerate().any(|(d, &v)| d != axis && v != first[d]) {
+                return Err(Error::shape("concat", format!("{s:?} does not match {first:?} off axis {axis}")));
+            }
+            total += s[axis];
+        }
+        self.expect_f32("concat", xs)?;
+        let mut s = first;
+        s[axis] = total;
+        Ok(self.push(Op::Concat { axis }, xs.to_vec(), s, DType::F32))
+    }
+
+    /// Embedding lookup: table [V, D], idx u32 [N] -> [N, D].
+    pub fn gather(&mut self, table: NodeId, idx: NodeId) -> Result<NodeId> {
+        let (ts, is) = (self.shape(table).to_vec(), self.shape(idx).to_vec());
+        if ts.len() != 2 || is.len() != 1 || self.nodes[idx.0].dtype != DType::U32 {
+            return Err(Error::shape("gather", format!("needs table [V, D] and u32 indices [N], got {ts:?} and {is:?}")));
+        }
+        Ok(self.push(Op::Gather, vec![table, idx], vec![is[0], ts[1]], DType::F32))
+    }
+
+    fn rows_of(&self, x: NodeId) -> (usize, usize) {
+        let s = self.shape(x);
+        let c = *s.last().unwrap_or(&1);
+        (numel(s) / c.max(1), c)
+    }
+
+    /// Row-wise op over the last axis.
+    pub fn row(&mut self, op: RowOp, x: NodeId) -> Result<NodeId> {
+        self.expect_f32("row op", &[x])?;
+        let mut s = self.shape(x).to_vec();
+        if s.is_empty() {
+            return Err(Error::shape("row op", "needs at least one axis"));
+        }
+        if let RowOp::LnStats(_) = op {
+            let (r, _) = self.rows_of(x);
+            s = vec![r, 2];
+        }
+        Ok(self.push(Op::Row(op), vec![x], s, DType::F32))
+    }
+
+    /// Softmax over the last axis.
+    pub fn softmax(&mut self, x: NodeId) -> Result<NodeId> {
+        self.row(RowOp::Softmax, x)
+    }
+
+    /// Log-softmax over the last axis.
+    pub fn log_softmax(&mut self, x: NodeId) -> Result<NodeId> {
+        self.row(RowOp::LogSoftmax, x)
+    }
+
+    /// Rows divided by max(L2 norm, 1e-12) (PyTorch's F.normalize).
+    pub fn l2_normalize(&mut self, x: NodeId) -> Result<NodeId> {
+        self.row(RowOp::L2Norm(1e-12), x)
+    }
+
+    /// LayerNorm over the last axis with affine weight and bias.
+    pub fn layer_norm(&mut self, x: NodeId, gamma: NodeId, beta: NodeId, eps: f32) -> Result<NodeId> {
+        let (_, c) = self.rows_of(x);
+        if self.shape(gamma) != [c] || self.shape(beta) != [c] {
+            return Err(Error::shape("layer_norm", format!("weight and bias must be [{c}]")));
+        }
+        let stats = self.row(RowOp::LnStats(eps), x)?;
+        let s = self.shape(x).to_vec();
+        Ok(self.push(Op::NormApply { stats: Stats::Row, groups: 1 }, vec![x, stats, gamma, beta], s, DType::F32))
+    }
+
+    /// BatchNorm with batch statistics over x [groups * rows, C] (each group of rows has its
+    /// own statistics, as in StableRep's per-view head). Returns (y, stats [groups, 2, C]).
+    pub fn batch_norm(&mut self, x: NodeId, gamma: NodeId, beta: NodeId, groups: usize, eps: f32) -> Result<(NodeId, NodeId)> {
+        let s = self.shape(x).to_vec();
+        if s.len() != 2 || groups == 0 || s[0] % groups != 0 {
+            return Err(Error::shape("batch_norm", format!("x must be [groups * rows, C], got {s:?} with {groups} groups")));
+        }
+        if self.shape(gamma) != [s[1]] || self.shape(beta) != [s[1]] {
+            return Err(Error::shape("batch_norm", format!("weight and bias must be [{}]", s[1])));
+        }
+        let stats = self.push(Op::BnStats { groups, eps }, vec![x], vec![groups, 2, s[1]], DType::F32);
+        let y = self.push(Op::NormApply { stats: Stats::Col, groups }, vec![x, stats, gamma, beta], s, DType::F32);
+        Ok((y, stats))
+    }
+
+    /// Per-row softmax cross-entropy of logits [R, C] against u32 labels [R] -> [R].
+    pub fn cross_entropy(&mut self, logits: NodeId, labels: NodeId) -> Result<NodeId> {
+        let (ls, bs) = (self.shape(logits).to_vec(), self.shape(labels).to_vec());
+        if ls.len() != 2 || bs != [ls[0]] || self.nodes[labels.0].dtype != DType::U32 {
+            return Err(Error::shape("cross_entropy", format!("needs logits [R, C] and u32 labels [R], got {ls:?} and {bs:?}")));
+        }
+        Ok(self.push(Op::CrossEntropy, vec![logits, labels], vec![ls[0]], DType::F32))
+    }
+
+    /// Appends AdamW updates for `params` given their gradients. Creates the moment state
+    /// (`<name>.adam_m`, `<name>.adam_v`) and returns the `hyper` input [lr, 1-b1^t, 1-b2^t]
+    /// that the host writes each step (see [`adam_hyper`]).
+    pub fn adamw(&mut self, params: &[NodeId], grads: &[NodeId], cfg: AdamW, decay: &[bool]) -> Result<NodeId> {
+        let hyper = self.input("adamw.hyper", &[3]);
+        for (i, (&p, &g)) in params.iter().zip(grads).enumerate() {
+            let name = self.nodes[p.0].name.clone().ok_or_else(|| Error::Graph("optimizer parameter without a name".into()))?;
+            if self.nodes[p.0].op != Op::Param {
+                return Err(Error::Graph(format!("'{name}' is not a parameter")));
+            }
+            let s = self.shape(p).to_vec();
+            let m = self.state(&format!("{name}.adam_m"), &s, 0.0);
+            let v = self.state(&format!("{name}.adam_v"), &s, 0.0);
+            let mut c = cfg;
+            if !decay.get(i).copied().unwrap_or(true) {
+                c.weight_decay = 0.0;
+            }
+            self.push(Op::AdamW(c), vec![p, g, m, v, hyper], vec![], DType::F32);
+        }
+        Ok(hyper)
+    }
+
+    /// Appends SGD-with-momentum updates; returns the `hyper` input [lr].
+    pub fn sgd(&mut self, params: &[NodeId], grads: &[NodeId], momentum: f32, weight_decay: f32) -> Result<NodeId> {
+        let hyper = self.input("sgd.hyper", &[1]);
+        for (&p, &g) in params.iter().zip(grads) {
+            let name = self.nodes[p.0].name.clone().ok_or_else(|| Error::Graph("optimizer parameter without a name".into()))?;
+            let s = self.shape(p).to_vec();
+            let m = self.state(&format!("{name}.sgd_momentum"), &s, 0.0);
+            self.push(Op::Sgd { momentum, weight_decay }, vec![p, g, m, hyper], vec![], DType::F32);
+        }
+        Ok(hyper)
+    }
+}
+
+/// The AdamW `hyper` values for step `t` (1-based): [lr, 1 - beta1^t, 1 - beta2^t].
+pub fn adam_hyper(lr: f32, cfg: &AdamW, t: u32) -> [f32; 3] {
+    [lr, 1.0 - cfg.beta1.powi(t as i32), 1.0 - cfg.beta2.powi(t as i32)]
+}

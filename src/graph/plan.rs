@@ -1,0 +1,476 @@
+//! The graph compiler: picks the nodes an output or update needs, plans memory (liveness over
+//! the topological order, buffers shared greedy-by-size), lowers every node to kernel
+//! dispatches with prebuilt bind groups, and replays them with one encoder and one submit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{DType, Graph, NodeId, Op, ParamStore, Tensor};
+use crate::error::{Error, Result};
+use crate::exec::Prepared;
+use crate::gpu::Gpu;
+use crate::kernels::elementwise::{self, broadcast_strides, strides};
+use crate::kernels::matmul::{self, MatmulShape};
+use crate::kernels::{layout, norm, optim, reduce, Dispatch, View};
+
+/// Compile options.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanOptions {
+    /// Share buffers between tensors whose lifetimes do not overlap (off: one buffer each).
+    pub reuse: bool,
+    /// Fill every planned buffer with NaN once at compile time (tests: catches unwritten
+    /// outputs).
+    pub poison: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            reuse: true,
+            poison: false,
+        }
+    }
+}
+
+/// What a compiled plan costs.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PlanStats {
+    /// Nodes executed per run.
+    pub nodes: usize,
+    /// Compute dispatches per run.
+    pub dispatches: usize,
+    /// Queue submits per run.
+    pub submits_per_run: usize,
+    /// Bytes of the planned (intermediate) buffers.
+    pub peak_bytes: u64,
+    /// Bytes the intermediates would need with one buffer each.
+    pub tensor_bytes: u64,
+    /// Planned buffers.
+    pub buffers: usize,
+    /// Bytes of inputs, constants and store tensors the plan binds.
+    pub persistent_bytes: u64,
+}
+
+/// Where a node's data lives.
+#[derive(Clone, Copy, Debug)]
+enum Loc {
+    /// Buffer table index.
+    Buf(usize),
+    /// No data (update ops).
+    None,
+}
+
+/// A compiled graph: buffers, bind groups and dispatches, ready to replay.
+pub struct Plan {
+    gpu: Arc<Gpu>,
+    prepared: Prepared,
+    buffers: Vec<wgpu::Buffer>,
+    pooled: usize,
+    loc: Vec<Option<Loc>>,
+    shapes: Vec<Vec<usize>>,
+    dtypes: Vec<DType>,
+    inputs: HashMap<String, NodeId>,
+    outputs: Vec<NodeId>,
+    stats: PlanStats,
+}
+
+fn numel(s: &[usize]) -> usize {
+    s.iter().product()
+}
+
+impl Plan {
+    /// Compiles the part of `graph` that `outputs` and the update ops need. Parameters and
+    /// state come from `store` (state is created there when missing).
+    pub fn compile(gpu: &Arc<Gpu>, graph: &Graph, outputs: &[NodeId], store: &mut ParamStore, opts: PlanOptions) -> Result<Plan> {
+        let n = graph.nodes.len();
+        // 1. Nodes to execute.
+        let mut live = vec![false; n];
+        let mut stack: Vec<usize> = outputs.iter().map(|o| o.0).collect();
+        stack.extend((0..n).filter(|&i| graph.nodes[i].op.is_update()));
+        while let Some(i) = stack.pop() {
+            if i >= n {
+                return Err(Error::Graph(format!("output node {i} is not in the graph")));
+            }
+            if !live[i] {
+                live[i] = true;
+                stack.extend(graph.nodes[i].inputs.iter().map(|x| x.0));
+            }
+        }
+        // 2. Alias roots (reshape shares its input's buffer).
+        let mut root: Vec<usize> = (0..n).collect();
+        for i in 0..n {
+            if live[i] && graph.nodes[i].op == Op::Reshape {
+                root[i] = root[graph.nodes[i].inputs[0].0];
+            }
+        }
+        // 3. Lifetimes of planned roots.
+        let planned = |i: usize| live[i] && !graph.nodes[i].op.is_leaf() && !graph.nodes[i].op.is_update() && root[i] == i;
+        let mut last = vec![0usize; n];
+        for i in 0..n {
+            if !live[i] {
+                continue;
+            }
+            last[root[i]] = last[root[i]].max(i);
+            for x in &graph.nodes[i].inputs {
+                let r = root[x.0];
+                last[r] = last[r].max(i);
+            }
+        }
+        for o in outputs {
+            last[root[o.0]] = usize::MAX;
+        }
+        // 4. Greedy-by-size slot assignment.
+        let mut order: Vec<usize> = (0..n).filter(|&i| planned(i)).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse((graph.nodes[i].numel().max(1), usize::MAX - i)));
+        let mut slots: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
+        let mut slot_of = vec![usize::MAX; n];
+        let mut tensor_bytes = 0u64;
+        for &i in &order {
+            let size = graph.nodes[i].numel().max(1);
+            tensor_bytes += size as u64 * 4;
+            let iv = (i, last[i]);
+            let fit = if opts.reuse {
+                slots.iter().position(|(_, ivs)| ivs.iter().all(|&(a, b)| iv.1 < a || b < iv.0))
+            } else {
+                None
+            };
+            match fit {
+                Some(s) => {
+                    slots[s].1.push(iv);
+                    slot_of[i] = s;
+                }
+                None => {
+                    slots.push((size, vec![iv]));
+                    slot_of[i] = slots.len() - 1;
+                }
+            }
+        }
+        // 5. The buffer table: planned slots, then plan-owned inputs/constants, then store tensors.
+        let mut buffers: Vec<wgpu::Buffer> = Vec::new();
+        let mut peak = 0u64;
+        for (size, _) in &slots {
+            let bytes = *size as u64 * 4;
+            peak += bytes;
+            buffers.push(gpu.alloc(bytes, "plan slot")?);
+        }
+        let pooled = buffers.len();
+        let mut loc: Vec<Option<Loc>> = vec![None; n];
+        let mut inputs = HashMap::new();
+        let mut once: Vec<Dispatch> = Vec::new();
+        let mut persistent = 0u64;
+        for i in 0..n {
+            if !live[i] {
+                continue;
+            }
+            let node = &graph.nodes[i];
+            let bytes = (node.numel().max(1) * 4) as u64;
+            match &node.op {
+                Op::Input | Op::Const(_) => {
+                    gpu.check_buffer_size("input", bytes)?;
+                    buffers.push(gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: node.name.as_deref(),
+                        size: bytes.div_ceil(16) * 16,
+                        usage: crate::gpu::pool::STORAGE_USAGE,
+                        mapped_at_creation: false,
+                    }));
+                    persistent += bytes;
+                    let b = buffers.len() - 1;
+                    loc[i] = Some(Loc::Buf(b));
+                    if let Op::Const(v) = node.op {
+                        once.extend(elementwise::fill(v, View::new(b, node.numel() as u64), &gpu.caps)?);
+                    } else if let Some(name) = &node.name {
+                        inputs.insert(name.clone(), NodeId(i));
+                    }
+                }
+                Op::Param | Op::State(_) => {
+                    let name = node.name.clone().ok_or_else(|| Error::Graph(format!("node {i} is a parameter without a name")))?;
+                    if store.get(&name).is_none() {
+                        match node.op {
+                            Op::State(v) => store.insert(&name, Tensor::from_f32(gpu, &node.shape, &vec![v; node.numel()])?),
+                            _ => return Err(Error::Graph(format!("parameter '{name}' {:?} is missing from the store", node.shape))),
+                        }
+                    }
+                    let t = store.get(&name).expect("checked above");
+                    if t.shape != node.shape {
+                        return Err(Error::shape(
+                            "parameter",
+                            format!("'{name}' has shape {:?} in the store but {:?} in the graph", t.shape, node.shape),
+                        ));
+                    }
+                    persistent += bytes;
+                    buffers.push(t.buffer().clone());
+                    loc[i] = Some(Loc::Buf(buffers.len() - 1));
+                }
+                op if op.is_update() => loc[i] = Some(Loc::None),
+                _ => {
+                    if root[i] == i {
+                        loc[i] = Some(Loc::Buf(slot_of[i]));
+                    }
+                }
+            }
+        }
+        for i in 0..n {
+            if live[i] && root[i] != i {
+                loc[i] = loc[root[i]];
+            }
+        }
+        if opts.poison {
+            for (s, (size, _)) in slots.iter().enumerate() {
+                once.extend(elementwise::fill(f32::NAN, View::new(s, *size as u64), &gpu.caps)?);
+            }
+        }
+        // 6. Lowering.
+        let view = |id: NodeId| -> Result<View> {
+            match loc[id.0] {
+                Some(Loc::Buf(b)) => Ok(View::new(b, graph.nodes[id.0].numel() as u64)),
+                _ => Err(Error::Graph(format!("node {} has no storage", id.0))),
+            }
+        };
+        let mut dispatches = Vec::new();
+        let mut executed = 0;
+        for i in 0..n {
+            if !live[i] || graph.nodes[i].op.is_leaf() || graph.nodes[i].op == Op::Reshape {
+                continue;
+            }
+            executed += 1;
+            dispatches.extend(lower(gpu, graph, NodeId(i), &view).map_err(|e| match e {
+                Error::TooLarge { .. } | Error::Shape { .. } => Error::Graph(format!("node {i} ({:?}): {e}", graph.nodes[i].op)),
+                other => other,
+            })?);
+        }
+        let refs: Vec<&wgpu::Buffer> = buffers.iter().collect();
+        if !once.is_empty() {
+            Prepared::new(gpu, &once, &refs)?.submit(gpu);
+        }
+        let prepared = Prepared::new(gpu, &dispatches, &refs)?;
+        let stats = PlanStats {
+            nodes: executed,
+            dispatches: prepared.steps.len(),
+            submits_per_run: 1,
+            peak_bytes: peak,
+            tensor_bytes,
+            buffers: slots.len(),
+            persistent_bytes: persistent,
+        };
+        log::debug!("compiled plan: {stats:?}");
+        Ok(Plan {
+            gpu: gpu.clone(),
+            prepared,
+            buffers,
+            pooled,
+            loc,
+            shapes: graph.nodes.iter().map(|x| x.shape.clone()).collect(),
+            dtypes: graph.nodes.iter().map(|x| x.dtype).collect(),
+            inputs,
+            outputs: outputs.to_vec(),
+            stats,
+        })
+    }
+
+    /// Memory and dispatch figures.
+    pub fn stats(&self) -> PlanStats {
+        self.stats
+    }
+
+    /// The input node called `name`.
+    pub fn input(&self, name: &str) -> Result<NodeId> {
+        self.inputs
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::Graph(format!("the plan has no input named '{name}'")))
+    }
+
+    fn buffer_of(&self, id: NodeId) -> Result<&wgpu::Buffer> {
+        match self.loc.get(id.0).copied().flatten() {
+            Some(Loc::Buf(b)) => Ok(&self.buffers[b]),
+            _ => Err(Error::Graph(format!("node {} is not part of this plan", id.0))),
+        }
+    }
+
+    fn check_write(&self, id: NodeId, len: usize, dtype: DType) -> Result<()> {
+        let want = numel(&self.shapes[id.0]);
+        if len != want || self.dtypes[id.0] != dtype {
+            return Err(Error::shape(
+                "plan input",
+                format!("node {} wants {want} {:?} values, got {len} {dtype:?}", id.0, self.dtypes[id.0]),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes f32 data into an input node (queued before the next run).
+    pub fn write(&self, id: NodeId, data: &[f32]) -> Result<()> {
+        self.check_write(id, data.len(), DType::F32)?;
+        self.gpu.write(self.buffer_of(id)?, 0, data);
+        Ok(())
+    }
+
+    /// Writes u32 data (indices, labels) into an input node.
+    pub fn write_u32(&self, id: NodeId, data: &[u32]) -> Result<()> {
+        self.check_write(id, data.len(), DType::U32)?;
+        self.gpu.write(self.buffer_of(id)?, 0, data);
+        Ok(())
+    }
+
+    /// Runs once: one encoder, one compute pass, one submit; does not wait.
+    pub fn run(&self) -> Result<()> {
+        self.prepared.submit(&self.gpu);
+        self.gpu.take_error()
+    }
+
+    /// Runs once and reads back `fetch` (which must be outputs) in the same submit.
+    pub fn run_fetch(&self, fetch: &[NodeId]) -> Result<Vec<Vec<f32>>> {
+        for f in fetch {
+            if !self.outputs.contains(f) {
+                return Err(Error::Graph(format!("node {} was not declared an output of the plan", f.0)));
+            }
+        }
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            self.prepared.record(&mut pass);
+        }
+        let mut staging = Vec::new();
+        for &f in fetch {
+            let bytes = (numel(&self.shapes[f.0]).max(1) * 4) as u64;
+            let s = self.gpu.staging(bytes);
+            enc.copy_buffer_to_buffer(self.buffer_of(f)?, 0, &s, 0, bytes);
+            staging.push((s, bytes));
+        }
+        self.gpu.queue.submit([enc.finish()]);
+        staging.iter().map(|(s, b)| self.gpu.map_staging(s, *b)).collect()
+    }
+
+    /// Reads an output's current contents (after a run).
+    pub fn read(&self, id: NodeId) -> Result<Vec<f32>> {
+        if !self.outputs.contains(&id) {
+            return Err(Error::Graph(format!("node {} was not declared an output of the plan", id.0)));
+        }
+        self.gpu.read(self.buffer_of(id)?, 0, (numel(&self.shapes[id.0]).max(1) * 4) as u64)
+    }
+
+    /// Pipeline keys in execution order (profiling, debugging).
+    pub fn kernel_keys(&self) -> Vec<&str> {
+        self.prepared.steps.iter().map(|s| s.key.as_str()).collect()
+    }
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        for b in self.buffers.drain(..self.pooled) {
+            self.gpu.pool.give(b);
+        }
+    }
+}
+
+/// Lowers one node to dispatches.
+fn lower(gpu: &Gpu, g: &Graph, id: NodeId, view: &dyn Fn(NodeId) -> Result<View>) -> Result<Vec<Dispatch>> {
+    let caps = &gpu.caps;
+    let node = g.node(id);
+    let ins = &node.inputs;
+    let y = view(id)?;
+    let x = |k: usize| view(ins[k]);
+    let sh = |k: usize| g.shape(ins[k]).to_vec();
+    let rows_cols = |s: &[usize]| {
+        let c = *s.last().unwrap_or(&1);
+        (numel(s) / c.max(1), c)
+    };
+    Ok(match &node.op {
+        Op::Matmul { ta, tb } => {
+            let (sa, sb) = (sh(0), sh(1));
+            let out = &node.shape;
+            let batch = numel(&out[..out.len() - 2]);
+            let (m, nn) = (out[out.len() - 2], out[out.len() - 1]);
+            let k = if *ta { sa[sa.len() - 2] } else { sa[sa.len() - 1] };
+            let s = MatmulShape {
+                batch: batch as u32,
+                m: m as u32,
+                n: nn as u32,
+                k: k as u32,
+                ta: *ta,
+                tb: *tb,
+                a_shared: false,
+                b_shared: sb.len() == 2 && batch > 1,
+            };
+            matmul::launch(&s, x(0)?, x(1)?, y, caps)?
+        }
+        Op::Unary(u) => elementwise::unary(*u, x(0)?, y, caps)?,
+        Op::Binary(b) => elementwise::binary(*b, x(0)?, &sh(0), x(1)?, &sh(1), y, caps)?,
+        Op::Reduce { op, axis } => {
+            let s = sh(0);
+            reduce::reduce(*op, x(0)?, numel(&s[..*axis]), s[*axis], numel(&s[axis + 1..]), y, caps)?
+        }
+        Op::SumTo => layout::sum_to(x(0)?, &sh(0), y, &node.shape, caps)?,
+        Op::Expand => {
+            let sx = broadcast_strides(&sh(0), &node.shape);
+            layout::strided_copy(&node.shape, x(0)?, 0, &sx, y, 0, &strides(&node.shape), caps)?
+        }
+        Op::Reshape => vec![],
+        Op::Permute(p) => layout::permute(x(0)?, &sh(0), p, y, caps)?,
+        Op::Slice { axis, start } => {
+            let st = strides(&sh(0));
+            layout::strided_copy(&node.shape, x(0)?, start * st[*axis], &st, y, 0, &strides(&node.shape), caps)?
+        }
+        Op::Pad { axis, start } => {
+            let sy = strides(&node.shape);
+            let mut d = elementwise::fill(0.0, y, caps)?;
+            d.extend(layout::strided_copy(&sh(0), x(0)?, 0, &strides(&sh(0)), y, start * sy[*axis], &sy, caps)?);
+            d
+        }
+        Op::Concat { axis } => {
+            let sy = strides(&node.shape);
+            let mut d = Vec::new();
+            let mut off = 0;
+            for k in 0..ins.len() {
+                let s = sh(k);
+                d.extend(layout::strided_copy(&s, x(k)?, 0, &strides(&s), y, off * sy[*axis], &sy, caps)?);
+                off += s[*axis];
+            }
+            d
+        }
+        Op::Gather => {
+            let t = sh(0);
+            layout::gather(x(0)?, t[0], t[1], x(1)?, y, caps)?
+        }
+        Op::GatherGrad => layout::gather_grad(x(0)?, x(1)?, node.shape[0], node.shape[1], y, caps)?,
+        Op::Row(r) => {
+            let (rows, len) = rows_cols(&sh(0));
+            reduce::rows(*r, x(0)?, rows, len, y, caps)?
+        }
+        Op::RowGrad(r) => {
+            let (rows, len) = rows_cols(&node.shape);
+            reduce::row_grad(*r, x(0)?, x(1)?, rows, len, y, caps)?
+        }
+        Op::NormApply { stats, groups } => {
+            let (rows, cols) = rows_cols(&node.shape);
+            norm::apply(*stats, x(0)?, x(1)?, x(2)?, x(3)?, *groups, rows / groups, cols, y, caps)?
+        }
+        Op::BnStats { groups, eps } => {
+            let (rows, cols) = rows_cols(&sh(0));
+            norm::bn_stats(x(0)?, *groups, rows / groups, cols, *eps, y, caps)?
+        }
+        Op::ColGrad { stats, groups } => {
+            let (rows, cols) = rows_cols(&sh(0));
+            norm::col_grad(*stats, x(0)?, x(1)?, x(2)?, *groups, rows / groups, cols, y, caps)?
+        }
+        Op::LnGrad => {
+            let (rows, cols) = rows_cols(&node.shape);
+            norm::ln_grad(x(0)?, x(1)?, x(2)?, x(3)?, rows, cols, y, caps)?
+        }
+        Op::BnGrad { groups } => {
+            let (rows, cols) = rows_cols(&node.shape);
+            norm::bn_grad(x(0)?, x(1)?, x(2)?, x(3)?, x(4)?, *groups, rows / groups, cols, y, caps)?
+        }
+        Op::CrossEntropy => {
+            let s = sh(0);
+            reduce::cross_entropy(x(0)?, x(1)?, s[0], s[1], y, caps)?
+        }
+        Op::CrossEntropyGrad => {
+            let s = sh(0);
+            reduce::cross_entropy_grad(x(0)?, x(1)?, x(2)?, s[0], s[1], y, caps)?
+        }
+        Op::AdamW(cfg) => optim::adamw(*cfg, x(0)?, x(1)?, x(2)?, x(3)?, x(4)?, caps)?,
+        Op::Sgd { momentum, weight_decay } => optim::sgd(*momentum, *weight_decay, x(0)?, x(1)?, x(2)?, x(3)?, caps)?,
+        Op::Input | Op::Param | Op::State(_) | Op::Const(_) => vec![],
+    })
+}
