@@ -1,6 +1,6 @@
 // Elementwise binary op c = f(a, b) with NumPy broadcasting (up to 8 dims): the uniform holds
 // the output shape and each operand's element strides (0 on broadcast dims). Template:
-// {{EXPR}} in terms of a and b; {{HELPERS}} for shared math.
+// <EXPR> in terms of a and b; <HELPERS> for shared math.
 
 struct Params {
     n: u32,

@@ -1,7 +1,7 @@
 // Column sums for normalization backward, with x viewed as [groups, rows, cols]:
 // y[group, 0, col] = sum dy * xhat and y[group, 1, col] = sum dy over the group's rows.
 // xhat uses per-row statistics (LayerNorm: gamma/beta gradients) or per-(group, col)
-// statistics (BatchNorm), chosen by {{XHAT}}.
+// statistics (BatchNorm), chosen by <XHAT>.
 
 struct Params {
     groups: u32,

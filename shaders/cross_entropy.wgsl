@@ -1,6 +1,6 @@
 // Softmax cross-entropy against integer labels, one invocation per row of logits [rows, len].
 // Forward: y[r] = logsumexp(x[r]) - x[r, label[r]]. Backward (with the upstream per-row
-// gradient g): y[r, c] = g[r] * (softmax(x[r])[c] - [c == label[r]]). {{BODY}} selects.
+// gradient g): y[r, c] = g[r] * (softmax(x[r])[c] - [c == label[r]]). <BODY> selects.
 
 struct Params {
     rows: u32,

@@ -5,8 +5,8 @@
 // A is [M, K] (or [K, M] when transposed), B is [K, N] (or [N, K]); batch strides in elements,
 // 0 broadcasts an operand over the batch. Invocations whose block lies fully inside C take the
 // fast path without bounds checks; edge invocations take a checked scalar path.
-// Template parameters (filled by src/kernels/matmul.rs): {{TM}} {{TN}} {{WX}} {{WY}},
-// {{A_TY}} {{B_TY}} {{C_TY}} (f32 or vec4<f32>), and generated code blocks.
+// Template parameters (filled by src/kernels/matmul.rs): <TM> <TN> <WX> <WY>,
+// <A_TY> <B_TY> <C_TY> (f32 or vec4<f32>), and generated code blocks.
 
 struct Params {
     m: u32,

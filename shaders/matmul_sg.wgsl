@@ -1,10 +1,10 @@
 // Batched matmul for CPU adapters (lavapipe), where every storage load is a per-lane scalar
-// loop and so costs far more than arithmetic. One workgroup is one subgroup of {{S}} lanes
-// computing a {{R}} x ({{S}} * {{TN}}) block of C. Each lane loads a different slice of the A
+// loop and so costs far more than arithmetic. One workgroup is one subgroup of <S> lanes
+// computing a <R> x (<S> * <TN>) block of C. Each lane loads a different slice of the A
 // panel and the lanes share it with subgroupBroadcast (a register shuffle), so a lane issues
 // R/S + TN vec4 loads per 4 steps of K for R * TN * 4 multiply-adds. Lane l owns the column
 // groups 4l + 4Sj. Loads are clamped into the matrix; stores are guarded.
-// Requires vec4-aligned operands (the launcher checks) and subgroups of exactly {{S}} lanes.
+// Requires vec4-aligned operands (the launcher checks) and subgroups of exactly <S> lanes.
 
 struct Params {
     m: u32,

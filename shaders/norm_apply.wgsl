@@ -1,6 +1,6 @@
 // Normalization apply, one invocation per element of x viewed as [groups, rows, cols]:
 // y = (x - mean) * rstd * gamma[col] + beta[col]. The statistics are per row (LayerNorm,
-// stats [groups*rows, 2]) or per (group, col) (BatchNorm, stats [groups, 2, cols]): {{STATS}}.
+// stats [groups*rows, 2]) or per (group, col) (BatchNorm, stats [groups, 2, cols]): <STATS>.
 
 struct Params {
     groups: u32,

@@ -1,5 +1,5 @@
 // Reduction along one axis of a tensor viewed as [outer, len, inner]: one invocation per
-// output element. {{INIT}}, {{STEP}} (acc, v) and {{FINISH}} (acc, p.len) define the op.
+// output element. <INIT>, <STEP> (acc, v) and <FINISH> (acc, p.len) define the op.
 
 struct Params {
     outer: u32,

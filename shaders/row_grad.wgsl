@@ -1,5 +1,5 @@
 // Backward of the row-wise ops, one invocation per row: softmax (a = y), log-softmax (a = y),
-// L2-normalize (a = x); b is the incoming gradient dy. {{BODY}} writes dx.
+// L2-normalize (a = x); b is the incoming gradient dy. <BODY> writes dx.
 
 struct Params {
     rows: u32,

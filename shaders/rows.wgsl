@@ -1,6 +1,6 @@
 // Row-wise ops on a [rows, len] matrix, one invocation per row (rows on a 2-D grid):
 // softmax, log-softmax, L2-normalize (y = x / max(|x|, eps)) and LayerNorm statistics
-// (y = [mean, 1/sqrt(var + eps)] per row). {{BODY}} reads x(c) and writes through put(c, v).
+// (y = [mean, 1/sqrt(var + eps)] per row). <BODY> reads x(c) and writes through put(c, v).
 
 struct Params {
     rows: u32,

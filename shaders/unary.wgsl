@@ -1,5 +1,5 @@
 // Elementwise unary op y = f(x) (also the scalar ops: affine, pow, clamp), one invocation per
-// element on a 2-D grid. Template: {{EXPR}} in terms of x, p.alpha, p.beta.
+// element on a 2-D grid. Template: <EXPR> in terms of x, p.alpha, p.beta.
 
 struct Params {
     n: u32,

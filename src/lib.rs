@@ -4,6 +4,7 @@
 //! [`kernels`] (WGSL launchers), [`exec`] (prebuilt dispatches), [`graph`] (tensor IR,
 //! autodiff, planner, compiled plans), [`cpu`] (f64 reference implementations for tests).
 
+pub mod cpu;
 pub mod error;
 pub mod exec;
 pub mod gpu;

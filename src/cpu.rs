@@ -1,0 +1,514 @@
+//! A plain f64 interpreter of the graph IR: the reference every GPU kernel is tested against
+//! and the function finite differences are taken of. Slow and simple on purpose.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::graph::{Graph, NodeId, Op, Stats};
+use crate::kernels::elementwise::{broadcast_strides, strides, BinaryOp, UnaryOp};
+use crate::kernels::reduce::{ReduceOp, RowOp};
+
+fn erf(x: f64) -> f64 {
+    // High-precision erf via the complementary series / continued fraction (W. J. Cody style
+    // accuracy is not needed; this is accurate to ~1e-12 for |x| < 6).
+    if x.abs() > 6.0 {
+        return x.signum();
+    }
+    // Maclaurin series for small |x|, otherwise 1 - erfc by continued fraction.
+    let a = x.abs();
+    if a < 2.5 {
+        let mut sum = a;
+        let mut term = a;
+        let mut n = 0.0;
+        loop {
+            n += 1.0;
+            term *= -a * a / n;
+            let add = term / (2.0 * n + 1.0);
+            sum += add;
+            if add.abs() < 1e-17 {
+                break;
+            }
+        }
+        return x.signum() * sum * 2.0 / std::f64::consts::PI.sqrt();
+    }
+    // Lentz continued fraction for erfc.
+    let mut f = a;
+    let mut c = a;
+    let mut d = 0.0;
+    for k in 1..200 {
+        let an = k as f64 / 2.0;
+        d = a + an * d;
+        d = 1.0 / d;
+        c = a + an / c;
+        let delta = c * d;
+        f *= delta;
+        if (delta - 1.0).abs() < 1e-16 {
+            break;
+        }
+    }
+    let erfc = (-a * a).exp() / (f * std::f64::consts::PI.sqrt());
+    x.signum() * (1.0 - erfc)
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// f(x) in f64.
+pub fn unary(op: UnaryOp, x: f64) -> f64 {
+    match op {
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => x.ln(),
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+        UnaryOp::Relu => x.max(0.0),
+        UnaryOp::Gelu => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+        UnaryOp::QuickGelu => x * sigmoid(1.702 * x),
+        UnaryOp::Silu => x * sigmoid(x),
+        UnaryOp::Sigmoid => sigmoid(x),
+        UnaryOp::Tanh => x.tanh(),
+        UnaryOp::Neg => -x,
+        UnaryOp::Abs => x.abs(),
+        UnaryOp::Square => x * x,
+        UnaryOp::Recip => 1.0 / x,
+        UnaryOp::Affine(a, b) => a as f64 * x + b as f64,
+        UnaryOp::Pow(a) => x.powf(a as f64),
+        UnaryOp::Clamp(lo, hi) => x.clamp(lo as f64, hi as f64),
+    }
+}
+
+/// dy * f'(x) in f64.
+pub fn unary_grad(op: UnaryOp, x: f64, dy: f64) -> f64 {
+    let d = match op {
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => 1.0 / x,
+        UnaryOp::Sqrt => 0.5 / x.sqrt(),
+        UnaryOp::Rsqrt => -0.5 * x.powf(-1.5),
+        UnaryOp::Relu => (x > 0.0) as u8 as f64,
+        UnaryOp::Gelu => {
+            0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2)) + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
+        }
+        UnaryOp::QuickGelu => {
+            let s = sigmoid(1.702 * x);
+            s + 1.702 * x * s * (1.0 - s)
+        }
+        UnaryOp::Silu => {
+            let s = sigmoid(x);
+            s + x * s * (1.0 - s)
+        }
+        UnaryOp::Sigmoid => sigmoid(x) * (1.0 - sigmoid(x)),
+        UnaryOp::Tanh => 1.0 - x.tanh().powi(2),
+        UnaryOp::Neg => -1.0,
+        UnaryOp::Abs => x.signum(),
+        UnaryOp::Square => 2.0 * x,
+        UnaryOp::Recip => -1.0 / (x * x),
+        UnaryOp::Affine(a, _) => a as f64,
+        UnaryOp::Pow(a) => a as f64 * x.powf(a as f64 - 1.0),
+        UnaryOp::Clamp(lo, hi) => (x > lo as f64 && x < hi as f64) as u8 as f64,
+    };
+    dy * d
+}
+
+fn binary(op: BinaryOp, a: f64, b: f64) -> f64 {
+    match op {
+        BinaryOp::Add => a + b,
+        BinaryOp::Sub => a - b,
+        BinaryOp::Mul => a * b,
+        BinaryOp::Div => a / b,
+        BinaryOp::Max => a.max(b),
+        BinaryOp::Min => a.min(b),
+        BinaryOp::Eq => (a == b) as u8 as f64,
+        BinaryOp::UnaryGrad(u) => unary_grad(u, a, b),
+    }
+}
+
+/// Iterates the multi-index space of `shape` calling `f(linear, offset_a, offset_b)` with
+/// offsets computed from per-operand strides.
+fn for_each(shape: &[usize], sa: &[usize], sb: &[usize], mut f: impl FnMut(usize, usize, usize)) {
+    let n: usize = shape.iter().product();
+    for i in 0..n {
+        let (mut rem, mut oa, mut ob) = (i, 0, 0);
+        for d in (0..shape.len()).rev() {
+            let idx = rem % shape[d];
+            rem /= shape[d];
+            oa += idx * sa[d];
+            ob += idx * sb[d];
+        }
+        f(i, oa, ob);
+    }
+}
+
+/// Values of every node (None for nodes not needed or update ops). `feeds` gives inputs;
+/// `params` gives parameters and state and receives the results of update ops.
+pub fn eval(
+    g: &Graph,
+    feeds: &HashMap<NodeId, Vec<f64>>,
+    params: &mut HashMap<String, Vec<f64>>,
+) -> Result<Vec<Option<Vec<f64>>>> {
+    let mut v: Vec<Option<Vec<f64>>> = vec![None; g.nodes.len()];
+    for (i, node) in g.nodes.iter().enumerate() {
+        let get = |k: usize| -> &Vec<f64> { v[node.inputs[k].0].as_ref().expect("inputs are evaluated first") };
+        let sh = |k: usize| g.shape(node.inputs[k]).to_vec();
+        let n = node.numel();
+        let out: Option<Vec<f64>> = match &node.op {
+            Op::Input => Some(
+                feeds
+                    .get(&NodeId(i))
+                    .cloned()
+                    .ok_or_else(|| Error::Graph(format!("no value fed for input {i}")))?,
+            ),
+            Op::Param | Op::State(_) => {
+                let name = node.name.clone().unwrap_or_default();
+                let init = if let Op::State(s) = node.op { Some(s as f64) } else { None };
+                match (params.get(&name), init) {
+                    (Some(p), _) => Some(p.clone()),
+                    (None, Some(s)) => {
+                        params.insert(name.clone(), vec![s; n]);
+                        Some(vec![s; n])
+                    }
+                    (None, None) => return Err(Error::Graph(format!("missing parameter '{name}'"))),
+                }
+            }
+            Op::Const(c) => Some(vec![*c as f64; n]),
+            Op::Matmul { ta, tb } => {
+                let (a, b) = (get(0), get(1));
+                let (sa, sb) = (sh(0), sh(1));
+                let out = &node.shape;
+                let batch: usize = out[..out.len() - 2].iter().product();
+                let (m, nn) = (out[out.len() - 2], out[out.len() - 1]);
+                let k = if *ta { sa[sa.len() - 2] } else { sa[sa.len() - 1] };
+                let b_shared = sb.len() == 2;
+                let mut y = vec![0.0; n];
+                for bi in 0..batch {
+                    let ao = bi * m * k;
+                    let bo = if b_shared { 0 } else { bi * k * nn };
+                    for r in 0..m {
+                        for c in 0..nn {
+                            let mut s = 0.0;
+                            for t in 0..k {
+                                let av = if *ta { a[ao + t * m + r] } else { a[ao + r * k + t] };
+                                let bv = if *tb { b[bo + c * k + t] } else { b[bo + t * nn + c] };
+                                s += av * bv;
+                            }
+                            y[bi * m * nn + r * nn + c] = s;
+                        }
+                    }
+                }
+                Some(y)
+            }
+            Op::Unary(u) => Some(get(0).iter().map(|&x| unary(*u, x)).collect()),
+            Op::Binary(op) => {
+                let (a, b) = (get(0), get(1));
+                let sa = broadcast_strides(&sh(0), &node.shape);
+                let sb = broadcast_strides(&sh(1), &node.shape);
+                let mut y = vec![0.0; n];
+                for_each(&node.shape, &sa, &sb, |i, oa, ob| y[i] = binary(*op, a[oa], b[ob]));
+                Some(y)
+            }
+            Op::Reduce { op, axis } => {
+                let x = get(0);
+                let s = sh(0);
+                let (outer, len, inner) = (s[..*axis].iter().product::<usize>(), s[*axis], s[axis + 1..].iter().product::<usize>());
+                let mut y = vec![0.0; outer * inner];
+                for o in 0..outer {
+                    for j in 0..inner {
+                        let vals = (0..len).map(|t| x[o * len * inner + t * inner + j]);
+                        y[o * inner + j] = match op {
+                            ReduceOp::Sum => vals.sum(),
+                            ReduceOp::Mean => vals.sum::<f64>() / len as f64,
+                            ReduceOp::Max => vals.fold(f64::NEG_INFINITY, f64::max),
+                        };
+                    }
+                }
+                Some(y)
+            }
+            Op::SumTo => {
+                let x = get(0);
+                let s = sh(0);
+                let so = broadcast_strides(&node.shape, &s);
+                let mut y = vec![0.0; n];
+                let zeros = vec![0; s.len()];
+                for_each(&s, &so, &zeros, |i, oy, _| y[oy] += x[i]);
+                Some(y)
+            }
+            Op::Expand => {
+                let x = get(0);
+                let sx = broadcast_strides(&sh(0), &node.shape);
+                let mut y = vec![0.0; n];
+                let zeros = vec![0; node.shape.len()];
+                for_each(&node.shape, &sx, &zeros, |i, ox, _| y[i] = x[ox]);
+                Some(y)
+            }
+            Op::Reshape => Some(get(0).clone()),
+            Op::Permute(p) => {
+                let x = get(0);
+                let st = strides(&sh(0));
+                let sx: Vec<usize> = p.iter().map(|&d| st[d]).collect();
+                let mut y = vec![0.0; n];
+                let zeros = vec![0; p.len()];
+                for_each(&node.shape, &sx, &zeros, |i, ox, _| y[i] = x[ox]);
+                Some(y)
+            }
+            Op::Slice { axis, start } => {
+                let x = get(0);
+                let st = strides(&sh(0));
+                let mut y = vec![0.0; n];
+                let zeros = vec![0; st.len()];
+                for_each(&node.shape, &st, &zeros, |i, ox, _| y[i] = x[ox + start * st[*axis]]);
+                Some(y)
+            }
+            Op::Pad { axis, start } => {
+                let x = get(0);
+                let sy = strides(&node.shape);
+                let mut y = vec![0.0; n];
+                let zeros = vec![0; sy.len()];
+                for_each(&sh(0), &sy, &zeros, |i, oy, _| y[oy + start * sy[*axis]] = x[i]);
+                Some(y)
+            }
+            Op::Concat { axis } => {
+                let sy = strides(&node.shape);
+                let mut y = vec![0.0; n];
+                let mut off = 0;
+                for k in 0..node.inputs.len() {
+                    let x = get(k);
+                    let s = sh(k);
+                    let zeros = vec![0; s.len()];
+                    for_each(&s, &sy, &zeros, |i, oy, _| y[oy + off * sy[*axis]] = x[i]);
+                    off += s[*axis];
+                }
+                Some(y)
+            }
+            Op::Gather => {
+                let (t, idx) = (get(0), get(1));
+                let (vocab, d) = (sh(0)[0], sh(0)[1]);
+                let mut y = vec![0.0; n];
+                for (r, &ix) in idx.iter().enumerate() {
+                    let ix = (ix as usize).min(vocab - 1);
+                    y[r * d..(r + 1) * d].copy_from_slice(&t[ix * d..(ix + 1) * d]);
+                }
+                Some(y)
+            }
+            Op::GatherGrad => {
+                let (idx, dy) = (get(0), get(1));
+                let (vocab, d) = (node.shape[0], node.shape[1]);
+                let mut y = vec![0.0; n];
+                for (r, &ix) in idx.iter().enumerate() {
+                    let ix = (ix as usize).min(vocab - 1);
+                    for c in 0..d {
+                        y[ix * d + c] += dy[r * d + c];
+                    }
+                }
+                Some(y)
+            }
+            Op::Row(op) => {
+                let x = get(0);
+                let s = sh(0);
+                let len = *s.last().unwrap_or(&1);
+                let rows = x.len() / len.max(1);
+                let mut y = vec![0.0; n];
+                for r in 0..rows {
+                    let row = &x[r * len..(r + 1) * len];
+                    match op {
+                        RowOp::Softmax | RowOp::LogSoftmax => {
+                            let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f64>().ln();
+                            for c in 0..len {
+                                y[r * len + c] = if *op == RowOp::Softmax { (row[c] - lse).exp() } else { row[c] - lse };
+                            }
+                        }
+                        RowOp::L2Norm(eps) => {
+                            let nrm = row.iter().map(|v| v * v).sum::<f64>().sqrt().max(*eps as f64);
+                            for c in 0..len {
+                                y[r * len + c] = row[c] / nrm;
+                            }
+                        }
+                        RowOp::LnStats(eps) => {
+                            let mean = row.iter().sum::<f64>() / len as f64;
+                            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / len as f64;
+                            y[2 * r] = mean;
+                            y[2 * r + 1] = 1.0 / (var + *eps as f64).sqrt();
+                        }
+                    }
+                }
+                Some(y)
+            }
+            Op::RowGrad(op) => {
+                let (a, dy) = (get(0), get(1));
+                let len = *node.shape.last().unwrap_or(&1);
+                let rows = n / len.max(1);
+                let mut y = vec![0.0; n];
+                for r in 0..rows {
+                    let (ar, dr) = (&a[r * len..(r + 1) * len], &dy[r * len..(r + 1) * len]);
+                    match op {
+                        RowOp::Softmax => {
+                            let s: f64 = ar.iter().zip(dr).map(|(p, q)| p * q).sum();
+                            for c in 0..len {
+                                y[r * len + c] = ar[c] * (dr[c] - s);
+                            }
+                        }
+                        RowOp::LogSoftmax => {
+                            let s: f64 = dr.iter().sum();
+                            for c in 0..len {
+                                y[r * len + c] = dr[c] - ar[c].exp() * s;
+                            }
+                        }
+                        RowOp::L2Norm(eps) => {
+                            let nrm = ar.iter().map(|v| v * v).sum::<f64>().sqrt();
+                            if nrm > *eps as f64 {
+                                let d: f64 = ar.iter().zip(dr).map(|(p, q)| p * q).sum();
+                                for c in 0..len {
+                                    y[r * len + c] = (dr[c] - ar[c] * d / (nrm * nrm)) / nrm;
+                                }
+                            } else {
+                                for c in 0..len {
+                                    y[r * len + c] = dr[c] / *eps as f64;
+                                }
+                            }
+                        }
+                        RowOp::LnStats(_) => return Err(Error::Graph("no row gradient for LayerNorm statistics".into())),
+                    }
+                }
+                Some(y)
+            }
+            Op::NormApply { stats, groups } => {
+                let (x, st, ga, be) = (get(0), get(1), get(2), get(3));
+                let cols = *node.shape.last().unwrap_or(&1);
+                let rows = n / cols / groups;
+                let mut y = vec![0.0; n];
+                for i in 0..n {
+                    let (c, row) = (i % cols, i / cols);
+                    let gi = row / rows;
+                    let (mean, rstd) = match stats {
+                        Stats::Row => (st[2 * row], st[2 * row + 1]),
+                        Stats::Col => (st[gi * 2 * cols + c], st[gi * 2 * cols + cols + c]),
+                    };
+                    y[i] = (x[i] - mean) * rstd * ga[c] + be[c];
+                }
+                Some(y)
+            }
+            Op::BnStats { groups, eps } => {
+                let x = get(0);
+                let cols = *sh(0).last().unwrap_or(&1);
+                let rows = x.len() / cols / groups;
+                let mut y = vec![0.0; n];
+                for gi in 0..*groups {
+                    for c in 0..cols {
+                        let vals: Vec<f64> = (0..rows).map(|r| x[(gi * rows + r) * cols + c]).collect();
+                        let mean = vals.iter().sum::<f64>() / rows as f64;
+                        let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / rows as f64;
+                        y[gi * 2 * cols + c] = mean;
+                        y[gi * 2 * cols + cols + c] = 1.0 / (var + *eps as f64).sqrt();
+                    }
+                }
+                Some(y)
+            }
+            Op::ColGrad { stats, groups } => {
+                let (x, st, dy) = (get(0), get(1), get(2));
+                let cols = *sh(0).last().unwrap_or(&1);
+                let rows = x.len() / cols / groups;
+                let mut y = vec![0.0; n];
+                for gi in 0..*groups {
+                    for c in 0..cols {
+                        let (mut sx, mut sd) = (0.0, 0.0);
+                        for r in 0..rows {
+                            let row = gi * rows + r;
+                            let (mean, rstd) = match stats {
+                                Stats::Row => (st[2 * row], st[2 * row + 1]),
+                                Stats::Col => (st[gi * 2 * cols + c], st[gi * 2 * cols + cols + c]),
+                            };
+                            let i = row * cols + c;
+                            sx += dy[i] * (x[i] - mean) * rstd;
+                            sd += dy[i];
+                        }
+                        y[gi * 2 * cols + c] = sx;
+                        y[gi * 2 * cols + cols + c] = sd;
+                    }
+                }
+                Some(y)
+            }
+            Op::LnGrad => {
+                let (x, st, ga, dy) = (get(0), get(1), get(2), get(3));
+                let cols = *node.shape.last().unwrap_or(&1);
+                let rows = n / cols;
+                let mut y = vec![0.0; n];
+                for r in 0..rows {
+                    let (mean, rstd) = (st[2 * r], st[2 * r + 1]);
+                    let gs: Vec<f64> = (0..cols).map(|c| dy[r * cols + c] * ga[c]).collect();
+                    let xh: Vec<f64> = (0..cols).map(|c| (x[r * cols + c] - mean) * rstd).collect();
+                    let m1 = gs.iter().sum::<f64>() / cols as f64;
+                    let m2 = gs.iter().zip(&xh).map(|(p, q)| p * q).sum::<f64>() / cols as f64;
+                    for c in 0..cols {
+                        y[r * cols + c] = rstd * (gs[c] - m1 - xh[c] * m2);
+                    }
+                }
+                Some(y)
+            }
+            Op::BnGrad { groups } => {
+                let (x, st, ga, sums, dy) = (get(0), get(1), get(2), get(3), get(4));
+                let cols = *node.shape.last().unwrap_or(&1);
+                let rows = n / cols / groups;
+                let mut y = vec![0.0; n];
+                for i in 0..n {
+                    let (c, gi) = (i % cols, i / cols / rows);
+                    let (mean, rstd) = (st[gi * 2 * cols + c], st[gi * 2 * cols + cols + c]);
+                    let (sx, sd) = (sums[gi * 2 * cols + c], sums[gi * 2 * cols + cols + c]);
+                    let xh = (x[i] - mean) * rstd;
+                    y[i] = rstd * ga[c] * (dy[i] - sd / rows as f64 - xh * sx / rows as f64);
+                }
+                Some(y)
+            }
+            Op::CrossEntropy | Op::CrossEntropyGrad => {
+                let (x, lab) = (get(0), get(1));
+                let (rows, len) = (sh(0)[0], sh(0)[1]);
+                let grad = node.op == Op::CrossEntropyGrad;
+                let mut y = vec![0.0; n];
+                for r in 0..rows {
+                    let row = &x[r * len..(r + 1) * len];
+                    let l = (lab[r] as usize).min(len - 1);
+                    let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f64>().ln();
+                    if grad {
+                        let g = get(2)[r];
+                        for c in 0..len {
+                            y[r * len + c] = g * ((row[c] - lse).exp() - (c == l) as u8 as f64);
+                        }
+                    } else {
+                        y[r] = lse - row[l];
+                    }
+                }
+                Some(y)
+            }
+            Op::AdamW(cfg) => {
+                let name = |k: usize| g.node(node.inputs[k]).name.clone().unwrap_or_default();
+                let (gr, h) = (get(1).clone(), get(4).clone());
+                let (mut p, mut m, mut vv) = (get(0).clone(), get(2).clone(), get(3).clone());
+                let (b1, b2, eps, wd) = (cfg.beta1 as f64, cfg.beta2 as f64, cfg.eps as f64, cfg.weight_decay as f64);
+                for j in 0..p.len() {
+                    m[j] = b1 * m[j] + (1.0 - b1) * gr[j];
+                    vv[j] = b2 * vv[j] + (1.0 - b2) * gr[j] * gr[j];
+                    p[j] -= h[0] * wd * p[j];
+                    p[j] -= h[0] * (m[j] / h[1]) / ((vv[j] / h[2]).sqrt() + eps);
+                }
+                params.insert(name(0), p);
+                params.insert(name(2), m);
+                params.insert(name(3), vv);
+                None
+            }
+            Op::Sgd { momentum, weight_decay } => {
+                let name = |k: usize| g.node(node.inputs[k]).name.clone().unwrap_or_default();
+                let (gr, h) = (get(1).clone(), get(3).clone());
+                let (mut p, mut b) = (get(0).clone(), get(2).clone());
+                for j in 0..p.len() {
+                    let d = gr[j] + *weight_decay as f64 * p[j];
+                    b[j] = *momentum as f64 * b[j] + d;
+                    p[j] -= h[0] * b[j];
+                }
+                params.insert(name(0), p);
+                params.insert(name(2), b);
+                None
+            }
+        };
+        v[i] = out;
+    }
+    Ok(v)
+}

@@ -1,0 +1,119 @@
+//! Shared test helpers: one GPU device per test binary (tests serialize on a lock, since
+//! wgpu devices must be polled from one thread at a time), a seeded RNG, GPU and CPU graph
+//! runners and tolerance checks.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use stablerep::gpu::{Gpu, GpuOptions};
+use stablerep::graph::{DType, Graph, NodeId, ParamStore, Plan, PlanOptions, Tensor};
+
+static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// The binary's device (created on first use) and the lock serializing GPU tests.
+pub fn gpu() -> (Arc<Gpu>, MutexGuard<'static, ()>) {
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let g = GPU
+        .get_or_init(|| {
+            let _ = env_logger::builder().is_test(true).try_init();
+            Gpu::new(&GpuOptions::default()).expect("a GPU adapter (install mesa-vulkan-drivers for lavapipe)")
+        })
+        .clone();
+    (g, guard)
+}
+
+/// SplitMix64: small, seeded, good enough for test data.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Next raw value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.unit()
+    }
+    /// Integer in [lo, hi].
+    pub fn int(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+    /// `n` values uniform in [lo, hi), rounded to f32 so CPU and GPU see the same data.
+    pub fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
+        (0..n).map(|_| self.range(lo, hi) as f32 as f64).collect()
+    }
+}
+
+/// Runs `outputs` of `g` on the GPU with `feeds` and `params`; poisoned buffers.
+pub fn run_gpu(
+    gpu: &Arc<Gpu>,
+    g: &Graph,
+    feeds: &HashMap<NodeId, Vec<f64>>,
+    params: &HashMap<String, Vec<f64>>,
+    outputs: &[NodeId],
+) -> Vec<Vec<f32>> {
+    run_gpu_opts(gpu, g, feeds, params, outputs, PlanOptions { reuse: true, poison: true }).0
+}
+
+/// [`run_gpu`] with options; also returns the plan.
+pub fn run_gpu_opts(
+    gpu: &Arc<Gpu>,
+    g: &Graph,
+    feeds: &HashMap<NodeId, Vec<f64>>,
+    params: &HashMap<String, Vec<f64>>,
+    outputs: &[NodeId],
+    opts: PlanOptions,
+) -> (Vec<Vec<f32>>, Plan) {
+    let mut store = ParamStore::new();
+    for (name, v) in params {
+        let node = g.nodes.iter().find(|n| n.name.as_deref() == Some(name)).expect("param in graph");
+        let data: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        store.insert(name, Tensor::from_f32(gpu, &node.shape, &data).unwrap());
+    }
+    let plan = Plan::compile(gpu, g, outputs, &mut store, opts).expect("compile");
+    for (id, v) in feeds {
+        match g.node(*id).dtype {
+            DType::F32 => plan.write(*id, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()).unwrap(),
+            DType::U32 => plan.write_u32(*id, &v.iter().map(|&x| x as u32).collect::<Vec<_>>()).unwrap(),
+        }
+    }
+    let out = plan.run_fetch(outputs).expect("run");
+    (out, plan)
+}
+
+/// CPU reference values of `outputs`.
+pub fn run_cpu(g: &Graph, feeds: &HashMap<NodeId, Vec<f64>>, params: &HashMap<String, Vec<f64>>, outputs: &[NodeId]) -> Vec<Vec<f64>> {
+    let mut p = params.clone();
+    let v = stablerep::cpu::eval(g, feeds, &mut p).expect("cpu eval");
+    outputs.iter().map(|o| v[o.0].clone().expect("output evaluated")).collect()
+}
+
+/// Asserts |gpu - cpu| <= atol + rtol * |cpu| elementwise, with no NaN.
+pub fn assert_close(what: &str, gpu: &[f32], cpu: &[f64], rtol: f64, atol: f64) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
+    let mut worst = (0.0f64, 0usize);
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        assert!(g.is_finite(), "{what}: element {i} is {g} (cpu {c})");
+        let err = (g as f64 - c).abs() - (atol + rtol * c.abs());
+        if err > worst.0 {
+            worst = (err, i);
+        }
+    }
+    assert!(
+        worst.0 <= 0.0,
+        "{what}: element {} differs: gpu {} vs cpu {} (rtol {rtol}, atol {atol})",
+        worst.1,
+        gpu[worst.1],
+        cpu[worst.1]
+    );
+}
