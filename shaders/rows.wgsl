@@ -7,10 +7,10 @@ struct Params {
     len: u32,
     off_x: u32,
     off_y: u32,
+    out_len: u32,
     eps: f32,
-    _p0: f32,
-    _p1: f32,
-    _p2: f32,
+    _p0: u32,
+    _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -22,6 +22,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let r = (wg.x + wg.y * nwg.x) * 64u + lid.x;
     if (r >= p.rows) { return; }
     let xb = p.off_x + r * p.len;
-    let yb = p.off_y + r * {{OUT_LEN}};
+    let yb = p.off_y + r * p.out_len;
 {{BODY}}
 }

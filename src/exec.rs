@@ -51,7 +51,7 @@ impl Prepared {
         };
         let mut steps = Vec::with_capacity(dispatches.len());
         for (d, off) in dispatches.iter().zip(offsets) {
-            let pipeline = gpu.pipeline(&d.key, || d.source())?;
+            let pipeline = gpu.pipeline(&d.key, &d.source()?)?;
             let layout = pipeline.get_bind_group_layout(0);
             let ubuf = uniforms.as_ref().expect("uniform arena exists when there are dispatches");
             let mut entries = vec![wgpu::BindGroupEntry {

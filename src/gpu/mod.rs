@@ -168,44 +168,37 @@ impl Gpu {
         })
     }
 
-    /// The pipeline for `key`, compiled from `source()` on first use and cached afterwards.
-    /// The WGSL entry point is `main`; the layout is derived from the shader.
-    pub fn pipeline(
-        &self,
-        key: &str,
-        source: impl FnOnce() -> Result<String>,
-    ) -> Result<Arc<wgpu::ComputePipeline>> {
-        if let Some(p) = self.pipelines.lock().expect("pipeline cache").get(key) {
+    /// The pipeline for a WGSL source, compiled on first use and cached by the source text
+    /// itself (so two variants can never share a pipeline by accident); `label` is the
+    /// readable kernel key. The entry point is `main`; the layout is derived from the shader.
+    pub fn pipeline(&self, label: &str, source: &str) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(p) = self.pipelines.lock().expect("pipeline cache").get(source) {
             return Ok(p.clone());
         }
-        let src = source()?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let desc = wgpu::ShaderModuleDescriptor {
-            label: Some(key),
-            source: wgpu::ShaderSource::Wgsl(src.into()),
-        };
-        let module = self.device.create_shader_module(desc);
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(key),
-                layout: None,
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &[],
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            });
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(label),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(label),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &[],
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(format!("kernel '{key}' failed to compile: {e}")));
+            return Err(Error::Gpu(format!("kernel '{label}' failed to compile: {e}")));
         }
         let p = Arc::new(pipeline);
         self.pipelines
             .lock()
             .expect("pipeline cache")
-            .insert(key.to_string(), p.clone());
+            .insert(source.to_string(), p.clone());
         Ok(p)
     }
 

@@ -223,7 +223,7 @@ impl Plan {
         let view = |id: NodeId| -> Result<View> {
             match loc[id.0] {
                 Some(Loc::Buf(b)) => Ok(View::new(b, graph.nodes[id.0].numel() as u64)),
-                _ => Err(Error::Graph(format!("node {} has no storage", id.0))),
+                _ => Err(Error::Graph(format!("node {} ({:?}) has no storage", id.0, graph.nodes[id.0].op))),
             }
         };
         let mut dispatches = Vec::new();
@@ -368,7 +368,7 @@ fn lower(gpu: &Gpu, g: &Graph, id: NodeId, view: &dyn Fn(NodeId) -> Result<View>
     let caps = &gpu.caps;
     let node = g.node(id);
     let ins = &node.inputs;
-    let y = view(id)?;
+    let y = if node.op.is_update() { View::new(usize::MAX, 0) } else { view(id)? };
     let x = |k: usize| view(ins[k]);
     let sh = |k: usize| g.shape(ins[k]).to_vec();
     let rows_cols = |s: &[usize]| {

@@ -60,7 +60,7 @@ pub struct Binding {
 /// and the workgroup grid. The uniform is bound at binding 0.
 #[derive(Clone, Debug)]
 pub struct Dispatch {
-    /// Readable pipeline key (`matmul_tn_v4_8x8_8x8`...), unique per WGSL source.
+    /// Readable kernel key (`matmul_nt_v111_8x8_8x8`, `unary_gelu`...), for logs and profiles.
     pub key: String,
     /// Name of the template in `shaders/` and its substitutions.
     pub template: &'static str,

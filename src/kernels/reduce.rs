@@ -96,8 +96,8 @@ pub fn rows(op: RowOp, x: View, rows: usize, len: usize, y: View, caps: &Caps) -
         out.push(Dispatch {
             key: format!("rows_{}", op.name()),
             template: "rows",
-            subst: vec![("BODY", op.body().into()), ("OUT_LEN", format!("{out_len}u"))],
-            uniform: uniform(&[nr as u32, len as u32, ox, oy, op.eps().to_bits(), 0, 0, 0]),
+            subst: vec![("BODY", op.body().into())],
+            uniform: uniform(&[nr as u32, len as u32, ox, oy, out_len as u32, op.eps().to_bits(), 0, 0]),
             bindings: vec![bx, by],
             groups: grid(nr.div_ceil(64), caps)?,
         });
