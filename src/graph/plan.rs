@@ -280,6 +280,11 @@ impl Plan {
             .ok_or_else(|| Error::Graph(format!("the plan has no input named '{name}'")))
     }
 
+    /// True when the node has storage in this plan (inputs the outputs do not need do not).
+    pub fn contains(&self, id: NodeId) -> bool {
+        matches!(self.loc.get(id.0).copied().flatten(), Some(Loc::Buf(_)))
+    }
+
     fn buffer_of(&self, id: NodeId) -> Result<&wgpu::Buffer> {
         match self.loc.get(id.0).copied().flatten() {
             Some(Loc::Buf(b)) => Ok(&self.buffers[b]),

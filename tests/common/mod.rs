@@ -82,6 +82,9 @@ pub fn run_gpu_opts(
     }
     let plan = Plan::compile(gpu, g, outputs, &mut store, opts).expect("compile");
     for (id, v) in feeds {
+        if !plan.contains(*id) {
+            continue;
+        }
         match g.node(*id).dtype {
             DType::F32 => plan.write(*id, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()).unwrap(),
             DType::U32 => plan.write_u32(*id, &v.iter().map(|&x| x as u32).collect::<Vec<_>>()).unwrap(),

@@ -1,0 +1,211 @@
+//! Every differentiable op's backward rule against central finite differences of the f64
+//! CPU reference, then the same gradient graph on the GPU against the CPU.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{assert_close, gpu, run_cpu, run_gpu, Rng};
+use stablerep::graph::{DType, Graph, NodeId};
+use stablerep::kernels::catalog::unary_ops;
+use stablerep::kernels::elementwise::UnaryOp;
+use stablerep::kernels::reduce::ReduceOp;
+
+type Feeds = HashMap<NodeId, Vec<f64>>;
+
+/// loss = sum(y * r) for a fixed random r, so every output element matters.
+fn weighted_loss(g: &mut Graph, f: &mut Feeds, rng: &mut Rng, y: NodeId) -> NodeId {
+    let s = g.shape(y).to_vec();
+    let r = g.input(&format!("r{}", g.nodes.len()), &s);
+    f.insert(r, rng.vec(s.iter().product(), -1.0, 1.0));
+    let p = g.mul(y, r).unwrap();
+    g.sum_all(p).unwrap()
+}
+
+/// Checks d loss / d wrt three ways: analytic (CPU) vs finite differences, and GPU vs CPU.
+fn grad_check(what: &str, g: &mut Graph, f: &Feeds, loss: NodeId, wrt: &[NodeId], fd_tol: f64) {
+    let grads = g.grad(loss, wrt).unwrap();
+    let analytic = run_cpu(g, f, &HashMap::new(), &grads);
+    let h = 1e-5;
+    for (k, &w) in wrt.iter().enumerate() {
+        let n = f[&w].len();
+        let step = (n / 12).max(1);
+        for i in (0..n).step_by(step) {
+            let eval = |delta: f64| {
+                let mut ff = f.clone();
+                ff.get_mut(&w).unwrap()[i] += delta;
+                run_cpu(g, &ff, &HashMap::new(), &[loss])[0][0]
+            };
+            let fd = (eval(h) - eval(-h)) / (2.0 * h);
+            let an = analytic[k][i];
+            assert!(
+                (fd - an).abs() <= fd_tol * (1.0 + fd.abs()),
+                "{what}: d/d(input {k})[{i}] analytic {an} vs finite difference {fd}"
+            );
+        }
+    }
+    let (gpu, _lock) = gpu();
+    let got = run_gpu(&gpu, g, f, &HashMap::new(), &grads);
+    for (k, (a, b)) in got.iter().zip(&analytic).enumerate() {
+        assert_close(&format!("{what}: GPU gradient {k}"), a, b, 2e-4, 2e-5);
+    }
+}
+
+fn input(g: &mut Graph, f: &mut Feeds, rng: &mut Rng, shape: &[usize], lo: f64, hi: f64) -> NodeId {
+    let id = g.input(&format!("x{}", g.nodes.len()), shape);
+    f.insert(id, rng.vec(shape.iter().product(), lo, hi));
+    id
+}
+
+#[test]
+fn matmul_gradients_all_layouts() {
+    let mut rng = Rng(11);
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let (b, m, n, k) = (2, 5, 7, 6);
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let a = input(&mut g, &mut f, &mut rng, &if ta { [b, k, m] } else { [b, m, k] }, -1.0, 1.0);
+        let w = input(&mut g, &mut f, &mut rng, &if tb { [b, n, k] } else { [b, k, n] }, -1.0, 1.0);
+        let y = g.matmul_t(a, w, ta, tb).unwrap();
+        let l = weighted_loss(&mut g, &mut f, &mut rng, y);
+        grad_check(&format!("matmul ta={ta} tb={tb}"), &mut g, &f, l, &[a, w], 1e-6);
+    }
+    for tb in [false, true] {
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let a = input(&mut g, &mut f, &mut rng, &[3, 4, 5], -1.0, 1.0);
+        let w = input(&mut g, &mut f, &mut rng, &if tb { [6, 5] } else { [5, 6] }, -1.0, 1.0);
+        let y = g.matmul_t(a, w, false, tb).unwrap();
+        let l = weighted_loss(&mut g, &mut f, &mut rng, y);
+        grad_check(&format!("matmul shared weight tb={tb}"), &mut g, &f, l, &[a, w], 1e-6);
+    }
+}
+
+#[test]
+fn unary_gradients() {
+    let mut rng = Rng(12);
+    for op in unary_ops() {
+        let (lo, hi) = match op {
+            UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Pow(_) | UnaryOp::Recip => (0.3, 2.0),
+            // Keep away from the kinks of relu/abs/clamp.
+            UnaryOp::Relu | UnaryOp::Abs => (0.05, 2.0),
+            UnaryOp::Clamp(..) => (-0.4, 0.4),
+            _ => (-2.0, 2.0),
+        };
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let x = input(&mut g, &mut f, &mut rng, &[9], lo, hi);
+        if matches!(op, UnaryOp::Relu | UnaryOp::Abs) {
+            // Exercise the negative side too, away from zero.
+            let v: Vec<f64> = f[&x].iter().enumerate().map(|(i, &v)| if i % 2 == 0 { -v } else { v }).collect();
+            f.insert(x, v);
+        }
+        let y = g.unary(op, x).unwrap();
+        let l = weighted_loss(&mut g, &mut f, &mut rng, y);
+        grad_check(&format!("unary {op:?}"), &mut g, &f, l, &[x], 1e-6);
+    }
+}
+
+#[test]
+fn binary_gradients_with_broadcasting() {
+    let mut rng = Rng(13);
+    for name in ["add", "sub", "mul", "div"] {
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let a = input(&mut g, &mut f, &mut rng, &[3, 4, 5], 0.5, 2.0);
+        let b = input(&mut g, &mut f, &mut rng, &[4, 1], 0.5, 2.0);
+        let y = match name {
+            "add" => g.add(a, b),
+            "sub" => g.sub(a, b),
+            "mul" => g.mul(a, b),
+            _ => g.div(a, b),
+        }
+        .unwrap();
+        let l = weighted_loss(&mut g, &mut f, &mut rng, y);
+        grad_check(&format!("binary {name}"), &mut g, &f, l, &[a, b], 1e-6);
+    }
+}
+
+#[test]
+fn reduction_and_layout_gradients() {
+    let mut rng = Rng(14);
+    for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
+        for axis in 0..3 {
+            let mut g = Graph::new();
+            let mut f = Feeds::new();
+            let x = input(&mut g, &mut f, &mut rng, &[3, 4, 5], -1.0, 1.0);
+            let y = g.reduce(op, x, axis).unwrap();
+            let l = weighted_loss(&mut g, &mut f, &mut rng, y);
+            grad_check(&format!("reduce {op:?} axis {axis}"), &mut g, &f, l, &[x], 1e-6);
+        }
+    }
+    let mut g = Graph::new();
+    let mut f = Feeds::new();
+    let x = input(&mut g, &mut f, &mut rng, &[3, 4, 5], -1.0, 1.0);
+    let z = input(&mut g, &mut f, &mut rng, &[3, 2, 5], -1.0, 1.0);
+    let v = input(&mut g, &mut f, &mut rng, &[4, 1], -1.0, 1.0);
+    let p = g.permute(x, &[2, 0, 1]).unwrap();
+    let p = g.reshape(p, &[5, 12]).unwrap();
+    let s = g.slice(x, 1, 1, 2).unwrap();
+    let c = g.concat(&[s, z, x], 1).unwrap();
+    let pd = g.pad(z, 2, 3, 9).unwrap();
+    let e = g.expand(v, &[3, 4, 5]).unwrap();
+    let st = g.sum_to(x, &[4, 1]).unwrap();
+    let l1 = weighted_loss(&mut g, &mut f, &mut rng, p);
+    let l2 = weighted_loss(&mut g, &mut f, &mut rng, c);
+    let l3 = weighted_loss(&mut g, &mut f, &mut rng, pd);
+    let l4 = weighted_loss(&mut g, &mut f, &mut rng, e);
+    let l5 = weighted_loss(&mut g, &mut f, &mut rng, st);
+    let l = g.add(l1, l2).unwrap();
+    let l = g.add(l, l3).unwrap();
+    let l = g.add(l, l4).unwrap();
+    let l = g.add(l, l5).unwrap();
+    grad_check("layout ops", &mut g, &f, l, &[x, z, v], 1e-6);
+}
+
+#[test]
+fn row_norm_gather_and_cross_entropy_gradients() {
+    let mut rng = Rng(15);
+    let mut g = Graph::new();
+    let mut f = Feeds::new();
+    let x = input(&mut g, &mut f, &mut rng, &[6, 7], -2.0, 2.0);
+    let gamma = input(&mut g, &mut f, &mut rng, &[7], 0.5, 1.5);
+    let beta = input(&mut g, &mut f, &mut rng, &[7], -0.5, 0.5);
+    let sm = g.softmax(x).unwrap();
+    let ls = g.log_softmax(x).unwrap();
+    let l2 = g.l2_normalize(x).unwrap();
+    let ln = g.layer_norm(x, gamma, beta, 1e-6).unwrap();
+    let (bn, _) = g.batch_norm(x, gamma, beta, 2, 1e-5).unwrap();
+    let mut total = None;
+    for y in [sm, ls, l2, ln, bn] {
+        let l = weighted_loss(&mut g, &mut f, &mut rng, y);
+        total = Some(match total {
+            None => l,
+            Some(t) => g.add(t, l).unwrap(),
+        });
+    }
+    grad_check("row and norm ops", &mut g, &f, total.unwrap(), &[x, gamma, beta], 1e-5);
+
+    let mut g = Graph::new();
+    let mut f = Feeds::new();
+    let table = input(&mut g, &mut f, &mut rng, &[5, 4], -1.0, 1.0);
+    let idx = g.input_typed("idx", &[9], DType::U32);
+    f.insert(idx, (0..9).map(|i| ((i * 3) % 5) as f64).collect());
+    let e = g.gather(table, idx).unwrap();
+    let labels = g.input_typed("labels", &[9], DType::U32);
+    f.insert(labels, (0..9).map(|i| (i % 4) as f64).collect());
+    let ce = g.cross_entropy(e, labels).unwrap();
+    let l = g.mean_all(ce).unwrap();
+    grad_check("gather + cross-entropy", &mut g, &f, l, &[table], 1e-6);
+}
+
+#[test]
+fn non_differentiable_ops_are_reported() {
+    let mut g = Graph::new();
+    let a = g.input("a", &[3]);
+    let b = g.input("b", &[3]);
+    let m = g.binary(stablerep::kernels::elementwise::BinaryOp::Max, a, b).unwrap();
+    let l = g.sum_all(m).unwrap();
+    let err = g.grad(l, &[a]).unwrap_err();
+    assert!(err.to_string().contains("not differentiable"), "{err}");
+}
