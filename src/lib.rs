@@ -5,6 +5,7 @@
 //! autodiff, planner, compiled plans), [`cpu`] (f64 reference implementations for tests).
 
 pub mod cpu;
+pub mod demo;
 pub mod error;
 pub mod exec;
 pub mod gpu;

@@ -21,6 +21,8 @@ pub struct PlanOptions {
     /// Fill every planned buffer with NaN once at compile time (tests: catches unwritten
     /// outputs).
     pub poison: bool,
+    /// Include the graph's optimizer updates (off: an evaluation plan over the same graph).
+    pub updates: bool,
 }
 
 impl Default for PlanOptions {
@@ -28,6 +30,7 @@ impl Default for PlanOptions {
         PlanOptions {
             reuse: true,
             poison: false,
+            updates: true,
         }
     }
 }
@@ -86,7 +89,9 @@ impl Plan {
         // 1. Nodes to execute.
         let mut live = vec![false; n];
         let mut stack: Vec<usize> = outputs.iter().map(|o| o.0).collect();
-        stack.extend((0..n).filter(|&i| graph.nodes[i].op.is_update()));
+        if opts.updates {
+            stack.extend((0..n).filter(|&i| graph.nodes[i].op.is_update()));
+        }
         while let Some(i) = stack.pop() {
             if i >= n {
                 return Err(Error::Graph(format!("output node {i} is not in the graph")));

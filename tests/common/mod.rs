@@ -62,7 +62,7 @@ pub fn run_gpu(
     params: &HashMap<String, Vec<f64>>,
     outputs: &[NodeId],
 ) -> Vec<Vec<f32>> {
-    run_gpu_opts(gpu, g, feeds, params, outputs, PlanOptions { reuse: true, poison: true }).0
+    run_gpu_opts(gpu, g, feeds, params, outputs, PlanOptions { reuse: true, poison: true, updates: true }).0
 }
 
 /// [`run_gpu`] with options; also returns the plan.
