@@ -134,13 +134,12 @@ pub fn train_mlp(gpu: &Arc<Gpu>, cfg: &DemoConfig, log_every: usize, mut on_step
     plan.write(x, &xs)?;
     plan.write_u32(labels, &ys)?;
     let mut first_loss = f32::NAN;
-    let mut last_loss = f32::NAN;
     let start = std::time::Instant::now();
     for step in 1..=cfg.steps {
         plan.write(hyper, &adam_hyper(cfg.lr, &adam, step as u32))?;
         if step == 1 || step % log_every.max(1) == 0 || step == cfg.steps {
             let out = plan.run_fetch(&[loss])?;
-            last_loss = out[0][0];
+            let last_loss = out[0][0];
             if step == 1 {
                 first_loss = last_loss;
             }

@@ -281,14 +281,30 @@ pub fn sizes(s: &MatmulShape) -> (u64, u64, u64) {
     (ab * m * k, bb * k * n, b * m * n)
 }
 
+/// Which kernel family computes a matmul.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// Pick per device and shape: the subgroup kernel on CPU adapters with 8-lane subgroups
+    /// when the operands are vec4-aligned, the register-blocked kernel otherwise.
+    Auto,
+    /// The register-blocked kernel with this tile.
+    Blocked(Tile),
+    /// The subgroup-sharing kernel with this tile when the shape allows (else blocked).
+    Subgroup(SgTile),
+}
+
 /// Dispatches computing `c = op(a) op(b)`. Splits over batches and rows of C (and A when it is
 /// not transposed) so that every binding fits the device; B must fit one binding.
 pub fn launch(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps) -> Result<Vec<Dispatch>> {
-    launch_with(s, a, b, c, caps, default_tile(caps))
+    launch_with(s, a, b, c, caps, Variant::Auto)
 }
 
-/// [`launch`] with an explicit tile (benchmarks sweep tiles).
-pub fn launch_with(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps, t: Tile) -> Result<Vec<Dispatch>> {
+/// [`launch`] with an explicit variant (benchmarks compare them).
+pub fn launch_with(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps, variant: Variant) -> Result<Vec<Dispatch>> {
+    let t = match variant {
+        Variant::Blocked(t) => t,
+        _ => default_tile(caps),
+    };
     let (na, nb, nc) = sizes(s);
     if a.len < na || b.len < nb || c.len < nc {
         return Err(Error::shape(
@@ -335,7 +351,7 @@ pub fn launch_with(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps, t: T
                 b_off as u64 + if s.b_shared { 0 } else { b0 * k * n },
                 c_off as u64 + b0 * m * n,
             ];
-            out.push(one(s, t, [ba, bb, bc], offs, m, nbat, caps)?);
+            out.push(one(s, t, variant, [ba, bb, bc], offs, m, nbat, caps)?);
             b0 += nbat;
         }
         return Ok(out);
@@ -346,7 +362,7 @@ pub fn launch_with(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps, t: T
         let c_start = if folded { r0 * n } else { bi * m * n + r0 * n };
         let (bc, c_off) = bind(&c, c_start, nr * n, caps, "matmul operand C")?;
         let b_base = b_off as u64 + if s.b_shared { 0 } else { bi * k * n };
-        out.push(one(s, t, [ba, bb, bc], [a_off as u64, b_base, c_off as u64], nr, 1, caps)?);
+        out.push(one(s, t, variant, [ba, bb, bc], [a_off as u64, b_base, c_off as u64], nr, 1, caps)?);
     }
     Ok(out)
 }
@@ -355,9 +371,11 @@ pub fn launch_with(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps, t: T
 pub const SG_TILE: SgTile = SgTile { s: 8, r: 32, tn: 8 };
 
 /// One dispatch over `rows` rows of C and `nbat` batches, choosing the variant.
+#[allow(clippy::too_many_arguments)]
 fn one(
     s: &MatmulShape,
     t: Tile,
+    variant: Variant,
     bindings: [Binding; 3],
     offs: [u64; 3],
     rows: u64,
@@ -385,9 +403,15 @@ fn one(
         offs[1] as u32,
         offs[2] as u32,
     ]);
-    let sg = SG_TILE;
-    let use_sg = caps.subgroup_size == Some(sg.s)
-        && caps.is_cpu
+    let (sg, wanted) = match variant {
+        Variant::Auto => (SG_TILE, caps.is_cpu),
+        Variant::Blocked(_) => (SG_TILE, false),
+        Variant::Subgroup(sg) => (sg, true),
+    };
+    let use_sg = wanted
+        && caps.subgroup_size == Some(sg.s)
+        && sg.r % (4 * sg.s) == 0
+        && sg.tn % 4 == 0
         && even(k)
         && v.c
         && even(offs[0])

@@ -1,0 +1,139 @@
+//! Benchmarks, one JSON object per line. Usage:
+//!   cargo run --release --example bench -- [FILTER...] [--size N] [--reps N]
+//! FILTER selects cases by substring: `matmul`, `matmul_variants`, `mlp_step`, `chain`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use stablerep::demo::{train_mlp, DemoConfig};
+use stablerep::exec::Prepared;
+use stablerep::gpu::{Gpu, GpuOptions};
+use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
+use stablerep::kernels::elementwise::UnaryOp;
+use stablerep::kernels::matmul::{self, MatmulShape, SgTile, Tile, Variant};
+use stablerep::kernels::View;
+
+struct Args {
+    filters: Vec<String>,
+    sizes: Vec<u32>,
+    reps: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        filters: vec![],
+        sizes: vec![],
+        reps: 0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(s) = it.next() {
+        match s.as_str() {
+            "--size" => a.sizes.push(it.next().and_then(|v| v.parse().ok()).expect("--size N")),
+            "--reps" => a.reps = it.next().and_then(|v| v.parse().ok()).expect("--reps N"),
+            "--bench" => {}
+            f => a.filters.push(f.to_string()),
+        }
+    }
+    a
+}
+
+fn wanted(a: &Args, name: &str) -> bool {
+    a.filters.is_empty() || a.filters.iter().any(|f| name.contains(f.as_str()))
+}
+
+/// Times `reps` back-to-back matmuls recorded in one submit; returns GFLOP/s.
+fn time_matmul(gpu: &Arc<Gpu>, n: u32, variant: Variant, reps: usize) -> stablerep::Result<(f64, String)> {
+    let s = MatmulShape { batch: 1, m: n, n, k: n, ta: false, tb: false, a_shared: false, b_shared: false };
+    let (na, nb, nc) = matmul::sizes(&s);
+    let a = gpu.alloc(na * 4, "a")?;
+    let b = gpu.alloc(nb * 4, "b")?;
+    let c = gpu.alloc(nc * 4, "c")?;
+    let av: Vec<f32> = (0..na).map(|i| ((i * 7 % 13) as f32) / 13.0 - 0.5).collect();
+    let bv: Vec<f32> = (0..nb).map(|i| ((i * 5 % 11) as f32) / 11.0 - 0.5).collect();
+    gpu.write(&a, 0, &av);
+    gpu.write(&b, 0, &bv);
+    let d = matmul::launch_with(&s, View::new(0, na), View::new(1, nb), View::new(2, nc), &gpu.caps, variant)?;
+    let key = d[0].key.clone();
+    let warm = Prepared::new(gpu, &d, &[&a, &b, &c])?;
+    warm.submit(gpu);
+    gpu.wait()?;
+    let many: Vec<_> = (0..reps).flat_map(|_| d.clone()).collect();
+    let p = Prepared::new(gpu, &many, &[&a, &b, &c])?;
+    let t0 = Instant::now();
+    p.submit(gpu);
+    gpu.wait()?;
+    let dt = t0.elapsed().as_secs_f64() / reps as f64;
+    // Spot-check one element against f64.
+    let out: Vec<f32> = gpu.read(&c, 0, nc * 4)?;
+    let (i, j) = (n as usize / 2, n as usize / 3);
+    let r: f64 = (0..n as usize).map(|t| av[i * n as usize + t] as f64 * bv[t * n as usize + j] as f64).sum();
+    let err = (out[i * n as usize + j] as f64 - r).abs();
+    if err > 1e-3 * (n as f64).sqrt() {
+        return Err(stablerep::Error::Gpu(format!("matmul result wrong: {} vs {r}", out[i * n as usize + j])));
+    }
+    for buf in [a, b, c] {
+        gpu.pool.give(buf);
+    }
+    Ok((2.0 * (n as f64).powi(3) / dt / 1e9, key))
+}
+
+fn main() -> stablerep::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
+    let a = args();
+    let gpu = Gpu::new(&GpuOptions::default())?;
+    let adapter = gpu.info.name.clone();
+    let sizes = if a.sizes.is_empty() { vec![1024] } else { a.sizes.clone() };
+    if wanted(&a, "matmul") && !a.filters.iter().any(|f| f == "matmul_variants") {
+        for &n in &sizes {
+            let reps = if a.reps > 0 { a.reps } else if gpu.caps.is_cpu { 3 } else { 50 };
+            let (gflops, kernel) = time_matmul(&gpu, n, Variant::Auto, reps)?;
+            println!("{}", json!({"bench": "matmul", "adapter": adapter, "m": n, "n": n, "k": n, "kernel": kernel, "reps": reps, "gflops": (gflops * 10.0).round() / 10.0}));
+        }
+    }
+    if a.filters.iter().any(|f| f == "matmul_variants") {
+        let mut variants = vec![
+            Variant::Blocked(Tile { tm: 4, tn: 4, wx: 8, wy: 8 }),
+            Variant::Blocked(Tile { tm: 8, tn: 8, wx: 8, wy: 8 }),
+            Variant::Blocked(Tile { tm: 8, tn: 8, wx: 16, wy: 16 }),
+        ];
+        if gpu.caps.subgroup_size == Some(8) {
+            for (r, tn) in [(16, 8), (32, 4), (32, 8), (64, 4)] {
+                variants.push(Variant::Subgroup(SgTile { s: 8, r, tn }));
+            }
+        }
+        for &n in &sizes {
+            for v in &variants {
+                let reps = if a.reps > 0 { a.reps } else if gpu.caps.is_cpu { 3 } else { 50 };
+                let (gflops, kernel) = time_matmul(&gpu, n, *v, reps)?;
+                println!("{}", json!({"bench": "matmul_variant", "adapter": adapter, "m": n, "n": n, "k": n, "kernel": kernel, "gflops": (gflops * 10.0).round() / 10.0}));
+            }
+        }
+    }
+    if wanted(&a, "mlp_step") {
+        let cfg = DemoConfig { steps: 50, ..Default::default() };
+        let r = train_mlp(&gpu, &cfg, 1000, |_, _| {})?;
+        println!("{}", json!({
+            "bench": "mlp_step", "adapter": adapter, "hidden": cfg.hidden, "batch": 3 * cfg.points_per_class,
+            "ms_per_step": (r.ms_per_step * 100.0).round() / 100.0,
+            "dispatches_per_submit": r.plan.dispatches, "submits_per_step": r.plan.submits_per_run,
+            "plan_peak_bytes": r.plan.peak_bytes, "sum_tensor_bytes": r.plan.tensor_bytes,
+            "persistent_bytes": r.plan.persistent_bytes,
+        }));
+    }
+    if wanted(&a, "chain") {
+        let mut g = Graph::new();
+        let x = g.input("x", &[256, 256]);
+        let mut h = x;
+        for i in 0..64 {
+            h = g.unary([UnaryOp::Tanh, UnaryOp::Affine(1.01, 0.0)][i % 2], h)?;
+        }
+        let y = g.sum_all(h)?;
+        for reuse in [true, false] {
+            let plan = Plan::compile(&gpu, &g, &[y], &mut ParamStore::new(), PlanOptions { reuse, ..Default::default() })?;
+            let s = plan.stats();
+            println!("{}", json!({"bench": "chain", "adapter": adapter, "ops": 64, "reuse": reuse, "plan_peak_bytes": s.peak_bytes, "sum_tensor_bytes": s.tensor_bytes, "buffers": s.buffers}));
+        }
+    }
+    Ok(())
+}
