@@ -29,7 +29,9 @@ fn args() -> Args {
     let mut it = std::env::args().skip(1);
     while let Some(s) = it.next() {
         match s.as_str() {
-            "--size" => a.sizes.push(it.next().and_then(|v| v.parse().ok()).expect("--size N")),
+            "--size" => a
+                .sizes
+                .push(it.next().and_then(|v| v.parse().ok()).expect("--size N")),
             "--reps" => a.reps = it.next().and_then(|v| v.parse().ok()).expect("--reps N"),
             "--bench" => {}
             f => a.filters.push(f.to_string()),
@@ -43,17 +45,42 @@ fn wanted(a: &Args, name: &str) -> bool {
 }
 
 /// Times `reps` back-to-back matmuls recorded in one submit; returns GFLOP/s.
-fn time_matmul(gpu: &Arc<Gpu>, n: u32, variant: Variant, reps: usize) -> stablerep::Result<(f64, String)> {
-    let s = MatmulShape { batch: 1, m: n, n, k: n, ta: false, tb: false, a_shared: false, b_shared: false };
+fn time_matmul(
+    gpu: &Arc<Gpu>,
+    n: u32,
+    variant: Variant,
+    reps: usize,
+) -> stablerep::Result<(f64, String)> {
+    let s = MatmulShape {
+        batch: 1,
+        m: n,
+        n,
+        k: n,
+        ta: false,
+        tb: false,
+        a_shared: false,
+        b_shared: false,
+    };
     let (na, nb, nc) = matmul::sizes(&s);
     let a = gpu.alloc(na * 4, "a")?;
     let b = gpu.alloc(nb * 4, "b")?;
     let c = gpu.alloc(nc * 4, "c")?;
-    let av: Vec<f32> = (0..na).map(|i| ((i * 7 % 13) as f32) / 13.0 - 0.5).collect();
-    let bv: Vec<f32> = (0..nb).map(|i| ((i * 5 % 11) as f32) / 11.0 - 0.5).collect();
+    let av: Vec<f32> = (0..na)
+        .map(|i| ((i * 7 % 13) as f32) / 13.0 - 0.5)
+        .collect();
+    let bv: Vec<f32> = (0..nb)
+        .map(|i| ((i * 5 % 11) as f32) / 11.0 - 0.5)
+        .collect();
     gpu.write(&a, 0, &av);
     gpu.write(&b, 0, &bv);
-    let d = matmul::launch_with(&s, View::new(0, na), View::new(1, nb), View::new(2, nc), &gpu.caps, variant)?;
+    let d = matmul::launch_with(
+        &s,
+        View::new(0, na),
+        View::new(1, nb),
+        View::new(2, nc),
+        &gpu.caps,
+        variant,
+    )?;
     let key = d[0].key.clone();
     let warm = Prepared::new(gpu, &d, &[&a, &b, &c])?;
     warm.submit(gpu);
@@ -67,10 +94,15 @@ fn time_matmul(gpu: &Arc<Gpu>, n: u32, variant: Variant, reps: usize) -> stabler
     // Spot-check one element against f64.
     let out: Vec<f32> = gpu.read(&c, 0, nc * 4)?;
     let (i, j) = (n as usize / 2, n as usize / 3);
-    let r: f64 = (0..n as usize).map(|t| av[i * n as usize + t] as f64 * bv[t * n as usize + j] as f64).sum();
+    let r: f64 = (0..n as usize)
+        .map(|t| av[i * n as usize + t] as f64 * bv[t * n as usize + j] as f64)
+        .sum();
     let err = (out[i * n as usize + j] as f64 - r).abs();
     if err > 1e-3 * (n as f64).sqrt() {
-        return Err(stablerep::Error::Gpu(format!("matmul result wrong: {} vs {r}", out[i * n as usize + j])));
+        return Err(stablerep::Error::Gpu(format!(
+            "matmul result wrong: {} vs {r}",
+            out[i * n as usize + j]
+        )));
     }
     for buf in [a, b, c] {
         gpu.pool.give(buf);
@@ -83,19 +115,47 @@ fn main() -> stablerep::Result<()> {
     let a = args();
     let gpu = Gpu::new(&GpuOptions::default())?;
     let adapter = gpu.info.name.clone();
-    let sizes = if a.sizes.is_empty() { vec![1024] } else { a.sizes.clone() };
+    let sizes = if a.sizes.is_empty() {
+        vec![1024]
+    } else {
+        a.sizes.clone()
+    };
     if wanted(&a, "matmul") && !a.filters.iter().any(|f| f == "matmul_variants") {
         for &n in &sizes {
-            let reps = if a.reps > 0 { a.reps } else if gpu.caps.is_cpu { 3 } else { 50 };
+            let reps = if a.reps > 0 {
+                a.reps
+            } else if gpu.caps.is_cpu {
+                3
+            } else {
+                50
+            };
             let (gflops, kernel) = time_matmul(&gpu, n, Variant::Auto, reps)?;
-            println!("{}", json!({"bench": "matmul", "adapter": adapter, "m": n, "n": n, "k": n, "kernel": kernel, "reps": reps, "gflops": (gflops * 10.0).round() / 10.0}));
+            println!(
+                "{}",
+                json!({"bench": "matmul", "adapter": adapter, "m": n, "n": n, "k": n, "kernel": kernel, "reps": reps, "gflops": (gflops * 10.0).round() / 10.0})
+            );
         }
     }
     if a.filters.iter().any(|f| f == "matmul_variants") {
         let mut variants = vec![
-            Variant::Blocked(Tile { tm: 4, tn: 4, wx: 8, wy: 8 }),
-            Variant::Blocked(Tile { tm: 8, tn: 8, wx: 8, wy: 8 }),
-            Variant::Blocked(Tile { tm: 8, tn: 8, wx: 16, wy: 16 }),
+            Variant::Blocked(Tile {
+                tm: 4,
+                tn: 4,
+                wx: 8,
+                wy: 8,
+            }),
+            Variant::Blocked(Tile {
+                tm: 8,
+                tn: 8,
+                wx: 8,
+                wy: 8,
+            }),
+            Variant::Blocked(Tile {
+                tm: 8,
+                tn: 8,
+                wx: 16,
+                wy: 16,
+            }),
         ];
         if gpu.caps.subgroup_size == Some(8) {
             for (r, tn) in [(16, 8), (32, 4), (32, 8), (64, 4)] {
@@ -104,22 +164,37 @@ fn main() -> stablerep::Result<()> {
         }
         for &n in &sizes {
             for v in &variants {
-                let reps = if a.reps > 0 { a.reps } else if gpu.caps.is_cpu { 3 } else { 50 };
+                let reps = if a.reps > 0 {
+                    a.reps
+                } else if gpu.caps.is_cpu {
+                    3
+                } else {
+                    50
+                };
                 let (gflops, kernel) = time_matmul(&gpu, n, *v, reps)?;
-                println!("{}", json!({"bench": "matmul_variant", "adapter": adapter, "m": n, "n": n, "k": n, "kernel": kernel, "gflops": (gflops * 10.0).round() / 10.0}));
+                println!(
+                    "{}",
+                    json!({"bench": "matmul_variant", "adapter": adapter, "m": n, "n": n, "k": n, "kernel": kernel, "gflops": (gflops * 10.0).round() / 10.0})
+                );
             }
         }
     }
     if wanted(&a, "mlp_step") {
-        let cfg = DemoConfig { steps: 50, ..Default::default() };
+        let cfg = DemoConfig {
+            steps: 50,
+            ..Default::default()
+        };
         let r = train_mlp(&gpu, &cfg, 1000, |_, _| {})?;
-        println!("{}", json!({
-            "bench": "mlp_step", "adapter": adapter, "hidden": cfg.hidden, "batch": 3 * cfg.points_per_class,
-            "ms_per_step": (r.ms_per_step * 100.0).round() / 100.0,
-            "dispatches_per_submit": r.plan.dispatches, "submits_per_step": r.plan.submits_per_run,
-            "plan_peak_bytes": r.plan.peak_bytes, "sum_tensor_bytes": r.plan.tensor_bytes,
-            "persistent_bytes": r.plan.persistent_bytes,
-        }));
+        println!(
+            "{}",
+            json!({
+                "bench": "mlp_step", "adapter": adapter, "hidden": cfg.hidden, "batch": 3 * cfg.points_per_class,
+                "ms_per_step": (r.ms_per_step * 100.0).round() / 100.0,
+                "dispatches_per_submit": r.plan.dispatches, "submits_per_step": r.plan.submits_per_run,
+                "plan_peak_bytes": r.plan.peak_bytes, "sum_tensor_bytes": r.plan.tensor_bytes,
+                "persistent_bytes": r.plan.persistent_bytes,
+            })
+        );
     }
     if wanted(&a, "chain") {
         let mut g = Graph::new();
@@ -130,9 +205,21 @@ fn main() -> stablerep::Result<()> {
         }
         let y = g.sum_all(h)?;
         for reuse in [true, false] {
-            let plan = Plan::compile(&gpu, &g, &[y], &mut ParamStore::new(), PlanOptions { reuse, ..Default::default() })?;
+            let plan = Plan::compile(
+                &gpu,
+                &g,
+                &[y],
+                &mut ParamStore::new(),
+                PlanOptions {
+                    reuse,
+                    ..Default::default()
+                },
+            )?;
             let s = plan.stats();
-            println!("{}", json!({"bench": "chain", "adapter": adapter, "ops": 64, "reuse": reuse, "plan_peak_bytes": s.peak_bytes, "sum_tensor_bytes": s.tensor_bytes, "buffers": s.buffers}));
+            println!(
+                "{}",
+                json!({"bench": "chain", "adapter": adapter, "ops": 64, "reuse": reuse, "plan_peak_bytes": s.peak_bytes, "sum_tensor_bytes": s.tensor_bytes, "buffers": s.buffers})
+            );
         }
     }
     Ok(())

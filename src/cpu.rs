@@ -86,7 +86,8 @@ pub fn unary_grad(op: UnaryOp, x: f64, dy: f64) -> f64 {
         UnaryOp::Rsqrt => -0.5 * x.powf(-1.5),
         UnaryOp::Relu => (x > 0.0) as u8 as f64,
         UnaryOp::Gelu => {
-            0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2)) + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
+            0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2))
+                + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
         }
         UnaryOp::QuickGelu => {
             let s = sigmoid(1.702 * x);
@@ -147,7 +148,11 @@ pub fn eval(
 ) -> Result<Vec<Option<Vec<f64>>>> {
     let mut v: Vec<Option<Vec<f64>>> = vec![None; g.nodes.len()];
     for (i, node) in g.nodes.iter().enumerate() {
-        let get = |k: usize| -> &Vec<f64> { v[node.inputs[k].0].as_ref().expect("inputs are evaluated first") };
+        let get = |k: usize| -> &Vec<f64> {
+            v[node.inputs[k].0]
+                .as_ref()
+                .expect("inputs are evaluated first")
+        };
         let sh = |k: usize| g.shape(node.inputs[k]).to_vec();
         let n = node.numel();
         let out: Option<Vec<f64>> = match &node.op {
@@ -159,14 +164,20 @@ pub fn eval(
             ),
             Op::Param | Op::State(_) => {
                 let name = node.name.clone().unwrap_or_default();
-                let init = if let Op::State(s) = node.op { Some(s as f64) } else { None };
+                let init = if let Op::State(s) = node.op {
+                    Some(s as f64)
+                } else {
+                    None
+                };
                 match (params.get(&name), init) {
                     (Some(p), _) => Some(p.clone()),
                     (None, Some(s)) => {
                         params.insert(name.clone(), vec![s; n]);
                         Some(vec![s; n])
                     }
-                    (None, None) => return Err(Error::Graph(format!("missing parameter '{name}'"))),
+                    (None, None) => {
+                        return Err(Error::Graph(format!("missing parameter '{name}'")))
+                    }
                 }
             }
             Op::Const(c) => Some(vec![*c as f64; n]),
@@ -176,7 +187,11 @@ pub fn eval(
                 let out = &node.shape;
                 let batch: usize = out[..out.len() - 2].iter().product();
                 let (m, nn) = (out[out.len() - 2], out[out.len() - 1]);
-                let k = if *ta { sa[sa.len() - 2] } else { sa[sa.len() - 1] };
+                let k = if *ta {
+                    sa[sa.len() - 2]
+                } else {
+                    sa[sa.len() - 1]
+                };
                 let b_shared = sb.len() == 2;
                 let mut y = vec![0.0; n];
                 for bi in 0..batch {
@@ -186,8 +201,16 @@ pub fn eval(
                         for c in 0..nn {
                             let mut s = 0.0;
                             for t in 0..k {
-                                let av = if *ta { a[ao + t * m + r] } else { a[ao + r * k + t] };
-                                let bv = if *tb { b[bo + c * k + t] } else { b[bo + t * nn + c] };
+                                let av = if *ta {
+                                    a[ao + t * m + r]
+                                } else {
+                                    a[ao + r * k + t]
+                                };
+                                let bv = if *tb {
+                                    b[bo + c * k + t]
+                                } else {
+                                    b[bo + t * nn + c]
+                                };
                                 s += av * bv;
                             }
                             y[bi * m * nn + r * nn + c] = s;
@@ -202,13 +225,19 @@ pub fn eval(
                 let sa = broadcast_strides(&sh(0), &node.shape);
                 let sb = broadcast_strides(&sh(1), &node.shape);
                 let mut y = vec![0.0; n];
-                for_each(&node.shape, &sa, &sb, |i, oa, ob| y[i] = binary(*op, a[oa], b[ob]));
+                for_each(&node.shape, &sa, &sb, |i, oa, ob| {
+                    y[i] = binary(*op, a[oa], b[ob])
+                });
                 Some(y)
             }
             Op::Reduce { op, axis } => {
                 let x = get(0);
                 let s = sh(0);
-                let (outer, len, inner) = (s[..*axis].iter().product::<usize>(), s[*axis], s[axis + 1..].iter().product::<usize>());
+                let (outer, len, inner) = (
+                    s[..*axis].iter().product::<usize>(),
+                    s[*axis],
+                    s[axis + 1..].iter().product::<usize>(),
+                );
                 let mut y = vec![0.0; outer * inner];
                 for o in 0..outer {
                     for j in 0..inner {
@@ -254,7 +283,9 @@ pub fn eval(
                 let st = strides(&sh(0));
                 let mut y = vec![0.0; n];
                 let zeros = vec![0; st.len()];
-                for_each(&node.shape, &st, &zeros, |i, ox, _| y[i] = x[ox + start * st[*axis]]);
+                for_each(&node.shape, &st, &zeros, |i, ox, _| {
+                    y[i] = x[ox + start * st[*axis]]
+                });
                 Some(y)
             }
             Op::Pad { axis, start } => {
@@ -262,7 +293,9 @@ pub fn eval(
                 let sy = strides(&node.shape);
                 let mut y = vec![0.0; n];
                 let zeros = vec![0; sy.len()];
-                for_each(&sh(0), &sy, &zeros, |i, oy, _| y[oy + start * sy[*axis]] = x[i]);
+                for_each(&sh(0), &sy, &zeros, |i, oy, _| {
+                    y[oy + start * sy[*axis]] = x[i]
+                });
                 Some(y)
             }
             Op::Concat { axis } => {
@@ -313,18 +346,28 @@ pub fn eval(
                             let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                             let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f64>().ln();
                             for c in 0..len {
-                                y[r * len + c] = if *op == RowOp::Softmax { (row[c] - lse).exp() } else { row[c] - lse };
+                                y[r * len + c] = if *op == RowOp::Softmax {
+                                    (row[c] - lse).exp()
+                                } else {
+                                    row[c] - lse
+                                };
                             }
                         }
                         RowOp::L2Norm(eps) => {
-                            let nrm = row.iter().map(|v| v * v).sum::<f64>().sqrt().max(*eps as f64);
+                            let nrm = row
+                                .iter()
+                                .map(|v| v * v)
+                                .sum::<f64>()
+                                .sqrt()
+                                .max(*eps as f64);
                             for c in 0..len {
                                 y[r * len + c] = row[c] / nrm;
                             }
                         }
                         RowOp::LnStats(eps) => {
                             let mean = row.iter().sum::<f64>() / len as f64;
-                            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / len as f64;
+                            let var =
+                                row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / len as f64;
                             y[2 * r] = mean;
                             y[2 * r + 1] = 1.0 / (var + *eps as f64).sqrt();
                         }
@@ -365,7 +408,11 @@ pub fn eval(
                                 }
                             }
                         }
-                        RowOp::LnStats(_) => return Err(Error::Graph("no row gradient for LayerNorm statistics".into())),
+                        RowOp::LnStats(_) => {
+                            return Err(Error::Graph(
+                                "no row gradient for LayerNorm statistics".into(),
+                            ))
+                        }
                     }
                 }
                 Some(y)
@@ -393,9 +440,11 @@ pub fn eval(
                 let mut y = vec![0.0; n];
                 for gi in 0..*groups {
                     for c in 0..cols {
-                        let vals: Vec<f64> = (0..rows).map(|r| x[(gi * rows + r) * cols + c]).collect();
+                        let vals: Vec<f64> =
+                            (0..rows).map(|r| x[(gi * rows + r) * cols + c]).collect();
                         let mean = vals.iter().sum::<f64>() / rows as f64;
-                        let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / rows as f64;
+                        let var =
+                            vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / rows as f64;
                         y[gi * 2 * cols + c] = mean;
                         y[gi * 2 * cols + cols + c] = 1.0 / (var + *eps as f64).sqrt();
                     }
@@ -482,7 +531,12 @@ pub fn eval(
                 let name = |k: usize| g.node(node.inputs[k]).name.clone().unwrap_or_default();
                 let (gr, h) = (get(1).clone(), get(4).clone());
                 let (mut p, mut m, mut vv) = (get(0).clone(), get(2).clone(), get(3).clone());
-                let (b1, b2, eps, wd) = (cfg.beta1 as f64, cfg.beta2 as f64, cfg.eps as f64, cfg.weight_decay as f64);
+                let (b1, b2, eps, wd) = (
+                    cfg.beta1 as f64,
+                    cfg.beta2 as f64,
+                    cfg.eps as f64,
+                    cfg.weight_decay as f64,
+                );
                 for j in 0..p.len() {
                     m[j] = b1 * m[j] + (1.0 - b1) * gr[j];
                     vv[j] = b2 * vv[j] + (1.0 - b2) * gr[j] * gr[j];
@@ -494,7 +548,10 @@ pub fn eval(
                 params.insert(name(3), vv);
                 None
             }
-            Op::Sgd { momentum, weight_decay } => {
+            Op::Sgd {
+                momentum,
+                weight_decay,
+            } => {
                 let name = |k: usize| g.node(node.inputs[k]).name.clone().unwrap_or_default();
                 let (gr, h) = (get(1).clone(), get(3).clone());
                 let (mut p, mut b) = (get(0).clone(), get(2).clone());

@@ -88,7 +88,12 @@ pub fn spirals(n: usize, rng: &mut SplitMix) -> (Vec<f32>, Vec<u32>) {
 }
 
 /// Trains the MLP; `on_step(step, loss)` is called every `log_every` steps.
-pub fn train_mlp(gpu: &Arc<Gpu>, cfg: &DemoConfig, log_every: usize, mut on_step: impl FnMut(usize, f32)) -> Result<DemoReport> {
+pub fn train_mlp(
+    gpu: &Arc<Gpu>,
+    cfg: &DemoConfig,
+    log_every: usize,
+    mut on_step: impl FnMut(usize, f32),
+) -> Result<DemoReport> {
     let mut rng = SplitMix(cfg.seed);
     let (xs, ys) = spirals(cfg.points_per_class, &mut rng);
     let n = ys.len();
@@ -120,15 +125,27 @@ pub fn train_mlp(gpu: &Arc<Gpu>, cfg: &DemoConfig, log_every: usize, mut on_step
         eps: 1e-8,
         weight_decay: 1e-4,
     };
-    let hyper = g.adamw(&params, &grads, adam, &[true, false, true, false, true, false])?;
+    let hyper = g.adamw(
+        &params,
+        &grads,
+        adam,
+        &[true, false, true, false, true, false],
+    )?;
 
     let mut store = ParamStore::new();
     for &p in &params {
         let node = g.node(p);
         let fan_in = *node.shape.last().unwrap_or(&1) as f64;
         let bound = 1.0 / fan_in.sqrt();
-        let data: Vec<f32> = (0..node.numel()).map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32).collect();
-        store.set(gpu, node.name.as_deref().unwrap_or_default(), &node.shape, &data)?;
+        let data: Vec<f32> = (0..node.numel())
+            .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        store.set(
+            gpu,
+            node.name.as_deref().unwrap_or_default(),
+            &node.shape,
+            &data,
+        )?;
     }
     let plan = Plan::compile(gpu, &g, &[loss, logits], &mut store, PlanOptions::default())?;
     plan.write(x, &xs)?;
@@ -144,7 +161,9 @@ pub fn train_mlp(gpu: &Arc<Gpu>, cfg: &DemoConfig, log_every: usize, mut on_step
                 first_loss = last_loss;
             }
             if !last_loss.is_finite() {
-                return Err(crate::Error::Graph(format!("loss became {last_loss} at step {step}")));
+                return Err(crate::Error::Graph(format!(
+                    "loss became {last_loss} at step {step}"
+                )));
             }
             on_step(step, last_loss);
         } else {
@@ -166,7 +185,9 @@ pub fn train_mlp(gpu: &Arc<Gpu>, cfg: &DemoConfig, log_every: usize, mut on_step
         .chunks(3)
         .zip(&ys)
         .filter(|(row, &y)| {
-            let arg = (0..3).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0);
+            let arg = (0..3)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap_or(0);
             arg as u32 == y
         })
         .count();

@@ -22,7 +22,9 @@ pub enum Error {
         reason: String,
     },
     /// A tensor or buffer is larger than the device allows.
-    #[error("{what} needs {bytes} bytes, more than the device allows ({limit} bytes, {limit_name})")]
+    #[error(
+        "{what} needs {bytes} bytes, more than the device allows ({limit} bytes, {limit_name})"
+    )]
     TooLarge {
         /// What was being allocated or bound.
         what: String,

@@ -53,7 +53,9 @@ impl Prepared {
         for (d, off) in dispatches.iter().zip(offsets) {
             let pipeline = gpu.pipeline(&d.key, &d.source()?)?;
             let layout = pipeline.get_bind_group_layout(0);
-            let ubuf = uniforms.as_ref().expect("uniform arena exists when there are dispatches");
+            let ubuf = uniforms
+                .as_ref()
+                .expect("uniform arena exists when there are dispatches");
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -64,7 +66,10 @@ impl Prepared {
             }];
             for (i, b) in d.bindings.iter().enumerate() {
                 let buffer = buffers.get(b.buf).ok_or_else(|| {
-                    Error::Graph(format!("dispatch '{}' refers to missing buffer {}", d.key, b.buf))
+                    Error::Graph(format!(
+                        "dispatch '{}' refers to missing buffer {}",
+                        d.key, b.buf
+                    ))
                 })?;
                 if b.offset + b.size > buffer.size() {
                     return Err(Error::Graph(format!(

@@ -61,7 +61,12 @@ fn run(cli: Cli) -> stablerep::Result<()> {
     };
     match cli.cmd {
         Cmd::Info { json } => info(&opts, json),
-        Cmd::Demo { steps, hidden, lr, seed } => {
+        Cmd::Demo {
+            steps,
+            hidden,
+            lr,
+            seed,
+        } => {
             let gpu = Gpu::new(&opts)?;
             println!("device: {}", gpu.describe());
             let cfg = DemoConfig {
@@ -102,7 +107,11 @@ fn info(opts: &GpuOptions, json: bool) -> stablerep::Result<()> {
         .collect();
     let gpu = Gpu::new(opts)?;
     let limits = &gpu.limits;
-    let features: Vec<String> = gpu.features.iter_names().map(|(n, _)| n.to_string()).collect();
+    let features: Vec<String> = gpu
+        .features
+        .iter_names()
+        .map(|(n, _)| n.to_string())
+        .collect();
     if json {
         let v = serde_json::json!({
             "adapters": all,
@@ -116,18 +125,41 @@ fn info(opts: &GpuOptions, json: bool) -> stablerep::Result<()> {
     }
     println!("adapters (best first):");
     for a in &all {
-        println!("  [{:>2}] {} | {} | {} | {}", a.score, a.name, a.backend, a.device_type, a.driver);
+        println!(
+            "  [{:>2}] {} | {} | {} | {}",
+            a.score, a.name, a.backend, a.device_type, a.driver
+        );
     }
     println!("chosen: {}", gpu.describe());
     let c = &gpu.caps;
     println!("  max storage binding     {} MiB", c.max_binding >> 20);
     println!("  max buffer              {} MiB", c.max_buffer >> 20);
     println!("  workgroups / dimension  {}", c.max_workgroups);
-    println!("  invocations / workgroup {}", limits.max_compute_invocations_per_workgroup);
-    println!("  workgroup memory        {} KiB", limits.max_compute_workgroup_storage_size >> 10);
-    println!("  storage buffers / stage {}", limits.max_storage_buffers_per_shader_stage);
+    println!(
+        "  invocations / workgroup {}",
+        limits.max_compute_invocations_per_workgroup
+    );
+    println!(
+        "  workgroup memory        {} KiB",
+        limits.max_compute_workgroup_storage_size >> 10
+    );
+    println!(
+        "  storage buffers / stage {}",
+        limits.max_storage_buffers_per_shader_stage
+    );
     println!("  storage offset align    {} B", c.storage_align);
-    println!("  subgroup size           {}", c.subgroup_size.map_or("varies or none".into(), |s| s.to_string()));
-    println!("  features: {}", if features.is_empty() { "none".into() } else { features.join(", ") });
+    println!(
+        "  subgroup size           {}",
+        c.subgroup_size
+            .map_or("varies or none".into(), |s| s.to_string())
+    );
+    println!(
+        "  features: {}",
+        if features.is_empty() {
+            "none".into()
+        } else {
+            features.join(", ")
+        }
+    );
     Ok(())
 }

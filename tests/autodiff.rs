@@ -64,20 +64,55 @@ fn matmul_gradients_all_layouts() {
         let (b, m, n, k) = (2, 5, 7, 6);
         let mut g = Graph::new();
         let mut f = Feeds::new();
-        let a = input(&mut g, &mut f, &mut rng, &if ta { [b, k, m] } else { [b, m, k] }, -1.0, 1.0);
-        let w = input(&mut g, &mut f, &mut rng, &if tb { [b, n, k] } else { [b, k, n] }, -1.0, 1.0);
+        let a = input(
+            &mut g,
+            &mut f,
+            &mut rng,
+            &if ta { [b, k, m] } else { [b, m, k] },
+            -1.0,
+            1.0,
+        );
+        let w = input(
+            &mut g,
+            &mut f,
+            &mut rng,
+            &if tb { [b, n, k] } else { [b, k, n] },
+            -1.0,
+            1.0,
+        );
         let y = g.matmul_t(a, w, ta, tb).unwrap();
         let l = weighted_loss(&mut g, &mut f, &mut rng, y);
-        grad_check(&format!("matmul ta={ta} tb={tb}"), &mut g, &f, l, &[a, w], 1e-6);
+        grad_check(
+            &format!("matmul ta={ta} tb={tb}"),
+            &mut g,
+            &f,
+            l,
+            &[a, w],
+            1e-6,
+        );
     }
     for tb in [false, true] {
         let mut g = Graph::new();
         let mut f = Feeds::new();
         let a = input(&mut g, &mut f, &mut rng, &[3, 4, 5], -1.0, 1.0);
-        let w = input(&mut g, &mut f, &mut rng, &if tb { [6, 5] } else { [5, 6] }, -1.0, 1.0);
+        let w = input(
+            &mut g,
+            &mut f,
+            &mut rng,
+            &if tb { [6, 5] } else { [5, 6] },
+            -1.0,
+            1.0,
+        );
         let y = g.matmul_t(a, w, false, tb).unwrap();
         let l = weighted_loss(&mut g, &mut f, &mut rng, y);
-        grad_check(&format!("matmul shared weight tb={tb}"), &mut g, &f, l, &[a, w], 1e-6);
+        grad_check(
+            &format!("matmul shared weight tb={tb}"),
+            &mut g,
+            &f,
+            l,
+            &[a, w],
+            1e-6,
+        );
     }
 }
 
@@ -86,7 +121,9 @@ fn unary_gradients() {
     let mut rng = Rng(12);
     for op in unary_ops() {
         let (lo, hi) = match op {
-            UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Pow(_) | UnaryOp::Recip => (0.3, 2.0),
+            UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Pow(_) | UnaryOp::Recip => {
+                (0.3, 2.0)
+            }
             // Keep away from the kinks of relu/abs/clamp.
             UnaryOp::Relu | UnaryOp::Abs => (0.05, 2.0),
             UnaryOp::Clamp(..) => (-0.4, 0.4),
@@ -97,7 +134,11 @@ fn unary_gradients() {
         let x = input(&mut g, &mut f, &mut rng, &[9], lo, hi);
         if matches!(op, UnaryOp::Relu | UnaryOp::Abs) {
             // Exercise the negative side too, away from zero.
-            let v: Vec<f64> = f[&x].iter().enumerate().map(|(i, &v)| if i % 2 == 0 { -v } else { v }).collect();
+            let v: Vec<f64> = f[&x]
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| if i % 2 == 0 { -v } else { v })
+                .collect();
             f.insert(x, v);
         }
         let y = g.unary(op, x).unwrap();
@@ -136,7 +177,14 @@ fn reduction_and_layout_gradients() {
             let x = input(&mut g, &mut f, &mut rng, &[3, 4, 5], -1.0, 1.0);
             let y = g.reduce(op, x, axis).unwrap();
             let l = weighted_loss(&mut g, &mut f, &mut rng, y);
-            grad_check(&format!("reduce {op:?} axis {axis}"), &mut g, &f, l, &[x], 1e-6);
+            grad_check(
+                &format!("reduce {op:?} axis {axis}"),
+                &mut g,
+                &f,
+                l,
+                &[x],
+                1e-6,
+            );
         }
     }
     let mut g = Graph::new();
@@ -184,7 +232,14 @@ fn row_norm_gather_and_cross_entropy_gradients() {
             Some(t) => g.add(t, l).unwrap(),
         });
     }
-    grad_check("row and norm ops", &mut g, &f, total.unwrap(), &[x, gamma, beta], 1e-5);
+    grad_check(
+        "row and norm ops",
+        &mut g,
+        &f,
+        total.unwrap(),
+        &[x, gamma, beta],
+        1e-5,
+    );
 
     let mut g = Graph::new();
     let mut f = Feeds::new();
@@ -204,7 +259,9 @@ fn non_differentiable_ops_are_reported() {
     let mut g = Graph::new();
     let a = g.input("a", &[3]);
     let b = g.input("b", &[3]);
-    let m = g.binary(stablerep::kernels::elementwise::BinaryOp::Max, a, b).unwrap();
+    let m = g
+        .binary(stablerep::kernels::elementwise::BinaryOp::Max, a, b)
+        .unwrap();
     let l = g.sum_all(m).unwrap();
     let err = g.grad(l, &[a]).unwrap_err();
     assert!(err.to_string().contains("not differentiable"), "{err}");

@@ -22,8 +22,16 @@ fn mlp_learns_the_spirals() {
     };
     let mut losses = Vec::new();
     let r = train_mlp(&gpu, &cfg, 50, |_, l| losses.push(l)).unwrap();
-    assert!(r.first_loss > 0.9, "initial loss {} should be near ln 3", r.first_loss);
-    assert!(r.final_loss < 0.35, "final loss {} not below 0.35 (losses {losses:?})", r.final_loss);
+    assert!(
+        r.first_loss > 0.9,
+        "initial loss {} should be near ln 3",
+        r.first_loss
+    );
+    assert!(
+        r.final_loss < 0.35,
+        "final loss {} not below 0.35 (losses {losses:?})",
+        r.final_loss
+    );
     assert!(r.accuracy > 0.85, "training accuracy {}", r.accuracy);
     assert_eq!(r.plan.submits_per_run, 1);
 }
@@ -42,7 +50,11 @@ fn memory_planner_reuses_buffers_without_changing_results() {
     let y = g.sum_all(h).unwrap();
     let mut feeds = HashMap::new();
     feeds.insert(x, rng.vec(64 * 48, -1.0, 1.0));
-    let opts = |reuse| PlanOptions { reuse, poison: true, updates: true };
+    let opts = |reuse| PlanOptions {
+        reuse,
+        poison: true,
+        updates: true,
+    };
     let (a, pa) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[h, y], opts(true));
     let (b, pb) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[h, y], opts(false));
     assert_eq!(a, b, "buffer reuse changed the results");
@@ -54,7 +66,11 @@ fn memory_planner_reuses_buffers_without_changing_results() {
         sa.peak_bytes,
         sb.peak_bytes
     );
-    assert!(sa.buffers <= 4, "a chain needs few buffers, got {}", sa.buffers);
+    assert!(
+        sa.buffers <= 4,
+        "a chain needs few buffers, got {}",
+        sa.buffers
+    );
     assert_eq!(sa.submits_per_run, 1);
     assert_eq!(sa.dispatches, pa.kernel_keys().len());
 }
@@ -68,20 +84,42 @@ fn bad_use_gives_clear_errors() {
     let y = g.matmul_t(x, w, false, true).unwrap();
     // Missing parameter.
     let mut store = ParamStore::new();
-    let err = Plan::compile(&gpu, &g, &[y], &mut store, PlanOptions::default()).err().unwrap();
-    assert!(err.to_string().contains("'w'") && err.to_string().contains("missing"), "{err}");
+    let err = Plan::compile(&gpu, &g, &[y], &mut store, PlanOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("'w'") && err.to_string().contains("missing"),
+        "{err}"
+    );
     // Wrong parameter shape.
     store.set(&gpu, "w", &[3, 5], &[0.0; 15]).unwrap();
-    let err = Plan::compile(&gpu, &g, &[y], &mut store, PlanOptions::default()).err().unwrap();
-    assert!(err.to_string().contains("[3, 5]") && err.to_string().contains("[5, 3]"), "{err}");
+    let err = Plan::compile(&gpu, &g, &[y], &mut store, PlanOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("[3, 5]") && err.to_string().contains("[5, 3]"),
+        "{err}"
+    );
     // Shape errors at build time.
-    assert!(g.matmul(x, x).unwrap_err().to_string().contains("contraction"));
+    assert!(g
+        .matmul(x, x)
+        .unwrap_err()
+        .to_string()
+        .contains("contraction"));
     assert!(g.reshape(x, &[5]).unwrap_err().to_string().contains("size"));
     // Wrong input length at run time; fetching a non-output.
     store.set(&gpu, "w", &[5, 3], &[0.5; 15]).unwrap();
     let plan = Plan::compile(&gpu, &g, &[y], &mut store, PlanOptions::default()).unwrap();
-    assert!(plan.write(x, &[1.0; 5]).unwrap_err().to_string().contains("12"));
-    assert!(plan.run_fetch(&[x]).unwrap_err().to_string().contains("output"));
+    assert!(plan
+        .write(x, &[1.0; 5])
+        .unwrap_err()
+        .to_string()
+        .contains("12"));
+    assert!(plan
+        .run_fetch(&[x])
+        .unwrap_err()
+        .to_string()
+        .contains("output"));
     plan.write(x, &[1.0; 12]).unwrap();
     let out = plan.run_fetch(&[y]).unwrap();
     assert!(out[0].iter().all(|&v| (v - 1.5).abs() < 1e-6));

@@ -13,7 +13,15 @@ use stablerep::kernels::reduce::{ReduceOp, RowOp};
 
 type Feeds = HashMap<NodeId, Vec<f64>>;
 
-fn check(what: &str, g: &Graph, feeds: &Feeds, params: &HashMap<String, Vec<f64>>, outs: &[NodeId], rtol: f64, atol: f64) {
+fn check(
+    what: &str,
+    g: &Graph,
+    feeds: &Feeds,
+    params: &HashMap<String, Vec<f64>>,
+    outs: &[NodeId],
+    rtol: f64,
+    atol: f64,
+) {
     let (gpu, _lock) = gpu();
     let got = run_gpu(&gpu, g, feeds, params, outs);
     let want = run_cpu(g, feeds, params, outs);
@@ -22,7 +30,14 @@ fn check(what: &str, g: &Graph, feeds: &Feeds, params: &HashMap<String, Vec<f64>
     }
 }
 
-fn input(g: &mut Graph, feeds: &mut Feeds, rng: &mut Rng, shape: &[usize], lo: f64, hi: f64) -> NodeId {
+fn input(
+    g: &mut Graph,
+    feeds: &mut Feeds,
+    rng: &mut Rng,
+    shape: &[usize],
+    lo: f64,
+    hi: f64,
+) -> NodeId {
     let id = g.input(&format!("x{}", g.nodes.len()), shape);
     feeds.insert(id, rng.vec(shape.iter().product(), lo, hi));
     id
@@ -32,19 +47,53 @@ fn input(g: &mut Graph, feeds: &mut Feeds, rng: &mut Rng, shape: &[usize], lo: f
 fn matmul_all_layouts_random_shapes() {
     let mut rng = Rng(1);
     let mut cases: Vec<(usize, usize, usize, usize)> = (0..10)
-        .map(|_| (rng.int(1, 3), rng.int(1, 97), rng.int(1, 97), rng.int(1, 97)))
+        .map(|_| {
+            (
+                rng.int(1, 3),
+                rng.int(1, 97),
+                rng.int(1, 97),
+                rng.int(1, 97),
+            )
+        })
         .collect();
     // Shapes that take the vec4 / subgroup fast paths, with edges that are not tile multiples.
-    cases.extend([(1, 36, 44, 20), (2, 64, 72, 32), (1, 100, 12, 8), (3, 4, 4, 4)]);
+    cases.extend([
+        (1, 36, 44, 20),
+        (2, 64, 72, 32),
+        (1, 100, 12, 8),
+        (3, 4, 4, 4),
+    ]);
     for (ci, &(b, m, n, k)) in cases.iter().enumerate() {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             let mut g = Graph::new();
             let mut f = Feeds::new();
-            let a = input(&mut g, &mut f, &mut rng, &if ta { [b, k, m] } else { [b, m, k] }, -1.0, 1.0);
-            let bb = input(&mut g, &mut f, &mut rng, &if tb { [b, n, k] } else { [b, k, n] }, -1.0, 1.0);
+            let a = input(
+                &mut g,
+                &mut f,
+                &mut rng,
+                &if ta { [b, k, m] } else { [b, m, k] },
+                -1.0,
+                1.0,
+            );
+            let bb = input(
+                &mut g,
+                &mut f,
+                &mut rng,
+                &if tb { [b, n, k] } else { [b, k, n] },
+                -1.0,
+                1.0,
+            );
             let c = g.matmul_t(a, bb, ta, tb).unwrap();
             let tol = 1e-5 * (k as f64).sqrt();
-            check(&format!("matmul case {ci} {b}x{m}x{n}x{k} ta={ta} tb={tb}"), &g, &f, &HashMap::new(), &[c], tol, tol);
+            check(
+                &format!("matmul case {ci} {b}x{m}x{n}x{k} ta={ta} tb={tb}"),
+                &g,
+                &f,
+                &HashMap::new(),
+                &[c],
+                tol,
+                tol,
+            );
         }
     }
 }
@@ -52,11 +101,22 @@ fn matmul_all_layouts_random_shapes() {
 #[test]
 fn matmul_shared_right_operand() {
     let mut rng = Rng(2);
-    for &(b, m, n, k, tb) in &[(3, 5, 7, 9, false), (2, 17, 8, 12, true), (4, 33, 20, 16, false)] {
+    for &(b, m, n, k, tb) in &[
+        (3, 5, 7, 9, false),
+        (2, 17, 8, 12, true),
+        (4, 33, 20, 16, false),
+    ] {
         let mut g = Graph::new();
         let mut f = Feeds::new();
         let a = input(&mut g, &mut f, &mut rng, &[b, m, k], -1.0, 1.0);
-        let w = input(&mut g, &mut f, &mut rng, &if tb { [n, k] } else { [k, n] }, -1.0, 1.0);
+        let w = input(
+            &mut g,
+            &mut f,
+            &mut rng,
+            &if tb { [n, k] } else { [k, n] },
+            -1.0,
+            1.0,
+        );
         let c = g.matmul_t(a, w, false, tb).unwrap();
         check("matmul shared", &g, &f, &HashMap::new(), &[c], 1e-4, 1e-4);
     }
@@ -68,14 +128,24 @@ fn unary_and_scalar_ops() {
     for op in unary_ops() {
         let n = rng.int(1, 97) * rng.int(1, 3);
         let (lo, hi) = match op {
-            UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Pow(_) | UnaryOp::Recip => (0.2, 3.0),
+            UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Pow(_) | UnaryOp::Recip => {
+                (0.2, 3.0)
+            }
             _ => (-4.0, 4.0),
         };
         let mut g = Graph::new();
         let mut f = Feeds::new();
         let x = input(&mut g, &mut f, &mut rng, &[n], lo, hi);
         let y = g.unary(op, x).unwrap();
-        check(&format!("unary {op:?}"), &g, &f, &HashMap::new(), &[y], 2e-5, 2e-6);
+        check(
+            &format!("unary {op:?}"),
+            &g,
+            &f,
+            &HashMap::new(),
+            &[y],
+            2e-5,
+            2e-6,
+        );
     }
 }
 
@@ -94,7 +164,13 @@ fn binary_ops_with_broadcasting() {
             let mut g = Graph::new();
             let mut f = Feeds::new();
             let (lo, hi) = match op {
-                BinaryOp::UnaryGrad(UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Pow(_) | UnaryOp::Recip) => (0.2, 3.0),
+                BinaryOp::UnaryGrad(
+                    UnaryOp::Log
+                    | UnaryOp::Sqrt
+                    | UnaryOp::Rsqrt
+                    | UnaryOp::Pow(_)
+                    | UnaryOp::Recip,
+                ) => (0.2, 3.0),
                 BinaryOp::Div => (0.5, 2.0),
                 _ => (-3.0, 3.0),
             };
@@ -103,11 +179,23 @@ fn binary_ops_with_broadcasting() {
             if op == BinaryOp::Eq {
                 // Make some entries equal.
                 let av = f[&a].clone();
-                let bv: Vec<f64> = f[&b].iter().enumerate().map(|(i, &v)| if i % 2 == 0 { av[i % av.len()] } else { v }).collect();
+                let bv: Vec<f64> = f[&b]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| if i % 2 == 0 { av[i % av.len()] } else { v })
+                    .collect();
                 f.insert(b, bv);
             }
             let c = g.binary(op, a, b).unwrap();
-            check(&format!("binary {op:?} {sa:?} {sb:?}"), &g, &f, &HashMap::new(), &[c], 2e-5, 2e-6);
+            check(
+                &format!("binary {op:?} {sa:?} {sb:?}"),
+                &g,
+                &f,
+                &HashMap::new(),
+                &[c],
+                2e-5,
+                2e-6,
+            );
         }
     }
 }
@@ -122,7 +210,15 @@ fn reductions_along_each_axis() {
             let mut f = Feeds::new();
             let x = input(&mut g, &mut f, &mut rng, &shape, -2.0, 2.0);
             let y = g.reduce(op, x, axis).unwrap();
-            check(&format!("reduce {op:?} axis {axis} {shape:?}"), &g, &f, &HashMap::new(), &[y], 1e-5, 1e-5);
+            check(
+                &format!("reduce {op:?} axis {axis} {shape:?}"),
+                &g,
+                &f,
+                &HashMap::new(),
+                &[y],
+                1e-5,
+                1e-5,
+            );
         }
     }
 }
@@ -143,7 +239,15 @@ fn layout_ops_permute_slice_pad_concat_expand_sum_to() {
     let st = g.sum_to(x, &[5, 1, 2]).unwrap();
     let r = g.reshape(p, &[7 * 3, 2 * 5]).unwrap();
     let t = g.transpose(r).unwrap();
-    check("layout", &g, &f, &HashMap::new(), &[p, s, pd, c, e, st, t], 1e-6, 1e-6);
+    check(
+        "layout",
+        &g,
+        &f,
+        &HashMap::new(),
+        &[p, s, pd, c, e, st, t],
+        1e-6,
+        1e-6,
+    );
 }
 
 #[test]
@@ -159,11 +263,24 @@ fn row_ops_and_their_gradients() {
         for op in [RowOp::Softmax, RowOp::LogSoftmax, RowOp::L2Norm(1e-12)] {
             let y = g.row(op, x).unwrap();
             let a = if matches!(op, RowOp::L2Norm(_)) { x } else { y };
-            let gr = g.push(stablerep::graph::Op::RowGrad(op), vec![a, dy], vec![r, c], DType::F32);
+            let gr = g.push(
+                stablerep::graph::Op::RowGrad(op),
+                vec![a, dy],
+                vec![r, c],
+                DType::F32,
+            );
             outs.extend([y, gr]);
         }
         outs.push(g.row(RowOp::LnStats(1e-6), x).unwrap());
-        check(&format!("row ops {r}x{c}"), &g, &f, &HashMap::new(), &outs, 1e-4, 1e-5);
+        check(
+            &format!("row ops {r}x{c}"),
+            &g,
+            &f,
+            &HashMap::new(),
+            &outs,
+            1e-4,
+            1e-5,
+        );
     }
 }
 
@@ -188,7 +305,15 @@ fn layernorm_and_batchnorm_forward_and_backward_kernels() {
         let mut outs = vec![ln, bn, stats];
         outs.extend(gl);
         outs.extend(gb);
-        check(&format!("norms {groups}x{rows}x{cols}"), &g, &f, &HashMap::new(), &outs, 2e-4, 2e-5);
+        check(
+            &format!("norms {groups}x{rows}x{cols}"),
+            &g,
+            &f,
+            &HashMap::new(),
+            &outs,
+            2e-4,
+            2e-5,
+        );
     }
 }
 
@@ -207,7 +332,15 @@ fn gather_cross_entropy_and_their_gradients() {
     let ce = g.cross_entropy(emb, labels).unwrap();
     let loss = g.mean_all(ce).unwrap();
     let gt = g.grad(loss, &[table]).unwrap();
-    check("gather + cross-entropy", &g, &f, &HashMap::new(), &[emb, ce, loss, gt[0]], 1e-4, 1e-6);
+    check(
+        "gather + cross-entropy",
+        &g,
+        &f,
+        &HashMap::new(),
+        &[emb, ce, loss, gt[0]],
+        1e-4,
+        1e-6,
+    );
 }
 
 #[test]
@@ -225,7 +358,12 @@ fn optimizer_updates_match_reference() {
     let loss = g.add(a, b).unwrap();
     let loss = g.sum_all(loss).unwrap();
     let grads = g.grad(loss, &[p, q]).unwrap();
-    let cfg = AdamW { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1 };
+    let cfg = AdamW {
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
     let hyper = g.adamw(&[p], &[grads[0]], cfg, &[true]).unwrap();
     let hs = g.sgd(&[q], &[grads[1]], 0.9, 0.01).unwrap();
     let mut params = HashMap::new();
@@ -233,14 +371,23 @@ fn optimizer_updates_match_reference() {
     params.insert("v".to_string(), rng.vec(n, -1.0, 1.0));
     let mut store = stablerep::graph::ParamStore::new();
     for (k, v) in &params {
-        store.set(&gpu, k, &[n], &v.iter().map(|&x| x as f32).collect::<Vec<_>>()).unwrap();
+        store
+            .set(
+                &gpu,
+                k,
+                &[n],
+                &v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+            )
+            .unwrap();
     }
-    let plan = stablerep::graph::Plan::compile(&gpu, &g, &[loss], &mut store, Default::default()).unwrap();
+    let plan =
+        stablerep::graph::Plan::compile(&gpu, &g, &[loss], &mut store, Default::default()).unwrap();
     let mut cpu_params = params.clone();
     for step in 1..=3u32 {
         let xv = rng.vec(n, -1.0, 1.0);
         let h = stablerep::graph::adam_hyper(1e-2, &cfg, step);
-        plan.write(x, &xv.iter().map(|&v| v as f32).collect::<Vec<_>>()).unwrap();
+        plan.write(x, &xv.iter().map(|&v| v as f32).collect::<Vec<_>>())
+            .unwrap();
         plan.write(hyper, &h).unwrap();
         plan.write(hs, &[0.05]).unwrap();
         plan.run().unwrap();

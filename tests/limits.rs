@@ -28,7 +28,12 @@ fn tiny() -> Arc<Gpu> {
     .clone()
 }
 
-fn input(g: &mut Graph, f: &mut HashMap<NodeId, Vec<f64>>, rng: &mut Rng, shape: &[usize]) -> NodeId {
+fn input(
+    g: &mut Graph,
+    f: &mut HashMap<NodeId, Vec<f64>>,
+    rng: &mut Rng,
+    shape: &[usize],
+) -> NodeId {
     let id = g.input(&format!("x{}", g.nodes.len()), shape);
     f.insert(id, rng.vec(shape.iter().product(), -1.0, 1.0));
     id
@@ -68,9 +73,18 @@ fn unsplittable_ops_refuse_with_a_clear_error() {
     let mut g = Graph::new();
     let x = g.input("x", &[50, 100]);
     let y = g.reduce(ReduceOp::Sum, x, 1).unwrap();
-    let err = Plan::compile(&gpu, &g, &[y], &mut ParamStore::new(), PlanOptions::default())
-        .err()
-        .expect("a 20 KB reduce input cannot bind on a 4 KiB device");
+    let err = Plan::compile(
+        &gpu,
+        &g,
+        &[y],
+        &mut ParamStore::new(),
+        PlanOptions::default(),
+    )
+    .err()
+    .expect("a 20 KB reduce input cannot bind on a 4 KiB device");
     let msg = err.to_string();
-    assert!(msg.contains("max_storage_buffer_binding_size") && msg.contains("4096"), "{msg}");
+    assert!(
+        msg.contains("max_storage_buffer_binding_size") && msg.contains("4096"),
+        "{msg}"
+    );
 }

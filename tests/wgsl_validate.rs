@@ -6,7 +6,11 @@ use stablerep::kernels::catalog;
 #[test]
 fn every_kernel_variant_validates_with_naga() {
     let variants = catalog::all_variants().expect("catalog builds");
-    assert!(variants.len() > 60, "catalog unexpectedly small: {}", variants.len());
+    assert!(
+        variants.len() > 60,
+        "catalog unexpectedly small: {}",
+        variants.len()
+    );
     let mut failures = Vec::new();
     for d in &variants {
         let src = d.source().expect("template renders");
@@ -17,12 +21,20 @@ fn every_kernel_variant_validates_with_naga() {
                 continue;
             }
         };
-        let mut v = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
+        let mut v = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        );
         if let Err(e) = v.validate(&module) {
             failures.push(format!("{}: validate: {}", d.key, e.emit_to_string(&src)));
         }
     }
-    assert!(failures.is_empty(), "{} invalid kernels:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} invalid kernels:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -38,7 +50,9 @@ fn every_shader_file_is_registered() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         let stem = name.trim_end_matches(".wgsl");
         assert!(
-            stablerep::kernels::source::TEMPLATES.iter().any(|(n, _)| *n == stem),
+            stablerep::kernels::source::TEMPLATES
+                .iter()
+                .any(|(n, _)| *n == stem),
             "shaders/{name} is not in kernels::source::TEMPLATES"
         );
     }

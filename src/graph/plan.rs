@@ -84,7 +84,13 @@ fn numel(s: &[usize]) -> usize {
 impl Plan {
     /// Compiles the part of `graph` that `outputs` and the update ops need. Parameters and
     /// state come from `store` (state is created there when missing).
-    pub fn compile(gpu: &Arc<Gpu>, graph: &Graph, outputs: &[NodeId], store: &mut ParamStore, opts: PlanOptions) -> Result<Plan> {
+    pub fn compile(
+        gpu: &Arc<Gpu>,
+        graph: &Graph,
+        outputs: &[NodeId],
+        store: &mut ParamStore,
+        opts: PlanOptions,
+    ) -> Result<Plan> {
         let n = graph.nodes.len();
         // 1. Nodes to execute.
         let mut live = vec![false; n];
@@ -109,7 +115,12 @@ impl Plan {
             }
         }
         // 3. Lifetimes of planned roots.
-        let planned = |i: usize| live[i] && !graph.nodes[i].op.is_leaf() && !graph.nodes[i].op.is_update() && root[i] == i;
+        let planned = |i: usize| {
+            live[i]
+                && !graph.nodes[i].op.is_leaf()
+                && !graph.nodes[i].op.is_update()
+                && root[i] == i
+        };
         let mut last = vec![0usize; n];
         for i in 0..n {
             if !live[i] {
@@ -135,7 +146,9 @@ impl Plan {
             tensor_bytes += size as u64 * 4;
             let iv = (i, last[i]);
             let fit = if opts.reuse {
-                slots.iter().position(|(_, ivs)| ivs.iter().all(|&(a, b)| iv.1 < a || b < iv.0))
+                slots
+                    .iter()
+                    .position(|(_, ivs)| ivs.iter().all(|&(a, b)| iv.1 < a || b < iv.0))
             } else {
                 None
             };
@@ -182,24 +195,41 @@ impl Plan {
                     let b = buffers.len() - 1;
                     loc[i] = Some(Loc::Buf(b));
                     if let Op::Const(v) = node.op {
-                        once.extend(elementwise::fill(v, View::new(b, node.numel() as u64), &gpu.caps)?);
+                        once.extend(elementwise::fill(
+                            v,
+                            View::new(b, node.numel() as u64),
+                            &gpu.caps,
+                        )?);
                     } else if let Some(name) = &node.name {
                         inputs.insert(name.clone(), NodeId(i));
                     }
                 }
                 Op::Param | Op::State(_) => {
-                    let name = node.name.clone().ok_or_else(|| Error::Graph(format!("node {i} is a parameter without a name")))?;
+                    let name = node.name.clone().ok_or_else(|| {
+                        Error::Graph(format!("node {i} is a parameter without a name"))
+                    })?;
                     if store.get(&name).is_none() {
                         match node.op {
-                            Op::State(v) => store.insert(&name, Tensor::from_f32(gpu, &node.shape, &vec![v; node.numel()])?),
-                            _ => return Err(Error::Graph(format!("parameter '{name}' {:?} is missing from the store", node.shape))),
+                            Op::State(v) => store.insert(
+                                &name,
+                                Tensor::from_f32(gpu, &node.shape, &vec![v; node.numel()])?,
+                            ),
+                            _ => {
+                                return Err(Error::Graph(format!(
+                                    "parameter '{name}' {:?} is missing from the store",
+                                    node.shape
+                                )))
+                            }
                         }
                     }
                     let t = store.get(&name).expect("checked above");
                     if t.shape != node.shape {
                         return Err(Error::shape(
                             "parameter",
-                            format!("'{name}' has shape {:?} in the store but {:?} in the graph", t.shape, node.shape),
+                            format!(
+                                "'{name}' has shape {:?} in the store but {:?} in the graph",
+                                t.shape, node.shape
+                            ),
                         ));
                     }
                     persistent += bytes;
@@ -214,32 +244,41 @@ impl Plan {
                 }
             }
         }
-        for i in 0..n {
-            if live[i] && root[i] != i {
-                loc[i] = loc[root[i]];
+        for (i, &r) in root.iter().enumerate() {
+            if live[i] && r != i {
+                loc[i] = loc[r];
             }
         }
         if opts.poison {
             for (s, (size, _)) in slots.iter().enumerate() {
-                once.extend(elementwise::fill(f32::NAN, View::new(s, *size as u64), &gpu.caps)?);
+                once.extend(elementwise::fill(
+                    f32::NAN,
+                    View::new(s, *size as u64),
+                    &gpu.caps,
+                )?);
             }
         }
         // 6. Lowering.
         let view = |id: NodeId| -> Result<View> {
             match loc[id.0] {
                 Some(Loc::Buf(b)) => Ok(View::new(b, graph.nodes[id.0].numel() as u64)),
-                _ => Err(Error::Graph(format!("node {} ({:?}) has no storage", id.0, graph.nodes[id.0].op))),
+                _ => Err(Error::Graph(format!(
+                    "node {} ({:?}) has no storage",
+                    id.0, graph.nodes[id.0].op
+                ))),
             }
         };
         let mut dispatches = Vec::new();
         let mut executed = 0;
-        for i in 0..n {
-            if !live[i] || graph.nodes[i].op.is_leaf() || graph.nodes[i].op == Op::Reshape {
+        for (i, node) in graph.nodes.iter().enumerate() {
+            if !live[i] || node.op.is_leaf() || node.op == Op::Reshape {
                 continue;
             }
             executed += 1;
             dispatches.extend(lower(gpu, graph, NodeId(i), &view).map_err(|e| match e {
-                Error::TooLarge { .. } | Error::Shape { .. } => Error::Graph(format!("node {i} ({:?}): {e}", graph.nodes[i].op)),
+                Error::TooLarge { .. } | Error::Shape { .. } => {
+                    Error::Graph(format!("node {i} ({:?}): {e}", node.op))
+                }
                 other => other,
             })?);
         }
@@ -293,7 +332,10 @@ impl Plan {
     fn buffer_of(&self, id: NodeId) -> Result<&wgpu::Buffer> {
         match self.loc.get(id.0).copied().flatten() {
             Some(Loc::Buf(b)) => Ok(&self.buffers[b]),
-            _ => Err(Error::Graph(format!("node {} is not part of this plan", id.0))),
+            _ => Err(Error::Graph(format!(
+                "node {} is not part of this plan",
+                id.0
+            ))),
         }
     }
 
@@ -302,7 +344,10 @@ impl Plan {
         if len != want || self.dtypes[id.0] != dtype {
             return Err(Error::shape(
                 "plan input",
-                format!("node {} wants {want} {:?} values, got {len} {dtype:?}", id.0, self.dtypes[id.0]),
+                format!(
+                    "node {} wants {want} {:?} values, got {len} {dtype:?}",
+                    id.0, self.dtypes[id.0]
+                ),
             ));
         }
         Ok(())
@@ -332,7 +377,10 @@ impl Plan {
     pub fn run_fetch(&self, fetch: &[NodeId]) -> Result<Vec<Vec<f32>>> {
         for f in fetch {
             if !self.outputs.contains(f) {
-                return Err(Error::Graph(format!("node {} was not declared an output of the plan", f.0)));
+                return Err(Error::Graph(format!(
+                    "node {} was not declared an output of the plan",
+                    f.0
+                )));
             }
         }
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
@@ -348,15 +396,25 @@ impl Plan {
             staging.push((s, bytes));
         }
         self.gpu.queue.submit([enc.finish()]);
-        staging.iter().map(|(s, b)| self.gpu.map_staging(s, *b)).collect()
+        staging
+            .iter()
+            .map(|(s, b)| self.gpu.map_staging(s, *b))
+            .collect()
     }
 
     /// Reads an output's current contents (after a run).
     pub fn read(&self, id: NodeId) -> Result<Vec<f32>> {
         if !self.outputs.contains(&id) {
-            return Err(Error::Graph(format!("node {} was not declared an output of the plan", id.0)));
+            return Err(Error::Graph(format!(
+                "node {} was not declared an output of the plan",
+                id.0
+            )));
         }
-        self.gpu.read(self.buffer_of(id)?, 0, (numel(&self.shapes[id.0]).max(1) * 4) as u64)
+        self.gpu.read(
+            self.buffer_of(id)?,
+            0,
+            (numel(&self.shapes[id.0]).max(1) * 4) as u64,
+        )
     }
 
     /// Pipeline keys in execution order (profiling, debugging).
@@ -374,11 +432,20 @@ impl Drop for Plan {
 }
 
 /// Lowers one node to dispatches.
-fn lower(gpu: &Gpu, g: &Graph, id: NodeId, view: &dyn Fn(NodeId) -> Result<View>) -> Result<Vec<Dispatch>> {
+fn lower(
+    gpu: &Gpu,
+    g: &Graph,
+    id: NodeId,
+    view: &dyn Fn(NodeId) -> Result<View>,
+) -> Result<Vec<Dispatch>> {
     let caps = &gpu.caps;
     let node = g.node(id);
     let ins = &node.inputs;
-    let y = if node.op.is_update() { View::new(usize::MAX, 0) } else { view(id)? };
+    let y = if node.op.is_update() {
+        View::new(usize::MAX, 0)
+    } else {
+        view(id)?
+    };
     let x = |k: usize| view(ins[k]);
     let sh = |k: usize| g.shape(ins[k]).to_vec();
     let rows_cols = |s: &[usize]| {
@@ -391,7 +458,11 @@ fn lower(gpu: &Gpu, g: &Graph, id: NodeId, view: &dyn Fn(NodeId) -> Result<View>
             let out = &node.shape;
             let batch = numel(&out[..out.len() - 2]);
             let (m, nn) = (out[out.len() - 2], out[out.len() - 1]);
-            let k = if *ta { sa[sa.len() - 2] } else { sa[sa.len() - 1] };
+            let k = if *ta {
+                sa[sa.len() - 2]
+            } else {
+                sa[sa.len() - 1]
+            };
             let s = MatmulShape {
                 batch: batch as u32,
                 m: m as u32,
@@ -408,23 +479,58 @@ fn lower(gpu: &Gpu, g: &Graph, id: NodeId, view: &dyn Fn(NodeId) -> Result<View>
         Op::Binary(b) => elementwise::binary(*b, x(0)?, &sh(0), x(1)?, &sh(1), y, caps)?,
         Op::Reduce { op, axis } => {
             let s = sh(0);
-            reduce::reduce(*op, x(0)?, numel(&s[..*axis]), s[*axis], numel(&s[axis + 1..]), y, caps)?
+            reduce::reduce(
+                *op,
+                x(0)?,
+                numel(&s[..*axis]),
+                s[*axis],
+                numel(&s[axis + 1..]),
+                y,
+                caps,
+            )?
         }
         Op::SumTo => layout::sum_to(x(0)?, &sh(0), y, &node.shape, caps)?,
         Op::Expand => {
             let sx = broadcast_strides(&sh(0), &node.shape);
-            layout::strided_copy(&node.shape, x(0)?, 0, &sx, y, 0, &strides(&node.shape), caps)?
+            layout::strided_copy(
+                &node.shape,
+                x(0)?,
+                0,
+                &sx,
+                y,
+                0,
+                &strides(&node.shape),
+                caps,
+            )?
         }
         Op::Reshape => vec![],
         Op::Permute(p) => layout::permute(x(0)?, &sh(0), p, y, caps)?,
         Op::Slice { axis, start } => {
             let st = strides(&sh(0));
-            layout::strided_copy(&node.shape, x(0)?, start * st[*axis], &st, y, 0, &strides(&node.shape), caps)?
+            layout::strided_copy(
+                &node.shape,
+                x(0)?,
+                start * st[*axis],
+                &st,
+                y,
+                0,
+                &strides(&node.shape),
+                caps,
+            )?
         }
         Op::Pad { axis, start } => {
             let sy = strides(&node.shape);
             let mut d = elementwise::fill(0.0, y, caps)?;
-            d.extend(layout::strided_copy(&sh(0), x(0)?, 0, &strides(&sh(0)), y, start * sy[*axis], &sy, caps)?);
+            d.extend(layout::strided_copy(
+                &sh(0),
+                x(0)?,
+                0,
+                &strides(&sh(0)),
+                y,
+                start * sy[*axis],
+                &sy,
+                caps,
+            )?);
             d
         }
         Op::Concat { axis } => {
@@ -433,7 +539,16 @@ fn lower(gpu: &Gpu, g: &Graph, id: NodeId, view: &dyn Fn(NodeId) -> Result<View>
             let mut off = 0;
             for k in 0..ins.len() {
                 let s = sh(k);
-                d.extend(layout::strided_copy(&s, x(k)?, 0, &strides(&s), y, off * sy[*axis], &sy, caps)?);
+                d.extend(layout::strided_copy(
+                    &s,
+                    x(k)?,
+                    0,
+                    &strides(&s),
+                    y,
+                    off * sy[*axis],
+                    &sy,
+                    caps,
+                )?);
                 off += s[*axis];
             }
             d
@@ -453,7 +568,18 @@ fn lower(gpu: &Gpu, g: &Graph, id: NodeId, view: &dyn Fn(NodeId) -> Result<View>
         }
         Op::NormApply { stats, groups } => {
             let (rows, cols) = rows_cols(&node.shape);
-            norm::apply(*stats, x(0)?, x(1)?, x(2)?, x(3)?, *groups, rows / groups, cols, y, caps)?
+            norm::apply(
+                *stats,
+                x(0)?,
+                x(1)?,
+                x(2)?,
+                x(3)?,
+                *groups,
+                rows / groups,
+                cols,
+                y,
+                caps,
+            )?
         }
         Op::BnStats { groups, eps } => {
             let (rows, cols) = rows_cols(&sh(0));
@@ -461,7 +587,17 @@ fn lower(gpu: &Gpu, g: &Graph, id: NodeId, view: &dyn Fn(NodeId) -> Result<View>
         }
         Op::ColGrad { stats, groups } => {
             let (rows, cols) = rows_cols(&sh(0));
-            norm::col_grad(*stats, x(0)?, x(1)?, x(2)?, *groups, rows / groups, cols, y, caps)?
+            norm::col_grad(
+                *stats,
+                x(0)?,
+                x(1)?,
+                x(2)?,
+                *groups,
+                rows / groups,
+                cols,
+                y,
+                caps,
+            )?
         }
         Op::LnGrad => {
             let (rows, cols) = rows_cols(&node.shape);
@@ -469,7 +605,18 @@ fn lower(gpu: &Gpu, g: &Graph, id: NodeId, view: &dyn Fn(NodeId) -> Result<View>
         }
         Op::BnGrad { groups } => {
             let (rows, cols) = rows_cols(&node.shape);
-            norm::bn_grad(x(0)?, x(1)?, x(2)?, x(3)?, x(4)?, *groups, rows / groups, cols, y, caps)?
+            norm::bn_grad(
+                x(0)?,
+                x(1)?,
+                x(2)?,
+                x(3)?,
+                x(4)?,
+                *groups,
+                rows / groups,
+                cols,
+                y,
+                caps,
+            )?
         }
         Op::CrossEntropy => {
             let s = sh(0);
@@ -480,7 +627,10 @@ fn lower(gpu: &Gpu, g: &Graph, id: NodeId, view: &dyn Fn(NodeId) -> Result<View>
             reduce::cross_entropy_grad(x(0)?, x(1)?, x(2)?, s[0], s[1], y, caps)?
         }
         Op::AdamW(cfg) => optim::adamw(*cfg, x(0)?, x(1)?, x(2)?, x(3)?, x(4)?, caps)?,
-        Op::Sgd { momentum, weight_decay } => optim::sgd(*momentum, *weight_decay, x(0)?, x(1)?, x(2)?, x(3)?, caps)?,
+        Op::Sgd {
+            momentum,
+            weight_decay,
+        } => optim::sgd(*momentum, *weight_decay, x(0)?, x(1)?, x(2)?, x(3)?, caps)?,
         Op::Input | Op::Param | Op::State(_) | Op::Const(_) => vec![],
     })
 }

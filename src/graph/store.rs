@@ -59,7 +59,10 @@ impl Tensor {
     /// Overwrites the contents with f32 data of the right length.
     pub fn write_f32(&self, data: &[f32]) -> Result<()> {
         if data.len() != self.numel() {
-            return Err(Error::shape("tensor write", format!("{} values for shape {:?}", data.len(), self.shape)));
+            return Err(Error::shape(
+                "tensor write",
+                format!("{} values for shape {:?}", data.len(), self.shape),
+            ));
         }
         self.gpu.write(self.buffer(), 0, data);
         Ok(())

@@ -67,7 +67,16 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         for ta in [false, true] {
             for tb in [false, true] {
                 for (m, n, k) in [(64, 64, 64), (5, 7, 3), (8, 4, 6), (4, 6, 8)] {
-                    let s = MatmulShape { batch: 2, m, n, k, ta, tb, a_shared: false, b_shared: false };
+                    let s = MatmulShape {
+                        batch: 2,
+                        m,
+                        n,
+                        k,
+                        ta,
+                        tb,
+                        a_shared: false,
+                        b_shared: false,
+                    };
                     let (na, nb, nc) = matmul::sizes(&s);
                     out.extend(matmul::launch(&s, v(0, na), v(1, nb), v(2, nc), &caps)?);
                 }
@@ -79,7 +88,15 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         out.extend(elementwise::unary(u, v(0, 10), v(1, 10), &caps)?);
     }
     for b in binary_ops() {
-        out.extend(elementwise::binary(b, v(0, 6), &[2, 3], v(1, 3), &[3], v(2, 6), &caps)?);
+        out.extend(elementwise::binary(
+            b,
+            v(0, 6),
+            &[2, 3],
+            v(1, 3),
+            &[3],
+            v(2, 6),
+            &caps,
+        )?);
     }
     out.extend(elementwise::fill(0.0, v(0, 4), &caps)?);
     out.extend(layout::permute(v(0, 6), &[2, 3], &[1, 0], v(1, 6), &caps)?);
@@ -89,24 +106,106 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
     for r in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
         out.extend(reduce::reduce(r, v(0, 6), 2, 3, 1, v(1, 2), &caps)?);
     }
-    for r in [RowOp::Softmax, RowOp::LogSoftmax, RowOp::L2Norm(1e-12), RowOp::LnStats(1e-6)] {
+    for r in [
+        RowOp::Softmax,
+        RowOp::LogSoftmax,
+        RowOp::L2Norm(1e-12),
+        RowOp::LnStats(1e-6),
+    ] {
         out.extend(reduce::rows(r, v(0, 6), 2, 3, v(1, 6), &caps)?);
     }
     for r in [RowOp::Softmax, RowOp::LogSoftmax, RowOp::L2Norm(1e-12)] {
         out.extend(reduce::row_grad(r, v(0, 6), v(1, 6), 2, 3, v(2, 6), &caps)?);
     }
-    out.extend(reduce::cross_entropy(v(0, 6), v(1, 2), 2, 3, v(2, 2), &caps)?);
-    out.extend(reduce::cross_entropy_grad(v(0, 6), v(1, 2), v(2, 2), 2, 3, v(3, 6), &caps)?);
+    out.extend(reduce::cross_entropy(
+        v(0, 6),
+        v(1, 2),
+        2,
+        3,
+        v(2, 2),
+        &caps,
+    )?);
+    out.extend(reduce::cross_entropy_grad(
+        v(0, 6),
+        v(1, 2),
+        v(2, 2),
+        2,
+        3,
+        v(3, 6),
+        &caps,
+    )?);
     for s in [Stats::Row, Stats::Col] {
-        out.extend(norm::apply(s, v(0, 6), v(1, 6), v(2, 3), v(3, 3), 1, 2, 3, v(4, 6), &caps)?);
-        out.extend(norm::col_grad(s, v(0, 6), v(1, 6), v(2, 6), 1, 2, 3, v(3, 6), &caps)?);
+        out.extend(norm::apply(
+            s,
+            v(0, 6),
+            v(1, 6),
+            v(2, 3),
+            v(3, 3),
+            1,
+            2,
+            3,
+            v(4, 6),
+            &caps,
+        )?);
+        out.extend(norm::col_grad(
+            s,
+            v(0, 6),
+            v(1, 6),
+            v(2, 6),
+            1,
+            2,
+            3,
+            v(3, 6),
+            &caps,
+        )?);
     }
     out.extend(norm::bn_stats(v(0, 6), 1, 2, 3, 1e-5, v(1, 6), &caps)?);
-    out.extend(norm::ln_grad(v(0, 6), v(1, 4), v(2, 3), v(3, 6), 2, 3, v(4, 6), &caps)?);
-    out.extend(norm::bn_grad(v(0, 6), v(1, 6), v(2, 3), v(3, 6), v(4, 6), 1, 2, 3, v(5, 6), &caps)?);
-    let cfg = AdamW { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1 };
-    out.extend(optim::adamw(cfg, v(0, 4), v(1, 4), v(2, 4), v(3, 4), v(4, 3), &caps)?);
-    out.extend(optim::sgd(0.9, 0.0, v(0, 4), v(1, 4), v(2, 4), v(3, 1), &caps)?);
+    out.extend(norm::ln_grad(
+        v(0, 6),
+        v(1, 4),
+        v(2, 3),
+        v(3, 6),
+        2,
+        3,
+        v(4, 6),
+        &caps,
+    )?);
+    out.extend(norm::bn_grad(
+        v(0, 6),
+        v(1, 6),
+        v(2, 3),
+        v(3, 6),
+        v(4, 6),
+        1,
+        2,
+        3,
+        v(5, 6),
+        &caps,
+    )?);
+    let cfg = AdamW {
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    out.extend(optim::adamw(
+        cfg,
+        v(0, 4),
+        v(1, 4),
+        v(2, 4),
+        v(3, 4),
+        v(4, 3),
+        &caps,
+    )?);
+    out.extend(optim::sgd(
+        0.9,
+        0.0,
+        v(0, 4),
+        v(1, 4),
+        v(2, 4),
+        v(3, 1),
+        &caps,
+    )?);
     let mut seen = std::collections::HashSet::new();
     out.retain(|d| seen.insert(d.key.clone()));
     Ok(out)

@@ -261,16 +261,26 @@ pub fn unary(op: UnaryOp, x: View, y: View, caps: &Caps) -> Result<Vec<Dispatch>
         return Err(Error::shape(op.name(), "output smaller than input"));
     }
     let (al, be) = op.scalars();
-    chunked(x.len, &[x, y], &[true, true], caps, op.name(), |b, _, count| {
-        Ok(Dispatch {
-            key: format!("unary_{}", op.name()),
-            template: "unary",
-            subst: vec![("EXPR", op.expr().to_string()), ("HELPERS", HELPERS.to_string())],
-            uniform: uniform(&[count as u32, b[0].1, b[1].1, 0, f32w(al), f32w(be), 0, 0]),
-            bindings: vec![b[0].0, b[1].0],
-            groups: grid(count.div_ceil(WG_1D as u64), caps)?,
-        })
-    })
+    chunked(
+        x.len,
+        &[x, y],
+        &[true, true],
+        caps,
+        op.name(),
+        |b, _, count| {
+            Ok(Dispatch {
+                key: format!("unary_{}", op.name()),
+                template: "unary",
+                subst: vec![
+                    ("EXPR", op.expr().to_string()),
+                    ("HELPERS", HELPERS.to_string()),
+                ],
+                uniform: uniform(&[count as u32, b[0].1, b[1].1, 0, f32w(al), f32w(be), 0, 0]),
+                bindings: vec![b[0].0, b[1].0],
+                groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+            })
+        },
+    )
 }
 
 /// Fills `y` with `value`.
@@ -301,8 +311,16 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for i in 0..r {
-        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
-        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+        let da = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            1
+        };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -389,30 +407,43 @@ pub fn binary(
     caps: &Caps,
 ) -> Result<Vec<Dispatch>> {
     let out = broadcast_shape(a_shape, b_shape).ok_or_else(|| {
-        Error::shape(op.key(), format!("cannot broadcast {a_shape:?} with {b_shape:?}"))
+        Error::shape(
+            op.key(),
+            format!("cannot broadcast {a_shape:?} with {b_shape:?}"),
+        )
     })?;
     let n: usize = out.iter().product();
-    if c.len < n as u64 || a.len < a_shape.iter().product::<usize>() as u64 || b.len < b_shape.iter().product::<usize>() as u64 {
+    if c.len < n as u64
+        || a.len < a_shape.iter().product::<usize>() as u64
+        || b.len < b_shape.iter().product::<usize>() as u64
+    {
         return Err(Error::shape(op.key(), "buffer smaller than its shape"));
     }
     let same = a_shape == b_shape;
     let subst = vec![("EXPR", op.expr()), ("HELPERS", HELPERS.to_string())];
     let key = format!("binary_{}", op.key());
     if same {
-        return chunked(n as u64, &[a, b, c], &[true, true, true], caps, "binary op", |bd, _, count| {
-            let mut w = vec![count as u32, 1, bd[0].1, bd[1].1, bd[2].1, 0, 0, 0];
-            w.extend(pack8(&[count as usize]));
-            w.extend(pack8(&[1]));
-            w.extend(pack8(&[1]));
-            Ok(Dispatch {
-                key: key.clone(),
-                template: "binary",
-                subst: subst.clone(),
-                uniform: uniform(&w),
-                bindings: vec![bd[0].0, bd[1].0, bd[2].0],
-                groups: grid(count.div_ceil(WG_1D as u64), caps)?,
-            })
-        });
+        return chunked(
+            n as u64,
+            &[a, b, c],
+            &[true, true, true],
+            caps,
+            "binary op",
+            |bd, _, count| {
+                let mut w = vec![count as u32, 1, bd[0].1, bd[1].1, bd[2].1, 0, 0, 0];
+                w.extend(pack8(&[count as usize]));
+                w.extend(pack8(&[1]));
+                w.extend(pack8(&[1]));
+                Ok(Dispatch {
+                    key: key.clone(),
+                    template: "binary",
+                    subst: subst.clone(),
+                    uniform: uniform(&w),
+                    bindings: vec![bd[0].0, bd[1].0, bd[2].0],
+                    groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+                })
+            },
+        );
     }
     let sa = broadcast_strides(a_shape, &out);
     let sb = broadcast_strides(b_shape, &out);

@@ -45,7 +45,10 @@ pub fn strided_copy(
         b.push(0);
     }
     if s.len() > 8 {
-        return Err(Error::shape("strided copy", "more than 8 non-mergeable dims"));
+        return Err(Error::shape(
+            "strided copy",
+            "more than 8 non-mergeable dims",
+        ));
     }
     let n: usize = s.iter().product();
     if n == 0 {
@@ -68,7 +71,13 @@ pub fn strided_copy(
 }
 
 /// y = x.permute(perm) written contiguously.
-pub fn permute(x: View, shape: &[usize], perm: &[usize], y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn permute(
+    x: View,
+    shape: &[usize],
+    perm: &[usize],
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let st = strides(shape);
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     let sx: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
@@ -76,7 +85,13 @@ pub fn permute(x: View, shape: &[usize], perm: &[usize], y: View, caps: &Caps) -
 }
 
 /// Sums `x` (shape `in_shape`) down to `out_shape` (same rank; 1 on reduced dims).
-pub fn sum_to(x: View, in_shape: &[usize], y: View, out_shape: &[usize], caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn sum_to(
+    x: View,
+    in_shape: &[usize],
+    y: View,
+    out_shape: &[usize],
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     if in_shape.len() != out_shape.len() {
         return Err(Error::shape("sum_to", "ranks differ"));
     }
@@ -90,7 +105,10 @@ pub fn sum_to(x: View, in_shape: &[usize], y: View, out_shape: &[usize], caps: &
             rs.push(in_shape[d]);
             rst.push(st[d]);
         } else {
-            return Err(Error::shape("sum_to", format!("{in_shape:?} does not reduce to {out_shape:?}")));
+            return Err(Error::shape(
+                "sum_to",
+                format!("{in_shape:?} does not reduce to {out_shape:?}"),
+            ));
         }
     }
     if os.len() > 8 || rs.len() > 8 {
@@ -100,7 +118,16 @@ pub fn sum_to(x: View, in_shape: &[usize], y: View, out_shape: &[usize], caps: &
     let count: usize = rs.iter().product();
     let (bx, ox) = bind_all(&x, caps, "sum_to input")?;
     let (by, oy) = bind_all(&y, caps, "sum_to output")?;
-    let mut w = vec![n as u32, os.len() as u32, rs.len() as u32, count as u32, ox, oy, 0, 0];
+    let mut w = vec![
+        n as u32,
+        os.len() as u32,
+        rs.len() as u32,
+        count as u32,
+        ox,
+        oy,
+        0,
+        0,
+    ];
     w.extend(pack8(&os));
     w.extend(pack8(&ost));
     w.extend(pack8(&rs));
@@ -116,7 +143,14 @@ pub fn sum_to(x: View, in_shape: &[usize], y: View, out_shape: &[usize], caps: &
 }
 
 /// y[i, :] = table[idx[i], :] for `n` indices into a `[vocab, dim]` table.
-pub fn gather(table: View, vocab: usize, dim: usize, idx: View, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn gather(
+    table: View,
+    vocab: usize,
+    dim: usize,
+    idx: View,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let n = idx.len as usize;
     let (bt, ot) = bind_all(&table, caps, "embedding table")?;
     let (bi, oi) = bind_all(&idx, caps, "indices")?;
@@ -132,7 +166,14 @@ pub fn gather(table: View, vocab: usize, dim: usize, idx: View, y: View, caps: &
 }
 
 /// dtable = scatter-add of dy rows into a `[vocab, dim]` table (no atomics).
-pub fn gather_grad(idx: View, dy: View, vocab: usize, dim: usize, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn gather_grad(
+    idx: View,
+    dy: View,
+    vocab: usize,
+    dim: usize,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let n = idx.len as usize;
     let (bi, oi) = bind_all(&idx, caps, "indices")?;
     let (bd, od) = bind_all(&dy, caps, "gradient")?;

@@ -89,12 +89,20 @@ pub fn subst(s: &MatmulShape, t: Tile, v: VecFlags) -> Vec<(&'static str, String
     };
     let a_scalar = format!(
         "    let i = {};\n    return {};",
-        if s.ta { "base + k * p.m + m" } else { "base + m * p.k + k" },
+        if s.ta {
+            "base + k * p.m + m"
+        } else {
+            "base + m * p.k + k"
+        },
         if v.a { "a[i >> 2u][i & 3u]" } else { "a[i]" }
     );
     let b_scalar = format!(
         "    let i = {};\n    return {};",
-        if s.tb { "base + n * p.k + k" } else { "base + k * p.n + n" },
+        if s.tb {
+            "base + n * p.k + k"
+        } else {
+            "base + k * p.n + n"
+        },
         if v.b { "b[i >> 2u][i & 3u]" } else { "b[i]" }
     );
     let mut acc = String::new();
@@ -108,7 +116,10 @@ pub fn subst(s: &MatmulShape, t: Tile, v: VecFlags) -> Vec<(&'static str, String
     let ind = "            ";
     if v.a && !s.ta {
         for i in 0..tm {
-            fast += &format!("{ind}let av_{i} = a[({}) >> 2u];\n", a_idx(&format!("row0 + {i}u"), "k"));
+            fast += &format!(
+                "{ind}let av_{i} = a[({}) >> 2u];\n",
+                a_idx(&format!("row0 + {i}u"), "k")
+            );
             for tt in 0..4 {
                 fast += &format!("{ind}let a_{i}_{tt} = av_{i}[{tt}];\n");
             }
@@ -164,7 +175,13 @@ pub fn subst(s: &MatmulShape, t: Tile, v: VecFlags) -> Vec<(&'static str, String
         for tt in 0..4 {
             for j in 0..nj {
                 let e: Vec<String> = (0..4)
-                    .map(|r| scalar("b", false, b_idx(&format!("k + {tt}u"), &format!("col0 + {}u", 4 * j + r))))
+                    .map(|r| {
+                        scalar(
+                            "b",
+                            false,
+                            b_idx(&format!("k + {tt}u"), &format!("col0 + {}u", 4 * j + r)),
+                        )
+                    })
                     .collect();
                 fast += &format!("{ind}let b_{tt}_{j} = vec4<f32>({});\n", e.join(", "));
             }
@@ -227,7 +244,7 @@ pub fn subst(s: &MatmulShape, t: Tile, v: VecFlags) -> Vec<(&'static str, String
             }
             for r in 0..4 {
                 let target = if v.c {
-                    format!("c[(ci) >> 2u][(ci) & 3u]")
+                    "c[(ci) >> 2u][(ci) & 3u]".to_string()
                 } else {
                     "c[ci]".to_string()
                 };
@@ -300,7 +317,14 @@ pub fn launch(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps) -> Result
 }
 
 /// [`launch`] with an explicit variant (benchmarks compare them).
-pub fn launch_with(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps, variant: Variant) -> Result<Vec<Dispatch>> {
+pub fn launch_with(
+    s: &MatmulShape,
+    a: View,
+    b: View,
+    c: View,
+    caps: &Caps,
+    variant: Variant,
+) -> Result<Vec<Dispatch>> {
     let t = match variant {
         Variant::Blocked(t) => t,
         _ => default_tile(caps),
@@ -309,7 +333,10 @@ pub fn launch_with(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps, vari
     if a.len < na || b.len < nb || c.len < nc {
         return Err(Error::shape(
             "matmul",
-            format!("buffers too small for {s:?}: a {} < {na}, b {} < {nb} or c {} < {nc}", a.len, b.len, c.len),
+            format!(
+                "buffers too small for {s:?}: a {} < {na}, b {} < {nb} or c {} < {nc}",
+                a.len, b.len, c.len
+            ),
         ));
     }
     let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
@@ -324,7 +351,11 @@ pub fn launch_with(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps, vari
     let a_batch_elems = if s.a_shared { 0 } else { m * k };
     // Fold the batch into rows when A is a plain [B*M, K] matrix and B is shared.
     let folded = s.b_shared && !s.ta && !s.a_shared && s.batch > 1;
-    let (batches, rows) = if folded { (1, m * s.batch as u64) } else { (s.batch as u64, m) };
+    let (batches, rows) = if folded {
+        (1, m * s.batch as u64)
+    } else {
+        (s.batch as u64, m)
+    };
     let widest = n.max(a_row);
     let chunk = if s.ta {
         vec![(0, rows)]
@@ -357,12 +388,25 @@ pub fn launch_with(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps, vari
         return Ok(out);
     }
     for (bi, r0, nr) in units {
-        let a_start = if folded { r0 * k } else { bi * a_batch_elems + r0 * k };
+        let a_start = if folded {
+            r0 * k
+        } else {
+            bi * a_batch_elems + r0 * k
+        };
         let (ba, a_off) = bind(&a, a_start, nr * k, caps, "matmul operand A")?;
         let c_start = if folded { r0 * n } else { bi * m * n + r0 * n };
         let (bc, c_off) = bind(&c, c_start, nr * n, caps, "matmul operand C")?;
         let b_base = b_off as u64 + if s.b_shared { 0 } else { bi * k * n };
-        out.push(one(s, t, variant, [ba, bb, bc], [a_off as u64, b_base, c_off as u64], nr, 1, caps)?);
+        out.push(one(
+            s,
+            t,
+            variant,
+            [ba, bb, bc],
+            [a_off as u64, b_base, c_off as u64],
+            nr,
+            1,
+            caps,
+        )?);
     }
     Ok(out)
 }
@@ -386,9 +430,15 @@ fn one(
     let batch_a = if s.a_shared { 0 } else { m * k };
     let batch_b = if s.b_shared { 0 } else { k * n };
     let batch_c = m * n;
-    let even = |x: u64| x % 4 == 0;
+    let even = |x: u64| x.is_multiple_of(4);
     let v = VecFlags {
-        a: even(offs[0]) && even(batch_a) && if s.ta { even(m) && t.tm % 4 == 0 } else { even(k) },
+        a: even(offs[0])
+            && even(batch_a)
+            && if s.ta {
+                even(m) && t.tm.is_multiple_of(4)
+            } else {
+                even(k)
+            },
         b: even(offs[1]) && even(batch_b) && if s.tb { even(k) } else { even(n) },
         c: even(offs[2]) && even(batch_c) && even(n),
     };
@@ -410,8 +460,8 @@ fn one(
     };
     let use_sg = wanted
         && caps.subgroup_size == Some(sg.s)
-        && sg.r % (4 * sg.s) == 0
-        && sg.tn % 4 == 0
+        && sg.r.is_multiple_of(4 * sg.s)
+        && sg.tn.is_multiple_of(4)
         && even(k)
         && v.c
         && even(offs[0])
@@ -420,17 +470,32 @@ fn one(
         && v.b;
     let (key, template, subst, groups) = if use_sg {
         (
-            format!("matmul_sg_{}{}_{}x{}_s{}", if s.ta { "t" } else { "n" }, if s.tb { "t" } else { "n" }, sg.r, sg.tn, sg.s),
+            format!(
+                "matmul_sg_{}{}_{}x{}_s{}",
+                if s.ta { "t" } else { "n" },
+                if s.tb { "t" } else { "n" },
+                sg.r,
+                sg.tn,
+                sg.s
+            ),
             "matmul_sg",
             sg_subst(s, sg),
-            [n.div_ceil((sg.s * sg.tn) as u64), m.div_ceil(sg.r as u64), nbat],
+            [
+                n.div_ceil((sg.s * sg.tn) as u64),
+                m.div_ceil(sg.r as u64),
+                nbat,
+            ],
         )
     } else {
         (
             key(s, t, v),
             "matmul",
             subst(s, t, v),
-            [n.div_ceil((t.tn * t.wx) as u64), m.div_ceil((t.tm * t.wy) as u64), nbat],
+            [
+                n.div_ceil((t.tn * t.wx) as u64),
+                m.div_ceil((t.tm * t.wy) as u64),
+                nbat,
+            ],
         )
     };
     if groups.iter().any(|&g| g > caps.max_workgroups as u64) {
@@ -483,7 +548,11 @@ pub fn sg_subst(s: &MatmulShape, t: SgTile) -> Vec<(&'static str, String)> {
             );
         }
         for i in 0..r {
-            st += &format!("{ind}let ar_{i} = subgroupBroadcast(av_{}, {}u);\n", i / sz, i % sz);
+            st += &format!(
+                "{ind}let ar_{i} = subgroupBroadcast(av_{}, {}u);\n",
+                i / sz,
+                i % sz
+            );
         }
         let _ = ind;
     } else {
@@ -533,7 +602,9 @@ pub fn sg_subst(s: &MatmulShape, t: SgTile) -> Vec<(&'static str, String)> {
     }
     for j in 0..nj {
         for i in 0..r {
-            let e: Vec<String> = (0..4).map(|tt| format!("vec4<f32>(ar_{i}[{tt}]) * b_{tt}_{j}")).collect();
+            let e: Vec<String> = (0..4)
+                .map(|tt| format!("vec4<f32>(ar_{i}[{tt}]) * b_{tt}_{j}"))
+                .collect();
             st += &format!("{ind}acc_{i}_{j} += {};\n", e.join(" + "));
         }
     }

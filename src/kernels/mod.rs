@@ -32,7 +32,11 @@ pub struct View {
 impl View {
     /// A view of `len` elements at the start of buffer `buf`.
     pub fn new(buf: usize, len: u64) -> Self {
-        View { buf, offset: 0, len }
+        View {
+            buf,
+            offset: 0,
+            len,
+        }
     }
     /// A sub-range of this view.
     pub fn sub(&self, start: u64, len: u64) -> Self {
@@ -84,7 +88,7 @@ impl Dispatch {
 /// Packs u32 words into a uniform block padded to 16 bytes.
 pub fn uniform(words: &[u32]) -> Vec<u8> {
     let mut w = words.to_vec();
-    while w.len() % 4 != 0 {
+    while !w.len().is_multiple_of(4) {
         w.push(0);
     }
     bytemuck::cast_slice(&w).to_vec()

@@ -16,14 +16,31 @@ pub enum Stats {
 }
 
 /// BatchNorm batch statistics of x viewed as [groups, rows, cols].
-pub fn bn_stats(x: View, groups: usize, rows: usize, cols: usize, eps: f32, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn bn_stats(
+    x: View,
+    groups: usize,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let (bx, ox) = bind_all(&x, caps, "batchnorm input")?;
     let (by, oy) = bind_all(&y, caps, "batchnorm statistics")?;
     Ok(vec![Dispatch {
         key: "col_stats".into(),
         template: "col_stats",
         subst: vec![],
-        uniform: uniform(&[groups as u32, rows as u32, cols as u32, ox, oy, 0, eps.to_bits(), 0]),
+        uniform: uniform(&[
+            groups as u32,
+            rows as u32,
+            cols as u32,
+            ox,
+            oy,
+            0,
+            eps.to_bits(),
+            0,
+        ]),
         bindings: vec![bx, by],
         groups: grid(((groups * cols) as u64).div_ceil(64), caps)?,
     }])
@@ -31,7 +48,18 @@ pub fn bn_stats(x: View, groups: usize, rows: usize, cols: usize, eps: f32, y: V
 
 /// y = (x - mean) * rstd * gamma + beta with row or column statistics.
 #[allow(clippy::too_many_arguments)]
-pub fn apply(stats_kind: Stats, x: View, stats: View, gamma: View, beta: View, groups: usize, rows: usize, cols: usize, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn apply(
+    stats_kind: Stats,
+    x: View,
+    stats: View,
+    gamma: View,
+    beta: View,
+    groups: usize,
+    rows: usize,
+    cols: usize,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let code = match stats_kind {
         Stats::Row => "    let mean = stats[p.off_s + 2u * row];\n    let rstd = stats[p.off_s + 2u * row + 1u];",
         Stats::Col => "    let mean = stats[p.off_s + g * 2u * p.cols + c];\n    let rstd = stats[p.off_s + g * 2u * p.cols + p.cols + c];",
@@ -54,7 +82,17 @@ pub fn apply(stats_kind: Stats, x: View, stats: View, gamma: View, beta: View, g
 /// Column sums [groups, 2, cols] of dy * xhat and dy (LayerNorm gamma/beta gradients with row
 /// statistics, BatchNorm backward sums with column statistics).
 #[allow(clippy::too_many_arguments)]
-pub fn col_grad(stats_kind: Stats, x: View, stats: View, dy: View, groups: usize, rows: usize, cols: usize, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn col_grad(
+    stats_kind: Stats,
+    x: View,
+    stats: View,
+    dy: View,
+    groups: usize,
+    rows: usize,
+    cols: usize,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let xhat = match stats_kind {
         Stats::Row => "(x - stats[p.off_s + 2u * row]) * stats[p.off_s + 2u * row + 1u]",
         Stats::Col => "(x - stats[p.off_s + g * 2u * p.cols + c]) * stats[p.off_s + g * 2u * p.cols + p.cols + c]",
@@ -75,7 +113,16 @@ pub fn col_grad(stats_kind: Stats, x: View, stats: View, dy: View, groups: usize
 
 /// LayerNorm input gradient.
 #[allow(clippy::too_many_arguments)]
-pub fn ln_grad(x: View, stats: View, gamma: View, dy: View, rows: usize, cols: usize, dx: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn ln_grad(
+    x: View,
+    stats: View,
+    gamma: View,
+    dy: View,
+    rows: usize,
+    cols: usize,
+    dx: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let (bx, ox) = bind_all(&x, caps, "layernorm input")?;
     let (bs, os) = bind_all(&stats, caps, "layernorm statistics")?;
     let (bg, og) = bind_all(&gamma, caps, "layernorm weight")?;
@@ -93,7 +140,18 @@ pub fn ln_grad(x: View, stats: View, gamma: View, dy: View, rows: usize, cols: u
 
 /// BatchNorm input gradient from the column sums of [`col_grad`].
 #[allow(clippy::too_many_arguments)]
-pub fn bn_grad(x: View, stats: View, gamma: View, sums: View, dy: View, groups: usize, rows: usize, cols: usize, dx: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn bn_grad(
+    x: View,
+    stats: View,
+    gamma: View,
+    sums: View,
+    dy: View,
+    groups: usize,
+    rows: usize,
+    cols: usize,
+    dx: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let (bx, ox) = bind_all(&x, caps, "batchnorm input")?;
     let (bs, os) = bind_all(&stats, caps, "batchnorm statistics")?;
     let (bg, og) = bind_all(&gamma, caps, "batchnorm weight")?;
@@ -104,7 +162,17 @@ pub fn bn_grad(x: View, stats: View, gamma: View, sums: View, dy: View, groups: 
         key: "bn_grad".into(),
         template: "bn_grad",
         subst: vec![],
-        uniform: uniform(&[groups as u32, rows as u32, cols as u32, ox, os, og, ou, od, oy]),
+        uniform: uniform(&[
+            groups as u32,
+            rows as u32,
+            cols as u32,
+            ox,
+            os,
+            og,
+            ou,
+            od,
+            oy,
+        ]),
         bindings: vec![bx, bs, bg, bu, bd, by],
         groups: grid(((groups * rows * cols) as u64).div_ceil(WG_1D as u64), caps)?,
     }])

@@ -20,42 +20,81 @@ pub struct AdamW {
 }
 
 /// One AdamW step on `param` with `grad`, moments `m`, `v`; `hyper = [lr, 1-b1^t, 1-b2^t]`.
-pub fn adamw(cfg: AdamW, param: View, grad: View, m: View, v: View, hyper: View, caps: &Caps) -> Result<Vec<Dispatch>> {
-    chunked(param.len, &[param, grad, m, v, hyper], &[true, true, true, true, false], caps, "adamw", |b, _, count| {
-        Ok(Dispatch {
-            key: "adamw".into(),
-            template: "adamw",
-            subst: vec![],
-            uniform: uniform(&[
-                count as u32,
-                b[0].1,
-                b[1].1,
-                b[2].1,
-                b[3].1,
-                b[4].1,
-                0,
-                0,
-                cfg.beta1.to_bits(),
-                cfg.beta2.to_bits(),
-                cfg.eps.to_bits(),
-                cfg.weight_decay.to_bits(),
-            ]),
-            bindings: b.iter().map(|x| x.0).collect(),
-            groups: grid(count.div_ceil(WG_1D as u64), caps)?,
-        })
-    })
+pub fn adamw(
+    cfg: AdamW,
+    param: View,
+    grad: View,
+    m: View,
+    v: View,
+    hyper: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    chunked(
+        param.len,
+        &[param, grad, m, v, hyper],
+        &[true, true, true, true, false],
+        caps,
+        "adamw",
+        |b, _, count| {
+            Ok(Dispatch {
+                key: "adamw".into(),
+                template: "adamw",
+                subst: vec![],
+                uniform: uniform(&[
+                    count as u32,
+                    b[0].1,
+                    b[1].1,
+                    b[2].1,
+                    b[3].1,
+                    b[4].1,
+                    0,
+                    0,
+                    cfg.beta1.to_bits(),
+                    cfg.beta2.to_bits(),
+                    cfg.eps.to_bits(),
+                    cfg.weight_decay.to_bits(),
+                ]),
+                bindings: b.iter().map(|x| x.0).collect(),
+                groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+            })
+        },
+    )
 }
 
 /// One SGD-with-momentum step; `hyper = [lr]`.
-pub fn sgd(momentum: f32, weight_decay: f32, param: View, grad: View, mom: View, hyper: View, caps: &Caps) -> Result<Vec<Dispatch>> {
-    chunked(param.len, &[param, grad, mom, hyper], &[true, true, true, false], caps, "sgd", |b, _, count| {
-        Ok(Dispatch {
-            key: "sgd".into(),
-            template: "sgd",
-            subst: vec![],
-            uniform: uniform(&[count as u32, b[0].1, b[1].1, b[2].1, b[3].1, 0, momentum.to_bits(), weight_decay.to_bits()]),
-            bindings: b.iter().map(|x| x.0).collect(),
-            groups: grid(count.div_ceil(WG_1D as u64), caps)?,
-        })
-    })
+pub fn sgd(
+    momentum: f32,
+    weight_decay: f32,
+    param: View,
+    grad: View,
+    mom: View,
+    hyper: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    chunked(
+        param.len,
+        &[param, grad, mom, hyper],
+        &[true, true, true, false],
+        caps,
+        "sgd",
+        |b, _, count| {
+            Ok(Dispatch {
+                key: "sgd".into(),
+                template: "sgd",
+                subst: vec![],
+                uniform: uniform(&[
+                    count as u32,
+                    b[0].1,
+                    b[1].1,
+                    b[2].1,
+                    b[3].1,
+                    0,
+                    momentum.to_bits(),
+                    weight_decay.to_bits(),
+                ]),
+                bindings: b.iter().map(|x| x.0).collect(),
+                groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+            })
+        },
+    )
 }

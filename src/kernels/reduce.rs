@@ -17,7 +17,15 @@ pub enum ReduceOp {
 }
 
 /// y[o, i] = reduce_t x[o, t, i] for x viewed as [outer, len, inner].
-pub fn reduce(op: ReduceOp, x: View, outer: usize, len: usize, inner: usize, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn reduce(
+    op: ReduceOp,
+    x: View,
+    outer: usize,
+    len: usize,
+    inner: usize,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let (init, step, finish, name) = match op {
         ReduceOp::Sum => ("0.0", "acc + v", "acc", "sum"),
         ReduceOp::Mean => ("0.0", "acc + v", "acc / f32(p.len)", "mean"),
@@ -28,7 +36,11 @@ pub fn reduce(op: ReduceOp, x: View, outer: usize, len: usize, inner: usize, y: 
     Ok(vec![Dispatch {
         key: format!("reduce_{name}"),
         template: "reduce",
-        subst: vec![("INIT", init.into()), ("STEP", step.into()), ("FINISH", finish.into())],
+        subst: vec![
+            ("INIT", init.into()),
+            ("STEP", step.into()),
+            ("FINISH", finish.into()),
+        ],
         uniform: uniform(&[outer as u32, len as u32, inner as u32, ox, oy]),
         bindings: vec![bx, by],
         groups: grid(((outer * inner) as u64).div_ceil(WG_1D as u64), caps)?,
@@ -82,8 +94,19 @@ impl RowOp {
 }
 
 /// Applies a row op to `rows` rows of `len` elements, splitting rows to fit bindings.
-pub fn rows(op: RowOp, x: View, rows: usize, len: usize, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
-    let out_len = if matches!(op, RowOp::LnStats(_)) { 2 } else { len };
+pub fn rows(
+    op: RowOp,
+    x: View,
+    rows: usize,
+    len: usize,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    let out_len = if matches!(op, RowOp::LnStats(_)) {
+        2
+    } else {
+        len
+    };
     let per_row = len.max(out_len) as u64;
     let chunks = super::row_chunks(rows as u64, per_row, caps, op.name())?;
     let mut out = Vec::new();
@@ -92,12 +115,27 @@ pub fn rows(op: RowOp, x: View, rows: usize, len: usize, y: View, caps: &Caps) -
             continue;
         }
         let (bx, ox) = super::bind(&x, r0 * len as u64, nr * len as u64, caps, "row op input")?;
-        let (by, oy) = super::bind(&y, r0 * out_len as u64, nr * out_len as u64, caps, "row op output")?;
+        let (by, oy) = super::bind(
+            &y,
+            r0 * out_len as u64,
+            nr * out_len as u64,
+            caps,
+            "row op output",
+        )?;
         out.push(Dispatch {
             key: format!("rows_{}", op.name()),
             template: "rows",
             subst: vec![("BODY", op.body().into())],
-            uniform: uniform(&[nr as u32, len as u32, ox, oy, out_len as u32, op.eps().to_bits(), 0, 0]),
+            uniform: uniform(&[
+                nr as u32,
+                len as u32,
+                ox,
+                oy,
+                out_len as u32,
+                op.eps().to_bits(),
+                0,
+                0,
+            ]),
             bindings: vec![bx, by],
             groups: grid(nr.div_ceil(64), caps)?,
         });
@@ -107,7 +145,15 @@ pub fn rows(op: RowOp, x: View, rows: usize, len: usize, y: View, caps: &Caps) -
 
 /// Backward of a row op: `a` is y (softmax, log-softmax) or x (L2-normalize), `dy` the
 /// upstream gradient; writes dx.
-pub fn row_grad(op: RowOp, a: View, dy: View, rows: usize, len: usize, dx: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn row_grad(
+    op: RowOp,
+    a: View,
+    dy: View,
+    rows: usize,
+    len: usize,
+    dx: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let body = match op {
         RowOp::Softmax => {
             "    var s = 0.0;\n    for (var c = 0u; c < p.len; c++) { s += as_[ab + c] * bs[bb + c]; }\n    for (var c = 0u; c < p.len; c++) { ys[yb + c] = as_[ab + c] * (bs[bb + c] - s); }"
@@ -146,7 +192,14 @@ pub fn row_grad(op: RowOp, a: View, dy: View, rows: usize, len: usize, dx: View,
 }
 
 /// Per-row softmax cross-entropy loss `y[r]` of logits [rows, len] against u32 labels.
-pub fn cross_entropy(x: View, labels: View, rows: usize, len: usize, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn cross_entropy(
+    x: View,
+    labels: View,
+    rows: usize,
+    len: usize,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let (bx, ox) = bind_all(&x, caps, "logits")?;
     let (bl, ol) = bind_all(&labels, caps, "labels")?;
     let (by, oy) = bind_all(&y, caps, "loss")?;
@@ -156,7 +209,10 @@ pub fn cross_entropy(x: View, labels: View, rows: usize, len: usize, y: View, ca
         subst: vec![
             ("EXTRA_BINDING", String::new()),
             ("OUT_BINDING", "3".into()),
-            ("BODY", "    ys[p.off_y + r] = mx + log(s) - xs[xb + label];".into()),
+            (
+                "BODY",
+                "    ys[p.off_y + r] = mx + log(s) - xs[xb + label];".into(),
+            ),
         ],
         uniform: uniform(&[rows as u32, len as u32, ox, ol, 0, oy]),
         bindings: vec![bx, bl, by],
@@ -165,7 +221,15 @@ pub fn cross_entropy(x: View, labels: View, rows: usize, len: usize, y: View, ca
 }
 
 /// Gradient of the per-row cross-entropy w.r.t. the logits, scaled by the upstream `g[r]`.
-pub fn cross_entropy_grad(x: View, labels: View, g: View, rows: usize, len: usize, dx: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+pub fn cross_entropy_grad(
+    x: View,
+    labels: View,
+    g: View,
+    rows: usize,
+    len: usize,
+    dx: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
     let (bx, ox) = bind_all(&x, caps, "logits")?;
     let (bl, ol) = bind_all(&labels, caps, "labels")?;
     let (bg, og) = bind_all(&g, caps, "loss gradient")?;

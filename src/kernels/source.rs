@@ -21,8 +21,14 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("norm_apply", include_str!("../../shaders/norm_apply.wgsl")),
     ("permute", include_str!("../../shaders/permute.wgsl")),
     ("gather", include_str!("../../shaders/gather.wgsl")),
-    ("gather_grad", include_str!("../../shaders/gather_grad.wgsl")),
-    ("cross_entropy", include_str!("../../shaders/cross_entropy.wgsl")),
+    (
+        "gather_grad",
+        include_str!("../../shaders/gather_grad.wgsl"),
+    ),
+    (
+        "cross_entropy",
+        include_str!("../../shaders/cross_entropy.wgsl"),
+    ),
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
     ("fill", include_str!("../../shaders/fill.wgsl")),

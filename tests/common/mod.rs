@@ -18,7 +18,8 @@ pub fn gpu() -> (Arc<Gpu>, MutexGuard<'static, ()>) {
     let g = GPU
         .get_or_init(|| {
             let _ = env_logger::builder().is_test(true).try_init();
-            Gpu::new(&GpuOptions::default()).expect("a GPU adapter (install mesa-vulkan-drivers for lavapipe)")
+            Gpu::new(&GpuOptions::default())
+                .expect("a GPU adapter (install mesa-vulkan-drivers for lavapipe)")
         })
         .clone();
     (g, guard)
@@ -62,7 +63,19 @@ pub fn run_gpu(
     params: &HashMap<String, Vec<f64>>,
     outputs: &[NodeId],
 ) -> Vec<Vec<f32>> {
-    run_gpu_opts(gpu, g, feeds, params, outputs, PlanOptions { reuse: true, poison: true, updates: true }).0
+    run_gpu_opts(
+        gpu,
+        g,
+        feeds,
+        params,
+        outputs,
+        PlanOptions {
+            reuse: true,
+            poison: true,
+            updates: true,
+        },
+    )
+    .0
 }
 
 /// [`run_gpu`] with options; also returns the plan.
@@ -76,7 +89,11 @@ pub fn run_gpu_opts(
 ) -> (Vec<Vec<f32>>, Plan) {
     let mut store = ParamStore::new();
     for (name, v) in params {
-        let node = g.nodes.iter().find(|n| n.name.as_deref() == Some(name)).expect("param in graph");
+        let node = g
+            .nodes
+            .iter()
+            .find(|n| n.name.as_deref() == Some(name))
+            .expect("param in graph");
         let data: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         store.insert(name, Tensor::from_f32(gpu, &node.shape, &data).unwrap());
     }
@@ -86,8 +103,12 @@ pub fn run_gpu_opts(
             continue;
         }
         match g.node(*id).dtype {
-            DType::F32 => plan.write(*id, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()).unwrap(),
-            DType::U32 => plan.write_u32(*id, &v.iter().map(|&x| x as u32).collect::<Vec<_>>()).unwrap(),
+            DType::F32 => plan
+                .write(*id, &v.iter().map(|&x| x as f32).collect::<Vec<_>>())
+                .unwrap(),
+            DType::U32 => plan
+                .write_u32(*id, &v.iter().map(|&x| x as u32).collect::<Vec<_>>())
+                .unwrap(),
         }
     }
     let out = plan.run_fetch(outputs).expect("run");
@@ -95,10 +116,18 @@ pub fn run_gpu_opts(
 }
 
 /// CPU reference values of `outputs`.
-pub fn run_cpu(g: &Graph, feeds: &HashMap<NodeId, Vec<f64>>, params: &HashMap<String, Vec<f64>>, outputs: &[NodeId]) -> Vec<Vec<f64>> {
+pub fn run_cpu(
+    g: &Graph,
+    feeds: &HashMap<NodeId, Vec<f64>>,
+    params: &HashMap<String, Vec<f64>>,
+    outputs: &[NodeId],
+) -> Vec<Vec<f64>> {
     let mut p = params.clone();
     let v = stablerep::cpu::eval(g, feeds, &mut p).expect("cpu eval");
-    outputs.iter().map(|o| v[o.0].clone().expect("output evaluated")).collect()
+    outputs
+        .iter()
+        .map(|o| v[o.0].clone().expect("output evaluated"))
+        .collect()
 }
 
 /// Asserts |gpu - cpu| <= atol + rtol * |cpu| elementwise, with no NaN.
