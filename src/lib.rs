@@ -4,6 +4,8 @@
 //! [`kernels`] (WGSL launchers), [`exec`] (prebuilt dispatches), [`graph`] (tensor IR,
 //! autodiff, planner, compiled plans), [`cpu`] (f64 reference implementations for tests).
 
+#![warn(missing_docs)]
+
 pub mod cpu;
 pub mod demo;
 pub mod error;

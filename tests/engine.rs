@@ -76,6 +76,50 @@ fn memory_planner_reuses_buffers_without_changing_results() {
 }
 
 #[test]
+fn an_adapter_filter_that_matches_nothing_is_a_clear_error() {
+    let _guard = gpu();
+    let err = stablerep::gpu::Gpu::new(&stablerep::gpu::GpuOptions {
+        adapter: Some("no-such-adapter-xyz".into()),
+        ..Default::default()
+    })
+    .err()
+    .expect("no adapter matches");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no GPU adapter found matching 'no-such-adapter-xyz'"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("available:") && msg.contains("mesa-vulkan-drivers"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn pipelines_are_cached_by_readable_key() {
+    let (gpu, _lock) = gpu();
+    let mut g = Graph::new();
+    let x = g.input("x", &[10]);
+    let y = g.unary(UnaryOp::Gelu, x).unwrap();
+    for _ in 0..2 {
+        Plan::compile(
+            &gpu,
+            &g,
+            &[y],
+            &mut ParamStore::new(),
+            PlanOptions::default(),
+        )
+        .unwrap();
+    }
+    let keys = gpu.pipeline_keys();
+    assert_eq!(
+        keys.iter().filter(|k| k.starts_with("unary_gelu#")).count(),
+        1,
+        "{keys:?}"
+    );
+}
+
+#[test]
 fn bad_use_gives_clear_errors() {
     let (gpu, _lock) = gpu();
     let mut g = Graph::new();

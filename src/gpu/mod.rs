@@ -175,11 +175,16 @@ impl Gpu {
         })
     }
 
-    /// The pipeline for a WGSL source, compiled on first use and cached by the source text
-    /// itself (so two variants can never share a pipeline by accident); `label` is the
-    /// readable kernel key. The entry point is `main`; the layout is derived from the shader.
+    /// The pipeline for a WGSL source, compiled on first use and cached under
+    /// `"<label>#<hash of source>"`: the readable kernel key plus a digest, so two variants
+    /// can never share a pipeline by accident. The entry point is `main`; the layout is
+    /// derived from the shader.
     pub fn pipeline(&self, label: &str, source: &str) -> Result<Arc<wgpu::ComputePipeline>> {
-        if let Some(p) = self.pipelines.lock().expect("pipeline cache").get(source) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        source.hash(&mut h);
+        let key = format!("{label}#{:016x}", h.finish());
+        if let Some(p) = self.pipelines.lock().expect("pipeline cache").get(&key) {
             return Ok(p.clone());
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -211,13 +216,21 @@ impl Gpu {
         self.pipelines
             .lock()
             .expect("pipeline cache")
-            .insert(source.to_string(), p.clone());
+            .insert(key, p.clone());
         Ok(p)
     }
 
-    /// Number of compiled pipelines in the cache.
-    pub fn pipeline_count(&self) -> usize {
-        self.pipelines.lock().expect("pipeline cache").len()
+    /// Keys of the compiled pipelines, sorted.
+    pub fn pipeline_keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self
+            .pipelines
+            .lock()
+            .expect("pipeline cache")
+            .keys()
+            .cloned()
+            .collect();
+        k.sort();
+        k
     }
 
     /// Checks that a buffer of `bytes` can exist on this device.
