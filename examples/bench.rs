@@ -158,7 +158,7 @@ fn main() -> stablerep::Result<()> {
             }),
         ];
         if gpu.caps.subgroup_size == Some(8) {
-            for (r, tn) in [(16, 8), (32, 4), (32, 8), (64, 4)] {
+            for (r, tn) in [(32, 4), (32, 8), (32, 12), (64, 4), (64, 8), (96, 4)] {
                 variants.push(Variant::Subgroup(SgTile { s: 8, r, tn }));
             }
         }
