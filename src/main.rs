@@ -100,8 +100,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
 }
 
 fn info(opts: &GpuOptions, json: bool) -> stablerep::Result<()> {
-    let instance = adapter::instance();
-    let all: Vec<_> = adapter::enumerate(&instance)
+    let all: Vec<_> = adapter::enumerate()
         .iter()
         .map(|a| adapter::summarize(&a.get_info()))
         .collect();

@@ -5,13 +5,11 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{assert_close, gpu, run_cpu, run_gpu, Rng};
+use common::{assert_close, gpu, input, run_cpu, run_gpu, Feeds, Rng};
 use stablerep::graph::{DType, Graph, NodeId};
 use stablerep::kernels::catalog::unary_ops;
 use stablerep::kernels::elementwise::UnaryOp;
 use stablerep::kernels::reduce::ReduceOp;
-
-type Feeds = HashMap<NodeId, Vec<f64>>;
 
 /// loss = sum(y * r) for a fixed random r, so every output element matters.
 fn weighted_loss(g: &mut Graph, f: &mut Feeds, rng: &mut Rng, y: NodeId) -> NodeId {
@@ -49,12 +47,6 @@ fn grad_check(what: &str, g: &mut Graph, f: &Feeds, loss: NodeId, wrt: &[NodeId]
     for (k, (a, b)) in got.iter().zip(&analytic).enumerate() {
         assert_close(&format!("{what}: GPU gradient {k}"), a, b, 2e-4, 2e-5);
     }
-}
-
-fn input(g: &mut Graph, f: &mut Feeds, rng: &mut Rng, shape: &[usize], lo: f64, hi: f64) -> NodeId {
-    let id = g.input(&format!("x{}", g.nodes.len()), shape);
-    f.insert(id, rng.vec(shape.iter().product(), lo, hi));
-    id
 }
 
 #[test]

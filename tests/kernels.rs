@@ -5,13 +5,11 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{assert_close, gpu, run_cpu, run_gpu, Rng};
+use common::{assert_close, gpu, input, run_cpu, run_gpu, Feeds, Rng};
 use stablerep::graph::{DType, Graph, NodeId};
 use stablerep::kernels::catalog::{binary_ops, unary_ops};
 use stablerep::kernels::elementwise::{BinaryOp, UnaryOp};
 use stablerep::kernels::reduce::{ReduceOp, RowOp};
-
-type Feeds = HashMap<NodeId, Vec<f64>>;
 
 fn check(
     what: &str,
@@ -28,19 +26,6 @@ fn check(
     for (k, (a, b)) in got.iter().zip(&want).enumerate() {
         assert_close(&format!("{what} output {k}"), a, b, rtol, atol);
     }
-}
-
-fn input(
-    g: &mut Graph,
-    feeds: &mut Feeds,
-    rng: &mut Rng,
-    shape: &[usize],
-    lo: f64,
-    hi: f64,
-) -> NodeId {
-    let id = g.input(&format!("x{}", g.nodes.len()), shape);
-    feeds.insert(id, rng.vec(shape.iter().product(), lo, hi));
-    id
 }
 
 #[test]

@@ -7,9 +7,9 @@ mod common;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use common::{assert_close, run_cpu, run_gpu, Rng};
+use common::{assert_close, input, run_cpu, run_gpu, Rng};
 use stablerep::gpu::{Gpu, GpuOptions};
-use stablerep::graph::{Graph, NodeId, ParamStore, Plan, PlanOptions};
+use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
 use stablerep::kernels::elementwise::UnaryOp;
 use stablerep::kernels::reduce::ReduceOp;
 
@@ -28,17 +28,6 @@ fn tiny() -> Arc<Gpu> {
     .clone()
 }
 
-fn input(
-    g: &mut Graph,
-    f: &mut HashMap<NodeId, Vec<f64>>,
-    rng: &mut Rng,
-    shape: &[usize],
-) -> NodeId {
-    let id = g.input(&format!("x{}", g.nodes.len()), shape);
-    f.insert(id, rng.vec(shape.iter().product(), -1.0, 1.0));
-    id
-}
-
 #[test]
 fn oversized_tensors_are_split_and_grids_folded() {
     let _l = LOCK.lock().unwrap();
@@ -47,16 +36,16 @@ fn oversized_tensors_are_split_and_grids_folded() {
     let mut rng = Rng(31);
     let mut g = Graph::new();
     let mut f = HashMap::new();
-    let x = input(&mut g, &mut f, &mut rng, &[5000]);
-    let y = input(&mut g, &mut f, &mut rng, &[5000]);
+    let x = input(&mut g, &mut f, &mut rng, &[5000], -1.0, 1.0);
+    let y = input(&mut g, &mut f, &mut rng, &[5000], -1.0, 1.0);
     let u = g.unary(UnaryOp::Tanh, x).unwrap();
     let s = g.add(u, y).unwrap();
-    let a = input(&mut g, &mut f, &mut rng, &[300, 40]);
-    let b = input(&mut g, &mut f, &mut rng, &[40, 24]);
+    let a = input(&mut g, &mut f, &mut rng, &[300, 40], -1.0, 1.0);
+    let b = input(&mut g, &mut f, &mut rng, &[40, 24], -1.0, 1.0);
     let c = g.matmul(a, b).unwrap();
-    let bt = input(&mut g, &mut f, &mut rng, &[24, 40]);
+    let bt = input(&mut g, &mut f, &mut rng, &[24, 40], -1.0, 1.0);
     let ct = g.matmul_t(a, bt, false, true).unwrap();
-    let r = input(&mut g, &mut f, &mut rng, &[200, 30]);
+    let r = input(&mut g, &mut f, &mut rng, &[200, 30], -1.0, 1.0);
     let sm = g.softmax(r).unwrap();
     let outs = [u, s, c, ct, sm];
     let got = run_gpu(&gpu, &g, &f, &HashMap::new(), &outs);

@@ -62,23 +62,44 @@ pub fn matches(info: &wgpu::AdapterInfo, filter: &str) -> bool {
     hay.contains(&f)
 }
 
-/// The instance, honouring `WGPU_BACKEND` (e.g. `vulkan`, `metal`, `dx12`, `gl`).
-pub fn instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+/// An instance over `backends`, honouring `WGPU_BACKEND` (e.g. `vulkan`, `metal`, `dx12`, `gl`).
+pub fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    if std::env::var("WGPU_BACKEND").is_err() {
+        desc.backends = backends;
+    }
+    wgpu::Instance::new(desc)
 }
 
-/// All adapters the instance sees, best first.
-pub fn enumerate(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+/// All adapters, best first. Native backends (Vulkan, Metal, DX12) are probed first; GL only
+/// when they offer nothing (probing GL needs a display and is noisy on headless machines).
+pub fn enumerate() -> Vec<wgpu::Adapter> {
+    let mut adapters = list(&instance(wgpu::Backends::PRIMARY));
+    if adapters.is_empty() {
+        adapters = list(&instance(wgpu::Backends::all()));
+    }
+    adapters
+}
+
+fn list(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
     let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
     adapters.sort_by_key(|a| std::cmp::Reverse(score(&a.get_info())));
     adapters
 }
 
 /// Chooses an adapter: the best-scoring one matching `filter` (or `STABLEREP_ADAPTER`).
-pub fn choose(instance: &wgpu::Instance, filter: Option<&str>) -> Result<wgpu::Adapter> {
+pub fn choose(filter: Option<&str>) -> Result<wgpu::Adapter> {
     let env_filter = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty());
     let filter = filter.map(str::to_string).or(env_filter);
-    let adapters = enumerate(instance);
+    let mut adapters = enumerate();
+    if let Some(f) = &filter {
+        if !adapters.iter().any(|a| matches(&a.get_info(), f))
+            && std::env::var("WGPU_BACKEND").is_err()
+        {
+            // The filter may name a GL adapter, which the first probe skipped.
+            adapters = list(&instance(wgpu::Backends::all()));
+        }
+    }
     let names: Vec<String> = adapters
         .iter()
         .map(|a| {

@@ -74,8 +74,7 @@ impl Gpu {
     /// Opens the best (or the requested) adapter with its own limits; falls back to WebGPU's
     /// defaults when the full limits are refused. Logs what was granted.
     pub fn new(opts: &GpuOptions) -> Result<Arc<Gpu>> {
-        let instance = adapter::instance();
-        let adapter = adapter::choose(&instance, opts.adapter.as_deref())?;
+        let adapter = adapter::choose(opts.adapter.as_deref())?;
         let info = adapter.get_info();
         if info.device_type == wgpu::DeviceType::Cpu {
             log::warn!(

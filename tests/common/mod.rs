@@ -130,6 +130,23 @@ pub fn run_cpu(
         .collect()
 }
 
+/// Random feeds for graph inputs.
+pub type Feeds = HashMap<NodeId, Vec<f64>>;
+
+/// A new f32 input of `shape` filled with uniform values in [lo, hi).
+pub fn input(
+    g: &mut Graph,
+    f: &mut Feeds,
+    rng: &mut Rng,
+    shape: &[usize],
+    lo: f64,
+    hi: f64,
+) -> NodeId {
+    let id = g.input(&format!("x{}", g.nodes.len()), shape);
+    f.insert(id, rng.vec(shape.iter().product(), lo, hi));
+    id
+}
+
 /// Asserts |gpu - cpu| <= atol + rtol * |cpu| elementwise, with no NaN.
 pub fn assert_close(what: &str, gpu: &[f32], cpu: &[f64], rtol: f64, atol: f64) {
     assert_eq!(gpu.len(), cpu.len(), "{what}: length");
