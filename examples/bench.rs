@@ -201,6 +201,11 @@ fn block_stack(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
     let l = plan.run_fetch(&[loss])?[0][0];
     let ms = t0.elapsed().as_secs_f64() * 1e3 / (steps + 1) as f64;
     let st = plan.stats();
+    if std::env::var("BENCH_PROFILE").is_ok() {
+        for (key, secs, count) in plan.profile()? {
+            println!("{}", json!({"bench": "block_stack_profile", "kernel": key, "ms": (secs * 1e4).round() / 10.0, "dispatches": count}));
+        }
+    }
     println!("{}", json!({
         "bench": "block_stack", "adapter": adapter, "batch": b, "tokens": t, "width": d, "layers": layers,
         "heads": heads, "mlp": mlp, "ms_per_step": (ms * 10.0).round() / 10.0, "loss": l,

@@ -117,6 +117,26 @@ impl Prepared {
         }
     }
 
+    /// Runs every step in its own submit and waits for it, returning (kernel key, seconds)
+    /// per step: a coarse profile (wall clock, includes one submit's overhead per step).
+    pub fn profile(&self, gpu: &Gpu) -> crate::error::Result<Vec<(String, f64)>> {
+        let mut out = Vec::with_capacity(self.steps.len());
+        for s in &self.steps {
+            let t0 = std::time::Instant::now();
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&s.pipeline);
+                pass.set_bind_group(0, &s.bind_group, &[]);
+                pass.dispatch_workgroups(s.groups[0], s.groups[1], s.groups[2]);
+            }
+            gpu.queue.submit([enc.finish()]);
+            gpu.wait()?;
+            out.push((s.key.clone(), t0.elapsed().as_secs_f64()));
+        }
+        Ok(out)
+    }
+
     /// Records into a fresh encoder and submits once.
     pub fn submit(&self, gpu: &Gpu) -> wgpu::SubmissionIndex {
         let mut enc = gpu.device.create_command_encoder(&Default::default());

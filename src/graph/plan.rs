@@ -417,6 +417,21 @@ impl Plan {
         )
     }
 
+    /// Runs the plan once dispatch by dispatch and returns the wall time per kernel key,
+    /// summed and sorted by time (most expensive first). Slower than [`Plan::run`]; for
+    /// finding hot spots.
+    pub fn profile(&self) -> Result<Vec<(String, f64, usize)>> {
+        let mut by_key: HashMap<String, (f64, usize)> = HashMap::new();
+        for (k, t) in self.prepared.profile(&self.gpu)? {
+            let e = by_key.entry(k).or_default();
+            e.0 += t;
+            e.1 += 1;
+        }
+        let mut v: Vec<(String, f64, usize)> = by_key.into_iter().map(|(k, (t, n))| (k, t, n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(v)
+    }
+
     /// Pipeline keys in execution order (profiling, debugging).
     pub fn kernel_keys(&self) -> Vec<&str> {
         self.prepared.steps.iter().map(|s| s.key.as_str()).collect()
