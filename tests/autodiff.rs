@@ -258,3 +258,24 @@ fn non_differentiable_ops_are_reported() {
     let err = g.grad(l, &[a]).unwrap_err();
     assert!(err.to_string().contains("not differentiable"), "{err}");
 }
+
+#[test]
+fn gradients_of_disjoint_slices_become_one_concat() {
+    let mut rng = Rng(16);
+    let mut g = Graph::new();
+    let mut f = Feeds::new();
+    let x = input(&mut g, &mut f, &mut rng, &[3, 7, 2], -1.0, 1.0);
+    // Pieces 0..2, 2..3 and 5..7 along axis 1 (a gap at 3..5), like a fused qkv split.
+    let a = g.slice(x, 1, 0, 2).unwrap();
+    let b = g.slice(x, 1, 2, 1).unwrap();
+    let c = g.slice(x, 1, 5, 2).unwrap();
+    let la = weighted_loss(&mut g, &mut f, &mut rng, a);
+    let lb = weighted_loss(&mut g, &mut f, &mut rng, b);
+    let lc = weighted_loss(&mut g, &mut f, &mut rng, c);
+    let l = g.add(la, lb).unwrap();
+    let l = g.add(l, lc).unwrap();
+    let before = g.nodes.len();
+    grad_check("disjoint slices", &mut g, &f, l, &[x], 1e-6);
+    let concat_used = g.nodes[before..].iter().any(|n| matches!(n.op, stablerep::graph::Op::Concat { .. }));
+    assert!(concat_used, "slice gradients should be combined by a concat");
+}

@@ -35,26 +35,23 @@ impl Graph {
                 needs[i] = true;
             }
         }
-        let mut grads: HashMap<usize, NodeId> = HashMap::new();
+        // Contributions are collected per node and combined when the node is reached (all
+        // of its users come later in the order, so by then every contribution is in).
+        let mut pending: HashMap<usize, Vec<NodeId>> = HashMap::new();
         let shape = self.shape(loss).to_vec();
         let seed = self.constant(1.0, &shape);
-        grads.insert(loss.0, seed);
+        pending.insert(loss.0, vec![seed]);
+        let mut grads: HashMap<usize, NodeId> = HashMap::new();
         for i in (0..=loss.0).rev() {
-            let Some(&dy) = grads.get(&i) else { continue };
-            if !needs[i] {
-                continue;
-            }
+            let Some(parts) = pending.remove(&i) else { continue };
+            let dy = self.combine(parts)?;
+            grads.insert(i, dy);
             let node = self.nodes[i].clone();
             let contribs = self.backward_of(NodeId(i), &node.op, &node.inputs, dy)?;
             for (inp, g) in contribs {
-                if !needs[inp.0] {
-                    continue;
+                if needs[inp.0] {
+                    pending.entry(inp.0).or_default().push(g);
                 }
-                let acc = match grads.get(&inp.0) {
-                    Some(&prev) => self.add(prev, g)?,
-                    None => g,
-                };
-                grads.insert(inp.0, acc);
             }
         }
         wrt.iter()
@@ -66,6 +63,59 @@ impl Graph {
                 }
             })
             .collect()
+    }
+
+    /// Sums gradient contributions. Contributions that are all zero-padded slices along one
+    /// axis with disjoint ranges (the gradients of slicing a tensor into pieces, as in a fused
+    /// qkv split) become one concatenation instead of full-size zero tensors added together.
+    fn combine(&mut self, mut parts: Vec<NodeId>) -> Result<NodeId> {
+        if parts.len() == 1 {
+            return Ok(parts[0]);
+        }
+        let pads: Option<Vec<(usize, usize, NodeId)>> = parts
+            .iter()
+            .map(|&p| match self.nodes[p.0].op {
+                Op::Pad { axis, start } => Some((axis, start, self.nodes[p.0].inputs[0])),
+                _ => None,
+            })
+            .collect();
+        if let Some(mut pads) = pads {
+            let axis = pads[0].0;
+            let full = self.shape(parts[0]).to_vec();
+            pads.sort_by_key(|p| p.1);
+            let same_axis = pads.iter().all(|p| p.0 == axis) && parts.iter().all(|&p| self.shape(p) == &full[..]);
+            let disjoint = pads
+                .windows(2)
+                .all(|w| w[0].1 + self.shape(w[0].2)[axis] <= w[1].1);
+            if same_axis && disjoint {
+                let mut pieces = Vec::new();
+                let mut at = 0;
+                for &(_, start, x) in &pads {
+                    if start > at {
+                        let mut s = full.clone();
+                        s[axis] = start - at;
+                        pieces.push(self.constant(0.0, &s));
+                    }
+                    pieces.push(x);
+                    at = start + self.shape(x)[axis];
+                }
+                if at < full[axis] {
+                    let mut s = full.clone();
+                    s[axis] = full[axis] - at;
+                    pieces.push(self.constant(0.0, &s));
+                }
+                return self.concat(&pieces, axis);
+            }
+        }
+        // Pairwise sum, balanced.
+        while parts.len() > 1 {
+            let mut next = Vec::with_capacity(parts.len().div_ceil(2));
+            for pair in parts.chunks(2) {
+                next.push(if pair.len() == 2 { self.add(pair[0], pair[1])? } else { pair[0] });
+            }
+            parts = next;
+        }
+        Ok(parts[0])
     }
 
     /// Gradient contributions of one node to its inputs.
