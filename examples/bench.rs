@@ -173,7 +173,12 @@ fn block_stack(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
     let sq = g.unary(UnaryOp::Square, x)?;
     let loss = g.mean_all(sq)?;
     let grads = g.grad(loss, &params)?;
-    let cfg = AdamW { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1 };
+    let cfg = AdamW {
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
     let hyper = g.adamw(&params, &grads, cfg, &[])?;
     let mut store = ParamStore::new();
     let mut seed = 1u64;
@@ -181,14 +186,23 @@ fn block_stack(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
         let node = g.node(id);
         let data: Vec<f32> = (0..node.numel())
             .map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
             })
             .collect();
-        store.set(gpu, node.name.as_deref().unwrap_or_default(), &node.shape, &data)?;
+        store.set(
+            gpu,
+            node.name.as_deref().unwrap_or_default(),
+            &node.shape,
+            &data,
+        )?;
     }
     let plan = Plan::compile(gpu, &g, &[loss], &mut store, PlanOptions::default())?;
-    let xs: Vec<f32> = (0..b * t * d).map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5).collect();
+    let xs: Vec<f32> = (0..b * t * d)
+        .map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5)
+        .collect();
     plan.write(x0, &xs)?;
     plan.write(hyper, &adam_hyper(1e-3, &cfg, 1))?;
     plan.run_fetch(&[loss])?;
@@ -203,14 +217,20 @@ fn block_stack(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
     let st = plan.stats();
     if std::env::var("BENCH_PROFILE").is_ok() {
         for (key, secs, count) in plan.profile()? {
-            println!("{}", json!({"bench": "block_stack_profile", "kernel": key, "ms": (secs * 1e4).round() / 10.0, "dispatches": count}));
+            println!(
+                "{}",
+                json!({"bench": "block_stack_profile", "kernel": key, "ms": (secs * 1e4).round() / 10.0, "dispatches": count})
+            );
         }
     }
-    println!("{}", json!({
-        "bench": "block_stack", "adapter": adapter, "batch": b, "tokens": t, "width": d, "layers": layers,
-        "heads": heads, "mlp": mlp, "ms_per_step": (ms * 10.0).round() / 10.0, "loss": l,
-        "dispatches_per_submit": st.dispatches, "plan_peak_bytes": st.peak_bytes, "sum_tensor_bytes": st.tensor_bytes,
-    }));
+    println!(
+        "{}",
+        json!({
+            "bench": "block_stack", "adapter": adapter, "batch": b, "tokens": t, "width": d, "layers": layers,
+            "heads": heads, "mlp": mlp, "ms_per_step": (ms * 10.0).round() / 10.0, "loss": l,
+            "dispatches_per_submit": st.dispatches, "plan_peak_bytes": st.peak_bytes, "sum_tensor_bytes": st.tensor_bytes,
+        })
+    );
     Ok(())
 }
 

@@ -1,6 +1,9 @@
 // Elementwise binary op c = f(a, b) with NumPy broadcasting (up to 8 dims): the uniform holds
-// the output shape and each operand's element strides (0 on broadcast dims). Template:
-// <EXPR> in terms of a and b; <HELPERS> for shared math.
+// the output shape and each operand's strides (0 on broadcast dims). Template: <EXPR> is f in
+// terms of scalars a and b. Vectorized form (<C_TY> = vec4<f32>): each invocation computes 4
+// consecutive outputs along the innermost dim; an operand is read as vec4 when it runs along
+// that dim (<A_TY>/<B_TY> = vec4<f32>) or as a broadcast scalar when its innermost stride is 0.
+// Shapes, strides and offsets are in units of each binding's element type.
 
 struct Params {
     n: u32,
@@ -17,11 +20,20 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> as_: array<f32>;
-@group(0) @binding(2) var<storage, read> bs: array<f32>;
-@group(0) @binding(3) var<storage, read_write> cs: array<f32>;
+@group(0) @binding(1) var<storage, read> as_: array<{{A_TY}}>;
+@group(0) @binding(2) var<storage, read> bs: array<{{B_TY}}>;
+@group(0) @binding(3) var<storage, read_write> cs: array<{{C_TY}}>;
 
 {{HELPERS}}
+
+fn f(a: f32, b: f32) -> f32 {
+    return {{EXPR}};
+}
+
+fn apply(a: f32, b: f32) -> f32 { return f(a, b); }
+fn apply4(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(f(a.x, b.x), f(a.y, b.y), f(a.z, b.z), f(a.w, b.w));
+}
 
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -37,7 +49,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         ia += idx * p.sa[d / 4][d % 4];
         ib += idx * p.sb[d / 4][d % 4];
     }
-    let a = as_[p.off_a + ia];
-    let b = bs[p.off_b + ib];
-    cs[p.off_c + i] = {{EXPR}};
+    cs[p.off_c + i] = {{APPLY}}({{LOAD_A}}(as_[p.off_a + ia]), {{LOAD_B}}(bs[p.off_b + ib]));
 }

@@ -1,6 +1,7 @@
 // Strided copy: y[off_y + sum_d i_d * sy_d] = x[off_x + sum_d i_d * sx_d] over an index space
 // of up to 8 dims. One kernel serves permute/transpose, expand (stride 0), slice, concat
-// pieces and pad placement.
+// pieces and pad placement. <TY> is vec4<f32> when the innermost dim is contiguous in both
+// tensors and everything is vec4-aligned (shape, strides and offsets then count vec4s).
 
 struct Params {
     n: u32,
@@ -13,8 +14,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> xs: array<f32>;
-@group(0) @binding(2) var<storage, read_write> ys: array<f32>;
+@group(0) @binding(1) var<storage, read> xs: array<{{TY}}>;
+@group(0) @binding(2) var<storage, read_write> ys: array<{{TY}}>;
 
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {

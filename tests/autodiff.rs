@@ -276,6 +276,11 @@ fn gradients_of_disjoint_slices_become_one_concat() {
     let l = g.add(l, lc).unwrap();
     let before = g.nodes.len();
     grad_check("disjoint slices", &mut g, &f, l, &[x], 1e-6);
-    let concat_used = g.nodes[before..].iter().any(|n| matches!(n.op, stablerep::graph::Op::Concat { .. }));
-    assert!(concat_used, "slice gradients should be combined by a concat");
+    let concat_used = g.nodes[before..]
+        .iter()
+        .any(|n| matches!(n.op, stablerep::graph::Op::Concat { .. }));
+    assert!(
+        concat_used,
+        "slice gradients should be combined by a concat"
+    );
 }

@@ -110,8 +110,13 @@ fn matmul_shared_right_operand() {
 #[test]
 fn unary_and_scalar_ops() {
     let mut rng = Rng(3);
-    for op in unary_ops() {
-        let n = rng.int(1, 97) * rng.int(1, 3);
+    for (k, op) in unary_ops().into_iter().enumerate() {
+        // Alternate vec4-aligned and ragged sizes so both kernel forms run.
+        let n = if k % 2 == 0 {
+            4 * rng.int(1, 40)
+        } else {
+            4 * rng.int(1, 40) + rng.int(1, 3)
+        };
         let (lo, hi) = match op {
             UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Pow(_) | UnaryOp::Recip => {
                 (0.2, 3.0)
@@ -137,8 +142,12 @@ fn unary_and_scalar_ops() {
 #[test]
 fn binary_ops_with_broadcasting() {
     let mut rng = Rng(4);
-    let shapes: [(&[usize], &[usize]); 5] = [
+    let shapes: [(&[usize], &[usize]); 9] = [
         (&[7, 13], &[7, 13]),
+        (&[4, 8], &[4, 8]),
+        (&[3, 8], &[8]),
+        (&[3, 8], &[3, 1]),
+        (&[2, 1, 12], &[2, 5, 12]),
         (&[3, 5, 11], &[11]),
         (&[3, 1, 11], &[1, 5, 1]),
         (&[2, 9, 1], &[9, 4]),

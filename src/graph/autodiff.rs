@@ -43,7 +43,9 @@ impl Graph {
         pending.insert(loss.0, vec![seed]);
         let mut grads: HashMap<usize, NodeId> = HashMap::new();
         for i in (0..=loss.0).rev() {
-            let Some(parts) = pending.remove(&i) else { continue };
+            let Some(parts) = pending.remove(&i) else {
+                continue;
+            };
             let dy = self.combine(parts)?;
             grads.insert(i, dy);
             let node = self.nodes[i].clone();
@@ -83,7 +85,8 @@ impl Graph {
             let axis = pads[0].0;
             let full = self.shape(parts[0]).to_vec();
             pads.sort_by_key(|p| p.1);
-            let same_axis = pads.iter().all(|p| p.0 == axis) && parts.iter().all(|&p| self.shape(p) == &full[..]);
+            let same_axis = pads.iter().all(|p| p.0 == axis)
+                && parts.iter().all(|&p| self.shape(p) == &full[..]);
             let disjoint = pads
                 .windows(2)
                 .all(|w| w[0].1 + self.shape(w[0].2)[axis] <= w[1].1);
@@ -111,7 +114,11 @@ impl Graph {
         while parts.len() > 1 {
             let mut next = Vec::with_capacity(parts.len().div_ceil(2));
             for pair in parts.chunks(2) {
-                next.push(if pair.len() == 2 { self.add(pair[0], pair[1])? } else { pair[0] });
+                next.push(if pair.len() == 2 {
+                    self.add(pair[0], pair[1])?
+                } else {
+                    pair[0]
+                });
             }
             parts = next;
         }

@@ -427,7 +427,8 @@ impl Plan {
             e.0 += t;
             e.1 += 1;
         }
-        let mut v: Vec<(String, f64, usize)> = by_key.into_iter().map(|(k, (t, n))| (k, t, n)).collect();
+        let mut v: Vec<(String, f64, usize)> =
+            by_key.into_iter().map(|(k, (t, n))| (k, t, n)).collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         Ok(v)
     }

@@ -227,7 +227,7 @@ pub fn chunked(
             limit_name: "max_storage_buffer_binding_size",
         });
     }
-    let per = super::max_bind_elems(caps).max(1);
+    let per = (super::max_bind_elems(caps) / 4 * 4).max(4);
     let mut out = Vec::new();
     let mut start = 0;
     while start < n || (n == 0 && out.is_empty()) {
@@ -255,6 +255,20 @@ fn f32w(v: f32) -> u32 {
     v.to_bits()
 }
 
+/// The vec4 form of a same-shape launch: element count and offsets all multiples of 4.
+fn vec4_ok(count: u64, offsets: &[u32]) -> bool {
+    count.is_multiple_of(4) && offsets.iter().all(|o| o.is_multiple_of(4))
+}
+
+/// Type name, apply function and unit divisor for a scalar or vec4 launch.
+fn vec_parts(vec: bool) -> (&'static str, &'static str, u32) {
+    if vec {
+        ("vec4<f32>", "apply4", 4)
+    } else {
+        ("f32", "apply", 1)
+    }
+}
+
 /// y = op(x) over `x.len` elements.
 pub fn unary(op: UnaryOp, x: View, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
     if y.len < x.len {
@@ -268,16 +282,29 @@ pub fn unary(op: UnaryOp, x: View, y: View, caps: &Caps) -> Result<Vec<Dispatch>
         caps,
         op.name(),
         |b, _, count| {
+            let vec = vec4_ok(count, &[b[0].1, b[1].1]);
+            let (ty, apply, w) = vec_parts(vec);
             Ok(Dispatch {
-                key: format!("unary_{}", op.name()),
+                key: format!("unary_{}{}", op.name(), if vec { "_v4" } else { "" }),
                 template: "unary",
                 subst: vec![
                     ("EXPR", op.expr().to_string()),
                     ("HELPERS", HELPERS.to_string()),
+                    ("TY", ty.into()),
+                    ("APPLY", apply.into()),
                 ],
-                uniform: uniform(&[count as u32, b[0].1, b[1].1, 0, f32w(al), f32w(be), 0, 0]),
+                uniform: uniform(&[
+                    (count / w as u64) as u32,
+                    b[0].1 / w,
+                    b[1].1 / w,
+                    0,
+                    f32w(al),
+                    f32w(be),
+                    0,
+                    0,
+                ]),
                 bindings: vec![b[0].0, b[1].0],
-                groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+                groups: grid((count / w as u64).div_ceil(WG_1D as u64), caps)?,
             })
         },
     )
@@ -286,13 +313,24 @@ pub fn unary(op: UnaryOp, x: View, y: View, caps: &Caps) -> Result<Vec<Dispatch>
 /// Fills `y` with `value`.
 pub fn fill(value: f32, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
     chunked(y.len, &[y], &[true], caps, "fill", |b, _, count| {
+        let vec = vec4_ok(count, &[b[0].1]);
+        let (ty, _, w) = vec_parts(vec);
         Ok(Dispatch {
-            key: "fill".into(),
+            key: format!("fill{}", if vec { "_v4" } else { "" }),
             template: "fill",
-            subst: vec![],
-            uniform: uniform(&[count as u32, b[0].1, 0, 0, f32w(value), 0, 0, 0]),
+            subst: vec![("TY", ty.into())],
+            uniform: uniform(&[
+                (count / w as u64) as u32,
+                b[0].1 / w,
+                0,
+                0,
+                f32w(value),
+                0,
+                0,
+                0,
+            ]),
             bindings: vec![b[0].0],
-            groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+            groups: grid((count / w as u64).div_ceil(WG_1D as u64), caps)?,
         })
     })
 }
@@ -420,8 +458,19 @@ pub fn binary(
         return Err(Error::shape(op.key(), "buffer smaller than its shape"));
     }
     let same = a_shape == b_shape;
-    let subst = vec![("EXPR", op.expr()), ("HELPERS", HELPERS.to_string())];
     let key = format!("binary_{}", op.key());
+    let subst = |ta: &str, tb: &str, tc: &str, apply: &str, la: &str, lb: &str| {
+        vec![
+            ("EXPR", op.expr()),
+            ("HELPERS", HELPERS.to_string()),
+            ("A_TY", ta.to_string()),
+            ("B_TY", tb.to_string()),
+            ("C_TY", tc.to_string()),
+            ("APPLY", apply.to_string()),
+            ("LOAD_A", la.to_string()),
+            ("LOAD_B", lb.to_string()),
+        ]
+    };
     if same {
         return chunked(
             n as u64,
@@ -430,17 +479,28 @@ pub fn binary(
             caps,
             "binary op",
             |bd, _, count| {
-                let mut w = vec![count as u32, 1, bd[0].1, bd[1].1, bd[2].1, 0, 0, 0];
-                w.extend(pack8(&[count as usize]));
-                w.extend(pack8(&[1]));
-                w.extend(pack8(&[1]));
+                let vec = vec4_ok(count, &[bd[0].1, bd[1].1, bd[2].1]);
+                let (ty, apply, w) = vec_parts(vec);
+                let mut words = vec![
+                    (count / w as u64) as u32,
+                    1,
+                    bd[0].1 / w,
+                    bd[1].1 / w,
+                    bd[2].1 / w,
+                    0,
+                    0,
+                    0,
+                ];
+                words.extend(pack8(&[(count / w as u64) as usize]));
+                words.extend(pack8(&[1]));
+                words.extend(pack8(&[1]));
                 Ok(Dispatch {
-                    key: key.clone(),
+                    key: format!("{key}{}", if vec { "_v4" } else { "" }),
                     template: "binary",
-                    subst: subst.clone(),
-                    uniform: uniform(&w),
+                    subst: subst(ty, ty, ty, apply, "", ""),
+                    uniform: uniform(&words),
                     bindings: vec![bd[0].0, bd[1].0, bd[2].0],
-                    groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+                    groups: grid((count / w as u64).div_ceil(WG_1D as u64), caps)?,
                 })
             },
         );
@@ -448,23 +508,67 @@ pub fn binary(
     let sa = broadcast_strides(a_shape, &out);
     let sb = broadcast_strides(b_shape, &out);
     let sc = strides(&out);
-    let (shape, st) = coalesce(&out, &[sa, sb, sc]);
+    let (mut shape, mut st) = coalesce(&out, &[sa, sb, sc]);
     if shape.len() > 8 {
         return Err(Error::shape(op.key(), "more than 8 non-mergeable dims"));
     }
-    let (ba, oa) = super::bind_all(&a, caps, "binary operand a")?;
-    let (bb, ob) = super::bind_all(&b, caps, "binary operand b")?;
-    let (bc, oc) = super::bind_all(&c, caps, "binary output")?;
-    let mut w = vec![n as u32, shape.len() as u32, oa, ob, oc, 0, 0, 0];
+    let (ba, mut oa) = super::bind_all(&a, caps, "binary operand a")?;
+    let (bb, mut ob) = super::bind_all(&b, caps, "binary operand b")?;
+    let (bc, mut oc) = super::bind_all(&c, caps, "binary output")?;
+    // Vectorize along the innermost dim when every operand either runs along it (then read
+    // as vec4) or is broadcast over it (then read as a scalar and splatted).
+    let r = shape.len() - 1;
+    let runs = |k: usize, off: u32| {
+        st[k][r] == 1 && st[k][..r].iter().all(|s| s.is_multiple_of(4)) && off.is_multiple_of(4)
+    };
+    let (va, vb) = (runs(0, oa), runs(1, ob));
+    let vec = shape[r].is_multiple_of(4)
+        && oc.is_multiple_of(4)
+        && (va || st[0][r] == 0)
+        && (vb || st[1][r] == 0)
+        && (va || vb);
+    let mut units = n as u64;
+    if vec {
+        shape[r] /= 4;
+        units /= 4;
+        oc /= 4;
+        for (k, v) in [(0, va), (1, vb)] {
+            if v {
+                for d in 0..r {
+                    st[k][d] /= 4;
+                }
+            }
+        }
+        if va {
+            oa /= 4;
+        }
+        if vb {
+            ob /= 4;
+        }
+    }
+    let ty = |v: bool| if v { "vec4<f32>" } else { "f32" };
+    let load = |v: bool| if vec && !v { "vec4<f32>" } else { "" };
+    let mut w = vec![units as u32, shape.len() as u32, oa, ob, oc, 0, 0, 0];
     w.extend(pack8(&shape));
     w.extend(pack8(&st[0]));
     w.extend(pack8(&st[1]));
     Ok(vec![Dispatch {
-        key,
+        key: if vec {
+            format!("{key}_bv{}{}", va as u8, vb as u8)
+        } else {
+            key.clone()
+        },
         template: "binary",
-        subst,
+        subst: subst(
+            ty(vec && va),
+            ty(vec && vb),
+            ty(vec),
+            if vec { "apply4" } else { "apply" },
+            load(va),
+            load(vb),
+        ),
         uniform: uniform(&w),
         bindings: vec![ba, bb, bc],
-        groups: grid((n as u64).div_ceil(WG_1D as u64), caps)?,
+        groups: grid(units.div_ceil(WG_1D as u64), caps)?,
     }])
 }

@@ -56,17 +56,41 @@ pub fn strided_copy(
     }
     let (bx, ox) = bind_all(&x, caps, "copy source")?;
     let (by, oy) = bind_all(&y, caps, "copy destination")?;
-    let mut w = vec![n as u32, s.len() as u32, ox + x0 as u32, oy + y0 as u32];
+    let (mut ox, mut oy) = (ox + x0 as u32, oy + y0 as u32);
+    // vec4 copy when the innermost dim is contiguous on both sides and everything aligns.
+    let r = s.len() - 1;
+    let vec = a[r] == 1
+        && b[r] == 1
+        && s[r].is_multiple_of(4)
+        && a[..r].iter().chain(&b[..r]).all(|v| v.is_multiple_of(4))
+        && ox.is_multiple_of(4)
+        && oy.is_multiple_of(4);
+    let mut units = n;
+    if vec {
+        s[r] /= 4;
+        units /= 4;
+        for d in 0..r {
+            a[d] /= 4;
+            b[d] /= 4;
+        }
+        ox /= 4;
+        oy /= 4;
+    }
+    let mut w = vec![units as u32, s.len() as u32, ox, oy];
     w.extend(pack8(&s));
     w.extend(pack8(&a));
     w.extend(pack8(&b));
     Ok(vec![Dispatch {
-        key: "permute".into(),
+        key: if vec {
+            "permute_v4".into()
+        } else {
+            "permute".into()
+        },
         template: "permute",
-        subst: vec![],
+        subst: vec![("TY", if vec { "vec4<f32>" } else { "f32" }.into())],
         uniform: uniform(&w),
         bindings: vec![bx, by],
-        groups: grid((n as u64).div_ceil(WG_1D as u64), caps)?,
+        groups: grid((units as u64).div_ceil(WG_1D as u64), caps)?,
     }])
 }
 
