@@ -1,6 +1,8 @@
 // Sums a tensor down to a broadcast-compatible shape (the backward of broadcasting): each
 // output element adds every input element that broadcast to it. The uniform gives the output
-// dims with their input strides, and the reduced dims with theirs.
+// dims with their input strides, and the reduced dims with theirs. <TY> is vec4<f32> when the
+// innermost output dim is contiguous in the input and everything is vec4-aligned (then all
+// counts, strides and offsets are in vec4s).
 
 struct Params {
     n: u32,
@@ -18,8 +20,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> xs: array<f32>;
-@group(0) @binding(2) var<storage, read_write> ys: array<f32>;
+@group(0) @binding(1) var<storage, read> xs: array<{{TY}}>;
+@group(0) @binding(2) var<storage, read_write> ys: array<{{TY}}>;
 
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -32,7 +34,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         base += (rem % dim) * p.out_stride[d / 4][d % 4];
         rem = rem / dim;
     }
-    var acc = 0.0;
+    var acc = {{TY}}(0.0);
     for (var r = 0u; r < p.count_red; r++) {
         var rr = r;
         var off = base;

@@ -101,6 +101,7 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
     out.extend(elementwise::fill(0.0, v(0, 4), &caps)?);
     out.extend(layout::permute(v(0, 6), &[2, 3], &[1, 0], v(1, 6), &caps)?);
     out.extend(layout::sum_to(v(0, 6), &[2, 3], v(1, 3), &[1, 3], &caps)?);
+    out.extend(layout::sum_to(v(0, 8), &[2, 4], v(1, 4), &[1, 4], &caps)?);
     out.extend(layout::gather(v(0, 6), 3, 2, v(1, 2), v(2, 4), &caps)?);
     out.extend(layout::gather_grad(v(0, 2), v(1, 4), 3, 2, v(2, 6), &caps)?);
     for r in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {

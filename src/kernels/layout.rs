@@ -120,7 +120,8 @@ pub fn sum_to(
         return Err(Error::shape("sum_to", "ranks differ"));
     }
     let st = strides(in_shape);
-    let (mut os, mut ost, mut rs, mut rst) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut os, mut ost, mut rs, mut rst): (Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for d in 0..in_shape.len() {
         if out_shape[d] == in_shape[d] {
             os.push(in_shape[d]);
@@ -140,10 +141,28 @@ pub fn sum_to(
     }
     let n: usize = os.iter().product();
     let count: usize = rs.iter().product();
-    let (bx, ox) = bind_all(&x, caps, "sum_to input")?;
-    let (by, oy) = bind_all(&y, caps, "sum_to output")?;
+    let (bx, mut ox) = bind_all(&x, caps, "sum_to input")?;
+    let (by, mut oy) = bind_all(&y, caps, "sum_to output")?;
+    let mut units = n;
+    let last = os.len().checked_sub(1);
+    let vec = last.is_some_and(|r| {
+        ost[r] == 1
+            && os[r].is_multiple_of(4)
+            && ost[..r].iter().chain(&rst).all(|v| v.is_multiple_of(4))
+            && ox.is_multiple_of(4)
+            && oy.is_multiple_of(4)
+    });
+    if let (true, Some(r)) = (vec, last) {
+        os[r] /= 4;
+        units /= 4;
+        for v in ost[..r].iter_mut().chain(rst.iter_mut()) {
+            *v /= 4;
+        }
+        ox /= 4;
+        oy /= 4;
+    }
     let mut w = vec![
-        n as u32,
+        units as u32,
         os.len() as u32,
         rs.len() as u32,
         count as u32,
@@ -157,12 +176,16 @@ pub fn sum_to(
     w.extend(pack8(&rs));
     w.extend(pack8(&rst));
     Ok(vec![Dispatch {
-        key: "sum_to".into(),
+        key: if vec {
+            "sum_to_v4".into()
+        } else {
+            "sum_to".into()
+        },
         template: "sum_to",
-        subst: vec![],
+        subst: vec![("TY", if vec { "vec4<f32>" } else { "f32" }.into())],
         uniform: uniform(&w),
         bindings: vec![bx, by],
-        groups: grid((n as u64).div_ceil(WG_1D as u64), caps)?,
+        groups: grid((units as u64).div_ceil(WG_1D as u64), caps)?,
     }])
 }
 
