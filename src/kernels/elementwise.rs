@@ -534,8 +534,8 @@ pub fn binary(
         oc /= 4;
         for (k, v) in [(0, va), (1, vb)] {
             if v {
-                for d in 0..r {
-                    st[k][d] /= 4;
+                for s in st[k][..r].iter_mut() {
+                    *s /= 4;
                 }
             }
         }
