@@ -284,3 +284,16 @@ fn gradients_of_disjoint_slices_become_one_concat() {
         "slice gradients should be combined by a concat"
     );
 }
+
+#[test]
+fn long_reduction_gradients_through_the_two_stage_split() {
+    let mut rng = Rng(18);
+    for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let x = input(&mut g, &mut f, &mut rng, &[2, 4800], -1.0, 1.0);
+        let y = g.reduce(op, x, 1).unwrap();
+        let l = weighted_loss(&mut g, &mut f, &mut rng, y);
+        grad_check(&format!("long reduce {op:?}"), &mut g, &f, l, &[x], 1e-6);
+    }
+}

@@ -397,3 +397,38 @@ fn optimizer_updates_match_reference() {
     }
     drop(lock);
 }
+
+#[test]
+fn long_reductions_run_in_two_stages() {
+    let mut rng = Rng(17);
+    for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let x = input(&mut g, &mut f, &mut rng, &[3, 4800], -1.0, 1.0);
+        let before = g.nodes.len();
+        let y = g.reduce(op, x, 1).unwrap();
+        let reduces = g.nodes[before..]
+            .iter()
+            .filter(|n| matches!(n.op, stablerep::graph::Op::Reduce { .. }))
+            .count();
+        assert_eq!(
+            reduces, 2,
+            "{op:?}: a 4800-long reduction into 3 outputs should split"
+        );
+        check(
+            &format!("long reduce {op:?}"),
+            &g,
+            &f,
+            &HashMap::new(),
+            &[y],
+            1e-5,
+            1e-4,
+        );
+    }
+    // Bias-gradient shape: [rows, C] summed to [C].
+    let mut g = Graph::new();
+    let mut f = Feeds::new();
+    let x = input(&mut g, &mut f, &mut rng, &[4096, 12], -1.0, 1.0);
+    let y = g.sum_to(x, &[12]).unwrap();
+    check("long sum_to", &g, &f, &HashMap::new(), &[y], 1e-5, 1e-4);
+}

@@ -350,6 +350,24 @@ impl Graph {
             ));
         }
         s.remove(axis);
+        // A long reduction into few outputs runs as two: one invocation per output would
+        // loop over the whole axis serially (slow on GPUs). [.., len, ..] becomes
+        // [.., c, len / c, ..], reduced over len / c and then over c (exact for sum and max,
+        // and for mean since the chunks have equal size).
+        let full = self.shape(x).to_vec();
+        let (outer, len, inner) = (numel(&full[..axis]), full[axis], numel(&full[axis + 1..]));
+        if outer * inner <= 4096 && len >= 4096 {
+            if let Some(c) = split_factor(len) {
+                let mut split = full.clone();
+                split[axis] = len / c;
+                split.insert(axis, c);
+                let r = self.reshape(x, &split)?;
+                let mut s1 = split.clone();
+                s1.remove(axis + 1);
+                let partial = self.push(Op::Reduce { op, axis: axis + 1 }, vec![r], s1, DType::F32);
+                return Ok(self.push(Op::Reduce { op, axis }, vec![partial], s, DType::F32));
+            }
+        }
         Ok(self.push(Op::Reduce { op, axis }, vec![x], s, DType::F32))
     }
 
@@ -418,6 +436,15 @@ impl Graph {
         }
         let mut full = vec![1; s.len() - shape.len()];
         full.extend(shape);
+        // Summing away leading dims only (bias gradients: [rows, C] -> [C]) is a reduction
+        // over one flattened axis, which `reduce` splits when it is long.
+        let lead = full.iter().take_while(|&&d| d == 1).count();
+        if full[lead..] == s[lead..] && lead > 0 {
+            let rows = numel(&s[..lead]);
+            let flat = self.reshape(x, &[rows, numel(&s[lead..])])?;
+            let y = self.reduce(ReduceOp::Sum, flat, 0)?;
+            return self.reshape(y, shape);
+        }
         let y = self.push(Op::SumTo, vec![x], full, DType::F32);
         self.reshape(y, shape)
     }
@@ -707,6 +734,14 @@ impl Graph {
         }
         Ok(hyper)
     }
+}
+
+/// A divisor of `len` near its square root (at least 16), to split a long reduction in two.
+fn split_factor(len: usize) -> Option<usize> {
+    let root = (len as f64).sqrt() as usize;
+    (16..=root.max(16))
+        .rev()
+        .find(|c| len.is_multiple_of(*c) && len / c >= 16)
 }
 
 /// The AdamW `hyper` values for step `t` (1-based): [lr, 1 - beta1^t, 1 - beta2^t].
