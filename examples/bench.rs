@@ -114,102 +114,31 @@ fn time_matmul(
 /// Forward + backward + AdamW of a pre-norm transformer block stack (batch 32, 64 tokens,
 /// width 192, 4 layers, 3 heads, MLP 768), built from the engine's generic ops.
 fn block_stack(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
-    use stablerep::graph::{adam_hyper, NodeId};
-    use stablerep::kernels::optim::AdamW;
-    let (b, t, d, layers, heads, mlp) = (32usize, 64usize, 192usize, 4usize, 3usize, 768usize);
-    let dh = d / heads;
-    let mut g = Graph::new();
-    let x0 = g.input("x", &[b * t, d]);
-    let mut params: Vec<NodeId> = Vec::new();
-    let mut p = |g: &mut Graph, name: String, shape: &[usize]| {
-        let id = g.param(&name, shape);
-        params.push(id);
-        id
+    use stablerep::demo::{transformer_stack, StackConfig};
+    use stablerep::graph::adam_hyper;
+    let cfg = StackConfig {
+        batch: 32,
+        tokens: 64,
+        width: 192,
+        layers: 4,
+        heads: 3,
+        mlp: 768,
     };
-    let mut x = x0;
-    for l in 0..layers {
-        let n1w = p(&mut g, format!("b{l}.norm1.weight"), &[d]);
-        let n1b = p(&mut g, format!("b{l}.norm1.bias"), &[d]);
-        let qkv_w = p(&mut g, format!("b{l}.attn.qkv.weight"), &[3 * d, d]);
-        let qkv_b = p(&mut g, format!("b{l}.attn.qkv.bias"), &[3 * d]);
-        let pw = p(&mut g, format!("b{l}.attn.proj.weight"), &[d, d]);
-        let pb = p(&mut g, format!("b{l}.attn.proj.bias"), &[d]);
-        let n2w = p(&mut g, format!("b{l}.norm2.weight"), &[d]);
-        let n2b = p(&mut g, format!("b{l}.norm2.bias"), &[d]);
-        let f1w = p(&mut g, format!("b{l}.mlp.fc1.weight"), &[mlp, d]);
-        let f1b = p(&mut g, format!("b{l}.mlp.fc1.bias"), &[mlp]);
-        let f2w = p(&mut g, format!("b{l}.mlp.fc2.weight"), &[d, mlp]);
-        let f2b = p(&mut g, format!("b{l}.mlp.fc2.bias"), &[d]);
-        let h = g.layer_norm(x, n1w, n1b, 1e-6)?;
-        let qkv = g.matmul_t(h, qkv_w, false, true)?;
-        let qkv = g.add(qkv, qkv_b)?;
-        let qkv = g.reshape(qkv, &[b, t, 3, heads, dh])?;
-        let qkv = g.permute(qkv, &[2, 0, 3, 1, 4])?;
-        let qkv = g.reshape(qkv, &[3, b * heads, t, dh])?;
-        let q = g.slice(qkv, 0, 0, 1)?;
-        let q = g.reshape(q, &[b * heads, t, dh])?;
-        let k = g.slice(qkv, 0, 1, 1)?;
-        let k = g.reshape(k, &[b * heads, t, dh])?;
-        let v = g.slice(qkv, 0, 2, 1)?;
-        let v = g.reshape(v, &[b * heads, t, dh])?;
-        let s = g.matmul_t(q, k, false, true)?;
-        let s = g.affine(s, 1.0 / (dh as f32).sqrt(), 0.0)?;
-        let a = g.softmax(s)?;
-        let o = g.matmul(a, v)?;
-        let o = g.reshape(o, &[b, heads, t, dh])?;
-        let o = g.permute(o, &[0, 2, 1, 3])?;
-        let o = g.reshape(o, &[b * t, d])?;
-        let o = g.matmul_t(o, pw, false, true)?;
-        let o = g.add(o, pb)?;
-        x = g.add(x, o)?;
-        let h = g.layer_norm(x, n2w, n2b, 1e-6)?;
-        let h = g.matmul_t(h, f1w, false, true)?;
-        let h = g.add(h, f1b)?;
-        let h = g.unary(UnaryOp::Gelu, h)?;
-        let h = g.matmul_t(h, f2w, false, true)?;
-        let h = g.add(h, f2b)?;
-        x = g.add(x, h)?;
-    }
-    let sq = g.unary(UnaryOp::Square, x)?;
-    let loss = g.mean_all(sq)?;
-    let grads = g.grad(loss, &params)?;
-    let cfg = AdamW {
-        beta1: 0.9,
-        beta2: 0.98,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
-    let hyper = g.adamw(&params, &grads, cfg, &[])?;
+    let (g, x0, loss, params, hyper, adam) = transformer_stack(&cfg)?;
     let mut store = ParamStore::new();
-    let mut seed = 1u64;
-    for &id in &params {
-        let node = g.node(id);
-        let data: Vec<f32> = (0..node.numel())
-            .map(|_| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
-            })
-            .collect();
-        store.set(
-            gpu,
-            node.name.as_deref().unwrap_or_default(),
-            &node.shape,
-            &data,
-        )?;
-    }
+    stablerep::demo::init_params(gpu, &g, &params, &mut store, 1)?;
     let plan = Plan::compile(gpu, &g, &[loss], &mut store, PlanOptions::default())?;
-    let xs: Vec<f32> = (0..b * t * d)
+    let n = cfg.batch * cfg.tokens * cfg.width;
+    let xs: Vec<f32> = (0..n)
         .map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5)
         .collect();
     plan.write(x0, &xs)?;
-    plan.write(hyper, &adam_hyper(1e-3, &cfg, 1))?;
+    plan.write(hyper, &adam_hyper(1e-3, &adam, 1))?;
     plan.run_fetch(&[loss])?;
     let steps = if gpu.caps.is_cpu { 3 } else { 20 };
     let t0 = Instant::now();
     for s in 0..steps {
-        plan.write(hyper, &adam_hyper(1e-3, &cfg, s as u32 + 2))?;
+        plan.write(hyper, &adam_hyper(1e-3, &adam, s as u32 + 2))?;
         plan.run()?;
     }
     let l = plan.run_fetch(&[loss])?[0][0];
@@ -226,8 +155,8 @@ fn block_stack(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
     println!(
         "{}",
         json!({
-            "bench": "block_stack", "adapter": adapter, "batch": b, "tokens": t, "width": d, "layers": layers,
-            "heads": heads, "mlp": mlp, "ms_per_step": (ms * 10.0).round() / 10.0, "loss": l,
+            "bench": "block_stack", "adapter": adapter, "batch": cfg.batch, "tokens": cfg.tokens, "width": cfg.width,
+            "layers": cfg.layers, "heads": cfg.heads, "mlp": cfg.mlp, "ms_per_step": (ms * 10.0).round() / 10.0, "loss": l,
             "dispatches_per_submit": st.dispatches, "plan_peak_bytes": st.peak_bytes, "sum_tensor_bytes": st.tensor_bytes,
         })
     );

@@ -199,3 +199,126 @@ pub fn train_mlp(
         ms_per_step,
     })
 }
+
+/// Shape of a pre-norm transformer block stack (the ViT encoder's core).
+#[derive(Clone, Copy, Debug)]
+pub struct StackConfig {
+    /// Sequences per batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub tokens: usize,
+    /// Model width.
+    pub width: usize,
+    /// Blocks.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// MLP hidden width.
+    pub mlp: usize,
+}
+
+/// Builds `x -> blocks -> mean(x^2)` with gradients and AdamW updates for every parameter.
+/// Returns (graph, input x [batch*tokens, width], loss, parameters, AdamW hyper input, AdamW
+/// settings). Attention is expressed with batched matmuls and softmax; parameter names follow
+/// timm (`b{l}.attn.qkv.weight`, ...).
+#[allow(clippy::type_complexity)]
+pub fn transformer_stack(
+    c: &StackConfig,
+) -> Result<(
+    Graph,
+    crate::graph::NodeId,
+    crate::graph::NodeId,
+    Vec<crate::graph::NodeId>,
+    crate::graph::NodeId,
+    AdamW,
+)> {
+    use crate::graph::NodeId;
+    let (b, t, d, heads) = (c.batch, c.tokens, c.width, c.heads);
+    let dh = d / heads;
+    let mut g = Graph::new();
+    let x0 = g.input("x", &[b * t, d]);
+    let mut params: Vec<NodeId> = Vec::new();
+    let mut p = |g: &mut Graph, name: String, shape: &[usize]| {
+        let id = g.param(&name, shape);
+        params.push(id);
+        id
+    };
+    let mut x = x0;
+    for l in 0..c.layers {
+        let n1w = p(&mut g, format!("b{l}.norm1.weight"), &[d]);
+        let n1b = p(&mut g, format!("b{l}.norm1.bias"), &[d]);
+        let qkv_w = p(&mut g, format!("b{l}.attn.qkv.weight"), &[3 * d, d]);
+        let qkv_b = p(&mut g, format!("b{l}.attn.qkv.bias"), &[3 * d]);
+        let pw = p(&mut g, format!("b{l}.attn.proj.weight"), &[d, d]);
+        let pb = p(&mut g, format!("b{l}.attn.proj.bias"), &[d]);
+        let n2w = p(&mut g, format!("b{l}.norm2.weight"), &[d]);
+        let n2b = p(&mut g, format!("b{l}.norm2.bias"), &[d]);
+        let f1w = p(&mut g, format!("b{l}.mlp.fc1.weight"), &[c.mlp, d]);
+        let f1b = p(&mut g, format!("b{l}.mlp.fc1.bias"), &[c.mlp]);
+        let f2w = p(&mut g, format!("b{l}.mlp.fc2.weight"), &[d, c.mlp]);
+        let f2b = p(&mut g, format!("b{l}.mlp.fc2.bias"), &[d]);
+        let h = g.layer_norm(x, n1w, n1b, 1e-6)?;
+        let qkv = g.matmul_t(h, qkv_w, false, true)?;
+        let qkv = g.add(qkv, qkv_b)?;
+        let qkv = g.reshape(qkv, &[b, t, 3, heads, dh])?;
+        let qkv = g.permute(qkv, &[2, 0, 3, 1, 4])?;
+        let qkv = g.reshape(qkv, &[3, b * heads, t, dh])?;
+        let mut qkv_parts = Vec::new();
+        for k in 0..3 {
+            let part = g.slice(qkv, 0, k, 1)?;
+            qkv_parts.push(g.reshape(part, &[b * heads, t, dh])?);
+        }
+        let s = g.matmul_t(qkv_parts[0], qkv_parts[1], false, true)?;
+        let s = g.affine(s, 1.0 / (dh as f32).sqrt(), 0.0)?;
+        let a = g.softmax(s)?;
+        let o = g.matmul(a, qkv_parts[2])?;
+        let o = g.reshape(o, &[b, heads, t, dh])?;
+        let o = g.permute(o, &[0, 2, 1, 3])?;
+        let o = g.reshape(o, &[b * t, d])?;
+        let o = g.matmul_t(o, pw, false, true)?;
+        let o = g.add(o, pb)?;
+        x = g.add(x, o)?;
+        let h = g.layer_norm(x, n2w, n2b, 1e-6)?;
+        let h = g.matmul_t(h, f1w, false, true)?;
+        let h = g.add(h, f1b)?;
+        let h = g.unary(UnaryOp::Gelu, h)?;
+        let h = g.matmul_t(h, f2w, false, true)?;
+        let h = g.add(h, f2b)?;
+        x = g.add(x, h)?;
+    }
+    let sq = g.unary(UnaryOp::Square, x)?;
+    let loss = g.mean_all(sq)?;
+    let grads = g.grad(loss, &params)?;
+    let adam = AdamW {
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let hyper = g.adamw(&params, &grads, adam, &[])?;
+    Ok((g, x0, loss, params, hyper, adam))
+}
+
+/// Fills `params` in `store` with small deterministic values (uniform in +-0.02; norm weights 1).
+pub fn init_params(
+    gpu: &Arc<Gpu>,
+    g: &Graph,
+    params: &[crate::graph::NodeId],
+    store: &mut ParamStore,
+    seed: u64,
+) -> Result<()> {
+    let mut rng = SplitMix(seed);
+    for &id in params {
+        let node = g.node(id);
+        let name = node.name.as_deref().unwrap_or_default();
+        let data: Vec<f32> = if name.contains("norm") && name.ends_with("weight") {
+            vec![1.0; node.numel()]
+        } else {
+            (0..node.numel())
+                .map(|_| ((rng.unit() - 0.5) * 0.04) as f32)
+                .collect()
+        };
+        store.set(gpu, name, &node.shape, &data)?;
+    }
+    Ok(())
+}

@@ -168,3 +168,54 @@ fn bad_use_gives_clear_errors() {
     let out = plan.run_fetch(&[y]).unwrap();
     assert!(out[0].iter().all(|&v| (v - 1.5).abs() < 1e-6));
 }
+
+#[test]
+fn transformer_stack_forward_and_gradients_match_cpu() {
+    use stablerep::demo::{init_params, transformer_stack, StackConfig};
+    let (gpu, _lock) = gpu();
+    let cfg = StackConfig {
+        batch: 2,
+        tokens: 12,
+        width: 16,
+        layers: 2,
+        heads: 2,
+        mlp: 32,
+    };
+    let (mut g, x0, loss, params, hyper, _) = transformer_stack(&cfg).unwrap();
+    let grads = g.grad(loss, &params).unwrap();
+    let mut store = ParamStore::new();
+    init_params(&gpu, &g, &params, &mut store, 5).unwrap();
+    let mut outs = vec![loss];
+    outs.extend(&grads);
+    let opts = PlanOptions {
+        updates: false,
+        ..PlanOptions::default()
+    };
+    let plan = Plan::compile(&gpu, &g, &outs, &mut store, opts).unwrap();
+    let mut rng = Rng(41);
+    let xs = rng.vec(cfg.batch * cfg.tokens * cfg.width, -1.0, 1.0);
+    plan.write(x0, &xs.iter().map(|&v| v as f32).collect::<Vec<_>>())
+        .unwrap();
+    let got = plan.run_fetch(&outs).unwrap();
+    let mut cpu_params = HashMap::new();
+    for &p in &params {
+        let name = g.node(p).name.clone().unwrap();
+        cpu_params.insert(
+            name.clone(),
+            store
+                .read(&name)
+                .unwrap()
+                .iter()
+                .map(|&v| v as f64)
+                .collect::<Vec<f64>>(),
+        );
+    }
+    let mut feeds = HashMap::new();
+    feeds.insert(x0, xs);
+    feeds.insert(hyper, vec![0.0, 1.0, 1.0]);
+    let want = common::run_cpu(&g, &feeds, &cpu_params, &outs);
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-6);
+        common::assert_close(&format!("transformer output {k}"), a, b, 1e-3, 1e-4 * scale);
+    }
+}
