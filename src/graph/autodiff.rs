@@ -287,7 +287,13 @@ impl Graph {
                 let (x, st, gamma, beta) = (ins[0], ins[1], ins[2], ins[3]);
                 let sx = shape(self, x);
                 let cols = *sx.last().unwrap_or(&1);
-                let g = *groups;
+                let rows = self.nodes[x.0].numel() / cols.max(1);
+                // LayerNorm's column sums may partition rows freely: chunks keep each
+                // invocation's loop short; the chunks are summed below with the groups.
+                let g = match kind {
+                    Stats::Row if rows >= 1024 => super::split_factor(rows).unwrap_or(1),
+                    _ => *groups,
+                };
                 let sums = self.push(
                     Op::ColGrad {
                         stats: *kind,

@@ -356,7 +356,7 @@ impl Graph {
         // and for mean since the chunks have equal size).
         let full = self.shape(x).to_vec();
         let (outer, len, inner) = (numel(&full[..axis]), full[axis], numel(&full[axis + 1..]));
-        if outer * inner <= 4096 && len >= 4096 {
+        if outer * inner <= 16384 && len >= 1024 {
             if let Some(c) = split_factor(len) {
                 let mut split = full.clone();
                 split[axis] = len / c;
@@ -737,7 +737,7 @@ impl Graph {
 }
 
 /// A divisor of `len` near its square root (at least 16), to split a long reduction in two.
-fn split_factor(len: usize) -> Option<usize> {
+pub(crate) fn split_factor(len: usize) -> Option<usize> {
     let root = (len as f64).sqrt() as usize;
     (16..=root.max(16))
         .rev()
