@@ -217,10 +217,9 @@ pub struct StackConfig {
     pub mlp: usize,
 }
 
-/// Builds `x -> blocks -> mean(x^2)` with gradients and AdamW updates for every parameter.
-/// Returns (graph, input x [batch*tokens, width], loss, parameters, AdamW hyper input, AdamW
-/// settings). Attention is expressed with batched matmuls and softmax; parameter names follow
-/// timm (`b{l}.attn.qkv.weight`, ...).
+/// Builds `x -> ViT blocks -> mean(x^2)` with gradients and AdamW updates for every
+/// parameter. Returns (graph, input x [batch*tokens, width], loss, parameters, AdamW hyper
+/// input, AdamW settings). Blocks are [`crate::models::vit::block`] (parameters `b{l}.*`).
 #[allow(clippy::type_complexity)]
 pub fn transformer_stack(
     c: &StackConfig,
@@ -232,60 +231,24 @@ pub fn transformer_stack(
     crate::graph::NodeId,
     AdamW,
 )> {
-    use crate::graph::NodeId;
-    let (b, t, d, heads) = (c.batch, c.tokens, c.width, c.heads);
-    let dh = d / heads;
     let mut g = Graph::new();
-    let x0 = g.input("x", &[b * t, d]);
-    let mut params: Vec<NodeId> = Vec::new();
-    let mut p = |g: &mut Graph, name: String, shape: &[usize]| {
-        let id = g.param(&name, shape);
-        params.push(id);
-        id
-    };
+    let x0 = g.input("x", &[c.batch * c.tokens, c.width]);
     let mut x = x0;
     for l in 0..c.layers {
-        let n1w = p(&mut g, format!("b{l}.norm1.weight"), &[d]);
-        let n1b = p(&mut g, format!("b{l}.norm1.bias"), &[d]);
-        let qkv_w = p(&mut g, format!("b{l}.attn.qkv.weight"), &[3 * d, d]);
-        let qkv_b = p(&mut g, format!("b{l}.attn.qkv.bias"), &[3 * d]);
-        let pw = p(&mut g, format!("b{l}.attn.proj.weight"), &[d, d]);
-        let pb = p(&mut g, format!("b{l}.attn.proj.bias"), &[d]);
-        let n2w = p(&mut g, format!("b{l}.norm2.weight"), &[d]);
-        let n2b = p(&mut g, format!("b{l}.norm2.bias"), &[d]);
-        let f1w = p(&mut g, format!("b{l}.mlp.fc1.weight"), &[c.mlp, d]);
-        let f1b = p(&mut g, format!("b{l}.mlp.fc1.bias"), &[c.mlp]);
-        let f2w = p(&mut g, format!("b{l}.mlp.fc2.weight"), &[d, c.mlp]);
-        let f2b = p(&mut g, format!("b{l}.mlp.fc2.bias"), &[d]);
-        let h = g.layer_norm(x, n1w, n1b, 1e-6)?;
-        let qkv = g.matmul_t(h, qkv_w, false, true)?;
-        let qkv = g.add(qkv, qkv_b)?;
-        let qkv = g.reshape(qkv, &[b, t, 3, heads, dh])?;
-        let qkv = g.permute(qkv, &[2, 0, 3, 1, 4])?;
-        let qkv = g.reshape(qkv, &[3, b * heads, t, dh])?;
-        let mut qkv_parts = Vec::new();
-        for k in 0..3 {
-            let part = g.slice(qkv, 0, k, 1)?;
-            qkv_parts.push(g.reshape(part, &[b * heads, t, dh])?);
-        }
-        let s = g.matmul_t(qkv_parts[0], qkv_parts[1], false, true)?;
-        let s = g.affine(s, 1.0 / (dh as f32).sqrt(), 0.0)?;
-        let a = g.softmax(s)?;
-        let o = g.matmul(a, qkv_parts[2])?;
-        let o = g.reshape(o, &[b, heads, t, dh])?;
-        let o = g.permute(o, &[0, 2, 1, 3])?;
-        let o = g.reshape(o, &[b * t, d])?;
-        let o = g.matmul_t(o, pw, false, true)?;
-        let o = g.add(o, pb)?;
-        x = g.add(x, o)?;
-        let h = g.layer_norm(x, n2w, n2b, 1e-6)?;
-        let h = g.matmul_t(h, f1w, false, true)?;
-        let h = g.add(h, f1b)?;
-        let h = g.unary(UnaryOp::Gelu, h)?;
-        let h = g.matmul_t(h, f2w, false, true)?;
-        let h = g.add(h, f2b)?;
-        x = g.add(x, h)?;
+        x = crate::models::vit::block(
+            &mut g,
+            &format!("b{l}."),
+            x,
+            c.batch,
+            c.tokens,
+            c.heads,
+            c.mlp,
+        )?;
     }
+    let params: Vec<crate::graph::NodeId> = (0..g.nodes.len())
+        .map(crate::graph::NodeId)
+        .filter(|&id| g.node(id).op == crate::graph::Op::Param)
+        .collect();
     let sq = g.unary(UnaryOp::Square, x)?;
     let loss = g.mean_all(sq)?;
     let grads = g.grad(loss, &params)?;

@@ -13,5 +13,7 @@ pub mod exec;
 pub mod gpu;
 pub mod graph;
 pub mod kernels;
+pub mod models;
+pub mod nn;
 
 pub use error::{Error, Result};

@@ -1,0 +1,3 @@
+//! Models built on the graph: the ViT encoder.
+/// The timm-compatible Vision Transformer.
+pub mod vit;

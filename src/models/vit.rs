@@ -1,0 +1,245 @@
+//! Vision Transformer encoder with timm's layout and parameter names (as in the official
+//! StableRep checkpoints, under `visual.`): patch embedding, CLS token, learned absolute
+//! position embedding, pre-norm blocks with a fused qkv laid out [3][heads][head_dim], erf
+//! GELU MLP, LayerNorm eps 1e-6, feature = CLS token after the final norm.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::graph::{Graph, NodeId, ParamStore};
+use crate::kernels::elementwise::UnaryOp;
+use crate::nn::checkpoint::Checkpoint;
+
+/// ViT hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VitConfig {
+    /// Input resolution (square).
+    pub img_size: usize,
+    /// Patch size.
+    pub patch: usize,
+    /// Width.
+    pub width: usize,
+    /// Blocks.
+    pub depth: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// MLP hidden width.
+    pub mlp: usize,
+}
+
+impl VitConfig {
+    /// Patches per image.
+    pub fn patches(&self) -> usize {
+        (self.img_size / self.patch).pow(2)
+    }
+
+    /// Checks that the numbers fit together.
+    pub fn validate(&self) -> Result<()> {
+        if self.patch == 0 || !self.img_size.is_multiple_of(self.patch) {
+            return Err(Error::Config(format!(
+                "image size {} is not a multiple of patch size {}",
+                self.img_size, self.patch
+            )));
+        }
+        if self.heads == 0 || !self.width.is_multiple_of(self.heads) {
+            return Err(Error::Config(format!(
+                "width {} is not divisible by {} heads",
+                self.width, self.heads
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every parameter name (with `prefix`) and shape, in timm order.
+    pub fn param_shapes(&self, prefix: &str) -> Vec<(String, Vec<usize>)> {
+        let (d, p) = (self.width, self.patch);
+        let mut v = vec![
+            (format!("{prefix}cls_token"), vec![1, 1, d]),
+            (format!("{prefix}pos_embed"), vec![1, self.patches() + 1, d]),
+            (format!("{prefix}patch_embed.proj.weight"), vec![d, 3, p, p]),
+            (format!("{prefix}patch_embed.proj.bias"), vec![d]),
+        ];
+        for l in 0..self.depth {
+            let b = format!("{prefix}blocks.{l}.");
+            v.extend([
+                (format!("{b}norm1.weight"), vec![d]),
+                (format!("{b}norm1.bias"), vec![d]),
+                (format!("{b}attn.qkv.weight"), vec![3 * d, d]),
+                (format!("{b}attn.qkv.bias"), vec![3 * d]),
+                (format!("{b}attn.proj.weight"), vec![d, d]),
+                (format!("{b}attn.proj.bias"), vec![d]),
+                (format!("{b}norm2.weight"), vec![d]),
+                (format!("{b}norm2.bias"), vec![d]),
+                (format!("{b}mlp.fc1.weight"), vec![self.mlp, d]),
+                (format!("{b}mlp.fc1.bias"), vec![self.mlp]),
+                (format!("{b}mlp.fc2.weight"), vec![d, self.mlp]),
+                (format!("{b}mlp.fc2.bias"), vec![d]),
+            ]);
+        }
+        v.push((format!("{prefix}norm.weight"), vec![d]));
+        v.push((format!("{prefix}norm.bias"), vec![d]));
+        v
+    }
+}
+
+/// LayerNorm epsilon used throughout timm's ViT.
+pub const LN_EPS: f32 = 1e-6;
+
+/// One pre-norm block over x [batch * tokens, width]; parameters named `{prefix}...` as timm's
+/// `blocks.{l}.`. Attention runs as batched matmuls over (batch * heads).
+pub fn block(
+    g: &mut Graph,
+    prefix: &str,
+    x: NodeId,
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    mlp: usize,
+) -> Result<NodeId> {
+    let d = *g.shape(x).last().unwrap_or(&0);
+    let dh = d / heads;
+    let p = |g: &mut Graph, n: &str, s: &[usize]| g.param(&format!("{prefix}{n}"), s);
+    let n1w = p(g, "norm1.weight", &[d]);
+    let n1b = p(g, "norm1.bias", &[d]);
+    let qkv_w = p(g, "attn.qkv.weight", &[3 * d, d]);
+    let qkv_b = p(g, "attn.qkv.bias", &[3 * d]);
+    let pw = p(g, "attn.proj.weight", &[d, d]);
+    let pb = p(g, "attn.proj.bias", &[d]);
+    let n2w = p(g, "norm2.weight", &[d]);
+    let n2b = p(g, "norm2.bias", &[d]);
+    let f1w = p(g, "mlp.fc1.weight", &[mlp, d]);
+    let f1b = p(g, "mlp.fc1.bias", &[mlp]);
+    let f2w = p(g, "mlp.fc2.weight", &[d, mlp]);
+    let f2b = p(g, "mlp.fc2.bias", &[d]);
+    let h = g.layer_norm(x, n1w, n1b, LN_EPS)?;
+    let qkv = g.matmul_t(h, qkv_w, false, true)?;
+    let qkv = g.add(qkv, qkv_b)?;
+    let qkv = g.reshape(qkv, &[batch, tokens, 3, heads, dh])?;
+    let qkv = g.permute(qkv, &[2, 0, 3, 1, 4])?;
+    let qkv = g.reshape(qkv, &[3, batch * heads, tokens, dh])?;
+    let mut parts = Vec::with_capacity(3);
+    for k in 0..3 {
+        let s = g.slice(qkv, 0, k, 1)?;
+        parts.push(g.reshape(s, &[batch * heads, tokens, dh])?);
+    }
+    let s = g.matmul_t(parts[0], parts[1], false, true)?;
+    let s = g.affine(s, 1.0 / (dh as f32).sqrt(), 0.0)?;
+    let a = g.softmax(s)?;
+    let o = g.matmul(a, parts[2])?;
+    let o = g.reshape(o, &[batch, heads, tokens, dh])?;
+    let o = g.permute(o, &[0, 2, 1, 3])?;
+    let o = g.reshape(o, &[batch * tokens, d])?;
+    let o = g.matmul_t(o, pw, false, true)?;
+    let o = g.add(o, pb)?;
+    let x = g.add(x, o)?;
+    let h = g.layer_norm(x, n2w, n2b, LN_EPS)?;
+    let h = g.matmul_t(h, f1w, false, true)?;
+    let h = g.add(h, f1b)?;
+    let h = g.unary(UnaryOp::Gelu, h)?;
+    let h = g.matmul_t(h, f2w, false, true)?;
+    let h = g.add(h, f2b)?;
+    g.add(x, h)
+}
+
+/// The encoder: images [batch, 3, H, W] (normalized) -> CLS features [batch, width].
+/// Parameters are named `{prefix}...` with timm's names (prefix `visual.` for StableRep).
+pub fn encoder(g: &mut Graph, cfg: &VitConfig, prefix: &str, images: NodeId) -> Result<NodeId> {
+    cfg.validate()?;
+    let s = g.shape(images).to_vec();
+    if s.len() != 4 || s[1] != 3 || s[2] != cfg.img_size || s[3] != cfg.img_size {
+        return Err(Error::shape(
+            "vit",
+            format!(
+                "images must be [batch, 3, {0}, {0}], got {s:?}",
+                cfg.img_size
+            ),
+        ));
+    }
+    let (b, d, p) = (s[0], cfg.width, cfg.patch);
+    let gp = cfg.img_size / p;
+    let t = cfg.patches();
+    // Patch embedding as a matmul: [B, 3, gp, p, gp, p] -> [B, gp, gp, 3, p, p] -> [B*T, 3*p*p].
+    let x = g.reshape(images, &[b, 3, gp, p, gp, p])?;
+    let x = g.permute(x, &[0, 2, 4, 1, 3, 5])?;
+    let x = g.reshape(x, &[b * t, 3 * p * p])?;
+    let w = g.param(&format!("{prefix}patch_embed.proj.weight"), &[d, 3, p, p]);
+    let w = g.reshape(w, &[d, 3 * p * p])?;
+    let bias = g.param(&format!("{prefix}patch_embed.proj.bias"), &[d]);
+    let x = g.matmul_t(x, w, false, true)?;
+    let x = g.add(x, bias)?;
+    let x = g.reshape(x, &[b, t, d])?;
+    let cls = g.param(&format!("{prefix}cls_token"), &[1, 1, d]);
+    let cls = g.expand(cls, &[b, 1, d])?;
+    let x = g.concat(&[cls, x], 1)?;
+    let pos = g.param(&format!("{prefix}pos_embed"), &[1, t + 1, d]);
+    let x = g.add(x, pos)?;
+    let mut x = g.reshape(x, &[b * (t + 1), d])?;
+    for l in 0..cfg.depth {
+        x = block(
+            g,
+            &format!("{prefix}blocks.{l}."),
+            x,
+            b,
+            t + 1,
+            cfg.heads,
+            cfg.mlp,
+        )?;
+    }
+    let nw = g.param(&format!("{prefix}norm.weight"), &[d]);
+    let nb = g.param(&format!("{prefix}norm.bias"), &[d]);
+    let x = g.layer_norm(x, nw, nb, LN_EPS)?;
+    let x = g.reshape(x, &[b, t + 1, d])?;
+    let x = g.slice(x, 1, 0, 1)?;
+    g.reshape(x, &[b, d])
+}
+
+/// Infers the configuration from a checkpoint's tensor shapes (head dimension 64 as in every
+/// timm ViT size unless `head_dim` says otherwise), for checkpoints without metadata.
+pub fn infer_config(ckpt: &Checkpoint, prefix: &str, head_dim: usize) -> Result<VitConfig> {
+    let pe = ckpt.get(&format!("{prefix}patch_embed.proj.weight"), None)?;
+    let pos = ckpt.get(&format!("{prefix}pos_embed"), None)?;
+    let fc1 = ckpt.get(&format!("{prefix}blocks.0.mlp.fc1.weight"), None)?;
+    if pe.shape.len() != 4 || pos.shape.len() != 3 {
+        return Err(Error::Config(
+            "unexpected patch or position embedding shape".into(),
+        ));
+    }
+    let (width, patch) = (pe.shape[0], pe.shape[2]);
+    let tokens = pos.shape[1] - 1;
+    let side = (tokens as f64).sqrt().round() as usize;
+    if side * side != tokens {
+        return Err(Error::Config(format!(
+            "{tokens} position embeddings do not form a square grid"
+        )));
+    }
+    let depth = (0..)
+        .take_while(|l| {
+            ckpt.tensors
+                .contains_key(&format!("{prefix}blocks.{l}.attn.qkv.weight"))
+        })
+        .count();
+    Ok(VitConfig {
+        img_size: side * patch,
+        patch,
+        width,
+        depth,
+        heads: (width / head_dim).max(1),
+        mlp: fc1.shape[0],
+    })
+}
+
+/// Uploads every encoder parameter from `ckpt` into `store`, checking names and shapes.
+pub fn load_params(
+    gpu: &Arc<Gpu>,
+    cfg: &VitConfig,
+    prefix: &str,
+    ckpt: &Checkpoint,
+    store: &mut ParamStore,
+) -> Result<()> {
+    for (name, shape) in cfg.param_shapes(prefix) {
+        let t = ckpt.get(&name, Some(&shape))?;
+        store.set(gpu, &name, &shape, &t.data)?;
+    }
+    Ok(())
+}

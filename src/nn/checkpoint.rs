@@ -1,0 +1,226 @@
+//! safetensors files: reading tensors as f32 (from f32, f16 or bf16), writing f32 tensors with
+//! metadata atomically (temporary file + rename), with errors that name the file and tensor.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// A host tensor: shape and f32 values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub data: Vec<f32>,
+}
+
+/// The tensors and metadata of one safetensors file.
+#[derive(Clone, Debug, Default)]
+pub struct Checkpoint {
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, HostTensor>,
+    /// The file's `__metadata__` strings.
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn f16_to_f32(bits: u16) -> f32 {
+    let sign = ((bits >> 15) as u32) << 31;
+    let exp = ((bits >> 10) & 0x1f) as u32;
+    let man = (bits & 0x3ff) as u32;
+    let v = match (exp, man) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: normalize.
+            let mut e = 127 - 15 + 1;
+            let mut m = m;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | ((e as u32) << 23) | ((m & 0x3ff) << 13)
+        }
+        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
+    };
+    f32::from_bits(v)
+}
+
+impl Checkpoint {
+    /// Reads every tensor of a safetensors file.
+    pub fn load(path: &Path) -> Result<Checkpoint> {
+        let bytes = std::fs::read(path).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        Self::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Parses safetensors bytes; `origin` names the source in errors.
+    pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Checkpoint> {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::Config(format!("{origin} is not a valid safetensors file: {e}")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| Error::Config(format!("{origin}: unreadable safetensors header: {e}")))?;
+        let metadata = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let raw = view.data();
+            let data: Vec<f32> = match view.dtype() {
+                safetensors::Dtype::F32 => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                safetensors::Dtype::F16 => raw
+                    .chunks_exact(2)
+                    .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
+                safetensors::Dtype::BF16 => raw
+                    .chunks_exact(2)
+                    .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                    .collect(),
+                safetensors::Dtype::F64 => raw
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                    .collect(),
+                other => {
+                    return Err(Error::Config(format!(
+                    "{origin}: tensor '{name}' has dtype {other:?}; expected f32, f16, bf16 or f64"
+                )))
+                }
+            };
+            tensors.insert(
+                name.to_string(),
+                HostTensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            );
+        }
+        Ok(Checkpoint { tensors, metadata })
+    }
+
+    /// The tensor `name`, checking its shape when `shape` is given.
+    pub fn get(&self, name: &str, shape: Option<&[usize]>) -> Result<&HostTensor> {
+        let t = self.tensors.get(name).ok_or_else(|| {
+            let near: Vec<&str> = self
+                .tensors
+                .keys()
+                .filter(|k| k.rsplit('.').next() == name.rsplit('.').next())
+                .take(3)
+                .map(String::as_str)
+                .collect();
+            Error::Config(format!(
+                "checkpoint has no tensor '{name}'{}",
+                if near.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (similar: {})", near.join(", "))
+                }
+            ))
+        })?;
+        if let Some(s) = shape {
+            if t.shape != s {
+                return Err(Error::Config(format!(
+                    "checkpoint tensor '{name}' has shape {:?}, expected {s:?}",
+                    t.shape
+                )));
+            }
+        }
+        Ok(t)
+    }
+
+    /// Writes all tensors as f32 with the metadata, atomically: a temporary file in the same
+    /// folder, then a rename, so a crash never leaves a half-written checkpoint.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let io = |e: std::io::Error| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        };
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| {
+                (
+                    k.clone(),
+                    t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    t.shape.clone(),
+                )
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+            .iter()
+            .map(|(k, b, s)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| Error::Config(format!("tensor '{k}': {e}")))
+            })
+            .collect::<Result<_>>()?;
+        let meta: std::collections::HashMap<String, String> =
+            self.metadata.clone().into_iter().collect();
+        let data = safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| Error::Config(format!("cannot serialize {}: {e}", path.display())))?;
+        let tmp = path.with_extension("safetensors.tmp");
+        std::fs::write(&tmp, data).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_covers_normals_subnormals_and_specials() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0000), 0.0);
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert!((f16_to_f32(0x0001) - 5.960464e-8).abs() < 1e-12);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+        assert!(f16_to_f32(0x7e00).is_nan());
+    }
+
+    #[test]
+    fn save_and_load_round_trip_with_metadata() {
+        let dir = std::env::temp_dir().join(format!("stablerep-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let mut c = Checkpoint::default();
+        c.tensors.insert(
+            "a.weight".into(),
+            HostTensor {
+                shape: vec![2, 3],
+                data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            },
+        );
+        c.metadata.insert("config".into(), "{\"width\": 3}".into());
+        c.save(&path).unwrap();
+        let back = Checkpoint::load(&path).unwrap();
+        assert_eq!(back.tensors, c.tensors);
+        assert_eq!(
+            back.metadata.get("config").map(String::as_str),
+            Some("{\"width\": 3}")
+        );
+        let err = back.get("b.weight", None).unwrap_err().to_string();
+        assert!(
+            err.contains("no tensor 'b.weight'") && err.contains("a.weight"),
+            "{err}"
+        );
+        let err = back.get("a.weight", Some(&[3, 2])).unwrap_err().to_string();
+        assert!(err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
+        std::fs::write(&path, b"not a checkpoint").unwrap();
+        let err = Checkpoint::load(&path).unwrap_err().to_string();
+        assert!(err.contains("not a valid safetensors"), "{err}");
+        let err = Checkpoint::load(&dir.join("missing.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
