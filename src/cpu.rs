@@ -527,6 +527,48 @@ pub fn eval(
                 }
                 Some(y)
             }
+            Op::MultiPos { captions, tau } | Op::MultiPosGrad { captions, tau } => {
+                let sm = get(0);
+                let nn = sh(0)[0];
+                let grad = matches!(node.op, Op::MultiPosGrad { .. });
+                let inv = 1.0 / *tau as f64;
+                let mut y = vec![0.0; n];
+                for k in 0..nn {
+                    let row = &sm[k * nn..(k + 1) * nn];
+                    let others = (0..nn).filter(|&j| j != k);
+                    let mx = others
+                        .clone()
+                        .map(|j| row[j] * inv)
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    let lse = mx
+                        + others
+                            .clone()
+                            .map(|j| (row[j] * inv - mx).exp())
+                            .sum::<f64>()
+                            .ln();
+                    let pos: Vec<usize> =
+                        others.filter(|&j| j % captions == k % captions).collect();
+                    if pos.is_empty() {
+                        continue;
+                    }
+                    if grad {
+                        let g = get(1)[k];
+                        for j in (0..nn).filter(|&j| j != k) {
+                            let q = (row[j] * inv - lse).exp();
+                            let t = if j % captions == k % captions {
+                                1.0 / pos.len() as f64
+                            } else {
+                                0.0
+                            };
+                            y[k * nn + j] = g * (q - t) * inv;
+                        }
+                    } else {
+                        y[k] =
+                            lse - pos.iter().map(|&j| row[j] * inv).sum::<f64>() / pos.len() as f64;
+                    }
+                }
+                Some(y)
+            }
             Op::AdamW(cfg) => {
                 let name = |k: usize| g.node(node.inputs[k]).name.clone().unwrap_or_default();
                 let (gr, h) = (get(1).clone(), get(4).clone());

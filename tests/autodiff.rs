@@ -323,3 +323,22 @@ fn layernorm_parameter_gradients_over_many_rows() {
         .any(|n| matches!(n.op, stablerep::graph::Op::ColGrad { groups, .. } if groups > 1));
     assert!(chunked, "column sums over 1024 rows should be chunked");
 }
+
+#[test]
+fn multi_positive_loss_gradient() {
+    let mut rng = Rng(20);
+    for (n, m) in [(3, 4), (5, 2), (2, 1)] {
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let h = input(&mut g, &mut f, &mut rng, &[n * m, 6], -1.0, 1.0);
+        let l = g.multi_positive_loss(h, n, 0.1).unwrap();
+        grad_check(
+            &format!("multi-positive loss n={n} m={m}"),
+            &mut g,
+            &f,
+            l,
+            &[h],
+            1e-5,
+        );
+    }
+}

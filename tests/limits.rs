@@ -30,7 +30,7 @@ fn tiny() -> Arc<Gpu> {
 
 #[test]
 fn oversized_tensors_are_split_and_grids_folded() {
-    let _l = LOCK.lock().unwrap();
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = tiny();
     assert_eq!(gpu.caps.max_binding, 4096);
     let mut rng = Rng(31);
@@ -47,7 +47,11 @@ fn oversized_tensors_are_split_and_grids_folded() {
     let ct = g.matmul_t(a, bt, false, true).unwrap();
     let r = input(&mut g, &mut f, &mut rng, &[200, 30], -1.0, 1.0);
     let sm = g.softmax(r).unwrap();
-    let outs = [u, s, c, ct, sm];
+    // Transposed A larger than a binding: K is split and partial products accumulate.
+    let at = input(&mut g, &mut f, &mut rng, &[300, 16], -1.0, 1.0);
+    let bk = input(&mut g, &mut f, &mut rng, &[300, 12], -1.0, 1.0);
+    let ck = g.matmul_t(at, bk, true, false).unwrap();
+    let outs = [u, s, c, ct, sm, ck];
     let got = run_gpu(&gpu, &g, &f, &HashMap::new(), &outs);
     let want = run_cpu(&g, &f, &HashMap::new(), &outs);
     for (k, (a, b)) in got.iter().zip(&want).enumerate() {
@@ -57,7 +61,7 @@ fn oversized_tensors_are_split_and_grids_folded() {
 
 #[test]
 fn unsplittable_ops_refuse_with_a_clear_error() {
-    let _l = LOCK.lock().unwrap();
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = tiny();
     let mut g = Graph::new();
     let x = g.input("x", &[50, 100]);
@@ -76,4 +80,21 @@ fn unsplittable_ops_refuse_with_a_clear_error() {
         msg.contains("max_storage_buffer_binding_size") && msg.contains("4096"),
         "{msg}"
     );
+}
+
+#[test]
+fn contrastive_loss_on_a_similarity_matrix_larger_than_one_binding() {
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let gpu = tiny();
+    let mut rng = Rng(32);
+    let mut g = Graph::new();
+    let mut f = HashMap::new();
+    // 48 x 48 similarities = 9 KiB > 4 KiB bindings: rows are processed in chunks.
+    let h = input(&mut g, &mut f, &mut rng, &[48, 8], -1.0, 1.0);
+    let l = g.multi_positive_loss(h, 12, 0.1).unwrap();
+    let gr = g.grad(l, &[h]).unwrap()[0];
+    let got = run_gpu(&gpu, &g, &f, &HashMap::new(), &[l, gr]);
+    let want = run_cpu(&g, &f, &HashMap::new(), &[l, gr]);
+    assert_close("chunked loss", &got[0], &want[0], 1e-5, 1e-6);
+    assert_close("chunked gradient", &got[1], &want[1], 1e-4, 1e-6);
 }

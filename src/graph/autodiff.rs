@@ -339,7 +339,21 @@ impl Graph {
                     ),
                 )]
             }
+            Op::MultiPos { captions, tau } => {
+                let sh = shape(self, ins[0]);
+                let g = self.push(
+                    Op::MultiPosGrad {
+                        captions: *captions,
+                        tau: *tau,
+                    },
+                    vec![ins[0], dy],
+                    sh,
+                    super::DType::F32,
+                );
+                vec![(ins[0], g)]
+            }
             Op::GatherGrad
+            | Op::MultiPosGrad { .. }
             | Op::RowGrad(_)
             | Op::ColGrad { .. }
             | Op::LnGrad

@@ -128,6 +128,21 @@ pub enum Op {
     CrossEntropy,
     /// (logits, labels, g [R]) -> dlogits.
     CrossEntropyGrad,
+    /// (s [N, N]) -> per-anchor multi-positive contrastive loss [N]; rows are view-major, the
+    /// caption of row k is k mod `captions`.
+    MultiPos {
+        /// captions in the batch (n)
+        captions: usize,
+        /// temperature
+        tau: f32,
+    },
+    /// (s, g [N]) -> dL/ds [N, N].
+    MultiPosGrad {
+        /// captions in the batch
+        captions: usize,
+        /// temperature
+        tau: f32,
+    },
     /// (param, grad, m, v, hyper[3]): in-place AdamW step (no output).
     AdamW(AdamW),
     /// (param, grad, momentum, hyper[1]): in-place SGD step (no output).
@@ -673,6 +688,35 @@ impl Graph {
             vec![ls[0]],
             DType::F32,
         ))
+    }
+
+    /// StableRep's multi-positive contrastive loss of embeddings h [n * m, D] laid out
+    /// view-major (row k = v * n + i, caption k mod n): L2-normalize, cosine similarities,
+    /// softmax over all other rows at temperature `tau`, cross-entropy against the uniform
+    /// distribution over the other images of the same caption, mean over anchors. With m = 2
+    /// and two crops of one image per caption this is SimCLR's NT-Xent. Returns a [1] tensor.
+    pub fn multi_positive_loss(&mut self, h: NodeId, captions: usize, tau: f32) -> Result<NodeId> {
+        let s = self.shape(h).to_vec();
+        if s.len() != 2 || captions == 0 || !s[0].is_multiple_of(captions) {
+            return Err(Error::shape(
+                "multi_positive_loss",
+                format!("embeddings must be [captions * images, dim] with {captions} captions, got {s:?}"),
+            ));
+        }
+        if tau.is_nan() || tau <= 0.0 {
+            return Err(Error::Config(format!(
+                "temperature must be positive, got {tau}"
+            )));
+        }
+        let z = self.l2_normalize(h)?;
+        let sim = self.matmul_t(z, z, false, true)?;
+        let rows = self.push(
+            Op::MultiPos { captions, tau },
+            vec![sim],
+            vec![s[0]],
+            DType::F32,
+        );
+        self.mean_all(rows)
     }
 
     /// Appends AdamW updates for `params` given their gradients. Creates the moment state

@@ -11,7 +11,7 @@ use crate::exec::Prepared;
 use crate::gpu::Gpu;
 use crate::kernels::elementwise::{self, broadcast_strides, strides};
 use crate::kernels::matmul::{self, MatmulShape};
-use crate::kernels::{layout, norm, optim, reduce, Dispatch, View};
+use crate::kernels::{contrastive, layout, norm, optim, reduce, Dispatch, View};
 
 /// Compile options.
 #[derive(Clone, Copy, Debug)]
@@ -641,6 +641,12 @@ fn lower(
         Op::CrossEntropyGrad => {
             let s = sh(0);
             reduce::cross_entropy_grad(x(0)?, x(1)?, x(2)?, s[0], s[1], y, caps)?
+        }
+        Op::MultiPos { captions, tau } => {
+            contrastive::multipos(x(0)?, node.shape[0], *captions, *tau, y, caps)?
+        }
+        Op::MultiPosGrad { captions, tau } => {
+            contrastive::multipos_grad(x(0)?, x(1)?, node.shape[0], *captions, *tau, y, caps)?
         }
         Op::AdamW(cfg) => optim::adamw(*cfg, x(0)?, x(1)?, x(2)?, x(3)?, x(4)?, caps)?,
         Op::Sgd {

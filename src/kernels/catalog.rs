@@ -83,6 +83,25 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
             }
         }
     }
+    // Accumulating variants (K split for a transposed A larger than one binding).
+    for cpu in [false, true] {
+        let mut caps = generic_caps(cpu);
+        caps.max_binding = 4096;
+        for (m, n, k) in [(16, 16, 200), (12, 6, 301)] {
+            let s = MatmulShape {
+                batch: 1,
+                m,
+                n,
+                k,
+                ta: true,
+                tb: false,
+                a_shared: false,
+                b_shared: false,
+            };
+            let (na, nb, nc) = matmul::sizes(&s);
+            out.extend(matmul::launch(&s, v(0, na), v(1, nb), v(2, nc), &caps)?);
+        }
+    }
     let caps = generic_caps(false);
     for u in unary_ops() {
         out.extend(elementwise::unary(u, v(0, 10), v(1, 10), &caps)?);
@@ -133,6 +152,23 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         2,
         3,
         v(3, 6),
+        &caps,
+    )?);
+    out.extend(super::contrastive::multipos(
+        v(0, 36),
+        6,
+        3,
+        0.1,
+        v(1, 6),
+        &caps,
+    )?);
+    out.extend(super::contrastive::multipos_grad(
+        v(0, 36),
+        v(1, 6),
+        6,
+        3,
+        0.1,
+        v(2, 36),
         &caps,
     )?);
     for s in [Stats::Row, Stats::Col] {

@@ -62,7 +62,12 @@ pub struct VecFlags {
 }
 
 /// Generates the WGSL of one variant.
-pub fn subst(s: &MatmulShape, t: Tile, v: VecFlags) -> Vec<(&'static str, String)> {
+pub fn subst(
+    s: &MatmulShape,
+    t: Tile,
+    v: VecFlags,
+    accumulate: bool,
+) -> Vec<(&'static str, String)> {
     let (tm, tn) = (t.tm as usize, t.tn as usize);
     let nj = tn / 4;
     let ty = |vec: bool| if vec { "vec4<f32>" } else { "f32" }.to_string();
@@ -236,10 +241,20 @@ pub fn subst(s: &MatmulShape, t: Tile, v: VecFlags) -> Vec<(&'static str, String
         for j in 0..nj {
             let ci = format!("cbase + (row0 + {i}u) * p.n + col0 + {}u", 4 * j);
             if v.c {
-                fast_store += &format!("{ind2}c[({ci}) >> 2u] = acc_{i}_{j};\n");
+                let old = if accumulate {
+                    format!(" + c[({ci}) >> 2u]")
+                } else {
+                    String::new()
+                };
+                fast_store += &format!("{ind2}c[({ci}) >> 2u] = acc_{i}_{j}{old};\n");
             } else {
                 for r in 0..4 {
-                    fast_store += &format!("{ind2}c[{ci} + {r}u] = acc_{i}_{j}[{r}];\n");
+                    let old = if accumulate {
+                        format!(" + c[{ci} + {r}u]")
+                    } else {
+                        String::new()
+                    };
+                    fast_store += &format!("{ind2}c[{ci} + {r}u] = acc_{i}_{j}[{r}]{old};\n");
                 }
             }
             for r in 0..4 {
@@ -248,8 +263,13 @@ pub fn subst(s: &MatmulShape, t: Tile, v: VecFlags) -> Vec<(&'static str, String
                 } else {
                     "c[ci]".to_string()
                 };
+                let old = if accumulate {
+                    format!(" + {target}")
+                } else {
+                    String::new()
+                };
                 checked_store += &format!(
-                    "{ind2}if (row0 + {i}u < p.m && col0 + {cc}u < p.n) {{ let ci = cbase + (row0 + {i}u) * p.n + col0 + {cc}u; {target} = acc_{i}_{j}[{r}]; }}\n",
+                    "{ind2}if (row0 + {i}u < p.m && col0 + {cc}u < p.n) {{ let ci = cbase + (row0 + {i}u) * p.n + col0 + {cc}u; {target} = acc_{i}_{j}[{r}]{old}; }}\n",
                     cc = 4 * j + r
                 );
             }
@@ -343,6 +363,10 @@ pub fn launch_with(
     if m == 0 || n == 0 {
         return Ok(vec![]);
     }
+    let max_elems = super::max_bind_elems(caps);
+    if s.ta && !s.tb && !s.a_shared && !s.b_shared && (m * k).max(k * n) > max_elems {
+        return split_k(s, a, b, c, caps, t, variant);
+    }
     let (bb, b_off) = bind(&b, 0, nb, caps, "matmul operand B")?;
     // Work units: (batch, row range). Rows of C are contiguous per batch; A rows are contiguous
     // only when A is not transposed, so a transposed A forces whole batches.
@@ -382,7 +406,17 @@ pub fn launch_with(
                 b_off as u64 + if s.b_shared { 0 } else { b0 * k * n },
                 c_off as u64 + b0 * m * n,
             ];
-            out.push(one(s, t, variant, [ba, bb, bc], offs, m, nbat, caps)?);
+            out.push(one(
+                s,
+                t,
+                variant,
+                false,
+                [ba, bb, bc],
+                offs,
+                m,
+                nbat,
+                caps,
+            )?);
             b0 += nbat;
         }
         return Ok(out);
@@ -401,12 +435,65 @@ pub fn launch_with(
             s,
             t,
             variant,
+            false,
             [ba, bb, bc],
             [a_off as u64, b_base, c_off as u64],
             nr,
             1,
             caps,
         )?);
+    }
+    Ok(out)
+}
+
+/// A transposed A ([K, M]) too large for one binding: its rows (and B's) are contiguous
+/// along K, so K is split into chunks and every chunk after the first adds into C.
+fn split_k(
+    s: &MatmulShape,
+    a: View,
+    b: View,
+    c: View,
+    caps: &Caps,
+    t: Tile,
+    variant: Variant,
+) -> Result<Vec<Dispatch>> {
+    let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
+    let per = super::max_bind_elems(caps) / m.max(n).max(1);
+    let kc = if per >= 8 { per / 8 * 8 } else { per };
+    if kc == 0 {
+        return Err(Error::TooLarge {
+            what: format!("matmul with transposed A: one row of {} elements", m.max(n)),
+            bytes: m.max(n) * 4,
+            limit: caps.max_binding,
+            limit_name: "max_storage_buffer_binding_size",
+        });
+    }
+    let mut out = Vec::new();
+    for bi in 0..s.batch as u64 {
+        let (bc, c_off) = bind(&c, bi * m * n, m * n, caps, "matmul output C")?;
+        let mut k0 = 0;
+        while k0 < k {
+            let len = kc.min(k - k0);
+            let (ba, a_off) = bind(&a, bi * m * k + k0 * m, len * m, caps, "matmul operand A")?;
+            let (bb, b_off) = bind(&b, bi * k * n + k0 * n, len * n, caps, "matmul operand B")?;
+            let part = MatmulShape {
+                batch: 1,
+                k: len as u32,
+                ..*s
+            };
+            out.push(one(
+                &part,
+                t,
+                variant,
+                k0 > 0,
+                [ba, bb, bc],
+                [a_off as u64, b_off as u64, c_off as u64],
+                m,
+                1,
+                caps,
+            )?);
+            k0 += len;
+        }
     }
     Ok(out)
 }
@@ -420,6 +507,7 @@ fn one(
     s: &MatmulShape,
     t: Tile,
     variant: Variant,
+    accumulate: bool,
     bindings: [Binding; 3],
     offs: [u64; 3],
     rows: u64,
@@ -479,7 +567,7 @@ fn one(
                 sg.s
             ),
             "matmul_sg",
-            sg_subst(s, sg),
+            sg_subst(s, sg, accumulate),
             [
                 n.div_ceil((sg.s * sg.tn) as u64),
                 m.div_ceil(sg.r as u64),
@@ -490,13 +578,18 @@ fn one(
         (
             key(s, t, v),
             "matmul",
-            subst(s, t, v),
+            subst(s, t, v, accumulate),
             [
                 n.div_ceil((t.tn * t.wx) as u64),
                 m.div_ceil((t.tm * t.wy) as u64),
                 nbat,
             ],
         )
+    };
+    let key = if accumulate {
+        format!("{key}_acc")
+    } else {
+        key
     };
     if groups.iter().any(|&g| g > caps.max_workgroups as u64) {
         return Err(Error::TooLarge {
@@ -528,7 +621,7 @@ pub struct SgTile {
 }
 
 /// Generates the subgroup kernel's code blocks.
-pub fn sg_subst(s: &MatmulShape, t: SgTile) -> Vec<(&'static str, String)> {
+pub fn sg_subst(s: &MatmulShape, t: SgTile, accumulate: bool) -> Vec<(&'static str, String)> {
     let (sz, r, tn) = (t.s as usize, t.r as usize, t.tn as usize);
     let nj = tn / 4;
     let ind = "        ";
@@ -611,8 +704,17 @@ pub fn sg_subst(s: &MatmulShape, t: SgTile) -> Vec<(&'static str, String)> {
     let mut store = String::new();
     for i in 0..r {
         for j in 0..nj {
+            let ci = format!(
+                "(cbase + (row0 + {i}u) * p.n + colbase + {}u) >> 2u",
+                4 * sz * j
+            );
+            let old = if accumulate {
+                format!(" + c[{ci}]")
+            } else {
+                String::new()
+            };
             store += &format!(
-                "    if (row0 + {i}u < p.m && colbase + {col}u < p.n) {{ c[(cbase + (row0 + {i}u) * p.n + colbase + {col}u) >> 2u] = acc_{i}_{j}; }}\n",
+                "    if (row0 + {i}u < p.m && colbase + {col}u < p.n) {{ c[{ci}] = acc_{i}_{j}{old}; }}\n",
                 col = 4 * sz * j
             );
         }

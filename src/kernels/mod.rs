@@ -4,6 +4,7 @@
 //! buffers itself, so the same launch can be replayed by a compiled plan or run eagerly.
 
 pub mod catalog;
+pub mod contrastive;
 pub mod elementwise;
 pub mod layout;
 pub mod matmul;

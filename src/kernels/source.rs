@@ -29,6 +29,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
         "cross_entropy",
         include_str!("../../shaders/cross_entropy.wgsl"),
     ),
+    ("multipos", include_str!("../../shaders/multipos.wgsl")),
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
     ("fill", include_str!("../../shaders/fill.wgsl")),

@@ -1,0 +1,99 @@
+//! The multi-positive contrastive loss against a direct transcription of the official
+//! PyTorch loss (tools/make_fixtures.py), and its known floor.
+
+mod common;
+
+use std::path::Path;
+
+use common::{assert_close, gpu};
+use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
+use stablerep::nn::checkpoint::Checkpoint;
+
+fn run_loss(h: &[f32], rows: usize, dim: usize, captions: usize) -> (f32, Vec<f32>) {
+    let (gpu, _lock) = gpu();
+    let mut g = Graph::new();
+    let x = g.input("h", &[rows, dim]);
+    let loss = g.multi_positive_loss(x, captions, 0.1).unwrap();
+    let grad = g.grad(loss, &[x]).unwrap()[0];
+    let plan = Plan::compile(
+        &gpu,
+        &g,
+        &[loss, grad],
+        &mut ParamStore::new(),
+        PlanOptions {
+            poison: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    plan.write(x, h).unwrap();
+    let out = plan.run_fetch(&[loss, grad]).unwrap();
+    (out[0][0], out[1].clone())
+}
+
+#[test]
+fn loss_and_gradient_match_the_official_pytorch_loss() {
+    let ck = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/multipos_loss.safetensors"),
+    )
+    .unwrap();
+    for case in ["a", "b", "simclr"] {
+        let meta: serde_json::Value = serde_json::from_str(&ck.metadata[case]).unwrap();
+        let (n, m, d) = (
+            meta["captions"].as_u64().unwrap() as usize,
+            meta["images_per_caption"].as_u64().unwrap() as usize,
+            meta["dim"].as_u64().unwrap() as usize,
+        );
+        let h = ck.get(&format!("{case}.h"), Some(&[n * m, d])).unwrap();
+        let (loss, grad) = run_loss(&h.data, n * m, d, n);
+        let want_loss = ck.get(&format!("{case}.loss"), None).unwrap().data[0] as f64;
+        assert_close(&format!("{case}: loss"), &[loss], &[want_loss], 1e-5, 1e-6);
+        let want: Vec<f64> = ck
+            .get(&format!("{case}.grad"), None)
+            .unwrap()
+            .data
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let scale = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        assert_close(
+            &format!("{case}: gradient"),
+            &grad,
+            &want,
+            1e-4,
+            1e-4 * scale,
+        );
+    }
+}
+
+#[test]
+fn loss_reaches_its_floor_log_m_minus_1() {
+    // Each caption's m images identical and captions orthogonal: q spreads over the m - 1
+    // positives, so the loss is log(m - 1) up to the tiny weight of the negatives.
+    let (n, m, d) = (4, 6, 8);
+    let mut h = vec![0.0f32; n * m * d];
+    for v in 0..m {
+        for i in 0..n {
+            h[(v * n + i) * d + i] = 3.0;
+        }
+    }
+    let (loss, _) = run_loss(&h, n * m, d, n);
+    let floor = ((m - 1) as f32).ln();
+    assert!((loss - floor).abs() < 1e-3, "loss {loss} vs floor {floor}");
+}
+
+#[test]
+fn bad_loss_settings_are_rejected() {
+    let mut g = Graph::new();
+    let x = g.input("h", &[10, 4]);
+    assert!(g
+        .multi_positive_loss(x, 3, 0.1)
+        .unwrap_err()
+        .to_string()
+        .contains("3 captions"));
+    assert!(g
+        .multi_positive_loss(x, 5, 0.0)
+        .unwrap_err()
+        .to_string()
+        .contains("temperature"));
+}
