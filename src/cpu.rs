@@ -569,6 +569,30 @@ pub fn eval(
                 }
                 Some(y)
             }
+            Op::BnRunning {
+                rows,
+                momentum,
+                eps,
+            } => {
+                let name = |k: usize| g.node(node.inputs[k]).name.clone().unwrap_or_default();
+                let (mut rm, mut rv, st) = (get(0).clone(), get(1).clone(), get(2).clone());
+                let ss = sh(2);
+                let (groups, cols) = (ss[0], ss[2]);
+                let mom = *momentum as f64;
+                let unbias = *rows as f64 / (rows.max(&2) - 1) as f64;
+                for gi in 0..groups {
+                    for c in 0..cols {
+                        let mean = st[gi * 2 * cols + c];
+                        let rstd = st[gi * 2 * cols + cols + c];
+                        let var = 1.0 / (rstd * rstd) - *eps as f64;
+                        rm[c] = (1.0 - mom) * rm[c] + mom * mean;
+                        rv[c] = (1.0 - mom) * rv[c] + mom * var * unbias;
+                    }
+                }
+                params.insert(name(0), rm);
+                params.insert(name(1), rv);
+                None
+            }
             Op::AdamW(cfg) => {
                 let name = |k: usize| g.node(node.inputs[k]).name.clone().unwrap_or_default();
                 let (gr, h) = (get(1).clone(), get(4).clone());

@@ -360,6 +360,7 @@ impl Graph {
             | Op::BnGrad { .. }
             | Op::CrossEntropyGrad
             | Op::AdamW(_)
+            | Op::BnRunning { .. }
             | Op::Sgd { .. } => {
                 return Err(Error::Graph(format!(
                     "{op:?} cannot be differentiated (no second-order gradients)"

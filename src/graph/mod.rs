@@ -145,6 +145,16 @@ pub enum Op {
     },
     /// (param, grad, m, v, hyper[3]): in-place AdamW step (no output).
     AdamW(AdamW),
+    /// (running_mean, running_var, stats [groups, 2, cols]): in-place BatchNorm running
+    /// statistics update (no output); `rows` per group.
+    BnRunning {
+        /// rows per group (for the unbiased variance)
+        rows: usize,
+        /// PyTorch momentum (0.1 by default)
+        momentum: f32,
+        /// the epsilon the statistics were computed with
+        eps: f32,
+    },
     /// (param, grad, momentum, hyper[1]): in-place SGD step (no output).
     Sgd {
         /// momentum
@@ -157,7 +167,7 @@ pub enum Op {
 impl Op {
     /// True for ops that update persistent tensors instead of producing an output.
     pub fn is_update(&self) -> bool {
-        matches!(self, Op::AdamW(_) | Op::Sgd { .. })
+        matches!(self, Op::AdamW(_) | Op::Sgd { .. } | Op::BnRunning { .. })
     }
     /// True for leaves whose storage lives outside the plan's planner.
     pub fn is_leaf(&self) -> bool {
@@ -671,6 +681,42 @@ impl Graph {
             DType::F32,
         );
         Ok((y, stats))
+    }
+
+    /// Appends the in-place update of running statistics `{name}.running_mean` and
+    /// `{name}.running_var` (created as 0 and 1) from the batch statistics of
+    /// [`Graph::batch_norm`] (PyTorch semantics, groups applied in turn).
+    pub fn bn_running_update(
+        &mut self,
+        name: &str,
+        stats: NodeId,
+        momentum: f32,
+        eps: f32,
+    ) -> Result<()> {
+        let ss = self.shape(stats).to_vec();
+        let x = self.nodes[stats.0].inputs.first().copied();
+        let rows = match (x, &self.nodes[stats.0].op) {
+            (Some(x), Op::BnStats { groups, .. }) => self.shape(x)[0] / groups,
+            _ => {
+                return Err(Error::Graph(
+                    "bn_running_update needs the statistics node of batch_norm".into(),
+                ))
+            }
+        };
+        let c = ss[2];
+        let rm = self.state(&format!("{name}.running_mean"), &[c], 0.0);
+        let rv = self.state(&format!("{name}.running_var"), &[c], 1.0);
+        self.push(
+            Op::BnRunning {
+                rows,
+                momentum,
+                eps,
+            },
+            vec![rm, rv, stats],
+            vec![],
+            DType::F32,
+        );
+        Ok(())
     }
 
     /// Per-row softmax cross-entropy of logits [R, C] against u32 labels [R] -> [R].

@@ -648,6 +648,24 @@ fn lower(
         Op::MultiPosGrad { captions, tau } => {
             contrastive::multipos_grad(x(0)?, x(1)?, node.shape[0], *captions, *tau, y, caps)?
         }
+        Op::BnRunning {
+            rows,
+            momentum,
+            eps,
+        } => {
+            let st = sh(2);
+            norm::bn_running(
+                x(0)?,
+                x(1)?,
+                x(2)?,
+                st[0],
+                *rows,
+                st[2],
+                *momentum,
+                *eps,
+                caps,
+            )?
+        }
         Op::AdamW(cfg) => optim::adamw(*cfg, x(0)?, x(1)?, x(2)?, x(3)?, x(4)?, caps)?,
         Op::Sgd {
             momentum,

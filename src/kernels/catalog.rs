@@ -197,6 +197,17 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         )?);
     }
     out.extend(norm::bn_stats(v(0, 6), 1, 2, 3, 1e-5, v(1, 6), &caps)?);
+    out.extend(norm::bn_running(
+        v(0, 3),
+        v(1, 3),
+        v(2, 6),
+        1,
+        2,
+        3,
+        0.1,
+        1e-5,
+        &caps,
+    )?);
     out.extend(norm::ln_grad(
         v(0, 6),
         v(1, 4),

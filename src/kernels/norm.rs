@@ -177,3 +177,39 @@ pub fn bn_grad(
         groups: grid(((groups * rows * cols) as u64).div_ceil(WG_1D as u64), caps)?,
     }])
 }
+
+/// In-place update of BatchNorm running mean/var from batch statistics [groups, 2, cols]
+/// (applied group after group, unbiased variance, PyTorch's momentum convention).
+#[allow(clippy::too_many_arguments)]
+pub fn bn_running(
+    rmean: View,
+    rvar: View,
+    stats: View,
+    groups: usize,
+    rows: usize,
+    cols: usize,
+    momentum: f32,
+    eps: f32,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    let (bm, om) = bind_all(&rmean, caps, "running mean")?;
+    let (bv, ov) = bind_all(&rvar, caps, "running var")?;
+    let (bs, os) = bind_all(&stats, caps, "batchnorm statistics")?;
+    Ok(vec![Dispatch {
+        key: "bn_running".into(),
+        template: "bn_running",
+        subst: vec![],
+        uniform: uniform(&[
+            groups as u32,
+            rows as u32,
+            cols as u32,
+            om,
+            ov,
+            os,
+            momentum.to_bits(),
+            eps.to_bits(),
+        ]),
+        bindings: vec![bm, bv, bs],
+        groups: grid((cols as u64).div_ceil(64), caps)?,
+    }])
+}

@@ -1,3 +1,5 @@
-//! Models built on the graph: the ViT encoder.
-/// The timm-compatible Vision Transformer.
+//! Models built on the graph: the timm-compatible ViT encoder and StableRep's head and
+//! training step.
+
+pub mod stablerep;
 pub mod vit;
