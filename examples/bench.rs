@@ -1,7 +1,7 @@
 //! Benchmarks, one JSON object per line. Usage:
 //!   cargo run --release --example bench -- [FILTER...] [--size N] [--reps N]
-//! FILTER selects cases by substring: `matmul`, `matmul_variants`, `mlp_step`, `block_stack`,
-//! `chain`.
+//! FILTER selects cases by substring: `matmul`, `matmul_variants`, `mlp_step`, `vit-train`,
+//! `chain`. `BENCH_PROFILE=1` adds a per-kernel breakdown of `vit-train`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -113,7 +113,7 @@ fn time_matmul(
 
 /// Forward + backward + AdamW of a pre-norm transformer block stack (batch 32, 64 tokens,
 /// width 192, 4 layers, 3 heads, MLP 768), built from the engine's generic ops.
-fn block_stack(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
+fn vit_train(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
     use stablerep::demo::{transformer_stack, StackConfig};
     use stablerep::graph::adam_hyper;
     let cfg = StackConfig {
@@ -148,14 +148,14 @@ fn block_stack(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
         for (key, secs, count) in plan.profile()? {
             println!(
                 "{}",
-                json!({"bench": "block_stack_profile", "kernel": key, "ms": (secs * 1e4).round() / 10.0, "dispatches": count})
+                json!({"bench": "vit-train_profile", "kernel": key, "ms": (secs * 1e4).round() / 10.0, "dispatches": count})
             );
         }
     }
     println!(
         "{}",
         json!({
-            "bench": "block_stack", "adapter": adapter, "batch": cfg.batch, "tokens": cfg.tokens, "width": cfg.width,
+            "bench": "vit-train", "adapter": adapter, "batch": cfg.batch, "tokens": cfg.tokens, "width": cfg.width,
             "layers": cfg.layers, "heads": cfg.heads, "mlp": cfg.mlp, "ms_per_step": (ms * 10.0).round() / 10.0, "loss": l,
             "dispatches_per_submit": st.dispatches, "plan_peak_bytes": st.peak_bytes, "sum_tensor_bytes": st.tensor_bytes,
         })
@@ -249,8 +249,8 @@ fn main() -> stablerep::Result<()> {
             })
         );
     }
-    if wanted(&a, "block_stack") {
-        block_stack(&gpu, &adapter)?;
+    if wanted(&a, "vit-train") {
+        vit_train(&gpu, &adapter)?;
     }
     if wanted(&a, "chain") {
         let mut g = Graph::new();

@@ -1,4 +1,4 @@
-//! Checks a full-size transformer block stack (the `block_stack` benchmark's graph: batch 32,
+//! Checks a full-size transformer block stack (the `vit-train` benchmark's graph: batch 32,
 //! 64 tokens, width 192, 4 layers) on the GPU against the f64 CPU reference: the loss and the
 //! gradient of every parameter at step 0. The CPU side takes about a minute.
 //!   cargo run --release --example check_stack
