@@ -28,26 +28,7 @@ pub fn generic_caps(cpu: bool) -> Caps {
 
 /// All unary ops with representative scalars.
 pub fn unary_ops() -> Vec<UnaryOp> {
-    use UnaryOp::*;
-    vec![
-        Exp,
-        Log,
-        Sqrt,
-        Rsqrt,
-        Relu,
-        Gelu,
-        QuickGelu,
-        Silu,
-        Sigmoid,
-        Tanh,
-        Neg,
-        Abs,
-        Square,
-        Recip,
-        Affine(2.0, -1.0),
-        Pow(3.0),
-        Clamp(-0.5, 0.5),
-    ]
+    UnaryOp::all()
 }
 
 /// All binary ops (plus every unary gradient).

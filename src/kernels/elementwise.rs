@@ -64,6 +64,30 @@ pub enum UnaryOp {
 }
 
 impl UnaryOp {
+    /// Every op, with representative scalars (tests and the kernel catalog).
+    pub fn all() -> Vec<UnaryOp> {
+        use UnaryOp::*;
+        vec![
+            Exp,
+            Log,
+            Sqrt,
+            Rsqrt,
+            Relu,
+            Gelu,
+            QuickGelu,
+            Silu,
+            Sigmoid,
+            Tanh,
+            Neg,
+            Abs,
+            Square,
+            Recip,
+            Affine(2.0, -1.0),
+            Pow(3.0),
+            Clamp(-0.5, 0.5),
+        ]
+    }
+
     /// Name used in pipeline keys.
     pub fn name(&self) -> &'static str {
         match self {

@@ -137,8 +137,8 @@ pub fn grid(groups: u64, caps: &Caps) -> Result<[u32; 3]> {
 }
 
 /// Row chunks `[(start, count)]` over `rows` rows of `row_elems` elements each, so that every
-/// chunk binds within the limit. `extra_rows_per_chunk_elems` lets a launcher account for
-/// several operands of different row widths (pass the widest).
+/// chunk binds within the limit. With several operands of different row widths, pass the
+/// widest.
 pub fn row_chunks(rows: u64, row_elems: u64, caps: &Caps, what: &str) -> Result<Vec<(u64, u64)>> {
     let max_elems = max_bind_elems(caps);
     let row_elems = row_elems.max(1);
