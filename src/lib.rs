@@ -15,5 +15,6 @@ pub mod graph;
 pub mod kernels;
 pub mod models;
 pub mod nn;
+pub mod train;
 
 pub use error::{Error, Result};

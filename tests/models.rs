@@ -182,3 +182,84 @@ fn one_training_step_matches_pytorch() {
     }
     assert!(checked >= 40, "only {checked} tensors compared");
 }
+
+#[test]
+fn training_resumes_exactly_from_a_checkpoint() {
+    use stablerep::graph::adam_hyper;
+    use stablerep::kernels::optim::AdamW;
+    use stablerep::models::stablerep::{train_step, HeadConfig, StepConfig};
+    use stablerep::train::checkpoint;
+    let ck = fixture("train_step.safetensors");
+    let cfg = StepConfig {
+        vit: vit::infer_config(&ck, "before.visual.", 16).unwrap(),
+        head: HeadConfig {
+            hidden: 64,
+            out: 16,
+        },
+        captions: 4,
+        images_per_caption: 3,
+        temperature: 0.1,
+        adamw: AdamW {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+    };
+    let step = train_step(&cfg).unwrap();
+    let images = &ck.get("images", None).unwrap().data;
+    let (gpu, _lock) = gpu();
+    let fresh = || {
+        let mut store = ParamStore::new();
+        for (name, t) in &ck.tensors {
+            if let Some(key) = name.strip_prefix("before.") {
+                store.set(&gpu, key, &t.shape, &t.data).unwrap();
+            }
+        }
+        store
+    };
+    let run = |store: &mut ParamStore, from: u32, to: u32| {
+        let plan = Plan::compile(
+            &gpu,
+            &step.graph,
+            &[step.loss],
+            store,
+            PlanOptions::default(),
+        )
+        .unwrap();
+        plan.write(step.images, images).unwrap();
+        for t in from..to {
+            plan.write(step.hyper, &adam_hyper(1e-3, &cfg.adamw, t + 1))
+                .unwrap();
+            plan.run().unwrap();
+        }
+        gpu.wait().unwrap();
+    };
+    // Three steps straight.
+    let mut a = fresh();
+    run(&mut a, 0, 3);
+    // Two steps, save, load into a new store, one more step.
+    let mut b = fresh();
+    run(&mut b, 0, 2);
+    let dir = std::env::temp_dir().join(format!("stablerep-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("last.safetensors");
+    checkpoint::save(&b, &serde_json::json!({"captions": 4}), 2, &path).unwrap();
+    let mut c = ParamStore::new();
+    let (config, at) = checkpoint::load(&gpu, &path, &mut c).unwrap();
+    assert_eq!((config["captions"].as_u64(), at), (Some(4), 2));
+    run(&mut c, 2, 3);
+    let names: Vec<String> = a.names().map(str::to_string).collect();
+    assert!(
+        names.iter().any(|n| n.ends_with(".adam_m"))
+            && names.iter().any(|n| n.ends_with("running_var"))
+    );
+    for name in names {
+        assert_eq!(
+            a.read(&name).unwrap(),
+            c.read(&name).unwrap(),
+            "{name} differs after resuming"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,79 @@
+//! The training state on disk: every tensor of the [`ParamStore`] (parameters under their
+//! official names such as `visual.*` and `image_mlp.*`, AdamW moments as `<name>.adam_m` /
+//! `<name>.adam_v`, BatchNorm running statistics) in one safetensors file, with the run's
+//! configuration and step in the metadata. Writes are atomic, so an interrupted save keeps the
+//! previous checkpoint; a timm user can load the `visual.*` tensors directly.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::graph::ParamStore;
+use crate::nn::checkpoint::{Checkpoint, HostTensor};
+
+/// Metadata key holding the JSON configuration.
+pub const CONFIG_KEY: &str = "config";
+/// Metadata key holding the optimizer step count.
+pub const STEP_KEY: &str = "step";
+
+/// Reads every tensor of `store` back and writes them with `config` (JSON) and `step`.
+pub fn save(store: &ParamStore, config: &serde_json::Value, step: u64, path: &Path) -> Result<()> {
+    let mut ck = Checkpoint::default();
+    for name in store.names() {
+        let t = store.get(name).expect("name from the store");
+        ck.tensors.insert(
+            name.to_string(),
+            HostTensor {
+                shape: t.shape.clone(),
+                data: t.read_f32()?,
+            },
+        );
+    }
+    ck.metadata.insert(CONFIG_KEY.into(), config.to_string());
+    ck.metadata.insert(STEP_KEY.into(), step.to_string());
+    ck.save(path)
+}
+
+/// Loads a training checkpoint into `store`; returns (config, step). Checkpoints without
+/// metadata (converted official weights) give `Value::Null` and step 0.
+pub fn load(
+    gpu: &Arc<Gpu>,
+    path: &Path,
+    store: &mut ParamStore,
+) -> Result<(serde_json::Value, u64)> {
+    let ck = Checkpoint::load(path)?;
+    for (name, t) in &ck.tensors {
+        store.set(gpu, name, &t.shape, &t.data)?;
+    }
+    let config = match ck.metadata.get(CONFIG_KEY) {
+        Some(s) => serde_json::from_str(s).map_err(|e| {
+            Error::Config(format!(
+                "{}: metadata '{CONFIG_KEY}' is not JSON: {e}",
+                path.display()
+            ))
+        })?,
+        None => serde_json::Value::Null,
+    };
+    let step = match ck.metadata.get(STEP_KEY) {
+        Some(s) => s.parse().map_err(|e| {
+            Error::Config(format!(
+                "{}: metadata '{STEP_KEY}' is not a number: {e}",
+                path.display()
+            ))
+        })?,
+        None => 0,
+    };
+    Ok((config, step))
+}
+
+/// Names grouped by their first component (`visual`, `image_mlp`, ...), for summaries.
+pub fn summary(store: &ParamStore) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for name in store.names() {
+        let head = name.split('.').next().unwrap_or(name).to_string();
+        *m.entry(head).or_insert(0) += store.get(name).map_or(0, |t| t.numel());
+    }
+    m
+}

@@ -1,0 +1,5 @@
+//! Training policy on top of the models: learning-rate rules and schedules, and checkpoints of
+//! the full training state.
+
+pub mod checkpoint;
+pub mod schedule;
