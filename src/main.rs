@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use stablerep::demo::{train_mlp, DemoConfig};
 use stablerep::gpu::{adapter, Gpu, GpuOptions};
 
@@ -25,6 +25,49 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Train StableRep. For now on a fixed, already augmented batch (`--fixed-batch`, the parity
+    /// mode that proves equality with PyTorch); pools and augmentation come next.
+    Train {
+        /// Initial checkpoint (safetensors with official names: visual.*, image_mlp.*).
+        #[arg(long)]
+        init: std::path::PathBuf,
+        /// safetensors file holding `images` [N*M, 3, H, W], normalized, view-major.
+        #[arg(long)]
+        fixed_batch: Option<std::path::PathBuf>,
+        /// Captions per batch (N).
+        #[arg(long)]
+        captions_per_batch: usize,
+        /// Images per caption (M); 2 with two crops of one image is the SimCLR control.
+        #[arg(long)]
+        images_per_caption: usize,
+        /// Optimizer steps.
+        #[arg(long, default_value_t = 1)]
+        steps: u64,
+        /// Use the batch as it is (required with --fixed-batch).
+        #[arg(long)]
+        no_augment: bool,
+        /// Learning-rate schedule.
+        #[arg(long, value_enum, default_value_t = LrSchedule::Cosine)]
+        lr_schedule: LrSchedule,
+        /// Warmup steps of the cosine schedule.
+        #[arg(long, default_value_t = 0)]
+        warmup_steps: u64,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Decoupled weight decay (tensors with ndim >= 2, no bias/norm).
+        #[arg(long, default_value_t = 0.1)]
+        weight_decay: f32,
+        /// Loss temperature.
+        #[arg(long, default_value_t = 0.1)]
+        temperature: f32,
+        /// Head dimension for checkpoints without a config (64 in every timm ViT size).
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        /// Output folder (checkpoint-last.safetensors, metrics.jsonl).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Train a small MLP on three spirals through the graph executor (engine smoke test).
     Demo {
         /// Optimizer steps.
@@ -40,6 +83,15 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+/// Learning-rate schedules.
+#[derive(Clone, Copy, ValueEnum)]
+enum LrSchedule {
+    /// Linear warmup, then cosine to zero.
+    Cosine,
+    /// Constant.
+    Constant,
 }
 
 fn main() -> ExitCode {
@@ -61,6 +113,65 @@ fn run(cli: Cli) -> stablerep::Result<()> {
     };
     match cli.cmd {
         Cmd::Info { json } => info(&opts, json),
+        Cmd::Train {
+            init,
+            fixed_batch,
+            captions_per_batch,
+            images_per_caption,
+            steps,
+            no_augment,
+            lr_schedule,
+            warmup_steps,
+            lr,
+            weight_decay,
+            temperature,
+            head_dim,
+            out,
+        } => {
+            let Some(batch) = fixed_batch else {
+                return Err(stablerep::Error::Config(
+                    "training from an image pool is not available yet; pass --fixed-batch BATCH.safetensors".into(),
+                ));
+            };
+            if !no_augment {
+                return Err(stablerep::Error::Config(
+                    "a fixed batch is used as it is: pass --no-augment (GPU augmentation is not available yet)".into(),
+                ));
+            }
+            let schedule = match lr_schedule {
+                LrSchedule::Constant => stablerep::train::schedule::Schedule::Constant,
+                LrSchedule::Cosine => stablerep::train::schedule::Schedule::Cosine {
+                    warmup: warmup_steps,
+                    total: steps,
+                },
+            };
+            let gpu = Gpu::new(&opts)?;
+            let run = stablerep::train::fixed::FixedBatchRun {
+                init,
+                batch,
+                captions: captions_per_batch,
+                images_per_caption,
+                steps,
+                lr,
+                schedule,
+                weight_decay,
+                temperature,
+                head_dim,
+                out,
+            };
+            let t0 = std::time::Instant::now();
+            let images = (captions_per_batch * images_per_caption) as f64;
+            let report = stablerep::train::fixed::run(&gpu, &run, |step, loss, lr| {
+                let secs = t0.elapsed().as_secs_f64();
+                let eta = secs / step as f64 * (steps.saturating_sub(step)) as f64;
+                println!(
+                    "step {step}/{steps}  loss {loss:.5}  lr {lr:.3e}  {:.1} images/s  eta {eta:.0}s",
+                    images * step as f64 / secs
+                );
+            })?;
+            println!("wrote {}", report.checkpoint.display());
+            Ok(())
+        }
         Cmd::Demo {
             steps,
             hidden,

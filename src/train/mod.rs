@@ -2,4 +2,5 @@
 //! the full training state.
 
 pub mod checkpoint;
+pub mod fixed;
 pub mod schedule;

@@ -1,0 +1,191 @@
+//! Training on a fixed, pre-augmented batch (the parity mode used to prove equality with
+//! PyTorch): load a checkpoint, run `steps` optimizer steps on the same batch, write the
+//! checkpoint and per-step metrics.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint;
+use super::schedule::Schedule;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::graph::{adam_hyper, ParamStore, Plan, PlanOptions};
+use crate::kernels::optim::AdamW;
+use crate::models::stablerep::{train_step, HeadConfig, StepConfig};
+use crate::models::vit::{self, VitConfig};
+use crate::nn::checkpoint::Checkpoint;
+
+/// The architecture stored in a checkpoint's `config` metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Encoder.
+    pub vit: VitConfig,
+    /// Projection head.
+    pub head: HeadConfig,
+}
+
+/// The architecture of a checkpoint: from its metadata, else inferred from tensor shapes
+/// (converted official checkpoints have no metadata) with `head_dim` per attention head.
+pub fn model_config(ck: &Checkpoint, head_dim: usize) -> Result<ModelConfig> {
+    if let Some(s) = ck.metadata.get(checkpoint::CONFIG_KEY) {
+        let v: serde_json::Value = serde_json::from_str(s)
+            .map_err(|e| Error::Config(format!("checkpoint config is not JSON: {e}")))?;
+        if let Ok(m) = serde_json::from_value::<ModelConfig>(
+            v.get("model").cloned().unwrap_or(serde_json::Value::Null),
+        ) {
+            return Ok(m);
+        }
+    }
+    let vit = vit::infer_config(ck, "visual.", head_dim)?;
+    let l1 = ck.get("image_mlp.layer1.weight", None)?;
+    let l3 = ck.get("image_mlp.layer3.weight", None)?;
+    Ok(ModelConfig {
+        vit,
+        head: HeadConfig {
+            hidden: l1.shape[0],
+            out: l3.shape[0],
+        },
+    })
+}
+
+/// Settings of a fixed-batch run.
+#[derive(Clone, Debug)]
+pub struct FixedBatchRun {
+    /// Initial checkpoint.
+    pub init: PathBuf,
+    /// safetensors file with `images` [n * m, 3, H, W], normalized, view-major.
+    pub batch: PathBuf,
+    /// Captions per batch (n).
+    pub captions: usize,
+    /// Images per caption (m).
+    pub images_per_caption: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Schedule.
+    pub schedule: Schedule,
+    /// Decoupled weight decay (applied per the official rule).
+    pub weight_decay: f32,
+    /// Loss temperature.
+    pub temperature: f32,
+    /// Head dimension used when the architecture must be inferred.
+    pub head_dim: usize,
+    /// Output folder.
+    pub out: PathBuf,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// Loss per step.
+    pub losses: Vec<f32>,
+    /// The checkpoint written.
+    pub checkpoint: PathBuf,
+}
+
+/// Runs the steps; calls `progress(step, loss, lr)` after each.
+pub fn run(
+    gpu: &Arc<Gpu>,
+    r: &FixedBatchRun,
+    mut progress: impl FnMut(u64, f32, f64),
+) -> Result<RunReport> {
+    let ck = Checkpoint::load(&r.init)?;
+    let model = model_config(&ck, r.head_dim)?;
+    let batch = Checkpoint::load(&r.batch)?;
+    let s = model.vit.img_size;
+    let rows = r.captions * r.images_per_caption;
+    let images = batch.get("images", Some(&[rows, 3, s, s])).map_err(|e| {
+        Error::Config(format!(
+            "{}: {e} ({} captions x {} images at {s}x{s})",
+            r.batch.display(),
+            r.captions,
+            r.images_per_caption
+        ))
+    })?;
+    let adamw = AdamW {
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: r.weight_decay,
+    };
+    let cfg = StepConfig {
+        vit: model.vit,
+        head: model.head,
+        captions: r.captions,
+        images_per_caption: r.images_per_caption,
+        temperature: r.temperature,
+        adamw,
+    };
+    let step = train_step(&cfg)?;
+    let mut store = ParamStore::new();
+    for (name, t) in &ck.tensors {
+        store.set(gpu, name, &t.shape, &t.data)?;
+    }
+    let start_step: u64 = ck
+        .metadata
+        .get(checkpoint::STEP_KEY)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let plan = Plan::compile(
+        gpu,
+        &step.graph,
+        &[step.loss],
+        &mut store,
+        PlanOptions::default(),
+    )?;
+    plan.write(step.images, &images.data)?;
+    std::fs::create_dir_all(&r.out).map_err(|e| Error::Io {
+        path: r.out.display().to_string(),
+        source: e,
+    })?;
+    let metrics_path = r.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::Io {
+            path: metrics_path.display().to_string(),
+            source: e,
+        })?;
+    let mut losses = Vec::new();
+    for i in 0..r.steps {
+        let t = start_step + i;
+        let lr = r.schedule.lr(r.lr, t);
+        plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;
+        let loss = plan.run_fetch(&[step.loss])?[0][0];
+        if !loss.is_finite() {
+            return Err(Error::Graph(format!(
+                "loss became {loss} at step {}; the last good checkpoint is {}",
+                t + 1,
+                r.init.display()
+            )));
+        }
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::json!({"step": t + 1, "loss": loss, "lr": lr})
+        )
+        .map_err(|e| Error::Io {
+            path: metrics_path.display().to_string(),
+            source: e,
+        })?;
+        losses.push(loss);
+        progress(t + 1, loss, lr);
+    }
+    let path = r.out.join("checkpoint-last.safetensors");
+    let config = serde_json::json!({ "model": model, "captions": r.captions, "images_per_caption": r.images_per_caption, "temperature": r.temperature });
+    checkpoint::save(&store, &config, start_step + r.steps, &path)?;
+    Ok(RunReport {
+        losses,
+        checkpoint: path,
+    })
+}
+
+/// The path of a run's last checkpoint.
+pub fn last_checkpoint(out: &Path) -> PathBuf {
+    out.join("checkpoint-last.safetensors")
+}

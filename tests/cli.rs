@@ -1,0 +1,144 @@
+//! The `stablerep` command end to end: the parity training mode against the PyTorch step,
+//! and clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use stablerep::nn::checkpoint::Checkpoint;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_stablerep"));
+    c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    c
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("stablerep-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn fixed_batch_training_matches_the_pytorch_step() {
+    let fx = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train_step.safetensors"),
+    )
+    .unwrap();
+    let dir = tmp("train");
+    let mut init = Checkpoint::default();
+    let mut batch = Checkpoint::default();
+    for (name, t) in &fx.tensors {
+        if let Some(k) = name.strip_prefix("before.") {
+            init.tensors.insert(k.to_string(), t.clone());
+        }
+    }
+    batch
+        .tensors
+        .insert("images".into(), fx.get("images", None).unwrap().clone());
+    init.save(&dir.join("init.safetensors")).unwrap();
+    batch.save(&dir.join("batch.safetensors")).unwrap();
+    let out = bin()
+        .args(["train", "--init"])
+        .arg(dir.join("init.safetensors"))
+        .arg("--fixed-batch")
+        .arg(dir.join("batch.safetensors"))
+        .args([
+            "--captions-per-batch",
+            "4",
+            "--images-per-caption",
+            "3",
+            "--steps",
+            "1",
+            "--no-augment",
+        ])
+        .args([
+            "--lr-schedule",
+            "constant",
+            "--lr",
+            "1e-3",
+            "--weight-decay",
+            "0.1",
+            "--head-dim",
+            "16",
+            "--out",
+        ])
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("step 1/1") && stdout.contains("images/s"),
+        "{stdout}"
+    );
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    let want = fx.get("loss", None).unwrap().data[0] as f64;
+    assert!(
+        (m["loss"].as_f64().unwrap() - want).abs() < 1e-5 * want.abs().max(1.0),
+        "{m} vs {want}"
+    );
+    let after = Checkpoint::load(&dir.join("run/checkpoint-last.safetensors")).unwrap();
+    assert_eq!(after.metadata.get("step").map(String::as_str), Some("1"));
+    for key in [
+        "visual.blocks.1.mlp.fc1.weight",
+        "image_mlp.layer3.weight",
+        "image_mlp.bn2.running_var",
+    ] {
+        let got = &after.get(key, None).unwrap().data;
+        let want = &fx.get(&format!("after.{key}"), None).unwrap().data;
+        let before = &fx.get(&format!("before.{key}"), None).unwrap().data;
+        for i in 0..got.len() {
+            let (du, dw) = (got[i] - before[i], want[i] - before[i]);
+            assert!(
+                (du - dw).abs() <= 2e-3 * dw.abs() + 2e-6,
+                "{key}[{i}]: update {du} vs {dw}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn train_errors_name_the_problem() {
+    let dir = tmp("errors");
+    let out = bin()
+        .args(["train", "--init"])
+        .arg(dir.join("missing.safetensors"))
+        .args([
+            "--fixed-batch",
+            "x.safetensors",
+            "--no-augment",
+            "--captions-per-batch",
+            "2",
+            "--images-per-caption",
+            "2",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.safetensors"), "{err}");
+    let out = bin()
+        .args([
+            "train",
+            "--init",
+            "a",
+            "--captions-per-batch",
+            "2",
+            "--images-per-caption",
+            "2",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--fixed-batch"));
+    std::fs::remove_dir_all(&dir).ok();
+}
