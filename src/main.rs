@@ -68,6 +68,21 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Write the CLS features of normalized images with a checkpoint's encoder.
+    Embed {
+        /// Checkpoint (official names, visual.*).
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        /// safetensors file holding `images` [N, 3, H, W], normalized.
+        #[arg(long)]
+        input_tensor: std::path::PathBuf,
+        /// Output safetensors file (`features` [N, D]).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Head dimension for checkpoints without a config.
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+    },
     /// Train a small MLP on three spirals through the graph executor (engine smoke test).
     Demo {
         /// Optimizer steps.
@@ -113,6 +128,23 @@ fn run(cli: Cli) -> stablerep::Result<()> {
     };
     match cli.cmd {
         Cmd::Info { json } => info(&opts, json),
+        Cmd::Embed {
+            checkpoint,
+            input_tensor,
+            out,
+            head_dim,
+        } => {
+            let gpu = Gpu::new(&opts)?;
+            let n = stablerep::train::embed::embed_files(
+                &gpu,
+                &checkpoint,
+                &input_tensor,
+                &out,
+                head_dim,
+            )?;
+            println!("wrote {n} feature vectors to {}", out.display());
+            Ok(())
+        }
         Cmd::Train {
             init,
             fixed_batch,

@@ -142,3 +142,48 @@ fn train_errors_name_the_problem() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--fixed-batch"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn embed_writes_the_timm_features() {
+    let fx = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit_tiny.safetensors"),
+    )
+    .unwrap();
+    let dir = tmp("embed");
+    let mut input = Checkpoint::default();
+    input
+        .tensors
+        .insert("images".into(), fx.get("input", None).unwrap().clone());
+    input.save(&dir.join("x.safetensors")).unwrap();
+    // The checkpoint holds only the encoder (as a timm user would convert one).
+    let mut ck = Checkpoint::default();
+    for (k, t) in &fx.tensors {
+        if k.starts_with("visual.") {
+            ck.tensors.insert(k.clone(), t.clone());
+        }
+    }
+    ck.save(&dir.join("ck.safetensors")).unwrap();
+    let out = bin()
+        .arg("embed")
+        .arg("--checkpoint")
+        .arg(dir.join("ck.safetensors"))
+        .arg("--input-tensor")
+        .arg(dir.join("x.safetensors"))
+        .arg("--out")
+        .arg(dir.join("f.safetensors"))
+        .args(["--head-dim", "16"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f = Checkpoint::load(&dir.join("f.safetensors")).unwrap();
+    let got = &f.get("features", Some(&[3, 32])).unwrap().data;
+    let want = &fx.get("features", None).unwrap().data;
+    for (a, b) in got.iter().zip(want) {
+        assert!((a - b).abs() <= 1e-4 + 1e-4 * b.abs(), "{a} vs {b}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -27,17 +27,32 @@ pub struct ModelConfig {
     pub head: HeadConfig,
 }
 
+/// The model configuration in a checkpoint's metadata, if it has one.
+fn stored_config(ck: &Checkpoint) -> Result<Option<ModelConfig>> {
+    let Some(s) = ck.metadata.get(checkpoint::CONFIG_KEY) else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = serde_json::from_str(s)
+        .map_err(|e| Error::Config(format!("checkpoint config is not JSON: {e}")))?;
+    Ok(serde_json::from_value::<ModelConfig>(
+        v.get("model").cloned().unwrap_or(serde_json::Value::Null),
+    )
+    .ok())
+}
+
+/// The encoder of a checkpoint: from its metadata, else inferred from the `visual.*` shapes.
+pub fn vit_config(ck: &Checkpoint, head_dim: usize) -> Result<VitConfig> {
+    match stored_config(ck)? {
+        Some(m) => Ok(m.vit),
+        None => vit::infer_config(ck, "visual.", head_dim),
+    }
+}
+
 /// The architecture of a checkpoint: from its metadata, else inferred from tensor shapes
 /// (converted official checkpoints have no metadata) with `head_dim` per attention head.
 pub fn model_config(ck: &Checkpoint, head_dim: usize) -> Result<ModelConfig> {
-    if let Some(s) = ck.metadata.get(checkpoint::CONFIG_KEY) {
-        let v: serde_json::Value = serde_json::from_str(s)
-            .map_err(|e| Error::Config(format!("checkpoint config is not JSON: {e}")))?;
-        if let Ok(m) = serde_json::from_value::<ModelConfig>(
-            v.get("model").cloned().unwrap_or(serde_json::Value::Null),
-        ) {
-            return Ok(m);
-        }
+    if let Some(m) = stored_config(ck)? {
+        return Ok(m);
     }
     let vit = vit::infer_config(ck, "visual.", head_dim)?;
     let l1 = ck.get("image_mlp.layer1.weight", None)?;

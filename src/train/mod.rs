@@ -2,5 +2,6 @@
 //! the full training state.
 
 pub mod checkpoint;
+pub mod embed;
 pub mod fixed;
 pub mod schedule;
