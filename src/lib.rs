@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod data;
 pub mod demo;
 pub mod error;
 pub mod exec;

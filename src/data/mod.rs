@@ -1,0 +1,6 @@
+//! Training data: synthetic image pools (captions with K generated images each) in the official
+//! StableRep layout, a caption sampler, and image decoding.
+
+pub mod csv;
+pub mod pool;
+pub mod sampler;
