@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod data;
 pub mod demo;
 pub mod error;
+pub mod eval;
 pub mod exec;
 pub mod gpu;
 pub mod graph;

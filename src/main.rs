@@ -83,6 +83,43 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         head_dim: usize,
     },
+    /// Evaluate a checkpoint's frozen encoder on labelled image folders (one sub-folder per
+    /// class): kNN (cosine, temperature-weighted votes) or N-way K-shot nearest prototype.
+    Probe {
+        /// Checkpoint (official names, visual.*).
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        /// Labelled training images (kNN's memory bank).
+        #[arg(long)]
+        train: Option<std::path::PathBuf>,
+        /// Labelled test images.
+        #[arg(long)]
+        test: std::path::PathBuf,
+        /// Evaluation.
+        #[arg(long, value_enum, default_value_t = ProbeMethod::Knn)]
+        method: ProbeMethod,
+        /// Neighbours for kNN.
+        #[arg(long, default_value_t = 20)]
+        k: usize,
+        /// Vote temperature for kNN.
+        #[arg(long, default_value_t = 0.07)]
+        temperature: f64,
+        /// Few-shot ways.
+        #[arg(long, default_value_t = 5)]
+        ways: usize,
+        /// Few-shot shots.
+        #[arg(long, default_value_t = 5)]
+        shots: usize,
+        /// Few-shot queries per class.
+        #[arg(long, default_value_t = 6)]
+        queries: usize,
+        /// Few-shot episodes.
+        #[arg(long, default_value_t = 1000)]
+        episodes: usize,
+        /// Head dimension for checkpoints without a config.
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+    },
     /// Train a small MLP on three spirals through the graph executor (engine smoke test).
     Demo {
         /// Optimizer steps.
@@ -98,6 +135,15 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+/// Frozen-feature evaluations.
+#[derive(Clone, Copy, ValueEnum)]
+enum ProbeMethod {
+    /// Weighted k-nearest neighbours on cosine similarity.
+    Knn,
+    /// N-way K-shot nearest class prototype.
+    Fewshot,
 }
 
 /// Learning-rate schedules.
@@ -128,6 +174,65 @@ fn run(cli: Cli) -> stablerep::Result<()> {
     };
     match cli.cmd {
         Cmd::Info { json } => info(&opts, json),
+        Cmd::Probe {
+            checkpoint,
+            train,
+            test,
+            method,
+            k,
+            temperature,
+            ways,
+            shots,
+            queries,
+            episodes,
+            head_dim,
+        } => {
+            use stablerep::eval::{folder, knn};
+            use stablerep::nn::checkpoint::{Checkpoint, HostTensor};
+            let gpu = Gpu::new(&opts)?;
+            let ck = Checkpoint::load(&checkpoint)?;
+            let size = stablerep::train::fixed::vit_config(&ck, head_dim)?.img_size;
+            let features =
+                |dir: &std::path::Path| -> stablerep::Result<(Vec<f32>, Vec<usize>, usize)> {
+                    let f = folder::LabelledFolder::open(dir)?;
+                    eprintln!(
+                        "{}: {} images in {} classes",
+                        dir.display(),
+                        f.items.len(),
+                        f.classes.len()
+                    );
+                    let (data, labels) = folder::load_eval(&f, size)?;
+                    let images = HostTensor {
+                        shape: vec![labels.len(), 3, size, size],
+                        data,
+                    };
+                    let feats = stablerep::train::embed::embed(&gpu, &ck, head_dim, &images)?;
+                    Ok((feats.data, labels, feats.shape[1]))
+                };
+            let (te, tl, dim) = features(&test)?;
+            let acc = match method {
+                ProbeMethod::Knn => {
+                    let train = train
+                        .ok_or_else(|| stablerep::Error::Config("kNN needs --train".into()))?;
+                    let (tr, trl, _) = features(&train)?;
+                    knn::knn_accuracy(&tr, &trl, &te, &tl, dim, k, temperature)?
+                }
+                ProbeMethod::Fewshot => knn::fewshot_accuracy(
+                    &te,
+                    &tl,
+                    dim,
+                    &knn::FewShot {
+                        ways,
+                        shots,
+                        queries,
+                        episodes,
+                        seed: 0,
+                    },
+                )?,
+            };
+            println!("top-1 accuracy: {:.2}%", acc * 100.0);
+            Ok(())
+        }
         Cmd::Embed {
             checkpoint,
             input_tensor,

@@ -187,3 +187,87 @@ fn embed_writes_the_timm_features() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn probe_knn_and_fewshot_on_labelled_folders() {
+    use stablerep::data::pool::save_rgb;
+    let fx = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit_tiny.safetensors"),
+    )
+    .unwrap();
+    let dir = tmp("probe");
+    let mut ck = Checkpoint::default();
+    for (k, t) in &fx.tensors {
+        if k.starts_with("visual.") {
+            ck.tensors.insert(k.clone(), t.clone());
+        }
+    }
+    ck.save(&dir.join("ck.safetensors")).unwrap();
+    // Three visually distinct classes (colours and stripes) with per-image variation.
+    for (split, count) in [("train", 6usize), ("test", 11)] {
+        for class in 0..3 {
+            for i in 0..count {
+                let s = 20;
+                let img: Vec<f32> = (0..3 * s * s)
+                    .map(|p| {
+                        let (c, y, x) = (p / (s * s), (p / s) % s, p % s);
+                        let base = if c == class { 0.8 } else { 0.1 };
+                        let stripe = if (x + y * class) % 4 < 2 { 0.1 } else { 0.0 };
+                        base + stripe + 0.01 * ((i * 7 + p) % 5) as f32
+                    })
+                    .collect();
+                save_rgb(
+                    &dir.join(split)
+                        .join(format!("class{class}"))
+                        .join(format!("{i}.png")),
+                    s,
+                    s,
+                    &img,
+                )
+                .unwrap();
+            }
+        }
+    }
+    let run = |extra: &[&str]| {
+        let out = bin()
+            .arg("probe")
+            .arg("--checkpoint")
+            .arg(dir.join("ck.safetensors"))
+            .arg("--test")
+            .arg(dir.join("test"))
+            .args(["--head-dim", "16"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let pct: f64 = text
+            .trim()
+            .trim_start_matches("top-1 accuracy: ")
+            .trim_end_matches('%')
+            .parse()
+            .unwrap();
+        pct
+    };
+    let train = dir.join("train").display().to_string();
+    let knn = run(&["--method", "knn", "--k", "5", "--train", &train]);
+    assert!(knn > 90.0, "kNN accuracy {knn}");
+    let few = run(&[
+        "--method",
+        "fewshot",
+        "--ways",
+        "3",
+        "--shots",
+        "5",
+        "--queries",
+        "6",
+        "--episodes",
+        "20",
+    ]);
+    assert!(few > 90.0, "few-shot accuracy {few}");
+    std::fs::remove_dir_all(&dir).ok();
+}
