@@ -593,6 +593,16 @@ pub fn eval(
                 params.insert(name(1), rv);
                 None
             }
+            Op::Augment(stage) => Some(augment_stage(
+                *stage,
+                get(0),
+                get(1),
+                node.inputs
+                    .get(2)
+                    .map(|m| v[m.0].as_ref().expect("evaluated").as_slice()),
+                &sh(0),
+                &node.shape,
+            )),
             Op::AdamW(cfg) => {
                 let name = |k: usize| g.node(node.inputs[k]).name.clone().unwrap_or_default();
                 let (gr, h) = (get(1).clone(), get(4).clone());
@@ -634,4 +644,209 @@ pub fn eval(
         v[i] = out;
     }
     Ok(v)
+}
+
+fn gray(c: [f64; 3]) -> f64 {
+    0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+}
+
+fn rgb_to_hsv(c: [f64; 3]) -> [f64; 3] {
+    let mx = c[0].max(c[1]).max(c[2]);
+    let mn = c[0].min(c[1]).min(c[2]);
+    let d = mx - mn;
+    let mut h = 0.0;
+    if d > 0.0 {
+        h = if mx == c[0] {
+            (c[1] - c[2]) / d
+        } else if mx == c[1] {
+            2.0 + (c[2] - c[0]) / d
+        } else {
+            4.0 + (c[0] - c[1]) / d
+        };
+        h = (h / 6.0 + 1.0).fract();
+    }
+    [h, if mx > 0.0 { d / mx } else { 0.0 }, mx]
+}
+
+fn hsv_to_rgb(c: [f64; 3]) -> [f64; 3] {
+    let h6 = c[0].fract() * 6.0;
+    let i = h6.floor();
+    let f = h6 - i;
+    let (v, s) = (c[2], c[1]);
+    let (p, q, t) = (v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)));
+    match (i as u32) % 6 {
+        0 => [v, t, p],
+        1 => [q, v, p],
+        2 => [p, v, t],
+        3 => [p, q, v],
+        4 => [t, p, v],
+        _ => [v, p, q],
+    }
+}
+
+fn clamp3(c: [f64; 3]) -> [f64; 3] {
+    c.map(|x| x.clamp(0.0, 1.0))
+}
+
+fn jitter(op: u32, c: [f64; 3], pr: &[f64]) -> [f64; 3] {
+    match op {
+        0 => clamp3(c.map(|x| x * pr[6])),
+        2 => {
+            let g = gray(c);
+            clamp3(c.map(|x| x * pr[8] + g * (1.0 - pr[8])))
+        }
+        3 => {
+            let mut hsv = rgb_to_hsv(c);
+            hsv[0] = (hsv[0] + pr[9] + 1.0).fract();
+            clamp3(hsv_to_rgb(hsv))
+        }
+        _ => c,
+    }
+}
+
+fn contrast_pos(pr: &[f64]) -> usize {
+    if pr[5] < 0.5 {
+        return 4;
+    }
+    (0..4).find(|&k| pr[10 + k] as u32 == 1).unwrap_or(4)
+}
+
+/// The f64 reference of one augmentation stage (see `shaders/augment.wgsl`).
+fn augment_stage(
+    stage: crate::kernels::augment::Stage,
+    x: &[f64],
+    prm: &[f64],
+    means: Option<&[f64]>,
+    in_shape: &[usize],
+    out_shape: &[usize],
+) -> Vec<f64> {
+    use crate::kernels::augment::Stage;
+    let b = in_shape[0];
+    let size = if stage == Stage::Pre {
+        out_shape[2]
+    } else {
+        in_shape[2]
+    };
+    let plane = size * size;
+    let px = |bi: usize, y: usize, xx: usize| -> [f64; 3] {
+        let base = bi * 3 * plane + y * size + xx;
+        [x[base], x[base + plane], x[base + 2 * plane]]
+    };
+    let mut out = vec![
+        0.0;
+        if stage == Stage::Mean {
+            b
+        } else {
+            b * 3 * plane
+        }
+    ];
+    let mut put = |bi: usize, y: usize, xx: usize, c: [f64; 3]| {
+        let base = bi * 3 * plane + y * size + xx;
+        out[base] = c[0];
+        out[base + plane] = c[1];
+        out[base + 2 * plane] = c[2];
+    };
+    for bi in 0..b {
+        let pr = &prm[bi * 16..(bi + 1) * 16];
+        for y in 0..size {
+            for xx in 0..size {
+                let c = match stage {
+                    Stage::Pre => {
+                        let (sh, sw) = (in_shape[2], in_shape[3]);
+                        let fx = if pr[4] > 0.5 { size - 1 - xx } else { xx };
+                        let sy = pr[1] + (y as f64 + 0.5) * pr[3] / size as f64 - 0.5;
+                        let sx = pr[0] + (fx as f64 + 0.5) * pr[2] / size as f64 - 0.5;
+                        let (y0, x0) = (sy.floor(), sx.floor());
+                        let (wy, wx) = (sy - y0, sx - x0);
+                        let at = |ch: usize, yy: i64, xq: i64| {
+                            let yy = yy.clamp(0, sh as i64 - 1) as usize;
+                            let xq = xq.clamp(0, sw as i64 - 1) as usize;
+                            x[bi * 3 * sh * sw + ch * sh * sw + yy * sw + xq]
+                        };
+                        let (iy, ix) = (y0 as i64, x0 as i64);
+                        let mut c = [0.0; 3];
+                        for (ch, v) in c.iter_mut().enumerate() {
+                            *v = (at(ch, iy, ix) * (1.0 - wx) + at(ch, iy, ix + 1) * wx)
+                                * (1.0 - wy)
+                                + (at(ch, iy + 1, ix) * (1.0 - wx) + at(ch, iy + 1, ix + 1) * wx)
+                                    * wy;
+                        }
+                        if pr[5] > 0.5 {
+                            for k in 0..contrast_pos(pr).min(4) {
+                                c = jitter(pr[10 + k] as u32, c, pr);
+                            }
+                        }
+                        c
+                    }
+                    Stage::Mean => continue,
+                    Stage::Post => {
+                        let mut c = px(bi, y, xx);
+                        let cp = contrast_pos(pr);
+                        if cp < 4 {
+                            let m = means.expect("post stage has means")[bi];
+                            c = clamp3(c.map(|v| v * pr[7] + m * (1.0 - pr[7])));
+                            for k in cp + 1..4 {
+                                c = jitter(pr[10 + k] as u32, c, pr);
+                            }
+                        }
+                        if pr[14] > 0.5 {
+                            let g = gray(c);
+                            c = [g, g, g];
+                        }
+                        c
+                    }
+                    Stage::BlurH | Stage::BlurV => {
+                        let sigma = pr[15];
+                        let mut c = px(bi, y, xx);
+                        if sigma > 0.0 {
+                            let r = (3.0 * sigma).ceil() as i64;
+                            let n = size as i64;
+                            let reflect = |i: i64| {
+                                let mut j = i.abs();
+                                if j >= n {
+                                    j = 2 * n - 2 - j;
+                                }
+                                j.clamp(0, n - 1) as usize
+                            };
+                            let (mut acc, mut wsum) = ([0.0; 3], 0.0);
+                            for d in -r..=r {
+                                let w = (-((d * d) as f64) / (2.0 * sigma * sigma)).exp();
+                                let q = if stage == Stage::BlurV {
+                                    px(bi, reflect(y as i64 + d), xx)
+                                } else {
+                                    px(bi, y, reflect(xx as i64 + d))
+                                };
+                                for k in 0..3 {
+                                    acc[k] += w * q[k];
+                                }
+                                wsum += w;
+                            }
+                            c = acc.map(|v| v / wsum);
+                        }
+                        if stage == Stage::BlurV {
+                            let (mean, std) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+                            c = [
+                                (c[0] - mean[0]) / std[0],
+                                (c[1] - mean[1]) / std[1],
+                                (c[2] - mean[2]) / std[2],
+                            ];
+                        }
+                        c
+                    }
+                };
+                put(bi, y, xx, c);
+            }
+        }
+    }
+    if stage == Stage::Mean {
+        return (0..b)
+            .map(|bi| {
+                (0..plane)
+                    .map(|j| gray(px(bi, j / size, j % size)))
+                    .sum::<f64>()
+                    / plane as f64
+            })
+            .collect();
+    }
+    out
 }

@@ -432,3 +432,34 @@ fn long_reductions_run_in_two_stages() {
     let y = g.sum_to(x, &[12]).unwrap();
     check("long sum_to", &g, &f, &HashMap::new(), &[y], 1e-5, 1e-4);
 }
+
+#[test]
+fn augmentation_pipeline_matches_the_reference() {
+    use stablerep::data::augment::{sample, AugmentConfig};
+    use stablerep::data::sampler::Rng as SRng;
+    let mut rng = Rng(23);
+    let (b, h, w, size) = (6, 20, 24, 12);
+    let mut g = Graph::new();
+    let mut f = Feeds::new();
+    let src = input(&mut g, &mut f, &mut rng, &[b, 3, h, w], 0.0, 1.0);
+    let prm = g.input("params", &[b, 16]);
+    let mut srng = SRng(9);
+    let cfg = AugmentConfig {
+        jitter_p: 1.0,
+        gray_p: 0.3,
+        blur_p: 0.7,
+        ..AugmentConfig::default()
+    };
+    let mut params: Vec<f64> = Vec::new();
+    for i in 0..b {
+        let mut p = sample(&cfg, h, w, &mut srng);
+        if i == 0 {
+            p[14] = 0.0; // keep colour on one image so hue and saturation show
+            p[15] = 0.0;
+        }
+        params.extend(p.iter().map(|&v| v as f64));
+    }
+    f.insert(prm, params);
+    let y = g.augment(src, prm, size).unwrap();
+    check("augmentation", &g, &f, &HashMap::new(), &[y], 1e-4, 1e-4);
+}

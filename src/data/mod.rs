@@ -1,6 +1,7 @@
 //! Training data: synthetic image pools (captions with K generated images each) in the official
 //! StableRep layout, a caption sampler, and image decoding.
 
+pub mod augment;
 pub mod csv;
 pub mod pool;
 pub mod sampler;

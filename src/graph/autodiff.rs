@@ -361,6 +361,7 @@ impl Graph {
             | Op::CrossEntropyGrad
             | Op::AdamW(_)
             | Op::BnRunning { .. }
+            | Op::Augment(_)
             | Op::Sgd { .. } => {
                 return Err(Error::Graph(format!(
                     "{op:?} cannot be differentiated (no second-order gradients)"

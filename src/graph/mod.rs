@@ -155,6 +155,10 @@ pub enum Op {
         /// the epsilon the statistics were computed with
         eps: f32,
     },
+    /// One stage of the GPU augmentation pipeline (no gradient): Pre (src [B,3,Hs,Ws],
+    /// params [B,16]), Mean (image, params) -> [B], Post (image, params, means), BlurH and
+    /// BlurV (image, params); images are [B, 3, S, S].
+    Augment(crate::kernels::augment::Stage),
     /// (param, grad, momentum, hyper[1]): in-place SGD step (no output).
     Sgd {
         /// momentum
@@ -717,6 +721,45 @@ impl Graph {
             DType::F32,
         );
         Ok(())
+    }
+
+    /// Applies the augmentation pipeline: source images [B, 3, Hs, Ws] in [0, 1] and
+    /// per-image parameters [B, 16] (from `data::augment`) -> normalized [B, 3, size, size].
+    pub fn augment(&mut self, src: NodeId, params: NodeId, size: usize) -> Result<NodeId> {
+        use crate::kernels::augment::Stage;
+        let (s, ps) = (self.shape(src).to_vec(), self.shape(params).to_vec());
+        if s.len() != 4 || s[1] != 3 || ps != [s[0], 16] {
+            return Err(Error::shape(
+                "augment",
+                format!("needs images [B, 3, H, W] and params [B, 16], got {s:?} and {ps:?}"),
+            ));
+        }
+        let out = vec![s[0], 3, size, size];
+        let pre = self.push(
+            Op::Augment(Stage::Pre),
+            vec![src, params],
+            out.clone(),
+            DType::F32,
+        );
+        let mean = self.push(
+            Op::Augment(Stage::Mean),
+            vec![pre, params],
+            vec![s[0]],
+            DType::F32,
+        );
+        let post = self.push(
+            Op::Augment(Stage::Post),
+            vec![pre, params, mean],
+            out.clone(),
+            DType::F32,
+        );
+        let bh = self.push(
+            Op::Augment(Stage::BlurH),
+            vec![post, params],
+            out.clone(),
+            DType::F32,
+        );
+        Ok(self.push(Op::Augment(Stage::BlurV), vec![bh, params], out, DType::F32))
     }
 
     /// Per-row softmax cross-entropy of logits [R, C] against u32 labels [R] -> [R].

@@ -642,6 +642,32 @@ fn lower(
             let s = sh(0);
             reduce::cross_entropy_grad(x(0)?, x(1)?, x(2)?, s[0], s[1], y, caps)?
         }
+        Op::Augment(stage) => {
+            use crate::kernels::augment::{self, Stage};
+            let s0 = sh(0);
+            let (batch, size) = (s0[0], s0[2]);
+            let size = if *stage == Stage::Pre {
+                node.shape[2]
+            } else {
+                size
+            };
+            let means = if *stage == Stage::Post {
+                Some(x(2)?)
+            } else {
+                None
+            };
+            augment::stage(
+                *stage,
+                x(0)?,
+                x(1)?,
+                means,
+                batch,
+                size,
+                (s0[2], s0[3]),
+                y,
+                caps,
+            )?
+        }
         Op::MultiPos { captions, tau } => {
             contrastive::multipos(x(0)?, node.shape[0], *captions, *tau, y, caps)?
         }

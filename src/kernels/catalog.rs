@@ -135,6 +135,26 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         v(3, 6),
         &caps,
     )?);
+    for st in [
+        super::augment::Stage::Pre,
+        super::augment::Stage::Mean,
+        super::augment::Stage::Post,
+        super::augment::Stage::BlurH,
+        super::augment::Stage::BlurV,
+    ] {
+        let means = (st == super::augment::Stage::Post).then(|| v(3, 2));
+        out.extend(super::augment::stage(
+            st,
+            v(0, 96),
+            v(1, 32),
+            means,
+            2,
+            4,
+            (6, 6),
+            v(2, 96),
+            &caps,
+        )?);
+    }
     out.extend(super::contrastive::multipos(
         v(0, 36),
         6,

@@ -3,6 +3,7 @@
 //! shape uniform and returns [`Dispatch`]es over abstract buffer ids. It never touches wgpu
 //! buffers itself, so the same launch can be replayed by a compiled plan or run eagerly.
 
+pub mod augment;
 pub mod catalog;
 pub mod contrastive;
 pub mod elementwise;

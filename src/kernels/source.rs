@@ -30,6 +30,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../shaders/cross_entropy.wgsl"),
     ),
     ("multipos", include_str!("../../shaders/multipos.wgsl")),
+    ("augment", include_str!("../../shaders/augment.wgsl")),
     ("bn_running", include_str!("../../shaders/bn_running.wgsl")),
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
