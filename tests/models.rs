@@ -110,6 +110,7 @@ fn one_training_step_matches_pytorch() {
             eps: 1e-8,
             weight_decay: 0.1,
         },
+        augment_from: None,
     };
     let step = train_step(&cfg).unwrap();
     let (gpu, _lock) = gpu();
@@ -205,6 +206,7 @@ fn training_resumes_exactly_from_a_checkpoint() {
             eps: 1e-8,
             weight_decay: 0.1,
         },
+        augment_from: None,
     };
     let step = train_step(&cfg).unwrap();
     let images = &ck.get("images", None).unwrap().data;

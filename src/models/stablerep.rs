@@ -65,8 +65,11 @@ pub fn decays(name: &str, ndim: usize) -> bool {
 pub struct TrainStep {
     /// The graph (forward, backward, BatchNorm running stats, AdamW).
     pub graph: Graph,
-    /// Input images [captions * images_per_caption, 3, H, W], normalized, view-major.
+    /// Input images [captions * images_per_caption, 3, H, W], normalized, view-major; with
+    /// `augment_from`, the source images [.., 3, src_h, src_w] in [0, 1].
     pub images: NodeId,
+    /// Augmentation parameters [rows, 16] when the step augments.
+    pub aug_params: Option<NodeId>,
     /// The loss ([1]).
     pub loss: NodeId,
     /// AdamW hyper input [lr, 1 - beta1^t, 1 - beta2^t].
@@ -90,6 +93,9 @@ pub struct StepConfig {
     pub temperature: f32,
     /// Optimizer (its weight decay applies where [`decays`] says so).
     pub adamw: AdamW,
+    /// When set, the step starts from source images of this (height, width) in [0, 1] and
+    /// per-image augmentation parameters, and augments on the GPU.
+    pub augment_from: Option<(usize, usize)>,
 }
 
 /// Builds the training step graph.
@@ -102,8 +108,19 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
     }
     let mut g = Graph::new();
     let s = cfg.vit.img_size;
-    let images = g.input("images", &[n * m, 3, s, s]);
-    let feats = vit::encoder(&mut g, &cfg.vit, "visual.", images)?;
+    let (images, aug_params, pixels) = match cfg.augment_from {
+        Some((h, w)) => {
+            let src = g.input("images", &[n * m, 3, h, w]);
+            let prm = g.input("augment.params", &[n * m, 16]);
+            let out = g.augment(src, prm, s)?;
+            (src, Some(prm), out)
+        }
+        None => {
+            let x = g.input("images", &[n * m, 3, s, s]);
+            (x, None, x)
+        }
+    };
+    let feats = vit::encoder(&mut g, &cfg.vit, "visual.", pixels)?;
     let (h, stats) = head(&mut g, &cfg.head, "image_mlp.", feats, m)?;
     let loss = g.multi_positive_loss(h, n, cfg.temperature)?;
     let params: Vec<NodeId> = (0..g.nodes.len())
@@ -127,8 +144,78 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
     Ok(TrainStep {
         graph: g,
         images,
+        aug_params,
         loss,
         hyper,
         params,
     })
+}
+
+/// Fresh parameters for `vit` + `head` as the official code initializes them: ViT linear
+/// weights, position embedding and CLS token normal(0, 0.02) (timm 0.5.4's truncation at +-2
+/// never triggers), biases 0, norms 1/0, patch embedding and head linears uniform(+-1/sqrt(fan_in)),
+/// BatchNorm 1/0 with running statistics 0/1.
+pub fn init_params(
+    vit: &VitConfig,
+    head: &HeadConfig,
+    seed: u64,
+) -> crate::nn::checkpoint::Checkpoint {
+    use crate::data::sampler::Rng;
+    use crate::nn::checkpoint::{Checkpoint, HostTensor};
+    let mut rng = Rng(seed);
+    let mut unit = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let normal = |std: f64, unit: &mut dyn FnMut() -> f64| {
+        let (u, v) = (unit().max(1e-12), unit());
+        (std * (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    };
+    let mut ck = Checkpoint::default();
+    let mut shapes = vit.param_shapes("visual.");
+    let (d, hd) = (vit.width, head.hidden);
+    for (l, fan) in [(1, d), (2, hd)] {
+        shapes.push((format!("image_mlp.layer{l}.weight"), vec![hd, fan]));
+        shapes.push((format!("image_mlp.layer{l}.bias"), vec![hd]));
+        shapes.push((format!("image_mlp.bn{l}.weight"), vec![hd]));
+        shapes.push((format!("image_mlp.bn{l}.bias"), vec![hd]));
+        shapes.push((format!("image_mlp.bn{l}.running_mean"), vec![hd]));
+        shapes.push((format!("image_mlp.bn{l}.running_var"), vec![hd]));
+    }
+    shapes.push(("image_mlp.layer3.weight".into(), vec![head.out, hd]));
+    shapes.push(("image_mlp.layer3.bias".into(), vec![head.out]));
+    for (name, shape) in shapes {
+        let n: usize = shape.iter().product();
+        let fan_in = if shape.len() >= 2 {
+            shape[1..].iter().product::<usize>()
+        } else {
+            1
+        } as f64;
+        let bound = 1.0 / fan_in.sqrt();
+        let data: Vec<f32> = if name.starts_with("image_mlp.layer")
+            || name.starts_with("visual.patch_embed")
+        {
+            let fan = if name.ends_with("bias") {
+                // PyTorch's bias bound uses the weight's fan-in.
+                match name.as_str() {
+                    n if n.starts_with("visual.") => (3 * vit.patch * vit.patch) as f64,
+                    "image_mlp.layer1.bias" => d as f64,
+                    _ => hd as f64,
+                }
+            } else {
+                fan_in
+            };
+            let b = if name.ends_with("bias") {
+                1.0 / fan.sqrt()
+            } else {
+                bound
+            };
+            (0..n).map(|_| ((unit() * 2.0 - 1.0) * b) as f32).collect()
+        } else if name.ends_with("running_var") || (name.ends_with("weight") && shape.len() == 1) {
+            vec![1.0; n]
+        } else if name.ends_with("bias") || name.ends_with("running_mean") {
+            vec![0.0; n]
+        } else {
+            (0..n).map(|_| normal(0.02, &mut unit)).collect()
+        };
+        ck.tensors.insert(name, HostTensor { shape, data });
+    }
+    ck
 }

@@ -134,6 +134,7 @@ pub fn run(
         images_per_caption: r.images_per_caption,
         temperature: r.temperature,
         adamw,
+        augment_from: None,
     };
     let step = train_step(&cfg)?;
     let mut store = ParamStore::new();

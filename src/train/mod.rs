@@ -4,4 +4,5 @@
 pub mod checkpoint;
 pub mod embed;
 pub mod fixed;
+pub mod pool_run;
 pub mod schedule;

@@ -1,0 +1,239 @@
+//! Training StableRep from a synthetic pool: batches of n captions x m images drawn by the
+//! recipe's sampler, decoded on a background thread (the GPU never waits on PNG decoding when
+//! the decoder keeps up), augmented on the GPU inside the training plan, with periodic atomic
+//! checkpoints, JSON-lines metrics and exact resume.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc};
+
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint;
+use super::fixed::{model_config, ModelConfig};
+use super::schedule::Schedule;
+use crate::data::augment::{self, AugmentConfig};
+use crate::data::pool::{load_rgb, Pool};
+use crate::data::sampler::{Rng, Sampler};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::graph::{adam_hyper, ParamStore, Plan, PlanOptions};
+use crate::kernels::optim::AdamW;
+use crate::models::stablerep::{init_params, train_step, StepConfig};
+use crate::nn::checkpoint::Checkpoint;
+
+/// Settings of a pool run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PoolRun {
+    /// The pool folder.
+    pub pool: PathBuf,
+    /// Model (used for a fresh start; a resumed or `init` checkpoint's own config wins).
+    pub model: ModelConfig,
+    /// Optional initial checkpoint.
+    pub init: Option<PathBuf>,
+    /// Captions per batch (n).
+    pub captions: usize,
+    /// Images per caption (m).
+    pub images_per_caption: usize,
+    /// Total optimizer steps.
+    pub steps: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Schedule.
+    pub schedule: Schedule,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// Loss temperature.
+    pub temperature: f32,
+    /// Augment (the strong pipeline) or only resize + normalize.
+    pub augment: bool,
+    /// Seed for initialization, sampling and augmentation.
+    pub seed: u64,
+    /// Steps between checkpoints.
+    pub checkpoint_every: u64,
+    /// Steps between loss readbacks (and metric lines).
+    pub log_every: u64,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Continue from `out/checkpoint-last.safetensors` when it exists.
+    pub resume: bool,
+}
+
+/// One decoded batch.
+struct Prepared {
+    step: u64,
+    pixels: Vec<f32>,
+    params: Vec<f32>,
+}
+
+/// Runs the training; `progress(step, loss, lr)` after each logged step. Returns the losses
+/// that were read back.
+pub fn run(
+    gpu: &Arc<Gpu>,
+    r: &PoolRun,
+    mut progress: impl FnMut(u64, f32, f64),
+) -> Result<Vec<(u64, f32)>> {
+    let pool = Pool::open(&r.pool)?;
+    let k = pool.images_per_caption();
+    let sampler = Sampler::new(
+        pool.captions.len(),
+        k,
+        r.captions,
+        r.images_per_caption,
+        r.seed,
+    )?;
+    let (src_h, src_w, _) = load_rgb(&pool.image_path(0, 0))?;
+    let last = r.out.join("checkpoint-last.safetensors");
+    let (ck, start) = if r.resume && last.exists() {
+        let ck = Checkpoint::load(&last)?;
+        let step = ck
+            .metadata
+            .get(checkpoint::STEP_KEY)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (ck, step)
+    } else if let Some(init) = &r.init {
+        (Checkpoint::load(init)?, 0)
+    } else {
+        (init_params(&r.model.vit, &r.model.head, r.seed), 0)
+    };
+    let model = if r.init.is_some() || start > 0 {
+        model_config(&ck, 64).unwrap_or(r.model)
+    } else {
+        r.model
+    };
+    let adamw = AdamW {
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: r.weight_decay,
+    };
+    let step_cfg = StepConfig {
+        vit: model.vit,
+        head: model.head,
+        captions: r.captions,
+        images_per_caption: r.images_per_caption,
+        temperature: r.temperature,
+        adamw,
+        augment_from: Some((src_h, src_w)),
+    };
+    let step = train_step(&step_cfg)?;
+    let mut store = ParamStore::new();
+    for (name, t) in &ck.tensors {
+        store.set(gpu, name, &t.shape, &t.data)?;
+    }
+    let plan = Plan::compile(
+        gpu,
+        &step.graph,
+        &[step.loss],
+        &mut store,
+        PlanOptions::default(),
+    )?;
+    std::fs::create_dir_all(&r.out).map_err(|e| Error::Io {
+        path: r.out.display().to_string(),
+        source: e,
+    })?;
+    // Decoder thread: batches in step order, two ahead of the GPU.
+    let (tx, rx) = mpsc::sync_channel::<Result<Prepared>>(2);
+    let (pool2, sampler2, seed, total, aug) =
+        (pool.clone(), sampler.clone(), r.seed, r.steps, r.augment);
+    let decoder = std::thread::spawn(move || {
+        let acfg = if aug {
+            AugmentConfig::default()
+        } else {
+            AugmentConfig::none()
+        };
+        for t in start..total {
+            let bpe = sampler2.batches_per_epoch() as u64;
+            let batch = sampler2.batch(t / bpe, (t % bpe) as usize);
+            let mut rng = Rng(seed ^ 0x5EED ^ t.wrapping_mul(0x9E3779B97F4A7C15));
+            let mut pixels = Vec::with_capacity(batch.picks.len() * 3 * src_h * src_w);
+            let mut params = Vec::with_capacity(batch.picks.len() * 16);
+            let mut failed = None;
+            for &(c, j) in &batch.picks {
+                let path = pool2.image_path(c, j);
+                match load_rgb(&path) {
+                    Ok((h, w, px)) if (h, w) == (src_h, src_w) => pixels.extend(px),
+                    Ok((h, w, _)) => {
+                        failed = Some(Error::Config(format!(
+                            "{}: {h}x{w} differs from the pool's {src_h}x{src_w}",
+                            path.display()
+                        )));
+                        break;
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                params.extend(augment::sample(&acfg, src_h, src_w, &mut rng));
+            }
+            let item = match failed {
+                Some(e) => Err(e),
+                None => Ok(Prepared {
+                    step: t,
+                    pixels,
+                    params,
+                }),
+            };
+            let stop = item.is_err();
+            if tx.send(item).is_err() || stop {
+                return;
+            }
+        }
+    });
+    let metrics_path = r.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::Io {
+            path: metrics_path.display().to_string(),
+            source: e,
+        })?;
+    let config = serde_json::json!({ "model": model, "run": r });
+    let aug_params = step
+        .aug_params
+        .ok_or_else(|| Error::Graph("training step without augmentation input".into()))?;
+    let mut losses = Vec::new();
+    for t in start..r.steps {
+        let batch = rx
+            .recv()
+            .map_err(|_| Error::Graph("the image decoder stopped unexpectedly".into()))??;
+        debug_assert_eq!(batch.step, t);
+        let lr = r.schedule.lr(r.lr, t);
+        plan.write(step.images, &batch.pixels)?;
+        plan.write(aug_params, &batch.params)?;
+        plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;
+        let log = (t + 1) % r.log_every.max(1) == 0 || t + 1 == r.steps;
+        if log {
+            let loss = plan.run_fetch(&[step.loss])?[0][0];
+            if !loss.is_finite() {
+                return Err(Error::Graph(format!(
+                    "loss became {loss} at step {}; stopped without saving, the last good checkpoint is {}",
+                    t + 1,
+                    last.display()
+                )));
+            }
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({"step": t + 1, "loss": loss, "lr": lr})
+            )
+            .map_err(|e| Error::Io {
+                path: metrics_path.display().to_string(),
+                source: e,
+            })?;
+            losses.push((t + 1, loss));
+            progress(t + 1, loss, lr);
+        } else {
+            plan.run()?;
+        }
+        if (t + 1) % r.checkpoint_every.max(1) == 0 || t + 1 == r.steps {
+            checkpoint::save(&store, &config, t + 1, &last)?;
+        }
+    }
+    drop(rx);
+    let _ = decoder.join();
+    Ok(losses)
+}

@@ -1,0 +1,140 @@
+//! Training from a pool end to end on lavapipe: procedural captions (each caption's images
+//! share a pattern), GPU augmentation, the loss falling toward its floor, exact resume.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::gpu;
+use stablerep::data::csv;
+use stablerep::data::pool::{relpath, save_rgb};
+use stablerep::models::stablerep::HeadConfig;
+use stablerep::models::vit::VitConfig;
+use stablerep::train::fixed::ModelConfig;
+use stablerep::train::pool_run::{run, PoolRun};
+use stablerep::train::schedule::Schedule;
+
+/// 12 captions x 4 images: caption c is a coloured stripe pattern, its images shift it.
+fn make_pool(dir: &Path) {
+    let (captions, k, s) = (12u64, 4usize, 24usize);
+    let mut index = String::new();
+    for c in 0..captions {
+        index += &csv::row(&[&relpath(c), &format!("pattern {c}")]);
+        for j in 0..k {
+            let img: Vec<f32> = (0..3 * s * s)
+                .map(|p| {
+                    let (ch, y, x) = (p / (s * s), (p / s) % s, p % s);
+                    let period = 3 + (c % 4) as usize;
+                    let on = ((x + j + y * (c as usize / 4)) / period) % 2 == 0;
+                    let colour = [
+                        (c * 37 % 100) as f32,
+                        (c * 59 % 100) as f32,
+                        (c * 83 % 100) as f32,
+                    ][ch]
+                        / 100.0;
+                    if on {
+                        colour
+                    } else {
+                        1.0 - colour
+                    }
+                })
+                .collect();
+            save_rgb(&dir.join(format!("seed_{j}")).join(relpath(c)), s, s, &img).unwrap();
+        }
+    }
+    std::fs::write(dir.join("captions.csv"), index).unwrap();
+}
+
+/// `steps` to run now; `total` fixes the schedule (an interrupted run stops before it).
+fn settings(pool: &Path, out: PathBuf, steps: u64, total: u64) -> PoolRun {
+    PoolRun {
+        pool: pool.to_path_buf(),
+        model: ModelConfig {
+            vit: VitConfig {
+                img_size: 16,
+                patch: 8,
+                width: 32,
+                depth: 1,
+                heads: 2,
+                mlp: 64,
+            },
+            head: HeadConfig {
+                hidden: 64,
+                out: 16,
+            },
+        },
+        init: None,
+        captions: 4,
+        images_per_caption: 3,
+        steps,
+        lr: 2e-3,
+        schedule: Schedule::Cosine { warmup: 3, total },
+        weight_decay: 0.05,
+        temperature: 0.1,
+        augment: true,
+        seed: 7,
+        checkpoint_every: 5,
+        log_every: 1,
+        out,
+        resume: true,
+    }
+}
+
+#[test]
+fn training_from_a_pool_lowers_the_loss_and_resumes_exactly() {
+    let (gpu, _lock) = gpu();
+    let root = std::env::temp_dir().join(format!("stablerep-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    make_pool(&root.join("pool"));
+    // Loss falls over 60 steps (floor log(m - 1) = log 2 for m = 3).
+    let losses = run(
+        &gpu,
+        &settings(&root.join("pool"), root.join("a"), 60, 60),
+        |_, _, _| {},
+    )
+    .unwrap();
+    let first: f32 = losses[..5].iter().map(|l| l.1).sum::<f32>() / 5.0;
+    let last: f32 = losses[losses.len() - 5..].iter().map(|l| l.1).sum::<f32>() / 5.0;
+    assert!(
+        last < first - 0.3,
+        "loss did not fall: first {first}, last {last} ({losses:?})"
+    );
+    assert!(last > (2.0f32).ln() - 0.05, "below the floor: {last}");
+    // Resume: 6 steps, then continue to 10, equals 10 steps straight.
+    let straight = run(
+        &gpu,
+        &settings(&root.join("pool"), root.join("b"), 10, 10),
+        |_, _, _| {},
+    )
+    .unwrap();
+    run(
+        &gpu,
+        &settings(&root.join("pool"), root.join("c"), 6, 10),
+        |_, _, _| {},
+    )
+    .unwrap();
+    let resumed = run(
+        &gpu,
+        &settings(&root.join("pool"), root.join("c"), 10, 10),
+        |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(
+        resumed.first().map(|l| l.0),
+        Some(7),
+        "resume should start after step 6"
+    );
+    assert_eq!(
+        straight.last(),
+        resumed.last(),
+        "resumed run differs from a straight run"
+    );
+    let a =
+        stablerep::nn::checkpoint::Checkpoint::load(&root.join("b/checkpoint-last.safetensors"))
+            .unwrap();
+    let b =
+        stablerep::nn::checkpoint::Checkpoint::load(&root.join("c/checkpoint-last.safetensors"))
+            .unwrap();
+    assert_eq!(a.tensors, b.tensors);
+    std::fs::remove_dir_all(&root).ok();
+}
