@@ -25,7 +25,7 @@ fn make_pool(dir: &Path) {
                 .map(|p| {
                     let (ch, y, x) = (p / (s * s), (p / s) % s, p % s);
                     let period = 3 + (c % 4) as usize;
-                    let on = ((x + j + y * (c as usize / 4)) / period) % 2 == 0;
+                    let on = ((x + j + y * (c as usize / 4)) / period).is_multiple_of(2);
                     let colour = [
                         (c * 37 % 100) as f32,
                         (c * 59 % 100) as f32,
