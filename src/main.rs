@@ -25,15 +25,58 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Train StableRep. For now on a fixed, already augmented batch (`--fixed-batch`, the parity
-    /// mode that proves equality with PyTorch); pools and augmentation come next.
+    /// Train StableRep (or its SimCLR control) from a synthetic pool with GPU augmentation,
+    /// or on a fixed, already augmented batch (`--fixed-batch`, the PyTorch-parity mode).
     Train {
-        /// Initial checkpoint (safetensors with official names: visual.*, image_mlp.*).
-        #[arg(long)]
-        init: std::path::PathBuf,
+        /// Synthetic pool folder (docs/formats.md).
+        #[arg(long, conflicts_with = "fixed_batch")]
+        pool: Option<std::path::PathBuf>,
         /// safetensors file holding `images` [N*M, 3, H, W], normalized, view-major.
         #[arg(long)]
         fixed_batch: Option<std::path::PathBuf>,
+        /// Initial checkpoint (official names: visual.*, image_mlp.*); required with
+        /// --fixed-batch, otherwise a fresh model is initialized.
+        #[arg(long)]
+        init: Option<std::path::PathBuf>,
+        /// stablerep (m images of a caption are positives) or simclr (one image, m crops).
+        #[arg(long, value_enum, default_value_t = Method::Stablerep)]
+        method: Method,
+        /// ViT size for a fresh model.
+        #[arg(long, value_enum, default_value_t = ModelSize::Tiny)]
+        model: ModelSize,
+        /// Input resolution of a fresh model.
+        #[arg(long, default_value_t = 224)]
+        img_size: usize,
+        /// Patch size of a fresh model.
+        #[arg(long, default_value_t = 16)]
+        patch: usize,
+        /// Override the preset's width.
+        #[arg(long)]
+        width: Option<usize>,
+        /// Override the preset's depth.
+        #[arg(long)]
+        depth: Option<usize>,
+        /// Override the preset's heads.
+        #[arg(long)]
+        heads: Option<usize>,
+        /// Projection head hidden width.
+        #[arg(long, default_value_t = 4096)]
+        head_hidden: usize,
+        /// Projection head output width.
+        #[arg(long, default_value_t = 256)]
+        head_out: usize,
+        /// Seed (initialization, sampling, augmentation).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Steps between checkpoints.
+        #[arg(long, default_value_t = 500)]
+        checkpoint_every: u64,
+        /// Steps between loss readbacks.
+        #[arg(long, default_value_t = 10)]
+        log_every: u64,
+        /// Continue from OUT/checkpoint-last.safetensors when present.
+        #[arg(long)]
+        resume: bool,
         /// Captions per batch (N).
         #[arg(long)]
         captions_per_batch: usize,
@@ -43,7 +86,8 @@ enum Cmd {
         /// Optimizer steps.
         #[arg(long, default_value_t = 1)]
         steps: u64,
-        /// Use the batch as it is (required with --fixed-batch).
+        /// No augmentation: a fixed batch is used as it is; pool images are only resized and
+        /// normalized.
         #[arg(long)]
         no_augment: bool,
         /// Learning-rate schedule.
@@ -135,6 +179,28 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+/// Training methods.
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Method {
+    /// Multi-positive: the m images of a caption are positives.
+    Stablerep,
+    /// The control: one image per caption, m augmentations (use m = 2).
+    Simclr,
+}
+
+/// ViT presets (timm).
+#[derive(Clone, Copy, ValueEnum)]
+enum ModelSize {
+    /// ViT-Ti: 192 wide, 12 deep, 3 heads.
+    Tiny,
+    /// ViT-S: 384, 12, 6.
+    Small,
+    /// ViT-B: 768, 12, 12.
+    Base,
+    /// ViT-L: 1024, 24, 16.
+    Large,
 }
 
 /// Frozen-feature evaluations.
@@ -251,8 +317,22 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             Ok(())
         }
         Cmd::Train {
-            init,
+            pool,
             fixed_batch,
+            init,
+            method,
+            model,
+            img_size,
+            patch,
+            width,
+            depth,
+            heads,
+            head_hidden,
+            head_out,
+            seed,
+            checkpoint_every,
+            log_every,
+            resume,
             captions_per_batch,
             images_per_caption,
             steps,
@@ -265,27 +345,84 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             head_dim,
             out,
         } => {
-            let Some(batch) = fixed_batch else {
-                return Err(stablerep::Error::Config(
-                    "training from an image pool is not available yet; pass --fixed-batch BATCH.safetensors".into(),
-                ));
-            };
-            if !no_augment {
-                return Err(stablerep::Error::Config(
-                    "a fixed batch is used as it is: pass --no-augment (GPU augmentation is not available yet)".into(),
-                ));
-            }
+            use stablerep::train::schedule::Schedule;
             let schedule = match lr_schedule {
-                LrSchedule::Constant => stablerep::train::schedule::Schedule::Constant,
-                LrSchedule::Cosine => stablerep::train::schedule::Schedule::Cosine {
+                LrSchedule::Constant => Schedule::Constant,
+                LrSchedule::Cosine => Schedule::Cosine {
                     warmup: warmup_steps,
                     total: steps,
                 },
             };
+            let t0 = std::time::Instant::now();
+            let images = (captions_per_batch * images_per_caption) as f64;
+            let mut first: Option<u64> = None;
+            let progress = |step: u64, loss: f32, lr: f64| {
+                let from = *first.get_or_insert(step.saturating_sub(1));
+                let done = (step - from) as f64;
+                let secs = t0.elapsed().as_secs_f64();
+                let eta = secs / done * (steps.saturating_sub(step)) as f64;
+                println!(
+                    "step {step}/{steps}  loss {loss:.5}  lr {lr:.3e}  {:.1} images/s  eta {eta:.0}s",
+                    images * done / secs
+                );
+            };
             let gpu = Gpu::new(&opts)?;
-            let run = stablerep::train::fixed::FixedBatchRun {
+            if let Some(batch) = fixed_batch {
+                if !no_augment {
+                    return Err(stablerep::Error::Config(
+                        "a fixed batch is used as it is: pass --no-augment".into(),
+                    ));
+                }
+                let init = init
+                    .ok_or_else(|| stablerep::Error::Config("--fixed-batch needs --init".into()))?;
+                let run = stablerep::train::fixed::FixedBatchRun {
+                    init,
+                    batch,
+                    captions: captions_per_batch,
+                    images_per_caption,
+                    steps,
+                    lr,
+                    schedule,
+                    weight_decay,
+                    temperature,
+                    head_dim,
+                    out,
+                };
+                let report = stablerep::train::fixed::run(&gpu, &run, progress)?;
+                println!("wrote {}", report.checkpoint.display());
+                return Ok(());
+            }
+            let pool = pool.ok_or_else(|| {
+                stablerep::Error::Config(
+                    "pass --pool DIR (a synthetic pool) or --fixed-batch BATCH.safetensors".into(),
+                )
+            })?;
+            let (w, d, h) = match model {
+                ModelSize::Tiny => (192, 12, 3),
+                ModelSize::Small => (384, 12, 6),
+                ModelSize::Base => (768, 12, 12),
+                ModelSize::Large => (1024, 24, 16),
+            };
+            let (w, d, h) = (width.unwrap_or(w), depth.unwrap_or(d), heads.unwrap_or(h));
+            let vit = stablerep::models::vit::VitConfig {
+                img_size,
+                patch,
+                width: w,
+                depth: d,
+                heads: h,
+                mlp: 4 * w,
+            };
+            vit.validate()?;
+            let run = stablerep::train::pool_run::PoolRun {
+                pool,
+                model: stablerep::train::fixed::ModelConfig {
+                    vit,
+                    head: stablerep::models::stablerep::HeadConfig {
+                        hidden: head_hidden,
+                        out: head_out,
+                    },
+                },
                 init,
-                batch,
                 captions: captions_per_batch,
                 images_per_caption,
                 steps,
@@ -293,20 +430,19 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 schedule,
                 weight_decay,
                 temperature,
-                head_dim,
-                out,
+                augment: !no_augment,
+                simclr: method == Method::Simclr,
+                seed,
+                checkpoint_every,
+                log_every,
+                out: out.clone(),
+                resume,
             };
-            let t0 = std::time::Instant::now();
-            let images = (captions_per_batch * images_per_caption) as f64;
-            let report = stablerep::train::fixed::run(&gpu, &run, |step, loss, lr| {
-                let secs = t0.elapsed().as_secs_f64();
-                let eta = secs / step as f64 * (steps.saturating_sub(step)) as f64;
-                println!(
-                    "step {step}/{steps}  loss {loss:.5}  lr {lr:.3e}  {:.1} images/s  eta {eta:.0}s",
-                    images * step as f64 / secs
-                );
-            })?;
-            println!("wrote {}", report.checkpoint.display());
+            stablerep::train::pool_run::run(&gpu, &run, progress)?;
+            println!(
+                "wrote {}",
+                out.join("checkpoint-last.safetensors").display()
+            );
             Ok(())
         }
         Cmd::Demo {

@@ -72,6 +72,7 @@ fn settings(pool: &Path, out: PathBuf, steps: u64, total: u64) -> PoolRun {
         weight_decay: 0.05,
         temperature: 0.1,
         augment: true,
+        simclr: false,
         seed: 7,
         checkpoint_every: 5,
         log_every: 1,
@@ -136,5 +137,74 @@ fn training_from_a_pool_lowers_the_loss_and_resumes_exactly() {
         stablerep::nn::checkpoint::Checkpoint::load(&root.join("c/checkpoint-last.safetensors"))
             .unwrap();
     assert_eq!(a.tensors, b.tensors);
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn train_command_runs_stablerep_and_the_simclr_control_from_a_pool() {
+    let root = std::env::temp_dir().join(format!("stablerep-traincli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    make_pool(&root.join("pool"));
+    for (method, m) in [("stablerep", "3"), ("simclr", "2")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stablerep"))
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .args(["train", "--pool"])
+            .arg(root.join("pool"))
+            .args([
+                "--method",
+                method,
+                "--captions-per-batch",
+                "4",
+                "--images-per-caption",
+                m,
+                "--steps",
+                "3",
+            ])
+            .args([
+                "--img-size",
+                "16",
+                "--patch",
+                "8",
+                "--width",
+                "32",
+                "--depth",
+                "1",
+                "--heads",
+                "2",
+            ])
+            .args([
+                "--head-hidden",
+                "32",
+                "--head-out",
+                "8",
+                "--log-every",
+                "1",
+                "--out",
+            ])
+            .arg(root.join(method))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{method}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("step 3/3") && text.contains("images/s"),
+            "{text}"
+        );
+        let ck = stablerep::nn::checkpoint::Checkpoint::load(
+            &root.join(method).join("checkpoint-last.safetensors"),
+        )
+        .unwrap();
+        assert_eq!(ck.metadata.get("step").map(String::as_str), Some("3"));
+        assert!(
+            ck.tensors.contains_key("visual.pos_embed")
+                && ck.tensors.contains_key("image_mlp.bn2.running_var")
+        );
+        let lines = std::fs::read_to_string(root.join(method).join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 3);
+    }
     std::fs::remove_dir_all(&root).ok();
 }

@@ -47,6 +47,9 @@ pub struct PoolRun {
     pub temperature: f32,
     /// Augment (the strong pipeline) or only resize + normalize.
     pub augment: bool,
+    /// SimCLR control: each caption contributes one image seen through `images_per_caption`
+    /// independent augmentations (2 in the paper) instead of different images.
+    pub simclr: bool,
     /// Seed for initialization, sampling and augmentation.
     pub seed: u64,
     /// Steps between checkpoints.
@@ -75,13 +78,9 @@ pub fn run(
 ) -> Result<Vec<(u64, f32)>> {
     let pool = Pool::open(&r.pool)?;
     let k = pool.images_per_caption();
-    let sampler = Sampler::new(
-        pool.captions.len(),
-        k,
-        r.captions,
-        r.images_per_caption,
-        r.seed,
-    )?;
+    // The SimCLR control draws one image per caption and augments it once per view.
+    let drawn = if r.simclr { 1 } else { r.images_per_caption };
+    let sampler = Sampler::new(pool.captions.len(), k, r.captions, drawn, r.seed)?;
     let (src_h, src_w, _) = load_rgb(&pool.image_path(0, 0))?;
     let last = r.out.join("checkpoint-last.safetensors");
     let (ck, start) = if r.resume && last.exists() {
@@ -137,6 +136,7 @@ pub fn run(
     let (tx, rx) = mpsc::sync_channel::<Result<Prepared>>(2);
     let (pool2, sampler2, seed, total, aug) =
         (pool.clone(), sampler.clone(), r.seed, r.steps, r.augment);
+    let (simclr, views) = (r.simclr, r.images_per_caption);
     let decoder = std::thread::spawn(move || {
         let acfg = if aug {
             AugmentConfig::default()
@@ -145,7 +145,12 @@ pub fn run(
         };
         for t in start..total {
             let bpe = sampler2.batches_per_epoch() as u64;
-            let batch = sampler2.batch(t / bpe, (t % bpe) as usize);
+            let mut batch = sampler2.batch(t / bpe, (t % bpe) as usize);
+            if simclr {
+                // One image per caption, repeated for every view (augmented independently).
+                let first = batch.picks.clone();
+                batch.picks = (0..views).flat_map(|_| first.iter().copied()).collect();
+            }
             let mut rng = Rng(seed ^ 0x5EED ^ t.wrapping_mul(0x9E3779B97F4A7C15));
             let mut pixels = Vec::with_capacity(batch.picks.len() * 3 * src_h * src_w);
             let mut params = Vec::with_capacity(batch.picks.len() * 16);
