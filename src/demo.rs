@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::data::sampler::Rng;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, DType, Graph, ParamStore, Plan, PlanOptions, PlanStats};
@@ -52,27 +53,8 @@ pub struct DemoReport {
     pub ms_per_step: f64,
 }
 
-/// Deterministic SplitMix64 stream in [0, 1).
-pub struct SplitMix(pub u64);
-
-impl SplitMix {
-    /// Next value in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Approximately normal (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
-        let (u, v) = (self.unit().max(1e-12), self.unit());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-}
-
 /// Three spiral arms: (points [3n, 2], labels [3n]).
-pub fn spirals(n: usize, rng: &mut SplitMix) -> (Vec<f32>, Vec<u32>) {
+pub fn spirals(n: usize, rng: &mut Rng) -> (Vec<f32>, Vec<u32>) {
     let mut x = Vec::with_capacity(6 * n);
     let mut y = Vec::with_capacity(3 * n);
     for c in 0..3 {
@@ -94,7 +76,7 @@ pub fn train_mlp(
     log_every: usize,
     mut on_step: impl FnMut(usize, f32),
 ) -> Result<DemoReport> {
-    let mut rng = SplitMix(cfg.seed);
+    let mut rng = Rng(cfg.seed);
     let (xs, ys) = spirals(cfg.points_per_class, &mut rng);
     let n = ys.len();
     let h = cfg.hidden;
@@ -270,7 +252,7 @@ pub fn init_params(
     store: &mut ParamStore,
     seed: u64,
 ) -> Result<()> {
-    let mut rng = SplitMix(seed);
+    let mut rng = Rng(seed);
     for &id in params {
         let node = g.node(id);
         let name = node.name.as_deref().unwrap_or_default();

@@ -62,12 +62,8 @@ impl AugmentConfig {
     }
 }
 
-fn unit(rng: &mut Rng) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 fn uniform(rng: &mut Rng, lo: f64, hi: f64) -> f64 {
-    lo + (hi - lo) * unit(rng)
+    lo + (hi - lo) * rng.unit()
 }
 
 /// The 16 parameters of one image of size `h` x `w` (layout in `shaders/augment.wgsl`).
@@ -99,16 +95,16 @@ pub fn sample(cfg: &AugmentConfig, h: usize, w: usize, rng: &mut Rng) -> [f32; 1
         };
         ((wf - cw) / 2.0, (hf - ch) / 2.0, cw, ch)
     });
-    let flip = (unit(rng) < cfg.flip_p) as u8 as f64;
-    let jitter = unit(rng) < cfg.jitter_p;
+    let flip = (rng.unit() < cfg.flip_p) as u8 as f64;
+    let jitter = rng.unit() < cfg.jitter_p;
     let b = uniform(rng, 1.0 - cfg.bcs.0, 1.0 + cfg.bcs.0);
     let c = uniform(rng, 1.0 - cfg.bcs.1, 1.0 + cfg.bcs.1);
     let s = uniform(rng, 1.0 - cfg.bcs.2, 1.0 + cfg.bcs.2);
     let hue = uniform(rng, -cfg.hue, cfg.hue);
     let mut order = [0.0, 1.0, 2.0, 3.0];
     rng.shuffle(&mut order);
-    let gray = (unit(rng) < cfg.gray_p) as u8 as f64;
-    let sigma = if unit(rng) < cfg.blur_p {
+    let gray = (rng.unit() < cfg.gray_p) as u8 as f64;
+    let sigma = if rng.unit() < cfg.blur_p {
         uniform(rng, cfg.sigma.0, cfg.sigma.1)
     } else {
         0.0

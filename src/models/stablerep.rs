@@ -163,11 +163,6 @@ pub fn init_params(
     use crate::data::sampler::Rng;
     use crate::nn::checkpoint::{Checkpoint, HostTensor};
     let mut rng = Rng(seed);
-    let mut unit = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    let normal = |std: f64, unit: &mut dyn FnMut() -> f64| {
-        let (u, v) = (unit().max(1e-12), unit());
-        (std * (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-    };
     let mut ck = Checkpoint::default();
     let mut shapes = vit.param_shapes("visual.");
     let (d, hd) = (vit.width, head.hidden);
@@ -207,13 +202,15 @@ pub fn init_params(
             } else {
                 bound
             };
-            (0..n).map(|_| ((unit() * 2.0 - 1.0) * b) as f32).collect()
+            (0..n)
+                .map(|_| ((rng.unit() * 2.0 - 1.0) * b) as f32)
+                .collect()
         } else if name.ends_with("running_var") || (name.ends_with("weight") && shape.len() == 1) {
             vec![1.0; n]
         } else if name.ends_with("bias") || name.ends_with("running_mean") {
             vec![0.0; n]
         } else {
-            (0..n).map(|_| normal(0.02, &mut unit)).collect()
+            (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
         };
         ck.tensors.insert(name, HostTensor { shape, data });
     }

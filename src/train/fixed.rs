@@ -2,7 +2,6 @@
 //! PyTorch): load a checkpoint, run `steps` optimizer steps on the same batch, write the
 //! checkpoint and per-step metrics.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -154,19 +153,7 @@ pub fn run(
         PlanOptions::default(),
     )?;
     plan.write(step.images, &images.data)?;
-    std::fs::create_dir_all(&r.out).map_err(|e| Error::Io {
-        path: r.out.display().to_string(),
-        source: e,
-    })?;
-    let metrics_path = r.out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::Io {
-            path: metrics_path.display().to_string(),
-            source: e,
-        })?;
+    let mut metrics = super::MetricsLog::open(&r.out)?;
     let mut losses = Vec::new();
     for i in 0..r.steps {
         let t = start_step + i;
@@ -180,15 +167,7 @@ pub fn run(
                 r.init.display()
             )));
         }
-        writeln!(
-            metrics,
-            "{}",
-            serde_json::json!({"step": t + 1, "loss": loss, "lr": lr})
-        )
-        .map_err(|e| Error::Io {
-            path: metrics_path.display().to_string(),
-            source: e,
-        })?;
+        metrics.write(&serde_json::json!({"step": t + 1, "loss": loss, "lr": lr}))?;
         losses.push(loss);
         progress(t + 1, loss, lr);
     }

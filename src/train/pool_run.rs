@@ -3,7 +3,6 @@
 //! the decoder keeps up), augmented on the GPU inside the training plan, with periodic atomic
 //! checkpoints, JSON-lines metrics and exact resume.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 
@@ -128,10 +127,6 @@ pub fn run(
         &mut store,
         PlanOptions::default(),
     )?;
-    std::fs::create_dir_all(&r.out).map_err(|e| Error::Io {
-        path: r.out.display().to_string(),
-        source: e,
-    })?;
     // Decoder thread: batches in step order, two ahead of the GPU.
     let (tx, rx) = mpsc::sync_channel::<Result<Prepared>>(2);
     let (pool2, sampler2, seed, total, aug) =
@@ -187,15 +182,7 @@ pub fn run(
             }
         }
     });
-    let metrics_path = r.out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::Io {
-            path: metrics_path.display().to_string(),
-            source: e,
-        })?;
+    let mut metrics = super::MetricsLog::open(&r.out)?;
     let config = serde_json::json!({ "model": model, "run": r });
     let aug_params = step
         .aug_params
@@ -220,15 +207,7 @@ pub fn run(
                     last.display()
                 )));
             }
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::json!({"step": t + 1, "loss": loss, "lr": lr})
-            )
-            .map_err(|e| Error::Io {
-                path: metrics_path.display().to_string(),
-                source: e,
-            })?;
+            metrics.write(&serde_json::json!({"step": t + 1, "loss": loss, "lr": lr}))?;
             losses.push((t + 1, loss));
             progress(t + 1, loss, lr);
         } else {
