@@ -118,8 +118,11 @@ enum Cmd {
         #[arg(long)]
         checkpoint: std::path::PathBuf,
         /// safetensors file holding `images` [N, 3, H, W], normalized.
-        #[arg(long)]
-        input_tensor: std::path::PathBuf,
+        #[arg(long, conflicts_with = "images", required_unless_present = "images")]
+        input_tensor: Option<std::path::PathBuf>,
+        /// Image files (PNG/JPEG): resized, center-cropped and normalized as for evaluation.
+        #[arg(long, num_args = 1..)]
+        images: Vec<std::path::PathBuf>,
         /// Output safetensors file (`features` [N, D]).
         #[arg(long)]
         out: std::path::PathBuf,
@@ -302,17 +305,16 @@ fn run(cli: Cli) -> stablerep::Result<()> {
         Cmd::Embed {
             checkpoint,
             input_tensor,
+            images,
             out,
             head_dim,
         } => {
+            use stablerep::train::embed;
             let gpu = Gpu::new(&opts)?;
-            let n = stablerep::train::embed::embed_files(
-                &gpu,
-                &checkpoint,
-                &input_tensor,
-                &out,
-                head_dim,
-            )?;
+            let n = match input_tensor {
+                Some(input) => embed::embed_files(&gpu, &checkpoint, &input, &out, head_dim)?,
+                None => embed::embed_images(&gpu, &checkpoint, &images, &out, head_dim)?,
+            };
             println!("wrote {n} feature vectors to {}", out.display());
             Ok(())
         }

@@ -185,6 +185,36 @@ fn embed_writes_the_timm_features() {
     for (a, b) in got.iter().zip(want) {
         assert!((a - b).abs() <= 1e-4 + 1e-4 * b.abs(), "{a} vs {b}");
     }
+    // Image files go through the evaluation transform; two files give two feature rows.
+    let img: Vec<f32> = (0..3 * 40 * 40).map(|i| (i % 97) as f32 / 96.0).collect();
+    stablerep::data::pool::save_rgb(&dir.join("a.png"), 40, 40, &img).unwrap();
+    stablerep::data::pool::save_rgb(
+        &dir.join("b.png"),
+        40,
+        40,
+        &img.iter().map(|v| 1.0 - v).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let out = bin()
+        .arg("embed")
+        .arg("--checkpoint")
+        .arg(dir.join("ck.safetensors"))
+        .arg("--images")
+        .arg(dir.join("a.png"))
+        .arg(dir.join("b.png"))
+        .arg("--out")
+        .arg(dir.join("g.safetensors"))
+        .args(["--head-dim", "16"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let g = Checkpoint::load(&dir.join("g.safetensors")).unwrap();
+    let rows = &g.get("features", Some(&[2, 32])).unwrap().data;
+    assert!(rows.iter().all(|v| v.is_finite()) && rows[..32] != rows[32..]);
     std::fs::remove_dir_all(&dir).ok();
 }
 

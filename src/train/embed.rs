@@ -77,3 +77,31 @@ pub fn embed_files(
     o.save(out)?;
     Ok(n)
 }
+
+/// Decodes image files, applies the evaluation transform at the checkpoint's resolution,
+/// embeds them and writes `features` to `out`.
+pub fn embed_images(
+    gpu: &Arc<Gpu>,
+    checkpoint: &Path,
+    images: &[std::path::PathBuf],
+    out: &Path,
+    head_dim: usize,
+) -> Result<usize> {
+    let ck = Checkpoint::load(checkpoint)?;
+    let size = vit_config(&ck, head_dim)?.img_size;
+    let mut data = Vec::with_capacity(images.len() * 3 * size * size);
+    for path in images {
+        let (h, w, img) = crate::data::pool::load_rgb(path)?;
+        data.extend(crate::eval::folder::eval_transform(&img, h, w, size));
+    }
+    let batch = HostTensor {
+        shape: vec![images.len(), 3, size, size],
+        data,
+    };
+    let feats = embed(gpu, &ck, head_dim, &batch)?;
+    let n = feats.shape[0];
+    let mut o = Checkpoint::default();
+    o.tensors.insert("features".into(), feats);
+    o.save(out)?;
+    Ok(n)
+}
