@@ -163,6 +163,15 @@ enum Cmd {
         /// Few-shot episodes.
         #[arg(long, default_value_t = 1000)]
         episodes: usize,
+        /// Linear probe epochs.
+        #[arg(long, default_value_t = 90)]
+        epochs: usize,
+        /// Linear probe batch size.
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// Linear probe without the BatchNorm in front.
+        #[arg(long)]
+        no_bn: bool,
         /// Head dimension for checkpoints without a config.
         #[arg(long, default_value_t = 64)]
         head_dim: usize,
@@ -213,6 +222,8 @@ enum ProbeMethod {
     Knn,
     /// N-way K-shot nearest class prototype.
     Fewshot,
+    /// Linear classifiers (one per learning rate) on frozen features; best head reported.
+    Linear,
 }
 
 /// Learning-rate schedules.
@@ -254,9 +265,12 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             shots,
             queries,
             episodes,
+            epochs,
+            batch_size,
+            no_bn,
             head_dim,
         } => {
-            use stablerep::eval::{folder, knn};
+            use stablerep::eval::{folder, knn, linear};
             use stablerep::nn::checkpoint::{Checkpoint, HostTensor};
             let gpu = Gpu::new(&opts)?;
             let ck = Checkpoint::load(&checkpoint)?;
@@ -285,6 +299,25 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                         .ok_or_else(|| stablerep::Error::Config("kNN needs --train".into()))?;
                     let (tr, trl, _) = features(&train)?;
                     knn::knn_accuracy(&tr, &trl, &te, &tl, dim, k, temperature)?
+                }
+                ProbeMethod::Linear => {
+                    let train = train.ok_or_else(|| {
+                        stablerep::Error::Config("the linear probe needs --train".into())
+                    })?;
+                    let (tr, trl, _) = features(&train)?;
+                    let cfg = linear::ProbeConfig {
+                        epochs,
+                        batch: batch_size,
+                        batch_norm: !no_bn,
+                        ..Default::default()
+                    };
+                    let classes = trl.iter().chain(&tl).max().map_or(0, |m| m + 1);
+                    let (best, accs) =
+                        linear::linear_probe(&gpu, &tr, &trl, &te, &tl, dim, classes, &cfg)?;
+                    for (lr, a) in cfg.base_lrs.iter().zip(&accs) {
+                        eprintln!("  base lr {lr}: {:.2}%", a * 100.0);
+                    }
+                    best
                 }
                 ProbeMethod::Fewshot => knn::fewshot_accuracy(
                     &te,

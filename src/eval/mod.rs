@@ -3,3 +3,4 @@
 
 pub mod folder;
 pub mod knn;
+pub mod linear;
