@@ -36,8 +36,8 @@ fn linear_probe_learns_separable_features() {
     let centers: Vec<Vec<f64>> = (0..classes)
         .map(|_| (0..dim).map(|_| rng.range(-1.0, 1.0)).collect())
         .collect();
-    let (tr, trl) = clusters(classes, 40, dim, &mut rng, &centers);
-    let (te, tel) = clusters(classes, 15, dim, &mut rng, &centers);
+    let (tr, trl) = clusters(40, &mut rng, &centers);
+    let (te, tel) = clusters(15, &mut rng, &centers);
     for batch_norm in [true, false] {
         let cfg = ProbeConfig {
             base_lrs: vec![0.0, 0.5, 2.0],
