@@ -6,19 +6,13 @@ mod common;
 use common::{gpu, Rng};
 use stablerep::eval::linear::{linear_probe, ProbeConfig};
 
-fn clusters(
-    classes: usize,
-    per: usize,
-    dim: usize,
-    rng: &mut Rng,
-    centers: &[Vec<f64>],
-) -> (Vec<f32>, Vec<usize>) {
+fn clusters(per: usize, rng: &mut Rng, centers: &[Vec<f64>]) -> (Vec<f32>, Vec<usize>) {
     let mut f = Vec::new();
     let mut l = Vec::new();
-    for c in 0..classes {
+    for (c, center) in centers.iter().enumerate() {
         for _ in 0..per {
             f.extend(
-                centers[c]
+                center
                     .iter()
                     .map(|x| (x + 0.6 * rng.range(-1.0, 1.0)) as f32 * 3.0 + 5.0),
             );
