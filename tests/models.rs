@@ -88,15 +88,11 @@ fn vit_rejects_wrong_checkpoints_clearly() {
     assert!(err.contains("shape"), "{err}");
 }
 
-#[test]
-fn one_training_step_matches_pytorch() {
-    use stablerep::graph::adam_hyper;
-    use stablerep::kernels::optim::AdamW;
-    use stablerep::models::stablerep::{train_step, HeadConfig, StepConfig};
-    let ck = fixture("train_step.safetensors");
-    let vit_cfg = vit::infer_config(&ck, "before.visual.", 16).unwrap();
-    let cfg = StepConfig {
-        vit: vit_cfg,
+/// The architecture and recipe of `train_step.safetensors` (see tools/make_fixtures.py).
+fn fixture_step_config(ck: &Checkpoint) -> stablerep::models::stablerep::StepConfig {
+    use stablerep::models::stablerep::{recipe_adamw, HeadConfig, StepConfig};
+    StepConfig {
+        vit: vit::infer_config(ck, "before.visual.", 16).unwrap(),
         head: HeadConfig {
             hidden: 64,
             out: 16,
@@ -104,14 +100,17 @@ fn one_training_step_matches_pytorch() {
         captions: 4,
         images_per_caption: 3,
         temperature: 0.1,
-        adamw: AdamW {
-            beta1: 0.9,
-            beta2: 0.98,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
+        adamw: recipe_adamw(0.1),
         augment_from: None,
-    };
+    }
+}
+
+#[test]
+fn one_training_step_matches_pytorch() {
+    use stablerep::graph::adam_hyper;
+    use stablerep::models::stablerep::train_step;
+    let ck = fixture("train_step.safetensors");
+    let cfg = fixture_step_config(&ck);
     let step = train_step(&cfg).unwrap();
     let (gpu, _lock) = gpu();
     let mut store = ParamStore::new();
@@ -187,27 +186,10 @@ fn one_training_step_matches_pytorch() {
 #[test]
 fn training_resumes_exactly_from_a_checkpoint() {
     use stablerep::graph::adam_hyper;
-    use stablerep::kernels::optim::AdamW;
-    use stablerep::models::stablerep::{train_step, HeadConfig, StepConfig};
+    use stablerep::models::stablerep::train_step;
     use stablerep::train::checkpoint;
     let ck = fixture("train_step.safetensors");
-    let cfg = StepConfig {
-        vit: vit::infer_config(&ck, "before.visual.", 16).unwrap(),
-        head: HeadConfig {
-            hidden: 64,
-            out: 16,
-        },
-        captions: 4,
-        images_per_caption: 3,
-        temperature: 0.1,
-        adamw: AdamW {
-            beta1: 0.9,
-            beta2: 0.98,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-        augment_from: None,
-    };
+    let cfg = fixture_step_config(&ck);
     let step = train_step(&cfg).unwrap();
     let images = &ck.get("images", None).unwrap().data;
     let (gpu, _lock) = gpu();

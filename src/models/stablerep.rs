@@ -61,6 +61,16 @@ pub fn decays(name: &str, ndim: usize) -> bool {
     ndim >= 2 && !(name.contains("bias") || name.contains("ln") || name.contains("bn"))
 }
 
+/// The recipe's AdamW: betas (0.9, 0.98), eps 1e-8, the given decoupled weight decay.
+pub fn recipe_adamw(weight_decay: f32) -> AdamW {
+    AdamW {
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay,
+    }
+}
+
 /// One StableRep training step: the graph and its handles.
 pub struct TrainStep {
     /// The graph (forward, backward, BatchNorm running stats, AdamW).

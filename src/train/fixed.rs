@@ -12,8 +12,7 @@ use super::schedule::Schedule;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, ParamStore, Plan, PlanOptions};
-use crate::kernels::optim::AdamW;
-use crate::models::stablerep::{train_step, HeadConfig, StepConfig};
+use crate::models::stablerep::{recipe_adamw, train_step, HeadConfig, StepConfig};
 use crate::models::vit::{self, VitConfig};
 use crate::nn::checkpoint::Checkpoint;
 
@@ -120,12 +119,7 @@ pub fn run(
             r.images_per_caption
         ))
     })?;
-    let adamw = AdamW {
-        beta1: 0.9,
-        beta2: 0.98,
-        eps: 1e-8,
-        weight_decay: r.weight_decay,
-    };
+    let adamw = recipe_adamw(r.weight_decay);
     let cfg = StepConfig {
         vit: model.vit,
         head: model.head,

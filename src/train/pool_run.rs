@@ -17,8 +17,7 @@ use crate::data::sampler::{Rng, Sampler};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, ParamStore, Plan, PlanOptions};
-use crate::kernels::optim::AdamW;
-use crate::models::stablerep::{init_params, train_step, StepConfig};
+use crate::models::stablerep::{init_params, recipe_adamw, train_step, StepConfig};
 use crate::nn::checkpoint::Checkpoint;
 
 /// Settings of a pool run.
@@ -100,12 +99,7 @@ pub fn run(
     } else {
         r.model
     };
-    let adamw = AdamW {
-        beta1: 0.9,
-        beta2: 0.98,
-        eps: 1e-8,
-        weight_decay: r.weight_decay,
-    };
+    let adamw = recipe_adamw(r.weight_decay);
     let step_cfg = StepConfig {
         vit: model.vit,
         head: model.head,
