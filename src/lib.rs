@@ -17,6 +17,7 @@ pub mod graph;
 pub mod kernels;
 pub mod models;
 pub mod nn;
+pub mod text;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -3,7 +3,7 @@
 
 Python is a tool for fixtures only: neither CI nor any user path needs it.
 Set up once (see ../shared/env.md):
-    python3 -m venv .venv-ref && .venv-ref/bin/pip install torch timm safetensors numpy
+    python3 -m venv .venv-ref && .venv-ref/bin/pip install torch timm safetensors numpy open-clip-torch
 then:
     .venv-ref/bin/python tools/make_fixtures.py
 Everything is seeded: rerunning on the same versions reproduces every tensor exactly (the
@@ -142,10 +142,174 @@ def train_step_fixture():
     save_file(tensors, OUT / "train_step.safetensors", metadata=meta)
 
 
+CAPTIONS = [
+    "a photo of a cat",
+    "a photo of an astronaut riding a horse on mars",
+    "A Photo   OF\ta  CAT!!",
+    "it\u2019s a dog's life, isn't it? we'll see; they'd've...",
+    "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve r\u00e9sum\u00e9",
+    "cafe\u0301 (decomposed accent)",
+    "\u6771\u4eac\u30bf\u30ef\u30fc\u306e\u591c\u666f",
+    "\U0001f436\U0001f431 emoji party \U0001f389",
+    "123 apples and 4.5 oranges, \u216b roman",
+    "Tom &amp; Jerry &lt;3 &amp;amp;",
+    "\ufb01ne ligatures and \uff26\uff35\uff2c\uff2c\uff37\uff29\uff24\uff34\uff28 text",
+    "hello...world??? --- ok",
+    "\u00c7A VA? \u03a3\u039f\u03a6\u039f\u03a3",
+    "",
+    " ".join(["a red bicycle leaning against a wooden fence at sunset"] * 8),
+]
+
+
+def tokens_fixture():
+    """Token ids of tricky captions from open_clip's SimpleTokenizer (the real CLIP BPE, the
+    same cleaning and pattern as OpenAI's clip.tokenize), context 77, zero padding."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    ids = tok(CAPTIONS, context_length=77)
+    cases = [{"text": t, "ids": row.tolist()} for t, row in zip(CAPTIONS, ids)]
+    lines = ",\n".join(json.dumps(c, ensure_ascii=False) for c in cases)
+    (OUT / "clip_tokens.json").write_text("[\n" + lines + "\n]\n")
+
+
+def clip_loss(v, t, logit_scale, n_captions):
+    """StableRep+'s image-text loss (models/losses.py, MultiPosConLossMM's image-text part) on
+    one device: L2-normalized image embeddings v [n*m, D] (view-major, caption of row k is
+    k mod n) and text embeddings t [n, D]; image->text cross-entropy against the own caption,
+    text->image cross-entropy against the uniform distribution over the caption's m images."""
+    v = F.normalize(v, dim=-1, p=2)
+    t = F.normalize(t, dim=-1, p=2)
+    s = logit_scale.exp()
+    n_rows = v.shape[0]
+    labels = torch.arange(n_rows) % n_captions
+    logits_i2t = s * v @ t.T
+    loss_i2t = F.cross_entropy(logits_i2t, labels)
+    logits_t2i = s * t @ v.T
+    p = (torch.arange(n_captions)[:, None] == labels[None, :]).float()
+    p = p / p.sum(1, keepdim=True)
+    loss_t2i = -(p * F.log_softmax(logits_t2i, dim=-1)).sum(1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+def plus_fixture():
+    """StableRep+ (language supervision): the image-text loss alone on random embeddings, and
+    one full training step of a tiny model: ViT + BN head (multi-positive loss) plus a causal
+    CLIP text tower (QuickGELU, LN eps 1e-5, EOT feature), image and text projections and the
+    logit scale, AdamW as the recipe, then the logit scale clamped to [0, ln 100].
+    The token embedding is zero except for the rows the batch uses; only those rows are stored
+    (before, gradient, after) with their ids, to keep the file small."""
+    import timm
+    from open_clip.tokenizer import SimpleTokenizer
+    from open_clip.transformer import TextTransformer, QuickGELU
+
+    torch.manual_seed(3)
+    tensors, meta = {}, {}
+    for name, (n, m, d) in {"a": (5, 3, 16), "b": (3, 4, 8)}.items():
+        v = torch.randn(n * m, d, dtype=torch.float64, requires_grad=True)
+        t = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+        theta = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+        loss = clip_loss(v, t, theta, n)
+        gv, gt, gth = torch.autograd.grad(loss, (v, t, theta))
+        tensors.update({f"loss_{name}.v": v.detach().float(), f"loss_{name}.t": t.detach().float(),
+                        f"loss_{name}.theta": theta.detach().float().reshape(1),
+                        f"loss_{name}.loss": loss.detach().float().reshape(1),
+                        f"loss_{name}.grad_v": gv.float(), f"loss_{name}.grad_t": gt.float(),
+                        f"loss_{name}.grad_theta": gth.float().reshape(1)})
+        meta[f"loss_{name}"] = json.dumps({"captions": n, "images_per_caption": m, "dim": d})
+
+    n, m, ctx = 3, 2, 12
+    vit_cfg = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=0)
+    text_cfg = dict(context_length=ctx, vocab_size=49408, width=16, heads=2, layers=2, mlp_ratio=4.0, output_dim=8)
+    hidden, out_dim, proj = 24, 8, 8
+    visual = timm.models.vision_transformer.VisionTransformer(**vit_cfg)
+    text = TextTransformer(**text_cfg, act_layer=QuickGELU)
+    captions = ["a photo of a cat", "two dogs playing in the snow", "a bowl of fruit on a table"]
+    ids = SimpleTokenizer()(captions, context_length=ctx)
+    used = torch.unique(ids)
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer1 = torch.nn.Linear(32, hidden)
+            self.bn1 = torch.nn.BatchNorm1d(hidden)
+            self.layer2 = torch.nn.Linear(hidden, hidden)
+            self.bn2 = torch.nn.BatchNorm1d(hidden)
+            self.layer3 = torch.nn.Linear(hidden, out_dim)
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.layer1(x)))
+            x = torch.relu(self.bn2(self.layer2(x)))
+            return self.layer3(x)
+
+    head = Head()
+    model = torch.nn.Module()
+    model.visual = visual
+    model.image_mlp = head
+    model.token_embedding = text.token_embedding
+    model.positional_embedding = text.positional_embedding
+    model.transformer = text.transformer
+    model.ln_final = text.ln_final
+    model.text_projection = text.text_projection
+    model.image_projection = torch.nn.Parameter(torch.randn(32, proj) * 32 ** -0.5)
+    model.logit_scale = torch.nn.Parameter(torch.tensor(4.55))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "logit_scale":
+                p.add_(0.05 * torch.randn_like(p))
+        keep = torch.zeros(49408, dtype=torch.bool)
+        keep[used] = True
+        model.token_embedding.weight[~keep] = 0.0
+    model.train()
+    images = torch.randn(n * m, 3, 32, 32)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items() if "num_batches" not in k}
+
+    feats = visual.forward_features(images)[:, 0]
+    h = torch.cat([head(feats[v * n:(v + 1) * n]) for v in range(m)], dim=0)
+    ssl = multi_positive_loss(h, n)
+    t_emb = text(ids)
+    v_emb = feats @ model.image_projection
+    it = clip_loss(v_emb, t_emb, model.logit_scale, n)
+    loss = ssl + it
+    loss.backward()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "bias" in name or "ln" in name or "bn" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-2, betas=(0.9, 0.98), eps=1e-8,
+    )
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, 4.6052)
+    after = {k: v.detach().clone() for k, v in model.state_dict().items() if "num_batches" not in k}
+    tensors.update({"images": images, "token_ids": ids.to(torch.int32), "used_ids": used.to(torch.int32),
+                    "loss": loss.detach().reshape(1), "loss_ssl": ssl.detach().reshape(1),
+                    "loss_it": it.detach().reshape(1)})
+    for prefix, d in (("before.", before), ("after.", after), ("grad.", grads)):
+        for k, v in d.items():
+            if k == "token_embedding.weight":
+                v = v[used]
+            tensors[prefix + k] = v.reshape(-1).clone() if v.ndim == 0 else v.contiguous()
+    meta.update({
+        "vit": json.dumps(vit_cfg),
+        "text": json.dumps(text_cfg),
+        "head": json.dumps({"hidden": hidden, "out": out_dim}),
+        "projection": str(proj),
+        "batch": json.dumps({"captions": n, "images_per_caption": m, "temperature": 0.1}),
+        "optimizer": json.dumps({"lr": 1e-2, "betas": [0.9, 0.98], "eps": 1e-8, "weight_decay": 0.1}),
+        "captions": json.dumps(captions),
+    })
+    save_file(tensors, OUT / "stablerep_plus.safetensors", metadata=meta)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     loss_fixture()
     vit_fixture()
     train_step_fixture()
+    tokens_fixture()
+    plus_fixture()
     for f in sorted(OUT.iterdir()):
         print(f.name, f.stat().st_size, "bytes")
