@@ -1,6 +1,7 @@
 // AdamW step, in place, one invocation per parameter element. hyper = [lr, 1 - beta1^t,
 // 1 - beta2^t] is written by the host each step; betas, eps and weight decay are baked into
-// the uniform. PyTorch semantics: p -= lr * wd * p; p -= lr * mhat / (sqrt(vhat) + eps).
+// the uniform. PyTorch semantics: p -= lr * wd * p; p -= lr * mhat / (sqrt(vhat) + eps);
+// then, if clamp is set, p = clamp(p, lo, hi).
 
 struct Params {
     n: u32,
@@ -9,12 +10,16 @@ struct Params {
     off_m: u32,
     off_v: u32,
     off_h: u32,
-    _p0: u32,
+    clamp: u32,
     _p1: u32,
     beta1: f32,
     beta2: f32,
     eps: f32,
     wd: f32,
+    lo: f32,
+    hi: f32,
+    _p2: f32,
+    _p3: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -39,5 +44,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var w = params[p.off_p + i];
     w = w - lr * p.wd * w;
     w = w - lr * (m / bc1) / (sqrt(v / bc2) + p.eps);
+    if (p.clamp != 0u) { w = clamp(w, p.lo, p.hi); }
     params[p.off_p + i] = w;
 }

@@ -1,9 +1,10 @@
-// StableRep's multi-positive contrastive loss, one invocation per anchor row of the cosine
-// similarity matrix S [rows, n] (rows may be a chunk starting at global row p.row0). Logits are
-// S / tau; the anchor itself is left out of the softmax; the positives of row k are the other
-// rows of the same caption (k mod captions, view-major layout); the target is uniform over them.
-// Forward: y[k] = logsumexp_{j != k} l_kj - mean_{j in P(k)} l_kj (0 without positives).
-// Backward (upstream g [rows]): y[k, j] = g_k (q_kj - p_kj) / tau, 0 on the diagonal.
+// Multi-positive contrastive loss, one invocation per anchor row of a logit matrix S [rows, n]
+// (rows may be a chunk starting at global row p.row0). Logits are S / tau; with mask_self the
+// anchor's own column k is left out of the softmax (StableRep); the positives of row k are the
+// columns j (other than a masked k) with j mod captions == k mod captions; the target is
+// uniform over them.
+// Forward: y[k] = logsumexp_j l_kj - mean_{j in P(k)} l_kj (0 without positives).
+// Backward (upstream g [rows]): y[k, j] = g_k (q_kj - p_kj) / tau, 0 at a masked column.
 // <BODY> selects the direction.
 
 struct Params {
@@ -14,7 +15,7 @@ struct Params {
     off_s: u32,
     off_g: u32,
     off_y: u32,
-    _p0: u32,
+    mask_self: u32,
     inv_tau: f32,
     _p1: f32,
     _p2: f32,
@@ -35,13 +36,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let sb = p.off_s + r * p.n;
     var mx = -3.4028235e38;
     for (var j = 0u; j < p.n; j++) {
-        if (j != k) { mx = max(mx, ss[sb + j] * p.inv_tau); }
+        if (j != k || p.mask_self == 0u) { mx = max(mx, ss[sb + j] * p.inv_tau); }
     }
     var sum = 0.0;
     var pos = 0.0;
     var npos = 0u;
     for (var j = 0u; j < p.n; j++) {
-        if (j != k) {
+        if (j != k || p.mask_self == 0u) {
             let l = ss[sb + j] * p.inv_tau;
             sum += exp(l - mx);
             if (j % p.captions == cap) {

@@ -1,5 +1,5 @@
 // Row-wise ops on a [rows, len] matrix, one invocation per row (rows on a 2-D grid):
-// softmax, log-softmax, L2-normalize (y = x / max(|x|, eps)) and LayerNorm statistics
+// softmax, causal softmax (row0 = global index of the chunk's first row), log-softmax, L2-normalize (y = x / max(|x|, eps)) and LayerNorm statistics
 // (y = [mean, 1/sqrt(var + eps)] per row). <BODY> reads x(c) and writes through put(c, v).
 
 struct Params {
@@ -9,7 +9,7 @@ struct Params {
     off_y: u32,
     out_len: u32,
     eps: f32,
-    _p0: u32,
+    row0: u32,
     _p1: u32,
 }
 

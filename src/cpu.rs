@@ -342,6 +342,15 @@ pub fn eval(
                 for r in 0..rows {
                     let row = &x[r * len..(r + 1) * len];
                     match op {
+                        RowOp::CausalSoftmax => {
+                            let lim = r % len + 1;
+                            let mx = row[..lim].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let lse =
+                                mx + row[..lim].iter().map(|v| (v - mx).exp()).sum::<f64>().ln();
+                            for c in 0..lim {
+                                y[r * len + c] = (row[c] - lse).exp();
+                            }
+                        }
                         RowOp::Softmax | RowOp::LogSoftmax => {
                             let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                             let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f64>().ln();
@@ -383,7 +392,7 @@ pub fn eval(
                 for r in 0..rows {
                     let (ar, dr) = (&a[r * len..(r + 1) * len], &dy[r * len..(r + 1) * len]);
                     match op {
-                        RowOp::Softmax => {
+                        RowOp::Softmax | RowOp::CausalSoftmax => {
                             let s: f64 = ar.iter().zip(dr).map(|(p, q)| p * q).sum();
                             for c in 0..len {
                                 y[r * len + c] = ar[c] * (dr[c] - s);
@@ -527,15 +536,24 @@ pub fn eval(
                 }
                 Some(y)
             }
-            Op::MultiPos { captions, tau } | Op::MultiPosGrad { captions, tau } => {
+            Op::MultiPos {
+                captions,
+                tau,
+                mask_self,
+            }
+            | Op::MultiPosGrad {
+                captions,
+                tau,
+                mask_self,
+            } => {
                 let sm = get(0);
-                let nn = sh(0)[0];
+                let (rows, nn) = (sh(0)[0], sh(0)[1]);
                 let grad = matches!(node.op, Op::MultiPosGrad { .. });
                 let inv = 1.0 / *tau as f64;
                 let mut y = vec![0.0; n];
-                for k in 0..nn {
+                for k in 0..rows {
                     let row = &sm[k * nn..(k + 1) * nn];
-                    let others = (0..nn).filter(|&j| j != k);
+                    let others = (0..nn).filter(|&j| j != k || !mask_self);
                     let mx = others
                         .clone()
                         .map(|j| row[j] * inv)
@@ -553,7 +571,7 @@ pub fn eval(
                     }
                     if grad {
                         let g = get(1)[k];
-                        for j in (0..nn).filter(|&j| j != k) {
+                        for j in (0..nn).filter(|&j| j != k || !mask_self) {
                             let q = (row[j] * inv - lse).exp();
                             let t = if j % captions == k % captions {
                                 1.0 / pos.len() as f64
@@ -618,6 +636,9 @@ pub fn eval(
                     vv[j] = b2 * vv[j] + (1.0 - b2) * gr[j] * gr[j];
                     p[j] -= h[0] * wd * p[j];
                     p[j] -= h[0] * (m[j] / h[1]) / ((vv[j] / h[2]).sqrt() + eps);
+                    if let Some([lo, hi]) = cfg.clamp {
+                        p[j] = p[j].clamp(lo as f64, hi as f64);
+                    }
                 }
                 params.insert(name(0), p);
                 params.insert(name(2), m);

@@ -106,6 +106,7 @@ pub fn train_mlp(
         beta2: 0.98,
         eps: 1e-8,
         weight_decay: 1e-4,
+        clamp: None,
     };
     let hyper = g.adamw(
         &params,
@@ -239,6 +240,7 @@ pub fn transformer_stack(
         beta2: 0.98,
         eps: 1e-8,
         weight_decay: 0.1,
+        clamp: None,
     };
     let hyper = g.adamw(&params, &grads, adam, &[])?;
     Ok((g, x0, loss, params, hyper, adam))

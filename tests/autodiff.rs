@@ -10,6 +10,7 @@ use stablerep::graph::{DType, Graph, NodeId};
 use stablerep::kernels::catalog::unary_ops;
 use stablerep::kernels::elementwise::UnaryOp;
 use stablerep::kernels::reduce::ReduceOp;
+use stablerep::kernels::reduce::RowOp;
 
 /// loss = sum(y * r) for a fixed random r, so every output element matters.
 fn weighted_loss(g: &mut Graph, f: &mut Feeds, rng: &mut Rng, y: NodeId) -> NodeId {
@@ -216,8 +217,11 @@ fn row_norm_gather_and_cross_entropy_gradients() {
     let l2 = g.l2_normalize(x).unwrap();
     let ln = g.layer_norm(x, gamma, beta, 1e-6).unwrap();
     let (bn, _) = g.batch_norm(x, gamma, beta, 2, 1e-5).unwrap();
+    let sq = g.reshape(x, &[1, 6, 7]).unwrap();
+    let sq = g.slice(sq, 2, 0, 6).unwrap();
+    let cs = g.row(RowOp::CausalSoftmax, sq).unwrap();
     let mut total = None;
-    for y in [sm, ls, l2, ln, bn] {
+    for y in [sm, ls, l2, ln, bn, cs] {
         let l = weighted_loss(&mut g, &mut f, &mut rng, y);
         total = Some(match total {
             None => l,

@@ -266,6 +266,18 @@ fn row_ops_and_their_gradients() {
             outs.extend([y, gr]);
         }
         outs.push(g.row(RowOp::LnStats(1e-6), x).unwrap());
+        // Causal softmax over square score blocks [b, t, t].
+        let (b, t) = (rng.int(1, 5), rng.int(1, 23));
+        let s = input(&mut g, &mut f, &mut rng, &[b, t, t], -3.0, 3.0);
+        let ds = input(&mut g, &mut f, &mut rng, &[b, t, t], -1.0, 1.0);
+        let y = g.row(RowOp::CausalSoftmax, s).unwrap();
+        let gr = g.push(
+            stablerep::graph::Op::RowGrad(RowOp::CausalSoftmax),
+            vec![y, ds],
+            vec![b, t, t],
+            DType::F32,
+        );
+        outs.extend([y, gr]);
         check(
             &format!("row ops {r}x{c}"),
             &g,
@@ -357,6 +369,7 @@ fn optimizer_updates_match_reference() {
         beta2: 0.98,
         eps: 1e-8,
         weight_decay: 0.1,
+        clamp: Some([-0.3, 0.4]),
     };
     let hyper = g.adamw(&[p], &[grads[0]], cfg, &[true]).unwrap();
     let hs = g.sgd(&[q], &[grads[1]], 0.9, 0.01).unwrap();

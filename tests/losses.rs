@@ -97,3 +97,63 @@ fn bad_loss_settings_are_rejected() {
         .to_string()
         .contains("temperature"));
 }
+
+#[test]
+fn image_text_loss_matches_the_stablerep_plus_transcription() {
+    let ck = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stablerep_plus.safetensors"),
+    )
+    .unwrap();
+    let (gpu, _lock) = gpu();
+    for case in ["loss_a", "loss_b"] {
+        let meta: serde_json::Value = serde_json::from_str(&ck.metadata[case]).unwrap();
+        let (n, m, d) = (
+            meta["captions"].as_u64().unwrap() as usize,
+            meta["images_per_caption"].as_u64().unwrap() as usize,
+            meta["dim"].as_u64().unwrap() as usize,
+        );
+        let get = |k: &str| ck.get(&format!("{case}.{k}"), None).unwrap().data.clone();
+        let mut g = Graph::new();
+        let v = g.input("v", &[n * m, d]);
+        let t = g.input("t", &[n, d]);
+        let theta = g.input("theta", &[1]);
+        let loss = g.image_text_loss(v, t, theta).unwrap();
+        let grads = g.grad(loss, &[v, t, theta]).unwrap();
+        let mut fetch = vec![loss];
+        fetch.extend(&grads);
+        let plan = Plan::compile(
+            &gpu,
+            &g,
+            &fetch,
+            &mut ParamStore::new(),
+            PlanOptions {
+                poison: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        plan.write(v, &get("v")).unwrap();
+        plan.write(t, &get("t")).unwrap();
+        plan.write(theta, &get("theta")).unwrap();
+        let out = plan.run_fetch(&fetch).unwrap();
+        let f64s = |x: Vec<f32>| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        assert_close(
+            &format!("{case}: loss"),
+            &out[0],
+            &f64s(get("loss")),
+            1e-5,
+            1e-6,
+        );
+        for (i, k) in ["grad_v", "grad_t", "grad_theta"].iter().enumerate() {
+            let want = f64s(get(k));
+            let scale = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            assert_close(
+                &format!("{case}: {k}"),
+                &out[i + 1],
+                &want,
+                1e-4,
+                1e-4 * scale,
+            );
+        }
+    }
+}

@@ -11,7 +11,10 @@ struct Case {
 
 #[test]
 fn matches_reference_tokenizer() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clip_tokens.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/clip_tokens.json"
+    );
     let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     assert!(cases.len() >= 10);
     let tok = Tokenizer::clip();
@@ -19,7 +22,10 @@ fn matches_reference_tokenizer() {
     for c in &cases {
         let got = tok.tokenize(&c.text, CONTEXT, 0);
         if got != c.ids {
-            wrong.push(format!("{:?}\n  want {:?}\n  got  {:?}", c.text, c.ids, got));
+            wrong.push(format!(
+                "{:?}\n  want {:?}\n  got  {:?}",
+                c.text, c.ids, got
+            ));
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));

@@ -263,7 +263,7 @@ impl Graph {
                 vec![(table, g)]
             }
             Op::Row(r) => match r {
-                RowOp::Softmax | RowOp::LogSoftmax => {
+                RowOp::Softmax | RowOp::CausalSoftmax | RowOp::LogSoftmax => {
                     let s = shape(self, ins[0]);
                     vec![(
                         ins[0],
@@ -339,12 +339,17 @@ impl Graph {
                     ),
                 )]
             }
-            Op::MultiPos { captions, tau } => {
+            Op::MultiPos {
+                captions,
+                tau,
+                mask_self,
+            } => {
                 let sh = shape(self, ins[0]);
                 let g = self.push(
                     Op::MultiPosGrad {
                         captions: *captions,
                         tau: *tau,
+                        mask_self: *mask_self,
                     },
                     vec![ins[0], dy],
                     sh,

@@ -128,20 +128,27 @@ pub enum Op {
     CrossEntropy,
     /// (logits, labels, g [R]) -> dlogits.
     CrossEntropyGrad,
-    /// (s [N, N]) -> per-anchor multi-positive contrastive loss [N]; rows are view-major, the
-    /// caption of row k is k mod `captions`.
+    /// (s [R, C]) -> per-row multi-positive contrastive loss [R]: softmax of s / tau over the
+    /// columns (without column k in row k when `mask_self`), cross-entropy against the uniform
+    /// distribution over the positive columns j, those with j mod captions == k mod captions.
+    /// StableRep: s [N, N], rows view-major, `mask_self`. StableRep+'s image-to-text
+    /// ([N, n]) and text-to-image ([n, N]) terms keep self.
     MultiPos {
         /// captions in the batch (n)
         captions: usize,
         /// temperature
         tau: f32,
+        /// leave column k out of row k's softmax
+        mask_self: bool,
     },
-    /// (s, g [N]) -> dL/ds [N, N].
+    /// (s, g [R]) -> dL/ds [R, C].
     MultiPosGrad {
         /// captions in the batch
         captions: usize,
         /// temperature
         tau: f32,
+        /// as in MultiPos
+        mask_self: bool,
     },
     /// (param, grad, m, v, hyper[3]): in-place AdamW step (no output).
     AdamW(AdamW),
@@ -600,6 +607,12 @@ impl Graph {
             let (r, _) = self.rows_of(x);
             s = vec![r, 2];
         }
+        if op == RowOp::CausalSoftmax && (s.len() < 2 || s[s.len() - 1] != s[s.len() - 2]) {
+            return Err(Error::shape(
+                "causal softmax",
+                format!("needs square [.., T, T] scores, got {s:?}"),
+            ));
+        }
         Ok(self.push(Op::Row(op), vec![x], s, DType::F32))
     }
 
@@ -800,12 +813,59 @@ impl Graph {
         let z = self.l2_normalize(h)?;
         let sim = self.matmul_t(z, z, false, true)?;
         let rows = self.push(
-            Op::MultiPos { captions, tau },
+            Op::MultiPos {
+                captions,
+                tau,
+                mask_self: true,
+            },
             vec![sim],
             vec![s[0]],
             DType::F32,
         );
         self.mean_all(rows)
+    }
+
+    /// StableRep+'s image-text loss: image embeddings v [n * m, D] (view-major, caption of row
+    /// k is k mod n), text embeddings t [n, D], logit scale parameter theta [1] (scale
+    /// exp(theta)). Both are L2-normalized; image-to-text is the cross-entropy against the own
+    /// caption, text-to-image against the uniform distribution over the caption's m images;
+    /// returns their mean as a [1] tensor.
+    pub fn image_text_loss(&mut self, v: NodeId, t: NodeId, theta: NodeId) -> Result<NodeId> {
+        let (sv, st, sth) = (
+            self.shape(v).to_vec(),
+            self.shape(t).to_vec(),
+            self.shape(theta).to_vec(),
+        );
+        if sv.len() != 2
+            || st.len() != 2
+            || sv[1] != st[1]
+            || st[0] == 0
+            || !sv[0].is_multiple_of(st[0])
+            || sth != [1]
+        {
+            return Err(Error::shape(
+                "image_text_loss",
+                format!("needs images [n * m, D], texts [n, D] and a [1] logit scale, got {sv:?}, {st:?} and {sth:?}"),
+            ));
+        }
+        let captions = st[0];
+        let vn = self.l2_normalize(v)?;
+        let tn = self.l2_normalize(t)?;
+        let scale = self.unary(UnaryOp::Exp, theta)?;
+        let a = self.matmul_t(vn, tn, false, true)?;
+        let a = self.mul(a, scale)?;
+        let b = self.transpose(a)?;
+        let op = Op::MultiPos {
+            captions,
+            tau: 1.0,
+            mask_self: false,
+        };
+        let i2t = self.push(op.clone(), vec![a], vec![sv[0]], DType::F32);
+        let t2i = self.push(op, vec![b], vec![captions], DType::F32);
+        let i2t = self.mean_all(i2t)?;
+        let t2i = self.mean_all(t2i)?;
+        let sum = self.add(i2t, t2i)?;
+        self.affine(sum, 0.5, 0.0)
     }
 
     /// Appends AdamW updates for `params` given their gradients. Creates the moment state
@@ -818,8 +878,35 @@ impl Graph {
         cfg: AdamW,
         decay: &[bool],
     ) -> Result<NodeId> {
+        let cfgs: Vec<AdamW> = (0..params.len())
+            .map(|i| {
+                let mut c = cfg;
+                if !decay.get(i).copied().unwrap_or(true) {
+                    c.weight_decay = 0.0;
+                }
+                c
+            })
+            .collect();
+        self.adamw_each(params, grads, &cfgs)
+    }
+
+    /// [`Graph::adamw`] with one configuration per parameter (weight decay, clamp).
+    pub fn adamw_each(
+        &mut self,
+        params: &[NodeId],
+        grads: &[NodeId],
+        cfgs: &[AdamW],
+    ) -> Result<NodeId> {
+        if params.len() != grads.len() || params.len() != cfgs.len() {
+            return Err(Error::Graph(format!(
+                "AdamW needs one gradient and one configuration per parameter ({} parameters, {} gradients, {} configurations)",
+                params.len(),
+                grads.len(),
+                cfgs.len()
+            )));
+        }
         let hyper = self.input("adamw.hyper", &[3]);
-        for (i, (&p, &g)) in params.iter().zip(grads).enumerate() {
+        for ((&p, &g), &c) in params.iter().zip(grads).zip(cfgs) {
             let name = self.nodes[p.0]
                 .name
                 .clone()
@@ -830,10 +917,6 @@ impl Graph {
             let s = self.shape(p).to_vec();
             let m = self.state(&format!("{name}.adam_m"), &s, 0.0);
             let v = self.state(&format!("{name}.adam_v"), &s, 0.0);
-            let mut c = cfg;
-            if !decay.get(i).copied().unwrap_or(true) {
-                c.weight_decay = 0.0;
-            }
             self.push(Op::AdamW(c), vec![p, g, m, v, hyper], vec![], DType::F32);
         }
         Ok(hyper)

@@ -668,11 +668,35 @@ fn lower(
                 caps,
             )?
         }
-        Op::MultiPos { captions, tau } => {
-            contrastive::multipos(x(0)?, node.shape[0], *captions, *tau, y, caps)?
+        Op::MultiPos {
+            captions,
+            tau,
+            mask_self,
+        } => {
+            let s0 = sh(0);
+            let c = contrastive::Contrast {
+                rows: s0[0],
+                cols: s0[1],
+                captions: *captions,
+                tau: *tau,
+                mask_self: *mask_self,
+            };
+            contrastive::multipos(x(0)?, &c, y, caps)?
         }
-        Op::MultiPosGrad { captions, tau } => {
-            contrastive::multipos_grad(x(0)?, x(1)?, node.shape[0], *captions, *tau, y, caps)?
+        Op::MultiPosGrad {
+            captions,
+            tau,
+            mask_self,
+        } => {
+            let s0 = sh(0);
+            let c = contrastive::Contrast {
+                rows: s0[0],
+                cols: s0[1],
+                captions: *captions,
+                tau: *tau,
+                mask_self: *mask_self,
+            };
+            contrastive::multipos_grad(x(0)?, x(1)?, &c, y, caps)?
         }
         Op::BnRunning {
             rows,

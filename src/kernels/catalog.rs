@@ -109,13 +109,19 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
     }
     for r in [
         RowOp::Softmax,
+        RowOp::CausalSoftmax,
         RowOp::LogSoftmax,
         RowOp::L2Norm(1e-12),
         RowOp::LnStats(1e-6),
     ] {
         out.extend(reduce::rows(r, v(0, 6), 2, 3, v(1, 6), &caps)?);
     }
-    for r in [RowOp::Softmax, RowOp::LogSoftmax, RowOp::L2Norm(1e-12)] {
+    for r in [
+        RowOp::Softmax,
+        RowOp::CausalSoftmax,
+        RowOp::LogSoftmax,
+        RowOp::L2Norm(1e-12),
+    ] {
         out.extend(reduce::row_grad(r, v(0, 6), v(1, 6), 2, 3, v(2, 6), &caps)?);
     }
     out.extend(reduce::cross_entropy(
@@ -155,20 +161,23 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
             &caps,
         )?);
     }
+    let con = super::contrastive::Contrast {
+        rows: 6,
+        cols: 6,
+        captions: 3,
+        tau: 0.1,
+        mask_self: true,
+    };
     out.extend(super::contrastive::multipos(
         v(0, 36),
-        6,
-        3,
-        0.1,
+        &con,
         v(1, 6),
         &caps,
     )?);
     out.extend(super::contrastive::multipos_grad(
         v(0, 36),
         v(1, 6),
-        6,
-        3,
-        0.1,
+        &con,
         v(2, 36),
         &caps,
     )?);
@@ -236,6 +245,7 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         beta2: 0.98,
         eps: 1e-8,
         weight_decay: 0.1,
+        clamp: None,
     };
     out.extend(optim::adamw(
         cfg,

@@ -1,5 +1,6 @@
-//! StableRep's multi-positive contrastive loss over a cosine-similarity matrix (see
-//! `shaders/multipos.wgsl`): per-anchor losses and their gradient w.r.t. the similarities.
+//! Multi-positive contrastive losses over a logit matrix (see `shaders/multipos.wgsl`):
+//! StableRep's loss on cosine similarities, and StableRep+'s image-to-text and text-to-image
+//! terms. Per-anchor losses and their gradient w.r.t. the logits.
 //! Rows are split into chunks when S exceeds one binding, so large batches work.
 
 use super::{bind, grid, row_chunks, uniform, Dispatch, View};
@@ -7,32 +8,33 @@ use crate::error::Result;
 use crate::gpu::Caps;
 
 const FORWARD: &str = "    if (npos > 0u) {\n        ys[p.off_y + r] = lse - pos / f32(npos);\n    } else {\n        ys[p.off_y + r] = 0.0;\n    }";
-const BACKWARD: &str = "    let g = gs[p.off_g + r];\n    let yb = p.off_y + r * p.n;\n    for (var j = 0u; j < p.n; j++) {\n        var d = 0.0;\n        if (j != k && npos > 0u) {\n            let q = exp(ss[sb + j] * p.inv_tau - lse);\n            let t = select(0.0, 1.0 / f32(npos), j % p.captions == cap);\n            d = g * (q - t) * p.inv_tau;\n        }\n        ys[yb + j] = d;\n    }";
+const BACKWARD: &str = "    let g = gs[p.off_g + r];\n    let yb = p.off_y + r * p.n;\n    for (var j = 0u; j < p.n; j++) {\n        var d = 0.0;\n        if ((j != k || p.mask_self == 0u) && npos > 0u) {\n            let q = exp(ss[sb + j] * p.inv_tau - lse);\n            let t = select(0.0, 1.0 / f32(npos), j % p.captions == cap);\n            d = g * (q - t) * p.inv_tau;\n        }\n        ys[yb + j] = d;\n    }";
 
-fn launch(
-    s: View,
-    g: Option<View>,
-    n: usize,
-    captions: usize,
-    tau: f32,
-    y: View,
-    caps: &Caps,
-) -> Result<Vec<Dispatch>> {
+/// Shape and settings of one contrastive loss over a logit matrix s [rows, cols].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Contrast {
+    /// anchor rows
+    pub rows: usize,
+    /// columns (candidates)
+    pub cols: usize,
+    /// captions: column j is a positive of row k when j mod captions == k mod captions
+    pub captions: usize,
+    /// temperature (logits are s / tau)
+    pub tau: f32,
+    /// leave column k out of row k's softmax (StableRep's self-exclusion)
+    pub mask_self: bool,
+}
+
+fn launch(s: View, g: Option<View>, c: &Contrast, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
     let grad = g.is_some();
-    let mut out = Vec::new();
-    for (r0, nr) in row_chunks(n as u64, n as u64, caps, "multi-positive loss")? {
+    let (n, mut out) = (c.cols as u64, Vec::new());
+    for (r0, nr) in row_chunks(c.rows as u64, n, caps, "multi-positive loss")? {
         if nr == 0 {
             continue;
         }
-        let (bs, os) = bind(&s, r0 * n as u64, nr * n as u64, caps, "similarities")?;
+        let (bs, os) = bind(&s, r0 * n, nr * n, caps, "similarities")?;
         let (by, oy) = if grad {
-            bind(
-                &y,
-                r0 * n as u64,
-                nr * n as u64,
-                caps,
-                "similarity gradient",
-            )?
+            bind(&y, r0 * n, nr * n, caps, "similarity gradient")?
         } else {
             bind(&y, r0, nr, caps, "per-anchor loss")?
         };
@@ -66,13 +68,13 @@ fn launch(
             uniform: uniform(&[
                 nr as u32,
                 n as u32,
-                captions as u32,
+                c.captions as u32,
                 r0 as u32,
                 os,
                 og,
                 oy,
-                0,
-                (1.0 / tau).to_bits(),
+                u32::from(c.mask_self),
+                (1.0 / c.tau).to_bits(),
                 0,
                 0,
                 0,
@@ -84,27 +86,18 @@ fn launch(
     Ok(out)
 }
 
-/// Per-anchor losses y [n] from similarities s [n, n] (z z^T of unit vectors).
-pub fn multipos(
-    s: View,
-    n: usize,
-    captions: usize,
-    tau: f32,
-    y: View,
-    caps: &Caps,
-) -> Result<Vec<Dispatch>> {
-    launch(s, None, n, captions, tau, y, caps)
+/// Per-anchor losses y [rows] from logits s [rows, cols].
+pub fn multipos(s: View, c: &Contrast, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    launch(s, None, c, y, caps)
 }
 
-/// dL/dS [n, n] given the upstream gradient of the per-anchor losses g [n].
+/// dL/dS [rows, cols] given the upstream gradient of the per-anchor losses g [rows].
 pub fn multipos_grad(
     s: View,
     g: View,
-    n: usize,
-    captions: usize,
-    tau: f32,
+    c: &Contrast,
     y: View,
     caps: &Caps,
 ) -> Result<Vec<Dispatch>> {
-    launch(s, Some(g), n, captions, tau, y, caps)
+    launch(s, Some(g), c, y, caps)
 }

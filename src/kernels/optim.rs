@@ -17,6 +17,8 @@ pub struct AdamW {
     pub eps: f32,
     /// decoupled weight decay
     pub weight_decay: f32,
+    /// bounds the parameter is clamped to after the step (StableRep+'s logit scale)
+    pub clamp: Option<[f32; 2]>,
 }
 
 /// One AdamW step on `param` with `grad`, moments `m`, `v`; `hyper = [lr, 1-b1^t, 1-b2^t]`.
@@ -47,12 +49,16 @@ pub fn adamw(
                     b[2].1,
                     b[3].1,
                     b[4].1,
-                    0,
+                    u32::from(cfg.clamp.is_some()),
                     0,
                     cfg.beta1.to_bits(),
                     cfg.beta2.to_bits(),
                     cfg.eps.to_bits(),
                     cfg.weight_decay.to_bits(),
+                    cfg.clamp.map_or(0.0, |c| c[0]).to_bits(),
+                    cfg.clamp.map_or(0.0, |c| c[1]).to_bits(),
+                    0,
+                    0,
                 ]),
                 bindings: b.iter().map(|x| x.0).collect(),
                 groups: grid(count.div_ceil(WG_1D as u64), caps)?,

@@ -52,6 +52,9 @@ pub fn reduce(
 pub enum RowOp {
     /// softmax over each row
     Softmax,
+    /// softmax over each row of square [.., T, T] attention scores with a causal mask: row r
+    /// (query r mod T) keeps columns 0..=r mod T, the rest are 0 (CLIP's text attention)
+    CausalSoftmax,
     /// log-softmax over each row
     LogSoftmax,
     /// x / max(|x|, eps)
@@ -64,6 +67,7 @@ impl RowOp {
     fn name(&self) -> &'static str {
         match self {
             RowOp::Softmax => "softmax",
+            RowOp::CausalSoftmax => "causal_softmax",
             RowOp::LogSoftmax => "log_softmax",
             RowOp::L2Norm(_) => "l2norm",
             RowOp::LnStats(_) => "ln_stats",
@@ -79,6 +83,9 @@ impl RowOp {
         match self {
             RowOp::Softmax => {
                 "    var mx = xs[xb];\n    for (var c = 1u; c < p.len; c++) { mx = max(mx, xs[xb + c]); }\n    var s = 0.0;\n    for (var c = 0u; c < p.len; c++) { s += exp(xs[xb + c] - mx); }\n    let inv = 1.0 / s;\n    for (var c = 0u; c < p.len; c++) { ys[yb + c] = exp(xs[xb + c] - mx) * inv; }"
+            }
+            RowOp::CausalSoftmax => {
+                "    let lim = (p.row0 + r) % p.len + 1u;\n    var mx = xs[xb];\n    for (var c = 1u; c < lim; c++) { mx = max(mx, xs[xb + c]); }\n    var s = 0.0;\n    for (var c = 0u; c < lim; c++) { s += exp(xs[xb + c] - mx); }\n    let inv = 1.0 / s;\n    for (var c = 0u; c < lim; c++) { ys[yb + c] = exp(xs[xb + c] - mx) * inv; }\n    for (var c = lim; c < p.len; c++) { ys[yb + c] = 0.0; }"
             }
             RowOp::LogSoftmax => {
                 "    var mx = xs[xb];\n    for (var c = 1u; c < p.len; c++) { mx = max(mx, xs[xb + c]); }\n    var s = 0.0;\n    for (var c = 0u; c < p.len; c++) { s += exp(xs[xb + c] - mx); }\n    let lse = mx + log(s);\n    for (var c = 0u; c < p.len; c++) { ys[yb + c] = xs[xb + c] - lse; }"
@@ -133,7 +140,7 @@ pub fn rows(
                 oy,
                 out_len as u32,
                 op.eps().to_bits(),
-                0,
+                r0 as u32,
                 0,
             ]),
             bindings: vec![bx, by],
@@ -155,7 +162,8 @@ pub fn row_grad(
     caps: &Caps,
 ) -> Result<Vec<Dispatch>> {
     let body = match op {
-        RowOp::Softmax => {
+        // Masked probabilities are 0, so the plain softmax rule gives them 0 gradient.
+        RowOp::Softmax | RowOp::CausalSoftmax => {
             "    var s = 0.0;\n    for (var c = 0u; c < p.len; c++) { s += as_[ab + c] * bs[bb + c]; }\n    for (var c = 0u; c < p.len; c++) { ys[yb + c] = as_[ab + c] * (bs[bb + c] - s); }"
         }
         RowOp::LogSoftmax => {

@@ -68,6 +68,7 @@ pub fn recipe_adamw(weight_decay: f32) -> AdamW {
         beta2: 0.98,
         eps: 1e-8,
         weight_decay,
+        clamp: None,
     }
 }
 

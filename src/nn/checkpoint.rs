@@ -88,9 +88,19 @@ impl Checkpoint {
                     .chunks_exact(8)
                     .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
                     .collect(),
+                // Integer tensors (token ids, BatchNorm's num_batches_tracked) as f32, exact
+                // below 2^24.
+                safetensors::Dtype::I32 => raw
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
+                    .collect(),
+                safetensors::Dtype::I64 => raw
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                    .collect(),
                 other => {
                     return Err(Error::Config(format!(
-                    "{origin}: tensor '{name}' has dtype {other:?}; expected f32, f16, bf16 or f64"
+                    "{origin}: tensor '{name}' has dtype {other:?}; expected f32, f16, bf16, f64, i32 or i64"
                 )))
                 }
             };

@@ -87,7 +87,13 @@ fn decode_entity(t: &str) -> Option<(String, usize)> {
         };
         let len = digits
             .chars()
-            .take_while(|c| if hex { c.is_ascii_hexdigit() } else { c.is_ascii_digit() })
+            .take_while(|c| {
+                if hex {
+                    c.is_ascii_hexdigit()
+                } else {
+                    c.is_ascii_digit()
+                }
+            })
             .count();
         if len == 0 {
             return None;
@@ -166,6 +172,9 @@ mod tests {
         assert_eq!(clean("it\u{2019}s \u{201c}fine\u{201d}"), "it's \"fine\"");
         assert_eq!(clean("\u{fb01}ne\u{ff21}\u{3000}x"), "finea x");
         assert_eq!(clean("e\u{301}"), "\u{e9}");
-        assert_eq!(unescape_html("a &amp b &#x41; &bogus; &"), "a & b A &bogus; &");
+        assert_eq!(
+            unescape_html("a &amp b &#x41; &bogus; &"),
+            "a & b A &bogus; &"
+        );
     }
 }

@@ -197,7 +197,9 @@ fn pre_tokenize(text: &str) -> Vec<Piece<'_>> {
             i += c.len_utf8();
             continue;
         } else {
-            run_len(rest, |c| !c.is_whitespace() && !is_letter(c) && !c.is_numeric())
+            run_len(rest, |c| {
+                !c.is_whitespace() && !is_letter(c) && !c.is_numeric()
+            })
         };
         out.push(Piece::Text(&rest[..len]));
         i += len;
