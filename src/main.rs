@@ -38,9 +38,25 @@ enum Cmd {
         /// --fixed-batch, otherwise a fresh model is initialized.
         #[arg(long)]
         init: Option<std::path::PathBuf>,
-        /// stablerep (m images of a caption are positives) or simclr (one image, m crops).
+        /// stablerep (m images of a caption are positives), simclr (one image, m crops) or
+        /// stablerep-plus (StableRep plus CLIP-style image-text loss with a text tower).
         #[arg(long, value_enum, default_value_t = Method::Stablerep)]
         method: Method,
+        /// StableRep+: text tower width (CLIP: 512).
+        #[arg(long, default_value_t = 512)]
+        text_width: usize,
+        /// StableRep+: text tower depth (CLIP: 12).
+        #[arg(long, default_value_t = 12)]
+        text_layers: usize,
+        /// StableRep+: text tower heads (CLIP: 8).
+        #[arg(long, default_value_t = 8)]
+        text_heads: usize,
+        /// StableRep+: tokens per caption (CLIP: 77; longer captions are truncated).
+        #[arg(long, default_value_t = 77)]
+        text_context: usize,
+        /// StableRep+: image-text embedding width (512).
+        #[arg(long, default_value_t = 512)]
+        embed_dim: usize,
         /// ViT size for a fresh model.
         #[arg(long, value_enum, default_value_t = ModelSize::Tiny)]
         model: ModelSize,
@@ -200,6 +216,8 @@ enum Method {
     Stablerep,
     /// The control: one image per caption, m augmentations (use m = 2).
     Simclr,
+    /// StableRep+ (language supervision): the multi-positive loss plus the image-text loss.
+    StablerepPlus,
 }
 
 /// ViT presets (timm).
@@ -356,6 +374,11 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             fixed_batch,
             init,
             method,
+            text_width,
+            text_layers,
+            text_heads,
+            text_context,
+            embed_dim,
             model,
             img_size,
             patch,
@@ -421,6 +444,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                     weight_decay,
                     temperature,
                     head_dim,
+                    plus: method == Method::StablerepPlus,
                     out,
                 };
                 let report = stablerep::train::fixed::run(&gpu, &run, progress)?;
@@ -448,6 +472,23 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 mlp: 4 * w,
             };
             vit.validate()?;
+            let plus = if method == Method::StablerepPlus {
+                let text = stablerep::models::text::TextConfig {
+                    context: text_context,
+                    vocab: stablerep::text::tokenizer::VOCAB,
+                    width: text_width,
+                    layers: text_layers,
+                    heads: text_heads,
+                    mlp: 4 * text_width,
+                };
+                text.validate()?;
+                Some(stablerep::models::stablerep::PlusConfig {
+                    text,
+                    embed: embed_dim,
+                })
+            } else {
+                None
+            };
             let run = stablerep::train::pool_run::PoolRun {
                 pool,
                 model: stablerep::train::fixed::ModelConfig {
@@ -456,6 +497,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                         hidden: head_hidden,
                         out: head_out,
                     },
+                    plus,
                 },
                 init,
                 captions: captions_per_batch,

@@ -102,6 +102,7 @@ fn fixture_step_config(ck: &Checkpoint) -> stablerep::models::stablerep::StepCon
         temperature: 0.1,
         adamw: recipe_adamw(0.1),
         augment_from: None,
+        plus: None,
     }
 }
 
@@ -134,6 +135,16 @@ fn one_training_step_matches_pytorch() {
     let loss = plan.run_fetch(&[step.loss]).unwrap()[0][0];
     let want_loss = ck.get("loss", None).unwrap().data[0] as f64;
     assert_close("loss", &[loss], &[want_loss], 1e-5, 1e-6);
+    let checked = compare_updates(&ck, 1e-3, |key| {
+        store.read(key).unwrap_or_else(|e| panic!("{key}: {e}"))
+    });
+    assert!(checked >= 40, "only {checked} tensors compared");
+}
+
+/// Compares every `after.*` tensor of a training-step fixture with what `read` returns (in the
+/// fixture's layout), as updates (after - before) so the tolerance is relative to what
+/// changed. Returns how many tensors were compared.
+fn compare_updates(ck: &Checkpoint, lr: f32, read: impl Fn(&str) -> Vec<f32>) -> usize {
     let global = ck
         .tensors
         .iter()
@@ -153,7 +164,7 @@ fn one_training_step_matches_pytorch() {
             Some(gr) => gr.data.iter().map(|v| v.abs() <= 1e-5 * global).collect(),
             None => vec![false; t.data.len()],
         };
-        let got = store.read(key).unwrap_or_else(|e| panic!("{key}: {e}"));
+        let got = read(key);
         let want: Vec<f64> = t.data.iter().map(|&v| v as f64).collect();
         let before = &ck.get(&format!("before.{key}"), None).unwrap().data;
         // Compare the update (after - before) so the tolerance is relative to what changed.
@@ -164,7 +175,7 @@ fn one_training_step_matches_pytorch() {
             .map(|(a, &b)| a - b as f64)
             .collect();
         if ck.tensors.contains_key(&format!("grad.{key}")) {
-            let bound = |d: &f32, b: &f32| d.abs() <= 1.01e-3 * (1.0 + 0.1 * b.abs());
+            let bound = |d: &f32, b: &f32| d.abs() <= 1.01 * lr * (1.0 + 0.1 * b.abs());
             assert!(
                 du.iter().zip(before).all(|(d, b)| bound(d, b)),
                 "{key}: an update larger than AdamW allows"
@@ -180,7 +191,114 @@ fn one_training_step_matches_pytorch() {
         assert_close(&format!("update of {key}"), &du, &dw, 2e-3, 2e-6);
         checked += 1;
     }
-    assert!(checked >= 40, "only {checked} tensors compared");
+    checked
+}
+
+#[test]
+fn one_stablerep_plus_step_matches_pytorch() {
+    use stablerep::graph::adam_hyper;
+    use stablerep::models::stablerep::{
+        recipe_adamw, train_step, HeadConfig, PlusConfig, StepConfig,
+    };
+    use stablerep::models::text::{TextBatch, TextConfig};
+    let ck = fixture("stablerep_plus.safetensors");
+    let meta = |k: &str| -> serde_json::Value { serde_json::from_str(&ck.metadata[k]).unwrap() };
+    let (tm, bm) = (meta("text"), meta("batch"));
+    let u = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
+    let text = TextConfig {
+        context: u(&tm["context_length"]),
+        vocab: u(&tm["vocab_size"]),
+        width: u(&tm["width"]),
+        layers: u(&tm["layers"]),
+        heads: u(&tm["heads"]),
+        mlp: u(&tm["width"]) * 4,
+    };
+    let (n, m) = (u(&bm["captions"]), u(&bm["images_per_caption"]));
+    let cfg = StepConfig {
+        vit: vit::infer_config(&ck, "before.visual.", 16).unwrap(),
+        head: HeadConfig { hidden: 24, out: 8 },
+        captions: n,
+        images_per_caption: m,
+        temperature: 0.1,
+        adamw: recipe_adamw(0.1),
+        augment_from: None,
+        plus: Some(PlusConfig {
+            text,
+            embed: u(&tm["output_dim"]),
+        }),
+    };
+    let step = train_step(&cfg).unwrap();
+    let used: Vec<usize> = ck
+        .get("used_ids", None)
+        .unwrap()
+        .data
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    let d = text.width;
+    let (gpu, _lock) = gpu();
+    let mut store = ParamStore::new();
+    for (name, t) in &ck.tensors {
+        let Some(key) = name.strip_prefix("before.") else {
+            continue;
+        };
+        if key == "token_embedding.weight" {
+            // The fixture stores the rows the batch uses; the rest of the table is zero.
+            let mut table = vec![0.0f32; text.vocab * d];
+            for (r, &id) in used.iter().enumerate() {
+                table[id * d..(id + 1) * d].copy_from_slice(&t.data[r * d..(r + 1) * d]);
+            }
+            store.set(&gpu, key, &[text.vocab, d], &table).unwrap();
+        } else {
+            store.set(&gpu, key, &t.shape, &t.data).unwrap();
+        }
+    }
+    let mut fetch = vec![step.loss];
+    fetch.extend(step.terms.iter().map(|t| t.1));
+    let plan = Plan::compile(
+        &gpu,
+        &step.graph,
+        &fetch,
+        &mut store,
+        PlanOptions::default(),
+    )
+    .unwrap();
+    plan.write(step.images, &ck.get("images", None).unwrap().data)
+        .unwrap();
+    let ids = ck.get("token_ids", Some(&[n, text.context])).unwrap();
+    let batch = TextBatch::from_ids(ids.data.iter().map(|&v| v as u32).collect(), &text);
+    // The tokenizer gives the same ids from the captions.
+    let captions: Vec<String> = serde_json::from_str(&ck.metadata["captions"]).unwrap();
+    let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+    assert_eq!(TextBatch::from_captions(&refs, &text), batch);
+    stablerep::train::fixed::write_text(&plan, step.text.as_ref().unwrap(), &batch).unwrap();
+    plan.write(step.hyper, &adam_hyper(1e-2, &cfg.adamw, 1))
+        .unwrap();
+    let out = plan.run_fetch(&fetch).unwrap();
+    for (i, key) in ["loss", "loss_ssl", "loss_it"].iter().enumerate() {
+        let want = ck.get(key, None).unwrap().data[0] as f64;
+        assert_close(key, &out[i], &[want], 1e-4, 1e-6);
+    }
+    let table = store.read("token_embedding.weight").unwrap();
+    for (id, row) in table.chunks(d).enumerate() {
+        if !used.contains(&id) {
+            assert!(
+                row.iter().all(|&v| v == 0.0),
+                "unused token row {id} changed"
+            );
+        }
+    }
+    let checked = compare_updates(&ck, 1e-2, |key| {
+        let got = store.read(key).unwrap_or_else(|e| panic!("{key}: {e}"));
+        if key == "token_embedding.weight" {
+            used.iter()
+                .flat_map(|&id| got[id * d..(id + 1) * d].to_vec())
+                .collect()
+        } else {
+            got
+        }
+    });
+    assert!(checked >= 50, "only {checked} tensors compared");
 }
 
 #[test]

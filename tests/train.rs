@@ -62,6 +62,7 @@ fn settings(pool: &Path, out: PathBuf, steps: u64, total: u64) -> PoolRun {
                 hidden: 64,
                 out: 16,
             },
+            plus: None,
         },
         init: None,
         captions: 4,
@@ -145,7 +146,23 @@ fn train_command_runs_stablerep_and_the_simclr_control_from_a_pool() {
     let root = std::env::temp_dir().join(format!("stablerep-traincli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     make_pool(&root.join("pool"));
-    for (method, m) in [("stablerep", "3"), ("simclr", "2")] {
+    for (method, m) in [("stablerep", "3"), ("simclr", "2"), ("stablerep-plus", "3")] {
+        let text_args: &[&str] = if method == "stablerep-plus" {
+            &[
+                "--text-width",
+                "16",
+                "--text-layers",
+                "1",
+                "--text-heads",
+                "2",
+                "--text-context",
+                "8",
+                "--embed-dim",
+                "8",
+            ]
+        } else {
+            &[]
+        };
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_stablerep"))
             .env("XDG_RUNTIME_DIR", std::env::temp_dir())
             .args(["train", "--pool"])
@@ -182,6 +199,7 @@ fn train_command_runs_stablerep_and_the_simclr_control_from_a_pool() {
                 "--out",
             ])
             .arg(root.join(method))
+            .args(text_args)
             .output()
             .unwrap();
         assert!(
@@ -203,6 +221,15 @@ fn train_command_runs_stablerep_and_the_simclr_control_from_a_pool() {
             ck.tensors.contains_key("visual.pos_embed")
                 && ck.tensors.contains_key("image_mlp.bn2.running_var")
         );
+        if method == "stablerep-plus" {
+            let theta = ck.get("logit_scale", Some(&[1])).unwrap().data[0];
+            assert!((0.0..=4.6052).contains(&theta), "logit scale {theta}");
+            assert!(ck
+                .tensors
+                .contains_key("transformer.resblocks.0.attn.in_proj_weight"));
+            let cfg = stablerep::train::fixed::model_config(&ck, 64).unwrap();
+            assert_eq!(cfg.plus.map(|p| (p.text.width, p.embed)), Some((16, 8)));
+        }
         let lines = std::fs::read_to_string(root.join(method).join("metrics.jsonl")).unwrap();
         assert_eq!(lines.lines().count(), 3);
     }

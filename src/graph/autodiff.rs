@@ -259,7 +259,10 @@ impl Graph {
             Op::Gather => {
                 let (table, idx) = (ins[0], ins[1]);
                 let ts = shape(self, table);
-                let g = self.push(Op::GatherGrad, vec![idx, dy], ts, super::DType::F32);
+                let mut gi = vec![idx, dy];
+                // An embedding (gather with a host-built index) keeps the index for backward.
+                gi.extend(ins.get(2..4).unwrap_or(&[]));
+                let g = self.push(Op::GatherGrad, gi, ts, super::DType::F32);
                 vec![(table, g)]
             }
             Op::Row(r) => match r {

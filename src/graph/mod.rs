@@ -580,6 +580,39 @@ impl Graph {
 
     /// Embedding lookup: table [V, D], idx u32 [N] -> [N, D].
     pub fn gather(&mut self, table: NodeId, idx: NodeId) -> Result<NodeId> {
+        self.gather_checked(table, idx)?;
+        let s = vec![self.shape(idx)[0], self.shape(table)[1]];
+        Ok(self.push(Op::Gather, vec![table, idx], s, DType::F32))
+    }
+
+    /// An embedding lookup for large tables: like [`Graph::gather`], plus u32 inputs
+    /// `{name}.offsets` [V + 1] and `{name}.rows` [N] that the host fills each run with
+    /// [`crate::kernels::layout::embedding_index`] of the ids, so the backward pass costs
+    /// O(V D + N D). Returns (rows [N, D], offsets input, rows input).
+    pub fn embedding(
+        &mut self,
+        name: &str,
+        table: NodeId,
+        idx: NodeId,
+    ) -> Result<(NodeId, NodeId, NodeId)> {
+        self.gather_checked(table, idx)?;
+        let (v, n, d) = (
+            self.shape(table)[0],
+            self.shape(idx)[0],
+            self.shape(table)[1],
+        );
+        let offsets = self.input_typed(&format!("{name}.offsets"), &[v + 1], DType::U32);
+        let rows = self.input_typed(&format!("{name}.rows"), &[n], DType::U32);
+        let y = self.push(
+            Op::Gather,
+            vec![table, idx, offsets, rows],
+            vec![n, d],
+            DType::F32,
+        );
+        Ok((y, offsets, rows))
+    }
+
+    fn gather_checked(&self, table: NodeId, idx: NodeId) -> Result<()> {
         let (ts, is) = (self.shape(table).to_vec(), self.shape(idx).to_vec());
         if ts.len() != 2 || is.len() != 1 || self.nodes[idx.0].dtype != DType::U32 {
             return Err(Error::shape(
@@ -587,7 +620,7 @@ impl Graph {
                 format!("needs table [V, D] and u32 indices [N], got {ts:?} and {is:?}"),
             ));
         }
-        Ok(self.push(Op::Gather, vec![table, idx], vec![is[0], ts[1]], DType::F32))
+        Ok(())
     }
 
     fn rows_of(&self, x: NodeId) -> (usize, usize) {

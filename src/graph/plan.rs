@@ -573,6 +573,9 @@ fn lower(
             let t = sh(0);
             layout::gather(x(0)?, t[0], t[1], x(1)?, y, caps)?
         }
+        Op::GatherGrad if node.inputs.len() == 4 => {
+            layout::gather_grad_csr(x(2)?, x(3)?, x(1)?, node.shape[0], node.shape[1], y, caps)?
+        }
         Op::GatherGrad => layout::gather_grad(x(0)?, x(1)?, node.shape[0], node.shape[1], y, caps)?,
         Op::Row(r) => {
             let (rows, len) = rows_cols(&sh(0));

@@ -104,6 +104,15 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
     out.extend(layout::sum_to(v(0, 8), &[2, 4], v(1, 4), &[1, 4], &caps)?);
     out.extend(layout::gather(v(0, 6), 3, 2, v(1, 2), v(2, 4), &caps)?);
     out.extend(layout::gather_grad(v(0, 2), v(1, 4), 3, 2, v(2, 6), &caps)?);
+    out.extend(layout::gather_grad_csr(
+        v(0, 4),
+        v(1, 2),
+        v(2, 4),
+        3,
+        2,
+        v(3, 6),
+        &caps,
+    )?);
     for r in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
         out.extend(reduce::reduce(r, v(0, 6), 2, 3, 1, v(1, 2), &caps)?);
     }

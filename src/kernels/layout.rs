@@ -234,3 +234,51 @@ pub fn gather_grad(
         groups: grid(((vocab * dim) as u64).div_ceil(WG_1D as u64), caps)?,
     }])
 }
+
+/// dtable from a host-built index of the positions per table row (see
+/// [`embedding_index`]): O(vocab * dim + n * dim) instead of O(vocab * dim * n).
+pub fn gather_grad_csr(
+    offsets: View,
+    rows: View,
+    dy: View,
+    vocab: usize,
+    dim: usize,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    let n = rows.len as usize;
+    let (bo, oo) = bind_all(&offsets, caps, "index offsets")?;
+    let (br, or) = bind_all(&rows, caps, "index rows")?;
+    let (bd, od) = bind_all(&dy, caps, "gradient")?;
+    let (by, oy) = bind_all(&y, caps, "table gradient")?;
+    Ok(vec![Dispatch {
+        key: "gather_grad_csr".into(),
+        template: "gather_grad_csr",
+        subst: vec![],
+        uniform: uniform(&[n as u32, dim as u32, vocab as u32, oo, or, od, oy, 0]),
+        bindings: vec![bo, br, bd, by],
+        groups: grid(((vocab * dim) as u64).div_ceil(WG_1D as u64), caps)?,
+    }])
+}
+
+/// The index [`gather_grad_csr`] reads for ids `idx` into a table of `vocab` rows: offsets
+/// [vocab + 1] and the positions sorted by id [idx.len()]. Ids past the table are clamped
+/// to its last row, as the gather does.
+pub fn embedding_index(idx: &[u32], vocab: usize) -> (Vec<u32>, Vec<u32>) {
+    let row = |i: u32| (i as usize).min(vocab.saturating_sub(1));
+    let mut offsets = vec![0u32; vocab + 1];
+    for &i in idx {
+        offsets[row(i) + 1] += 1;
+    }
+    for v in 0..vocab {
+        offsets[v + 1] += offsets[v];
+    }
+    let mut fill = offsets.clone();
+    let mut rows = vec![0u32; idx.len()];
+    for (pos, &i) in idx.iter().enumerate() {
+        let r = row(i);
+        rows[fill[r] as usize] = pos as u32;
+        fill[r] += 1;
+    }
+    (offsets, rows)
+}

@@ -26,6 +26,10 @@ pub const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../shaders/gather_grad.wgsl"),
     ),
     (
+        "gather_grad_csr",
+        include_str!("../../shaders/gather_grad_csr.wgsl"),
+    ),
+    (
         "cross_entropy",
         include_str!("../../shaders/cross_entropy.wgsl"),
     ),

@@ -2,4 +2,6 @@
 //! training step.
 
 pub mod stablerep;
+pub mod text;
+pub mod transformer;
 pub mod vit;

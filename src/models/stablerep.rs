@@ -3,6 +3,7 @@
 //! group), the multi-positive contrastive loss, BatchNorm running statistics and AdamW with
 //! the official weight-decay rule — all in one graph, so a step is one plan and one submit.
 
+use super::text::{self, TextConfig, TextInputs};
 use super::vit::{self, VitConfig};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId, Op};
@@ -17,6 +18,19 @@ pub struct HeadConfig {
     /// Embedding width fed to the loss.
     pub out: usize,
 }
+
+/// StableRep+'s language supervision: the text tower and the shared embedding width of
+/// `image_projection` (applied to the ViT's CLS feature) and `text_projection`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlusConfig {
+    /// Text tower.
+    pub text: TextConfig,
+    /// Image-text embedding width (512 in StableRep+).
+    pub embed: usize,
+}
+
+/// Upper bound of the logit-scale parameter theta (scale exp(theta) <= 100).
+pub const LOGIT_SCALE_MAX: f32 = 4.6052;
 
 /// BatchNorm settings of the head (PyTorch defaults).
 pub const BN_EPS: f32 = 1e-5;
@@ -87,6 +101,10 @@ pub struct TrainStep {
     pub hyper: NodeId,
     /// Trainable parameters.
     pub params: Vec<NodeId>,
+    /// The loss terms by name (`ssl`, and `image_text` for StableRep+), each [1].
+    pub terms: Vec<(&'static str, NodeId)>,
+    /// StableRep+'s text inputs.
+    pub text: Option<TextInputs>,
 }
 
 /// Settings of a StableRep training step.
@@ -107,6 +125,8 @@ pub struct StepConfig {
     /// When set, the step starts from source images of this (height, width) in [0, 1] and
     /// per-image augmentation parameters, and augments on the GPU.
     pub augment_from: Option<(usize, usize)>,
+    /// StableRep+: add the image-text loss (weights 1 and 1, as the official code).
+    pub plus: Option<PlusConfig>,
 }
 
 /// Builds the training step graph.
@@ -133,7 +153,22 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
     };
     let feats = vit::encoder(&mut g, &cfg.vit, "visual.", pixels)?;
     let (h, stats) = head(&mut g, &cfg.head, "image_mlp.", feats, m)?;
-    let loss = g.multi_positive_loss(h, n, cfg.temperature)?;
+    let ssl = g.multi_positive_loss(h, n, cfg.temperature)?;
+    let mut loss = ssl;
+    let mut terms = vec![("ssl", ssl)];
+    let mut text_inputs = None;
+    if let Some(plus) = &cfg.plus {
+        let (tf, inputs) = text::encoder(&mut g, &plus.text, n)?;
+        let tp = g.param("text_projection", &[plus.text.width, plus.embed]);
+        let t = g.matmul(tf, tp)?;
+        let ip = g.param("image_projection", &[cfg.vit.width, plus.embed]);
+        let v = g.matmul(feats, ip)?;
+        let theta = g.param("logit_scale", &[1]);
+        let it = g.image_text_loss(v, t, theta)?;
+        loss = g.add(ssl, it)?;
+        terms.push(("image_text", it));
+        text_inputs = Some(inputs);
+    }
     let params: Vec<NodeId> = (0..g.nodes.len())
         .map(NodeId)
         .filter(|&id| g.node(id).op == Op::Param)
@@ -142,16 +177,21 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
     for (l, st) in stats.iter().enumerate() {
         g.bn_running_update(&format!("image_mlp.bn{}", l + 1), *st, BN_MOMENTUM, BN_EPS)?;
     }
-    let decay: Vec<bool> = params
+    let cfgs: Vec<AdamW> = params
         .iter()
         .map(|&p| {
-            decays(
-                g.node(p).name.as_deref().unwrap_or_default(),
-                g.shape(p).len(),
-            )
+            let name = g.node(p).name.as_deref().unwrap_or_default();
+            let mut c = cfg.adamw;
+            if !decays(name, g.shape(p).len()) {
+                c.weight_decay = 0.0;
+            }
+            if name == "logit_scale" {
+                c.clamp = Some([0.0, LOGIT_SCALE_MAX]);
+            }
+            c
         })
         .collect();
-    let hyper = g.adamw(&params, &grads, cfg.adamw, &decay)?;
+    let hyper = g.adamw_each(&params, &grads, &cfgs)?;
     Ok(TrainStep {
         graph: g,
         images,
@@ -159,6 +199,8 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
         loss,
         hyper,
         params,
+        terms,
+        text: text_inputs,
     })
 }
 
@@ -166,9 +208,13 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
 /// weights, position embedding and CLS token normal(0, 0.02) (timm 0.5.4's truncation at +-2
 /// never triggers), biases 0, norms 1/0, patch embedding and head linears uniform(+-1/sqrt(fan_in)),
 /// BatchNorm 1/0 with running statistics 0/1.
+///
+/// With `plus`, also the text tower ([`TextConfig::init`]), `image_projection`
+/// N(0, vit width^-1/2), `text_projection` N(0, text width^-1/2) and `logit_scale` ln(1/0.07).
 pub fn init_params(
     vit: &VitConfig,
     head: &HeadConfig,
+    plus: Option<&PlusConfig>,
     seed: u64,
 ) -> crate::nn::checkpoint::Checkpoint {
     use crate::data::sampler::Rng;
@@ -224,6 +270,32 @@ pub fn init_params(
             (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
         };
         ck.tensors.insert(name, HostTensor { shape, data });
+    }
+    if let Some(p) = plus {
+        p.text.init(&mut rng, &mut ck);
+        for (name, rows) in [
+            ("image_projection", vit.width),
+            ("text_projection", p.text.width),
+        ] {
+            let std = (rows as f64).powf(-0.5);
+            let data = (0..rows * p.embed)
+                .map(|_| (std * rng.normal()) as f32)
+                .collect();
+            ck.tensors.insert(
+                name.into(),
+                HostTensor {
+                    shape: vec![rows, p.embed],
+                    data,
+                },
+            );
+        }
+        ck.tensors.insert(
+            "logit_scale".into(),
+            HostTensor {
+                shape: vec![1],
+                data: vec![(1.0f64 / 0.07).ln() as f32],
+            },
+        );
     }
     ck
 }

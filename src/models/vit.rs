@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, NodeId, ParamStore};
-use crate::kernels::elementwise::UnaryOp;
+use crate::models::transformer::{self, VIT_BLOCK};
 use crate::nn::checkpoint::Checkpoint;
 
 /// ViT hyper-parameters.
@@ -61,21 +61,12 @@ impl VitConfig {
             (format!("{prefix}patch_embed.proj.bias"), vec![d]),
         ];
         for l in 0..self.depth {
-            let b = format!("{prefix}blocks.{l}.");
-            v.extend([
-                (format!("{b}norm1.weight"), vec![d]),
-                (format!("{b}norm1.bias"), vec![d]),
-                (format!("{b}attn.qkv.weight"), vec![3 * d, d]),
-                (format!("{b}attn.qkv.bias"), vec![3 * d]),
-                (format!("{b}attn.proj.weight"), vec![d, d]),
-                (format!("{b}attn.proj.bias"), vec![d]),
-                (format!("{b}norm2.weight"), vec![d]),
-                (format!("{b}norm2.bias"), vec![d]),
-                (format!("{b}mlp.fc1.weight"), vec![self.mlp, d]),
-                (format!("{b}mlp.fc1.bias"), vec![self.mlp]),
-                (format!("{b}mlp.fc2.weight"), vec![d, self.mlp]),
-                (format!("{b}mlp.fc2.bias"), vec![d]),
-            ]);
+            v.extend(transformer::param_shapes(
+                &VIT_BLOCK,
+                &format!("{prefix}blocks.{l}."),
+                d,
+                self.mlp,
+            ));
         }
         v.push((format!("{prefix}norm.weight"), vec![d]));
         v.push((format!("{prefix}norm.bias"), vec![d]));
@@ -86,8 +77,8 @@ impl VitConfig {
 /// LayerNorm epsilon used throughout timm's ViT.
 pub const LN_EPS: f32 = 1e-6;
 
-/// One pre-norm block over x [batch * tokens, width]; parameters named `{prefix}...` as timm's
-/// `blocks.{l}.`. Attention runs as batched matmuls over (batch * heads).
+/// One timm ViT block over x [batch * tokens, width]; parameters named `{prefix}...` as timm's
+/// `blocks.{l}.` (see [`transformer::block`]).
 pub fn block(
     g: &mut Graph,
     prefix: &str,
@@ -97,49 +88,7 @@ pub fn block(
     heads: usize,
     mlp: usize,
 ) -> Result<NodeId> {
-    let d = *g.shape(x).last().unwrap_or(&0);
-    let dh = d / heads;
-    let p = |g: &mut Graph, n: &str, s: &[usize]| g.param(&format!("{prefix}{n}"), s);
-    let n1w = p(g, "norm1.weight", &[d]);
-    let n1b = p(g, "norm1.bias", &[d]);
-    let qkv_w = p(g, "attn.qkv.weight", &[3 * d, d]);
-    let qkv_b = p(g, "attn.qkv.bias", &[3 * d]);
-    let pw = p(g, "attn.proj.weight", &[d, d]);
-    let pb = p(g, "attn.proj.bias", &[d]);
-    let n2w = p(g, "norm2.weight", &[d]);
-    let n2b = p(g, "norm2.bias", &[d]);
-    let f1w = p(g, "mlp.fc1.weight", &[mlp, d]);
-    let f1b = p(g, "mlp.fc1.bias", &[mlp]);
-    let f2w = p(g, "mlp.fc2.weight", &[d, mlp]);
-    let f2b = p(g, "mlp.fc2.bias", &[d]);
-    let h = g.layer_norm(x, n1w, n1b, LN_EPS)?;
-    let qkv = g.matmul_t(h, qkv_w, false, true)?;
-    let qkv = g.add(qkv, qkv_b)?;
-    let qkv = g.reshape(qkv, &[batch, tokens, 3, heads, dh])?;
-    let qkv = g.permute(qkv, &[2, 0, 3, 1, 4])?;
-    let qkv = g.reshape(qkv, &[3, batch * heads, tokens, dh])?;
-    let mut parts = Vec::with_capacity(3);
-    for k in 0..3 {
-        let s = g.slice(qkv, 0, k, 1)?;
-        parts.push(g.reshape(s, &[batch * heads, tokens, dh])?);
-    }
-    let s = g.matmul_t(parts[0], parts[1], false, true)?;
-    let s = g.affine(s, 1.0 / (dh as f32).sqrt(), 0.0)?;
-    let a = g.softmax(s)?;
-    let o = g.matmul(a, parts[2])?;
-    let o = g.reshape(o, &[batch, heads, tokens, dh])?;
-    let o = g.permute(o, &[0, 2, 1, 3])?;
-    let o = g.reshape(o, &[batch * tokens, d])?;
-    let o = g.matmul_t(o, pw, false, true)?;
-    let o = g.add(o, pb)?;
-    let x = g.add(x, o)?;
-    let h = g.layer_norm(x, n2w, n2b, LN_EPS)?;
-    let h = g.matmul_t(h, f1w, false, true)?;
-    let h = g.add(h, f1b)?;
-    let h = g.unary(UnaryOp::Gelu, h)?;
-    let h = g.matmul_t(h, f2w, false, true)?;
-    let h = g.add(h, f2b)?;
-    g.add(x, h)
+    transformer::block(g, &VIT_BLOCK, prefix, x, batch, tokens, heads, mlp)
 }
 
 /// The encoder: images [batch, 3, H, W] (normalized) -> CLS features [batch, width].

@@ -107,7 +107,12 @@ impl Checkpoint {
             tensors.insert(
                 name.to_string(),
                 HostTensor {
-                    shape: view.shape().to_vec(),
+                    // A 0-d tensor (PyTorch's scalar logit_scale) is read as shape [1].
+                    shape: if view.shape().is_empty() {
+                        vec![1]
+                    } else {
+                        view.shape().to_vec()
+                    },
                     data,
                 },
             );

@@ -12,7 +12,8 @@ use super::schedule::Schedule;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, ParamStore, Plan, PlanOptions};
-use crate::models::stablerep::{recipe_adamw, train_step, HeadConfig, StepConfig};
+use crate::models::stablerep::{recipe_adamw, train_step, HeadConfig, PlusConfig, StepConfig};
+use crate::models::text::{TextBatch, TextConfig};
 use crate::models::vit::{self, VitConfig};
 use crate::nn::checkpoint::Checkpoint;
 
@@ -23,6 +24,9 @@ pub struct ModelConfig {
     pub vit: VitConfig,
     /// Projection head.
     pub head: HeadConfig,
+    /// StableRep+'s text tower and projections (absent: plain StableRep / SimCLR).
+    #[serde(default)]
+    pub plus: Option<PlusConfig>,
 }
 
 /// The model configuration in a checkpoint's metadata, if it has one.
@@ -61,7 +65,43 @@ pub fn model_config(ck: &Checkpoint, head_dim: usize) -> Result<ModelConfig> {
             hidden: l1.shape[0],
             out: l3.shape[0],
         },
+        plus: infer_plus(ck, head_dim)?,
     })
+}
+
+/// StableRep+'s text tower from tensor shapes (OpenAI names), if the checkpoint has one.
+fn infer_plus(ck: &Checkpoint, head_dim: usize) -> Result<Option<PlusConfig>> {
+    if !ck.tensors.contains_key("text_projection") {
+        return Ok(None);
+    }
+    let tok = ck.get("token_embedding.weight", None)?;
+    let pos = ck.get("positional_embedding", None)?;
+    let fc = ck.get("transformer.resblocks.0.mlp.c_fc.weight", None)?;
+    let proj = ck.get("text_projection", None)?;
+    if tok.shape.len() != 2 || pos.shape.len() != 2 || fc.shape.len() != 2 || proj.shape.len() != 2
+    {
+        return Err(Error::Config(
+            "unexpected text tower tensor shapes in the checkpoint".into(),
+        ));
+    }
+    let layers = (0..)
+        .take_while(|l| {
+            ck.tensors
+                .contains_key(&format!("transformer.resblocks.{l}.attn.in_proj_weight"))
+        })
+        .count();
+    let width = tok.shape[1];
+    Ok(Some(PlusConfig {
+        text: TextConfig {
+            context: pos.shape[0],
+            vocab: tok.shape[0],
+            width,
+            layers,
+            heads: (width / head_dim).max(1),
+            mlp: fc.shape[0],
+        },
+        embed: proj.shape[1],
+    }))
 }
 
 /// Settings of a fixed-batch run.
@@ -69,7 +109,8 @@ pub fn model_config(ck: &Checkpoint, head_dim: usize) -> Result<ModelConfig> {
 pub struct FixedBatchRun {
     /// Initial checkpoint.
     pub init: PathBuf,
-    /// safetensors file with `images` [n * m, 3, H, W], normalized, view-major.
+    /// safetensors file with `images` [n * m, 3, H, W], normalized, view-major (and, for a
+    /// StableRep+ checkpoint, `token_ids` [n, context]).
     pub batch: PathBuf,
     /// Captions per batch (n).
     pub captions: usize,
@@ -87,6 +128,9 @@ pub struct FixedBatchRun {
     pub temperature: f32,
     /// Head dimension used when the architecture must be inferred.
     pub head_dim: usize,
+    /// StableRep+: train the checkpoint's text tower with the image-text loss too (an error
+    /// when it has none); otherwise only the image side is trained.
+    pub plus: bool,
     /// Output folder.
     pub out: PathBuf,
 }
@@ -107,7 +151,15 @@ pub fn run(
     mut progress: impl FnMut(u64, f32, f64),
 ) -> Result<RunReport> {
     let ck = Checkpoint::load(&r.init)?;
-    let model = model_config(&ck, r.head_dim)?;
+    let mut model = model_config(&ck, r.head_dim)?;
+    if !r.plus {
+        model.plus = None;
+    } else if model.plus.is_none() {
+        return Err(Error::Config(format!(
+            "{}: StableRep+ needs a checkpoint with a text tower (token_embedding.weight, transformer.resblocks.*, text_projection, image_projection, logit_scale)",
+            r.init.display()
+        )));
+    }
     let batch = Checkpoint::load(&r.batch)?;
     let s = model.vit.img_size;
     let rows = r.captions * r.images_per_caption;
@@ -119,6 +171,21 @@ pub fn run(
             r.images_per_caption
         ))
     })?;
+    let text = match &model.plus {
+        Some(p) => {
+            let ids = batch
+                .get("token_ids", Some(&[r.captions, p.text.context]))
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "{}: a StableRep+ checkpoint needs the captions' tokens: {e}",
+                        r.batch.display()
+                    ))
+                })?;
+            let ids = ids.data.iter().map(|&v| v as u32).collect();
+            Some(TextBatch::from_ids(ids, &p.text))
+        }
+        None => None,
+    };
     let adamw = recipe_adamw(r.weight_decay);
     let cfg = StepConfig {
         vit: model.vit,
@@ -128,6 +195,7 @@ pub fn run(
         temperature: r.temperature,
         adamw,
         augment_from: None,
+        plus: model.plus,
     };
     let step = train_step(&cfg)?;
     let mut store = ParamStore::new();
@@ -147,6 +215,9 @@ pub fn run(
         PlanOptions::default(),
     )?;
     plan.write(step.images, &images.data)?;
+    if let (Some(t), Some(inp)) = (&text, &step.text) {
+        write_text(&plan, inp, t)?;
+    }
     let mut metrics = super::MetricsLog::open(&r.out)?;
     let mut losses = Vec::new();
     for i in 0..r.steps {
@@ -177,4 +248,16 @@ pub fn run(
 /// The path of a run's last checkpoint.
 pub fn last_checkpoint(out: &Path) -> PathBuf {
     out.join("checkpoint-last.safetensors")
+}
+
+/// Writes one batch's token ids and embedding index into a StableRep+ plan.
+pub fn write_text(
+    plan: &Plan,
+    inputs: &crate::models::text::TextInputs,
+    t: &TextBatch,
+) -> Result<()> {
+    plan.write_u32(inputs.ids, &t.ids)?;
+    plan.write_u32(inputs.eot, &t.eot)?;
+    plan.write_u32(inputs.offsets, &t.offsets)?;
+    plan.write_u32(inputs.rows, &t.rows)
 }

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, ParamStore, Plan, PlanOptions};
 use crate::models::stablerep::{init_params, recipe_adamw, train_step, StepConfig};
+use crate::models::text::TextBatch;
 use crate::nn::checkpoint::Checkpoint;
 
 /// Settings of a pool run.
@@ -65,6 +66,8 @@ struct Prepared {
     step: u64,
     pixels: Vec<f32>,
     params: Vec<f32>,
+    /// StableRep+: the batch's captions, tokenized.
+    text: Option<TextBatch>,
 }
 
 /// Runs the training; `progress(step, loss, lr)` after each logged step. Returns the losses
@@ -92,7 +95,10 @@ pub fn run(
     } else if let Some(init) = &r.init {
         (Checkpoint::load(init)?, 0)
     } else {
-        (init_params(&r.model.vit, &r.model.head, r.seed), 0)
+        (
+            init_params(&r.model.vit, &r.model.head, r.model.plus.as_ref(), r.seed),
+            0,
+        )
     };
     let model = if r.init.is_some() || start > 0 {
         model_config(&ck, 64).unwrap_or(r.model)
@@ -108,7 +114,13 @@ pub fn run(
         temperature: r.temperature,
         adamw,
         augment_from: Some((src_h, src_w)),
+        plus: model.plus,
     };
+    if model.plus.is_some() && r.simclr {
+        return Err(Error::Config(
+            "StableRep+ and the SimCLR control are separate methods; pick one".into(),
+        ));
+    }
     let step = train_step(&step_cfg)?;
     let mut store = ParamStore::new();
     for (name, t) in &ck.tensors {
@@ -125,7 +137,8 @@ pub fn run(
     let (tx, rx) = mpsc::sync_channel::<Result<Prepared>>(2);
     let (pool2, sampler2, seed, total, aug) =
         (pool.clone(), sampler.clone(), r.seed, r.steps, r.augment);
-    let (simclr, views) = (r.simclr, r.images_per_caption);
+    let (simclr, views, plus) = (r.simclr, r.images_per_caption, model.plus);
+    let n = r.captions;
     let decoder = std::thread::spawn(move || {
         let acfg = if aug {
             AugmentConfig::default()
@@ -162,12 +175,21 @@ pub fn run(
                 }
                 params.extend(augment::sample(&acfg, src_h, src_w, &mut rng));
             }
+            // The first n picks are view 0 of each caption, in caption order.
+            let text = plus.map(|p| {
+                let caps: Vec<&str> = batch.picks[..n]
+                    .iter()
+                    .map(|&(c, _)| pool2.captions[c].text.as_str())
+                    .collect();
+                TextBatch::from_captions(&caps, &p.text)
+            });
             let item = match failed {
                 Some(e) => Err(e),
                 None => Ok(Prepared {
                     step: t,
                     pixels,
                     params,
+                    text,
                 }),
             };
             let stop = item.is_err();
@@ -190,6 +212,9 @@ pub fn run(
         let lr = r.schedule.lr(r.lr, t);
         plan.write(step.images, &batch.pixels)?;
         plan.write(aug_params, &batch.params)?;
+        if let (Some(t), Some(inp)) = (&batch.text, &step.text) {
+            super::fixed::write_text(&plan, inp, t)?;
+        }
         plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;
         let log = (t + 1) % r.log_every.max(1) == 0 || t + 1 == r.steps;
         if log {
