@@ -414,15 +414,33 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             let t0 = std::time::Instant::now();
             let images = (captions_per_batch * images_per_caption) as f64;
             let mut first: Option<u64> = None;
+            // On a terminal: one progress bar line redrawn in place; otherwise (logs, pipes)
+            // one line per logged step.
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
             let progress = |step: u64, loss: f32, lr: f64| {
                 let from = *first.get_or_insert(step.saturating_sub(1));
                 let done = (step - from) as f64;
                 let secs = t0.elapsed().as_secs_f64();
                 let eta = secs / done * (steps.saturating_sub(step)) as f64;
-                println!(
-                    "step {step}/{steps}  loss {loss:.5}  lr {lr:.3e}  {:.1} images/s  eta {eta:.0}s",
-                    images * done / secs
+                let line = format!(
+                    "step {step}/{steps}  loss {loss:.5}  lr {lr:.3e}  {:.1} images/s  eta {}",
+                    images * done / secs,
+                    clock(eta)
                 );
+                if tty {
+                    let filled = (30 * step / steps.max(1)) as usize;
+                    print!(
+                        "\r[{}{}] {line}  ",
+                        "#".repeat(filled.min(30)),
+                        "-".repeat(30 - filled.min(30))
+                    );
+                    if step >= steps {
+                        println!();
+                    }
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                } else {
+                    println!("{line}");
+                }
             };
             let gpu = Gpu::new(&opts)?;
             if let Some(batch) = fixed_batch {
@@ -622,4 +640,14 @@ fn info(opts: &GpuOptions, json: bool) -> stablerep::Result<()> {
         }
     );
     Ok(())
+}
+
+/// Seconds as `1h02m03s` / `2m03s` / `3s`.
+fn clock(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
+    }
 }

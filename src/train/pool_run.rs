@@ -216,7 +216,10 @@ pub fn run(
             super::fixed::write_text(&plan, inp, t)?;
         }
         plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;
-        let log = (t + 1) % r.log_every.max(1) == 0 || t + 1 == r.steps;
+        let save = (t + 1) % r.checkpoint_every.max(1) == 0 || t + 1 == r.steps;
+        // A checkpoint step always reads the loss back, so a non-finite loss is caught before
+        // anything is saved.
+        let log = (t + 1) % r.log_every.max(1) == 0 || save;
         if log {
             let loss = plan.run_fetch(&[step.loss])?[0][0];
             if !loss.is_finite() {
@@ -232,7 +235,7 @@ pub fn run(
         } else {
             plan.run()?;
         }
-        if (t + 1) % r.checkpoint_every.max(1) == 0 || t + 1 == r.steps {
+        if save {
             checkpoint::save(&store, &config, t + 1, &last)?;
         }
     }
