@@ -235,3 +235,125 @@ fn train_command_runs_stablerep_and_the_simclr_control_from_a_pool() {
     }
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// A 16x16 image of class `c`: vertical stripes, horizontal stripes, a checkerboard or a
+/// disc (shapes that survive flips and crops), in a random light and a random dark colour
+/// with random phase and position, so the structure, not the colour, tells the classes apart.
+fn structured_image(c: usize, rng: &mut stablerep::data::sampler::Rng) -> Vec<f32> {
+    let s = 16;
+    let period = 2 + rng.below(2);
+    let (px, py) = (rng.below(8), rng.below(8));
+    let light: Vec<f32> = (0..3).map(|_| 0.6 + 0.4 * rng.unit() as f32).collect();
+    let dark: Vec<f32> = (0..3).map(|_| 0.4 * rng.unit() as f32).collect();
+    (0..3 * s * s)
+        .map(|p| {
+            let (ch, y, x) = (p / (s * s), (p / s) % s, p % s);
+            let on = match c {
+                0 => ((x + px) / period).is_multiple_of(2),
+                1 => ((y + py) / period).is_multiple_of(2),
+                2 => ((x + px) / period + (y + py) / period).is_multiple_of(2),
+                _ => {
+                    let (dx, dy) = (x as f32 - 4.0 - px as f32, y as f32 - 4.0 - py as f32);
+                    dx * dx + dy * dy < 16.0
+                }
+            };
+            if on {
+                light[ch]
+            } else {
+                dark[ch]
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn training_raises_knn_accuracy_over_the_random_encoder() {
+    use stablerep::data::sampler::Rng;
+    use stablerep::eval::folder::{MEAN, STD};
+    use stablerep::eval::knn::knn_accuracy;
+    use stablerep::nn::checkpoint::{Checkpoint, HostTensor};
+    let (gpu, _lock) = gpu();
+    let root = std::env::temp_dir().join(format!("stablerep-knn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let pool = root.join("pool");
+    let (classes, k) = (4usize, 30usize);
+    let mut rng = Rng(11);
+    let mut index = String::new();
+    for c in 0..classes {
+        index += &csv::row(&[&relpath(c as u64), &format!("shape {c}")]);
+        for j in 0..k {
+            let img = structured_image(c, &mut rng);
+            save_rgb(
+                &pool.join(format!("seed_{j}")).join(relpath(c as u64)),
+                16,
+                16,
+                &img,
+            )
+            .unwrap();
+        }
+    }
+    std::fs::write(pool.join("captions.csv"), index).unwrap();
+    // Held-out evaluation images (a memory bank and a test set), normalized at full size.
+    let mut bank = |count: usize| {
+        let (mut data, mut labels) = (Vec::new(), Vec::new());
+        for c in 0..classes {
+            for _ in 0..count {
+                let img = structured_image(c, &mut rng);
+                data.extend(
+                    img.iter()
+                        .enumerate()
+                        .map(|(p, &v)| (v - MEAN[p / 256]) / STD[p / 256]),
+                );
+                labels.push(c);
+            }
+        }
+        let shape = vec![labels.len(), 3, 16, 16];
+        (HostTensor { shape, data }, labels)
+    };
+    let (train_x, train_y) = bank(10);
+    let (test_x, test_y) = bank(10);
+    let mut s = settings(&pool, root.join("run"), 0, 0);
+    s.model.vit = VitConfig {
+        img_size: 16,
+        patch: 4,
+        width: 32,
+        depth: 2,
+        heads: 2,
+        mlp: 64,
+    };
+    s.captions = 4;
+    // The positives are different images of a caption; the strong augmentation's crops of a
+    // 16-pixel image would need a much longer run to learn through.
+    s.augment = false;
+    s.steps = 150;
+    s.lr = 2e-3;
+    s.schedule = Schedule::Cosine {
+        warmup: 10,
+        total: s.steps,
+    };
+    s.checkpoint_every = 1000;
+    s.log_every = 25;
+    let losses = run(&gpu, &s, |_, _, _| {}).unwrap();
+    let last = losses.last().map_or(f32::NAN, |l| l.1);
+    assert!(
+        last < 0.85,
+        "loss {last} far from its floor log 2 ({losses:?})"
+    );
+    let accuracy = |ck: &Checkpoint| {
+        let tr = stablerep::train::embed::embed(&gpu, ck, 16, &train_x).unwrap();
+        let te = stablerep::train::embed::embed(&gpu, ck, 16, &test_x).unwrap();
+        knn_accuracy(&tr.data, &train_y, &te.data, &test_y, 32, 5, 0.07).unwrap()
+    };
+    let trained = Checkpoint::load(&root.join("run/checkpoint-last.safetensors")).unwrap();
+    let random = Checkpoint {
+        metadata: trained.metadata.clone(),
+        ..stablerep::models::stablerep::init_params(&s.model.vit, &s.model.head, None, s.seed)
+    };
+    let (before, after) = (accuracy(&random), accuracy(&trained));
+    eprintln!("kNN accuracy: random encoder {before:.3}, trained {after:.3}");
+    assert!(
+        after > before + 0.15,
+        "training did not help kNN: random {before:.3}, trained {after:.3}"
+    );
+    std::fs::remove_dir_all(&root).ok();
+}
