@@ -6,7 +6,8 @@
 // 0 broadcasts an operand over the batch. Invocations whose block lies fully inside C take the
 // fast path without bounds checks; edge invocations take a checked scalar path.
 // Template parameters (filled by src/kernels/matmul.rs): <TM> <TN> <WX> <WY>,
-// <A_TY> <B_TY> <C_TY> (f32 or vec4<f32>), and generated code blocks.
+// <A_TY> <B_TY> <C_TY> (f32 or vec4<f32>), and generated code blocks. With a bias binding the
+// stores add bias[off_bias + column] (a fused `x W^T + b`).
 
 struct Params {
     m: u32,
@@ -18,7 +19,7 @@ struct Params {
     off_a: u32,
     off_b: u32,
     off_c: u32,
-    _p2: u32,
+    off_bias: u32,
     _p0: u32,
     _p1: u32,
 }
@@ -27,6 +28,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> a: array<{{A_TY}}>;
 @group(0) @binding(2) var<storage, read> b: array<{{B_TY}}>;
 @group(0) @binding(3) var<storage, read_write> c: array<{{C_TY}}>;
+{{BIAS_BINDING}}
 
 // A(m, k) and B(k, n) as scalars, zero outside the matrix (the checked path).
 fn a_at(base: u32, m: u32, k: u32) -> f32 {

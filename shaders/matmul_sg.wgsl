@@ -5,6 +5,7 @@
 // R/S + TN vec4 loads per 4 steps of K for R * TN * 4 multiply-adds. Lane l owns the column
 // groups 4l + 4Sj. Loads are clamped into the matrix; stores are guarded.
 // Requires vec4-aligned operands (the launcher checks) and subgroups of exactly <S> lanes.
+// With a bias binding the stores add bias[off_bias + column] (a fused `x W^T + b`).
 
 struct Params {
     m: u32,
@@ -16,7 +17,7 @@ struct Params {
     off_a: u32,
     off_b: u32,
     off_c: u32,
-    _p0: u32,
+    off_bias: u32,
     _p1: u32,
     _p2: u32,
 }
@@ -25,6 +26,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
+{{BIAS_BINDING}}
 
 @compute @workgroup_size({{S}}, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {

@@ -84,6 +84,52 @@ fn matmul_all_layouts_random_shapes() {
 }
 
 #[test]
+fn matmul_with_a_fused_bias() {
+    // `x W^T + b` compiles to one matmul dispatch that adds b in its stores; awkward shapes take
+    // the checked scalar path, aligned ones the vec4 / subgroup kernels, a batched x the folded
+    // rows; bias on either side of the add.
+    let mut rng = Rng(21);
+    for &(b, m, n, k, tb, bias_first) in &[
+        (1, 37, 29, 13, true, false),
+        (1, 64, 40, 32, true, true),
+        (3, 17, 24, 8, false, false),
+        (2, 64, 96, 64, true, false),
+    ] {
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let x = input(&mut g, &mut f, &mut rng, &[b, m, k], -1.0, 1.0);
+        let w = input(
+            &mut g,
+            &mut f,
+            &mut rng,
+            &if tb { [n, k] } else { [k, n] },
+            -1.0,
+            1.0,
+        );
+        let bias = input(&mut g, &mut f, &mut rng, &[n], -1.0, 1.0);
+        let y = g.matmul_t(x, w, false, tb).unwrap();
+        let y = if bias_first {
+            g.add(bias, y).unwrap()
+        } else {
+            g.add(y, bias).unwrap()
+        };
+        let (gpu, _lock) = gpu();
+        let opts = stablerep::graph::PlanOptions {
+            reuse: true,
+            poison: true,
+            updates: true,
+        };
+        let (got, plan) =
+            common::run_gpu_opts(&gpu, &g, &f, &HashMap::new(), &[y], opts);
+        let keys = plan.kernel_keys();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(keys[0].contains("_bias"), "{keys:?}");
+        let want = run_cpu(&g, &f, &HashMap::new(), &[y]);
+        assert_close(&format!("matmul + bias {b}x{m}x{n}x{k}"), &got[0], &want[0], 1e-4, 1e-4);
+    }
+}
+
+#[test]
 fn matmul_shared_right_operand() {
     let mut rng = Rng(2);
     for &(b, m, n, k, tb) in &[

@@ -107,6 +107,41 @@ impl Plan {
                 stack.extend(graph.nodes[i].inputs.iter().map(|x| x.0));
             }
         }
+        // 1b. Fusion: a matmul read only by an `add` of a bias along its last axis becomes one
+        // dispatch that adds the bias in its stores (`x W^T + b`); the matmul gets no buffer.
+        let mut consumers = vec![0usize; n];
+        for i in (0..n).filter(|&i| live[i]) {
+            for x in &graph.nodes[i].inputs {
+                consumers[x.0] += 1;
+            }
+        }
+        for o in outputs {
+            consumers[o.0] += 1;
+        }
+        let mut fused_mm: Vec<Option<(usize, usize)>> = vec![None; n];
+        let mut fused_away = vec![false; n];
+        for j in (0..n).filter(|&j| live[j]) {
+            let node = &graph.nodes[j];
+            if node.op != Op::Binary(crate::kernels::elementwise::BinaryOp::Add) {
+                continue;
+            }
+            for (mi, bi) in [(0, 1), (1, 0)] {
+                let (m, b) = (node.inputs[mi].0, node.inputs[bi].0);
+                let mm = &graph.nodes[m];
+                let cols = *mm.shape.last().unwrap_or(&0);
+                if matches!(mm.op, Op::Matmul { .. })
+                    && consumers[m] == 1
+                    && !fused_away[m]
+                    && mm.shape == node.shape
+                    && graph.nodes[b].shape == [cols]
+                    && m != b
+                {
+                    fused_mm[j] = Some((m, b));
+                    fused_away[m] = true;
+                    break;
+                }
+            }
+        }
         // 2. Alias roots (reshape shares its input's buffer).
         let mut root: Vec<usize> = (0..n).collect();
         for i in 0..n {
@@ -117,6 +152,7 @@ impl Plan {
         // 3. Lifetimes of planned roots.
         let planned = |i: usize| {
             live[i]
+                && !fused_away[i]
                 && !graph.nodes[i].op.is_leaf()
                 && !graph.nodes[i].op.is_update()
                 && root[i] == i
@@ -130,6 +166,13 @@ impl Plan {
             for x in &graph.nodes[i].inputs {
                 let r = root[x.0];
                 last[r] = last[r].max(i);
+            }
+            // A fused add reads the matmul's operands.
+            if let Some((m, _)) = fused_mm[i] {
+                for x in &graph.nodes[m].inputs {
+                    let r = root[x.0];
+                    last[r] = last[r].max(i);
+                }
             }
         }
         for o in outputs {
@@ -237,6 +280,7 @@ impl Plan {
                     loc[i] = Some(Loc::Buf(buffers.len() - 1));
                 }
                 op if op.is_update() => loc[i] = Some(Loc::None),
+                _ if fused_away[i] => loc[i] = Some(Loc::None),
                 _ => {
                     if root[i] == i {
                         loc[i] = Some(Loc::Buf(slot_of[i]));
@@ -271,11 +315,17 @@ impl Plan {
         let mut dispatches = Vec::new();
         let mut executed = 0;
         for (i, node) in graph.nodes.iter().enumerate() {
-            if !live[i] || node.op.is_leaf() || node.op == Op::Reshape {
+            if !live[i] || node.op.is_leaf() || node.op == Op::Reshape || fused_away[i] {
                 continue;
             }
             executed += 1;
-            dispatches.extend(lower(gpu, graph, NodeId(i), &view).map_err(|e| match e {
+            let lowered = match fused_mm[i] {
+                Some((m, b)) => {
+                    lower_matmul(graph, NodeId(m), &view, view(NodeId(i)), Some(view(NodeId(b))?), &gpu.caps)
+                }
+                None => lower(gpu, graph, NodeId(i), &view),
+            };
+            dispatches.extend(lowered.map_err(|e| match e {
                 Error::TooLarge { .. } | Error::Shape { .. } => {
                     Error::Graph(format!("node {i} ({:?}): {e}", node.op))
                 }
@@ -469,28 +519,7 @@ fn lower(
         (numel(s) / c.max(1), c)
     };
     Ok(match &node.op {
-        Op::Matmul { ta, tb } => {
-            let (sa, sb) = (sh(0), sh(1));
-            let out = &node.shape;
-            let batch = numel(&out[..out.len() - 2]);
-            let (m, nn) = (out[out.len() - 2], out[out.len() - 1]);
-            let k = if *ta {
-                sa[sa.len() - 2]
-            } else {
-                sa[sa.len() - 1]
-            };
-            let s = MatmulShape {
-                batch: batch as u32,
-                m: m as u32,
-                n: nn as u32,
-                k: k as u32,
-                ta: *ta,
-                tb: *tb,
-                a_shared: false,
-                b_shared: sb.len() == 2 && batch > 1,
-            };
-            matmul::launch(&s, x(0)?, x(1)?, y, caps)?
-        }
+        Op::Matmul { .. } => lower_matmul(g, id, view, Ok(y), None, caps)?,
         Op::Unary(u) => elementwise::unary(*u, x(0)?, y, caps)?,
         Op::Binary(b) => elementwise::binary(*b, x(0)?, &sh(0), x(1)?, &sh(1), y, caps)?,
         Op::Reduce { op, axis } => {
@@ -726,4 +755,43 @@ fn lower(
         } => optim::sgd(*momentum, *weight_decay, x(0)?, x(1)?, x(2)?, x(3)?, caps)?,
         Op::Input | Op::Param | Op::State(_) | Op::Const(_) => vec![],
     })
+}
+
+/// The dispatches of matmul node `id` writing `y`, optionally adding `bias` along rows.
+fn lower_matmul(
+    g: &Graph,
+    id: NodeId,
+    view: &dyn Fn(NodeId) -> Result<View>,
+    y: Result<View>,
+    bias: Option<View>,
+    caps: &crate::gpu::Caps,
+) -> Result<Vec<Dispatch>> {
+    let node = g.node(id);
+    let Op::Matmul { ta, tb } = node.op else {
+        return Err(Error::Graph(format!("node {} is not a matmul", id.0)));
+    };
+    let (sa, sb) = (g.shape(node.inputs[0]), g.shape(node.inputs[1]));
+    let out = &node.shape;
+    let batch = numel(&out[..out.len() - 2]);
+    let (m, nn) = (out[out.len() - 2], out[out.len() - 1]);
+    let k = if ta {
+        sa[sa.len() - 2]
+    } else {
+        sa[sa.len() - 1]
+    };
+    let s = MatmulShape {
+        batch: batch as u32,
+        m: m as u32,
+        n: nn as u32,
+        k: k as u32,
+        ta,
+        tb,
+        a_shared: false,
+        b_shared: sb.len() == 2 && batch > 1,
+    };
+    let (a, b, y) = (view(node.inputs[0])?, view(node.inputs[1])?, y?);
+    match bias {
+        Some(bv) => matmul::launch_bias(&s, a, b, y, bv, caps),
+        None => matmul::launch(&s, a, b, y, caps),
+    }
 }

@@ -67,6 +67,7 @@ pub fn subst(
     t: Tile,
     v: VecFlags,
     accumulate: bool,
+    bias: bool,
 ) -> Vec<(&'static str, String)> {
     let (tm, tn) = (t.tm as usize, t.tn as usize);
     let nj = tn / 4;
@@ -237,6 +238,21 @@ pub fn subst(
     let ind2 = "        ";
     let mut fast_store = String::new();
     let mut checked_store = String::new();
+    if bias {
+        for j in 0..nj {
+            let e: Vec<String> = (0..4)
+                .map(|r| format!("bias[p.off_bias + min(col0 + {}u, p.n - 1u)]", 4 * j + r))
+                .collect();
+            fast_store += &format!("{ind2}let bias_{j} = vec4<f32>({});\n", e.join(", "));
+            checked_store += &format!("{ind2}let bias_{j} = vec4<f32>({});\n", e.join(", "));
+        }
+        for i in 0..tm {
+            for j in 0..nj {
+                fast_store += &format!("{ind2}acc_{i}_{j} += bias_{j};\n");
+                checked_store += &format!("{ind2}acc_{i}_{j} += bias_{j};\n");
+            }
+        }
+    }
     for i in 0..tm {
         for j in 0..nj {
             let ci = format!("cbase + (row0 + {i}u) * p.n + col0 + {}u", 4 * j);
@@ -291,7 +307,17 @@ pub fn subst(
         ("CHECKED_STEP", checked),
         ("FAST_STORE", fast_store),
         ("CHECKED_STORE", checked_store),
+        ("BIAS_BINDING", bias_binding(bias)),
     ]
+}
+
+/// The optional bias binding of both matmul templates.
+fn bias_binding(bias: bool) -> String {
+    if bias {
+        "@group(0) @binding(4) var<storage, read> bias: array<f32>;".into()
+    } else {
+        String::new()
+    }
 }
 
 /// Pipeline key of a variant.
@@ -333,7 +359,26 @@ pub enum Variant {
 /// Dispatches computing `c = op(a) op(b)`. Splits over batches and rows of C (and A when it is
 /// not transposed) so that every binding fits the device; B must fit one binding.
 pub fn launch(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps) -> Result<Vec<Dispatch>> {
-    launch_with(s, a, b, c, caps, Variant::Auto)
+    launch_full(s, a, b, c, None, caps, Variant::Auto)
+}
+
+/// C = op(A) op(B) + bias, the bias [N] added along rows in the kernel's stores (the fused
+/// `x W^T + b` of linear layers).
+pub fn launch_bias(
+    s: &MatmulShape,
+    a: View,
+    b: View,
+    c: View,
+    bias: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    if bias.len < s.n as u64 {
+        return Err(Error::shape(
+            "matmul",
+            format!("bias of {} elements for {} columns", bias.len, s.n),
+        ));
+    }
+    launch_full(s, a, b, c, Some(bias), caps, Variant::Auto)
 }
 
 /// [`launch`] with an explicit variant (benchmarks compare them).
@@ -342,6 +387,18 @@ pub fn launch_with(
     a: View,
     b: View,
     c: View,
+    caps: &Caps,
+    variant: Variant,
+) -> Result<Vec<Dispatch>> {
+    launch_full(s, a, b, c, None, caps, variant)
+}
+
+fn launch_full(
+    s: &MatmulShape,
+    a: View,
+    b: View,
+    c: View,
+    bias: Option<View>,
     caps: &Caps,
     variant: Variant,
 ) -> Result<Vec<Dispatch>> {
@@ -364,8 +421,15 @@ pub fn launch_with(
         return Ok(vec![]);
     }
     let max_elems = super::max_bind_elems(caps);
+    let bias = match bias {
+        Some(v) => {
+            let (bb, off) = super::bind_all(&v, caps, "matmul bias")?;
+            Some((bb, off as u64))
+        }
+        None => None,
+    };
     if s.ta && !s.tb && !s.a_shared && !s.b_shared && (m * k).max(k * n) > max_elems {
-        return split_k(s, a, b, c, caps, t, variant);
+        return split_k(s, a, b, c, bias, caps, t, variant);
     }
     let (bb, b_off) = bind(&b, 0, nb, caps, "matmul operand B")?;
     // Work units: (batch, row range). Rows of C are contiguous per batch; A rows are contiguous
@@ -413,6 +477,7 @@ pub fn launch_with(
                 false,
                 [ba, bb, bc],
                 offs,
+                bias,
                 m,
                 nbat,
                 caps,
@@ -438,6 +503,7 @@ pub fn launch_with(
             false,
             [ba, bb, bc],
             [a_off as u64, b_base, c_off as u64],
+            bias,
             nr,
             1,
             caps,
@@ -447,12 +513,15 @@ pub fn launch_with(
 }
 
 /// A transposed A ([K, M]) too large for one binding: its rows (and B's) are contiguous
-/// along K, so K is split into chunks and every chunk after the first adds into C.
+/// along K, so K is split into chunks and every chunk after the first adds into C (the first
+/// adds the bias, if any).
+#[allow(clippy::too_many_arguments)]
 fn split_k(
     s: &MatmulShape,
     a: View,
     b: View,
     c: View,
+    bias: Option<(Binding, u64)>,
     caps: &Caps,
     t: Tile,
     variant: Variant,
@@ -488,6 +557,7 @@ fn split_k(
                 k0 > 0,
                 [ba, bb, bc],
                 [a_off as u64, b_off as u64, c_off as u64],
+                if k0 == 0 { bias } else { None },
                 m,
                 1,
                 caps,
@@ -510,6 +580,7 @@ fn one(
     accumulate: bool,
     bindings: [Binding; 3],
     offs: [u64; 3],
+    bias: Option<(Binding, u64)>,
     rows: u64,
     nbat: u64,
     caps: &Caps,
@@ -540,6 +611,7 @@ fn one(
         offs[0] as u32,
         offs[1] as u32,
         offs[2] as u32,
+        bias.map_or(0, |b| b.1 as u32),
     ]);
     let (sg, wanted) = match variant {
         Variant::Auto => (SG_TILE, caps.is_cpu),
@@ -567,7 +639,7 @@ fn one(
                 sg.s
             ),
             "matmul_sg",
-            sg_subst(s, sg, accumulate),
+            sg_subst(s, sg, accumulate, bias.is_some()),
             [
                 n.div_ceil((sg.s * sg.tn) as u64),
                 m.div_ceil(sg.r as u64),
@@ -578,7 +650,7 @@ fn one(
         (
             key(s, t, v),
             "matmul",
-            subst(s, t, v, accumulate),
+            subst(s, t, v, accumulate, bias.is_some()),
             [
                 n.div_ceil((t.tn * t.wx) as u64),
                 m.div_ceil((t.tm * t.wy) as u64),
@@ -586,10 +658,10 @@ fn one(
             ],
         )
     };
-    let key = if accumulate {
-        format!("{key}_acc")
-    } else {
-        key
+    let key = match (accumulate, bias.is_some()) {
+        (true, _) => format!("{key}_acc"),
+        (false, true) => format!("{key}_bias"),
+        (false, false) => key,
     };
     if groups.iter().any(|&g| g > caps.max_workgroups as u64) {
         return Err(Error::TooLarge {
@@ -604,7 +676,7 @@ fn one(
         template,
         subst,
         uniform,
-        bindings: bindings.to_vec(),
+        bindings: bindings.iter().copied().chain(bias.map(|b| b.0)).collect(),
         groups: [groups[0] as u32, groups[1] as u32, groups[2] as u32],
     })
 }
@@ -621,7 +693,12 @@ pub struct SgTile {
 }
 
 /// Generates the subgroup kernel's code blocks.
-pub fn sg_subst(s: &MatmulShape, t: SgTile, accumulate: bool) -> Vec<(&'static str, String)> {
+pub fn sg_subst(
+    s: &MatmulShape,
+    t: SgTile,
+    accumulate: bool,
+    bias: bool,
+) -> Vec<(&'static str, String)> {
     let (sz, r, tn) = (t.s as usize, t.r as usize, t.tn as usize);
     let nj = tn / 4;
     let ind = "        ";
@@ -702,6 +779,26 @@ pub fn sg_subst(s: &MatmulShape, t: SgTile, accumulate: bool) -> Vec<(&'static s
         }
     }
     let mut store = String::new();
+    if bias {
+        for j in 0..nj {
+            let e: Vec<String> = (0..4)
+                .map(|cc| {
+                    format!(
+                        "bias[p.off_bias + min(colbase + {}u, p.n - 1u)]",
+                        4 * sz * j + cc
+                    )
+                })
+                .collect();
+            store += &format!("    let bias_{j} = vec4<f32>({});\n", e.join(", "));
+        }
+    }
+    let plus_bias = |j: usize| {
+        if bias {
+            format!(" + bias_{j}")
+        } else {
+            String::new()
+        }
+    };
     for i in 0..r {
         for j in 0..nj {
             let ci = format!(
@@ -714,8 +811,9 @@ pub fn sg_subst(s: &MatmulShape, t: SgTile, accumulate: bool) -> Vec<(&'static s
                 String::new()
             };
             store += &format!(
-                "    if (row0 + {i}u < p.m && colbase + {col}u < p.n) {{ c[{ci}] = acc_{i}_{j}{old}; }}\n",
-                col = 4 * sz * j
+                "    if (row0 + {i}u < p.m && colbase + {col}u < p.n) {{ c[{ci}] = acc_{i}_{j}{bias}{old}; }}\n",
+                col = 4 * sz * j,
+                bias = plus_bias(j)
             );
         }
     }
@@ -726,5 +824,6 @@ pub fn sg_subst(s: &MatmulShape, t: SgTile, accumulate: bool) -> Vec<(&'static s
         ("ACC_DECL", acc),
         ("STEP", st),
         ("STORE", store),
+        ("BIAS_BINDING", bias_binding(bias)),
     ]
 }
