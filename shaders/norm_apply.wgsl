@@ -1,6 +1,7 @@
 // Normalization apply, one invocation per element of x viewed as [groups, rows, cols]:
 // y = (x - mean) * rstd * gamma[col] + beta[col]. The statistics are per row (LayerNorm,
 // stats [groups*rows, 2]) or per (group, col) (BatchNorm, stats [groups, 2, cols]): <STATS>.
+// <ROWS> and <COLS> repeat p.rows and p.cols as constants, so the divisions are cheap.
 
 struct Params {
     groups: u32,
@@ -24,9 +25,9 @@ struct Params {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = (wg.x + wg.y * nwg.x) * 256u + lid.x;
     if (i >= p.groups * p.rows * p.cols) { return; }
-    let c = i % p.cols;
-    let row = i / p.cols;
-    let g = row / p.rows;
+    let c = i % {{COLS}}u;
+    let row = i / {{COLS}}u;
+    let g = row / {{ROWS}}u;
 {{STATS}}
     ys[p.off_y + i] = (xs[p.off_x + i] - mean) * rstd * gamma[p.off_g + c] + beta[p.off_b + c];
 }

@@ -2,6 +2,8 @@
 // of up to 8 dims. One kernel serves permute/transpose, expand (stride 0), slice, concat
 // pieces and pad placement. <TY> is vec4<f32> when the innermost dim is contiguous in both
 // tensors and everything is vec4-aligned (shape, strides and offsets then count vec4s).
+// <INDEX> decomposes i over the shape with the dims and strides as constants (the uniform's
+// shape/sx/sy describe the same layout for readers of a dump).
 
 struct Params {
     n: u32,
@@ -24,12 +26,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var rem = i;
     var ix = 0u;
     var iy = 0u;
-    for (var d = i32(p.rank) - 1; d >= 0; d--) {
-        let dim = p.shape[d / 4][d % 4];
-        let idx = rem % dim;
-        rem = rem / dim;
-        ix += idx * p.sx[d / 4][d % 4];
-        iy += idx * p.sy[d / 4][d % 4];
-    }
+{{INDEX}}
     ys[p.off_y + iy] = xs[p.off_x + ix];
 }

@@ -80,14 +80,29 @@ pub fn strided_copy(
     w.extend(pack8(&s));
     w.extend(pack8(&a));
     w.extend(pack8(&b));
-    Ok(vec![Dispatch {
-        key: if vec {
-            "permute_v4".into()
+    // The index arithmetic is generated with the shape and strides as constants: division by
+    // a constant compiles to a multiply and shift (a runtime u32 division is a scalar loop
+    // per lane on CPU adapters). One pipeline per distinct layout.
+    let mut index = String::new();
+    let mut sig = String::new();
+    for d in (0..s.len()).rev() {
+        let (dim, ax, by) = (s[d], a[d], b[d]);
+        sig += &format!("_{dim}.{ax}.{by}");
+        if d == 0 {
+            index += &format!("    ix += rem * {ax}u;\n    iy += rem * {by}u;\n");
         } else {
-            "permute".into()
-        },
+            index += &format!(
+                "    {{ let idx = rem % {dim}u; rem = rem / {dim}u; ix += idx * {ax}u; iy += idx * {by}u; }}\n"
+            );
+        }
+    }
+    Ok(vec![Dispatch {
+        key: format!("permute{}{sig}", if vec { "_v4" } else { "" }),
         template: "permute",
-        subst: vec![("TY", if vec { "vec4<f32>" } else { "f32" }.into())],
+        subst: vec![
+            ("TY", if vec { "vec4<f32>" } else { "f32" }.into()),
+            ("INDEX", index),
+        ],
         uniform: uniform(&w),
         bindings: vec![bx, by],
         groups: grid((units as u64).div_ceil(WG_1D as u64), caps)?,

@@ -70,9 +70,14 @@ pub fn apply(
     let (bb, ob) = bind_all(&beta, caps, "norm bias")?;
     let (by, oy) = bind_all(&y, caps, "norm output")?;
     Ok(vec![Dispatch {
-        key: format!("norm_apply_{stats_kind:?}").to_lowercase(),
+        // cols and rows as constants: the per-element divisions become multiply-shifts.
+        key: format!("norm_apply_{stats_kind:?}_{rows}x{cols}").to_lowercase(),
         template: "norm_apply",
-        subst: vec![("STATS", code.into())],
+        subst: vec![
+            ("STATS", code.into()),
+            ("ROWS", rows.to_string()),
+            ("COLS", cols.to_string()),
+        ],
         uniform: uniform(&[groups as u32, rows as u32, cols as u32, ox, os, og, ob, oy]),
         bindings: vec![bx, bs, bg, bb, by],
         groups: grid(((groups * rows * cols) as u64).div_ceil(WG_1D as u64), caps)?,
