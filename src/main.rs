@@ -100,8 +100,12 @@ enum Cmd {
         #[arg(long)]
         images_per_caption: usize,
         /// Optimizer steps.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, conflicts_with = "epochs")]
         steps: u64,
+        /// Train for this many caption epochs instead (each epoch shuffles the pool's captions
+        /// and drops the last incomplete batch); sets --steps.
+        #[arg(long)]
+        epochs: Option<f64>,
         /// No augmentation: a fixed batch is used as it is; pool images are only resized and
         /// normalized.
         #[arg(long)]
@@ -394,6 +398,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             captions_per_batch,
             images_per_caption,
             steps,
+            epochs,
             no_augment,
             lr_schedule,
             warmup_steps,
@@ -404,6 +409,29 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             out,
         } => {
             use stablerep::train::schedule::Schedule;
+            let steps = match (epochs, &pool) {
+                (Some(e), Some(dir)) => {
+                    if !(e > 0.0 && e.is_finite()) || captions_per_batch == 0 {
+                        return Err(stablerep::Error::Config(format!(
+                            "--epochs must be positive (got {e}) and --captions-per-batch at least 1"
+                        )));
+                    }
+                    let captions = stablerep::data::pool::Pool::open(dir)?.captions.len();
+                    let per_epoch = captions / captions_per_batch;
+                    if per_epoch == 0 {
+                        return Err(stablerep::Error::Config(format!(
+                            "the pool has {captions} captions, fewer than one batch of {captions_per_batch}"
+                        )));
+                    }
+                    (e * per_epoch as f64).ceil() as u64
+                }
+                (Some(_), None) => {
+                    return Err(stablerep::Error::Config(
+                        "--epochs needs --pool (a fixed batch has no epochs)".into(),
+                    ))
+                }
+                (None, _) => steps,
+            };
             let schedule = match lr_schedule {
                 LrSchedule::Constant => Schedule::Constant,
                 LrSchedule::Cosine => Schedule::Cosine {

@@ -119,13 +119,18 @@ fn matmul_with_a_fused_bias() {
             poison: true,
             updates: true,
         };
-        let (got, plan) =
-            common::run_gpu_opts(&gpu, &g, &f, &HashMap::new(), &[y], opts);
+        let (got, plan) = common::run_gpu_opts(&gpu, &g, &f, &HashMap::new(), &[y], opts);
         let keys = plan.kernel_keys();
         assert_eq!(keys.len(), 1, "{keys:?}");
         assert!(keys[0].contains("_bias"), "{keys:?}");
         let want = run_cpu(&g, &f, &HashMap::new(), &[y]);
-        assert_close(&format!("matmul + bias {b}x{m}x{n}x{k}"), &got[0], &want[0], 1e-4, 1e-4);
+        assert_close(
+            &format!("matmul + bias {b}x{m}x{n}x{k}"),
+            &got[0],
+            &want[0],
+            1e-4,
+            1e-4,
+        );
     }
 }
 

@@ -174,9 +174,13 @@ fn train_command_runs_stablerep_and_the_simclr_control_from_a_pool() {
                 "4",
                 "--images-per-caption",
                 m,
-                "--steps",
-                "3",
             ])
+            // 12 captions in batches of 4: one epoch is 3 steps.
+            .args(if method == "stablerep" {
+                ["--epochs", "1"]
+            } else {
+                ["--steps", "3"]
+            })
             .args([
                 "--img-size",
                 "16",

@@ -320,9 +320,14 @@ impl Plan {
             }
             executed += 1;
             let lowered = match fused_mm[i] {
-                Some((m, b)) => {
-                    lower_matmul(graph, NodeId(m), &view, view(NodeId(i)), Some(view(NodeId(b))?), &gpu.caps)
-                }
+                Some((m, b)) => lower_matmul(
+                    graph,
+                    NodeId(m),
+                    &view,
+                    view(NodeId(i)),
+                    Some(view(NodeId(b))?),
+                    &gpu.caps,
+                ),
                 None => lower(gpu, graph, NodeId(i), &view),
             };
             dispatches.extend(lowered.map_err(|e| match e {
