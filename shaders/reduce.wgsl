@@ -1,5 +1,6 @@
 // Reduction along one axis of a tensor viewed as [outer, len, inner]: one invocation per
-// output element. <INIT>, <STEP> (acc, v) and <FINISH> (acc, p.len) define the op.
+// output element (<TY> f32), or per 4 adjacent outputs (<TY> vec4<f32>: inner and offsets then
+// count vec4s). <INIT>, <STEP> (acc, v) and <FINISH> (acc, p.len) define the op.
 
 struct Params {
     outer: u32,
@@ -13,8 +14,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> xs: array<f32>;
-@group(0) @binding(2) var<storage, read_write> ys: array<f32>;
+@group(0) @binding(1) var<storage, read> xs: array<{{TY}}>;
+@group(0) @binding(2) var<storage, read_write> ys: array<{{TY}}>;
 
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {

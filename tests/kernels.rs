@@ -248,8 +248,20 @@ fn binary_ops_with_broadcasting() {
 #[test]
 fn reductions_along_each_axis() {
     let mut rng = Rng(5);
-    for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
-        let shape = [rng.int(1, 7), rng.int(1, 33), rng.int(1, 9)];
+    for (op, vec4_inner) in [
+        (ReduceOp::Sum, false),
+        (ReduceOp::Mean, false),
+        (ReduceOp::Max, false),
+        (ReduceOp::Sum, true),
+        (ReduceOp::Mean, true),
+        (ReduceOp::Max, true),
+    ] {
+        // A last axis of 8 takes the vec4 kernel for axes 0 and 1.
+        let shape = if vec4_inner {
+            [rng.int(1, 7), rng.int(1, 33), 8]
+        } else {
+            [rng.int(1, 7), rng.int(1, 33), rng.int(1, 9)]
+        };
         for axis in 0..3 {
             let mut g = Graph::new();
             let mut f = Feeds::new();

@@ -123,6 +123,7 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
     )?);
     for r in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
         out.extend(reduce::reduce(r, v(0, 6), 2, 3, 1, v(1, 2), &caps)?);
+        out.extend(reduce::reduce(r, v(0, 24), 2, 3, 4, v(1, 8), &caps)?);
     }
     for r in [
         RowOp::Softmax,
