@@ -7,7 +7,8 @@
 // fast path without bounds checks; edge invocations take a checked scalar path.
 // Template parameters (filled by src/kernels/matmul.rs): <TM> <TN> <WX> <WY>,
 // <A_TY> <B_TY> <C_TY> (f32 or vec4<f32>), and generated code blocks. With a bias binding the
-// stores add bias[off_bias + column] (a fused `x W^T + b`).
+// stores add bias[off_bias + column] (a fused `x W^T + b`), and with a residual binding
+// res at C's position (`x + (h W^T + b)`).
 
 struct Params {
     m: u32,
@@ -20,7 +21,7 @@ struct Params {
     off_b: u32,
     off_c: u32,
     off_bias: u32,
-    _p0: u32,
+    off_res: u32,
     _p1: u32,
 }
 

@@ -5,7 +5,8 @@
 // R/S + TN vec4 loads per 4 steps of K for R * TN * 4 multiply-adds. Lane l owns the column
 // groups 4l + 4Sj. Loads are clamped into the matrix; stores are guarded.
 // Requires vec4-aligned operands (the launcher checks) and subgroups of exactly <S> lanes.
-// With a bias binding the stores add bias[off_bias + column] (a fused `x W^T + b`).
+// With a bias binding the stores add bias[off_bias + column] (a fused `x W^T + b`), and with a residual binding
+// res at C's position (`x + (h W^T + b)`).
 
 struct Params {
     m: u32,
@@ -18,7 +19,7 @@ struct Params {
     off_b: u32,
     off_c: u32,
     off_bias: u32,
-    _p1: u32,
+    off_res: u32,
     _p2: u32,
 }
 

@@ -85,15 +85,19 @@ fn matmul_all_layouts_random_shapes() {
 
 #[test]
 fn matmul_with_a_fused_bias() {
-    // `x W^T + b` compiles to one matmul dispatch that adds b in its stores; awkward shapes take
+    // `x W^T + b` (and `r + (x W^T + b)`) compiles to one matmul dispatch that adds b (and r)
+    // in its stores; awkward shapes take
     // the checked scalar path, aligned ones the vec4 / subgroup kernels, a batched x the folded
     // rows; bias on either side of the add.
     let mut rng = Rng(21);
-    for &(b, m, n, k, tb, bias_first) in &[
-        (1, 37, 29, 13, true, false),
-        (1, 64, 40, 32, true, true),
-        (3, 17, 24, 8, false, false),
-        (2, 64, 96, 64, true, false),
+    for &(b, m, n, k, tb, bias_first, residual) in &[
+        (1, 37, 29, 13, true, false, false),
+        (1, 64, 40, 32, true, true, false),
+        (3, 17, 24, 8, false, false, false),
+        (2, 64, 96, 64, true, false, false),
+        (1, 37, 29, 13, true, false, true),
+        (2, 64, 96, 64, true, true, true),
+        (3, 17, 24, 8, false, false, true),
     ] {
         let mut g = Graph::new();
         let mut f = Feeds::new();
@@ -113,6 +117,17 @@ fn matmul_with_a_fused_bias() {
         } else {
             g.add(y, bias).unwrap()
         };
+        // A residual stream `x + (h W^T + b)` joins the same dispatch.
+        let y = if residual {
+            let r = input(&mut g, &mut f, &mut rng, &[b, m, n], -1.0, 1.0);
+            if bias_first {
+                g.add(y, r).unwrap()
+            } else {
+                g.add(r, y).unwrap()
+            }
+        } else {
+            y
+        };
         let (gpu, _lock) = gpu();
         let opts = stablerep::graph::PlanOptions {
             reuse: true,
@@ -123,6 +138,7 @@ fn matmul_with_a_fused_bias() {
         let keys = plan.kernel_keys();
         assert_eq!(keys.len(), 1, "{keys:?}");
         assert!(keys[0].contains("_bias"), "{keys:?}");
+        assert_eq!(keys[0].ends_with("_bias_res"), residual, "{keys:?}");
         let want = run_cpu(&g, &f, &HashMap::new(), &[y]);
         assert_close(
             &format!("matmul + bias {b}x{m}x{n}x{k}"),

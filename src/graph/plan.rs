@@ -118,7 +118,7 @@ impl Plan {
         for o in outputs {
             consumers[o.0] += 1;
         }
-        let mut fused_mm: Vec<Option<(usize, usize)>> = vec![None; n];
+        let mut fused_mm: Vec<Option<(usize, usize, Option<usize>)>> = vec![None; n];
         let mut fused_away = vec![false; n];
         for j in (0..n).filter(|&j| live[j]) {
             let node = &graph.nodes[j];
@@ -136,9 +136,36 @@ impl Plan {
                     && graph.nodes[b].shape == [cols]
                     && m != b
                 {
-                    fused_mm[j] = Some((m, b));
+                    fused_mm[j] = Some((m, b, None));
                     fused_away[m] = true;
                     break;
+                }
+            }
+        }
+        // A residual add of such a fused result (`x + (h W^T + b)`) joins the same dispatch
+        // when the residual fits one binding.
+        for k in (0..n).filter(|&k| live[k]) {
+            let node = &graph.nodes[k];
+            if node.op != Op::Binary(crate::kernels::elementwise::BinaryOp::Add) {
+                continue;
+            }
+            for (ji, ri) in [(0, 1), (1, 0)] {
+                let (j, r) = (node.inputs[ji].0, node.inputs[ri].0);
+                let fits = (graph.nodes[r].numel() as u64 * 4) <= gpu.caps.max_binding;
+                if let Some((m, b, None)) = fused_mm[j] {
+                    if consumers[j] == 1
+                        && !fused_away[j]
+                        && graph.nodes[r].shape == node.shape
+                        && graph.nodes[j].shape == node.shape
+                        && r != j
+                        && r != m
+                        && fits
+                    {
+                        fused_mm[k] = Some((m, b, Some(r)));
+                        fused_mm[j] = None;
+                        fused_away[j] = true;
+                        break;
+                    }
                 }
             }
         }
@@ -168,9 +195,9 @@ impl Plan {
                 last[r] = last[r].max(i);
             }
             // A fused add reads the matmul's operands.
-            if let Some((m, _)) = fused_mm[i] {
-                for x in &graph.nodes[m].inputs {
-                    let r = root[x.0];
+            if let Some((m, b, _)) = fused_mm[i] {
+                for x in graph.nodes[m].inputs.iter().map(|x| x.0).chain([b]) {
+                    let r = root[x];
                     last[r] = last[r].max(i);
                 }
             }
@@ -320,12 +347,13 @@ impl Plan {
             }
             executed += 1;
             let lowered = match fused_mm[i] {
-                Some((m, b)) => lower_matmul(
+                Some((m, b, r)) => lower_matmul(
                     graph,
                     NodeId(m),
                     &view,
                     view(NodeId(i)),
                     Some(view(NodeId(b))?),
+                    r.map(|r| view(NodeId(r))).transpose()?,
                     &gpu.caps,
                 ),
                 None => lower(gpu, graph, NodeId(i), &view),
@@ -524,7 +552,7 @@ fn lower(
         (numel(s) / c.max(1), c)
     };
     Ok(match &node.op {
-        Op::Matmul { .. } => lower_matmul(g, id, view, Ok(y), None, caps)?,
+        Op::Matmul { .. } => lower_matmul(g, id, view, Ok(y), None, None, caps)?,
         Op::Unary(u) => elementwise::unary(*u, x(0)?, y, caps)?,
         Op::Binary(b) => elementwise::binary(*b, x(0)?, &sh(0), x(1)?, &sh(1), y, caps)?,
         Op::Reduce { op, axis } => {
@@ -762,13 +790,15 @@ fn lower(
     })
 }
 
-/// The dispatches of matmul node `id` writing `y`, optionally adding `bias` along rows.
+/// The dispatches of matmul node `id` writing `y`, optionally adding `bias` along rows and
+/// then `residual` (C's layout).
 fn lower_matmul(
     g: &Graph,
     id: NodeId,
     view: &dyn Fn(NodeId) -> Result<View>,
     y: Result<View>,
     bias: Option<View>,
+    residual: Option<View>,
     caps: &crate::gpu::Caps,
 ) -> Result<Vec<Dispatch>> {
     let node = g.node(id);
@@ -796,7 +826,7 @@ fn lower_matmul(
     };
     let (a, b, y) = (view(node.inputs[0])?, view(node.inputs[1])?, y?);
     match bias {
-        Some(bv) => matmul::launch_bias(&s, a, b, y, bv, caps),
+        Some(bv) => matmul::launch_epilogue(&s, a, b, y, bv, residual, caps),
         None => matmul::launch(&s, a, b, y, caps),
     }
 }

@@ -60,14 +60,17 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
                     };
                     let (na, nb, nc) = matmul::sizes(&s);
                     out.extend(matmul::launch(&s, v(0, na), v(1, nb), v(2, nc), &caps)?);
-                    out.extend(matmul::launch_bias(
-                        &s,
-                        v(0, na),
-                        v(1, nb),
-                        v(2, nc),
-                        v(3, n as u64),
-                        &caps,
-                    )?);
+                    for res in [None, Some(v(4, nc))] {
+                        out.extend(matmul::launch_epilogue(
+                            &s,
+                            v(0, na),
+                            v(1, nb),
+                            v(2, nc),
+                            v(3, n as u64),
+                            res,
+                            &caps,
+                        )?);
+                    }
                 }
             }
         }

@@ -68,6 +68,7 @@ pub fn subst(
     v: VecFlags,
     accumulate: bool,
     bias: bool,
+    res: bool,
 ) -> Vec<(&'static str, String)> {
     let (tm, tn) = (t.tm as usize, t.tn as usize);
     let nj = tn / 4;
@@ -253,6 +254,14 @@ pub fn subst(
             }
         }
     }
+    // The residual element at C's (row, col), read only where C is written.
+    let res_at = |row: String, col: String| {
+        if res {
+            format!(" + res[p.off_res + bi * p.batch_c + ({row}) * p.n + {col}]")
+        } else {
+            String::new()
+        }
+    };
     for i in 0..tm {
         for j in 0..nj {
             let ci = format!("cbase + (row0 + {i}u) * p.n + col0 + {}u", 4 * j);
@@ -262,7 +271,19 @@ pub fn subst(
                 } else {
                     String::new()
                 };
-                fast_store += &format!("{ind2}c[({ci}) >> 2u] = acc_{i}_{j}{old};\n");
+                let rv = if res {
+                    let e: Vec<String> = (0..4)
+                        .map(|r| {
+                            res_at(format!("row0 + {i}u"), format!("col0 + {}u", 4 * j + r))
+                                .trim_start_matches(" + ")
+                                .to_string()
+                        })
+                        .collect();
+                    format!(" + vec4<f32>({})", e.join(", "))
+                } else {
+                    String::new()
+                };
+                fast_store += &format!("{ind2}c[({ci}) >> 2u] = acc_{i}_{j}{rv}{old};\n");
             } else {
                 for r in 0..4 {
                     let old = if accumulate {
@@ -270,7 +291,8 @@ pub fn subst(
                     } else {
                         String::new()
                     };
-                    fast_store += &format!("{ind2}c[{ci} + {r}u] = acc_{i}_{j}[{r}]{old};\n");
+                    let rv = res_at(format!("row0 + {i}u"), format!("col0 + {}u", 4 * j + r));
+                    fast_store += &format!("{ind2}c[{ci} + {r}u] = acc_{i}_{j}[{r}]{rv}{old};\n");
                 }
             }
             for r in 0..4 {
@@ -285,8 +307,9 @@ pub fn subst(
                     String::new()
                 };
                 checked_store += &format!(
-                    "{ind2}if (row0 + {i}u < p.m && col0 + {cc}u < p.n) {{ let ci = cbase + (row0 + {i}u) * p.n + col0 + {cc}u; {target} = acc_{i}_{j}[{r}]{old}; }}\n",
-                    cc = 4 * j + r
+                    "{ind2}if (row0 + {i}u < p.m && col0 + {cc}u < p.n) {{ let ci = cbase + (row0 + {i}u) * p.n + col0 + {cc}u; {target} = acc_{i}_{j}[{r}]{rv}{old}; }}\n",
+                    cc = 4 * j + r,
+                    rv = res_at(format!("row0 + {i}u"), format!("col0 + {}u", 4 * j + r))
                 );
             }
         }
@@ -307,17 +330,20 @@ pub fn subst(
         ("CHECKED_STEP", checked),
         ("FAST_STORE", fast_store),
         ("CHECKED_STORE", checked_store),
-        ("BIAS_BINDING", bias_binding(bias)),
+        ("BIAS_BINDING", epilogue_bindings(bias, res)),
     ]
 }
 
-/// The optional bias binding of both matmul templates.
-fn bias_binding(bias: bool) -> String {
+/// The optional bias and residual bindings of both matmul templates.
+fn epilogue_bindings(bias: bool, res: bool) -> String {
+    let mut s = String::new();
     if bias {
-        "@group(0) @binding(4) var<storage, read> bias: array<f32>;".into()
-    } else {
-        String::new()
+        s += "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n";
     }
+    if res {
+        s += "@group(0) @binding(5) var<storage, read> res: array<f32>;\n";
+    }
+    s
 }
 
 /// Pipeline key of a variant.
@@ -359,17 +385,19 @@ pub enum Variant {
 /// Dispatches computing `c = op(a) op(b)`. Splits over batches and rows of C (and A when it is
 /// not transposed) so that every binding fits the device; B must fit one binding.
 pub fn launch(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps) -> Result<Vec<Dispatch>> {
-    launch_full(s, a, b, c, None, caps, Variant::Auto)
+    launch_full(s, a, b, c, None, None, caps, Variant::Auto)
 }
 
-/// C = op(A) op(B) + bias, the bias [N] added along rows in the kernel's stores (the fused
-/// `x W^T + b` of linear layers).
-pub fn launch_bias(
+/// C = op(A) op(B) + bias (+ residual), added in the kernel's stores: the bias [N] along
+/// rows (the fused `x W^T + b` of linear layers), the residual with C's layout (a
+/// transformer's `x + (h W^T + b)`). The residual needs a bias and must fit one binding.
+pub fn launch_epilogue(
     s: &MatmulShape,
     a: View,
     b: View,
     c: View,
     bias: View,
+    residual: Option<View>,
     caps: &Caps,
 ) -> Result<Vec<Dispatch>> {
     if bias.len < s.n as u64 {
@@ -378,7 +406,15 @@ pub fn launch_bias(
             format!("bias of {} elements for {} columns", bias.len, s.n),
         ));
     }
-    launch_full(s, a, b, c, Some(bias), caps, Variant::Auto)
+    if let Some(r) = residual {
+        if r.len < sizes(s).2 {
+            return Err(Error::shape(
+                "matmul",
+                format!("residual of {} elements for an output of {}", r.len, sizes(s).2),
+            ));
+        }
+    }
+    launch_full(s, a, b, c, Some(bias), residual, caps, Variant::Auto)
 }
 
 /// [`launch`] with an explicit variant (benchmarks compare them).
@@ -390,15 +426,34 @@ pub fn launch_with(
     caps: &Caps,
     variant: Variant,
 ) -> Result<Vec<Dispatch>> {
-    launch_full(s, a, b, c, None, caps, variant)
+    launch_full(s, a, b, c, None, None, caps, variant)
 }
 
+/// Bias and residual bindings of a dispatch (the residual offset follows C's).
+#[derive(Clone, Copy, Debug, Default)]
+struct Epi {
+    bias: Option<(Binding, u64)>,
+    res: Option<(Binding, u64)>,
+}
+
+impl Epi {
+    /// The same epilogue for a dispatch whose C starts `by` elements further.
+    fn shifted(self, by: u64) -> Epi {
+        Epi {
+            bias: self.bias,
+            res: self.res.map(|(b, o)| (b, o + by)),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn launch_full(
     s: &MatmulShape,
     a: View,
     b: View,
     c: View,
     bias: Option<View>,
+    residual: Option<View>,
     caps: &Caps,
     variant: Variant,
 ) -> Result<Vec<Dispatch>> {
@@ -421,15 +476,21 @@ fn launch_full(
         return Ok(vec![]);
     }
     let max_elems = super::max_bind_elems(caps);
-    let bias = match bias {
-        Some(v) => {
-            let (bb, off) = super::bind_all(&v, caps, "matmul bias")?;
-            Some((bb, off as u64))
+    let bound = |v: Option<View>, what: &str| -> Result<Option<(Binding, u64)>> {
+        match v {
+            Some(v) => {
+                let (bb, off) = super::bind_all(&v, caps, what)?;
+                Ok(Some((bb, off as u64)))
+            }
+            None => Ok(None),
         }
-        None => None,
+    };
+    let epi = Epi {
+        bias: bound(bias, "matmul bias")?,
+        res: bound(residual, "matmul residual")?,
     };
     if s.ta && !s.tb && !s.a_shared && !s.b_shared && (m * k).max(k * n) > max_elems {
-        return split_k(s, a, b, c, bias, caps, t, variant);
+        return split_k(s, a, b, c, epi, caps, t, variant);
     }
     let (bb, b_off) = bind(&b, 0, nb, caps, "matmul operand B")?;
     // Work units: (batch, row range). Rows of C are contiguous per batch; A rows are contiguous
@@ -477,7 +538,7 @@ fn launch_full(
                 false,
                 [ba, bb, bc],
                 offs,
-                bias,
+                epi.shifted(b0 * m * n),
                 m,
                 nbat,
                 caps,
@@ -503,7 +564,7 @@ fn launch_full(
             false,
             [ba, bb, bc],
             [a_off as u64, b_base, c_off as u64],
-            bias,
+            epi.shifted(c_start),
             nr,
             1,
             caps,
@@ -521,7 +582,7 @@ fn split_k(
     a: View,
     b: View,
     c: View,
-    bias: Option<(Binding, u64)>,
+    epi: Epi,
     caps: &Caps,
     t: Tile,
     variant: Variant,
@@ -557,7 +618,11 @@ fn split_k(
                 k0 > 0,
                 [ba, bb, bc],
                 [a_off as u64, b_off as u64, c_off as u64],
-                if k0 == 0 { bias } else { None },
+                if k0 == 0 {
+                    epi.shifted(bi * m * n)
+                } else {
+                    Epi::default()
+                },
                 m,
                 1,
                 caps,
@@ -580,7 +645,7 @@ fn one(
     accumulate: bool,
     bindings: [Binding; 3],
     offs: [u64; 3],
-    bias: Option<(Binding, u64)>,
+    epi: Epi,
     rows: u64,
     nbat: u64,
     caps: &Caps,
@@ -611,7 +676,8 @@ fn one(
         offs[0] as u32,
         offs[1] as u32,
         offs[2] as u32,
-        bias.map_or(0, |b| b.1 as u32),
+        epi.bias.map_or(0, |b| b.1 as u32),
+        epi.res.map_or(0, |b| b.1 as u32),
     ]);
     let (sg, wanted) = match variant {
         Variant::Auto => (SG_TILE, caps.is_cpu),
@@ -639,7 +705,7 @@ fn one(
                 sg.s
             ),
             "matmul_sg",
-            sg_subst(s, sg, accumulate, bias.is_some()),
+            sg_subst(s, sg, accumulate, epi.bias.is_some(), epi.res.is_some()),
             [
                 n.div_ceil((sg.s * sg.tn) as u64),
                 m.div_ceil(sg.r as u64),
@@ -650,7 +716,7 @@ fn one(
         (
             key(s, t, v),
             "matmul",
-            subst(s, t, v, accumulate, bias.is_some()),
+            subst(s, t, v, accumulate, epi.bias.is_some(), epi.res.is_some()),
             [
                 n.div_ceil((t.tn * t.wx) as u64),
                 m.div_ceil((t.tm * t.wy) as u64),
@@ -658,10 +724,11 @@ fn one(
             ],
         )
     };
-    let key = match (accumulate, bias.is_some()) {
-        (true, _) => format!("{key}_acc"),
-        (false, true) => format!("{key}_bias"),
-        (false, false) => key,
+    let key = match (accumulate, epi.bias.is_some(), epi.res.is_some()) {
+        (true, _, _) => format!("{key}_acc"),
+        (false, true, true) => format!("{key}_bias_res"),
+        (false, true, false) => format!("{key}_bias"),
+        _ => key,
     };
     if groups.iter().any(|&g| g > caps.max_workgroups as u64) {
         return Err(Error::TooLarge {
@@ -676,7 +743,12 @@ fn one(
         template,
         subst,
         uniform,
-        bindings: bindings.iter().copied().chain(bias.map(|b| b.0)).collect(),
+        bindings: bindings
+            .iter()
+            .copied()
+            .chain(epi.bias.map(|b| b.0))
+            .chain(epi.res.map(|b| b.0))
+            .collect(),
         groups: [groups[0] as u32, groups[1] as u32, groups[2] as u32],
     })
 }
@@ -698,6 +770,7 @@ pub fn sg_subst(
     t: SgTile,
     accumulate: bool,
     bias: bool,
+    res: bool,
 ) -> Vec<(&'static str, String)> {
     let (sz, r, tn) = (t.s as usize, t.r as usize, t.tn as usize);
     let nj = tn / 4;
@@ -810,8 +883,21 @@ pub fn sg_subst(
             } else {
                 String::new()
             };
+            let rv = if res {
+                let e: Vec<String> = (0..4)
+                    .map(|cc| {
+                        format!(
+                            "res[p.off_res + bi * p.batch_c + (row0 + {i}u) * p.n + colbase + {}u]",
+                            4 * sz * j + cc
+                        )
+                    })
+                    .collect();
+                format!(" + vec4<f32>({})", e.join(", "))
+            } else {
+                String::new()
+            };
             store += &format!(
-                "    if (row0 + {i}u < p.m && colbase + {col}u < p.n) {{ c[{ci}] = acc_{i}_{j}{bias}{old}; }}\n",
+                "    if (row0 + {i}u < p.m && colbase + {col}u < p.n) {{ c[{ci}] = acc_{i}_{j}{bias}{rv}{old}; }}\n",
                 col = 4 * sz * j,
                 bias = plus_bias(j)
             );
@@ -824,6 +910,6 @@ pub fn sg_subst(
         ("ACC_DECL", acc),
         ("STEP", st),
         ("STORE", store),
-        ("BIAS_BINDING", bias_binding(bias)),
+        ("BIAS_BINDING", epilogue_bindings(bias, res)),
     ]
 }
