@@ -1,7 +1,8 @@
 // AdamW step, in place, one invocation per parameter element. hyper = [lr, 1 - beta1^t,
 // 1 - beta2^t] is written by the host each step; betas, eps and weight decay are baked into
 // the uniform. PyTorch semantics: p -= lr * wd * p; p -= lr * mhat / (sqrt(vhat) + eps);
-// then, if clamp is set, p = clamp(p, lo, hi).
+// then, if clamp is set, p = clamp(p, lo, hi). <TY> vec4<f32> updates 4 elements per
+// invocation (n and the offsets then count vec4s).
 
 struct Params {
     n: u32,
@@ -23,10 +24,10 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> params: array<f32>;
-@group(0) @binding(2) var<storage, read> grads: array<f32>;
-@group(0) @binding(3) var<storage, read_write> m1: array<f32>;
-@group(0) @binding(4) var<storage, read_write> m2: array<f32>;
+@group(0) @binding(1) var<storage, read_write> params: array<{{TY}}>;
+@group(0) @binding(2) var<storage, read> grads: array<{{TY}}>;
+@group(0) @binding(3) var<storage, read_write> m1: array<{{TY}}>;
+@group(0) @binding(4) var<storage, read_write> m2: array<{{TY}}>;
 @group(0) @binding(5) var<storage, read> hyper: array<f32>;
 
 @compute @workgroup_size(256, 1, 1)
@@ -44,6 +45,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var w = params[p.off_p + i];
     w = w - lr * p.wd * w;
     w = w - lr * (m / bc1) / (sqrt(v / bc2) + p.eps);
-    if (p.clamp != 0u) { w = clamp(w, p.lo, p.hi); }
+    if (p.clamp != 0u) { w = clamp(w, {{TY}}(p.lo), {{TY}}(p.hi)); }
     params[p.off_p + i] = w;
 }

@@ -203,18 +203,20 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         &caps,
     )?);
     for s in [Stats::Row, Stats::Col] {
-        out.extend(norm::apply(
-            s,
-            v(0, 6),
-            v(1, 6),
-            v(2, 3),
-            v(3, 3),
-            1,
-            2,
-            3,
-            v(4, 6),
-            &caps,
-        )?);
+        for cols in [3, 4] {
+            out.extend(norm::apply(
+                s,
+                v(0, 2 * cols as u64),
+                v(1, 2 * cols as u64),
+                v(2, cols as u64),
+                v(3, cols as u64),
+                1,
+                2,
+                cols,
+                v(4, 2 * cols as u64),
+                &caps,
+            )?);
+        }
         out.extend(norm::col_grad(
             s,
             v(0, 6),
@@ -268,15 +270,17 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         weight_decay: 0.1,
         clamp: None,
     };
-    out.extend(optim::adamw(
-        cfg,
-        v(0, 4),
-        v(1, 4),
-        v(2, 4),
-        v(3, 4),
-        v(4, 3),
-        &caps,
-    )?);
+    for n in [4, 5] {
+        out.extend(optim::adamw(
+            cfg,
+            v(0, n),
+            v(1, n),
+            v(2, n),
+            v(3, n),
+            v(4, 3),
+            &caps,
+        )?);
+    }
     out.extend(optim::sgd(
         0.9,
         0.0,

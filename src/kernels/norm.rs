@@ -60,27 +60,60 @@ pub fn apply(
     y: View,
     caps: &Caps,
 ) -> Result<Vec<Dispatch>> {
-    let code = match stats_kind {
-        Stats::Row => "    let mean = stats[p.off_s + 2u * row];\n    let rstd = stats[p.off_s + 2u * row + 1u];",
-        Stats::Col => "    let mean = stats[p.off_s + g * 2u * p.cols + c];\n    let rstd = stats[p.off_s + g * 2u * p.cols + p.cols + c];",
-    };
     let (bx, ox) = bind_all(&x, caps, "norm input")?;
     let (bs, os) = bind_all(&stats, caps, "norm statistics")?;
     let (bg, og) = bind_all(&gamma, caps, "norm weight")?;
     let (bb, ob) = bind_all(&beta, caps, "norm bias")?;
     let (by, oy) = bind_all(&y, caps, "norm output")?;
+    // vec4 form (4 columns per invocation) when rows and the offsets align.
+    let vec = cols.is_multiple_of(4) && [ox, og, ob, oy].iter().all(|o| o.is_multiple_of(4));
+    let w = if vec { 4 } else { 1 };
+    let col_stat = |k: &str| {
+        if vec {
+            let e: Vec<String> = (0..4)
+                .map(|q| format!("stats[p.off_s + g * 2u * p.cols + {k}c + {q}u]"))
+                .collect();
+            format!("vec4<f32>({})", e.join(", "))
+        } else {
+            format!("stats[p.off_s + g * 2u * p.cols + {k}c]")
+        }
+    };
+    let code = match stats_kind {
+        Stats::Row => "    let mean = stats[p.off_s + 2u * row];\n    let rstd = stats[p.off_s + 2u * row + 1u];".to_string(),
+        Stats::Col => format!(
+            "    let mean = {};\n    let rstd = {};",
+            col_stat(""),
+            col_stat("p.cols + ")
+        ),
+    };
+    let units = cols / w;
     Ok(vec![Dispatch {
-        // cols and rows as constants: the per-element divisions become multiply-shifts.
-        key: format!("norm_apply_{stats_kind:?}_{rows}x{cols}").to_lowercase(),
+        // Sizes as constants: the per-element divisions become multiply-shifts.
+        key: format!(
+            "norm_apply_{stats_kind:?}{}_{rows}x{cols}",
+            if vec { "_v4" } else { "" }
+        )
+        .to_lowercase(),
         template: "norm_apply",
         subst: vec![
-            ("STATS", code.into()),
+            ("STATS", code),
             ("ROWS", rows.to_string()),
-            ("COLS", cols.to_string()),
+            ("UNITS", units.to_string()),
+            ("W", w.to_string()),
+            ("TY", if vec { "vec4<f32>" } else { "f32" }.into()),
         ],
-        uniform: uniform(&[groups as u32, rows as u32, cols as u32, ox, os, og, ob, oy]),
+        uniform: uniform(&[
+            groups as u32,
+            rows as u32,
+            cols as u32,
+            ox / w as u32,
+            os,
+            og / w as u32,
+            ob / w as u32,
+            oy / w as u32,
+        ]),
         bindings: vec![bx, bs, bg, bb, by],
-        groups: grid(((groups * rows * cols) as u64).div_ceil(WG_1D as u64), caps)?,
+        groups: grid(((groups * rows * units) as u64).div_ceil(WG_1D as u64), caps)?,
     }])
 }
 

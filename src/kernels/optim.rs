@@ -38,16 +38,19 @@ pub fn adamw(
         caps,
         "adamw",
         |b, _, count| {
+            // vec4 form when the count and the four tensors' offsets align.
+            let vec = count.is_multiple_of(4) && b[..4].iter().all(|x| x.1.is_multiple_of(4));
+            let d = if vec { 4 } else { 1 };
             Ok(Dispatch {
-                key: "adamw".into(),
+                key: if vec { "adamw_v4" } else { "adamw" }.into(),
                 template: "adamw",
-                subst: vec![],
+                subst: vec![("TY", if vec { "vec4<f32>" } else { "f32" }.into())],
                 uniform: uniform(&[
-                    count as u32,
-                    b[0].1,
-                    b[1].1,
-                    b[2].1,
-                    b[3].1,
+                    (count / d as u64) as u32,
+                    b[0].1 / d,
+                    b[1].1 / d,
+                    b[2].1 / d,
+                    b[3].1 / d,
                     b[4].1,
                     u32::from(cfg.clamp.is_some()),
                     0,
@@ -61,7 +64,7 @@ pub fn adamw(
                     0,
                 ]),
                 bindings: b.iter().map(|x| x.0).collect(),
-                groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+                groups: grid((count / d as u64).div_ceil(WG_1D as u64), caps)?,
             })
         },
     )
