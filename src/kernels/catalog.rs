@@ -136,6 +136,7 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         RowOp::LnStats(1e-6),
     ] {
         out.extend(reduce::rows(r, v(0, 6), 2, 3, v(1, 6), &caps)?);
+        out.extend(reduce::rows(r, v(0, 8), 2, 4, v(1, 8), &caps)?);
     }
     for r in [
         RowOp::Softmax,
@@ -241,16 +242,18 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         1e-5,
         &caps,
     )?);
-    out.extend(norm::ln_grad(
-        v(0, 6),
-        v(1, 4),
-        v(2, 3),
-        v(3, 6),
-        2,
-        3,
-        v(4, 6),
-        &caps,
-    )?);
+    for cols in [3u64, 4] {
+        out.extend(norm::ln_grad(
+            v(0, 2 * cols),
+            v(1, 4),
+            v(2, cols),
+            v(3, 2 * cols),
+            2,
+            cols as usize,
+            v(4, 2 * cols),
+            &caps,
+        )?);
+    }
     out.extend(norm::bn_grad(
         v(0, 6),
         v(1, 6),

@@ -166,11 +166,29 @@ pub fn ln_grad(
     let (bg, og) = bind_all(&gamma, caps, "layernorm weight")?;
     let (bd, od) = bind_all(&dy, caps, "layernorm gradient")?;
     let (by, oy) = bind_all(&dx, caps, "layernorm input gradient")?;
+    let vec = cols.is_multiple_of(4) && [ox, og, od, oy].iter().all(|o| o.is_multiple_of(4));
+    let w = if vec { 4 } else { 1 };
     Ok(vec![Dispatch {
-        key: "ln_grad".into(),
+        key: if vec { "ln_grad_v4" } else { "ln_grad" }.into(),
         template: "ln_grad",
-        subst: vec![],
-        uniform: uniform(&[rows as u32, cols as u32, ox, os, og, od, oy, 0]),
+        subst: vec![
+            ("TY", if vec { "vec4<f32>" } else { "f32" }.into()),
+            ("W", w.to_string()),
+            (
+                "TOTAL",
+                if vec { "dot(v, vec4<f32>(1.0))" } else { "v" }.into(),
+            ),
+        ],
+        uniform: uniform(&[
+            rows as u32,
+            (cols / w) as u32,
+            ox / w as u32,
+            os,
+            og / w as u32,
+            od / w as u32,
+            oy / w as u32,
+            0,
+        ]),
         bindings: vec![bx, bs, bg, bd, by],
         groups: grid((rows as u64).div_ceil(64), caps)?,
     }])

@@ -132,6 +132,16 @@ pub fn rows(
     };
     let per_row = len.max(out_len) as u64;
     let chunks = super::row_chunks(rows as u64, per_row, caps, op.name())?;
+    let vec_body = match op {
+        RowOp::Softmax => Some(
+            "    var mv = xs[xb];\n    for (var c = 1u; c < p.len; c++) { mv = max(mv, xs[xb + c]); }\n    let mx = max(max(mv.x, mv.y), max(mv.z, mv.w));\n    var s = vec4<f32>(0.0);\n    for (var c = 0u; c < p.len; c++) { s += exp(xs[xb + c] - mx); }\n    let inv = 1.0 / dot(s, vec4<f32>(1.0));\n    for (var c = 0u; c < p.len; c++) { ys[yb + c] = exp(xs[xb + c] - mx) * inv; }",
+        ),
+        RowOp::LnStats(_) => Some(
+            "    var s = vec4<f32>(0.0);\n    for (var c = 0u; c < p.len; c++) { s += xs[xb + c]; }\n    let n = f32(p.len * 4u);\n    let mean = dot(s, vec4<f32>(1.0)) / n;\n    var v = vec4<f32>(0.0);\n    for (var c = 0u; c < p.len; c++) { let d = xs[xb + c] - mean; v += d * d; }\n    ys[yb] = mean;\n    ys[yb + 1u] = inverseSqrt(dot(v, vec4<f32>(1.0)) / n + p.eps);",
+        ),
+        _ => None,
+    }
+    .filter(|_| len.is_multiple_of(4));
     let mut out = Vec::new();
     for (r0, nr) in chunks {
         if nr == 0 {
@@ -145,16 +155,26 @@ pub fn rows(
             caps,
             "row op output",
         )?;
+        // vec4 form: x always, y too unless the output is the [rows, 2] statistics.
+        let y_vec = !matches!(op, RowOp::LnStats(_));
+        let vec = vec_body.is_some()
+            && ox.is_multiple_of(4)
+            && (!y_vec || (oy.is_multiple_of(4) && out_len.is_multiple_of(4)));
+        let (body, xd, yd) = match vec_body {
+            Some(b) if vec => (b, 4, if y_vec { 4 } else { 1 }),
+            _ => (op.body(), 1, 1),
+        };
+        let ty = |d: u32| if d == 4 { "vec4<f32>" } else { "f32" }.to_string();
         out.push(Dispatch {
-            key: format!("rows_{}", op.name()),
+            key: format!("rows_{}{}", op.name(), if xd == 4 { "_v4" } else { "" }),
             template: "rows",
-            subst: vec![("BODY", op.body().into())],
+            subst: vec![("BODY", body.into()), ("TX", ty(xd)), ("TY", ty(yd))],
             uniform: uniform(&[
                 nr as u32,
-                len as u32,
-                ox,
-                oy,
-                out_len as u32,
+                len as u32 / xd,
+                ox / xd,
+                oy / yd,
+                out_len as u32 / yd,
                 op.eps().to_bits(),
                 r0 as u32,
                 0,
