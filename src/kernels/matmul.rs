@@ -410,7 +410,11 @@ pub fn launch_epilogue(
         if r.len < sizes(s).2 {
             return Err(Error::shape(
                 "matmul",
-                format!("residual of {} elements for an output of {}", r.len, sizes(s).2),
+                format!(
+                    "residual of {} elements for an output of {}",
+                    r.len,
+                    sizes(s).2
+                ),
             ));
         }
     }

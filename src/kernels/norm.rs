@@ -113,7 +113,10 @@ pub fn apply(
             oy / w as u32,
         ]),
         bindings: vec![bx, bs, bg, bb, by],
-        groups: grid(((groups * rows * units) as u64).div_ceil(WG_1D as u64), caps)?,
+        groups: grid(
+            ((groups * rows * units) as u64).div_ceil(WG_1D as u64),
+            caps,
+        )?,
     }])
 }
 

@@ -31,11 +31,7 @@ pub fn reduce(
     // vec4 form (4 adjacent outputs per invocation) when the inner axis and offsets align:
     // a quarter of the loads, which dominate on CPU adapters.
     let vec = inner.is_multiple_of(4) && ox.is_multiple_of(4) && oy.is_multiple_of(4);
-    let (ty, div) = if vec {
-        ("vec4<f32>", 4)
-    } else {
-        ("f32", 1)
-    };
+    let (ty, div) = if vec { ("vec4<f32>", 4) } else { ("f32", 1) };
     let (init, step, finish, name) = match op {
         ReduceOp::Sum => (format!("{ty}(0.0)"), "acc + v", "acc", "sum"),
         ReduceOp::Mean => (format!("{ty}(0.0)"), "acc + v", "acc / f32(p.len)", "mean"),
