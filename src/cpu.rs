@@ -540,19 +540,22 @@ pub fn eval(
                 captions,
                 tau,
                 mask_self,
+                row0,
             }
             | Op::MultiPosGrad {
                 captions,
                 tau,
                 mask_self,
+                row0,
             } => {
                 let sm = get(0);
                 let (rows, nn) = (sh(0)[0], sh(0)[1]);
                 let grad = matches!(node.op, Op::MultiPosGrad { .. });
                 let inv = 1.0 / *tau as f64;
                 let mut y = vec![0.0; n];
-                for k in 0..rows {
-                    let row = &sm[k * nn..(k + 1) * nn];
+                for r in 0..rows {
+                    let row = &sm[r * nn..(r + 1) * nn];
+                    let k = row0 + r;
                     let others = (0..nn).filter(|&j| j != k || !mask_self);
                     let mx = others
                         .clone()
@@ -570,7 +573,7 @@ pub fn eval(
                         continue;
                     }
                     if grad {
-                        let g = get(1)[k];
+                        let g = get(1)[r];
                         for j in (0..nn).filter(|&j| j != k || !mask_self) {
                             let q = (row[j] * inv - lse).exp();
                             let t = if j % captions == k % captions {
@@ -578,10 +581,10 @@ pub fn eval(
                             } else {
                                 0.0
                             };
-                            y[k * nn + j] = g * (q - t) * inv;
+                            y[r * nn + j] = g * (q - t) * inv;
                         }
                     } else {
-                        y[k] =
+                        y[r] =
                             lse - pos.iter().map(|&j| row[j] * inv).sum::<f64>() / pos.len() as f64;
                     }
                 }

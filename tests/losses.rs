@@ -10,10 +10,22 @@ use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
 use stablerep::nn::checkpoint::Checkpoint;
 
 fn run_loss(h: &[f32], rows: usize, dim: usize, captions: usize) -> (f32, Vec<f32>) {
+    run_loss_blocked(h, rows, dim, captions, stablerep::graph::MULTIPOS_BLOCK)
+}
+
+fn run_loss_blocked(
+    h: &[f32],
+    rows: usize,
+    dim: usize,
+    captions: usize,
+    block: usize,
+) -> (f32, Vec<f32>) {
     let (gpu, _lock) = gpu();
     let mut g = Graph::new();
     let x = g.input("h", &[rows, dim]);
-    let loss = g.multi_positive_loss(x, captions, 0.1).unwrap();
+    let loss = g
+        .multi_positive_loss_blocked(x, captions, 0.1, block)
+        .unwrap();
     let grad = g.grad(loss, &[x]).unwrap()[0];
     let plan = Plan::compile(
         &gpu,
@@ -46,6 +58,26 @@ fn loss_and_gradient_match_the_official_pytorch_loss() {
         );
         let h = ck.get(&format!("{case}.h"), Some(&[n * m, d])).unwrap();
         let (loss, grad) = run_loss(&h.data, n * m, d, n);
+        // Anchors in blocks of 4 and 7 rows (so no block holds the whole similarity matrix)
+        // give the same loss and gradient.
+        for block in [4, 7] {
+            let (bl, bg) = run_loss_blocked(&h.data, n * m, d, n, block);
+            let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+            assert_close(
+                &format!("{case}: blocked loss"),
+                &[bl],
+                &[loss as f64],
+                1e-6,
+                1e-6,
+            );
+            assert_close(
+                &format!("{case}: blocked gradient"),
+                &bg,
+                &f64s(&grad),
+                1e-5,
+                1e-6,
+            );
+        }
         let want_loss = ck.get(&format!("{case}.loss"), None).unwrap().data[0] as f64;
         assert_close(&format!("{case}: loss"), &[loss], &[want_loss], 1e-5, 1e-6);
         let want: Vec<f64> = ck

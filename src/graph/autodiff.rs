@@ -346,6 +346,7 @@ impl Graph {
                 captions,
                 tau,
                 mask_self,
+                row0,
             } => {
                 let sh = shape(self, ins[0]);
                 let g = self.push(
@@ -353,6 +354,7 @@ impl Graph {
                         captions: *captions,
                         tau: *tau,
                         mask_self: *mask_self,
+                        row0: *row0,
                     },
                     vec![ins[0], dy],
                     sh,

@@ -140,6 +140,8 @@ pub enum Op {
         tau: f32,
         /// leave column k out of row k's softmax
         mask_self: bool,
+        /// global index of the first row (the matrix may be a block of rows)
+        row0: usize,
     },
     /// (s, g [R]) -> dL/ds [R, C].
     MultiPosGrad {
@@ -149,6 +151,8 @@ pub enum Op {
         tau: f32,
         /// as in MultiPos
         mask_self: bool,
+        /// as in MultiPos
+        row0: usize,
     },
     /// (param, grad, m, v, hyper[3]): in-place AdamW step (no output).
     AdamW(AdamW),
@@ -831,6 +835,17 @@ impl Graph {
     /// distribution over the other images of the same caption, mean over anchors. With m = 2
     /// and two crops of one image per caption this is SimCLR's NT-Xent. Returns a [1] tensor.
     pub fn multi_positive_loss(&mut self, h: NodeId, captions: usize, tau: f32) -> Result<NodeId> {
+        self.multi_positive_loss_blocked(h, captions, tau, MULTIPOS_BLOCK)
+    }
+
+    /// [`Graph::multi_positive_loss`] with at most `block` anchors per similarity block.
+    pub fn multi_positive_loss_blocked(
+        &mut self,
+        h: NodeId,
+        captions: usize,
+        tau: f32,
+        block: usize,
+    ) -> Result<NodeId> {
         let s = self.shape(h).to_vec();
         if s.len() != 2 || captions == 0 || !s[0].is_multiple_of(captions) {
             return Err(Error::shape(
@@ -844,17 +859,38 @@ impl Graph {
             )));
         }
         let z = self.l2_normalize(h)?;
-        let sim = self.matmul_t(z, z, false, true)?;
-        let rows = self.push(
-            Op::MultiPos {
-                captions,
-                tau,
-                mask_self: true,
-            },
-            vec![sim],
-            vec![s[0]],
-            DType::F32,
-        );
+        // Blocks of at most MULTIPOS_BLOCK anchors: each similarity block [rows, N] is its own
+        // tensor, so no buffer holds the whole N x N matrix (8,256 x 8,256 floats at the
+        // paper's batch would exceed the 256 MiB many devices allow per buffer).
+        let n = s[0];
+        let mut parts = Vec::new();
+        let mut r0 = 0;
+        while r0 < n {
+            let len = block.max(1).min(n - r0);
+            let zb = if len == n {
+                z
+            } else {
+                self.slice(z, 0, r0, len)?
+            };
+            let sim = self.matmul_t(zb, z, false, true)?;
+            parts.push(self.push(
+                Op::MultiPos {
+                    captions,
+                    tau,
+                    mask_self: true,
+                    row0: r0,
+                },
+                vec![sim],
+                vec![len],
+                DType::F32,
+            ));
+            r0 += len;
+        }
+        let rows = if parts.len() == 1 {
+            parts[0]
+        } else {
+            self.concat(&parts, 0)?
+        };
         self.mean_all(rows)
     }
 
@@ -892,6 +928,7 @@ impl Graph {
             captions,
             tau: 1.0,
             mask_self: false,
+            row0: 0,
         };
         let i2t = self.push(op.clone(), vec![a], vec![sv[0]], DType::F32);
         let t2i = self.push(op, vec![b], vec![captions], DType::F32);
@@ -984,6 +1021,10 @@ impl Graph {
         Ok(hyper)
     }
 }
+
+/// Anchors per similarity block of [`Graph::multi_positive_loss`] (a block of 4,096 rows of
+/// an 8,256-image batch is 135 MB).
+pub const MULTIPOS_BLOCK: usize = 4096;
 
 /// A divisor of `len` near its square root (at least 16), to split a long reduction in two.
 pub(crate) fn split_factor(len: usize) -> Option<usize> {

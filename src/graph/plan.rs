@@ -737,6 +737,7 @@ fn lower(
             captions,
             tau,
             mask_self,
+            row0,
         } => {
             let s0 = sh(0);
             let c = contrastive::Contrast {
@@ -745,6 +746,7 @@ fn lower(
                 captions: *captions,
                 tau: *tau,
                 mask_self: *mask_self,
+                row0: *row0,
             };
             contrastive::multipos(x(0)?, &c, y, caps)?
         }
@@ -752,6 +754,7 @@ fn lower(
             captions,
             tau,
             mask_self,
+            row0,
         } => {
             let s0 = sh(0);
             let c = contrastive::Contrast {
@@ -760,6 +763,7 @@ fn lower(
                 captions: *captions,
                 tau: *tau,
                 mask_self: *mask_self,
+                row0: *row0,
             };
             contrastive::multipos_grad(x(0)?, x(1)?, &c, y, caps)?
         }

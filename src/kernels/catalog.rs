@@ -189,6 +189,7 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         captions: 3,
         tau: 0.1,
         mask_self: true,
+        row0: 0,
     };
     out.extend(super::contrastive::multipos(
         v(0, 36),

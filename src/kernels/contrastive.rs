@@ -23,6 +23,8 @@ pub struct Contrast {
     pub tau: f32,
     /// leave column k out of row k's softmax (StableRep's self-exclusion)
     pub mask_self: bool,
+    /// global index of the first row (the matrix may be a block of rows of a larger one)
+    pub row0: usize,
 }
 
 fn launch(s: View, g: Option<View>, c: &Contrast, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
@@ -69,7 +71,7 @@ fn launch(s: View, g: Option<View>, c: &Contrast, y: View, caps: &Caps) -> Resul
                 nr as u32,
                 n as u32,
                 c.captions as u32,
-                r0 as u32,
+                (c.row0 as u64 + r0) as u32,
                 os,
                 og,
                 oy,
