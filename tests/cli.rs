@@ -301,3 +301,113 @@ fn probe_knn_and_fewshot_on_labelled_folders() {
     assert!(few > 90.0, "few-shot accuracy {few}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The StableRep+ fixture as CLI inputs: an init checkpoint (full token table, architecture in
+/// the metadata) and a batch with `images` and `token_ids`.
+fn plus_inputs(dir: &Path, with_tokens: bool) -> Checkpoint {
+    let fx = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stablerep_plus.safetensors"),
+    )
+    .unwrap();
+    let used: Vec<usize> = fx
+        .get("used_ids", None)
+        .unwrap()
+        .data
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    let d = 16;
+    let mut init = Checkpoint::default();
+    for (name, t) in &fx.tensors {
+        if let Some(k) = name.strip_prefix("before.") {
+            let mut t = t.clone();
+            if k == "token_embedding.weight" {
+                let mut table = vec![0.0f32; 49408 * d];
+                for (r, &id) in used.iter().enumerate() {
+                    table[id * d..(id + 1) * d].copy_from_slice(&t.data[r * d..(r + 1) * d]);
+                }
+                t = stablerep::nn::checkpoint::HostTensor {
+                    shape: vec![49408, d],
+                    data: table,
+                };
+            }
+            init.tensors.insert(k.to_string(), t);
+        }
+    }
+    let model = serde_json::json!({"model": {
+        "vit": {"img_size": 32, "patch": 8, "width": 32, "depth": 1, "heads": 2, "mlp": 64},
+        "head": {"hidden": 24, "out": 8},
+        "plus": {"text": {"context": 12, "vocab": 49408, "width": 16, "layers": 2, "heads": 2, "mlp": 64}, "embed": 8}
+    }});
+    init.metadata.insert("config".into(), model.to_string());
+    init.save(&dir.join("init.safetensors")).unwrap();
+    let mut batch = Checkpoint::default();
+    batch
+        .tensors
+        .insert("images".into(), fx.get("images", None).unwrap().clone());
+    if with_tokens {
+        batch.tensors.insert(
+            "token_ids".into(),
+            fx.get("token_ids", None).unwrap().clone(),
+        );
+    }
+    batch.save(&dir.join("batch.safetensors")).unwrap();
+    fx
+}
+
+fn plus_command(dir: &Path) -> Command {
+    let mut c = bin();
+    c.args(["train", "--method", "stablerep-plus", "--init"])
+        .arg(dir.join("init.safetensors"))
+        .arg("--fixed-batch")
+        .arg(dir.join("batch.safetensors"))
+        .args(["--captions-per-batch", "3", "--images-per-caption", "2"])
+        .args(["--steps", "1", "--no-augment", "--lr-schedule", "constant"])
+        .args(["--lr", "1e-2", "--weight-decay", "0.1", "--out"])
+        .arg(dir.join("run"));
+    c
+}
+
+#[test]
+fn stablerep_plus_fixed_batch_matches_pytorch_and_errors_are_clear() {
+    let dir = tmp("plus");
+    let fx = plus_inputs(&dir, true);
+    let out = plus_command(&dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    let want = fx.get("loss", None).unwrap().data[0] as f64;
+    assert!(
+        (m["loss"].as_f64().unwrap() - want).abs() < 1e-4 * want.abs(),
+        "{m} vs {want}"
+    );
+    let after = Checkpoint::load(&dir.join("run/checkpoint-last.safetensors")).unwrap();
+    let theta = after.get("logit_scale", Some(&[1])).unwrap().data[0];
+    let want_theta = fx.get("after.logit_scale", None).unwrap().data[0];
+    assert!((theta - want_theta).abs() < 1e-4, "{theta} vs {want_theta}");
+    // A batch without the captions' tokens.
+    plus_inputs(&dir, false);
+    let out = plus_command(&dir).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("token_ids"), "{err}");
+    // A checkpoint without a text tower.
+    let mut init = Checkpoint::load(&dir.join("init.safetensors")).unwrap();
+    init.tensors
+        .retain(|k, _| k.starts_with("visual.") || k.starts_with("image_mlp."));
+    init.metadata.clear();
+    init.save(&dir.join("init.safetensors")).unwrap();
+    let out = plus_command(&dir)
+        .arg("--head-dim")
+        .arg("16")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("text tower"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
