@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 use stablerep::nn::checkpoint::Checkpoint;
 
 fn bin() -> Command {
@@ -309,28 +311,14 @@ fn plus_inputs(dir: &Path, with_tokens: bool) -> Checkpoint {
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stablerep_plus.safetensors"),
     )
     .unwrap();
-    let used: Vec<usize> = fx
-        .get("used_ids", None)
-        .unwrap()
-        .data
-        .iter()
-        .map(|&v| v as usize)
-        .collect();
-    let d = 16;
     let mut init = Checkpoint::default();
     for (name, t) in &fx.tensors {
         if let Some(k) = name.strip_prefix("before.") {
-            let mut t = t.clone();
-            if k == "token_embedding.weight" {
-                let mut table = vec![0.0f32; 49408 * d];
-                for (r, &id) in used.iter().enumerate() {
-                    table[id * d..(id + 1) * d].copy_from_slice(&t.data[r * d..(r + 1) * d]);
-                }
-                t = stablerep::nn::checkpoint::HostTensor {
-                    shape: vec![49408, d],
-                    data: table,
-                };
-            }
+            let t = if k == "token_embedding.weight" {
+                common::expand_token_table(&fx, t, 49408)
+            } else {
+                t.clone()
+            };
             init.tensors.insert(k.to_string(), t);
         }
     }

@@ -228,13 +228,7 @@ fn one_stablerep_plus_step_matches_pytorch() {
         }),
     };
     let step = train_step(&cfg).unwrap();
-    let used: Vec<usize> = ck
-        .get("used_ids", None)
-        .unwrap()
-        .data
-        .iter()
-        .map(|&v| v as usize)
-        .collect();
+    let used = common::used_token_ids(&ck);
     let d = text.width;
     let (gpu, _lock) = gpu();
     let mut store = ParamStore::new();
@@ -243,12 +237,8 @@ fn one_stablerep_plus_step_matches_pytorch() {
             continue;
         };
         if key == "token_embedding.weight" {
-            // The fixture stores the rows the batch uses; the rest of the table is zero.
-            let mut table = vec![0.0f32; text.vocab * d];
-            for (r, &id) in used.iter().enumerate() {
-                table[id * d..(id + 1) * d].copy_from_slice(&t.data[r * d..(r + 1) * d]);
-            }
-            store.set(&gpu, key, &[text.vocab, d], &table).unwrap();
+            let table = common::expand_token_table(&ck, t, text.vocab);
+            store.set(&gpu, key, &table.shape, &table.data).unwrap();
         } else {
             store.set(&gpu, key, &t.shape, &t.data).unwrap();
         }

@@ -166,3 +166,31 @@ pub fn assert_close(what: &str, gpu: &[f32], cpu: &[f64], rtol: f64, atol: f64) 
         cpu[worst.1]
     );
 }
+
+/// The StableRep+ fixture stores only the token-embedding rows its batch uses (ids in
+/// `used_ids`, rows in `table`); this rebuilds the full [vocab, width] table, zero elsewhere.
+pub fn expand_token_table(
+    fx: &stablerep::nn::checkpoint::Checkpoint,
+    table: &stablerep::nn::checkpoint::HostTensor,
+    vocab: usize,
+) -> stablerep::nn::checkpoint::HostTensor {
+    let d = table.shape[1];
+    let mut data = vec![0.0f32; vocab * d];
+    for (r, &id) in used_token_ids(fx).iter().enumerate() {
+        data[id * d..(id + 1) * d].copy_from_slice(&table.data[r * d..(r + 1) * d]);
+    }
+    stablerep::nn::checkpoint::HostTensor {
+        shape: vec![vocab, d],
+        data,
+    }
+}
+
+/// The token ids whose embedding rows the StableRep+ fixture stores.
+pub fn used_token_ids(fx: &stablerep::nn::checkpoint::Checkpoint) -> Vec<usize> {
+    fx.get("used_ids", None)
+        .expect("fixture has used_ids")
+        .data
+        .iter()
+        .map(|&v| v as usize)
+        .collect()
+}
