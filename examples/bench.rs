@@ -45,6 +45,49 @@ fn wanted(a: &Args, name: &str) -> bool {
     a.filters.is_empty() || a.filters.iter().any(|f| name.contains(f.as_str()))
 }
 
+/// Times `reps` back-to-back runs of one matmul shape (values not checked); returns GFLOP/s
+/// and the kernel key.
+fn time_shape(
+    gpu: &Arc<Gpu>,
+    s: &MatmulShape,
+    variant: Variant,
+    reps: usize,
+) -> stablerep::Result<(f64, String)> {
+    let (na, nb, nc) = matmul::sizes(s);
+    let bufs = [
+        gpu.alloc(na * 4, "a")?,
+        gpu.alloc(nb * 4, "b")?,
+        gpu.alloc(nc * 4, "c")?,
+    ];
+    for (buf, n) in bufs.iter().zip([na, nb]) {
+        let v: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32) / 13.0 - 0.5).collect();
+        gpu.write(buf, 0, &v);
+    }
+    let d = matmul::launch_with(
+        s,
+        View::new(0, na),
+        View::new(1, nb),
+        View::new(2, nc),
+        &gpu.caps,
+        variant,
+    )?;
+    let refs: Vec<&wgpu::Buffer> = bufs.iter().collect();
+    Prepared::new(gpu, &d, &refs)?.submit(gpu);
+    gpu.wait()?;
+    let many: Vec<_> = (0..reps).flat_map(|_| d.clone()).collect();
+    let p = Prepared::new(gpu, &many, &refs)?;
+    let t0 = Instant::now();
+    p.submit(gpu);
+    gpu.wait()?;
+    let dt = t0.elapsed().as_secs_f64() / reps as f64;
+    let key = d[0].key.clone();
+    for buf in bufs {
+        gpu.pool.give(buf);
+    }
+    let flops = 2.0 * s.batch as f64 * s.m as f64 * s.n as f64 * s.k as f64;
+    Ok((flops / dt / 1e9, key))
+}
+
 /// Times `reps` back-to-back matmuls recorded in one submit; returns GFLOP/s.
 fn time_matmul(
     gpu: &Arc<Gpu>,
@@ -173,7 +216,12 @@ fn main() -> stablerep::Result<()> {
     } else {
         a.sizes.clone()
     };
-    if wanted(&a, "matmul") && !a.filters.iter().any(|f| f == "matmul_variants") {
+    if wanted(&a, "matmul")
+        && !a
+            .filters
+            .iter()
+            .any(|f| f == "matmul_variants" || f == "matmul_shapes")
+    {
         for &n in &sizes {
             let reps = if a.reps > 0 {
                 a.reps
@@ -186,6 +234,50 @@ fn main() -> stablerep::Result<()> {
             println!(
                 "{}",
                 json!({"bench": "matmul", "adapter": adapter, "m": n, "n": n, "k": n, "kernel": kernel, "reps": reps, "gflops": (gflops * 10.0).round() / 10.0})
+            );
+        }
+    }
+    if a.filters.iter().any(|f| f == "matmul_shapes") {
+        // The matmuls of one vit-train step (batch 32 x 64 tokens, width 192, MLP 768, 3 heads):
+        // forward x W^T, input gradients dY W, weight gradients dY^T X, and attention.
+        let lin = |m, n, k, ta, tb| MatmulShape {
+            batch: 1,
+            m,
+            n,
+            k,
+            ta,
+            tb,
+            a_shared: false,
+            b_shared: false,
+        };
+        let att = |ta, tb| MatmulShape {
+            batch: 96,
+            m: 64,
+            n: 64,
+            k: 64,
+            ta,
+            tb,
+            a_shared: false,
+            b_shared: false,
+        };
+        let cases = [
+            ("fwd qkv", lin(2048, 576, 192, false, true)),
+            ("fwd fc1", lin(2048, 768, 192, false, true)),
+            ("fwd fc2", lin(2048, 192, 768, false, true)),
+            ("dx qkv", lin(2048, 192, 576, false, false)),
+            ("dx fc2", lin(2048, 768, 192, false, false)),
+            ("dW qkv", lin(576, 192, 2048, true, false)),
+            ("dW fc2", lin(192, 768, 2048, true, false)),
+            ("attn QK^T", att(false, true)),
+            ("attn PV", att(false, false)),
+            ("attn dK", att(true, false)),
+        ];
+        for (name, s) in cases {
+            let reps = if a.reps > 0 { a.reps } else { 5 };
+            let (gflops, kernel) = time_shape(&gpu, &s, Variant::Auto, reps)?;
+            println!(
+                "{}",
+                json!({"bench": "matmul_shape", "case": name, "adapter": adapter, "batch": s.batch, "m": s.m, "n": s.n, "k": s.k, "kernel": kernel, "gflops": (gflops * 10.0).round() / 10.0})
             );
         }
     }
