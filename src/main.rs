@@ -29,8 +29,16 @@ enum Cmd {
     /// or on a fixed, already augmented batch (`--fixed-batch`, the PyTorch-parity mode).
     Train {
         /// Synthetic pool folder (docs/formats.md).
-        #[arg(long, conflicts_with = "fixed_batch")]
+        #[arg(long, conflicts_with_all = ["fixed_batch", "images"])]
         pool: Option<std::path::PathBuf>,
+        /// Real images: a labelled folder (one sub-folder per class); every image is its own
+        /// caption, so use --method simclr (the paper's real-image control).
+        #[arg(long, conflicts_with = "fixed_batch")]
+        images: Option<std::path::PathBuf>,
+        /// Resize every training image's shorter side to this size and center-crop a square
+        /// before augmentation (default with --images: 8/7 of --img-size; pools keep their size).
+        #[arg(long)]
+        source_size: Option<usize>,
         /// safetensors file holding `images` [N*M, 3, H, W], normalized, view-major.
         #[arg(long)]
         fixed_batch: Option<std::path::PathBuf>,
@@ -375,6 +383,8 @@ fn run(cli: Cli) -> stablerep::Result<()> {
         }
         Cmd::Train {
             pool,
+            images: image_folder,
+            source_size,
             fixed_batch,
             init,
             method,
@@ -409,6 +419,13 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             out,
         } => {
             use stablerep::train::schedule::Schedule;
+            let labelled = image_folder.is_some();
+            if labelled && method != Method::Simclr {
+                return Err(stablerep::Error::Config(
+                    "--images holds one image per caption: train it with --method simclr (StableRep needs several images per caption, from a pool)".into(),
+                ));
+            }
+            let pool = pool.or(image_folder);
             let steps = match (epochs, &pool) {
                 (Some(e), Some(dir)) => {
                     if !(e > 0.0 && e.is_finite()) || captions_per_batch == 0 {
@@ -416,7 +433,13 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                             "--epochs must be positive (got {e}) and --captions-per-batch at least 1"
                         )));
                     }
-                    let captions = stablerep::data::pool::Pool::open(dir)?.captions.len();
+                    let captions = if labelled {
+                        stablerep::data::pool::Pool::from_labelled_folder(dir)?
+                    } else {
+                        stablerep::data::pool::Pool::open(dir)?
+                    }
+                    .captions
+                    .len();
                     let per_epoch = captions / captions_per_batch;
                     if per_epoch == 0 {
                         return Err(stablerep::Error::Config(format!(
@@ -499,7 +522,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             }
             let pool = pool.ok_or_else(|| {
                 stablerep::Error::Config(
-                    "pass --pool DIR (a synthetic pool) or --fixed-batch BATCH.safetensors".into(),
+                    "pass --pool DIR (a synthetic pool), --images DIR (a labelled folder of real images) or --fixed-batch BATCH.safetensors".into(),
                 )
             })?;
             let (w, d, h) = match model {
@@ -560,6 +583,8 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 log_every,
                 out: out.clone(),
                 resume,
+                labelled_folder: labelled,
+                source_size: source_size.or(labelled.then(|| (img_size * 8).div_ceil(7))),
             };
             stablerep::train::pool_run::run(&gpu, &run, progress)?;
             println!(

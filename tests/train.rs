@@ -79,6 +79,8 @@ fn settings(pool: &Path, out: PathBuf, steps: u64, total: u64) -> PoolRun {
         log_every: 1,
         out,
         resume: true,
+        labelled_folder: false,
+        source_size: None,
     }
 }
 
@@ -361,5 +363,73 @@ fn training_raises_knn_accuracy_over_the_random_encoder() {
         after >= before + 0.05 && after >= 0.9,
         "training did not help kNN: random {before:.3}, trained {after:.3}"
     );
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn simclr_trains_on_a_labelled_folder_of_real_images_of_any_size() {
+    let root = std::env::temp_dir().join(format!("stablerep-real-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    // Two classes, images of different sizes and aspect ratios.
+    let mut rng = stablerep::data::sampler::Rng(3);
+    for (c, class) in ["cats", "dogs"].iter().enumerate() {
+        for (i, (h, w)) in [(20, 14), (17, 23), (31, 31)].iter().enumerate() {
+            let img: Vec<f32> = (0..3 * h * w)
+                .map(|_| (rng.unit() as f32 + c as f32) / 2.0)
+                .collect();
+            save_rgb(
+                &root.join("data").join(class).join(format!("{i}.png")),
+                *h,
+                *w,
+                &img,
+            )
+            .unwrap();
+        }
+    }
+    let run = |method: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stablerep"))
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .args(["train", "--images"])
+            .arg(root.join("data"))
+            .args(["--method", method, "--captions-per-batch", "2"])
+            .args([
+                "--images-per-caption",
+                "2",
+                "--steps",
+                "2",
+                "--img-size",
+                "16",
+            ])
+            .args([
+                "--patch", "8", "--width", "32", "--depth", "1", "--heads", "2",
+            ])
+            .args([
+                "--head-hidden",
+                "32",
+                "--head-out",
+                "8",
+                "--log-every",
+                "1",
+                "--out",
+            ])
+            .arg(root.join(method))
+            .output()
+            .unwrap()
+    };
+    let out = run("simclr");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ck = stablerep::nn::checkpoint::Checkpoint::load(
+        &root.join("simclr").join("checkpoint-last.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(ck.metadata.get("step").map(String::as_str), Some("2"));
+    let out = run("stablerep");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--method simclr"), "{err}");
     std::fs::remove_dir_all(&root).ok();
 }

@@ -97,6 +97,29 @@ impl Pool {
         })
     }
 
+    /// A labelled image folder (`dir/<class>/<image>`) as a pool for real-image training:
+    /// every image is its own caption (K = 1) whose text is its class name.
+    pub fn from_labelled_folder(dir: &Path) -> Result<Pool> {
+        let folder = crate::eval::folder::LabelledFolder::open(dir)?;
+        let captions = folder
+            .items
+            .iter()
+            .map(|(path, label)| Caption {
+                relpath: path
+                    .strip_prefix(dir)
+                    .unwrap_or(path)
+                    .to_string_lossy()
+                    .into_owned(),
+                text: folder.classes[*label].clone(),
+            })
+            .collect();
+        Ok(Pool {
+            dir: dir.to_path_buf(),
+            roots: vec![dir.to_path_buf()],
+            captions,
+        })
+    }
+
     /// Images per caption (K).
     pub fn images_per_caption(&self) -> usize {
         self.roots.len()

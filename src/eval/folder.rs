@@ -77,11 +77,10 @@ fn sample(img: &[f32], h: usize, w: usize, c: usize, y: f32, x: f32) -> f32 {
         + (p(y1, x0) * (1.0 - fx) + p(y1, x1) * fx) * fy
 }
 
-/// Evaluation transform: resize the shorter side to `size * 8 / 7` (256 for 224), center-crop
-/// `size`, normalize. Input [3, h, w] in [0, 1]; output [3, size, size].
-pub fn eval_transform(img: &[f32], h: usize, w: usize, size: usize) -> Vec<f32> {
-    let short = (size * 8).div_ceil(7) as f32;
-    let scale = short / h.min(w) as f32;
+/// Resizes [3, h, w] so its shorter side is `short` (bilinear) and center-crops `size` x
+/// `size`; values are kept as they are.
+pub fn resize_center_crop(img: &[f32], h: usize, w: usize, short: usize, size: usize) -> Vec<f32> {
+    let scale = short as f32 / h.min(w) as f32;
     let (rh, rw) = (h as f32 * scale, w as f32 * scale);
     let (oy, ox) = ((rh - size as f32) / 2.0, (rw - size as f32) / 2.0);
     let mut out = vec![0.0; 3 * size * size];
@@ -91,10 +90,20 @@ pub fn eval_transform(img: &[f32], h: usize, w: usize, size: usize) -> Vec<f32> 
                 // Pixel centers: resized coordinate -> source coordinate.
                 let sy = (y as f32 + oy + 0.5) / scale - 0.5;
                 let sx = (x as f32 + ox + 0.5) / scale - 0.5;
-                out[c * size * size + y * size + x] =
-                    (sample(img, h, w, c, sy, sx) - MEAN[c]) / STD[c];
+                out[c * size * size + y * size + x] = sample(img, h, w, c, sy, sx);
             }
         }
+    }
+    out
+}
+
+/// Evaluation transform: resize the shorter side to `size * 8 / 7` (256 for 224), center-crop
+/// `size`, normalize. Input [3, h, w] in [0, 1]; output [3, size, size].
+pub fn eval_transform(img: &[f32], h: usize, w: usize, size: usize) -> Vec<f32> {
+    let mut out = resize_center_crop(img, h, w, (size * 8).div_ceil(7), size);
+    for (i, v) in out.iter_mut().enumerate() {
+        let c = i / (size * size);
+        *v = (*v - MEAN[c]) / STD[c];
     }
     out
 }

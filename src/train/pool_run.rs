@@ -15,6 +15,7 @@ use crate::data::augment::{self, AugmentConfig};
 use crate::data::pool::{load_rgb, Pool};
 use crate::data::sampler::{Rng, Sampler};
 use crate::error::{Error, Result};
+use crate::eval::folder::resize_center_crop;
 use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, ParamStore, Plan, PlanOptions};
 use crate::models::stablerep::{init_params, recipe_adamw, train_step, StepConfig};
@@ -59,6 +60,14 @@ pub struct PoolRun {
     pub out: PathBuf,
     /// Continue from `out/checkpoint-last.safetensors` when it exists.
     pub resume: bool,
+    /// `pool` is a labelled image folder (`<class>/<image>`, real images) instead of a
+    /// synthetic pool: every image is its own caption (use the SimCLR control).
+    #[serde(default)]
+    pub labelled_folder: bool,
+    /// Resize every image's shorter side to this size and center-crop a square on the decoder
+    /// thread (images of any size); without it every image must have the first one's size.
+    #[serde(default)]
+    pub source_size: Option<usize>,
 }
 
 /// One decoded batch.
@@ -77,12 +86,26 @@ pub fn run(
     r: &PoolRun,
     mut progress: impl FnMut(u64, f32, f64),
 ) -> Result<Vec<(u64, f32)>> {
-    let pool = Pool::open(&r.pool)?;
+    let pool = if r.labelled_folder {
+        Pool::from_labelled_folder(&r.pool)?
+    } else {
+        Pool::open(&r.pool)?
+    };
     let k = pool.images_per_caption();
     // The SimCLR control draws one image per caption and augments it once per view.
     let drawn = if r.simclr { 1 } else { r.images_per_caption };
     let sampler = Sampler::new(pool.captions.len(), k, r.captions, drawn, r.seed)?;
-    let (src_h, src_w, _) = load_rgb(&pool.image_path(0, 0))?;
+    let source_size = r.source_size;
+    let (src_h, src_w) = match source_size {
+        Some(0) => {
+            return Err(Error::Config("the source size must be positive".into()));
+        }
+        Some(s) => (s, s),
+        None => {
+            let (h, w, _) = load_rgb(&pool.image_path(0, 0))?;
+            (h, w)
+        }
+    };
     let last = r.out.join("checkpoint-last.safetensors");
     let (ck, start) = if r.resume && last.exists() {
         let ck = Checkpoint::load(&last)?;
@@ -160,10 +183,13 @@ pub fn run(
             for &(c, j) in &batch.picks {
                 let path = pool2.image_path(c, j);
                 match load_rgb(&path) {
+                    Ok((h, w, px)) if source_size.is_some() => {
+                        pixels.extend(resize_center_crop(&px, h, w, src_h, src_h));
+                    }
                     Ok((h, w, px)) if (h, w) == (src_h, src_w) => pixels.extend(px),
                     Ok((h, w, _)) => {
                         failed = Some(Error::Config(format!(
-                            "{}: {h}x{w} differs from the pool's {src_h}x{src_w}",
+                            "{}: {h}x{w} differs from the pool's {src_h}x{src_w} (pass --source-size to resize every image)",
                             path.display()
                         )));
                         break;
