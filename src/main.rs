@@ -17,6 +17,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process, so the size of the `train` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// List every GPU adapter, then the chosen one with its limits and features.
