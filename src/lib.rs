@@ -5,6 +5,8 @@
 //! autodiff, planner, compiled plans), [`cpu`] (f64 reference implementations for tests).
 
 #![warn(missing_docs)]
+// Doc comments write tensor shapes as `[N, D]`, which rustdoc would read as links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 pub mod cpu;
 pub mod data;
