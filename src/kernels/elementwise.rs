@@ -414,7 +414,7 @@ pub fn broadcast_strides(src: &[usize], out: &[usize]) -> Vec<usize> {
         .collect()
 }
 
-/// Packs up to 8 dims into two vec4<u32> worth of words.
+/// Packs up to 8 dims into two `vec4<u32>` worth of words.
 pub fn pack8(v: &[usize]) -> [u32; 8] {
     let mut w = [1u32; 8];
     for (i, &x) in v.iter().enumerate() {
