@@ -39,6 +39,23 @@ def multi_positive_loss(feats, n_captions, temperature=0.1):
     return -(p * log_q).sum(1).mean()
 
 
+class Head(torch.nn.Module):
+    """StableRep's projection head (image_mlp): Linear-BN-ReLU-Linear-BN-ReLU-Linear."""
+
+    def __init__(self, width, hidden, out_dim):
+        super().__init__()
+        self.layer1 = torch.nn.Linear(width, hidden)
+        self.bn1 = torch.nn.BatchNorm1d(hidden)
+        self.layer2 = torch.nn.Linear(hidden, hidden)
+        self.bn2 = torch.nn.BatchNorm1d(hidden)
+        self.layer3 = torch.nn.Linear(hidden, out_dim)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.layer1(x)))
+        x = torch.relu(self.bn2(self.layer2(x)))
+        return self.layer3(x)
+
+
 def loss_fixture():
     torch.manual_seed(0)
     tensors = {}
@@ -91,21 +108,7 @@ def train_step_fixture():
         for p in visual.parameters():
             p.add_(0.02 * torch.randn_like(p))
 
-    class Head(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer1 = torch.nn.Linear(32, hidden)
-            self.bn1 = torch.nn.BatchNorm1d(hidden)
-            self.layer2 = torch.nn.Linear(hidden, hidden)
-            self.bn2 = torch.nn.BatchNorm1d(hidden)
-            self.layer3 = torch.nn.Linear(hidden, out_dim)
-
-        def forward(self, x):
-            x = torch.relu(self.bn1(self.layer1(x)))
-            x = torch.relu(self.bn2(self.layer2(x)))
-            return self.layer3(x)
-
-    head = Head()
+    head = Head(32, hidden, out_dim)
     with torch.no_grad():
         for bn in (head.bn1, head.bn2):
             bn.weight.add_(0.1 * torch.randn_like(bn.weight))
@@ -228,21 +231,7 @@ def plus_fixture():
     ids = SimpleTokenizer()(captions, context_length=ctx)
     used = torch.unique(ids)
 
-    class Head(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer1 = torch.nn.Linear(32, hidden)
-            self.bn1 = torch.nn.BatchNorm1d(hidden)
-            self.layer2 = torch.nn.Linear(hidden, hidden)
-            self.bn2 = torch.nn.BatchNorm1d(hidden)
-            self.layer3 = torch.nn.Linear(hidden, out_dim)
-
-        def forward(self, x):
-            x = torch.relu(self.bn1(self.layer1(x)))
-            x = torch.relu(self.bn2(self.layer2(x)))
-            return self.layer3(x)
-
-    head = Head()
+    head = Head(32, hidden, out_dim)
     model = torch.nn.Module()
     model.visual = visual
     model.image_mlp = head

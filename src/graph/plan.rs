@@ -738,19 +738,8 @@ fn lower(
             tau,
             mask_self,
             row0,
-        } => {
-            let s0 = sh(0);
-            let c = contrastive::Contrast {
-                rows: s0[0],
-                cols: s0[1],
-                captions: *captions,
-                tau: *tau,
-                mask_self: *mask_self,
-                row0: *row0,
-            };
-            contrastive::multipos(x(0)?, &c, y, caps)?
         }
-        Op::MultiPosGrad {
+        | Op::MultiPosGrad {
             captions,
             tau,
             mask_self,
@@ -765,7 +754,11 @@ fn lower(
                 mask_self: *mask_self,
                 row0: *row0,
             };
-            contrastive::multipos_grad(x(0)?, x(1)?, &c, y, caps)?
+            if matches!(node.op, Op::MultiPosGrad { .. }) {
+                contrastive::multipos_grad(x(0)?, x(1)?, &c, y, caps)?
+            } else {
+                contrastive::multipos(x(0)?, &c, y, caps)?
+            }
         }
         Op::BnRunning {
             rows,
