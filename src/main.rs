@@ -127,8 +127,12 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         warmup_steps: u64,
         /// Peak learning rate.
-        #[arg(long, default_value_t = 1e-3)]
+        #[arg(long, default_value_t = 1e-3, conflicts_with = "blr")]
         lr: f64,
+        /// Base learning rate for the paper's rule instead of --lr: peak = blr x images per
+        /// step / 256 x crops per image / 2 (2e-4 in the paper's recipe).
+        #[arg(long)]
+        blr: Option<f64>,
         /// Decoupled weight decay (tensors with ndim >= 2, no bias/norm).
         #[arg(long, default_value_t = 0.1)]
         weight_decay: f32,
@@ -415,12 +419,29 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             lr_schedule,
             warmup_steps,
             lr,
+            blr,
             weight_decay,
             temperature,
             head_dim,
             out,
         } => {
             use stablerep::train::schedule::Schedule;
+            // The paper's rule: StableRep sees m images of a caption once each; the SimCLR
+            // control sees one image through m crops.
+            let lr = match blr {
+                Some(b) => {
+                    let (imgs, crops) = if method == Method::Simclr {
+                        (1, images_per_caption)
+                    } else {
+                        (images_per_caption, 1)
+                    };
+                    let peak =
+                        stablerep::train::schedule::peak_lr(b, captions_per_batch, imgs, crops);
+                    println!("peak learning rate {peak:.4e} (base {b:e}, the paper's rule)");
+                    peak
+                }
+                None => lr,
+            };
             let labelled = image_folder.is_some();
             if labelled && method != Method::Simclr {
                 return Err(stablerep::Error::Config(

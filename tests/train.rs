@@ -177,11 +177,12 @@ fn train_command_runs_stablerep_and_the_simclr_control_from_a_pool() {
                 "--images-per-caption",
                 m,
             ])
-            // 12 captions in batches of 4: one epoch is 3 steps.
+            // 12 captions in batches of 4: one epoch is 3 steps. The lr from the paper's rule:
+            // 2e-4 x 12 images / 256 / 2.
             .args(if method == "stablerep" {
-                ["--epochs", "1"]
+                ["--epochs", "1", "--blr", "2e-4"]
             } else {
-                ["--steps", "3"]
+                ["--steps", "3", "--lr", "1e-3"]
             })
             .args([
                 "--img-size",
@@ -218,6 +219,9 @@ fn train_command_runs_stablerep_and_the_simclr_control_from_a_pool() {
             text.contains("step 3/3") && text.contains("images/s"),
             "{text}"
         );
+        if method == "stablerep" {
+            assert!(text.contains("peak learning rate 4.6875e-6"), "{text}");
+        }
         let ck = stablerep::nn::checkpoint::Checkpoint::load(
             &root.join(method).join("checkpoint-last.safetensors"),
         )
