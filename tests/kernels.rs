@@ -349,6 +349,7 @@ fn row_ops_and_their_gradients() {
         outs.push(g.row(RowOp::LnStats(1e-6), x).unwrap());
         // Causal softmax over square score blocks [b, t, t].
         let (b, t) = (rng.int(1, 5), rng.int(1, 23));
+        let t = if case >= 3 { t / 4 * 4 + 4 } else { t };
         let s = input(&mut g, &mut f, &mut rng, &[b, t, t], -3.0, 3.0);
         let ds = input(&mut g, &mut f, &mut rng, &[b, t, t], -1.0, 1.0);
         let y = g.row(RowOp::CausalSoftmax, s).unwrap();

@@ -145,6 +145,7 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         RowOp::L2Norm(1e-12),
     ] {
         out.extend(reduce::row_grad(r, v(0, 6), v(1, 6), 2, 3, v(2, 6), &caps)?);
+        out.extend(reduce::row_grad(r, v(0, 8), v(1, 8), 2, 4, v(2, 8), &caps)?);
     }
     out.extend(reduce::cross_entropy(
         v(0, 6),

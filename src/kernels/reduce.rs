@@ -219,11 +219,33 @@ pub fn row_grad(
         let (ba, oa) = super::bind(&a, s, c, caps, "row gradient input")?;
         let (bb, ob) = super::bind(&dy, s, c, caps, "row gradient dy")?;
         let (by, oy) = super::bind(&dx, s, c, caps, "row gradient output")?;
+        // Softmax rows of a multiple of 4 (attention scores) take a vec4 body.
+        let vec = matches!(op, RowOp::Softmax | RowOp::CausalSoftmax)
+            && len.is_multiple_of(4)
+            && [oa, ob, oy].iter().all(|o| o.is_multiple_of(4));
+        let d = if vec { 4 } else { 1 };
+        let body = if vec {
+            "    var s4 = vec4<f32>(0.0);\n    for (var c = 0u; c < p.len; c++) { s4 += as_[ab + c] * bs[bb + c]; }\n    let s = dot(s4, vec4<f32>(1.0));\n    for (var c = 0u; c < p.len; c++) { ys[yb + c] = as_[ab + c] * (bs[bb + c] - s); }"
+        } else {
+            body
+        };
         out.push(Dispatch {
-            key: format!("row_grad_{}", op.name()),
+            key: format!("row_grad_{}{}", op.name(), if vec { "_v4" } else { "" }),
             template: "row_grad",
-            subst: vec![("BODY", body.into())],
-            uniform: uniform(&[nr as u32, len as u32, oa, ob, oy, 0, op.eps().to_bits(), 0]),
+            subst: vec![
+                ("BODY", body.into()),
+                ("TY", if vec { "vec4<f32>" } else { "f32" }.into()),
+            ],
+            uniform: uniform(&[
+                nr as u32,
+                len as u32 / d,
+                oa / d,
+                ob / d,
+                oy / d,
+                0,
+                op.eps().to_bits(),
+                0,
+            ]),
             bindings: vec![ba, bb, by],
             groups: grid(nr.div_ceil(64), caps)?,
         });
