@@ -220,17 +220,19 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
                 &caps,
             )?);
         }
-        out.extend(norm::col_grad(
-            s,
-            v(0, 6),
-            v(1, 6),
-            v(2, 6),
-            1,
-            2,
-            3,
-            v(3, 6),
-            &caps,
-        )?);
+        for cols in [3u64, 4] {
+            out.extend(norm::col_grad(
+                s,
+                v(0, 2 * cols),
+                v(1, 4 * cols),
+                v(2, 2 * cols),
+                1,
+                2,
+                cols as usize,
+                v(3, 2 * cols),
+                &caps,
+            )?);
+        }
     }
     out.extend(norm::bn_stats(v(0, 6), 1, 2, 3, 1e-5, v(1, 6), &caps)?);
     out.extend(norm::bn_running(

@@ -134,21 +134,51 @@ pub fn col_grad(
     y: View,
     caps: &Caps,
 ) -> Result<Vec<Dispatch>> {
-    let xhat = match stats_kind {
-        Stats::Row => "(x - stats[p.off_s + 2u * row]) * stats[p.off_s + 2u * row + 1u]",
-        Stats::Col => "(x - stats[p.off_s + g * 2u * p.cols + c]) * stats[p.off_s + g * 2u * p.cols + p.cols + c]",
-    };
     let (bx, ox) = bind_all(&x, caps, "norm input")?;
     let (bs, os) = bind_all(&stats, caps, "norm statistics")?;
     let (bd, od) = bind_all(&dy, caps, "norm gradient")?;
     let (by, oy) = bind_all(&y, caps, "norm column sums")?;
+    // vec4 form (4 columns per invocation) when the columns and offsets align.
+    let vec = cols.is_multiple_of(4) && [ox, od, oy].iter().all(|o| o.is_multiple_of(4));
+    let w = if vec { 4 } else { 1 };
+    let col_stat = |k: usize| {
+        let at = |q: usize| format!("stats[p.off_s + g * {} + {k} + c + {q}u]", 2 * cols);
+        if vec {
+            format!("vec4<f32>({}, {}, {}, {})", at(0), at(1), at(2), at(3))
+        } else {
+            at(0)
+        }
+    };
+    let xhat = match stats_kind {
+        Stats::Row => {
+            "(x - stats[p.off_s + 2u * row]) * stats[p.off_s + 2u * row + 1u]".to_string()
+        }
+        Stats::Col => format!("(x - {}) * {}", col_stat(0), col_stat(cols)),
+    };
     Ok(vec![Dispatch {
-        key: format!("col_grad_{stats_kind:?}").to_lowercase(),
+        key: format!(
+            "col_grad_{stats_kind:?}{}_{cols}",
+            if vec { "_v4" } else { "" }
+        )
+        .to_lowercase(),
         template: "col_grad",
-        subst: vec![("XHAT", xhat.into())],
-        uniform: uniform(&[groups as u32, rows as u32, cols as u32, ox, os, od, oy, 0]),
+        subst: vec![
+            ("XHAT", xhat),
+            ("TY", if vec { "vec4<f32>" } else { "f32" }.into()),
+            ("W", w.to_string()),
+        ],
+        uniform: uniform(&[
+            groups as u32,
+            rows as u32,
+            (cols / w) as u32,
+            ox / w as u32,
+            os,
+            od / w as u32,
+            oy / w as u32,
+            0,
+        ]),
         bindings: vec![bx, bs, bd, by],
-        groups: grid(((groups * cols) as u64).div_ceil(64), caps)?,
+        groups: grid(((groups * cols / w) as u64).div_ceil(64), caps)?,
     }])
 }
 
