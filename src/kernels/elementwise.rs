@@ -1,7 +1,7 @@
 //! Elementwise kernels: unary and scalar ops, their gradients, binary ops with broadcasting,
 //! and fill. Same-shape launches split into chunks when a tensor exceeds one binding.
 
-use super::{bind, grid, uniform, Binding, Dispatch, View, WG_1D};
+use super::{bind, grid, uniform, vec4_ok, Binding, Dispatch, View, WG_1D};
 use crate::error::{Error, Result};
 use crate::gpu::Caps;
 
@@ -277,11 +277,6 @@ pub fn chunked(
 
 fn f32w(v: f32) -> u32 {
     v.to_bits()
-}
-
-/// The vec4 form of a same-shape launch: element count and offsets all multiples of 4.
-fn vec4_ok(count: u64, offsets: &[u32]) -> bool {
-    count.is_multiple_of(4) && offsets.iter().all(|o| o.is_multiple_of(4))
 }
 
 /// Type name, apply function and unit divisor for a scalar or vec4 launch.
@@ -570,7 +565,7 @@ pub fn binary(
             ob /= 4;
         }
     }
-    let ty = |v: bool| if v { "vec4<f32>" } else { "f32" };
+    let ty = super::elem_ty;
     let load = |v: bool| if vec && !v { "vec4<f32>" } else { "" };
     let mut w = vec![units as u32, shape.len() as u32, oa, ob, oc, 0, 0, 0];
     w.extend(pack8(&shape));

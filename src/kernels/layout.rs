@@ -99,10 +99,7 @@ pub fn strided_copy(
     Ok(vec![Dispatch {
         key: format!("permute{}{sig}", if vec { "_v4" } else { "" }),
         template: "permute",
-        subst: vec![
-            ("TY", if vec { "vec4<f32>" } else { "f32" }.into()),
-            ("INDEX", index),
-        ],
+        subst: vec![("TY", super::elem_ty(vec).into()), ("INDEX", index)],
         uniform: uniform(&w),
         bindings: vec![bx, by],
         groups: grid((units as u64).div_ceil(WG_1D as u64), caps)?,
@@ -197,7 +194,7 @@ pub fn sum_to(
             "sum_to".into()
         },
         template: "sum_to",
-        subst: vec![("TY", if vec { "vec4<f32>" } else { "f32" }.into())],
+        subst: vec![("TY", super::elem_ty(vec).into())],
         uniform: uniform(&w),
         bindings: vec![bx, by],
         groups: grid((units as u64).div_ceil(WG_1D as u64), caps)?,

@@ -72,7 +72,7 @@ pub fn subst(
 ) -> Vec<(&'static str, String)> {
     let (tm, tn) = (t.tm as usize, t.tn as usize);
     let nj = tn / 4;
-    let ty = |vec: bool| if vec { "vec4<f32>" } else { "f32" }.to_string();
+    let ty = |vec: bool| super::elem_ty(vec).to_string();
     let a_idx = |m: &str, k: &str| {
         if s.ta {
             format!("abase + ({k}) * p.m + ({m})")

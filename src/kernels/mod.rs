@@ -164,3 +164,18 @@ pub fn row_chunks(rows: u64, row_elems: u64, caps: &Caps, what: &str) -> Result<
     }
     Ok(out)
 }
+
+/// Whether a launch can take its vec4 form: the count of elements (per row, or in all) and
+/// every offset are multiples of 4.
+pub(crate) fn vec4_ok(count: u64, offsets: &[u32]) -> bool {
+    count.is_multiple_of(4) && offsets.iter().all(|o| o.is_multiple_of(4))
+}
+
+/// The WGSL element type of a scalar or vec4 launch.
+pub(crate) fn elem_ty(vec: bool) -> &'static str {
+    if vec {
+        "vec4<f32>"
+    } else {
+        "f32"
+    }
+}

@@ -66,7 +66,7 @@ pub fn apply(
     let (bb, ob) = bind_all(&beta, caps, "norm bias")?;
     let (by, oy) = bind_all(&y, caps, "norm output")?;
     // vec4 form (4 columns per invocation) when rows and the offsets align.
-    let vec = cols.is_multiple_of(4) && [ox, og, ob, oy].iter().all(|o| o.is_multiple_of(4));
+    let vec = super::vec4_ok(cols as u64, &[ox, og, ob, oy]);
     let w = if vec { 4 } else { 1 };
     let col_stat = |k: &str| {
         if vec {
@@ -100,7 +100,7 @@ pub fn apply(
             ("ROWS", rows.to_string()),
             ("UNITS", units.to_string()),
             ("W", w.to_string()),
-            ("TY", if vec { "vec4<f32>" } else { "f32" }.into()),
+            ("TY", super::elem_ty(vec).into()),
         ],
         uniform: uniform(&[
             groups as u32,
@@ -139,7 +139,7 @@ pub fn col_grad(
     let (bd, od) = bind_all(&dy, caps, "norm gradient")?;
     let (by, oy) = bind_all(&y, caps, "norm column sums")?;
     // vec4 form (4 columns per invocation) when the columns and offsets align.
-    let vec = cols.is_multiple_of(4) && [ox, od, oy].iter().all(|o| o.is_multiple_of(4));
+    let vec = super::vec4_ok(cols as u64, &[ox, od, oy]);
     let w = if vec { 4 } else { 1 };
     let col_stat = |k: usize| {
         let at = |q: usize| format!("stats[p.off_s + g * {} + {k} + c + {q}u]", 2 * cols);
@@ -164,7 +164,7 @@ pub fn col_grad(
         template: "col_grad",
         subst: vec![
             ("XHAT", xhat),
-            ("TY", if vec { "vec4<f32>" } else { "f32" }.into()),
+            ("TY", super::elem_ty(vec).into()),
             ("W", w.to_string()),
         ],
         uniform: uniform(&[
@@ -199,13 +199,13 @@ pub fn ln_grad(
     let (bg, og) = bind_all(&gamma, caps, "layernorm weight")?;
     let (bd, od) = bind_all(&dy, caps, "layernorm gradient")?;
     let (by, oy) = bind_all(&dx, caps, "layernorm input gradient")?;
-    let vec = cols.is_multiple_of(4) && [ox, og, od, oy].iter().all(|o| o.is_multiple_of(4));
+    let vec = super::vec4_ok(cols as u64, &[ox, og, od, oy]);
     let w = if vec { 4 } else { 1 };
     Ok(vec![Dispatch {
         key: if vec { "ln_grad_v4" } else { "ln_grad" }.into(),
         template: "ln_grad",
         subst: vec![
-            ("TY", if vec { "vec4<f32>" } else { "f32" }.into()),
+            ("TY", super::elem_ty(vec).into()),
             ("W", w.to_string()),
             (
                 "TOTAL",

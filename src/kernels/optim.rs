@@ -39,12 +39,13 @@ pub fn adamw(
         "adamw",
         |b, _, count| {
             // vec4 form when the count and the four tensors' offsets align.
-            let vec = count.is_multiple_of(4) && b[..4].iter().all(|x| x.1.is_multiple_of(4));
+            let offs: Vec<u32> = b[..4].iter().map(|x| x.1).collect();
+            let vec = super::vec4_ok(count, &offs);
             let d = if vec { 4 } else { 1 };
             Ok(Dispatch {
                 key: if vec { "adamw_v4" } else { "adamw" }.into(),
                 template: "adamw",
-                subst: vec![("TY", if vec { "vec4<f32>" } else { "f32" }.into())],
+                subst: vec![("TY", super::elem_ty(vec).into())],
                 uniform: uniform(&[
                     (count / d as u64) as u32,
                     b[0].1 / d,

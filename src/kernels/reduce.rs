@@ -30,7 +30,7 @@ pub fn reduce(
     let (by, oy) = bind_all(&y, caps, "reduce output")?;
     // vec4 form (4 adjacent outputs per invocation) when the inner axis and offsets align:
     // a quarter of the loads, which dominate on CPU adapters.
-    let vec = inner.is_multiple_of(4) && ox.is_multiple_of(4) && oy.is_multiple_of(4);
+    let vec = super::vec4_ok(inner as u64, &[ox, oy]);
     let (ty, div) = if vec { ("vec4<f32>", 4) } else { ("f32", 1) };
     let (init, step, finish, name) = match op {
         ReduceOp::Sum => (format!("{ty}(0.0)"), "acc + v", "acc", "sum"),
@@ -160,7 +160,7 @@ pub fn rows(
             Some(b) if vec => (b, 4, if y_vec { 4 } else { 1 }),
             _ => (op.body(), 1, 1),
         };
-        let ty = |d: u32| if d == 4 { "vec4<f32>" } else { "f32" }.to_string();
+        let ty = |d: u32| super::elem_ty(d == 4).to_string();
         out.push(Dispatch {
             key: format!("rows_{}{}", op.name(), if xd == 4 { "_v4" } else { "" }),
             template: "rows",
@@ -221,8 +221,7 @@ pub fn row_grad(
         let (by, oy) = super::bind(&dx, s, c, caps, "row gradient output")?;
         // Softmax rows of a multiple of 4 (attention scores) take a vec4 body.
         let vec = matches!(op, RowOp::Softmax | RowOp::CausalSoftmax)
-            && len.is_multiple_of(4)
-            && [oa, ob, oy].iter().all(|o| o.is_multiple_of(4));
+            && super::vec4_ok(len as u64, &[oa, ob, oy]);
         let d = if vec { 4 } else { 1 };
         let body = if vec {
             "    var s4 = vec4<f32>(0.0);\n    for (var c = 0u; c < p.len; c++) { s4 += as_[ab + c] * bs[bb + c]; }\n    let s = dot(s4, vec4<f32>(1.0));\n    for (var c = 0u; c < p.len; c++) { ys[yb + c] = as_[ab + c] * (bs[bb + c] - s); }"
@@ -232,10 +231,7 @@ pub fn row_grad(
         out.push(Dispatch {
             key: format!("row_grad_{}{}", op.name(), if vec { "_v4" } else { "" }),
             template: "row_grad",
-            subst: vec![
-                ("BODY", body.into()),
-                ("TY", if vec { "vec4<f32>" } else { "f32" }.into()),
-            ],
+            subst: vec![("BODY", body.into()), ("TY", super::elem_ty(vec).into())],
             uniform: uniform(&[
                 nr as u32,
                 len as u32 / d,
