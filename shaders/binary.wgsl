@@ -3,7 +3,9 @@
 // terms of scalars a and b. Vectorized form (<C_TY> = vec4<f32>): each invocation computes 4
 // consecutive outputs along the innermost dim; an operand is read as vec4 when it runs along
 // that dim (<A_TY>/<B_TY> = vec4<f32>) or as a broadcast scalar when its innermost stride is 0.
-// Shapes, strides and offsets are in units of each binding's element type.
+// Shapes, strides and offsets are in units of each binding's element type. <INDEX> computes the
+// operand indices ia, ib: the broadcasting loop, or the identity when both shapes equal the output
+// (no per-element integer division, which CPU adapters scalarize).
 
 struct Params {
     n: u32,
@@ -39,15 +41,6 @@ fn apply4(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = (wg.x + wg.y * nwg.x) * 256u + lid.x;
     if (i >= p.n) { return; }
-    var rem = i;
-    var ia = 0u;
-    var ib = 0u;
-    for (var d = i32(p.rank) - 1; d >= 0; d--) {
-        let dim = p.shape[d / 4][d % 4];
-        let idx = rem % dim;
-        rem = rem / dim;
-        ia += idx * p.sa[d / 4][d % 4];
-        ib += idx * p.sb[d / 4][d % 4];
-    }
+{{INDEX}}
     cs[p.off_c + i] = {{APPLY}}({{LOAD_A}}(as_[p.off_a + ia]), {{LOAD_B}}(bs[p.off_b + ib]));
 }

@@ -219,3 +219,52 @@ fn transformer_stack_forward_and_gradients_match_cpu() {
         common::assert_close(&format!("transformer output {k}"), a, b, 1e-3, 1e-4 * scale);
     }
 }
+
+#[test]
+fn contiguous_slices_alias_their_input_without_a_copy() {
+    let (gpu, _lock) = gpu();
+    let mut rng = Rng(5);
+    let mut g = Graph::new();
+    let x = g.input("x", &[3, 5, 6]);
+    let t = g.unary(UnaryOp::Tanh, x).unwrap();
+    // Contiguous: a block along axis 0, then a block of that block along axis 1 (leading dim 1).
+    let s1 = g.slice(t, 0, 1, 2).unwrap();
+    let s2 = g.slice(s1, 0, 1, 1).unwrap();
+    let s3 = g.slice(s2, 1, 2, 3).unwrap();
+    let y1 = g.unary(UnaryOp::Exp, s3).unwrap();
+    // Not contiguous (leading dim 3): stays a strided copy.
+    let s4 = g.slice(t, 2, 1, 4).unwrap();
+    let y2 = g.unary(UnaryOp::Exp, s4).unwrap();
+    let mut feeds = HashMap::new();
+    feeds.insert(x, rng.vec(3 * 5 * 6, -1.0, 1.0));
+    let outs = [y1, y2, s3, s1];
+    let (got, plan) = run_gpu_opts(
+        &gpu,
+        &g,
+        &feeds,
+        &HashMap::new(),
+        &outs,
+        PlanOptions {
+            reuse: true,
+            poison: true,
+            updates: true,
+        },
+    );
+    let want = common::run_cpu(&g, &feeds, &HashMap::new(), &outs);
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(a.len(), b.len(), "output {k}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((*x as f64 - y).abs() < 1e-5, "output {k}: {x} vs {y}");
+        }
+    }
+    // tanh, two exps and one strided copy: the three contiguous slices cost nothing.
+    let keys = plan.kernel_keys();
+    assert_eq!(plan.stats().dispatches, 4, "{keys:?}");
+    assert_eq!(
+        keys.iter().filter(|k| k.contains("permute")).count(),
+        1,
+        "{keys:?}"
+    );
+    // A slice fetched as an output reads from its offset.
+    assert_eq!(plan.read(s3).unwrap(), got[2]);
+}

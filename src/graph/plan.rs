@@ -70,6 +70,8 @@ pub struct Plan {
     buffers: Vec<wgpu::Buffer>,
     pooled: usize,
     loc: Vec<Option<Loc>>,
+    /// Element offset of each node inside its buffer (non-zero for aliased slices).
+    off: Vec<u64>,
     shapes: Vec<Vec<usize>>,
     dtypes: Vec<DType>,
     inputs: HashMap<String, NodeId>,
@@ -169,11 +171,29 @@ impl Plan {
                 }
             }
         }
-        // 2. Alias roots (reshape shares its input's buffer).
+        // 2. Alias roots: a reshape shares its input's buffer, and so does a slice that is one
+        // contiguous block of its input (every dim before the axis is 1), at an element offset.
         let mut root: Vec<usize> = (0..n).collect();
+        let mut off = vec![0u64; n];
         for i in 0..n {
-            if live[i] && graph.nodes[i].op == Op::Reshape {
-                root[i] = root[graph.nodes[i].inputs[0].0];
+            if !live[i] {
+                continue;
+            }
+            let node = &graph.nodes[i];
+            let j = node.inputs.first().map(|x| x.0);
+            match (&node.op, j) {
+                (Op::Reshape, Some(j)) => {
+                    root[i] = root[j];
+                    off[i] = off[j];
+                }
+                (Op::Slice { axis, start }, Some(j))
+                    if node.shape[..*axis].iter().all(|&d| d == 1) && !fused_away[j] =>
+                {
+                    let inner: usize = graph.nodes[j].shape[axis + 1..].iter().product();
+                    root[i] = root[j];
+                    off[i] = off[j] + (start * inner) as u64;
+                }
+                _ => {}
             }
         }
         // 3. Lifetimes of planned roots.
@@ -332,7 +352,11 @@ impl Plan {
         // 6. Lowering.
         let view = |id: NodeId| -> Result<View> {
             match loc[id.0] {
-                Some(Loc::Buf(b)) => Ok(View::new(b, graph.nodes[id.0].numel() as u64)),
+                Some(Loc::Buf(b)) => Ok(View {
+                    buf: b,
+                    offset: off[id.0],
+                    len: graph.nodes[id.0].numel() as u64,
+                }),
                 _ => Err(Error::Graph(format!(
                     "node {} ({:?}) has no storage",
                     id.0, graph.nodes[id.0].op
@@ -342,7 +366,8 @@ impl Plan {
         let mut dispatches = Vec::new();
         let mut executed = 0;
         for (i, node) in graph.nodes.iter().enumerate() {
-            if !live[i] || node.op.is_leaf() || node.op == Op::Reshape || fused_away[i] {
+            // Aliases (reshapes, contiguous slices) have no work of their own.
+            if !live[i] || node.op.is_leaf() || root[i] != i || fused_away[i] {
                 continue;
             }
             executed += 1;
@@ -386,6 +411,7 @@ impl Plan {
             buffers,
             pooled,
             loc,
+            off,
             shapes: graph.nodes.iter().map(|x| x.shape.clone()).collect(),
             dtypes: graph.nodes.iter().map(|x| x.dtype).collect(),
             inputs,
@@ -412,9 +438,10 @@ impl Plan {
         matches!(self.loc.get(id.0).copied().flatten(), Some(Loc::Buf(_)))
     }
 
-    fn buffer_of(&self, id: NodeId) -> Result<&wgpu::Buffer> {
+    /// The node's buffer and the byte offset of its data there.
+    fn buffer_of(&self, id: NodeId) -> Result<(&wgpu::Buffer, u64)> {
         match self.loc.get(id.0).copied().flatten() {
-            Some(Loc::Buf(b)) => Ok(&self.buffers[b]),
+            Some(Loc::Buf(b)) => Ok((&self.buffers[b], self.off[id.0] * 4)),
             _ => Err(Error::Graph(format!(
                 "node {} is not part of this plan",
                 id.0
@@ -439,14 +466,16 @@ impl Plan {
     /// Writes f32 data into an input node (queued before the next run).
     pub fn write(&self, id: NodeId, data: &[f32]) -> Result<()> {
         self.check_write(id, data.len(), DType::F32)?;
-        self.gpu.write(self.buffer_of(id)?, 0, data);
+        let (buf, at) = self.buffer_of(id)?;
+        self.gpu.write(buf, at, data);
         Ok(())
     }
 
     /// Writes u32 data (indices, labels) into an input node.
     pub fn write_u32(&self, id: NodeId, data: &[u32]) -> Result<()> {
         self.check_write(id, data.len(), DType::U32)?;
-        self.gpu.write(self.buffer_of(id)?, 0, data);
+        let (buf, at) = self.buffer_of(id)?;
+        self.gpu.write(buf, at, data);
         Ok(())
     }
 
@@ -475,7 +504,8 @@ impl Plan {
         for &f in fetch {
             let bytes = (numel(&self.shapes[f.0]).max(1) * 4) as u64;
             let s = self.gpu.staging(bytes);
-            enc.copy_buffer_to_buffer(self.buffer_of(f)?, 0, &s, 0, bytes);
+            let (buf, at) = self.buffer_of(f)?;
+            enc.copy_buffer_to_buffer(buf, at, &s, 0, bytes);
             staging.push((s, bytes));
         }
         self.gpu.queue.submit([enc.finish()]);
@@ -493,11 +523,9 @@ impl Plan {
                 id.0
             )));
         }
-        self.gpu.read(
-            self.buffer_of(id)?,
-            0,
-            (numel(&self.shapes[id.0]).max(1) * 4) as u64,
-        )
+        let (buf, at) = self.buffer_of(id)?;
+        self.gpu
+            .read(buf, at, (numel(&self.shapes[id.0]).max(1) * 4) as u64)
     }
 
     /// Runs the plan once dispatch by dispatch and returns the wall time per kernel key,

@@ -18,10 +18,29 @@ fn erf_approx(x: f32) -> f32 {
 fn sigmoid(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
 fn gelu(x: f32) -> f32 { return 0.5 * x * (1.0 + erf_approx(x * 0.7071067811865476)); }
 fn gelu_grad(x: f32) -> f32 {
-    return 0.5 * (1.0 + erf_approx(x * 0.7071067811865476)) + x * 0.3989422804014327 * exp(-0.5 * x * x);
+    // erf_approx(x / sqrt 2) inlined so that its exp(-x^2 / 2) also serves the density term.
+    let e = exp(-0.5 * x * x);
+    let t = 1.0 / (1.0 + 0.3275911 * abs(x) * 0.7071067811865476);
+    let erf = sign(x) * (1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * e);
+    return 0.5 * (1.0 + erf) + x * 0.3989422804014327 * e;
 }
 fn tanh_safe(x: f32) -> f32 { return tanh(clamp(x, -15.0, 15.0)); }
 "#;
+
+/// Operand indices of the binary shader when a, b and c have one shape.
+const SAME_INDEX: &str = "    let ia = i;\n    let ib = i;";
+
+/// Operand indices of the binary shader under broadcasting: walk the output's dims.
+const BROADCAST_INDEX: &str = "    var rem = i;
+    var ia = 0u;
+    var ib = 0u;
+    for (var d = i32(p.rank) - 1; d >= 0; d--) {
+        let dim = p.shape[d / 4][d % 4];
+        let idx = rem % dim;
+        rem = rem / dim;
+        ia += idx * p.sa[d / 4][d % 4];
+        ib += idx * p.sb[d / 4][d % 4];
+    }";
 
 /// Unary and scalar ops. Scalar parameters travel in the uniform, so one pipeline serves all
 /// values.
@@ -479,7 +498,9 @@ pub fn binary(
     let same = a_shape == b_shape;
     let key = format!("binary_{}", op.key());
     let subst = |ta: &str, tb: &str, tc: &str, apply: &str, la: &str, lb: &str| {
+        let index = if same { SAME_INDEX } else { BROADCAST_INDEX };
         vec![
+            ("INDEX", index.to_string()),
             ("EXPR", op.expr()),
             ("HELPERS", HELPERS.to_string()),
             ("A_TY", ta.to_string()),
