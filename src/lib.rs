@@ -11,6 +11,7 @@
 pub mod cpu;
 pub mod data;
 pub mod demo;
+pub mod diffusion;
 pub mod error;
 pub mod eval;
 pub mod exec;

@@ -1,0 +1,9 @@
+//! Stable Diffusion sampling (issue 4). So far: the noise schedules and the samplers of
+//! diffusers (DDIM, PNDM/PLMS, Euler, Euler ancestral, DPM-Solver++(2M) with and without Karras
+//! sigmas), configured from a `scheduler_config.json`. Each sampler step is expressed as a short
+//! program of linear combinations over the latent, the model output, the step's noise and a few
+//! history buffers ([`sampler::Assign`]), so that the same program can run on the host (the
+//! reference, [`sampler::HostState`]) or inside a GPU step plan without readback.
+
+pub mod sampler;
+pub mod schedule;

@@ -1,0 +1,166 @@
+//! Samplers against diffusers (`tools/make_sd_fixtures.py`): SD 1.5's scheduler config, each
+//! sampler driven for 4 (and 20) steps by a synthetic noise predictor on a [1, 4, 8, 8] latent,
+//! with the ancestral noise diffusers drew. Host execution of the step programs; tolerance
+//! 1e-4 * max(1, max |ref|) per step, as issue 4 asks.
+
+use std::path::Path;
+
+use stablerep::diffusion::sampler::{HostState, Kind, Sampler};
+use stablerep::diffusion::schedule::{SchedulerConfig, Tables};
+use stablerep::nn::checkpoint::Checkpoint;
+
+fn fixture() -> Checkpoint {
+    Checkpoint::load(Path::new("tests/fixtures/sd_schedulers.safetensors")).unwrap()
+}
+
+/// The fixture's noise predictor: 0.5 tanh(x) + 0.1 sin(0.01 t).
+fn model(x: &[f32], t: f64) -> Vec<f32> {
+    let s = (0.01 * t).sin();
+    x.iter()
+        .map(|&v| (0.5 * (v as f64).tanh() + 0.1 * s) as f32)
+        .collect()
+}
+
+fn check(name: &str, kind: Kind, steps: usize) {
+    let fx = fixture();
+    let get = |k: &str| &fx.tensors[&format!("{name}.{k}")];
+    let sampler = Sampler::new(kind, &SchedulerConfig::default(), steps).unwrap();
+    let ts = &get("timesteps").data;
+    assert_eq!(
+        sampler.timesteps().len(),
+        ts.len(),
+        "{name}: timesteps {:?} vs {ts:?}",
+        sampler.timesteps()
+    );
+    for (a, b) in sampler.timesteps().iter().zip(ts) {
+        assert!(
+            (a - *b as f64).abs() < 1e-3,
+            "{name}: timesteps {:?} vs {ts:?}",
+            sampler.timesteps()
+        );
+    }
+    let init = get("init_sigma").data[0] as f64;
+    assert!(
+        (sampler.init_noise_sigma() - init).abs() < 1e-5 * init,
+        "{name}: init sigma"
+    );
+    let lat = get("latents");
+    let n = lat.data.len() / lat.shape[0];
+    let noise0 = &fx.tensors["noise0"].data;
+    let mut st = HostState::new(&sampler, noise0);
+    let noise = fx.tensors.get(&format!("{name}.noise"));
+    for i in 0..sampler.evaluations() {
+        let want = &lat.data[i * n..(i + 1) * n];
+        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs())) as f64;
+        let worst =
+            st.x.iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs() as f64)
+                .fold(0.0, f64::max);
+        assert!(
+            worst <= 1e-4 * scale,
+            "{name}: latents before evaluation {i} differ by {worst}"
+        );
+        let inp: Vec<f32> =
+            st.x.iter()
+                .map(|&v| (v as f64 * sampler.input_scale(i)) as f32)
+                .collect();
+        let eps = model(&inp, sampler.timesteps()[i]);
+        let z = noise.map(|t| &t.data[i * n..(i + 1) * n]);
+        st.apply(
+            &sampler.program(i),
+            &eps,
+            if sampler.needs_noise(i) { z } else { None },
+        )
+        .unwrap();
+    }
+    let want = &lat.data[lat.data.len() - n..];
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs())) as f64;
+    let worst =
+        st.x.iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, f64::max);
+    assert!(
+        worst <= 1e-4 * scale,
+        "{name}: final latents differ by {worst} (scale {scale})"
+    );
+}
+
+#[test]
+fn ddim_matches_diffusers() {
+    check("ddim", Kind::Ddim { eta: 0.0 }, 4);
+}
+
+#[test]
+fn ddim_with_eta_matches_diffusers() {
+    check("ddim_eta", Kind::Ddim { eta: 0.5 }, 4);
+}
+
+#[test]
+fn pndm_matches_diffusers() {
+    check("pndm", Kind::Pndm, 4);
+    check("pndm20", Kind::Pndm, 20);
+}
+
+#[test]
+fn euler_matches_diffusers() {
+    check("euler", Kind::Euler, 4);
+}
+
+#[test]
+fn euler_ancestral_matches_diffusers() {
+    check("euler_a", Kind::EulerAncestral, 4);
+}
+
+#[test]
+fn dpm_solver_2m_matches_diffusers() {
+    check("dpmpp_2m", Kind::DpmPP2M { karras: false }, 4);
+    check("dpmpp_2m_karras", Kind::DpmPP2M { karras: true }, 4);
+    check("dpmpp_2m_karras20", Kind::DpmPP2M { karras: true }, 20);
+}
+
+#[test]
+fn schedule_tables_match_the_spec() {
+    // shared/spec/stable-diffusion.md section 3.1.
+    let t = Tables::new(&SchedulerConfig::default());
+    for (i, want) in [
+        (0, 0.99914998),
+        (1, 0.99829602),
+        (499, 0.27766943),
+        (999, 0.00466010),
+    ] {
+        assert!(
+            (t.acp(i) - want).abs() < 2e-7,
+            "alphas_cumprod[{i}] = {}",
+            t.acp(i)
+        );
+    }
+    assert!((t.sigmas[0] as f64 - 0.0291675).abs() < 1e-6);
+    assert!((t.sigmas[999] as f64 - 14.6146469).abs() < 1e-4);
+}
+
+#[test]
+fn bad_sampler_settings_are_clear_errors() {
+    let c = SchedulerConfig::default();
+    let e = Sampler::new(Kind::Euler, &c, 0).unwrap_err().to_string();
+    assert!(e.contains("steps"), "{e}");
+    let e = Sampler::new(Kind::Ddim { eta: -1.0 }, &c, 10)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("eta"), "{e}");
+    let e = Kind::parse("heun", 0.0).unwrap_err().to_string();
+    assert!(e.contains("heun") && e.contains("euler-a"), "{e}");
+    let e = SchedulerConfig::from_json(r#"{"prediction_type": "v_prediction"}"#, "x.json")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("v_prediction") && e.contains("x.json"), "{e}");
+    let e = SchedulerConfig::from_json("{", "y.json")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("y.json"), "{e}");
+    let mut c2 = c.clone();
+    c2.timestep_spacing = Some("odd".into());
+    let e = Sampler::new(Kind::Euler, &c2, 10).unwrap_err().to_string();
+    assert!(e.contains("odd"), "{e}");
+}
