@@ -40,15 +40,17 @@ impl Kind {
             "euler-a" | "euler_a" => Kind::EulerAncestral,
             "dpmpp-2m" => Kind::DpmPP2M { karras: false },
             "dpmpp-2m-karras" => Kind::DpmPP2M { karras: true },
-            other => return Err(Error::Config(format!(
+            other => {
+                return Err(Error::Config(format!(
                 "unknown sampler '{other}' (ddim, pndm, euler, euler-a, dpmpp-2m, dpmpp-2m-karras)"
-            ))),
+            )))
+            }
         })
     }
 }
 
 /// A buffer a step program reads or writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Slot {
     /// The latent being denoised.
     X,

@@ -110,6 +110,12 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         )?);
     }
     out.extend(elementwise::fill(0.0, v(0, 4), &caps)?);
+    for k in [1, 3, elementwise::LINCOMB_MAX] {
+        let xs: Vec<View> = (0..k).map(|j| v(2 + j, 8)).collect();
+        out.extend(elementwise::lincomb(v(0, 8), &xs, v(1, 8), &caps)?);
+        let xs: Vec<View> = (0..k).map(|j| v(2 + j, 7)).collect();
+        out.extend(elementwise::lincomb(v(0, 8), &xs, v(1, 7), &caps)?);
+    }
     out.extend(layout::permute(v(0, 6), &[2, 3], &[1, 0], v(1, 6), &caps)?);
     out.extend(layout::sum_to(v(0, 6), &[2, 3], v(1, 3), &[1, 3], &caps)?);
     out.extend(layout::sum_to(v(0, 8), &[2, 4], v(1, 4), &[1, 4], &caps)?);

@@ -373,6 +373,70 @@ pub fn fill(value: f32, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
     })
 }
 
+/// Most inputs of one [`lincomb`] dispatch.
+pub const LINCOMB_MAX: usize = 8;
+
+/// `y = sum_k coef[k] * xs[k]` elementwise, the coefficients read from the first `xs.len()`
+/// values of `coef` (a GPU buffer, so they can change without re-preparing). Every view has
+/// `y`'s length; `y` must not overlap an input. Splits tensors larger than one binding.
+pub fn lincomb(coef: View, xs: &[View], y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    if xs.is_empty() || xs.len() > LINCOMB_MAX || coef.len < xs.len() as u64 {
+        return Err(Error::shape(
+            "lincomb",
+            format!(
+                "{} inputs with {} coefficients (1..={LINCOMB_MAX} inputs)",
+                xs.len(),
+                coef.len
+            ),
+        ));
+    }
+    if let Some(x) = xs.iter().find(|x| x.len != y.len) {
+        return Err(Error::shape(
+            "lincomb",
+            format!("an input has {} values, the output {}", x.len, y.len),
+        ));
+    }
+    let mut views = vec![coef, y];
+    views.extend_from_slice(xs);
+    let mut split = vec![false, true];
+    split.extend(xs.iter().map(|_| true));
+    let k = xs.len();
+    chunked(y.len, &views, &split, caps, "lincomb", |b, _, count| {
+        let offs: Vec<u32> = b[2..].iter().map(|x| x.1).collect();
+        let vec = vec4_ok(count, &[&[b[1].1], &offs[..]].concat());
+        let (ty, _, w) = vec_parts(vec);
+        let inputs: String = (0..k)
+            .map(|j| {
+                format!(
+                    "@group(0) @binding({}) var<storage, read> x{j}: array<{ty}>;\n",
+                    3 + j
+                )
+            })
+            .collect();
+        let terms: String = (0..k)
+            .map(|j| {
+                format!(
+                    "    acc += coef[p.off_c + {j}u] * x{j}[p.offs[{}][{}] + i];\n",
+                    j / 4,
+                    j % 4
+                )
+            })
+            .collect();
+        let mut words = vec![(count / w as u64) as u32, b[0].1, b[1].1 / w, 0];
+        let mut o: Vec<u32> = offs.iter().map(|x| x / w).collect();
+        o.resize(8, 0);
+        words.extend(o);
+        Ok(Dispatch {
+            key: format!("lincomb_{k}{}", if vec { "_v4" } else { "" }),
+            template: "lincomb",
+            subst: vec![("TY", ty.into()), ("INPUTS", inputs), ("TERMS", terms)],
+            uniform: uniform(&words),
+            bindings: b.iter().map(|x| x.0).collect(),
+            groups: grid((count / w as u64).div_ceil(WG_1D as u64), caps)?,
+        })
+    })
+}
+
 /// Row-major element strides of `shape`.
 pub fn strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];

@@ -39,6 +39,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
     ("fill", include_str!("../../shaders/fill.wgsl")),
+    ("lincomb", include_str!("../../shaders/lincomb.wgsl")),
 ];
 
 /// Fills `{{KEY}}` placeholders of the template `name`. Fails on unknown templates and on
