@@ -6,7 +6,10 @@ with a synthetic noise predictor eps(x, t) = 0.5 tanh(x) + 0.1 sin(0.01 t) appli
 scheduler-scaled input. Saved: the timesteps, init_noise_sigma, the latents after every step,
 and the noise the ancestral samplers drew (captured by patching diffusers' randn_tensor).
 
-Usage: .venv-ref/bin/python tools/make_sd_fixtures.py   (writes tests/fixtures/sd_*.safetensors)
+Tokenizer: transformers' CLIPTokenizer on vocab.json / merges.txt rebuilt from the shipped
+merge table, over a few hundred varied prompts (tests/fixtures/sd_tokens.json).
+
+Usage: .venv-ref/bin/python tools/make_sd_fixtures.py   (writes tests/fixtures/sd_*)
 """
 
 import pathlib
@@ -104,6 +107,78 @@ def schedulers_fixture():
     print("sd_schedulers.safetensors", {k: list(v.shape) for k, v in t.items()})
 
 
+def tokenizer_files(folder):
+    """vocab.json and merges.txt of CLIP's tokenizer, rebuilt from the shipped merge table
+    (assets/clip/merges.txt) exactly as shared/spec/stable-diffusion.md section 1.2 describes."""
+    import json
+
+    merges_text = (OUT.parent.parent / "assets" / "clip" / "merges.txt").read_text(encoding="utf-8")
+    merges = merges_text.split("\n")[1 : 49152 - 256 - 2 + 1]
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = [chr(c) for c in cs]
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split(" ")) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def prompts():
+    """A few hundred varied prompts: words, digits, punctuation runs, contractions, unicode
+    scripts and emoji, odd whitespace, literal special tokens, and prompts past 77 tokens."""
+    import random
+
+    rng = random.Random(7)
+    words = ("a photo of the cat dog astronaut riding horse on mars painting by greg rutkowski "
+             "trending artstation 4k highly detailed portrait sunset over mountains lake castle "
+             "cyberpunk city night neon rain oil canvas watercolor golden hour bokeh macro").split()
+    extras = ["café", "naïve", "Ærøskøbing", "東京タワー", "富士山", "😀", "🐱‍👤", "Привет", "Ελλάδα",
+              "مرحبا", "हिन्दी", "ß", "ﬁne", "Ｆｕｌｌ", "e\u0301", "x²", "½", "№5", "…", "—", "«quote»",
+              "it's", "don't", "we're", "I've", "you'll", "he'd", "I'm", "O'Neil", "rock'n'roll",
+              "3.14159", "1,000,000", "2024-01-01", "#hashtag", "@user", "C++", "a/b\\c", "!!!", "?!",
+              "((masterpiece))", "[best quality]", "{x:1}", "<|endoftext|>", "<|startoftext|>",
+              "&amp;", "Tom & Jerry", "UPPER lower MiXeD", "tab\tsep", "line\nbreak", "  spaces  "]
+    out = ["", " ", "a photo of a cat", "a photo of an astronaut riding a horse on mars",
+           "A Photo Of A CAT", "a" * 300, "word " * 80, "1234567890" * 10]
+    for _ in range(300):
+        n = rng.randint(1, 30)
+        toks = [rng.choice(words) if rng.random() < 0.7 else rng.choice(extras) for _ in range(n)]
+        sep = rng.choice([" ", " ", " ", ", ", "  ", "\t", "\n"])
+        out.append(sep.join(toks))
+    return out
+
+
+def tokens_fixture():
+    """Token ids of `prompts()` through transformers' CLIPTokenizer built on those files, as
+    Stable Diffusion pipelines call it (max_length 77, padding, truncation)."""
+    import json
+    import tempfile
+
+    import transformers
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        folder = pathlib.Path(d)
+        tokenizer_files(folder)
+        tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                            pad_token="<|endoftext|>")
+        ps = prompts()
+        ids = tok(ps, padding="max_length", max_length=77, truncation=True).input_ids
+    cases = [{"text": p, "ids": i} for p, i in zip(ps, ids)]
+    meta = {"transformers": transformers.__version__, "tokenizer": type(tok).__name__}
+    (OUT / "sd_tokens.json").write_text(json.dumps({"meta": meta, "cases": cases}, ensure_ascii=False), encoding="utf-8")
+    print("sd_tokens.json", len(cases), "cases", meta)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     schedulers_fixture()
+    tokens_fixture()

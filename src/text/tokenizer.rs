@@ -4,9 +4,13 @@
 //! compiled into the binary.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::OnceLock;
 
+use unicode_normalization::UnicodeNormalization;
+
 use super::clean::clean;
+use crate::error::{Error, Result};
 
 /// The merge table shipped with the crate.
 const MERGES: &str = include_str!("../../assets/clip/merges.txt");
@@ -21,11 +25,23 @@ pub const VOCAB: usize = 49_408;
 /// CLIP's context length.
 pub const CONTEXT: usize = 77;
 
-/// The tokenizer: byte table, merge ranks and the string-to-id map.
+/// How text is cleaned before pre-tokenization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Normalization {
+    /// OpenAI's `clip.tokenize` / open_clip: ftfy-style fixes, HTML entities unescaped twice,
+    /// whitespace collapsed and trimmed, lower case (StableRep+).
+    OpenClip,
+    /// transformers' CLIP tokenizer, as Stable Diffusion pipelines run it: NFC, every whitespace
+    /// run to one space, lower case.
+    Transformers,
+}
+
+/// The tokenizer: byte table, merge ranks, the string-to-id map and the cleaning rule.
 pub struct Tokenizer {
     byte_char: [char; 256],
     ranks: HashMap<(String, String), u32>,
     ids: HashMap<String, u32>,
+    norm: Normalization,
 }
 
 /// GPT-2's reversible byte-to-character table: printable Latin-1 bytes map to themselves, the
@@ -45,15 +61,106 @@ fn bytes_to_unicode() -> [char; 256] {
     table
 }
 
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.ids.len())
+            .field("merges", &self.ranks.len())
+            .field("normalization", &self.norm)
+            .finish()
+    }
+}
+
 impl Tokenizer {
     /// The shared tokenizer built from the shipped merge table.
     pub fn clip() -> &'static Tokenizer {
         static T: OnceLock<Tokenizer> = OnceLock::new();
-        T.get_or_init(|| Tokenizer::from_merges(MERGES))
+        T.get_or_init(|| Tokenizer::from_merges(MERGES, Normalization::OpenClip))
+    }
+
+    /// The shipped vocabulary with transformers' normalization: Stable Diffusion's tokenizer
+    /// when a model folder has no `tokenizer/` files.
+    pub fn clip_transformers() -> &'static Tokenizer {
+        static T: OnceLock<Tokenizer> = OnceLock::new();
+        T.get_or_init(|| Tokenizer::from_merges(MERGES, Normalization::Transformers))
+    }
+
+    /// Reads a diffusers/transformers `vocab.json` and `merges.txt` (transformers'
+    /// normalization). Fails with the file's name when a file is missing or malformed, or when
+    /// the vocabulary lacks a merge result, a byte symbol or the special tokens.
+    pub fn from_files(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| Error::Io {
+                path: p.display().to_string(),
+                source: e,
+            })
+        };
+        let (vt, mt) = (read(vocab)?, read(merges)?);
+        let ids: HashMap<String, u32> = serde_json::from_str(&vt).map_err(|e| {
+            Error::Config(format!(
+                "{}: not a token -> id JSON map: {e}",
+                vocab.display()
+            ))
+        })?;
+        let byte_char = bytes_to_unicode();
+        let mut ranks = HashMap::new();
+        for (rank, line) in mt.lines().skip(1).take(N_MERGES).enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let (a, b) = line.split_once(' ').ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: line {} is not a merge 'a b': {line:?}",
+                    merges.display(),
+                    rank + 2
+                ))
+            })?;
+            if !ids.contains_key(&format!("{a}{b}")) {
+                return Err(Error::Config(format!(
+                    "{}: merge '{a} {b}' (line {}) has no entry in {}",
+                    merges.display(),
+                    rank + 2,
+                    vocab.display()
+                )));
+            }
+            ranks.insert((a.to_string(), b.to_string()), rank as u32);
+        }
+        for c in byte_char.iter() {
+            for s in [c.to_string(), format!("{c}</w>")] {
+                if !ids.contains_key(&s) {
+                    return Err(Error::Config(format!(
+                        "{}: the byte symbol {s:?} is missing",
+                        vocab.display()
+                    )));
+                }
+            }
+        }
+        for (name, want) in [("<|startoftext|>", SOT), ("<|endoftext|>", EOT)] {
+            match ids.get(name) {
+                Some(&id) if id == want => {}
+                got => {
+                    return Err(Error::Config(format!(
+                        "{}: {name} must have id {want} (CLIP), found {got:?}",
+                        vocab.display()
+                    )))
+                }
+            }
+        }
+        Ok(Tokenizer {
+            byte_char,
+            ranks,
+            ids,
+            norm: Normalization::Transformers,
+        })
+    }
+
+    /// The cleaning rule in use.
+    pub fn normalization(&self) -> Normalization {
+        self.norm
     }
 
     /// Builds a tokenizer from merges text (a header line, then "a b" per line).
-    fn from_merges(text: &str) -> Tokenizer {
+    fn from_merges(text: &str, norm: Normalization) -> Tokenizer {
         let byte_char = bytes_to_unicode();
         // Vocabulary order: the 256 byte symbols in byte-table order (printable first, as
         // CLIP lists them), the same with `</w>`, one entry per merge, then the specials.
@@ -85,6 +192,7 @@ impl Tokenizer {
             byte_char,
             ranks,
             ids,
+            norm,
         }
     }
 
@@ -96,7 +204,17 @@ impl Tokenizer {
     /// BPE ids of `text` after cleaning, without start/end tokens.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::new();
-        for piece in pre_tokenize(&clean(text)) {
+        let cleaned = match self.norm {
+            Normalization::OpenClip => clean(text),
+            Normalization::Transformers => {
+                let nfc: String = text.nfc().collect();
+                nfc.split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .to_lowercase()
+            }
+        };
+        for piece in pre_tokenize(&cleaned) {
             match piece {
                 Piece::Special(id) => out.push(id),
                 Piece::Text(t) => self.bpe(t, &mut out),
@@ -108,17 +226,23 @@ impl Tokenizer {
     /// `[SOT] + ids + [EOT]`, truncated to `context` (the last kept id becomes EOT), padded
     /// with `pad` (0 as `clip.tokenize` does; Stable Diffusion pads with EOT).
     pub fn tokenize(&self, text: &str, context: usize, pad: u32) -> Vec<u32> {
+        self.tokenize_checked(text, context, pad).0
+    }
+
+    /// [`Tokenizer::tokenize`], also saying whether the text was cut to fit `context`.
+    pub fn tokenize_checked(&self, text: &str, context: usize, pad: u32) -> (Vec<u32>, bool) {
         let mut ids = vec![SOT];
         ids.extend(self.encode(text));
         ids.push(EOT);
-        if ids.len() > context {
+        let cut = ids.len() > context;
+        if cut {
             ids.truncate(context);
             if let Some(last) = ids.last_mut() {
                 *last = EOT;
             }
         }
         ids.resize(context, pad);
-        ids
+        (ids, cut)
     }
 
     /// Merges one pre-token's symbols by rank and appends their ids.
@@ -165,9 +289,14 @@ enum Piece<'a> {
     Text(&'a str),
 }
 
-/// Unicode letters (`\p{L}`): alphabetic characters that are not numbers.
+/// Unicode letters (`\p{L}`, general category L*): alphabetic characters less the ones
+/// Unicode counts as alphabetic without being letters: numbers, combining marks (Devanagari
+/// vowel signs...) and the circled / squared Latin letters (category So).
 fn is_letter(c: char) -> bool {
-    c.is_alphabetic() && !c.is_numeric()
+    c.is_alphabetic()
+        && !c.is_numeric()
+        && !unicode_normalization::char::is_combining_mark(c)
+        && !matches!(c, '\u{24b6}'..='\u{24e9}' | '\u{1f130}'..='\u{1f149}' | '\u{1f150}'..='\u{1f169}' | '\u{1f170}'..='\u{1f189}')
 }
 
 /// Splits cleaned text by CLIP's pattern
