@@ -292,3 +292,50 @@ fn lincomb_kernel_matches_the_cpu_on_awkward_shapes() {
     .unwrap_err();
     assert!(e.to_string().contains("3 values"), "{e}");
 }
+
+#[test]
+fn text_encoder_matches_transformers() {
+    use stablerep::diffusion::text_encoder::{convert, encoder, ClipTextConfig};
+    use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
+    let (gpu, _lock) = common::gpu();
+    let path = "tests/fixtures/sd_text_encoder.safetensors";
+    let ck = Checkpoint::load(Path::new(path)).unwrap();
+    let cfg = ClipTextConfig::from_json(&ck.metadata["config"], "config.json").unwrap();
+    assert_eq!(
+        (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size),
+        (32, 2, 1000)
+    );
+    let weights = convert(&ck, &cfg, "te.", path).unwrap();
+    let ids = &ck.tensors["ref.ids"];
+    let want = &ck.tensors["ref.last_hidden_state"];
+    let (batch, tokens) = (ids.shape[0], ids.shape[1]);
+    let mut g = Graph::new();
+    let (hidden, ids_in) = encoder(&mut g, &cfg, "te.", batch, tokens).unwrap();
+    let mut store = ParamStore::new();
+    for (name, t) in &weights.tensors {
+        store.set(&gpu, name, &t.shape, &t.data).unwrap();
+    }
+    let plan = Plan::compile(&gpu, &g, &[hidden], &mut store, PlanOptions::default()).unwrap();
+    let idv: Vec<u32> = ids.data.iter().map(|&v| v as u32).collect();
+    plan.write_u32(ids_in, &idv).unwrap();
+    let got = &plan.run_fetch(&[hidden]).unwrap()[0];
+    let (worst, tol) = deviation(got, &want.data);
+    assert!(
+        worst <= tol,
+        "last hidden state differs by {worst} (tolerance {tol})"
+    );
+    // Bad weights are clear errors that name the tensor.
+    let mut broken = ck.clone();
+    broken.tensors.remove("encoder.layers.1.mlp.fc2.bias");
+    let e = convert(&broken, &cfg, "te.", path).unwrap_err().to_string();
+    assert!(
+        e.contains("encoder.layers.1.mlp.fc2.bias") && e.contains(path),
+        "{e}"
+    );
+    let mut wrong = cfg.clone();
+    wrong.intermediate_size = 40;
+    let e = convert(&ck, &wrong, "te.", path).unwrap_err().to_string();
+    assert!(e.contains("mlp.fc1.weight") && e.contains("40"), "{e}");
+    let e = ClipTextConfig::from_json(r#"{"vocab_size": 10, "hidden_size": 30, "intermediate_size": 4, "num_attention_heads": 4, "num_hidden_layers": 1, "max_position_embeddings": 7}"#, "c.json").unwrap_err().to_string();
+    assert!(e.contains("c.json") && e.contains("divisible"), "{e}");
+}

@@ -178,7 +178,39 @@ def tokens_fixture():
     print("sd_tokens.json", len(cases), "cases", meta)
 
 
+def text_encoder_fixture():
+    """A tiny random CLIPTextModel (SD's text encoder class; vocabulary 1,000, width 32, 2 layers,
+    4 heads, MLP 37, QuickGELU) in transformers' key names, its config.json in the metadata,
+    and last_hidden_state for two rows of 77 token ids."""
+    import json
+
+    import transformers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(3)
+    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=77, hidden_act="quick_gelu",
+                         layer_norm_eps=1e-5, projection_dim=32)
+    model = CLIPTextModel(cfg).eval()
+    # Random LayerNorm parameters too, so their loading is tested.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "layer_norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    ids = torch.randint(0, 1000, (2, 77))
+    ids[:, 0] = 998
+    with torch.no_grad():
+        hidden = model(input_ids=ids).last_hidden_state
+    t = {k: v.contiguous() for k, v in model.state_dict().items()}
+    t["ref.ids"] = ids.to(torch.int32)
+    t["ref.last_hidden_state"] = hidden.contiguous()
+    meta = {"config": json.dumps(cfg.to_dict()), "transformers": transformers.__version__}
+    save_file(t, OUT / "sd_text_encoder.safetensors", metadata=meta)
+    print("sd_text_encoder.safetensors", len(t), "tensors", float(hidden.abs().max()))
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     schedulers_fixture()
     tokens_fixture()
+    text_encoder_fixture()
