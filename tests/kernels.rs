@@ -564,3 +564,78 @@ fn augmentation_pipeline_matches_the_reference() {
     let y = g.augment(src, prm, size).unwrap();
     check("augmentation", &g, &f, &HashMap::new(), &[y], 1e-4, 1e-4);
 }
+
+#[test]
+fn conv2d_matches_a_direct_convolution() {
+    let (gpu, _lock) = gpu();
+    let mut rng = Rng(77);
+    for case in 0..10 {
+        let (n, c, o) = (rng.int(1, 2), rng.int(1, 5), rng.int(1, 6));
+        let k = [1, 3][rng.int(0, 1)];
+        let (stride, pad) = (rng.int(1, 2), rng.int(0, 1));
+        let (h, w) = (rng.int(k.max(2), 9), rng.int(k.max(2), 9));
+        let mut g = Graph::new();
+        let x = g.input("x", &[n, c, h, w]);
+        let wt = g.param("w", &[o, c, k, k]);
+        let b = g.param("b", &[o]);
+        let y = g.conv2d(x, wt, Some(b), stride, pad).unwrap();
+        let xv = rng.vec(n * c * h * w, -1.0, 1.0);
+        let wv = rng.vec(o * c * k * k, -1.0, 1.0);
+        let bv = rng.vec(o, -1.0, 1.0);
+        let mut feeds = HashMap::new();
+        feeds.insert(x, xv.clone());
+        let params = HashMap::from([("w".to_string(), wv.clone()), ("b".to_string(), bv.clone())]);
+        let got = &run_gpu(&gpu, &g, &feeds, &params, &[y])[0];
+        let cpu = &run_cpu(&g, &feeds, &params, &[y])[0];
+        // Direct convolution in f64, PyTorch's definition.
+        let (ho, wo) = (
+            (h + 2 * pad - k) / stride + 1,
+            (w + 2 * pad - k) / stride + 1,
+        );
+        assert_eq!(g.shape(y), &[n, o, ho, wo]);
+        let mut want = vec![0.0f64; n * o * ho * wo];
+        for nn in 0..n {
+            for oo in 0..o {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut s = bv[oo];
+                        for cc in 0..c {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (oy * stride + ky) as isize - pad as isize;
+                                    let ix = (ox * stride + kx) as isize - pad as isize;
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w
+                                    {
+                                        s += xv
+                                            [((nn * c + cc) * h + iy as usize) * w + ix as usize]
+                                            * wv[((oo * c + cc) * k + ky) * k + kx];
+                                    }
+                                }
+                            }
+                        }
+                        want[((nn * o + oo) * ho + oy) * wo + ox] = s;
+                    }
+                }
+            }
+        }
+        let what = format!("case {case}: n{n} c{c} {h}x{w} o{o} k{k} s{stride} p{pad}");
+        assert_close(&what, got, &want, 1e-4, 1e-5);
+        for (a, b) in cpu.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-9, "{what}: CPU reference");
+        }
+    }
+    // Shapes that do not fit are clear errors. Weight gradients flow through the matmul;
+    // input gradients (through im2col) do not exist yet.
+    let mut g = Graph::new();
+    let x = g.input("x", &[1, 2, 2, 2]);
+    let w = g.param("w", &[1, 2, 3, 3]);
+    let e = g.conv2d(x, w, None, 1, 0).unwrap_err().to_string();
+    assert!(e.contains("im2col") && e.contains("[1, 2, 2, 2]"), "{e}");
+    let w2 = g.param("w2", &[1, 3, 1, 1]);
+    assert!(g.conv2d(x, w2, None, 1, 0).is_err());
+    let y = g.conv2d(x, w, None, 1, 1).unwrap();
+    let l = g.sum_all(y).unwrap();
+    assert!(g.grad(l, &[w]).is_ok());
+    let e = g.grad(l, &[x]).unwrap_err().to_string();
+    assert!(e.contains("no gradient"), "{e}");
+}

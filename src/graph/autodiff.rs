@@ -362,6 +362,12 @@ impl Graph {
                 );
                 vec![(ins[0], g)]
             }
+            Op::Im2col(_) => {
+                return Err(Error::Graph(
+                    "im2col (convolution) has no gradient yet: convolutions are inference-only"
+                        .into(),
+                ))
+            }
             Op::GatherGrad
             | Op::MultiPosGrad { .. }
             | Op::RowGrad(_)

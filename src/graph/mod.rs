@@ -89,6 +89,8 @@ pub enum Op {
     },
     /// (table [V, D], idx u32 [N]) -> [N, D].
     Gather,
+    /// (x [N, C, H, W]) -> [N, Ho * Wo, C * KH * KW]: convolution patches (inference only).
+    Im2col(crate::kernels::layout::Conv2d),
     /// (idx u32 [N], dy [N, D]) -> [vocab, D].
     GatherGrad,
     /// (x): a row-wise op over the last axis.
@@ -545,6 +547,59 @@ impl Graph {
         }
         s[axis] = total;
         Ok(self.push(Op::Pad { axis, start }, vec![x], s, DType::F32))
+    }
+
+    /// Convolution patches of x [N, C, H, W]: [N, Ho * Wo, C * KH * KW] (no gradient yet).
+    pub fn im2col(&mut self, x: NodeId, geom: crate::kernels::layout::Conv2d) -> Result<NodeId> {
+        self.expect_f32("im2col", &[x])?;
+        let s = self.shape(x).to_vec();
+        let bad = || {
+            Error::shape(
+                "im2col",
+                format!("{geom:?} on an input of shape {s:?} (want [N, C, H, W])"),
+            )
+        };
+        if s.len() != 4 {
+            return Err(bad());
+        }
+        let (ho, wo) = geom.out_size(s[2], s[3]).ok_or_else(bad)?;
+        let out = vec![s[0], ho * wo, s[1] * geom.kh * geom.kw];
+        Ok(self.push(Op::Im2col(geom), vec![x], out, DType::F32))
+    }
+
+    /// 2-D convolution, PyTorch's `conv2d`: x [N, C, H, W], w [O, C, KH, KW], optional bias
+    /// [O] -> [N, O, Ho, Wo]. Lowered as im2col, one matmul with the weight shared across the
+    /// batch (the bias joins its stores) and a permute back to channels-first.
+    pub fn conv2d(
+        &mut self,
+        x: NodeId,
+        w: NodeId,
+        bias: Option<NodeId>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<NodeId> {
+        let (sx, sw) = (self.shape(x).to_vec(), self.shape(w).to_vec());
+        if sw.len() != 4 || sx.len() != 4 || sw[1] != sx[1] {
+            return Err(Error::shape(
+                "conv2d",
+                format!("input {sx:?} and weight {sw:?} (want [N, C, H, W] and [O, C, KH, KW])"),
+            ));
+        }
+        let geom = crate::kernels::layout::Conv2d {
+            kh: sw[2],
+            kw: sw[3],
+            stride,
+            pad,
+        };
+        let cols = self.im2col(x, geom)?;
+        let (ho, wo) = geom.out_size(sx[2], sx[3]).expect("checked by im2col");
+        let w2 = self.reshape(w, &[sw[0], sw[1] * sw[2] * sw[3]])?;
+        let mut y = self.matmul_t(cols, w2, false, true)?;
+        if let Some(b) = bias {
+            y = self.add(y, b)?;
+        }
+        let y = self.reshape(y, &[sx[0], ho, wo, sw[0]])?;
+        self.permute(y, &[0, 3, 1, 2])
     }
 
     /// Concatenation along `axis`.

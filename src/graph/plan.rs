@@ -659,6 +659,10 @@ fn lower(
             }
             d
         }
+        Op::Im2col(geom) => {
+            let s = sh(0);
+            layout::im2col(x(0)?, [s[0], s[1], s[2], s[3]], *geom, y, caps)?
+        }
         Op::Gather => {
             let t = sh(0);
             layout::gather(x(0)?, t[0], t[1], x(1)?, y, caps)?

@@ -120,6 +120,19 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
     out.extend(layout::sum_to(v(0, 6), &[2, 3], v(1, 3), &[1, 3], &caps)?);
     out.extend(layout::sum_to(v(0, 8), &[2, 4], v(1, 4), &[1, 4], &caps)?);
     out.extend(layout::gather(v(0, 6), 3, 2, v(1, 2), v(2, 4), &caps)?);
+    let g = layout::Conv2d {
+        kh: 3,
+        kw: 3,
+        stride: 2,
+        pad: 1,
+    };
+    out.extend(layout::im2col(
+        v(0, 2 * 3 * 5 * 4),
+        [2, 3, 5, 4],
+        g,
+        v(1, 2 * 6 * 27),
+        &caps,
+    )?);
     out.extend(layout::gather_grad(v(0, 2), v(1, 4), 3, 2, v(2, 6), &caps)?);
     out.extend(layout::gather_grad_csr(
         v(0, 4),

@@ -224,6 +224,71 @@ pub fn gather(
     }])
 }
 
+/// Geometry of a 2-D convolution's input patches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2d {
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride (both axes).
+    pub stride: usize,
+    /// Zero padding (both axes, both sides).
+    pub pad: usize,
+}
+
+impl Conv2d {
+    /// Output height and width for an `h` x `w` input, or None when the kernel does not fit.
+    pub fn out_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let (hp, wp) = (h + 2 * self.pad, w + 2 * self.pad);
+        if self.stride == 0 || self.kh == 0 || self.kw == 0 || hp < self.kh || wp < self.kw {
+            return None;
+        }
+        Some((
+            (hp - self.kh) / self.stride + 1,
+            (wp - self.kw) / self.stride + 1,
+        ))
+    }
+}
+
+/// im2col: x [n, c, h, w] -> y [n, ho * wo, c * kh * kw] (zeros outside the image).
+pub fn im2col(x: View, dims: [usize; 4], g: Conv2d, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    let [n, c, h, w] = dims;
+    let (ho, wo) = g.out_size(h, w).ok_or_else(|| {
+        crate::Error::shape(
+            "im2col",
+            format!("kernel {g:?} does not fit a {h}x{w} input"),
+        )
+    })?;
+    let r = c * g.kh * g.kw;
+    let total = (n * ho * wo * r) as u64;
+    let (bx, ox) = bind_all(&x, caps, "convolution input")?;
+    let (by, oy) = super::bind(&y, 0, total, caps, "im2col output")?;
+    let k = |v: usize| v.to_string();
+    Ok(vec![Dispatch {
+        key: format!(
+            "im2col_{c}x{h}x{w}_k{}x{}_s{}_p{}",
+            g.kh, g.kw, g.stride, g.pad
+        ),
+        template: "im2col",
+        subst: vec![
+            ("R", k(r)),
+            ("P", k(ho * wo)),
+            ("KK", k(g.kh * g.kw)),
+            ("KW", k(g.kw)),
+            ("WO", k(wo)),
+            ("S", k(g.stride)),
+            ("PAD", k(g.pad)),
+            ("H", k(h)),
+            ("W", k(w)),
+            ("C", k(c)),
+        ],
+        uniform: uniform(&[total as u32, ox, oy, 0]),
+        bindings: vec![bx, by],
+        groups: grid(total.div_ceil(WG_1D as u64), caps)?,
+    }])
+}
+
 /// dtable = scatter-add of dy rows into a `[vocab, dim]` table (no atomics).
 pub fn gather_grad(
     idx: View,

@@ -40,6 +40,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
     ("fill", include_str!("../../shaders/fill.wgsl")),
     ("lincomb", include_str!("../../shaders/lincomb.wgsl")),
+    ("im2col", include_str!("../../shaders/im2col.wgsl")),
 ];
 
 /// Fills `{{KEY}}` placeholders of the template `name`. Fails on unknown templates and on

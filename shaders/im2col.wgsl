@@ -1,0 +1,36 @@
+// im2col for 2-D convolution: x [N, C, H, W] -> cols [N, Ho * Wo, C * KH * KW], each row one
+// output pixel's receptive field (zero outside the image), so that a convolution is
+// cols x W^T with W viewed as [O, C * KH * KW]. One invocation per element of cols; every size
+// is a compile-time constant (divisions become multiplies).
+
+struct Params {
+    total: u32,
+    off_x: u32,
+    off_y: u32,
+    _p0: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> xs: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ys: array<f32>;
+
+@compute @workgroup_size(256, 1, 1)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + lid.x;
+    if (i >= p.total) { return; }
+    let r = i % {{R}}u;
+    let t = i / {{R}}u;
+    let px = t % {{P}}u;
+    let n = t / {{P}}u;
+    let c = r / {{KK}}u;
+    let k = r % {{KK}}u;
+    let ky = k / {{KW}}u;
+    let kx = k % {{KW}}u;
+    let iy = i32((px / {{WO}}u) * {{S}}u + ky) - {{PAD}};
+    let ix = i32((px % {{WO}}u) * {{S}}u + kx) - {{PAD}};
+    var v = 0.0;
+    if (iy >= 0 && iy < {{H}} && ix >= 0 && ix < {{W}}) {
+        v = xs[p.off_x + ((n * {{C}}u + c) * {{H}}u + u32(iy)) * {{W}}u + u32(ix)];
+    }
+    ys[p.off_y + i] = v;
+}
