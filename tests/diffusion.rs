@@ -339,3 +339,117 @@ fn text_encoder_matches_transformers() {
     let e = ClipTextConfig::from_json(r#"{"vocab_size": 10, "hidden_size": 30, "intermediate_size": 4, "num_attention_heads": 4, "num_hidden_layers": 1, "max_position_embeddings": 7}"#, "c.json").unwrap_err().to_string();
     assert!(e.contains("c.json") && e.contains("divisible"), "{e}");
 }
+
+/// Runs `build` on the GPU with `ck`'s tensors under `prefix` as parameters (prefix stripped).
+fn run_block(
+    gpu: &std::sync::Arc<stablerep::gpu::Gpu>,
+    ck: &Checkpoint,
+    prefix: &str,
+    inputs: &[(&str, &[usize], &[f32])],
+    build: impl FnOnce(
+        &mut stablerep::graph::Graph,
+        &[stablerep::graph::NodeId],
+    ) -> stablerep::graph::NodeId,
+) -> Vec<f32> {
+    use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
+    let mut g = Graph::new();
+    let ids: Vec<_> = inputs.iter().map(|(n, s, _)| g.input(n, s)).collect();
+    let y = build(&mut g, &ids);
+    let mut store = ParamStore::new();
+    for (name, t) in &ck.tensors {
+        if let Some(n) = name.strip_prefix(prefix) {
+            store.set(gpu, n, &t.shape, &t.data).unwrap();
+        }
+    }
+    let plan = Plan::compile(gpu, &g, &[y], &mut store, PlanOptions::default()).unwrap();
+    for (id, (_, _, data)) in ids.iter().zip(inputs) {
+        plan.write(*id, data).unwrap();
+    }
+    plan.run_fetch(&[y]).unwrap().remove(0)
+}
+
+#[test]
+fn resnet_blocks_match_diffusers() {
+    use stablerep::diffusion::blocks::{resnet_block, Resnet};
+    let (gpu, _lock) = common::gpu();
+    let ck = Checkpoint::load(Path::new("tests/fixtures/sd_resnet.safetensors")).unwrap();
+    for (name, cin, cout) in [("a", 8, 12), ("b", 12, 12)] {
+        let x = &ck.tensors[&format!("ref.{name}.x")];
+        let t = &ck.tensors[&format!("ref.{name}.temb")];
+        let want = &ck.tensors[&format!("ref.{name}.y")].data;
+        let got = run_block(
+            &gpu,
+            &ck,
+            &format!("{name}."),
+            &[("x", &x.shape, &x.data), ("temb", &t.shape, &t.data)],
+            |g, i| {
+                let r = Resnet {
+                    cin,
+                    cout,
+                    temb: Some(10),
+                    groups: 4,
+                    eps: 1e-5,
+                };
+                resnet_block(g, "", i[0], Some(i[1]), r).unwrap()
+            },
+        );
+        let (worst, tol) = deviation(&got, want);
+        assert!(worst <= tol, "ResnetBlock2D {name}: differs by {worst}");
+    }
+}
+
+#[test]
+fn group_norm_and_upsampling_match_direct_computation() {
+    use stablerep::diffusion::blocks::{group_norm, upsample_nearest2x};
+    let (gpu, _lock) = common::gpu();
+    let mut rng = common::Rng(9);
+    let (n, c, h, w, groups) = (2, 6, 3, 5, 3);
+    let x: Vec<f32> = rng
+        .vec(n * c * h * w, -2.0, 2.0)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let gm: Vec<f32> = rng.vec(c, 0.5, 1.5).iter().map(|&v| v as f32).collect();
+    let bt: Vec<f32> = rng.vec(c, -0.5, 0.5).iter().map(|&v| v as f32).collect();
+    let mut ck = Checkpoint::default();
+    for (k, v) in [("gn.weight", &gm), ("gn.bias", &bt)] {
+        ck.tensors.insert(
+            k.into(),
+            stablerep::nn::checkpoint::HostTensor {
+                shape: vec![c],
+                data: v.clone(),
+            },
+        );
+    }
+    let got = run_block(&gpu, &ck, "", &[("x", &[n, c, h, w], &x)], |g, i| {
+        let a = g.param("gn.weight", &[c]);
+        let b = g.param("gn.bias", &[c]);
+        let y = group_norm(g, i[0], a, b, groups, 1e-5).unwrap();
+        upsample_nearest2x(g, y).unwrap()
+    });
+    let per = c / groups * h * w;
+    let mut norm = vec![0.0f64; x.len()];
+    for (k, chunk) in x.chunks(per).enumerate() {
+        let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / per as f64;
+        let var = chunk
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / per as f64;
+        for (j, &v) in chunk.iter().enumerate() {
+            let ch = (k * per + j) / (h * w) % c;
+            norm[k * per + j] =
+                (v as f64 - mean) / (var + 1e-5).sqrt() * gm[ch] as f64 + bt[ch] as f64;
+        }
+    }
+    assert_eq!(got.len(), 4 * x.len());
+    for (i, v) in got.iter().enumerate() {
+        let (xx, rest) = (i % (2 * w), i / (2 * w));
+        let (yy, nc) = (rest % (2 * h), rest / (2 * h));
+        let want = norm[(nc * h + yy / 2) * w + xx / 2];
+        assert!(
+            (*v as f64 - want).abs() < 1e-4,
+            "element {i}: {v} vs {want}"
+        );
+    }
+}

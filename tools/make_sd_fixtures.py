@@ -209,8 +209,35 @@ def text_encoder_fixture():
     print("sd_text_encoder.safetensors", len(t), "tensors", float(hidden.abs().max()))
 
 
+def resnet_fixture():
+    """diffusers' ResnetBlock2D (8 -> 12 channels, so with its 1x1 shortcut; 4 groups; a 10-wide
+    time embedding) and the same block upsampling-free with equal channels, on random inputs.
+    Weights under `a.` and `b.`; inputs and outputs under `ref.`."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(5)
+    t = {}
+    for name, cin, cout in [("a", 8, 12), ("b", 12, 12)]:
+        blk = ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=10, groups=4, eps=1e-5).eval()
+        with torch.no_grad():
+            for n, p in blk.named_parameters():
+                if "norm" in n:
+                    p.add_(0.2 * torch.randn_like(p))
+        x = torch.randn(2, cin, 5, 7)
+        temb = torch.randn(2, 10)
+        with torch.no_grad():
+            y = blk(x, temb)
+        t.update({f"{name}.{k}": v.contiguous() for k, v in blk.state_dict().items()})
+        t[f"ref.{name}.x"] = x
+        t[f"ref.{name}.temb"] = temb
+        t[f"ref.{name}.y"] = y.contiguous()
+    save_file(t, OUT / "sd_resnet.safetensors", metadata={"diffusers": diffusers.__version__})
+    print("sd_resnet.safetensors", len(t), "tensors")
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     schedulers_fixture()
     tokens_fixture()
     text_encoder_fixture()
+    resnet_fixture()

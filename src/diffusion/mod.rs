@@ -5,6 +5,7 @@
 //! history buffers ([`sampler::Assign`]), so that the same program can run on the host (the
 //! reference, [`sampler::HostState`]) or inside a GPU step plan without readback.
 
+pub mod blocks;
 pub mod gpu_sampler;
 pub mod sampler;
 pub mod schedule;
