@@ -111,15 +111,9 @@ fn check(name: &str, kind: Kind, steps: usize) {
     let mut st = HostState::new(&sampler, noise0);
     let noise = fx.tensors.get(&format!("{name}.noise"));
     for i in 0..sampler.evaluations() {
-        let want = &lat.data[i * n..(i + 1) * n];
-        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs())) as f64;
-        let worst =
-            st.x.iter()
-                .zip(want)
-                .map(|(a, b)| (a - b).abs() as f64)
-                .fold(0.0, f64::max);
+        let (worst, tol) = deviation(&st.x, &lat.data[i * n..(i + 1) * n]);
         assert!(
-            worst <= 1e-4 * scale,
+            worst <= tol,
             "{name}: latents before evaluation {i} differ by {worst}"
         );
         let inp: Vec<f32> =
@@ -135,17 +129,8 @@ fn check(name: &str, kind: Kind, steps: usize) {
         )
         .unwrap();
     }
-    let want = &lat.data[lat.data.len() - n..];
-    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs())) as f64;
-    let worst =
-        st.x.iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs() as f64)
-            .fold(0.0, f64::max);
-    assert!(
-        worst <= 1e-4 * scale,
-        "{name}: final latents differ by {worst} (scale {scale})"
-    );
+    let (worst, tol) = deviation(&st.x, &lat.data[lat.data.len() - n..]);
+    assert!(worst <= tol, "{name}: final latents differ by {worst}");
 }
 
 #[test]
