@@ -438,3 +438,18 @@ fn group_norm_and_upsampling_match_direct_computation() {
         );
     }
 }
+
+#[test]
+fn timestep_features_match_diffusers() {
+    use stablerep::diffusion::blocks::timestep_features;
+    let ck = Checkpoint::load(Path::new("tests/fixtures/sd_timesteps.safetensors")).unwrap();
+    let ts = &ck.tensors["timesteps"].data;
+    for dim in [320usize, 33] {
+        let want = &ck.tensors[&format!("emb{dim}")].data;
+        for (k, &t) in ts.iter().enumerate() {
+            let got = timestep_features(t as f64, dim, true, 0.0);
+            let (worst, tol) = deviation(&got, &want[k * dim..(k + 1) * dim]);
+            assert!(worst <= tol, "dim {dim}, t {t}: differs by {worst}");
+        }
+    }
+}

@@ -235,9 +235,23 @@ def resnet_fixture():
     print("sd_resnet.safetensors", len(t), "tensors")
 
 
+def timestep_fixture():
+    """diffusers' sinusoidal timestep features as SD's UNet computes them (flip_sin_to_cos=True,
+    downscale_freq_shift=0) for float and integer timesteps, widths 320 and 33 (odd: zero pad)."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    ts = torch.tensor([0.0, 1.0, 500.5, 946.4211, 999.0])
+    t = {"timesteps": ts}
+    for dim in (320, 33):
+        t[f"emb{dim}"] = get_timestep_embedding(ts, dim, flip_sin_to_cos=True, downscale_freq_shift=0).contiguous()
+    save_file(t, OUT / "sd_timesteps.safetensors", metadata={"diffusers": diffusers.__version__})
+    print("sd_timesteps.safetensors")
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     schedulers_fixture()
     tokens_fixture()
     text_encoder_fixture()
     resnet_fixture()
+    timestep_fixture()

@@ -133,3 +133,27 @@ pub fn resnet_block(
     };
     g.add(skip, h)
 }
+
+/// diffusers' `get_timestep_embedding` for one timestep (max period 10,000, scale 1), in
+/// the same f32 steps as torch: frequencies exp(-ln(10^4) i / (dim/2 - shift)), then
+/// [sin, cos] of t * freq, swapped to [cos, sin] when `flip` (SD's UNet), zero-padded to an
+/// odd `dim`. The UNet's time MLP takes these features as a per-step input.
+pub fn timestep_features(t: f64, dim: usize, flip: bool, shift: f64) -> Vec<f32> {
+    let half = dim / 2;
+    let ln = -(10_000f64.ln()) as f32;
+    let args: Vec<f32> = (0..half)
+        .map(|i| {
+            let e = ln * i as f32 / (half as f64 - shift) as f32;
+            (t as f32) * e.exp()
+        })
+        .collect();
+    let sin = args.iter().map(|&a| (a as f64).sin() as f32);
+    let cos = args.iter().map(|&a| (a as f64).cos() as f32);
+    let mut out: Vec<f32> = if flip {
+        cos.chain(sin).collect()
+    } else {
+        sin.chain(cos).collect()
+    };
+    out.resize(dim, 0.0);
+    out
+}
