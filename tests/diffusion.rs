@@ -453,3 +453,30 @@ fn timestep_features_match_diffusers() {
         }
     }
 }
+
+#[test]
+fn spatial_transformer_matches_diffusers() {
+    use stablerep::diffusion::blocks::{spatial_transformer, SpatialTransformer};
+    let (gpu, _lock) = common::gpu();
+    let ck = Checkpoint::load(Path::new("tests/fixtures/sd_transformer.safetensors")).unwrap();
+    let x = &ck.tensors["ref.x"];
+    let ctx = &ck.tensors["ref.ctx"];
+    let got = run_block(
+        &gpu,
+        &ck,
+        "m.",
+        &[("x", &x.shape, &x.data), ("ctx", &[14, 12], &ctx.data)],
+        |g, i| {
+            let s = SpatialTransformer {
+                channels: 16,
+                heads: 2,
+                context_dim: 12,
+                groups: 4,
+                layers: 1,
+            };
+            spatial_transformer(g, "", i[0], i[1], 7, s).unwrap()
+        },
+    );
+    let (worst, tol) = deviation(&got, &ck.tensors["ref.y"].data);
+    assert!(worst <= tol, "Transformer2DModel differs by {worst}");
+}

@@ -157,3 +157,129 @@ pub fn timestep_features(t: f64, dim: usize, flip: bool, shift: f64) -> Vec<f32>
     out.resize(dim, 0.0);
     out
 }
+
+/// Multi-head scaled dot-product attention: q [B * Tq, heads * dh], k and v [B * Tk,
+/// heads * dh] -> [B * Tq, heads * dh]. (The score matrix [B * heads, Tq, Tk] is materialized;
+/// large images will need the fused online-softmax kernel.)
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    g: &mut Graph,
+    q: NodeId,
+    k: NodeId,
+    v: NodeId,
+    batch: usize,
+    tq: usize,
+    tk: usize,
+    heads: usize,
+) -> Result<NodeId> {
+    let inner = g.shape(q)[1];
+    if heads == 0 || !inner.is_multiple_of(heads) {
+        return Err(Error::shape(
+            "attention",
+            format!("width {inner} is not divisible by {heads} heads"),
+        ));
+    }
+    let dh = inner / heads;
+    let split = |g: &mut Graph, x: NodeId, t: usize| -> Result<NodeId> {
+        let x = g.reshape(x, &[batch, t, heads, dh])?;
+        let x = g.permute(x, &[0, 2, 1, 3])?;
+        g.reshape(x, &[batch * heads, t, dh])
+    };
+    let (q, k, v) = (split(g, q, tq)?, split(g, k, tk)?, split(g, v, tk)?);
+    let s = g.matmul_t(q, k, false, true)?;
+    let s = g.affine(s, 1.0 / (dh as f32).sqrt(), 0.0)?;
+    let p = g.softmax(s)?;
+    let o = g.matmul(p, v)?;
+    let o = g.reshape(o, &[batch, heads, tq, dh])?;
+    let o = g.permute(o, &[0, 2, 1, 3])?;
+    g.reshape(o, &[batch * tq, inner])
+}
+
+/// LayerNorm over the last axis with `{prefix}weight` / `{prefix}bias` [d].
+fn layer_norm(g: &mut Graph, prefix: &str, x: NodeId, d: usize, eps: f32) -> Result<NodeId> {
+    let w = g.param(&format!("{prefix}weight"), &[d]);
+    let b = g.param(&format!("{prefix}bias"), &[d]);
+    g.layer_norm(x, w, b, eps)
+}
+
+/// Settings of a `Transformer2DModel` (SD 1.x: 1x1 conv projections, one block).
+#[derive(Clone, Copy, Debug)]
+pub struct SpatialTransformer {
+    /// Channels (= heads * head width in SD 1.x).
+    pub channels: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Width of the text states attended to (768 for SD 1.x).
+    pub context_dim: usize,
+    /// GroupNorm groups.
+    pub groups: usize,
+    /// Blocks.
+    pub layers: usize,
+}
+
+/// diffusers' `Transformer2DModel` with SD 1.x's settings: GroupNorm (eps 1e-6), 1x1 conv
+/// `proj_in`, `BasicTransformerBlock`s (LayerNorm eps 1e-5; self-attention; cross-attention to
+/// `context` [B * T, context_dim]; GEGLU feed-forward 4x wide), 1x1 conv `proj_out`, residual.
+pub fn spatial_transformer(
+    g: &mut Graph,
+    prefix: &str,
+    x: NodeId,
+    context: NodeId,
+    ctx_tokens: usize,
+    s: SpatialTransformer,
+) -> Result<NodeId> {
+    let p = |n: &str| format!("{prefix}{n}");
+    let sh = g.shape(x).to_vec();
+    let (b, c, h, w) = (sh[0], sh[1], sh[2], sh[3]);
+    if c != s.channels {
+        return Err(Error::shape(
+            "spatial transformer",
+            format!(
+                "{prefix}: input {sh:?} has {c} channels, the block {}",
+                s.channels
+            ),
+        ));
+    }
+    let gm = g.param(&p("norm.weight"), &[c]);
+    let bt = g.param(&p("norm.bias"), &[c]);
+    let hdn = group_norm(g, x, gm, bt, s.groups, 1e-6)?;
+    let hdn = conv(g, &p("proj_in."), hdn, c, c, 1, 1)?;
+    let hdn = g.permute(hdn, &[0, 2, 3, 1])?;
+    let mut t = g.reshape(hdn, &[b * h * w, c])?;
+    let nobias = |g: &mut Graph, name: String, x: NodeId, cin: usize| -> Result<NodeId> {
+        let wt = g.param(&name, &[c, cin]);
+        g.matmul_t(x, wt, false, true)
+    };
+    for l in 0..s.layers {
+        let q = |n: &str| p(&format!("transformer_blocks.{l}.{n}"));
+        for (attn, norm, cross) in [("attn1", "norm1.", false), ("attn2", "norm2.", true)] {
+            let n = layer_norm(g, &q(norm), t, c, 1e-5)?;
+            let (kv, tk, kd) = if cross {
+                (context, ctx_tokens, s.context_dim)
+            } else {
+                (n, h * w, c)
+            };
+            let qq = nobias(g, q(&format!("{attn}.to_q.weight")), n, c)?;
+            let kk = nobias(g, q(&format!("{attn}.to_k.weight")), kv, kd)?;
+            let vv = nobias(g, q(&format!("{attn}.to_v.weight")), kv, kd)?;
+            let o = attention(g, qq, kk, vv, b, h * w, tk, s.heads)?;
+            let o = linear(g, &q(&format!("{attn}.to_out.0.")), o, c, c)?;
+            t = g.add(t, o)?;
+        }
+        let n = layer_norm(g, &q("norm3."), t, c, 1e-5)?;
+        let inner = 4 * c;
+        let hg = linear(g, &q("ff.net.0.proj."), n, c, 2 * inner)?;
+        let hg = g.reshape(hg, &[b * h * w, 2, inner])?;
+        let hid = g.slice(hg, 1, 0, 1)?;
+        let gate = g.slice(hg, 1, 1, 1)?;
+        let gate = g.unary(UnaryOp::Gelu, gate)?;
+        let ff = g.mul(hid, gate)?;
+        let ff = g.reshape(ff, &[b * h * w, inner])?;
+        let ff = linear(g, &q("ff.net.2."), ff, inner, c)?;
+        t = g.add(t, ff)?;
+    }
+    let t = g.reshape(t, &[b, h, w, c])?;
+    let t = g.permute(t, &[0, 3, 1, 2])?;
+    let t = conv(g, &p("proj_out."), t, c, c, 1, 1)?;
+    g.add(t, x)
+}
