@@ -248,6 +248,60 @@ def timestep_fixture():
     print("sd_timesteps.safetensors")
 
 
+def transformer_fixture():
+    """diffusers' Transformer2DModel as SD 1.x uses it (GroupNorm, 1x1 conv projections, one
+    BasicTransformerBlock: self-attention, cross-attention to the text states, GEGLU
+    feed-forward): 2 heads of 8, 16 channels, 4 groups, text states [2, 7, 12]."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    torch.manual_seed(11)
+    m = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=1,
+                           cross_attention_dim=12, norm_num_groups=4, use_linear_projection=False).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 16, 4, 5)
+    ctx = torch.randn(2, 7, 12)
+    with torch.no_grad():
+        y = m(x, encoder_hidden_states=ctx).sample
+    t = {f"m.{k}": v.contiguous() for k, v in m.state_dict().items()}
+    t.update({"ref.x": x, "ref.ctx": ctx, "ref.y": y.contiguous()})
+    save_file(t, OUT / "sd_transformer.safetensors", metadata={"diffusers": diffusers.__version__})
+    print("sd_transformer.safetensors", len(t), "tensors")
+
+
+def unet_fixture():
+    """A UNet2DConditionModel with SD 1.5's 4-level topology at tiny widths (block_out_channels
+    8, 16, 16, 16; 2 layers per block; SD 1.5's block types; attention_head_dim 2 = 2 heads;
+    cross_attention_dim 16; 4 groups), every parameter perturbed, weights stored in fp16 (the
+    reference runs on the fp16-rounded weights in f32), config.json in the metadata, outputs
+    for a [2, 4, 8, 8] latent at timesteps 981 and 1 with text states [2, 5, 16]."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(13)
+    m = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16, 16, 16), layers_per_block=2,
+                             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                             attention_head_dim=2, cross_attention_dim=16, norm_num_groups=4).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+            p.copy_(p.half().float())
+    x = torch.randn(2, 4, 8, 8)
+    ctx = torch.randn(2, 5, 16)
+    t = {f"unet.{k}": v.half().contiguous() for k, v in m.state_dict().items()}
+    t.update({"ref.x": x, "ref.ctx": ctx})
+    with torch.no_grad():
+        for ts in (981, 1):
+            t[f"ref.eps{ts}"] = m(x, ts, encoder_hidden_states=ctx).sample.contiguous()
+    cfg = {k: v for k, v in dict(m.config).items() if not k.startswith("_")}
+    meta = {"config": json.dumps(cfg), "diffusers": diffusers.__version__}
+    save_file(t, OUT / "sd_unet.safetensors", metadata=meta)
+    print("sd_unet.safetensors", sum(p.numel() for p in m.parameters()), "parameters")
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     schedulers_fixture()
@@ -255,3 +309,5 @@ if __name__ == "__main__":
     text_encoder_fixture()
     resnet_fixture()
     timestep_fixture()
+    transformer_fixture()
+    unet_fixture()
