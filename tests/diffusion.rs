@@ -480,3 +480,60 @@ fn spatial_transformer_matches_diffusers() {
     let (worst, tol) = deviation(&got, &ck.tensors["ref.y"].data);
     assert!(worst <= tol, "Transformer2DModel differs by {worst}");
 }
+
+#[test]
+fn unet_with_sd15_topology_matches_diffusers() {
+    use stablerep::diffusion::blocks::timestep_features;
+    use stablerep::diffusion::unet::{unet, UNetConfig};
+    use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
+    let (gpu, _lock) = common::gpu();
+    let path = "tests/fixtures/sd_unet.safetensors";
+    let ck = Checkpoint::load(Path::new(path)).unwrap();
+    let cfg = UNetConfig::from_json(&ck.metadata["config"], "unet/config.json").unwrap();
+    let x = &ck.tensors["ref.x"];
+    let ctx = &ck.tensors["ref.ctx"];
+    let (b, h, w, tokens) = (x.shape[0], x.shape[2], x.shape[3], ctx.shape[1]);
+    let mut g = Graph::new();
+    let (eps, inp) = unet(&mut g, &cfg, "", b, h, w, tokens).unwrap();
+    let mut store = ParamStore::new();
+    for (name, t) in &ck.tensors {
+        if let Some(n) = name.strip_prefix("unet.") {
+            store.set(&gpu, n, &t.shape, &t.data).unwrap();
+        }
+    }
+    let plan = Plan::compile(&gpu, &g, &[eps], &mut store, PlanOptions::default()).unwrap();
+    plan.write(inp.sample, &x.data).unwrap();
+    plan.write(inp.context, &ctx.data).unwrap();
+    for t in [981, 1] {
+        let feats = timestep_features(
+            t as f64,
+            cfg.block_out_channels[0],
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+        );
+        let time: Vec<f32> = (0..b).flat_map(|_| feats.iter().copied()).collect();
+        plan.write(inp.time, &time).unwrap();
+        let got = plan.run_fetch(&[eps]).unwrap().remove(0);
+        let (worst, tol) = deviation(&got, &ck.tensors[&format!("ref.eps{t}")].data);
+        assert!(
+            worst <= tol,
+            "UNet at t = {t}: differs by {worst} (tolerance {tol})"
+        );
+    }
+    // Configs the builder cannot honour are refused by name.
+    let text = ck.metadata["config"].replace(
+        "\"use_linear_projection\": false",
+        "\"use_linear_projection\": true",
+    );
+    let e = UNetConfig::from_json(&text, "u.json")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("use_linear_projection") && e.contains("u.json"),
+        "{e}"
+    );
+    let e = unet(&mut Graph::new(), &cfg, "", 1, 6, 8, 5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("6x8") && e.contains("multiple of 8"), "{e}");
+}

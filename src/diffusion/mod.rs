@@ -10,3 +10,4 @@ pub mod gpu_sampler;
 pub mod sampler;
 pub mod schedule;
 pub mod text_encoder;
+pub mod unet;
