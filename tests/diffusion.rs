@@ -537,3 +537,64 @@ fn unet_with_sd15_topology_matches_diffusers() {
         .to_string();
     assert!(e.contains("6x8") && e.contains("multiple of 8"), "{e}");
 }
+
+/// Runs the VAE encoder or decoder of the fixture on `input`, with the checkpoint `ck`.
+fn run_vae(
+    gpu: &std::sync::Arc<stablerep::gpu::Gpu>,
+    ck: &Checkpoint,
+    decode: bool,
+    input: &stablerep::nn::checkpoint::HostTensor,
+) -> Vec<f32> {
+    use stablerep::diffusion::vae::{decoder, encoder, VaeConfig};
+    let cfg = VaeConfig::from_json(&ck.metadata["config"], "vae/config.json").unwrap();
+    run_block(
+        gpu,
+        ck,
+        "vae.",
+        &[("x", &input.shape, &input.data)],
+        |g, i| {
+            if decode {
+                decoder(g, &cfg, "", i[0]).unwrap()
+            } else {
+                encoder(g, &cfg, "", i[0]).unwrap()
+            }
+        },
+    )
+}
+
+#[test]
+fn vae_decoder_and_encoder_match_diffusers() {
+    use stablerep::diffusion::vae::rename_legacy_attention;
+    let (gpu, _lock) = common::gpu();
+    let ck = Checkpoint::load(Path::new("tests/fixtures/sd_vae.safetensors")).unwrap();
+    let got = run_vae(&gpu, &ck, true, &ck.tensors["ref.z"]);
+    let (worst, tol) = deviation(&got, &ck.tensors["ref.decoded"].data);
+    assert!(worst <= tol, "VAE decode differs by {worst}");
+    let got = run_vae(&gpu, &ck, false, &ck.tensors["ref.image"]);
+    let (worst, tol) = deviation(&got, &ck.tensors["ref.moments"].data);
+    assert!(worst <= tol, "VAE encode differs by {worst}");
+    // The same weights under the legacy attention names, as 1x1 convs, decode the same.
+    let mut legacy = ck.clone();
+    let names: Vec<String> = legacy
+        .tensors
+        .keys()
+        .filter(|k| k.contains(".to_"))
+        .cloned()
+        .collect();
+    for n in names {
+        let mut t = legacy.tensors.remove(&n).unwrap();
+        if t.shape.len() == 2 {
+            t.shape.extend([1, 1]);
+        }
+        let old = n
+            .replace(".to_q.", ".query.")
+            .replace(".to_k.", ".key.")
+            .replace(".to_v.", ".value.")
+            .replace(".to_out.0.", ".proj_attn.");
+        legacy.tensors.insert(old, t);
+    }
+    assert!(legacy.tensors.keys().any(|k| k.contains(".proj_attn.")));
+    rename_legacy_attention(&mut legacy);
+    let again = run_vae(&gpu, &legacy, true, &ck.tensors["ref.z"]);
+    assert_eq!(again, run_vae(&gpu, &ck, true, &ck.tensors["ref.z"]));
+}

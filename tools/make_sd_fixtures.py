@@ -302,6 +302,36 @@ def unet_fixture():
     print("sd_unet.safetensors", sum(p.numel() for p in m.parameters()), "parameters")
 
 
+def vae_fixture():
+    """An AutoencoderKL with SD's 4-level layout at tiny widths (8, 16, 16, 16; 2 layers per
+    block; 4 groups), parameters perturbed and rounded to fp16 (stored fp16), config.json in the
+    metadata; decode of a [2, 4, 4, 4] latent and encode (the posterior moments after quant_conv)
+    of a [1, 3, 32, 32] image."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(17)
+    m = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
+                      layers_per_block=2, norm_num_groups=4, sample_size=32,
+                      down_block_types=("DownEncoderBlock2D",) * 4,
+                      up_block_types=("UpDecoderBlock2D",) * 4).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+            p.copy_(p.half().float())
+    z = torch.randn(2, 4, 4, 4)
+    img = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        dec = m.decode(z).sample
+        moments = m.quant_conv(m.encoder(img))
+    t = {f"vae.{k}": v.half().contiguous() for k, v in m.state_dict().items()}
+    t.update({"ref.z": z, "ref.decoded": dec.contiguous(), "ref.image": img, "ref.moments": moments.contiguous()})
+    cfg = {k: v for k, v in dict(m.config).items() if not k.startswith("_")}
+    save_file(t, OUT / "sd_vae.safetensors", metadata={"config": json.dumps(cfg), "diffusers": diffusers.__version__})
+    print("sd_vae.safetensors", sum(p.numel() for p in m.parameters()), "parameters", sorted(k for k in t if "mid_block.attentions" in k)[:6])
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     schedulers_fixture()
@@ -311,3 +341,4 @@ if __name__ == "__main__":
     timestep_fixture()
     transformer_fixture()
     unet_fixture()
+    vae_fixture()

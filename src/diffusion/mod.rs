@@ -11,3 +11,4 @@ pub mod sampler;
 pub mod schedule;
 pub mod text_encoder;
 pub mod unet;
+pub mod vae;
