@@ -598,3 +598,49 @@ fn vae_decoder_and_encoder_match_diffusers() {
     let again = run_vae(&gpu, &legacy, true, &ck.tensors["ref.z"]);
     assert_eq!(again, run_vae(&gpu, &ck, true, &ck.tensors["ref.z"]));
 }
+
+#[test]
+fn guided_sampling_and_decoding_match_diffusers() {
+    use stablerep::diffusion::pipeline::{sample, Denoiser};
+    use stablerep::diffusion::unet::UNetConfig;
+    use stablerep::graph::ParamStore;
+    let (gpu, _lock) = common::gpu();
+    let uk = Checkpoint::load(Path::new("tests/fixtures/sd_unet.safetensors")).unwrap();
+    let vk = Checkpoint::load(Path::new("tests/fixtures/sd_vae.safetensors")).unwrap();
+    let fx = Checkpoint::load(Path::new("tests/fixtures/sd_guided.safetensors")).unwrap();
+    let cfg = UNetConfig::from_json(&uk.metadata["config"], "unet/config.json").unwrap();
+    let mut store = ParamStore::new();
+    for (name, t) in &uk.tensors {
+        if let Some(n) = name.strip_prefix("unet.") {
+            store.set(&gpu, n, &t.shape, &t.data).unwrap();
+        }
+    }
+    let den = Denoiser::new(&gpu, &cfg, &mut store, 8, 8, 5, true).unwrap();
+    let ctx = &fx.tensors["ctx"].data;
+    den.set_context(Some(&ctx[..80]), &ctx[80..]).unwrap();
+    for (name, kind) in [
+        ("ddim", Kind::Ddim { eta: 0.0 }),
+        ("dpmpp_2m", Kind::DpmPP2M { karras: false }),
+    ] {
+        let sampler = Sampler::new(kind, &SchedulerConfig::default(), 4).unwrap();
+        let lat = sample(
+            &gpu,
+            &den,
+            sampler,
+            &fx.tensors["noise"].data,
+            7.5,
+            |_| vec![],
+        )
+        .unwrap();
+        let (worst, tol) = deviation(&lat, &fx.tensors[&format!("{name}.latents")].data);
+        assert!(worst <= tol, "{name}: final latents differ by {worst}");
+        let z: Vec<f32> = lat.iter().map(|&v| v / 0.18215).collect();
+        let zt = stablerep::nn::checkpoint::HostTensor {
+            shape: vec![1, 4, 8, 8],
+            data: z,
+        };
+        let img = run_vae(&gpu, &vk, true, &zt);
+        let (worst, tol) = deviation(&img, &fx.tensors[&format!("{name}.image")].data);
+        assert!(worst <= tol, "{name}: decoded image differs by {worst}");
+    }
+}

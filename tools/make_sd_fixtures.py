@@ -332,6 +332,46 @@ def vae_fixture():
     print("sd_vae.safetensors", sum(p.numel() for p in m.parameters()), "parameters", sorted(k for k in t if "mid_block.attentions" in k)[:6])
 
 
+def guided_run_fixture():
+    """Guided sampling end to end with the tiny UNet and VAE above (loaded back from their
+    fixtures): uncond/cond text states [2, 5, 16], saved initial noise [1, 4, 8, 8], guidance
+    7.5, 4 steps of DDIM and of DPM-Solver++(2M) with SD 1.5's scheduler config, diffusers'
+    explicit pipeline loop; the final latents and the decoded image."""
+    from safetensors.torch import load_file
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    import json
+
+    def load(name, cls):
+        st = load_file(OUT / f"sd_{name}.safetensors")
+        from safetensors import safe_open
+        with safe_open(OUT / f"sd_{name}.safetensors", "pt") as f:
+            cfg = json.loads(f.metadata()["config"])
+        m = cls.from_config(cfg).eval()
+        m.load_state_dict({k[len(name) + 1:]: v.float() for k, v in st.items() if k.startswith(name + ".")})
+        return m
+
+    unet, vae = load("unet", UNet2DConditionModel), load("vae", AutoencoderKL)
+    torch.manual_seed(19)
+    ctx = torch.randn(2, 5, 16)
+    noise = torch.randn(1, 4, 8, 8)
+    t = {"ctx": ctx, "noise": noise}
+    for name, cls in [("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)]:
+        sched = cls.from_config(SD15)
+        sched.set_timesteps(4)
+        lat = noise * sched.init_noise_sigma
+        with torch.no_grad():
+            for ts in sched.timesteps:
+                inp = sched.scale_model_input(torch.cat([lat, lat]), ts)
+                e = unet(inp, ts, encoder_hidden_states=ctx).sample
+                eu, ec = e.chunk(2)
+                lat = sched.step(eu + 7.5 * (ec - eu), ts, lat).prev_sample
+            img = vae.decode(lat / 0.18215).sample
+        t[f"{name}.latents"] = lat.contiguous()
+        t[f"{name}.image"] = img.contiguous()
+    save_file(t, OUT / "sd_guided.safetensors", metadata={"diffusers": diffusers.__version__})
+    print("sd_guided.safetensors", float(t["ddim.image"].abs().max()))
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     schedulers_fixture()
@@ -342,3 +382,4 @@ if __name__ == "__main__":
     transformer_fixture()
     unet_fixture()
     vae_fixture()
+    guided_run_fixture()
