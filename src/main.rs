@@ -21,6 +21,44 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
+    /// Generate images from a prompt with a Stable Diffusion 1.x model folder (diffusers
+    /// layout), written as PNGs `00000.png`, `00001.png`, ... to --out.
+    Generate {
+        /// Model folder: text_encoder/, unet/, vae/ (config.json + safetensors, fp32 or fp16),
+        /// optional tokenizer/ and scheduler/.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// What to steer away from (the unconditional branch of guidance).
+        #[arg(long, default_value = "")]
+        negative_prompt: String,
+        /// Images for the prompt.
+        #[arg(long, default_value_t = 1)]
+        images_per_prompt: usize,
+        /// Classifier-free guidance scale (<= 1 turns guidance off).
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f64,
+        /// Sampler steps.
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// ddim, pndm, euler, euler-a, dpmpp-2m or dpmpp-2m-karras.
+        #[arg(long, default_value = "pndm")]
+        sampler: String,
+        /// DDIM's eta.
+        #[arg(long, default_value_t = 0.0)]
+        eta: f64,
+        /// Seed: image k's noise depends on (seed, k) only.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+        /// Output folder.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// List every GPU adapter, then the chosen one with its limits and features.
     Info {
         /// Print JSON instead of text.
@@ -290,6 +328,47 @@ fn run(cli: Cli) -> stablerep::Result<()> {
     };
     match cli.cmd {
         Cmd::Info { json } => info(&opts, json),
+        Cmd::Generate {
+            model,
+            prompt,
+            negative_prompt,
+            images_per_prompt,
+            guidance,
+            steps,
+            sampler,
+            eta,
+            seed,
+            size,
+            out,
+        } => {
+            use stablerep::diffusion::model::{generate, GenerateOptions, SdModel};
+            use stablerep::diffusion::sampler::Kind;
+            let kind = Kind::parse(&sampler, eta)?;
+            let m = SdModel::load(&model)?;
+            let o = GenerateOptions {
+                prompt,
+                negative: negative_prompt,
+                images: images_per_prompt,
+                guidance,
+                steps,
+                sampler: kind,
+                seed,
+                caption: 0,
+                size,
+            };
+            o.check(&m)?;
+            let gpu = Gpu::new(&opts)?;
+            let t0 = std::time::Instant::now();
+            let images = generate(&gpu, &m, &o, |done, total| {
+                eprintln!("image {done}/{total} ({:.1} s)", t0.elapsed().as_secs_f64())
+            })?;
+            for (k, img) in images.iter().enumerate() {
+                let p = out.join(format!("{k:05}.png"));
+                stablerep::data::pool::save_rgb(&p, size, size, img)?;
+                println!("{}", p.display());
+            }
+            Ok(())
+        }
         Cmd::Probe {
             checkpoint,
             train,

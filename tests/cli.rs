@@ -399,3 +399,122 @@ fn stablerep_plus_fixed_batch_matches_pytorch_and_errors_are_clear() {
     assert!(err.contains("text tower"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A tiny SD 1.x model folder: the fixture UNet and VAE, and a random one-layer text encoder
+/// over CLIP's full vocabulary (so the shipped tokenizer's ids fit), in diffusers' layout.
+fn tiny_sd_folder(dir: &Path) {
+    use stablerep::nn::checkpoint::HostTensor;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (name, sub, file) in [
+        ("unet", "unet", "diffusion_pytorch_model.safetensors"),
+        ("vae", "vae", "diffusion_pytorch_model.safetensors"),
+    ] {
+        let ck = Checkpoint::load(&fixtures.join(format!("sd_{name}.safetensors"))).unwrap();
+        let mut out = Checkpoint::default();
+        for (k, t) in &ck.tensors {
+            if let Some(n) = k.strip_prefix(&format!("{name}.")) {
+                out.tensors.insert(n.to_string(), t.clone());
+            }
+        }
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        out.save(&dir.join(sub).join(file)).unwrap();
+        std::fs::write(dir.join(sub).join("config.json"), &ck.metadata["config"]).unwrap();
+    }
+    let (v, d, m) = (49_408usize, 16usize, 24usize);
+    let mut rng = common::Rng(5);
+    let mut te = Checkpoint::default();
+    let mut put = |name: &str, shape: Vec<usize>| {
+        let n = shape.iter().product();
+        let data = rng.vec(n, -0.1, 0.1).iter().map(|&x| x as f32).collect();
+        te.tensors
+            .insert(format!("text_model.{name}"), HostTensor { shape, data });
+    };
+    put("embeddings.token_embedding.weight", vec![v, d]);
+    put("embeddings.position_embedding.weight", vec![77, d]);
+    for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+        put(
+            &format!("encoder.layers.0.self_attn.{p}.weight"),
+            vec![d, d],
+        );
+        put(&format!("encoder.layers.0.self_attn.{p}.bias"), vec![d]);
+    }
+    for n in ["layer_norm1", "layer_norm2"] {
+        put(&format!("encoder.layers.0.{n}.weight"), vec![d]);
+        put(&format!("encoder.layers.0.{n}.bias"), vec![d]);
+    }
+    put("encoder.layers.0.mlp.fc1.weight", vec![m, d]);
+    put("encoder.layers.0.mlp.fc1.bias", vec![m]);
+    put("encoder.layers.0.mlp.fc2.weight", vec![d, m]);
+    put("encoder.layers.0.mlp.fc2.bias", vec![d]);
+    put("final_layer_norm.weight", vec![d]);
+    put("final_layer_norm.bias", vec![d]);
+    std::fs::create_dir_all(dir.join("text_encoder")).unwrap();
+    te.save(&dir.join("text_encoder/model.safetensors"))
+        .unwrap();
+    std::fs::write(
+        dir.join("text_encoder/config.json"),
+        format!(r#"{{"vocab_size": {v}, "hidden_size": {d}, "intermediate_size": {m}, "num_attention_heads": 2, "num_hidden_layers": 1, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}}"#),
+    )
+    .unwrap();
+}
+
+#[test]
+fn generate_writes_reproducible_images_from_a_model_folder() {
+    let dir = tmp("sd");
+    let model = dir.join("model");
+    tiny_sd_folder(&model);
+    let gen = |out: &str, extra: &[&str]| {
+        let mut c = bin();
+        c.args(["generate", "--model"]).arg(&model);
+        c.args([
+            "--prompt",
+            "a red cube on a table",
+            "--images-per-prompt",
+            "2",
+            "--out",
+        ]);
+        c.arg(dir.join(out));
+        // Defaults unless the case sets them.
+        for (flag, value) in [
+            ("--steps", "2"),
+            ("--size", "64"),
+            ("--sampler", "dpmpp-2m"),
+        ] {
+            if !extra.contains(&flag) {
+                c.args([flag, value]);
+            }
+        }
+        c.args(extra);
+        c.output().unwrap()
+    };
+    let o = gen("a", &["--seed", "3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |p: PathBuf| std::fs::read(p).unwrap();
+    for k in 0..2 {
+        let img = image::open(dir.join(format!("a/{k:05}.png"))).unwrap();
+        assert_eq!((img.width(), img.height()), (64, 64));
+    }
+    assert_ne!(read(dir.join("a/00000.png")), read(dir.join("a/00001.png")));
+    let o = gen("b", &["--seed", "3"]);
+    assert!(o.status.success());
+    assert_eq!(
+        read(dir.join("a/00000.png")),
+        read(dir.join("b/00000.png")),
+        "same seed, same image"
+    );
+    let o = gen("c", &["--seed", "4"]);
+    assert!(o.status.success());
+    assert_ne!(read(dir.join("a/00000.png")), read(dir.join("c/00000.png")));
+    // Bad settings and files fail before any GPU work, with the reason.
+    let err = |o: std::process::Output| String::from_utf8_lossy(&o.stderr).to_string();
+    let e = err(gen("d", &["--size", "60"]));
+    assert!(e.contains("--size 60") && e.contains("64"), "{e}");
+    let e = err(gen("d", &["--steps", "0"]));
+    assert!(e.contains("--steps"), "{e}");
+    let e = err(gen("d", &["--sampler", "heun"]));
+    assert!(e.contains("heun"), "{e}");
+    std::fs::remove_file(model.join("unet/config.json")).unwrap();
+    let e = err(gen("d", &[]));
+    assert!(e.contains("unet/config.json"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

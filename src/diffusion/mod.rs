@@ -7,6 +7,7 @@
 
 pub mod blocks;
 pub mod gpu_sampler;
+pub mod model;
 pub mod pipeline;
 pub mod sampler;
 pub mod schedule;

@@ -85,6 +85,11 @@ impl Tokenizer {
         T.get_or_init(|| Tokenizer::from_merges(MERGES, Normalization::Transformers))
     }
 
+    /// An owned copy of [`Tokenizer::clip_transformers`] (for models that keep their tokenizer).
+    pub fn from_merges_transformers() -> Tokenizer {
+        Tokenizer::from_merges(MERGES, Normalization::Transformers)
+    }
+
     /// Reads a diffusers/transformers `vocab.json` and `merges.txt` (transformers'
     /// normalization). Fails with the file's name when a file is missing or malformed, or when
     /// the vocabulary lacks a merge result, a byte symbol or the special tokens.

@@ -1,0 +1,274 @@
+//! A Stable Diffusion 1.x model folder in diffusers' layout: `tokenizer/` (optional: the
+//! shipped CLIP vocabulary otherwise), `text_encoder/`, `unet/`, `vae/` (each a `config.json`
+//! and a safetensors file, fp32 or fp16), `scheduler/scheduler_config.json` (optional: SD 1.5's
+//! otherwise). Every missing or malformed file is an error that names it, before any GPU work.
+//! Then `generate`: prompt -> images.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::pipeline::{sample, Denoiser};
+use super::sampler::{Kind, Sampler};
+use super::schedule::SchedulerConfig;
+use super::text_encoder::{self, ClipTextConfig};
+use super::unet::UNetConfig;
+use super::vae::{self, VaeConfig};
+use crate::data::sampler::Rng;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::graph::{Graph, ParamStore, Plan, PlanOptions};
+use crate::nn::checkpoint::Checkpoint;
+use crate::text::tokenizer::{Tokenizer, EOT};
+
+/// Weight file names tried in each component folder, in order.
+const WEIGHT_FILES: [&str; 4] = [
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "model.fp16.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+];
+
+/// A loaded model folder (weights on the host until `generate` uploads them).
+pub struct SdModel {
+    /// Where it came from.
+    pub dir: PathBuf,
+    /// The tokenizer (the folder's or the shipped one).
+    pub tokenizer: Tokenizer,
+    /// Text encoder config.
+    pub text: ClipTextConfig,
+    /// UNet config.
+    pub unet: UNetConfig,
+    /// VAE config.
+    pub vae: VaeConfig,
+    /// Scheduler config.
+    pub scheduler: SchedulerConfig,
+    text_weights: Checkpoint,
+    unet_weights: Checkpoint,
+    vae_weights: Checkpoint,
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    })
+}
+
+fn weights(dir: &Path) -> Result<Checkpoint> {
+    let found = WEIGHT_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.exists());
+    match found {
+        Some(p) => Checkpoint::load(&p),
+        None => Err(Error::Config(format!(
+            "{}: no weights (looked for {})",
+            dir.display(),
+            WEIGHT_FILES.join(", ")
+        ))),
+    }
+}
+
+impl SdModel {
+    /// Reads every config and weight file of the folder.
+    pub fn load(dir: &Path) -> Result<SdModel> {
+        if !dir.is_dir() {
+            return Err(Error::Config(format!(
+                "{}: not a model folder (diffusers layout: text_encoder/, unet/, vae/, ...)",
+                dir.display()
+            )));
+        }
+        let cfg = |sub: &str| -> Result<(PathBuf, String)> {
+            let p = dir.join(sub).join("config.json");
+            let t = read(&p)?;
+            Ok((p, t))
+        };
+        let (p, t) = cfg("text_encoder")?;
+        let text = ClipTextConfig::from_json(&t, &p.display().to_string())?;
+        let (p, t) = cfg("unet")?;
+        let unet = UNetConfig::from_json(&t, &p.display().to_string())?;
+        let (p, t) = cfg("vae")?;
+        let vae = VaeConfig::from_json(&t, &p.display().to_string())?;
+        if unet.cross_attention_dim != text.hidden_size {
+            return Err(Error::Config(format!(
+                "{}: the UNet attends to {}-wide text states but the text encoder is {} wide",
+                dir.display(),
+                unet.cross_attention_dim,
+                text.hidden_size
+            )));
+        }
+        let sp = dir.join("scheduler").join("scheduler_config.json");
+        let scheduler = if sp.exists() {
+            SchedulerConfig::from_json(&read(&sp)?, &sp.display().to_string())?
+        } else {
+            SchedulerConfig::default()
+        };
+        let (vp, mp) = (
+            dir.join("tokenizer/vocab.json"),
+            dir.join("tokenizer/merges.txt"),
+        );
+        let tokenizer = if vp.exists() && mp.exists() {
+            Tokenizer::from_files(&vp, &mp)?
+        } else {
+            Tokenizer::from_merges_transformers()
+        };
+        let te = dir.join("text_encoder");
+        let text_weights =
+            text_encoder::convert(&weights(&te)?, &text, "", &te.display().to_string())?;
+        let unet_weights = weights(&dir.join("unet"))?;
+        let mut vae_weights = weights(&dir.join("vae"))?;
+        vae::rename_legacy_attention(&mut vae_weights);
+        Ok(SdModel {
+            dir: dir.to_path_buf(),
+            tokenizer,
+            text,
+            unet,
+            vae,
+            scheduler,
+            text_weights,
+            unet_weights,
+            vae_weights,
+        })
+    }
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt ("" = unconditional).
+    pub negative: String,
+    /// Images.
+    pub images: usize,
+    /// Classifier-free guidance scale (guidance off at <= 1).
+    pub guidance: f64,
+    /// Sampler steps.
+    pub steps: usize,
+    /// Sampler.
+    pub sampler: Kind,
+    /// Seed; image k's noise comes from (seed, caption, k).
+    pub seed: u64,
+    /// Caption index (for the noise seed; 0 for a single prompt).
+    pub caption: u64,
+    /// Image side in pixels.
+    pub size: usize,
+}
+
+impl GenerateOptions {
+    /// Checks the settings against the model, before any GPU work.
+    pub fn check(&self, m: &SdModel) -> Result<()> {
+        let f = m.vae.downscale() << (m.unet.block_out_channels.len() - 1);
+        if self.size == 0 || !self.size.is_multiple_of(f) {
+            return Err(Error::Config(format!(
+                "--size {} must be a positive multiple of {f} for this model",
+                self.size
+            )));
+        }
+        if self.steps == 0 {
+            return Err(Error::Config("--steps must be at least 1".into()));
+        }
+        if self.guidance.is_nan() || self.guidance < 0.0 {
+            return Err(Error::Config(format!(
+                "--guidance must be >= 0, got {}",
+                self.guidance
+            )));
+        }
+        if self.images == 0 {
+            return Err(Error::Config(
+                "--images-per-prompt must be at least 1".into(),
+            ));
+        }
+        Sampler::new(self.sampler, &m.scheduler, self.steps).map(|_| ())
+    }
+}
+
+/// Standard-normal noise of image `k` of caption `caption` under `seed`.
+pub fn image_noise(seed: u64, caption: u64, k: u64, len: usize) -> Vec<f32> {
+    let mut r = Rng(seed
+        ^ caption.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ k.wrapping_mul(0xC2B2_AE3D_27D4_EB4F));
+    (0..len).map(|_| r.normal() as f32).collect()
+}
+
+/// Generates `o.images` images [3, size, size] in [0, 1]; `progress(done, total)` is called
+/// after each image.
+pub fn generate(
+    gpu: &Arc<Gpu>,
+    m: &SdModel,
+    o: &GenerateOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Vec<f32>>> {
+    o.check(m)?;
+    let f = m.vae.downscale();
+    let sampler = Sampler::new(o.sampler, &m.scheduler, o.steps)?;
+    let guided = o.guidance > 1.0;
+    let tokens = m.text.max_position_embeddings;
+    // Text states: [uncond, cond] or [cond].
+    let mut ids = Vec::new();
+    let prompts: Vec<&str> = if guided {
+        vec![&o.negative, &o.prompt]
+    } else {
+        vec![&o.prompt]
+    };
+    for p in &prompts {
+        let (t, cut) = m.tokenizer.tokenize_checked(p, tokens, EOT);
+        if cut {
+            log::warn!("prompt longer than {tokens} tokens was truncated: {p:?}");
+        }
+        ids.extend(t);
+    }
+    let mut store = ParamStore::new();
+    for (name, t) in &m.text_weights.tensors {
+        store.set(gpu, name, &t.shape, &t.data)?;
+    }
+    let mut g = Graph::new();
+    let (hidden, ids_in) = text_encoder::encoder(&mut g, &m.text, "", prompts.len(), tokens)?;
+    let plan = Plan::compile(gpu, &g, &[hidden], &mut store, PlanOptions::default())?;
+    plan.write_u32(ids_in, &ids)?;
+    let states = plan.run_fetch(&[hidden])?.remove(0);
+    drop(plan);
+    drop(store);
+    let mut store = ParamStore::new();
+    for (name, t) in &m.unet_weights.tensors {
+        store.set(gpu, name, &t.shape, &t.data)?;
+    }
+    let lat = o.size / f;
+    let den = Denoiser::new(gpu, &m.unet, &mut store, lat, lat, tokens, guided)?;
+    let per = tokens * m.text.hidden_size;
+    if guided {
+        den.set_context(Some(&states[..per]), &states[per..])?;
+    } else {
+        den.set_context(None, &states)?;
+    }
+    let mut vstore = ParamStore::new();
+    for (name, t) in &m.vae_weights.tensors {
+        vstore.set(gpu, name, &t.shape, &t.data)?;
+    }
+    let mut vg = Graph::new();
+    let z = vg.input("z", &[1, m.vae.latent_channels, lat, lat]);
+    let image = vae::decoder(&mut vg, &m.vae, "", z)?;
+    let vplan = Plan::compile(gpu, &vg, &[image], &mut vstore, PlanOptions::default())?;
+    let len = m.unet.in_channels * lat * lat;
+    let mut out = Vec::with_capacity(o.images);
+    for k in 0..o.images {
+        let noise = image_noise(o.seed, o.caption, k as u64, len);
+        let mut step_rng = Rng(o.seed ^ 0x5EED ^ ((k as u64) << 32) ^ o.caption);
+        let latent = sample(gpu, &den, sampler.clone(), &noise, o.guidance, |_| {
+            (0..len).map(|_| step_rng.normal() as f32).collect()
+        })?;
+        let zs: Vec<f32> = latent
+            .iter()
+            .map(|&v| (v as f64 / m.vae.scaling_factor) as f32)
+            .collect();
+        vplan.write(z, &zs)?;
+        let img = vplan.run_fetch(&[image])?.remove(0);
+        out.push(
+            img.iter()
+                .map(|&v| (v * 0.5 + 0.5).clamp(0.0, 1.0))
+                .collect(),
+        );
+        progress(k + 1, o.images);
+    }
+    Ok(out)
+}
