@@ -615,23 +615,16 @@ fn guided_sampling_and_decoding_match_diffusers() {
             store.set(&gpu, n, &t.shape, &t.data).unwrap();
         }
     }
-    let den = Denoiser::new(&gpu, &cfg, &mut store, 8, 8, 5, true).unwrap();
+    let den = Denoiser::new(&gpu, &cfg, &mut store, 8, 8, 5, 7.5).unwrap();
     let ctx = &fx.tensors["ctx"].data;
     den.set_context(Some(&ctx[..80]), &ctx[80..]).unwrap();
     for (name, kind) in [
         ("ddim", Kind::Ddim { eta: 0.0 }),
         ("dpmpp_2m", Kind::DpmPP2M { karras: false }),
+        ("euler", Kind::Euler),
     ] {
         let sampler = Sampler::new(kind, &SchedulerConfig::default(), 4).unwrap();
-        let lat = sample(
-            &gpu,
-            &den,
-            sampler,
-            &fx.tensors["noise"].data,
-            7.5,
-            |_| vec![],
-        )
-        .unwrap();
+        let lat = sample(&gpu, &den, sampler, &fx.tensors["noise"].data, |_| vec![]).unwrap();
         let (worst, tol) = deviation(&lat, &fx.tensors[&format!("{name}.latents")].data);
         assert!(worst <= tol, "{name}: final latents differ by {worst}");
         let z: Vec<f32> = lat.iter().map(|&v| v / 0.18215).collect();

@@ -335,7 +335,7 @@ def vae_fixture():
 def guided_run_fixture():
     """Guided sampling end to end with the tiny UNet and VAE above (loaded back from their
     fixtures): uncond/cond text states [2, 5, 16], saved initial noise [1, 4, 8, 8], guidance
-    7.5, 4 steps of DDIM and of DPM-Solver++(2M) with SD 1.5's scheduler config, diffusers'
+    7.5, 4 steps of DDIM, DPM-Solver++(2M) and Euler (scaled inputs) with SD 1.5's scheduler config, diffusers'
     explicit pipeline loop; the final latents and the decoded image."""
     from safetensors.torch import load_file
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -355,7 +355,7 @@ def guided_run_fixture():
     ctx = torch.randn(2, 5, 16)
     noise = torch.randn(1, 4, 8, 8)
     t = {"ctx": ctx, "noise": noise}
-    for name, cls in [("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)]:
+    for name, cls in [("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler), ("euler", EulerDiscreteScheduler)]:
         sched = cls.from_config(SD15)
         sched.set_timesteps(4)
         lat = noise * sched.init_noise_sigma

@@ -162,6 +162,16 @@ impl GpuSampler {
         self.steps[i].record(pass);
     }
 
+    /// The number of values of the latent.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a sampler run has a non-empty latent.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Submits step `i` alone.
     pub fn submit(&self, i: usize) -> Result<()> {
         self.steps[i].submit(&self.gpu);

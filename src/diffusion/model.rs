@@ -234,7 +234,7 @@ pub fn generate(
         store.set(gpu, name, &t.shape, &t.data)?;
     }
     let lat = o.size / f;
-    let den = Denoiser::new(gpu, &m.unet, &mut store, lat, lat, tokens, guided)?;
+    let den = Denoiser::new(gpu, &m.unet, &mut store, lat, lat, tokens, o.guidance)?;
     let per = tokens * m.text.hidden_size;
     if guided {
         den.set_context(Some(&states[..per]), &states[per..])?;
@@ -254,7 +254,7 @@ pub fn generate(
     for k in 0..o.images {
         let noise = image_noise(o.seed, o.caption, k as u64, len);
         let mut step_rng = Rng(o.seed ^ 0x5EED ^ ((k as u64) << 32) ^ o.caption);
-        let latent = sample(gpu, &den, sampler.clone(), &noise, o.guidance, |_| {
+        let latent = sample(gpu, &den, sampler.clone(), &noise, |_| {
             (0..len).map(|_| step_rng.normal() as f32).collect()
         })?;
         let zs: Vec<f32> = latent

@@ -1,16 +1,16 @@
-//! Guided sampling: the UNet plan (batch [uncond, cond] when guidance > 1), classifier-free
-//! guidance `eps_u + w (eps_c - eps_u)`, and a [`GpuSampler`] run.
-//!
-//! Each step currently reads the latent back to scale it and reads the UNet output to guide
-//! it on the host (64 KiB per 512^2 image per step); moving both into the step plan is the
-//! next step for issue 4's "no readback between steps".
+//! Guided sampling in one submit per step and no readback until the end: the UNet plan
+//! takes the sampler's latent by a GPU copy, scales it by a per-step input (`scale_model_input`),
+//! runs the batch [uncond, cond] and applies classifier-free guidance
+//! `eps_u + w (eps_c - eps_u)` in the graph; its output is copied into the sampler's model
+//! output buffer and the sampler step ([`GpuSampler`]) is recorded after it. The host only
+//! writes the step's scale, time features and (for ancestral samplers) noise.
 
 use std::sync::Arc;
 
 use super::blocks::timestep_features;
 use super::gpu_sampler::GpuSampler;
 use super::sampler::Sampler;
-use super::unet::{unet, UNetConfig, UNetInputs};
+use super::unet::{unet_on, UNetConfig, UNetInputs};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, NodeId, ParamStore, Plan, PlanOptions};
@@ -19,6 +19,8 @@ use crate::graph::{Graph, NodeId, ParamStore, Plan, PlanOptions};
 pub struct Denoiser {
     plan: Plan,
     inputs: UNetInputs,
+    latent_in: NodeId,
+    scale: NodeId,
     eps: NodeId,
     config: UNetConfig,
     guided: bool,
@@ -27,7 +29,9 @@ pub struct Denoiser {
 
 impl Denoiser {
     /// Compiles the UNet for one latent of `channels x h x w` and `tokens` text states, batch 2
-    /// when `guided`. Parameters come from `store` under diffusers' names.
+    /// with guidance scale `guidance` when it is above 1. Parameters come from `store` under
+    /// diffusers' names.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Arc<Gpu>,
         config: &UNetConfig,
@@ -35,19 +39,42 @@ impl Denoiser {
         h: usize,
         w: usize,
         tokens: usize,
-        guided: bool,
+        guidance: f64,
     ) -> Result<Denoiser> {
+        let guided = guidance > 1.0;
         let batch = if guided { 2 } else { 1 };
+        let c = config.in_channels;
         let mut g = Graph::new();
-        let (eps, inputs) = unet(&mut g, config, "", batch, h, w, tokens)?;
-        let plan = Plan::compile(gpu, &g, &[eps], store, PlanOptions::default())?;
+        let latent_in = g.input("latent", &[1, c, h, w]);
+        let scale = g.input("scale", &[1]);
+        let scaled = g.mul(latent_in, scale)?;
+        // The UNet runs on [scaled] or [scaled, scaled] (unconditional, conditional).
+        let sample = if guided {
+            g.concat(&[scaled, scaled], 0)?
+        } else {
+            scaled
+        };
+        let (eps, inputs) = unet_on(&mut g, config, "", sample, tokens)?;
+        debug_assert_eq!(g.shape(eps)[0], batch);
+        let out = if guided {
+            let u = g.slice(eps, 0, 0, 1)?;
+            let cnd = g.slice(eps, 0, 1, 1)?;
+            let d = g.sub(cnd, u)?;
+            let d = g.affine(d, guidance as f32, 0.0)?;
+            g.add(u, d)?
+        } else {
+            eps
+        };
+        let plan = Plan::compile(gpu, &g, &[out], store, PlanOptions::default())?;
         Ok(Denoiser {
             plan,
             inputs,
-            eps,
+            latent_in,
+            scale,
+            eps: out,
             config: config.clone(),
             guided,
-            latent: config.in_channels * h * w,
+            latent: c * h * w,
         })
     }
 
@@ -65,60 +92,59 @@ impl Denoiser {
         self.plan.write(self.inputs.context, &ctx)
     }
 
-    /// The guided noise prediction for the (already scaled) latent at timestep `t`.
-    pub fn predict(&self, x: &[f32], t: f64, guidance: f64) -> Result<Vec<f32>> {
-        if x.len() != self.latent {
-            return Err(Error::shape(
-                "denoiser",
-                format!(
-                    "latent of {} values, the UNet takes {}",
-                    x.len(),
-                    self.latent
-                ),
-            ));
-        }
+    /// Writes the per-step inputs: the latent scale and the time features of `t`.
+    fn set_step(&self, scale: f64, t: f64) -> Result<()> {
         let c0 = self.config.block_out_channels[0];
         let f = timestep_features(t, c0, self.config.flip_sin_to_cos, self.config.freq_shift);
         let reps = if self.guided { 2 } else { 1 };
-        let sample: Vec<f32> = (0..reps).flat_map(|_| x.iter().copied()).collect();
         let time: Vec<f32> = (0..reps).flat_map(|_| f.iter().copied()).collect();
-        self.plan.write(self.inputs.sample, &sample)?;
-        self.plan.write(self.inputs.time, &time)?;
-        let e = self.plan.run_fetch(&[self.eps])?.remove(0);
-        if !self.guided {
-            return Ok(e);
-        }
-        let (u, c) = e.split_at(self.latent);
-        Ok(u.iter()
-            .zip(c)
-            .map(|(&u, &c)| (u as f64 + guidance * (c as f64 - u as f64)) as f32)
-            .collect())
+        self.plan.write(self.scale, &[scale as f32])?;
+        self.plan.write(self.inputs.time, &time)
     }
 }
 
-/// Runs `sampler` from standard-normal `noise` with `denoiser`, guidance `w` (ignored when the
-/// denoiser is unguided); `step_noise(i)` supplies fresh noise for samplers that need it.
-/// Returns the final latent.
+/// Runs `sampler` from standard-normal `noise` with `denoiser`; `step_noise(i)` supplies fresh
+/// noise for samplers that need it. One submit per step; returns the final latent.
 pub fn sample(
     gpu: &Arc<Gpu>,
     denoiser: &Denoiser,
     sampler: Sampler,
     noise: &[f32],
-    guidance: f64,
     mut step_noise: impl FnMut(usize) -> Vec<f32>,
 ) -> Result<Vec<f32>> {
+    if noise.len() != denoiser.latent {
+        return Err(Error::shape(
+            "sampler",
+            format!(
+                "noise of {} values, the UNet takes {}",
+                noise.len(),
+                denoiser.latent
+            ),
+        ));
+    }
     let run = GpuSampler::new(gpu, sampler.clone(), noise.len())?;
     run.start(noise)?;
+    let bytes = (noise.len() * 4) as u64;
+    let (lat_buf, lat_at) = denoiser.plan.storage(denoiser.latent_in)?;
+    let (eps_buf, eps_at) = denoiser.plan.storage(denoiser.eps)?;
     for i in 0..sampler.evaluations() {
-        let x = run.read_x(i)?;
-        let s = sampler.input_scale(i);
-        let scaled: Vec<f32> = x.iter().map(|&v| (v as f64 * s) as f32).collect();
-        let eps = denoiser.predict(&scaled, sampler.timesteps()[i], guidance)?;
-        gpu.write(run.eps_buffer(), 0, &eps);
+        denoiser.set_step(sampler.input_scale(i), sampler.timesteps()[i])?;
         if sampler.needs_noise(i) {
             gpu.write(run.noise_buffer(), 0, &step_noise(i));
         }
-        run.submit(i)?;
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(run.x_buffer(i), 0, lat_buf, lat_at, bytes);
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            denoiser.plan.record(&mut pass);
+        }
+        enc.copy_buffer_to_buffer(eps_buf, eps_at, run.eps_buffer(), 0, bytes);
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            run.record(i, &mut pass);
+        }
+        gpu.queue.submit([enc.finish()]);
+        gpu.take_error()?;
     }
     run.read_x(sampler.evaluations())
 }

@@ -163,6 +163,27 @@ pub fn unet(
     w: usize,
     tokens: usize,
 ) -> Result<(NodeId, UNetInputs)> {
+    let sample = g.input(&format!("{prefix}sample"), &[batch, c.in_channels, h, w]);
+    unet_on(g, c, prefix, sample, tokens)
+}
+
+/// [`unet`] on a computed `sample` [B, in_channels, h, w] (for example the sampler's scaled
+/// latent); `UNetInputs::sample` is then that node.
+pub fn unet_on(
+    g: &mut Graph,
+    c: &UNetConfig,
+    prefix: &str,
+    sample: NodeId,
+    tokens: usize,
+) -> Result<(NodeId, UNetInputs)> {
+    let s = g.shape(sample).to_vec();
+    if s.len() != 4 || s[1] != c.in_channels {
+        return Err(Error::Config(format!(
+            "the UNet takes [B, {}, h, w] latents, got {s:?}",
+            c.in_channels
+        )));
+    }
+    let (batch, h, w) = (s[0], s[2], s[3]);
     let levels = c.block_out_channels.len();
     let f = 1 << (levels - 1);
     if h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
@@ -173,7 +194,6 @@ pub fn unet(
     let p = |n: &str| format!("{prefix}{n}");
     let ch0 = c.block_out_channels[0];
     let tdim = 4 * ch0;
-    let sample = g.input(&p("sample"), &[batch, c.in_channels, h, w]);
     let time = g.input(&p("time"), &[batch, ch0]);
     let context = g.input(&p("context"), &[batch * tokens, c.cross_attention_dim]);
     let t = linear(g, &p("time_embedding.linear_1."), time, ch0, tdim)?;

@@ -438,6 +438,18 @@ impl Plan {
         matches!(self.loc.get(id.0).copied().flatten(), Some(Loc::Buf(_)))
     }
 
+    /// The buffer and byte offset holding a node's data: for filling an input or reading an
+    /// output with GPU copies recorded around [`Plan::record`] (no host round trip).
+    pub fn storage(&self, id: NodeId) -> Result<(&wgpu::Buffer, u64)> {
+        self.buffer_of(id)
+    }
+
+    /// Records the plan's dispatches into a compute pass (for callers that chain plans and
+    /// copies in one submit).
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        self.prepared.record(pass);
+    }
+
     /// The node's buffer and the byte offset of its data there.
     fn buffer_of(&self, id: NodeId) -> Result<(&wgpu::Buffer, u64)> {
         match self.loc.get(id.0).copied().flatten() {
