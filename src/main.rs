@@ -58,6 +58,17 @@ enum Cmd {
         /// Output folder.
         #[arg(long)]
         out: std::path::PathBuf,
+        /// safetensors with `latents` [images, 4, size/8, size/8] of standard-normal noise,
+        /// used instead of the seeded noise (scaled by the sampler's initial sigma, as
+        /// diffusers treats `latents=`).
+        #[arg(long)]
+        init_noise: Option<std::path::PathBuf>,
+        /// Write the final latents (before decoding) as `latents` to this safetensors file.
+        #[arg(long)]
+        save_latents: Option<std::path::PathBuf>,
+        /// Write the decoded images in [0, 1] (before 8-bit quantization) as `images`.
+        #[arg(long)]
+        save_tensor: Option<std::path::PathBuf>,
     },
     /// List every GPU adapter, then the chosen one with its limits and features.
     Info {
@@ -340,11 +351,25 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             seed,
             size,
             out,
+            init_noise,
+            save_latents,
+            save_tensor,
         } => {
             use stablerep::diffusion::model::{generate, GenerateOptions, SdModel};
             use stablerep::diffusion::sampler::Kind;
             let kind = Kind::parse(&sampler, eta)?;
+            use stablerep::nn::checkpoint::{Checkpoint, HostTensor};
             let m = SdModel::load(&model)?;
+            let init_noise = match init_noise {
+                Some(p) => Some(
+                    Checkpoint::load(&p)?
+                        .get("latents", None)
+                        .map_err(|e| stablerep::Error::Config(format!("{}: {e}", p.display())))?
+                        .data
+                        .clone(),
+                ),
+                None => None,
+            };
             let o = GenerateOptions {
                 prompt,
                 negative: negative_prompt,
@@ -355,6 +380,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 seed,
                 caption: 0,
                 size,
+                init_noise,
             };
             o.check(&m)?;
             let gpu = Gpu::new(&opts)?;
@@ -362,10 +388,30 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             let images = generate(&gpu, &m, &o, |done, total| {
                 eprintln!("image {done}/{total} ({:.1} s)", t0.elapsed().as_secs_f64())
             })?;
-            for (k, img) in images.iter().enumerate() {
+            for (k, img) in images.images.iter().enumerate() {
                 let p = out.join(format!("{k:05}.png"));
                 stablerep::data::pool::save_rgb(&p, size, size, img)?;
                 println!("{}", p.display());
+            }
+            let save =
+                |path: &std::path::Path, name: &str, rows: &[Vec<f32>], shape: Vec<usize>| {
+                    let mut ck = Checkpoint::default();
+                    let data = rows.concat();
+                    ck.tensors.insert(name.into(), HostTensor { shape, data });
+                    ck.save(path)
+                };
+            let lat = size / m.vae.downscale();
+            let n = images.images.len();
+            if let Some(p) = save_latents {
+                save(
+                    &p,
+                    "latents",
+                    &images.latents,
+                    vec![n, m.unet.in_channels, lat, lat],
+                )?;
+            }
+            if let Some(p) = save_tensor {
+                save(&p, "images", &images.images, vec![n, 3, size, size])?;
             }
             Ok(())
         }

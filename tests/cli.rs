@@ -505,7 +505,61 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
     let o = gen("c", &["--seed", "4"]);
     assert!(o.status.success());
     assert_ne!(read(dir.join("a/00000.png")), read(dir.join("c/00000.png")));
+    // Reproducibility files: the decoded tensor behind the PNGs, the latents, and initial
+    // noise from a file (which makes the seed irrelevant for a deterministic sampler).
+    let (lat, ten) = (dir.join("lat.safetensors"), dir.join("img.safetensors"));
+    let o = gen(
+        "e",
+        &[
+            "--save-latents",
+            lat.to_str().unwrap(),
+            "--save-tensor",
+            ten.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = Checkpoint::load(&ten).unwrap();
+    let imgs = &t.tensors["images"];
+    assert_eq!(imgs.shape, vec![2, 3, 64, 64]);
+    let png = image::open(dir.join("e/00001.png")).unwrap().to_rgb8();
+    let off = 3 * 64 * 64;
+    assert_eq!(
+        png.get_pixel(5, 7)[1],
+        (imgs.data[off + 64 * 64 + 7 * 64 + 5] * 255.0).round() as u8
+    );
+    assert_eq!(
+        Checkpoint::load(&lat).unwrap().tensors["latents"].shape,
+        vec![2, 4, 8, 8]
+    );
+    let noise = dir.join("noise.safetensors");
+    let mut ck = Checkpoint::default();
+    let mut rng = common::Rng(8);
+    let data = rng
+        .vec(2 * 4 * 8 * 8, -2.0, 2.0)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    ck.tensors.insert(
+        "latents".into(),
+        stablerep::nn::checkpoint::HostTensor {
+            shape: vec![2, 4, 8, 8],
+            data,
+        },
+    );
+    ck.save(&noise).unwrap();
+    let nz = noise.to_str().unwrap();
+    assert!(gen("f", &["--init-noise", nz, "--seed", "1"])
+        .status
+        .success());
+    assert!(gen("g", &["--init-noise", nz, "--seed", "2"])
+        .status
+        .success());
+    assert_eq!(read(dir.join("f/00001.png")), read(dir.join("g/00001.png")));
+    assert_ne!(read(dir.join("f/00001.png")), read(dir.join("a/00001.png")));
     // Bad settings and files fail before any GPU work, with the reason.
+    let e = String::from_utf8_lossy(&gen("d", &["--init-noise", nz, "--size", "128"]).stderr)
+        .to_string();
+    assert!(e.contains("initial noise"), "{e}");
     let err = |o: std::process::Output| String::from_utf8_lossy(&o.stderr).to_string();
     let e = err(gen("d", &["--size", "60"]));
     assert!(e.contains("--size 60") && e.contains("64"), "{e}");

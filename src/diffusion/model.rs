@@ -153,6 +153,17 @@ pub struct GenerateOptions {
     pub caption: u64,
     /// Image side in pixels.
     pub size: usize,
+    /// Standard-normal initial noise for all images [images * latent] (replaces the seeded
+    /// noise; scaled by the sampler's initial sigma as diffusers treats `latents=`).
+    pub init_noise: Option<Vec<f32>>,
+}
+
+/// What `generate` returns.
+pub struct Generated {
+    /// Images [3, size, size] in [0, 1], before 8-bit quantization.
+    pub images: Vec<Vec<f32>>,
+    /// Final latents [latent_channels, size / f, size / f] before decoding.
+    pub latents: Vec<Vec<f32>>,
 }
 
 impl GenerateOptions {
@@ -179,6 +190,18 @@ impl GenerateOptions {
                 "--images-per-prompt must be at least 1".into(),
             ));
         }
+        if let Some(n) = &self.init_noise {
+            let lat = self.size / m.vae.downscale();
+            let want = self.images * m.unet.in_channels * lat * lat;
+            if n.len() != want {
+                return Err(Error::Config(format!(
+                    "the initial noise has {} values; {} images of [{}, {lat}, {lat}] need {want}",
+                    n.len(),
+                    self.images,
+                    m.unet.in_channels
+                )));
+            }
+        }
         Sampler::new(self.sampler, &m.scheduler, self.steps).map(|_| ())
     }
 }
@@ -198,7 +221,7 @@ pub fn generate(
     m: &SdModel,
     o: &GenerateOptions,
     mut progress: impl FnMut(usize, usize),
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Generated> {
     o.check(m)?;
     let f = m.vae.downscale();
     let sampler = Sampler::new(o.sampler, &m.scheduler, o.steps)?;
@@ -250,9 +273,15 @@ pub fn generate(
     let image = vae::decoder(&mut vg, &m.vae, "", z)?;
     let vplan = Plan::compile(gpu, &vg, &[image], &mut vstore, PlanOptions::default())?;
     let len = m.unet.in_channels * lat * lat;
-    let mut out = Vec::with_capacity(o.images);
+    let mut out = Generated {
+        images: Vec::with_capacity(o.images),
+        latents: Vec::with_capacity(o.images),
+    };
     for k in 0..o.images {
-        let noise = image_noise(o.seed, o.caption, k as u64, len);
+        let noise = match &o.init_noise {
+            Some(n) => n[k * len..(k + 1) * len].to_vec(),
+            None => image_noise(o.seed, o.caption, k as u64, len),
+        };
         let mut step_rng = Rng(o.seed ^ 0x5EED ^ ((k as u64) << 32) ^ o.caption);
         let latent = sample(gpu, &den, sampler.clone(), &noise, |_| {
             (0..len).map(|_| step_rng.normal() as f32).collect()
@@ -263,11 +292,12 @@ pub fn generate(
             .collect();
         vplan.write(z, &zs)?;
         let img = vplan.run_fetch(&[image])?.remove(0);
-        out.push(
+        out.images.push(
             img.iter()
                 .map(|&v| (v * 0.5 + 0.5).clamp(0.0, 1.0))
                 .collect(),
         );
+        out.latents.push(latent);
         progress(k + 1, o.images);
     }
     Ok(out)
