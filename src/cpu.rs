@@ -311,6 +311,32 @@ pub fn eval(
                 }
                 Some(y)
             }
+            Op::Attention { scale } => {
+                let (q, k, v) = (get(0), get(1), get(2));
+                let (s, sk) = (sh(0), sh(1));
+                let (bh, tq, tk, d) = (s[0], s[1], sk[1], s[2]);
+                let mut y = vec![0.0; n];
+                for b in 0..bh {
+                    for i in 0..tq {
+                        let qi = &q[(b * tq + i) * d..(b * tq + i + 1) * d];
+                        let sc: Vec<f64> = (0..tk)
+                            .map(|j| {
+                                let kj = &k[(b * tk + j) * d..(b * tk + j + 1) * d];
+                                qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * *scale as f64
+                            })
+                            .collect();
+                        let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        for (j, ej) in e.iter().enumerate() {
+                            for c in 0..d {
+                                y[(b * tq + i) * d + c] += ej / z * v[(b * tk + j) * d + c];
+                            }
+                        }
+                    }
+                }
+                Some(y)
+            }
             Op::Im2col(g) => {
                 let x = get(0);
                 let s = sh(0);

@@ -639,3 +639,50 @@ fn conv2d_matches_a_direct_convolution() {
     let e = g.grad(l, &[x]).unwrap_err().to_string();
     assert!(e.contains("no gradient"), "{e}");
 }
+
+#[test]
+fn fused_attention_matches_the_cpu_and_the_unfused_graph() {
+    let (gpu, _lock) = gpu();
+    let mut rng = Rng(91);
+    for case in 0..8 {
+        let (bh, tq, tk, d) = (
+            rng.int(1, 3),
+            rng.int(1, 37),
+            rng.int(1, 41),
+            [1, 3, 4, 8, 40][rng.int(0, 4)],
+        );
+        let mut g = Graph::new();
+        let q = g.input("q", &[bh, tq, d]);
+        let k = g.input("k", &[bh, tk, d]);
+        let v = g.input("v", &[bh, tk, d]);
+        let scale = 1.0 / (d as f32).sqrt();
+        let fused = g.attention(q, k, v, scale).unwrap();
+        let s = g.matmul_t(q, k, false, true).unwrap();
+        let s = g.affine(s, scale, 0.0).unwrap();
+        let p = g.softmax(s).unwrap();
+        let plain = g.matmul(p, v).unwrap();
+        let mut feeds = HashMap::new();
+        // Large logits too, so the online rescaling matters.
+        feeds.insert(q, rng.vec(bh * tq * d, -6.0, 6.0));
+        feeds.insert(k, rng.vec(bh * tk * d, -6.0, 6.0));
+        feeds.insert(v, rng.vec(bh * tk * d, -1.0, 1.0));
+        let got = run_gpu(&gpu, &g, &feeds, &HashMap::new(), &[fused, plain]);
+        let cpu = run_cpu(&g, &feeds, &HashMap::new(), &[fused, plain]);
+        let what = format!("case {case}: bh{bh} tq{tq} tk{tk} d{d}");
+        assert_close(&what, &got[0], &cpu[0], 1e-4, 1e-5);
+        assert_close(&what, &got[0], &cpu[1], 1e-4, 1e-5);
+    }
+    let mut g = Graph::new();
+    let q = g.input("q", &[2, 3, 4]);
+    let k = g.input("k", &[2, 5, 3]);
+    let e = g.attention(q, k, k, 1.0).unwrap_err().to_string();
+    assert!(e.contains("attention"), "{e}");
+    let k = g.input("k2", &[2, 5, 4]);
+    let y = g.attention(q, k, k, 1.0).unwrap();
+    let l = g.sum_all(y).unwrap();
+    assert!(g
+        .grad(l, &[q])
+        .unwrap_err()
+        .to_string()
+        .contains("no gradient"));
+}

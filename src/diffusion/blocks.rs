@@ -159,8 +159,8 @@ pub fn timestep_features(t: f64, dim: usize, flip: bool, shift: f64) -> Vec<f32>
 }
 
 /// Multi-head scaled dot-product attention: q [B * Tq, heads * dh], k and v [B * Tk,
-/// heads * dh] -> [B * Tq, heads * dh]. (The score matrix [B * heads, Tq, Tk] is materialized;
-/// large images will need the fused online-softmax kernel.)
+/// heads * dh] -> [B * Tq, heads * dh], through the fused online-softmax kernel (no
+/// [Tq, Tk] score matrix in memory; inference only).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     g: &mut Graph,
@@ -186,10 +186,7 @@ pub fn attention(
         g.reshape(x, &[batch * heads, t, dh])
     };
     let (q, k, v) = (split(g, q, tq)?, split(g, k, tk)?, split(g, v, tk)?);
-    let s = g.matmul_t(q, k, false, true)?;
-    let s = g.affine(s, 1.0 / (dh as f32).sqrt(), 0.0)?;
-    let p = g.softmax(s)?;
-    let o = g.matmul(p, v)?;
+    let o = g.attention(q, k, v, 1.0 / (dh as f32).sqrt())?;
     let o = g.reshape(o, &[batch, heads, tq, dh])?;
     let o = g.permute(o, &[0, 2, 1, 3])?;
     g.reshape(o, &[batch * tq, inner])

@@ -362,6 +362,11 @@ impl Graph {
                 );
                 vec![(ins[0], g)]
             }
+            Op::Attention { .. } => {
+                return Err(Error::Graph(
+                    "fused attention has no gradient: it serves inference".into(),
+                ))
+            }
             Op::Im2col(_) => {
                 return Err(Error::Graph(
                     "im2col (convolution) has no gradient yet: convolutions are inference-only"

@@ -91,6 +91,12 @@ pub enum Op {
     Gather,
     /// (x [N, C, H, W]) -> [N, Ho * Wo, C * KH * KW]: convolution patches (inference only).
     Im2col(crate::kernels::layout::Conv2d),
+    /// (q [BH, Tq, D], k [BH, Tk, D], v [BH, Tk, D]) -> softmax(q k^T * scale) v, fused with an
+    /// online softmax (inference only).
+    Attention {
+        /// Score scale (usually D^-1/2).
+        scale: f32,
+    },
     /// (idx u32 [N], dy [N, D]) -> [vocab, D].
     GatherGrad,
     /// (x): a row-wise op over the last axis.
@@ -565,6 +571,30 @@ impl Graph {
         let (ho, wo) = geom.out_size(s[2], s[3]).ok_or_else(bad)?;
         let out = vec![s[0], ho * wo, s[1] * geom.kh * geom.kw];
         Ok(self.push(Op::Im2col(geom), vec![x], out, DType::F32))
+    }
+
+    /// Fused scaled dot-product attention (forward only): q [BH, Tq, D], k and v [BH, Tk, D]
+    /// -> [BH, Tq, D], without a [Tq, Tk] score matrix in memory.
+    pub fn attention(&mut self, q: NodeId, k: NodeId, v: NodeId, scale: f32) -> Result<NodeId> {
+        self.expect_f32("attention", &[q, k, v])?;
+        let (sq, sk, sv) = (
+            self.shape(q).to_vec(),
+            self.shape(k).to_vec(),
+            self.shape(v).to_vec(),
+        );
+        if sq.len() != 3
+            || sk != sv
+            || sk.len() != 3
+            || sq[0] != sk[0]
+            || sq[2] != sk[2]
+            || sk[1] == 0
+        {
+            return Err(Error::shape(
+                "attention",
+                format!("q {sq:?}, k {sk:?}, v {sv:?} (want [BH, Tq, D], [BH, Tk, D] twice)"),
+            ));
+        }
+        Ok(self.push(Op::Attention { scale }, vec![q, k, v], sq, DType::F32))
     }
 
     /// 2-D convolution, PyTorch's `conv2d`: x [N, C, H, W], w [O, C, KH, KW], optional bias

@@ -671,6 +671,18 @@ fn lower(
             }
             d
         }
+        Op::Attention { scale } => {
+            let (s, sk) = (sh(0), sh(1));
+            layout::attention(
+                x(0)?,
+                x(1)?,
+                x(2)?,
+                y,
+                [s[0], s[1], sk[1], s[2]],
+                *scale,
+                caps,
+            )?
+        }
         Op::Im2col(geom) => {
             let s = sh(0);
             layout::im2col(x(0)?, [s[0], s[1], s[2], s[3]], *geom, y, caps)?

@@ -120,6 +120,15 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
     out.extend(layout::sum_to(v(0, 6), &[2, 3], v(1, 3), &[1, 3], &caps)?);
     out.extend(layout::sum_to(v(0, 8), &[2, 4], v(1, 4), &[1, 4], &caps)?);
     out.extend(layout::gather(v(0, 6), 3, 2, v(1, 2), v(2, 4), &caps)?);
+    out.extend(layout::attention(
+        v(0, 24),
+        v(1, 40),
+        v(2, 40),
+        v(3, 24),
+        [2, 3, 5, 4],
+        0.5,
+        &caps,
+    )?);
     let g = layout::Conv2d {
         kh: 3,
         kw: 3,

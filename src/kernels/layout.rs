@@ -289,6 +289,42 @@ pub fn im2col(x: View, dims: [usize; 4], g: Conv2d, y: View, caps: &Caps) -> Res
     }])
 }
 
+/// Fused attention forward: o = softmax(q k^T * scale) v with q, o [bh, tq, dh] and k, v
+/// [bh, tk, dh], one invocation per query row with an online softmax (no score matrix).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: View,
+    k: View,
+    v: View,
+    o: View,
+    dims: [usize; 4],
+    scale: f32,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    let [bh, tq, tk, dh] = dims;
+    let (bq, oq) = bind_all(&q, caps, "attention queries")?;
+    let (bk, ok) = bind_all(&k, caps, "attention keys")?;
+    let (bv, ov) = bind_all(&v, caps, "attention values")?;
+    let (bo, oo) = bind_all(&o, caps, "attention output")?;
+    Ok(vec![Dispatch {
+        key: format!("attention_dh{dh}"),
+        template: "attention",
+        subst: vec![("DH", dh.to_string())],
+        uniform: uniform(&[
+            bh as u32,
+            tq as u32,
+            tk as u32,
+            oq,
+            ok,
+            ov,
+            oo,
+            scale.to_bits(),
+        ]),
+        bindings: vec![bq, bk, bv, bo],
+        groups: grid(((bh * tq) as u64).div_ceil(64), caps)?,
+    }])
+}
+
 /// dtable = scatter-add of dy rows into a `[vocab, dim]` table (no atomics).
 pub fn gather_grad(
     idx: View,
