@@ -29,8 +29,22 @@ enum Cmd {
         #[arg(long)]
         model: std::path::PathBuf,
         /// The prompt.
+        #[arg(
+            long,
+            required_unless_present = "captions",
+            conflicts_with = "captions"
+        )]
+        prompt: Option<String>,
+        /// A captions file (one caption per line): writes a training pool in the official
+        /// layout (docs/formats.md) to --out, --images-per-prompt images per caption.
         #[arg(long)]
-        prompt: String,
+        captions: Option<std::path::PathBuf>,
+        /// With --captions: generate shard i of N ("i/N"), captions [i*C/N, (i+1)*C/N).
+        #[arg(long, default_value = "0/1")]
+        shard: String,
+        /// With --captions: skip captions whose images all exist already.
+        #[arg(long)]
+        resume: bool,
         /// What to steer away from (the unconditional branch of guidance).
         #[arg(long, default_value = "")]
         negative_prompt: String,
@@ -342,6 +356,9 @@ fn run(cli: Cli) -> stablerep::Result<()> {
         Cmd::Generate {
             model,
             prompt,
+            captions,
+            shard,
+            resume,
             negative_prompt,
             images_per_prompt,
             guidance,
@@ -371,7 +388,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 None => None,
             };
             let o = GenerateOptions {
-                prompt,
+                prompt: prompt.clone().unwrap_or_default(),
                 negative: negative_prompt,
                 images: images_per_prompt,
                 guidance,
@@ -383,6 +400,54 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 init_noise,
             };
             o.check(&m)?;
+            if let Some(file) = captions {
+                use stablerep::diffusion::model::{generate_pool, shard_range};
+                let text = std::fs::read_to_string(&file).map_err(|e| stablerep::Error::Io {
+                    path: file.display().to_string(),
+                    source: e,
+                })?;
+                let caps: Vec<String> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect();
+                let sh = shard
+                    .split_once('/')
+                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                    .ok_or_else(|| {
+                        stablerep::Error::Config(format!("--shard '{shard}': want i/N"))
+                    })?;
+                let n = shard_range(caps.len(), sh)?.len();
+                if n == 0 {
+                    return Err(stablerep::Error::Config(format!(
+                        "{}: no captions in shard {shard}",
+                        file.display()
+                    )));
+                }
+                let gpu = Gpu::new(&opts)?;
+                let t0 = std::time::Instant::now();
+                let written = generate_pool(
+                    &gpu,
+                    &m,
+                    &o,
+                    &caps,
+                    sh,
+                    resume,
+                    &out,
+                    |done, total, written| {
+                        let s = t0.elapsed().as_secs_f64();
+                        let eta = if written > 0 {
+                            s / done as f64 * (total - done) as f64
+                        } else {
+                            0.0
+                        };
+                        eprintln!("caption {done}/{total}, {written} images written, {s:.0} s, ETA {eta:.0} s");
+                    },
+                )?;
+                println!("{written} images in {}", out.display());
+                return Ok(());
+            }
             let gpu = Gpu::new(&opts)?;
             let t0 = std::time::Instant::now();
             let images = generate(&gpu, &m, &o, |done, total| {

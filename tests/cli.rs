@@ -567,6 +567,51 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
     assert!(e.contains("--steps"), "{e}");
     let e = err(gen("d", &["--sampler", "heun"]));
     assert!(e.contains("heun"), "{e}");
+    // A pool from a captions file, in the official layout; resume skips finished captions.
+    let caps = dir.join("captions.txt");
+    std::fs::write(
+        &caps,
+        "a red cube\n\na blue sphere, on grass\na green cone\n",
+    )
+    .unwrap();
+    let pool = |extra: &[&str]| {
+        let mut c = bin();
+        c.args(["generate", "--model"])
+            .arg(&model)
+            .arg("--captions")
+            .arg(&caps);
+        c.args([
+            "--images-per-prompt",
+            "2",
+            "--steps",
+            "1",
+            "--size",
+            "64",
+            "--out",
+        ])
+        .arg(dir.join("pool"));
+        c.args(extra);
+        c.output().unwrap()
+    };
+    let o = pool(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("6 images"));
+    let p = stablerep::data::pool::Pool::open(&dir.join("pool")).unwrap();
+    assert_eq!((p.captions.len(), p.images_per_caption()), (3, 2));
+    assert_eq!(p.captions[1].text, "a blue sphere, on grass");
+    assert!(image::open(p.image_path(2, 1)).is_ok());
+    let o = pool(&["--resume"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("0 images"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = pool(&["--shard", "1/2"]);
+    assert!(o.status.success());
+    let csv = std::fs::read_to_string(dir.join("pool/captions.1-of-2.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    let e = String::from_utf8_lossy(&pool(&["--shard", "2/2"]).stderr).to_string();
+    assert!(e.contains("--shard 2/2"), "{e}");
     std::fs::remove_file(model.join("unet/config.json")).unwrap();
     let e = err(gen("d", &[]));
     assert!(e.contains("unet/config.json"), "{e}");

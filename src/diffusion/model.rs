@@ -16,7 +16,7 @@ use super::vae::{self, VaeConfig};
 use crate::data::sampler::Rng;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::graph::{Graph, ParamStore, Plan, PlanOptions};
+use crate::graph::{Graph, NodeId, ParamStore, Plan, PlanOptions};
 use crate::nn::checkpoint::Checkpoint;
 use crate::text::tokenizer::{Tokenizer, EOT};
 
@@ -214,91 +214,219 @@ pub fn image_noise(seed: u64, caption: u64, k: u64, len: usize) -> Vec<f32> {
     (0..len).map(|_| r.normal() as f32).collect()
 }
 
-/// Generates `o.images` images [3, size, size] in [0, 1]; `progress(done, total)` is called
-/// after each image.
+/// Compiled plans for one model and one set of options, reused across prompts: the text
+/// encoder, the (guided) UNet denoiser and the VAE decoder.
+pub struct Generator<'a> {
+    gpu: Arc<Gpu>,
+    m: &'a SdModel,
+    o: GenerateOptions,
+    sampler: Sampler,
+    text: Plan,
+    ids_in: NodeId,
+    hidden: NodeId,
+    den: Denoiser,
+    vae: Plan,
+    z: NodeId,
+    image: NodeId,
+}
+
+impl<'a> Generator<'a> {
+    /// Checks `o` against `m`, uploads the weights and compiles the three plans.
+    pub fn new(gpu: &Arc<Gpu>, m: &'a SdModel, o: &GenerateOptions) -> Result<Generator<'a>> {
+        o.check(m)?;
+        let sampler = Sampler::new(o.sampler, &m.scheduler, o.steps)?;
+        let tokens = m.text.max_position_embeddings;
+        let rows = if o.guidance > 1.0 { 2 } else { 1 };
+        let upload = |ck: &Checkpoint| -> Result<ParamStore> {
+            let mut store = ParamStore::new();
+            for (name, t) in &ck.tensors {
+                store.set(gpu, name, &t.shape, &t.data)?;
+            }
+            Ok(store)
+        };
+        let mut g = Graph::new();
+        let (hidden, ids_in) = text_encoder::encoder(&mut g, &m.text, "", rows, tokens)?;
+        let text = Plan::compile(
+            gpu,
+            &g,
+            &[hidden],
+            &mut upload(&m.text_weights)?,
+            PlanOptions::default(),
+        )?;
+        let lat = o.size / m.vae.downscale();
+        let den = Denoiser::new(
+            gpu,
+            &m.unet,
+            &mut upload(&m.unet_weights)?,
+            lat,
+            lat,
+            tokens,
+            o.guidance,
+        )?;
+        let mut vg = Graph::new();
+        let z = vg.input("z", &[1, m.vae.latent_channels, lat, lat]);
+        let image = vae::decoder(&mut vg, &m.vae, "", z)?;
+        let vae = Plan::compile(
+            gpu,
+            &vg,
+            &[image],
+            &mut upload(&m.vae_weights)?,
+            PlanOptions::default(),
+        )?;
+        Ok(Generator {
+            gpu: gpu.clone(),
+            m,
+            o: o.clone(),
+            sampler,
+            text,
+            ids_in,
+            hidden,
+            den,
+            vae,
+            z,
+            image,
+        })
+    }
+
+    /// Images of `prompt` (the options' negative prompt, count, sampler and seed), with the
+    /// noise of caption index `caption`; `progress(done, total)` after each image.
+    pub fn run(
+        &self,
+        prompt: &str,
+        caption: u64,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Generated> {
+        let (m, o) = (self.m, &self.o);
+        let tokens = m.text.max_position_embeddings;
+        let guided = o.guidance > 1.0;
+        let prompts: Vec<&str> = if guided {
+            vec![&o.negative, prompt]
+        } else {
+            vec![prompt]
+        };
+        let mut ids = Vec::new();
+        for p in &prompts {
+            let (t, cut) = m.tokenizer.tokenize_checked(p, tokens, EOT);
+            if cut {
+                log::warn!("prompt longer than {tokens} tokens was truncated: {p:?}");
+            }
+            ids.extend(t);
+        }
+        self.text.write_u32(self.ids_in, &ids)?;
+        let states = self.text.run_fetch(&[self.hidden])?.remove(0);
+        let per = tokens * m.text.hidden_size;
+        if guided {
+            self.den.set_context(Some(&states[..per]), &states[per..])?;
+        } else {
+            self.den.set_context(None, &states)?;
+        }
+        let lat = o.size / m.vae.downscale();
+        let len = m.unet.in_channels * lat * lat;
+        let mut out = Generated {
+            images: Vec::with_capacity(o.images),
+            latents: Vec::with_capacity(o.images),
+        };
+        for k in 0..o.images {
+            let noise = match &o.init_noise {
+                Some(n) => n[k * len..(k + 1) * len].to_vec(),
+                None => image_noise(o.seed, caption, k as u64, len),
+            };
+            let mut step_rng = Rng(o.seed ^ 0x5EED ^ ((k as u64) << 32) ^ caption);
+            let latent = sample(&self.gpu, &self.den, self.sampler.clone(), &noise, |_| {
+                (0..len).map(|_| step_rng.normal() as f32).collect()
+            })?;
+            let zs: Vec<f32> = latent
+                .iter()
+                .map(|&v| (v as f64 / m.vae.scaling_factor) as f32)
+                .collect();
+            self.vae.write(self.z, &zs)?;
+            let img = self.vae.run_fetch(&[self.image])?.remove(0);
+            out.images.push(
+                img.iter()
+                    .map(|&v| (v * 0.5 + 0.5).clamp(0.0, 1.0))
+                    .collect(),
+            );
+            out.latents.push(latent);
+            progress(k + 1, o.images);
+        }
+        Ok(out)
+    }
+}
+
+/// Generates `o.images` images of `o.prompt` [3, size, size] in [0, 1]; `progress(done,
+/// total)` is called after each image.
 pub fn generate(
     gpu: &Arc<Gpu>,
     m: &SdModel,
     o: &GenerateOptions,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<Generated> {
-    o.check(m)?;
-    let f = m.vae.downscale();
-    let sampler = Sampler::new(o.sampler, &m.scheduler, o.steps)?;
-    let guided = o.guidance > 1.0;
-    let tokens = m.text.max_position_embeddings;
-    // Text states: [uncond, cond] or [cond].
-    let mut ids = Vec::new();
-    let prompts: Vec<&str> = if guided {
-        vec![&o.negative, &o.prompt]
-    } else {
-        vec![&o.prompt]
-    };
-    for p in &prompts {
-        let (t, cut) = m.tokenizer.tokenize_checked(p, tokens, EOT);
-        if cut {
-            log::warn!("prompt longer than {tokens} tokens was truncated: {p:?}");
-        }
-        ids.extend(t);
+    Generator::new(gpu, m, o)?.run(&o.prompt, o.caption, progress)
+}
+
+/// Which captions of a captions file one shard generates: shard `i` of `n` holds
+/// [i * C / n, (i + 1) * C / n).
+pub fn shard_range(captions: usize, shard: (usize, usize)) -> Result<std::ops::Range<usize>> {
+    let (i, n) = shard;
+    if n == 0 || i >= n {
+        return Err(Error::Config(format!(
+            "--shard {i}/{n}: want i/N with 0 <= i < N"
+        )));
     }
-    let mut store = ParamStore::new();
-    for (name, t) in &m.text_weights.tensors {
-        store.set(gpu, name, &t.shape, &t.data)?;
-    }
-    let mut g = Graph::new();
-    let (hidden, ids_in) = text_encoder::encoder(&mut g, &m.text, "", prompts.len(), tokens)?;
-    let plan = Plan::compile(gpu, &g, &[hidden], &mut store, PlanOptions::default())?;
-    plan.write_u32(ids_in, &ids)?;
-    let states = plan.run_fetch(&[hidden])?.remove(0);
-    drop(plan);
-    drop(store);
-    let mut store = ParamStore::new();
-    for (name, t) in &m.unet_weights.tensors {
-        store.set(gpu, name, &t.shape, &t.data)?;
-    }
-    let lat = o.size / f;
-    let den = Denoiser::new(gpu, &m.unet, &mut store, lat, lat, tokens, o.guidance)?;
-    let per = tokens * m.text.hidden_size;
-    if guided {
-        den.set_context(Some(&states[..per]), &states[per..])?;
-    } else {
-        den.set_context(None, &states)?;
-    }
-    let mut vstore = ParamStore::new();
-    for (name, t) in &m.vae_weights.tensors {
-        vstore.set(gpu, name, &t.shape, &t.data)?;
-    }
-    let mut vg = Graph::new();
-    let z = vg.input("z", &[1, m.vae.latent_channels, lat, lat]);
-    let image = vae::decoder(&mut vg, &m.vae, "", z)?;
-    let vplan = Plan::compile(gpu, &vg, &[image], &mut vstore, PlanOptions::default())?;
-    let len = m.unet.in_channels * lat * lat;
-    let mut out = Generated {
-        images: Vec::with_capacity(o.images),
-        latents: Vec::with_capacity(o.images),
-    };
-    for k in 0..o.images {
-        let noise = match &o.init_noise {
-            Some(n) => n[k * len..(k + 1) * len].to_vec(),
-            None => image_noise(o.seed, o.caption, k as u64, len),
-        };
-        let mut step_rng = Rng(o.seed ^ 0x5EED ^ ((k as u64) << 32) ^ o.caption);
-        let latent = sample(gpu, &den, sampler.clone(), &noise, |_| {
-            (0..len).map(|_| step_rng.normal() as f32).collect()
-        })?;
-        let zs: Vec<f32> = latent
-            .iter()
-            .map(|&v| (v as f64 / m.vae.scaling_factor) as f32)
+    Ok(i * captions / n..(i + 1) * captions / n)
+}
+
+/// Generates a pool in the official layout (docs/formats.md) under `out`: image j of caption k
+/// at `seed_j/<relpath(k)>`, for the captions of the shard; with `resume`, captions whose
+/// images all exist are skipped. Writes `captions.csv` (unsharded) or
+/// `captions.{i}-of-{n}.csv` (to concatenate after merging shards). Returns images written.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_pool(
+    gpu: &Arc<Gpu>,
+    m: &SdModel,
+    o: &GenerateOptions,
+    captions: &[String],
+    shard: (usize, usize),
+    resume: bool,
+    out: &Path,
+    mut progress: impl FnMut(usize, usize, usize),
+) -> Result<usize> {
+    use crate::data::pool::{relpath, save_rgb};
+    let range = shard_range(captions.len(), shard)?;
+    let gen = Generator::new(gpu, m, o)?;
+    let mut rows = String::new();
+    let mut written = 0;
+    let total = range.len();
+    for (done, c) in range.clone().enumerate() {
+        let rel = relpath(c as u64);
+        rows += &crate::data::csv::row(&[&rel, &captions[c]]);
+        let paths: Vec<PathBuf> = (0..o.images)
+            .map(|j| out.join(format!("seed_{j}")).join(&rel))
             .collect();
-        vplan.write(z, &zs)?;
-        let img = vplan.run_fetch(&[image])?.remove(0);
-        out.images.push(
-            img.iter()
-                .map(|&v| (v * 0.5 + 0.5).clamp(0.0, 1.0))
-                .collect(),
-        );
-        out.latents.push(latent);
-        progress(k + 1, o.images);
+        if resume && paths.iter().all(|p| p.exists()) {
+            progress(done + 1, total, written);
+            continue;
+        }
+        let g = gen.run(&captions[c], c as u64, |_, _| {})?;
+        for (p, img) in paths.iter().zip(&g.images) {
+            save_rgb(p, o.size, o.size, img)?;
+            written += 1;
+        }
+        progress(done + 1, total, written);
     }
-    Ok(out)
+    let name = if shard.1 == 1 {
+        "captions.csv".to_string()
+    } else {
+        format!("captions.{}-of-{}.csv", shard.0, shard.1)
+    };
+    let index = out.join(name);
+    let tmp = index.with_extension("csv.tmp");
+    std::fs::create_dir_all(out)
+        .and_then(|_| std::fs::write(&tmp, rows))
+        .and_then(|_| std::fs::rename(&tmp, &index))
+        .map_err(|e| Error::Io {
+            path: index.display().to_string(),
+            source: e,
+        })?;
+    Ok(written)
 }
