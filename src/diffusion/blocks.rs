@@ -52,6 +52,12 @@ pub fn upsample_nearest2x(g: &mut Graph, x: NodeId) -> Result<NodeId> {
     g.reshape(x, &[n, c, 2 * h, 2 * w])
 }
 
+/// diffusers' `Upsample2D`: nearest 2x, then a 3x3 conv `{prefix}weight` / `{prefix}bias`.
+pub fn upsample(g: &mut Graph, prefix: &str, x: NodeId, ch: usize) -> Result<NodeId> {
+    let x = upsample_nearest2x(g, x)?;
+    conv(g, prefix, x, ch, ch, 3, 1)
+}
+
 /// `y = x W^T + b` over the last axis, with diffusers' `{prefix}weight` [out, in] and
 /// `{prefix}bias` [out].
 pub fn linear(g: &mut Graph, prefix: &str, x: NodeId, cin: usize, cout: usize) -> Result<NodeId> {

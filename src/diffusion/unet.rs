@@ -8,7 +8,7 @@
 use serde::Deserialize;
 
 use super::blocks::{
-    conv, group_norm, linear, resnet_block, spatial_transformer, upsample_nearest2x, Resnet,
+    conv, group_norm, linear, resnet_block, spatial_transformer, upsample, Resnet,
     SpatialTransformer,
 };
 use crate::error::{Error, Result};
@@ -293,16 +293,7 @@ pub fn unet_on(
             }
         }
         if i + 1 < levels {
-            x = upsample_nearest2x(g, x)?;
-            x = conv(
-                g,
-                &p(&format!("up_blocks.{i}.upsamplers.0.conv.")),
-                x,
-                ch,
-                ch,
-                3,
-                1,
-            )?;
+            x = upsample(g, &p(&format!("up_blocks.{i}.upsamplers.0.conv.")), x, ch)?;
         }
     }
     let gm = g.param(&p("conv_norm_out.weight"), &[ch]);

@@ -6,9 +6,7 @@
 
 use serde::Deserialize;
 
-use super::blocks::{
-    attention, conv, group_norm, linear, resnet_block, upsample_nearest2x, Resnet,
-};
+use super::blocks::{attention, conv, group_norm, linear, resnet_block, upsample, Resnet};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
 use crate::kernels::elementwise::UnaryOp;
@@ -222,16 +220,7 @@ pub fn decoder(g: &mut Graph, c: &VaeConfig, prefix: &str, z: NodeId) -> Result<
             ch = out;
         }
         if i + 1 < levels {
-            x = upsample_nearest2x(g, x)?;
-            x = conv(
-                g,
-                &p(&format!("up_blocks.{i}.upsamplers.0.conv.")),
-                x,
-                ch,
-                ch,
-                3,
-                1,
-            )?;
+            x = upsample(g, &p(&format!("up_blocks.{i}.upsamplers.0.conv.")), x, ch)?;
         }
     }
     head(g, c, &p(""), x, ch, c.out_channels)
