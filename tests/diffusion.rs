@@ -309,6 +309,19 @@ fn text_encoder_matches_transformers() {
         worst <= tol,
         "last hidden state differs by {worst} (tolerance {tol})"
     );
+    // Older transformers files carry `position_ids` (an integer buffer): ignored.
+    let mut with_ids = ck.clone();
+    with_ids.tensors.insert(
+        "embeddings.position_ids".into(),
+        stablerep::nn::checkpoint::HostTensor {
+            shape: vec![1, 77],
+            data: (0..77).map(|i| i as f32).collect(),
+        },
+    );
+    assert_eq!(
+        convert(&with_ids, &cfg, "te.", path).unwrap().tensors,
+        weights.tensors
+    );
     // Bad weights are clear errors that name the tensor.
     let mut broken = ck.clone();
     broken.tensors.remove("encoder.layers.1.mlp.fc2.bias");
