@@ -635,9 +635,16 @@ fn guided_sampling_and_decoding_match_diffusers() {
         ("ddim", Kind::Ddim { eta: 0.0 }),
         ("dpmpp_2m", Kind::DpmPP2M { karras: false }),
         ("euler", Kind::Euler),
+        ("pndm", Kind::Pndm),
+        ("euler_a", Kind::EulerAncestral),
+        ("dpmpp_2m_karras", Kind::DpmPP2M { karras: true }),
     ] {
         let sampler = Sampler::new(kind, &SchedulerConfig::default(), 4).unwrap();
-        let lat = sample(&gpu, &den, sampler, &fx.tensors["noise"].data, |_| vec![]).unwrap();
+        let steps = &fx.tensors["euler_a.noise"].data;
+        let lat = sample(&gpu, &den, sampler, &fx.tensors["noise"].data, |i| {
+            steps[i * 256..(i + 1) * 256].to_vec()
+        })
+        .unwrap();
         let (worst, tol) = deviation(&lat, &fx.tensors[&format!("{name}.latents")].data);
         assert!(worst <= tol, "{name}: final latents differ by {worst}");
         let z: Vec<f32> = lat.iter().map(|&v| v / 0.18215).collect();

@@ -335,7 +335,7 @@ def vae_fixture():
 def guided_run_fixture():
     """Guided sampling end to end with the tiny UNet and VAE above (loaded back from their
     fixtures): uncond/cond text states [2, 5, 16], saved initial noise [1, 4, 8, 8], guidance
-    7.5, 4 steps of DDIM, DPM-Solver++(2M) and Euler (scaled inputs) with SD 1.5's scheduler config, diffusers'
+    7.5, 4 steps of every sampler (Euler ancestral's step noise captured) with SD 1.5's scheduler config, diffusers'
     explicit pipeline loop; the final latents and the decoded image."""
     from safetensors.torch import load_file
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -355,8 +355,16 @@ def guided_run_fixture():
     ctx = torch.randn(2, 5, 16)
     noise = torch.randn(1, 4, 8, 8)
     t = {"ctx": ctx, "noise": noise}
-    for name, cls in [("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler), ("euler", EulerDiscreteScheduler)]:
-        sched = cls.from_config(SD15)
+    steps_noise = torch.randn(4, 1, 4, 8, 8)
+    drawn = iter(steps_noise)
+    euler_a_mod.randn_tensor = lambda shape, generator=None, device=None, dtype=None, layout=None: next(drawn).reshape(shape)
+    t["euler_a.noise"] = steps_noise
+    for name, sched in [("ddim", DDIMScheduler.from_config(SD15)),
+                        ("dpmpp_2m", DPMSolverMultistepScheduler.from_config(SD15)),
+                        ("euler", EulerDiscreteScheduler.from_config(SD15)),
+                        ("pndm", PNDMScheduler.from_config(SD15)),
+                        ("euler_a", EulerAncestralDiscreteScheduler.from_config(SD15)),
+                        ("dpmpp_2m_karras", DPMSolverMultistepScheduler.from_config(SD15, use_karras_sigmas=True))]:
         sched.set_timesteps(4)
         lat = noise * sched.init_noise_sigma
         with torch.no_grad():
