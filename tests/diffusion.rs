@@ -640,13 +640,20 @@ fn guided_sampling_and_decoding_match_diffusers() {
         ("dpmpp_2m_karras", Kind::DpmPP2M { karras: true }),
     ] {
         let sampler = Sampler::new(kind, &SchedulerConfig::default(), 4).unwrap();
+        let run = GpuSampler::new(&gpu, sampler, 256).unwrap();
         let steps = &fx.tensors["euler_a.noise"].data;
-        let lat = sample(&gpu, &den, sampler, &fx.tensors["noise"].data, |i| {
+        let lat = sample(&gpu, &den, &run, &fx.tensors["noise"].data, |i| {
             steps[i * 256..(i + 1) * 256].to_vec()
         })
         .unwrap();
         let (worst, tol) = deviation(&lat, &fx.tensors[&format!("{name}.latents")].data);
         assert!(worst <= tol, "{name}: final latents differ by {worst}");
+        // A planned sampler is reused across images: a second run gives the same latent.
+        let again = sample(&gpu, &den, &run, &fx.tensors["noise"].data, |i| {
+            steps[i * 256..(i + 1) * 256].to_vec()
+        })
+        .unwrap();
+        assert_eq!(again, lat, "{name}: second run on the same sampler");
         let z: Vec<f32> = lat.iter().map(|&v| v / 0.18215).collect();
         let zt = stablerep::nn::checkpoint::HostTensor {
             shape: vec![1, 4, 8, 8],

@@ -123,9 +123,14 @@ impl GpuSampler {
         &self.sampler
     }
 
-    /// Starts a run from standard-normal `noise` (scaled by the initial sigma).
+    /// Starts a run from standard-normal `noise` (scaled by the initial sigma). History
+    /// buffers are cleared, so one planned sampler serves any number of runs.
     pub fn start(&self, noise: &[f32]) -> Result<()> {
         self.check_len(noise.len(), "initial noise")?;
+        let zeros = vec![0.0f32; self.len];
+        for b in &self.buffers[FIRST_STATE..] {
+            self.gpu.write(b, 0, &zeros);
+        }
         let s = self.sampler.init_noise_sigma();
         let x: Vec<f32> = noise.iter().map(|&v| (v as f64 * s) as f32).collect();
         self.gpu.write(&self.buffers[self.x_at[0]], 0, &x);
@@ -160,16 +165,6 @@ impl GpuSampler {
     /// Records step `i`'s dispatches into a compute pass (after the model's).
     pub fn record(&self, i: usize, pass: &mut wgpu::ComputePass<'_>) {
         self.steps[i].record(pass);
-    }
-
-    /// The number of values of the latent.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false: a sampler run has a non-empty latent.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Submits step `i` alone.

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::gpu_sampler::GpuSampler;
 use super::pipeline::{sample, Denoiser};
 use super::sampler::{Kind, Sampler};
 use super::schedule::SchedulerConfig;
@@ -220,7 +221,7 @@ pub struct Generator<'a> {
     gpu: Arc<Gpu>,
     m: &'a SdModel,
     o: GenerateOptions,
-    sampler: Sampler,
+    run: GpuSampler,
     text: Plan,
     ids_in: NodeId,
     hidden: NodeId,
@@ -236,6 +237,8 @@ impl<'a> Generator<'a> {
         o.check(m)?;
         let sampler = Sampler::new(o.sampler, &m.scheduler, o.steps)?;
         let tokens = m.text.max_position_embeddings;
+        let lat = o.size / m.vae.downscale();
+        let run = GpuSampler::new(gpu, sampler, m.unet.in_channels * lat * lat)?;
         let rows = if o.guidance > 1.0 { 2 } else { 1 };
         let upload = |ck: &Checkpoint| -> Result<ParamStore> {
             let mut store = ParamStore::new();
@@ -253,7 +256,6 @@ impl<'a> Generator<'a> {
             &mut upload(&m.text_weights)?,
             PlanOptions::default(),
         )?;
-        let lat = o.size / m.vae.downscale();
         let den = Denoiser::new(
             gpu,
             &m.unet,
@@ -277,7 +279,7 @@ impl<'a> Generator<'a> {
             gpu: gpu.clone(),
             m,
             o: o.clone(),
-            sampler,
+            run,
             text,
             ids_in,
             hidden,
@@ -332,7 +334,7 @@ impl<'a> Generator<'a> {
                 None => image_noise(o.seed, caption, k as u64, len),
             };
             let mut step_rng = Rng(o.seed ^ 0x5EED ^ ((k as u64) << 32) ^ caption);
-            let latent = sample(&self.gpu, &self.den, self.sampler.clone(), &noise, |_| {
+            let latent = sample(&self.gpu, &self.den, &self.run, &noise, |_| {
                 (0..len).map(|_| step_rng.normal() as f32).collect()
             })?;
             let zs: Vec<f32> = latent

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use super::blocks::timestep_features;
 use super::gpu_sampler::GpuSampler;
-use super::sampler::Sampler;
 use super::unet::{unet_on, UNetConfig, UNetInputs};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -103,15 +102,17 @@ impl Denoiser {
     }
 }
 
-/// Runs `sampler` from standard-normal `noise` with `denoiser`; `step_noise(i)` supplies fresh
-/// noise for samplers that need it. One submit per step; returns the final latent.
+/// Runs the planned sampler `run` from standard-normal `noise` with `denoiser`;
+/// `step_noise(i)` supplies fresh noise for samplers that need it. One submit per step;
+/// returns the final latent.
 pub fn sample(
     gpu: &Arc<Gpu>,
     denoiser: &Denoiser,
-    sampler: Sampler,
+    run: &GpuSampler,
     noise: &[f32],
     mut step_noise: impl FnMut(usize) -> Vec<f32>,
 ) -> Result<Vec<f32>> {
+    let sampler = run.sampler();
     if noise.len() != denoiser.latent {
         return Err(Error::shape(
             "sampler",
@@ -122,7 +123,6 @@ pub fn sample(
             ),
         ));
     }
-    let run = GpuSampler::new(gpu, sampler.clone(), noise.len())?;
     run.start(noise)?;
     let bytes = (noise.len() * 4) as u64;
     let (lat_buf, lat_at) = denoiser.plan.storage(denoiser.latent_in)?;
