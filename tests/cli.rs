@@ -600,6 +600,17 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
     assert_eq!((p.captions.len(), p.images_per_caption()), (3, 2));
     assert_eq!(p.captions[1].text, "a blue sphere, on grass");
     assert!(image::open(p.image_path(2, 1)).is_ok());
+    let leftovers = std::fs::read_dir(p.image_path(2, 1).parent().unwrap())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp")
+        })
+        .count();
+    assert_eq!(leftovers, 0, "temporary files left behind");
     let o = pool(&["--resume"]);
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("0 images"),

@@ -411,7 +411,14 @@ pub fn generate_pool(
         }
         let g = gen.run(&captions[c], c as u64, |_, _| {})?;
         for (p, img) in paths.iter().zip(&g.images) {
-            save_rgb(p, o.size, o.size, img)?;
+            // Written beside, then renamed: an interrupted run never leaves a partial PNG that
+            // --resume would take for a finished one.
+            let tmp = p.with_extension("tmp.png");
+            save_rgb(&tmp, o.size, o.size, img)?;
+            std::fs::rename(&tmp, p).map_err(|e| Error::Io {
+                path: p.display().to_string(),
+                source: e,
+            })?;
             written += 1;
         }
         progress(done + 1, total, written);
