@@ -20,6 +20,7 @@ pub mod graph;
 pub mod kernels;
 pub mod models;
 pub mod nn;
+pub mod progress;
 pub mod text;
 pub mod train;
 

@@ -21,13 +21,18 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
-    /// Generate images from a prompt with a Stable Diffusion 1.x model folder (diffusers
-    /// layout), written as PNGs `00000.png`, `00001.png`, ... to --out.
+    /// Generate images from a prompt with a Stable Diffusion 1.x model (a diffusers folder or
+    /// a single-file checkpoint), written as PNGs `00000.png`, `00001.png`, ... to --out.
     Generate {
         /// Model folder: text_encoder/, unet/, vae/ (config.json + safetensors, fp32 or fp16),
-        /// optional tokenizer/ and scheduler/.
+        /// optional tokenizer/ and scheduler/. Or a single-file CompVis checkpoint
+        /// (`.safetensors`, e.g. v1-5-pruned-emaonly), read with SD 1.5's configs.
         #[arg(long)]
         model: std::path::PathBuf,
+        /// For a single-file checkpoint: a diffusers folder whose config.json files (and
+        /// tokenizer/scheduler, if present) describe it, instead of SD 1.5's.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
         /// The prompt.
         #[arg(
             long,
@@ -69,6 +74,9 @@ enum Cmd {
         /// Image side in pixels.
         #[arg(long, default_value_t = 512)]
         size: usize,
+        /// Side of the saved PNGs (bicubic resize; the official pools keep 256); default --size.
+        #[arg(long)]
+        save_size: Option<usize>,
         /// Output folder.
         #[arg(long)]
         out: std::path::PathBuf,
@@ -355,6 +363,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
         Cmd::Info { json } => info(&opts, json),
         Cmd::Generate {
             model,
+            config,
             prompt,
             captions,
             shard,
@@ -367,6 +376,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             eta,
             seed,
             size,
+            save_size,
             out,
             init_noise,
             save_latents,
@@ -374,9 +384,11 @@ fn run(cli: Cli) -> stablerep::Result<()> {
         } => {
             use stablerep::diffusion::model::{generate, GenerateOptions, SdModel};
             use stablerep::diffusion::sampler::Kind;
+            use stablerep::progress::{Bar, Stream};
+            use std::time::Duration;
             let kind = Kind::parse(&sampler, eta)?;
             use stablerep::nn::checkpoint::{Checkpoint, HostTensor};
-            let m = SdModel::load(&model)?;
+            let m = SdModel::load_with_config(&model, config.as_deref())?;
             let init_noise = match init_noise {
                 Some(p) => Some(
                     Checkpoint::load(&p)?
@@ -397,6 +409,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 seed,
                 caption: 0,
                 size,
+                save_size,
                 init_noise,
             };
             o.check(&m)?;
@@ -426,36 +439,47 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                     )));
                 }
                 let gpu = Gpu::new(&opts)?;
-                let t0 = std::time::Instant::now();
-                let written = generate_pool(
-                    &gpu,
-                    &m,
-                    &o,
-                    &caps,
-                    sh,
-                    resume,
-                    &out,
-                    |done, total, written| {
-                        let s = t0.elapsed().as_secs_f64();
-                        let eta = if written > 0 {
-                            s / done as f64 * (total - done) as f64
-                        } else {
-                            0.0
-                        };
-                        eprintln!("caption {done}/{total}, {written} images written, {s:.0} s, ETA {eta:.0} s");
-                    },
-                )?;
+                let mut bar = Bar::new(0, Stream::Stderr, Duration::from_secs(10));
+                let written = generate_pool(&gpu, &m, &o, &caps, sh, resume, &out, |p| {
+                    bar.set_total(p.total());
+                    if p.skipped {
+                        bar.skip(p.image.total());
+                    }
+                    bar.update(
+                        p.done(),
+                        &format!(
+                            "caption {}/{}  image {}/{}  step {}/{}  {} written",
+                            p.caption + 1,
+                            p.captions,
+                            (p.image.image + 1).min(p.image.images),
+                            p.image.images,
+                            p.image.step,
+                            p.image.steps,
+                            p.written
+                        ),
+                    );
+                })?;
                 println!("{written} images in {}", out.display());
                 return Ok(());
             }
             let gpu = Gpu::new(&opts)?;
-            let t0 = std::time::Instant::now();
-            let images = generate(&gpu, &m, &o, |done, total| {
-                eprintln!("image {done}/{total} ({:.1} s)", t0.elapsed().as_secs_f64())
+            let mut bar = Bar::new(0, Stream::Stderr, Duration::from_secs(10));
+            let images = generate(&gpu, &m, &o, |p| {
+                bar.set_total(p.total());
+                bar.update(
+                    p.done(),
+                    &format!(
+                        "image {}/{}  step {}/{}",
+                        p.image + 1,
+                        p.images,
+                        p.step,
+                        p.steps
+                    ),
+                );
             })?;
             for (k, img) in images.images.iter().enumerate() {
                 let p = out.join(format!("{k:05}.png"));
-                stablerep::data::pool::save_rgb(&p, size, size, img)?;
+                stablerep::diffusion::model::save_image(&p, size, save_size, img)?;
                 println!("{}", p.display());
             }
             let save =
@@ -678,33 +702,27 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             let t0 = std::time::Instant::now();
             let images = (captions_per_batch * images_per_caption) as f64;
             let mut first: Option<u64> = None;
-            // On a terminal: one progress bar line redrawn in place; otherwise (logs, pipes)
-            // one line per logged step.
-            let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            // On a terminal: one bar redrawn in place; otherwise one line per logged step.
+            let mut bar = stablerep::progress::Bar::new(
+                steps,
+                stablerep::progress::Stream::Stdout,
+                std::time::Duration::ZERO,
+            );
             let progress = |step: u64, loss: f32, lr: f64| {
-                let from = *first.get_or_insert(step.saturating_sub(1));
+                let from = *first.get_or_insert_with(|| {
+                    let from = step.saturating_sub(1);
+                    bar.skip(from);
+                    from
+                });
                 let done = (step - from) as f64;
                 let secs = t0.elapsed().as_secs_f64();
-                let eta = secs / done * (steps.saturating_sub(step)) as f64;
-                let line = format!(
-                    "step {step}/{steps}  loss {loss:.5}  lr {lr:.3e}  {:.1} images/s  eta {}",
-                    images * done / secs,
-                    clock(eta)
+                bar.update(
+                    step,
+                    &format!(
+                        "step {step}/{steps}  loss {loss:.5}  lr {lr:.3e}  {:.1} images/s",
+                        images * done / secs
+                    ),
                 );
-                if tty {
-                    let filled = (30 * step / steps.max(1)) as usize;
-                    print!(
-                        "\r[{}{}] {line}  ",
-                        "#".repeat(filled.min(30)),
-                        "-".repeat(30 - filled.min(30))
-                    );
-                    if step >= steps {
-                        println!();
-                    }
-                    let _ = std::io::Write::flush(&mut std::io::stdout());
-                } else {
-                    println!("{line}");
-                }
             };
             let gpu = Gpu::new(&opts)?;
             if let Some(batch) = fixed_batch {
@@ -906,14 +924,4 @@ fn info(opts: &GpuOptions, json: bool) -> stablerep::Result<()> {
         }
     );
     Ok(())
-}
-
-/// Seconds as `1h02m03s` / `2m03s` / `3s`.
-fn clock(secs: f64) -> String {
-    let s = secs.max(0.0).round() as u64;
-    match (s / 3600, s / 60 % 60, s % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, s) => format!("{m}m{s:02}s"),
-        (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
-    }
 }

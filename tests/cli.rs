@@ -502,6 +502,98 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
         read(dir.join("b/00000.png")),
         "same seed, same image"
     );
+    // The same model as one CompVis-layout file (the fixture's UNet and VAE, this folder's text
+    // encoder), configured by the folder: the same images, byte for byte.
+    let mut single = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd_single_file.safetensors"),
+    )
+    .unwrap();
+    single
+        .tensors
+        .retain(|k, _| !k.starts_with("cond_stage_model."));
+    let te = Checkpoint::load(&model.join("text_encoder/model.safetensors")).unwrap();
+    for (k, t) in te.tensors {
+        single
+            .tensors
+            .insert(format!("cond_stage_model.transformer.{k}"), t);
+    }
+    let file = dir.join("tiny-sd.safetensors");
+    single.save(&file).unwrap();
+    let o = bin()
+        .args(["generate", "--model"])
+        .arg(&file)
+        .arg("--config")
+        .arg(&model)
+        .args([
+            "--prompt",
+            "a red cube on a table",
+            "--images-per-prompt",
+            "2",
+        ])
+        .args([
+            "--steps",
+            "2",
+            "--size",
+            "64",
+            "--sampler",
+            "dpmpp-2m",
+            "--seed",
+            "3",
+        ])
+        .args(["--save-size", "32", "--out"])
+        .arg(dir.join("s"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Progress: steps, images and an ETA (plain lines off a terminal).
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        log.contains("image 2/2  step 2/2") && log.contains("ETA"),
+        "{log}"
+    );
+    // --save-size: a bicubic 2x reduction of the same image.
+    let small = image::open(dir.join("s/00000.png")).unwrap().to_rgb8();
+    assert_eq!(small.dimensions(), (32, 32));
+    let big = image::open(dir.join("a/00000.png")).unwrap().to_rgb8();
+    let want = image::imageops::resize(&big, 32, 32, image::imageops::FilterType::CatmullRom);
+    let worst = small
+        .pixels()
+        .zip(want.pixels())
+        .flat_map(|(a, b)| (0..3).map(move |c| (a[c] as i32 - b[c] as i32).abs()))
+        .max()
+        .unwrap();
+    assert!(worst <= 2, "resized image differs by {worst} levels");
+    let o = bin()
+        .args(["generate", "--model"])
+        .arg(&file)
+        .arg("--config")
+        .arg(&model)
+        .args([
+            "--prompt",
+            "a red cube on a table",
+            "--images-per-prompt",
+            "2",
+        ])
+        .args([
+            "--steps",
+            "2",
+            "--size",
+            "64",
+            "--sampler",
+            "dpmpp-2m",
+            "--seed",
+            "3",
+        ])
+        .arg("--out")
+        .arg(dir.join("s3"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        read(dir.join("a/00001.png")),
+        read(dir.join("s3/00001.png")),
+        "single file and folder give the same image"
+    );
     let o = gen("c", &["--seed", "4"]);
     assert!(o.status.success());
     assert_ne!(read(dir.join("a/00000.png")), read(dir.join("c/00000.png")));

@@ -642,16 +642,33 @@ fn guided_sampling_and_decoding_match_diffusers() {
         let sampler = Sampler::new(kind, &SchedulerConfig::default(), 4).unwrap();
         let run = GpuSampler::new(&gpu, sampler, 256).unwrap();
         let steps = &fx.tensors["euler_a.noise"].data;
-        let lat = sample(&gpu, &den, &run, &fx.tensors["noise"].data, |i| {
-            steps[i * 256..(i + 1) * 256].to_vec()
-        })
+        let mut reported = Vec::new();
+        let lat = sample(
+            &gpu,
+            &den,
+            &run,
+            &fx.tensors["noise"].data,
+            |i| steps[i * 256..(i + 1) * 256].to_vec(),
+            |i| reported.push(i),
+        )
         .unwrap();
+        let evals = run.sampler().evaluations();
+        assert_eq!(
+            reported,
+            (0..evals).collect::<Vec<_>>(),
+            "{name}: step reports"
+        );
         let (worst, tol) = deviation(&lat, &fx.tensors[&format!("{name}.latents")].data);
         assert!(worst <= tol, "{name}: final latents differ by {worst}");
         // A planned sampler is reused across images: a second run gives the same latent.
-        let again = sample(&gpu, &den, &run, &fx.tensors["noise"].data, |i| {
-            steps[i * 256..(i + 1) * 256].to_vec()
-        })
+        let again = sample(
+            &gpu,
+            &den,
+            &run,
+            &fx.tensors["noise"].data,
+            |i| steps[i * 256..(i + 1) * 256].to_vec(),
+            |_| {},
+        )
         .unwrap();
         assert_eq!(again, lat, "{name}: second run on the same sampler");
         let z: Vec<f32> = lat.iter().map(|&v| v / 0.18215).collect();
@@ -663,4 +680,79 @@ fn guided_sampling_and_decoding_match_diffusers() {
         let (worst, tol) = deviation(&img, &fx.tensors[&format!("{name}.image")].data);
         assert!(worst <= tol, "{name}: decoded image differs by {worst}");
     }
+}
+
+/// A folder with the single-file fixture's config.json files (no weights).
+fn fixture_configs(ck: &Checkpoint, dir: &Path) {
+    for sub in ["unet", "vae", "text_encoder"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        let cfg = &ck.metadata[&format!("{sub}_config")];
+        std::fs::write(dir.join(sub).join("config.json"), cfg).unwrap();
+    }
+}
+
+#[test]
+fn single_file_checkpoints_map_to_diffusers_names() {
+    use stablerep::diffusion::model::SdModel;
+    use stablerep::diffusion::text_encoder::{convert, ClipTextConfig};
+    let dir = std::env::temp_dir().join(format!("stablerep-single-{}", std::process::id()));
+    // Written by tools/make_sd_fixtures.py and checked there with diffusers' own converters.
+    let file = Path::new("tests/fixtures/sd_single_file.safetensors");
+    let single = Checkpoint::load(file).unwrap();
+    fixture_configs(&single, &dir);
+    let m = SdModel::load_with_config(file, Some(&dir)).unwrap();
+    for (fx, prefix, got) in [
+        ("sd_unet", "unet.", m.unet_weights()),
+        ("sd_vae", "vae.", m.vae_weights()),
+    ] {
+        let want =
+            Checkpoint::load(Path::new(&format!("tests/fixtures/{fx}.safetensors"))).unwrap();
+        let want: Vec<(&str, _)> = want
+            .tensors
+            .iter()
+            .filter_map(|(k, t)| Some((k.strip_prefix(prefix)?, t)))
+            .collect();
+        assert_eq!(got.tensors.len(), want.len(), "{fx}: tensor count");
+        for (k, t) in want {
+            assert_eq!(got.tensors.get(k), Some(t), "{fx}: {k}");
+        }
+    }
+    // The text encoder keeps transformers' names after the prefix.
+    let cfg =
+        ClipTextConfig::from_json(&single.metadata["text_encoder_config"], "fixture").unwrap();
+    let want = convert(&single, &cfg, "", "fixture").unwrap();
+    assert_eq!(m.text_weights().tensors, want.tensors);
+    // Without configs a single file is read as SD 1.5, whose shapes the tiny file does not
+    // have: the error names the tensor.
+    let e = SdModel::load(file).err().expect("should fail").to_string();
+    assert!(e.contains("sd_single_file") && e.contains("shape"), "{e}");
+    // Files that are not SD 1.x single files.
+    let mut ck = single.clone();
+    let t = ck.tensors["model.diffusion_model.out.2.bias"].clone();
+    ck.tensors
+        .insert("model.diffusion_model.label_emb.0.0.bias".into(), t);
+    let odd = dir.join("sdxl.safetensors");
+    ck.save(&odd).unwrap();
+    let e = SdModel::load_with_config(&odd, Some(&dir))
+        .err()
+        .expect("should fail")
+        .to_string();
+    assert!(
+        e.contains("label_emb.0.0.bias") && e.contains("SDXL"),
+        "{e}"
+    );
+    let e = SdModel::load(Path::new("tests/fixtures/sd_vae.safetensors"))
+        .err()
+        .expect("should fail")
+        .to_string();
+    assert!(e.contains("not a single-file"), "{e}");
+    let e = SdModel::load(&dir.join("missing.safetensors"))
+        .err()
+        .expect("should fail")
+        .to_string();
+    assert!(
+        e.contains("missing.safetensors") && e.contains("no such model"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

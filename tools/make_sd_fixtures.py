@@ -10,9 +10,13 @@ Tokenizer: transformers' CLIPTokenizer on vocab.json / merges.txt rebuilt from t
 merge table, over a few hundred varied prompts (tests/fixtures/sd_tokens.json).
 
 Usage: .venv-ref/bin/python tools/make_sd_fixtures.py   (writes tests/fixtures/sd_*)
+       .venv-ref/bin/python tools/make_sd_fixtures.py single_file   (only the single-file
+       checkpoint, from the committed UNet and VAE fixtures)
 """
 
 import pathlib
+import re
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -380,8 +384,141 @@ def guided_run_fixture():
     print("sd_guided.safetensors", float(t["ddim.image"].abs().max()))
 
 
+def _ldm_resnet(name):
+    """diffusers ResnetBlock2D parameter names -> LDM's (UNet resnets)."""
+    for a, b in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                 ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")):
+        if name.startswith(a + "."):
+            return b + name[len(a):]
+    raise KeyError(name)
+
+
+def unet_to_ldm(sd, cfg):
+    """The inverse of shared/spec section 2.3's UNet table, for any number of levels and layers."""
+    L, n = cfg["layers_per_block"], len(cfg["block_out_channels"])
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", k)
+        u = re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", k)
+        if k.startswith("time_embedding.linear_"):
+            new = "time_embed." + ("0" if k[22] == "1" else "2") + k[23:]
+        elif k.startswith("conv_in."):
+            new = "input_blocks.0.0." + k[8:]
+        elif k.startswith("conv_norm_out."):
+            new = "out.0." + k[14:]
+        elif k.startswith("conv_out."):
+            new = "out.2." + k[9:]
+        elif m:
+            l, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            idx = 1 + l * (L + 1) + j
+            new = f"input_blocks.{idx}.0.{_ldm_resnet(rest)}" if kind == "resnets" else f"input_blocks.{idx}.1.{rest}"
+        elif re.match(r"down_blocks\.\d+\.downsamplers\.0\.conv\.", k):
+            l = int(k.split(".")[1])
+            new = f"input_blocks.{(l + 1) * (L + 1)}.0.op." + k.split("conv.", 1)[1]
+        elif k.startswith("mid_block.resnets."):
+            j = int(k.split(".")[2])
+            new = f"middle_block.{2 * j}." + _ldm_resnet(k.split(".", 3)[3])
+        elif k.startswith("mid_block.attentions.0."):
+            new = "middle_block.1." + k[len("mid_block.attentions.0."):]
+        elif u:
+            l, kind, j, rest = int(u[1]), u[2], int(u[3]), u[4]
+            idx = l * (L + 1) + j
+            new = f"output_blocks.{idx}.0.{_ldm_resnet(rest)}" if kind == "resnets" else f"output_blocks.{idx}.1.{rest}"
+        elif re.match(r"up_blocks\.\d+\.upsamplers\.0\.conv\.", k):
+            l = int(k.split(".")[1])
+            slot = 2 if cfg["up_block_types"][l].startswith("CrossAttn") else 1
+            new = f"output_blocks.{l * (L + 1) + L}.{slot}.conv." + k.split("conv.", 1)[1]
+        else:
+            raise KeyError(k)
+        out["model.diffusion_model." + new] = v
+    return out
+
+
+def vae_to_ldm(sd, cfg):
+    """The inverse of shared/spec section 2.3's VAE table (decoder levels reversed; attention
+    projections stored as 1x1 convolutions, as in CompVis files)."""
+    n = len(cfg["block_out_channels"])
+    att = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for k, v in sd.items():
+        side, rest = k.split(".", 1)
+        if side not in ("encoder", "decoder"):
+            new = k
+        elif m := re.match(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", rest):
+            i = int(m[2]) if m[1] == "down" else n - 1 - int(m[2])
+            new = f"{side}.{m[1]}.{i}.block.{m[3]}." + m[4].replace("conv_shortcut", "nin_shortcut")
+        elif m := re.match(r"(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.conv\.(.*)", rest):
+            i = int(m[2]) if m[1] == "down" else n - 1 - int(m[2])
+            new = f"{side}.{m[1]}.{i}.{m[3]}sample.conv.{m[4]}"
+        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", rest):
+            new = f"{side}.mid.block_{int(m[1]) + 1}.{m[2]}"
+        elif m := re.match(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.*)", rest):
+            new = f"{side}.mid.attn_1.{att[m[1]]}.{m[2]}"
+            if m[1] != "group_norm" and v.dim() == 2:
+                v = v[:, :, None, None]
+        elif rest.startswith("conv_norm_out."):
+            new = f"{side}.norm_out." + rest[len("conv_norm_out."):]
+        else:
+            new = k
+        out["first_stage_model." + new] = v.contiguous()
+    return out
+
+
+def single_file_fixture():
+    """The tiny UNet and VAE of the fixtures above and a tiny text encoder of the UNet's width as
+    one CompVis/LDM-layout file (tests/fixtures/sd_single_file.safetensors, fp16, plus a DDPM
+    buffer as real files carry; the three configs in the metadata), checked by converting it back with diffusers' own single-file converters:
+    every tensor must come back under its diffusers name, bit for bit."""
+    import json
+
+    from safetensors import safe_open
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint)
+
+    def read(name, prefix):
+        with safe_open(OUT / name, "pt") as f:
+            meta = f.metadata()
+            sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix) and not k.startswith("ref.")}
+        return sd, json.loads(meta["config"])
+
+    import transformers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet, ucfg = read("sd_unet.safetensors", "unet.")
+    vae, vcfg = read("sd_vae.safetensors", "vae.")
+    # A text encoder as wide as the UNet's cross-attention (the text fixture is wider).
+    torch.manual_seed(23)
+    tcfg = CLIPTextConfig(vocab_size=1000, hidden_size=ucfg["cross_attention_dim"], intermediate_size=24,
+                          num_attention_heads=2, num_hidden_layers=1, max_position_embeddings=77,
+                          hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=16)
+    text = {k: v.half() for k, v in CLIPTextModel(tcfg).state_dict().items()}
+    ck = {}
+    ck.update(unet_to_ldm(unet, ucfg))
+    ck.update(vae_to_ldm(vae, vcfg))
+    ck.update({"cond_stage_model.transformer.text_model." + k: v for k, v in text.items()})
+    ck["alphas_cumprod"] = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
+    back_u = convert_ldm_unet_checkpoint(ck, ucfg)
+    back_v = convert_ldm_vae_checkpoint(ck, vcfg)
+    back_t = convert_ldm_clip_checkpoint(ck)
+    for name, src, back, pre in (("unet", unet, back_u, ""), ("vae", vae, back_v, ""), ("text", text, back_t, "text_model.")):
+        assert len(back) == len(src), (name, len(back), len(src))
+        for k, v in src.items():
+            w = back[pre + k]
+            assert w.shape == v.shape or w.squeeze().shape == v.squeeze().shape, (name, k)
+            assert torch.equal(w.reshape(v.shape), v), (name, k)
+    ck = {k: v.contiguous() for k, v in ck.items()}
+    meta = {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "unet_config": json.dumps(ucfg), "vae_config": json.dumps(vcfg),
+            "text_encoder_config": json.dumps(tcfg.to_dict())}
+    save_file(ck, OUT / "sd_single_file.safetensors", metadata=meta)
+    print("sd_single_file.safetensors", len(ck), "tensors; diffusers' converters give back every tensor")
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
+    if sys.argv[1:] == ["single_file"]:  # only this one (it reads the committed fixtures)
+        single_file_fixture()
+        sys.exit(0)
     schedulers_fixture()
     tokens_fixture()
     text_encoder_fixture()
@@ -391,3 +528,4 @@ if __name__ == "__main__":
     unet_fixture()
     vae_fixture()
     guided_run_fixture()
+    single_file_fixture()

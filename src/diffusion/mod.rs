@@ -11,6 +11,7 @@ pub mod model;
 pub mod pipeline;
 pub mod sampler;
 pub mod schedule;
+pub mod single_file;
 pub mod text_encoder;
 pub mod unet;
 pub mod vae;

@@ -11,6 +11,7 @@ use super::gpu_sampler::GpuSampler;
 use super::pipeline::{sample, Denoiser};
 use super::sampler::{Kind, Sampler};
 use super::schedule::SchedulerConfig;
+use super::single_file;
 use super::text_encoder::{self, ClipTextConfig};
 use super::unet::UNetConfig;
 use super::vae::{self, VaeConfig};
@@ -31,7 +32,7 @@ const WEIGHT_FILES: [&str; 4] = [
 
 /// A loaded model folder (weights on the host until `generate` uploads them).
 pub struct SdModel {
-    /// Where it came from.
+    /// Where it came from (a folder or a single file).
     pub dir: PathBuf,
     /// The tokenizer (the folder's or the shipped one).
     pub tokenizer: Tokenizer,
@@ -70,66 +71,168 @@ fn weights(dir: &Path) -> Result<Checkpoint> {
     }
 }
 
-impl SdModel {
-    /// Reads every config and weight file of the folder.
-    pub fn load(dir: &Path) -> Result<SdModel> {
-        if !dir.is_dir() {
-            return Err(Error::Config(format!(
-                "{}: not a model folder (diffusers layout: text_encoder/, unet/, vae/, ...)",
-                dir.display()
-            )));
-        }
-        let cfg = |sub: &str| -> Result<(PathBuf, String)> {
-            let p = dir.join(sub).join("config.json");
-            let t = read(&p)?;
-            Ok((p, t))
+/// The configs, tokenizer and scheduler of a model (from a folder, or SD 1.5's).
+struct Configs {
+    tokenizer: Tokenizer,
+    text: ClipTextConfig,
+    unet: UNetConfig,
+    vae: VaeConfig,
+    scheduler: SchedulerConfig,
+}
+
+impl Configs {
+    /// Reads `{text_encoder,unet,vae}/config.json` of `dir` (required), its scheduler config
+    /// and tokenizer files (optional); with no folder, SD 1.5's shipped configs.
+    fn load(dir: Option<&Path>) -> Result<Configs> {
+        let cfg = |sub: &str, builtin: &str| -> Result<(String, String)> {
+            match dir {
+                Some(d) => {
+                    let p = d.join(sub).join("config.json");
+                    Ok((read(&p)?, p.display().to_string()))
+                }
+                None => Ok((builtin.to_string(), format!("SD 1.5's {sub}/config.json"))),
+            }
         };
-        let (p, t) = cfg("text_encoder")?;
-        let text = ClipTextConfig::from_json(&t, &p.display().to_string())?;
-        let (p, t) = cfg("unet")?;
-        let unet = UNetConfig::from_json(&t, &p.display().to_string())?;
-        let (p, t) = cfg("vae")?;
-        let vae = VaeConfig::from_json(&t, &p.display().to_string())?;
+        let (t, p) = cfg("text_encoder", single_file::SD15_TEXT)?;
+        let text = ClipTextConfig::from_json(&t, &p)?;
+        let (t, unet_origin) = cfg("unet", single_file::SD15_UNET)?;
+        let unet = UNetConfig::from_json(&t, &unet_origin)?;
+        let (t, p) = cfg("vae", single_file::SD15_VAE)?;
+        let vae = VaeConfig::from_json(&t, &p)?;
         if unet.cross_attention_dim != text.hidden_size {
             return Err(Error::Config(format!(
-                "{}: the UNet attends to {}-wide text states but the text encoder is {} wide",
-                dir.display(),
-                unet.cross_attention_dim,
-                text.hidden_size
+                "{unet_origin}: the UNet attends to {}-wide text states but the text encoder is {} wide",
+                unet.cross_attention_dim, text.hidden_size
             )));
         }
-        let sp = dir.join("scheduler").join("scheduler_config.json");
-        let scheduler = if sp.exists() {
-            SchedulerConfig::from_json(&read(&sp)?, &sp.display().to_string())?
-        } else {
-            SchedulerConfig::default()
-        };
-        let (vp, mp) = (
-            dir.join("tokenizer/vocab.json"),
-            dir.join("tokenizer/merges.txt"),
-        );
-        let tokenizer = if vp.exists() && mp.exists() {
-            Tokenizer::from_files(&vp, &mp)?
-        } else {
-            Tokenizer::from_merges_transformers()
-        };
-        let te = dir.join("text_encoder");
-        let text_weights =
-            text_encoder::convert(&weights(&te)?, &text, "", &te.display().to_string())?;
-        let unet_weights = weights(&dir.join("unet"))?;
-        let mut vae_weights = weights(&dir.join("vae"))?;
-        vae::rename_legacy_attention(&mut vae_weights);
-        Ok(SdModel {
-            dir: dir.to_path_buf(),
-            tokenizer,
+        let mut scheduler = SchedulerConfig::default();
+        let mut tokenizer = None;
+        if let Some(d) = dir {
+            let sp = d.join("scheduler").join("scheduler_config.json");
+            if sp.exists() {
+                scheduler = SchedulerConfig::from_json(&read(&sp)?, &sp.display().to_string())?;
+            }
+            let (vp, mp) = (
+                d.join("tokenizer/vocab.json"),
+                d.join("tokenizer/merges.txt"),
+            );
+            if vp.exists() && mp.exists() {
+                tokenizer = Some(Tokenizer::from_files(&vp, &mp)?);
+            }
+        }
+        Ok(Configs {
+            tokenizer: tokenizer.unwrap_or_else(Tokenizer::from_merges_transformers),
             text,
             unet,
             vae,
             scheduler,
+        })
+    }
+}
+
+impl SdModel {
+    /// Reads a model: a diffusers folder (every config and weight file), or a single-file
+    /// CompVis checkpoint (`.safetensors`) with SD 1.5's configs.
+    pub fn load(path: &Path) -> Result<SdModel> {
+        Self::load_with_config(path, None)
+    }
+
+    /// [`SdModel::load`], where a single file takes its configs (and tokenizer and scheduler,
+    /// when present) from the diffusers folder `config` instead of SD 1.5's.
+    pub fn load_with_config(path: &Path, config: Option<&Path>) -> Result<SdModel> {
+        if path.is_file() {
+            return Self::load_single_file(path, config);
+        }
+        if !path.is_dir() {
+            return Err(Error::Config(format!(
+                "{}: no such model (want a diffusers folder with text_encoder/, unet/, vae/, \
+                 or a single-file .safetensors checkpoint)",
+                path.display()
+            )));
+        }
+        if config.is_some() {
+            return Err(Error::Config(format!(
+                "{}: --config is for single-file checkpoints; a model folder has its own configs",
+                path.display()
+            )));
+        }
+        let c = Configs::load(Some(path))?;
+        let te = path.join("text_encoder");
+        let text_weights =
+            text_encoder::convert(&weights(&te)?, &c.text, "", &te.display().to_string())?;
+        let unet_weights = weights(&path.join("unet"))?;
+        let mut vae_weights = weights(&path.join("vae"))?;
+        vae::rename_legacy_attention(&mut vae_weights);
+        Ok(SdModel::assemble(
+            path,
+            c,
             text_weights,
             unet_weights,
             vae_weights,
-        })
+        ))
+    }
+
+    fn load_single_file(file: &Path, config: Option<&Path>) -> Result<SdModel> {
+        let origin = file.display().to_string();
+        let c = Configs::load(config)?;
+        let ck = Checkpoint::load(file)?;
+        if !single_file::is_single_file(&ck) {
+            return Err(Error::Config(format!(
+                "{origin}: not a single-file Stable Diffusion checkpoint (no '{}*' tensors)",
+                single_file::UNET_PREFIX
+            )));
+        }
+        let parts = single_file::split(
+            ck,
+            c.unet.layers_per_block,
+            c.vae.block_out_channels.len(),
+            &origin,
+        )?;
+        let text_weights = text_encoder::convert(&parts.text, &c.text, "", &origin)?;
+        let mut vae_weights = parts.vae;
+        vae::rename_legacy_attention(&mut vae_weights);
+        Ok(SdModel::assemble(
+            file,
+            c,
+            text_weights,
+            parts.unet,
+            vae_weights,
+        ))
+    }
+
+    fn assemble(
+        path: &Path,
+        c: Configs,
+        text_weights: Checkpoint,
+        unet_weights: Checkpoint,
+        vae_weights: Checkpoint,
+    ) -> SdModel {
+        SdModel {
+            dir: path.to_path_buf(),
+            tokenizer: c.tokenizer,
+            text: c.text,
+            unet: c.unet,
+            vae: c.vae,
+            scheduler: c.scheduler,
+            text_weights,
+            unet_weights,
+            vae_weights,
+        }
+    }
+
+    /// The text encoder's weights, converted to the shared transformer block's names.
+    pub fn text_weights(&self) -> &Checkpoint {
+        &self.text_weights
+    }
+
+    /// The UNet's weights under diffusers' names.
+    pub fn unet_weights(&self) -> &Checkpoint {
+        &self.unet_weights
+    }
+
+    /// The VAE's weights under diffusers' names.
+    pub fn vae_weights(&self) -> &Checkpoint {
+        &self.vae_weights
     }
 }
 
@@ -154,9 +257,74 @@ pub struct GenerateOptions {
     pub caption: u64,
     /// Image side in pixels.
     pub size: usize,
+    /// Side of the saved PNGs (resized from `size` with a bicubic filter, like PIL's default);
+    /// `None` saves at `size`.
+    pub save_size: Option<usize>,
     /// Standard-normal initial noise for all images [images * latent] (replaces the seeded
     /// noise; scaled by the sampler's initial sigma as diffusers treats `latents=`).
     pub init_noise: Option<Vec<f32>>,
+}
+
+/// Where a generation stands: `step` of `steps` sampler evaluations finished for image
+/// `image` (0-based) of `images`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Image being generated (0-based).
+    pub image: usize,
+    /// Images in this run.
+    pub images: usize,
+    /// Evaluations of this image finished.
+    pub step: usize,
+    /// Evaluations per image (PNDM makes one more than its step count).
+    pub steps: usize,
+}
+
+impl Progress {
+    /// Evaluations finished in this run.
+    pub fn done(&self) -> u64 {
+        (self.image * self.steps + self.step) as u64
+    }
+
+    /// Evaluations of the whole run.
+    pub fn total(&self) -> u64 {
+        (self.images * self.steps) as u64
+    }
+}
+
+/// Writes an image [3, size, size] in [0, 1] as a PNG of side `save` (bicubic resize when it
+/// differs), atomically: written beside and renamed, so an interrupted run never leaves a
+/// partial PNG that `--resume` would take for a finished one.
+pub fn save_image(path: &Path, size: usize, save: Option<usize>, img: &[f32]) -> Result<()> {
+    use crate::data::pool::save_rgb;
+    let tmp = path.with_extension("tmp.png");
+    match save.filter(|&s| s != size) {
+        None => save_rgb(&tmp, size, size, img)?,
+        Some(s) => {
+            let mut rgb = image::Rgb32FImage::new(size as u32, size as u32);
+            for (x, y, p) in rgb.enumerate_pixels_mut() {
+                for c in 0..3 {
+                    p[c] = img[(c * size + y as usize) * size + x as usize];
+                }
+            }
+            let small = image::imageops::resize(
+                &rgb,
+                s as u32,
+                s as u32,
+                image::imageops::FilterType::CatmullRom,
+            );
+            let mut planar = vec![0.0; 3 * s * s];
+            for (x, y, p) in small.enumerate_pixels() {
+                for c in 0..3 {
+                    planar[(c * s + y as usize) * s + x as usize] = p[c];
+                }
+            }
+            save_rgb(&tmp, s, s, &planar)?
+        }
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    })
 }
 
 /// What `generate` returns.
@@ -179,6 +347,12 @@ impl GenerateOptions {
         }
         if self.steps == 0 {
             return Err(Error::Config("--steps must be at least 1".into()));
+        }
+        if self.save_size.is_some_and(|s| s == 0 || s > 8192) {
+            return Err(Error::Config(format!(
+                "--save-size {} must be between 1 and 8192",
+                self.save_size.unwrap_or(0)
+            )));
         }
         if self.guidance.is_nan() || self.guidance < 0.0 {
             return Err(Error::Config(format!(
@@ -291,12 +465,12 @@ impl<'a> Generator<'a> {
     }
 
     /// Images of `prompt` (the options' negative prompt, count, sampler and seed), with the
-    /// noise of caption index `caption`; `progress(done, total)` after each image.
+    /// noise of caption index `caption`; `progress` after each sampler evaluation.
     pub fn run(
         &self,
         prompt: &str,
         caption: u64,
-        mut progress: impl FnMut(usize, usize),
+        mut progress: impl FnMut(Progress),
     ) -> Result<Generated> {
         let (m, o) = (self.m, &self.o);
         let tokens = m.text.max_position_embeddings;
@@ -334,9 +508,22 @@ impl<'a> Generator<'a> {
                 None => image_noise(o.seed, caption, k as u64, len),
             };
             let mut step_rng = Rng(o.seed ^ 0x5EED ^ ((k as u64) << 32) ^ caption);
-            let latent = sample(&self.gpu, &self.den, &self.run, &noise, |_| {
-                (0..len).map(|_| step_rng.normal() as f32).collect()
-            })?;
+            let steps = self.run.sampler().evaluations();
+            let latent = sample(
+                &self.gpu,
+                &self.den,
+                &self.run,
+                &noise,
+                |_| (0..len).map(|_| step_rng.normal() as f32).collect(),
+                |i| {
+                    progress(Progress {
+                        image: k,
+                        images: o.images,
+                        step: i + 1,
+                        steps,
+                    })
+                },
+            )?;
             let zs: Vec<f32> = latent
                 .iter()
                 .map(|&v| (v as f64 / m.vae.scaling_factor) as f32)
@@ -349,19 +536,18 @@ impl<'a> Generator<'a> {
                     .collect(),
             );
             out.latents.push(latent);
-            progress(k + 1, o.images);
         }
         Ok(out)
     }
 }
 
-/// Generates `o.images` images of `o.prompt` [3, size, size] in [0, 1]; `progress(done,
-/// total)` is called after each image.
+/// Generates `o.images` images of `o.prompt` [3, size, size] in [0, 1]; `progress` is called
+/// after each sampler evaluation.
 pub fn generate(
     gpu: &Arc<Gpu>,
     m: &SdModel,
     o: &GenerateOptions,
-    progress: impl FnMut(usize, usize),
+    progress: impl FnMut(Progress),
 ) -> Result<Generated> {
     Generator::new(gpu, m, o)?.run(&o.prompt, o.caption, progress)
 }
@@ -378,10 +564,38 @@ pub fn shard_range(captions: usize, shard: (usize, usize)) -> Result<std::ops::R
     Ok(i * captions / n..(i + 1) * captions / n)
 }
 
+/// Where pool generation stands.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolProgress {
+    /// Caption being generated (0-based, within the shard).
+    pub caption: usize,
+    /// Captions in the shard.
+    pub captions: usize,
+    /// Images written so far.
+    pub written: usize,
+    /// The caption's images all existed (`--resume`): nothing was generated for it.
+    pub skipped: bool,
+    /// Progress within the caption (all done when skipped).
+    pub image: Progress,
+}
+
+impl PoolProgress {
+    /// Evaluations finished in the shard (skipped captions count as finished).
+    pub fn done(&self) -> u64 {
+        self.caption as u64 * self.image.total() + self.image.done()
+    }
+
+    /// Evaluations of the whole shard.
+    pub fn total(&self) -> u64 {
+        self.captions as u64 * self.image.total()
+    }
+}
+
 /// Generates a pool in the official layout (docs/formats.md) under `out`: image j of caption k
 /// at `seed_j/<relpath(k)>`, for the captions of the shard; with `resume`, captions whose
 /// images all exist are skipped. Writes `captions.csv` (unsharded) or
-/// `captions.{i}-of-{n}.csv` (to concatenate after merging shards). Returns images written.
+/// `captions.{i}-of-{n}.csv` (to concatenate after merging shards). `progress` follows every
+/// sampler evaluation. Returns images written.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_pool(
     gpu: &Arc<Gpu>,
@@ -391,9 +605,9 @@ pub fn generate_pool(
     shard: (usize, usize),
     resume: bool,
     out: &Path,
-    mut progress: impl FnMut(usize, usize, usize),
+    mut progress: impl FnMut(&PoolProgress),
 ) -> Result<usize> {
-    use crate::data::pool::{relpath, save_rgb};
+    use crate::data::pool::relpath;
     let range = shard_range(captions.len(), shard)?;
     let gen = Generator::new(gpu, m, o)?;
     let mut rows = String::new();
@@ -405,23 +619,31 @@ pub fn generate_pool(
         let paths: Vec<PathBuf> = (0..o.images)
             .map(|j| out.join(format!("seed_{j}")).join(&rel))
             .collect();
+        let mut report = PoolProgress {
+            caption: done,
+            captions: total,
+            written,
+            skipped: true,
+            image: Progress {
+                image: o.images,
+                images: o.images,
+                step: 0,
+                steps: gen.run.sampler().evaluations(),
+            },
+        };
         if resume && paths.iter().all(|p| p.exists()) {
-            progress(done + 1, total, written);
+            progress(&report);
             continue;
         }
-        let g = gen.run(&captions[c], c as u64, |_, _| {})?;
+        report.skipped = false;
+        let g = gen.run(&captions[c], c as u64, |p| {
+            report.image = p;
+            progress(&report)
+        })?;
         for (p, img) in paths.iter().zip(&g.images) {
-            // Written beside, then renamed: an interrupted run never leaves a partial PNG that
-            // --resume would take for a finished one.
-            let tmp = p.with_extension("tmp.png");
-            save_rgb(&tmp, o.size, o.size, img)?;
-            std::fs::rename(&tmp, p).map_err(|e| Error::Io {
-                path: p.display().to_string(),
-                source: e,
-            })?;
+            save_image(p, o.size, o.save_size, img)?;
             written += 1;
         }
-        progress(done + 1, total, written);
     }
     let name = if shard.1 == 1 {
         "captions.csv".to_string()

@@ -103,14 +103,16 @@ impl Denoiser {
 }
 
 /// Runs the planned sampler `run` from standard-normal `noise` with `denoiser`;
-/// `step_noise(i)` supplies fresh noise for samplers that need it. One submit per step;
-/// returns the final latent.
+/// `step_noise(i)` supplies fresh noise for samplers that need it; `done(i)` is called once
+/// evaluation i has finished on the GPU. One submit per step, with the next step queued while
+/// one runs (no readback between steps); returns the final latent.
 pub fn sample(
     gpu: &Arc<Gpu>,
     denoiser: &Denoiser,
     run: &GpuSampler,
     noise: &[f32],
     mut step_noise: impl FnMut(usize) -> Vec<f32>,
+    mut done: impl FnMut(usize),
 ) -> Result<Vec<f32>> {
     let sampler = run.sampler();
     if noise.len() != denoiser.latent {
@@ -127,6 +129,7 @@ pub fn sample(
     let bytes = (noise.len() * 4) as u64;
     let (lat_buf, lat_at) = denoiser.plan.storage(denoiser.latent_in)?;
     let (eps_buf, eps_at) = denoiser.plan.storage(denoiser.eps)?;
+    let mut in_flight = None;
     for i in 0..sampler.evaluations() {
         denoiser.set_step(sampler.input_scale(i), sampler.timesteps()[i])?;
         if sampler.needs_noise(i) {
@@ -143,8 +146,28 @@ pub fn sample(
             let mut pass = enc.begin_compute_pass(&Default::default());
             run.record(i, &mut pass);
         }
-        gpu.queue.submit([enc.finish()]);
+        let index = gpu.queue.submit([enc.finish()]);
         gpu.take_error()?;
+        // Wait for the previous step (this one is queued behind it), then report it.
+        if let Some((prev, at)) = in_flight.replace((i, index)) {
+            wait_for(gpu, at)?;
+            done(prev);
+        }
     }
-    run.read_x(sampler.evaluations())
+    let x = run.read_x(sampler.evaluations())?;
+    if let Some((last, _)) = in_flight {
+        done(last);
+    }
+    Ok(x)
+}
+
+/// Blocks until submission `at` has finished.
+fn wait_for(gpu: &Gpu, at: wgpu::SubmissionIndex) -> Result<()> {
+    gpu.device
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(at),
+            timeout: None,
+        })
+        .map_err(|e| Error::Gpu(format!("waiting for a sampler step failed: {e}")))?;
+    gpu.take_error()
 }
