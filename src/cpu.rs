@@ -337,6 +337,35 @@ pub fn eval(
                 }
                 Some(y)
             }
+            Op::GroupStats { groups, eps } => {
+                let x = get(0);
+                let len = x.len() / (sh(0)[0] * groups);
+                let mut y = Vec::with_capacity(n);
+                for row in x.chunks(len) {
+                    let m = row.iter().sum::<f64>() / len as f64;
+                    let v = row.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / len as f64;
+                    y.extend([m, 1.0 / (v + *eps as f64).sqrt()]);
+                }
+                Some(y)
+            }
+            Op::GroupApply { groups, silu } => {
+                let (x, st, gm, bt) = (get(0), get(1), get(2), get(3));
+                let s = sh(0);
+                let (c, hw) = (s[1], s[2] * s[3]);
+                let y = (0..n)
+                    .map(|i| {
+                        let (nn, ch) = (i / (c * hw), i / hw % c);
+                        let row = nn * groups + ch / (c / groups);
+                        let v = (x[i] - st[2 * row]) * st[2 * row + 1] * gm[ch] + bt[ch];
+                        if *silu {
+                            v / (1.0 + (-v).exp())
+                        } else {
+                            v
+                        }
+                    })
+                    .collect();
+                Some(y)
+            }
             Op::Im2col(g) => {
                 let x = get(0);
                 let s = sh(0);

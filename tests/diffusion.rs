@@ -398,7 +398,7 @@ fn resnet_blocks_match_diffusers() {
 
 #[test]
 fn group_norm_and_upsampling_match_direct_computation() {
-    use stablerep::diffusion::blocks::{group_norm, upsample_nearest2x};
+    use stablerep::diffusion::blocks::upsample_nearest2x;
     let (gpu, _lock) = common::gpu();
     let mut rng = common::Rng(9);
     let (n, c, h, w, groups) = (2, 6, 3, 5, 3);
@@ -422,7 +422,7 @@ fn group_norm_and_upsampling_match_direct_computation() {
     let got = run_block(&gpu, &ck, "", &[("x", &[n, c, h, w], &x)], |g, i| {
         let a = g.param("gn.weight", &[c]);
         let b = g.param("gn.bias", &[c]);
-        let y = group_norm(g, i[0], a, b, groups, 1e-5).unwrap();
+        let y = g.group_norm(i[0], a, b, groups, 1e-5, false).unwrap();
         upsample_nearest2x(g, y).unwrap()
     });
     let per = c / groups * h * w;

@@ -686,3 +686,55 @@ fn fused_attention_matches_the_cpu_and_the_unfused_graph() {
         .to_string()
         .contains("no gradient"));
 }
+
+#[test]
+fn group_norm_kernels_match_the_cpu_on_awkward_shapes() {
+    let (gpu, _lock) = gpu();
+    let mut rng = Rng(123);
+    // (n, c, groups, h, w, offset): odd planes (scalar path), planes of 4k (vec4 path), rows
+    // longer than a workgroup's share, and a large common offset (the shifted sums matter).
+    let cases = [
+        (2, 6, 3, 5, 7, 0.0),
+        (1, 8, 4, 4, 4, 0.0),
+        (3, 4, 2, 33, 33, 100.0),
+        (1, 12, 12, 1, 3, -5.0),
+        (2, 16, 4, 20, 12, 30.0),
+    ];
+    for (case, &(n, c, groups, h, w, offset)) in cases.iter().enumerate() {
+        for silu in [false, true] {
+            let mut g = Graph::new();
+            let x = g.input("x", &[n, c, h, w]);
+            let gm = g.input("gamma", &[c]);
+            let bt = g.input("beta", &[c]);
+            let y = g.group_norm(x, gm, bt, groups, 1e-5, silu).unwrap();
+            let mut feeds = HashMap::new();
+            let xv: Vec<f64> = rng
+                .vec(n * c * h * w, -2.0, 2.0)
+                .iter()
+                .map(|v| v + offset)
+                .collect();
+            feeds.insert(x, xv);
+            feeds.insert(gm, rng.vec(c, -1.5, 1.5));
+            feeds.insert(bt, rng.vec(c, -1.0, 1.0));
+            let got = &run_gpu(&gpu, &g, &feeds, &HashMap::new(), &[y])[0];
+            let want = &run_cpu(&g, &feeds, &HashMap::new(), &[y])[0];
+            let what = format!("case {case}: [{n}, {c}, {h}, {w}] / {groups} silu {silu}");
+            assert_close(&what, got, want, 1e-4, 1e-4);
+        }
+    }
+    let mut g = Graph::new();
+    let x = g.input("x", &[1, 6, 2, 2]);
+    let gm = g.input("gamma", &[6]);
+    let e = g
+        .group_norm(x, gm, gm, 4, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("4 groups") && e.contains("[1, 6, 2, 2]"), "{e}");
+    let y = g.group_norm(x, gm, gm, 3, 1e-5, true).unwrap();
+    let l = g.sum_all(y).unwrap();
+    assert!(g
+        .grad(l, &[x])
+        .unwrap_err()
+        .to_string()
+        .contains("no gradient"));
+}

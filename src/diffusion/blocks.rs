@@ -1,41 +1,10 @@
 //! Building blocks of Stable Diffusion's UNet and VAE on the graph, with diffusers' parameter
-//! names: GroupNorm, nearest 2x upsampling, and `ResnetBlock2D`.
+//! names: nearest 2x upsampling, `ResnetBlock2D`, attention and `Transformer2DModel`
+//! (GroupNorm is [`Graph::group_norm`]).
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
 use crate::kernels::elementwise::UnaryOp;
-
-/// GroupNorm over x [N, C, H, W] with per-channel `gamma` and `beta` [C]: statistics per
-/// (sample, group of C / groups channels), as `torch.nn.GroupNorm`.
-pub fn group_norm(
-    g: &mut Graph,
-    x: NodeId,
-    gamma: NodeId,
-    beta: NodeId,
-    groups: usize,
-    eps: f32,
-) -> Result<NodeId> {
-    let s = g.shape(x).to_vec();
-    if s.len() != 4 || groups == 0 || !s[1].is_multiple_of(groups) {
-        return Err(Error::shape(
-            "group_norm",
-            format!(
-                "{groups} groups over an input of shape {s:?} (want [N, C, H, W], C divisible)"
-            ),
-        ));
-    }
-    let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
-    let len = c / groups * h * w;
-    let rows = g.reshape(x, &[n * groups, len])?;
-    let one = g.constant(1.0, &[len]);
-    let zero = g.constant(0.0, &[len]);
-    let y = g.layer_norm(rows, one, zero, eps)?;
-    let y = g.reshape(y, &[n, c, h, w])?;
-    let gm = g.reshape(gamma, &[c, 1, 1])?;
-    let bt = g.reshape(beta, &[c, 1, 1])?;
-    let y = g.mul(y, gm)?;
-    g.add(y, bt)
-}
 
 /// Nearest-neighbour 2x upsampling of x [N, C, H, W] (`F.interpolate(scale_factor=2)`).
 pub fn upsample_nearest2x(g: &mut Graph, x: NodeId) -> Result<NodeId> {
@@ -110,8 +79,7 @@ pub fn resnet_block(
     let norm = |g: &mut Graph, name: &str, x: NodeId, c: usize| -> Result<NodeId> {
         let gm = g.param(&p(&format!("{name}.weight")), &[c]);
         let bt = g.param(&p(&format!("{name}.bias")), &[c]);
-        let y = group_norm(g, x, gm, bt, r.groups, r.eps)?;
-        g.unary(UnaryOp::Silu, y)
+        g.group_norm(x, gm, bt, r.groups, r.eps, true)
     };
     let h = norm(g, "norm1", x, r.cin)?;
     let mut h = conv(g, &p("conv1."), h, r.cin, r.cout, 3, 1)?;
@@ -245,7 +213,7 @@ pub fn spatial_transformer(
     }
     let gm = g.param(&p("norm.weight"), &[c]);
     let bt = g.param(&p("norm.bias"), &[c]);
-    let hdn = group_norm(g, x, gm, bt, s.groups, 1e-6)?;
+    let hdn = g.group_norm(x, gm, bt, s.groups, 1e-6, false)?;
     let hdn = conv(g, &p("proj_in."), hdn, c, c, 1, 1)?;
     let hdn = g.permute(hdn, &[0, 2, 3, 1])?;
     let mut t = g.reshape(hdn, &[b * h * w, c])?;

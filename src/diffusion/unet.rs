@@ -8,8 +8,7 @@
 use serde::Deserialize;
 
 use super::blocks::{
-    conv, group_norm, linear, resnet_block, spatial_transformer, upsample, Resnet,
-    SpatialTransformer,
+    conv, linear, resnet_block, spatial_transformer, upsample, Resnet, SpatialTransformer,
 };
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
@@ -298,8 +297,7 @@ pub fn unet_on(
     }
     let gm = g.param(&p("conv_norm_out.weight"), &[ch]);
     let bt = g.param(&p("conv_norm_out.bias"), &[ch]);
-    let x = group_norm(g, x, gm, bt, c.norm_num_groups, eps)?;
-    let x = g.unary(UnaryOp::Silu, x)?;
+    let x = g.group_norm(x, gm, bt, c.norm_num_groups, eps, true)?;
     let y = conv(g, &p("conv_out."), x, ch, c.out_channels, 3, 1)?;
     Ok((
         y,

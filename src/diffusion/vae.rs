@@ -6,10 +6,9 @@
 
 use serde::Deserialize;
 
-use super::blocks::{attention, conv, group_norm, linear, resnet_block, upsample, Resnet};
+use super::blocks::{attention, conv, linear, resnet_block, upsample, Resnet};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
-use crate::kernels::elementwise::UnaryOp;
 use crate::nn::checkpoint::Checkpoint;
 
 /// The fields of `AutoencoderKL`'s config that SD uses.
@@ -85,7 +84,7 @@ fn vae_attention(
     let (b, hw) = (s[0], s[2] * s[3]);
     let gm = g.param(&format!("{prefix}group_norm.weight"), &[ch]);
     let bt = g.param(&format!("{prefix}group_norm.bias"), &[ch]);
-    let h = group_norm(g, x, gm, bt, groups, EPS)?;
+    let h = g.group_norm(x, gm, bt, groups, EPS, false)?;
     let h = g.reshape(h, &[b, ch, hw])?;
     let h = g.permute(h, &[0, 2, 1])?;
     let h = g.reshape(h, &[b * hw, ch])?;
@@ -136,8 +135,7 @@ fn head(
 ) -> Result<NodeId> {
     let gm = g.param(&format!("{prefix}conv_norm_out.weight"), &[ch]);
     let bt = g.param(&format!("{prefix}conv_norm_out.bias"), &[ch]);
-    let x = group_norm(g, x, gm, bt, c.norm_num_groups, EPS)?;
-    let x = g.unary(UnaryOp::Silu, x)?;
+    let x = g.group_norm(x, gm, bt, c.norm_num_groups, EPS, true)?;
     conv(g, &format!("{prefix}conv_out."), x, ch, out, 3, 1)
 }
 

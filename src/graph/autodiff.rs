@@ -367,6 +367,11 @@ impl Graph {
                     "fused attention has no gradient: it serves inference".into(),
                 ))
             }
+            Op::GroupStats { .. } | Op::GroupApply { .. } => {
+                return Err(Error::Graph(
+                    "GroupNorm has no gradient yet: it serves inference".into(),
+                ))
+            }
             Op::Im2col(_) => {
                 return Err(Error::Graph(
                     "im2col (convolution) has no gradient yet: convolutions are inference-only"

@@ -97,6 +97,21 @@ pub enum Op {
         /// Score scale (usually D^-1/2).
         scale: f32,
     },
+    /// (x [N, C, H, W]) -> [N * groups, 2]: GroupNorm statistics (inference only).
+    GroupStats {
+        /// Channel groups.
+        groups: usize,
+        /// Variance epsilon.
+        eps: f32,
+    },
+    /// (x [N, C, H, W], stats, gamma [C], beta [C]) -> GroupNorm output, then SiLU when
+    /// `silu` (inference only).
+    GroupApply {
+        /// Channel groups.
+        groups: usize,
+        /// Fused SiLU.
+        silu: bool,
+    },
     /// (idx u32 [N], dy [N, D]) -> [vocab, D].
     GatherGrad,
     /// (x): a row-wise op over the last axis.
@@ -571,6 +586,49 @@ impl Graph {
         let (ho, wo) = geom.out_size(s[2], s[3]).ok_or_else(bad)?;
         let out = vec![s[0], ho * wo, s[1] * geom.kh * geom.kw];
         Ok(self.push(Op::Im2col(geom), vec![x], out, DType::F32))
+    }
+
+    /// GroupNorm over x [N, C, H, W] (statistics per sample and group of C / groups channels,
+    /// biased variance, as `torch.nn.GroupNorm`) with per-channel `gamma` and `beta`, then
+    /// SiLU when `silu`. Two kernels: a workgroup reduction per group, and the apply
+    /// (inference only).
+    pub fn group_norm(
+        &mut self,
+        x: NodeId,
+        gamma: NodeId,
+        beta: NodeId,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> Result<NodeId> {
+        self.expect_f32("group_norm", &[x, gamma, beta])?;
+        let s = self.shape(x).to_vec();
+        if s.len() != 4 || groups == 0 || !s[1].is_multiple_of(groups) {
+            return Err(Error::shape(
+                "group_norm",
+                format!(
+                    "{groups} groups over an input of shape {s:?} (want [N, C, H, W], C divisible)"
+                ),
+            ));
+        }
+        if self.shape(gamma) != [s[1]] || self.shape(beta) != [s[1]] {
+            return Err(Error::shape(
+                "group_norm",
+                format!("weight and bias must be [{}]", s[1]),
+            ));
+        }
+        let stats = self.push(
+            Op::GroupStats { groups, eps },
+            vec![x],
+            vec![s[0] * groups, 2],
+            DType::F32,
+        );
+        Ok(self.push(
+            Op::GroupApply { groups, silu },
+            vec![x, stats, gamma, beta],
+            s,
+            DType::F32,
+        ))
     }
 
     /// Fused scaled dot-product attention (forward only): q [BH, Tq, D], k and v [BH, Tk, D]

@@ -683,6 +683,24 @@ fn lower(
                 caps,
             )?
         }
+        Op::GroupStats { groups, eps } => {
+            let s = sh(0);
+            norm::group_stats(x(0)?, [s[0], s[1], s[2] * s[3]], *groups, *eps, y, caps)?
+        }
+        Op::GroupApply { groups, silu } => {
+            let s = sh(0);
+            norm::group_apply(
+                x(0)?,
+                x(1)?,
+                x(2)?,
+                x(3)?,
+                [s[0], s[1], s[2] * s[3]],
+                *groups,
+                *silu,
+                y,
+                caps,
+            )?
+        }
         Op::Im2col(geom) => {
             let s = sh(0);
             layout::im2col(x(0)?, [s[0], s[1], s[2], s[3]], *geom, y, caps)?

@@ -46,6 +46,104 @@ pub fn bn_stats(
     }])
 }
 
+/// GroupNorm statistics of x [n, c, hw] in `groups` groups: [n * groups, 2] (mean, rstd).
+pub fn group_stats(
+    x: View,
+    dims: [usize; 3],
+    groups: usize,
+    eps: f32,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    let [n, c, hw] = dims;
+    let (rows, len) = (n * groups, c / groups * hw);
+    let (bx, ox) = bind_all(&x, caps, "groupnorm input")?;
+    let (by, oy) = bind_all(&y, caps, "groupnorm statistics")?;
+    let vec = super::vec4_ok(len as u64, &[ox]);
+    let w = if vec { 4 } else { 1 };
+    Ok(vec![Dispatch {
+        key: format!("group_stats{}_{}", if vec { "_v4" } else { "" }, len / w),
+        template: "group_stats",
+        subst: vec![
+            ("TY", super::elem_ty(vec).into()),
+            ("UNITS", (len / w).to_string()),
+            (
+                "HSUM",
+                if vec {
+                    "    return v.x + v.y + v.z + v.w;"
+                } else {
+                    "    return v;"
+                }
+                .into(),
+            ),
+            ("PIVOT", if vec { "xs[base].x" } else { "xs[base]" }.into()),
+        ],
+        uniform: uniform(&[
+            rows as u32,
+            len as u32,
+            ox / w as u32,
+            oy,
+            eps.to_bits(),
+            0,
+            0,
+            0,
+        ]),
+        bindings: vec![bx, by],
+        groups: grid(rows as u64, caps)?,
+    }])
+}
+
+/// GroupNorm apply: y = (x - mean) * rstd * gamma[c] + beta[c] over x [n, c, hw], with the
+/// statistics of [`group_stats`], then SiLU when `silu`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_apply(
+    x: View,
+    stats: View,
+    gamma: View,
+    beta: View,
+    dims: [usize; 3],
+    groups: usize,
+    silu: bool,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    let [n, c, hw] = dims;
+    let (bx, ox) = bind_all(&x, caps, "groupnorm input")?;
+    let (bs, os) = bind_all(&stats, caps, "groupnorm statistics")?;
+    let (bg, og) = bind_all(&gamma, caps, "groupnorm weight")?;
+    let (bb, ob) = bind_all(&beta, caps, "groupnorm bias")?;
+    let (by, oy) = bind_all(&y, caps, "groupnorm output")?;
+    let vec = super::vec4_ok(hw as u64, &[ox, oy]);
+    let w = if vec { 4 } else { 1 };
+    let units = n * c * hw / w;
+    Ok(vec![Dispatch {
+        key: format!(
+            "group_apply{}{}_{}x{c}g{groups}",
+            if vec { "_v4" } else { "" },
+            if silu { "_silu" } else { "" },
+            hw / w
+        ),
+        template: "group_apply",
+        subst: vec![
+            ("TY", super::elem_ty(vec).into()),
+            ("HWU", (hw / w).to_string()),
+            ("C", c.to_string()),
+            ("CG", (c / groups).to_string()),
+            (
+                "SILU",
+                if silu {
+                    "    y = y / (1.0 + exp(-y));".into()
+                } else {
+                    String::new()
+                },
+            ),
+        ],
+        uniform: uniform(&[units as u32, ox / w as u32, os, og, ob, oy / w as u32, 0, 0]),
+        bindings: vec![bx, bs, bg, bb, by],
+        groups: grid((units as u64).div_ceil(WG_1D as u64), caps)?,
+    }])
+}
+
 /// y = (x - mean) * rstd * gamma + beta with row or column statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn apply(

@@ -42,6 +42,14 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("lincomb", include_str!("../../shaders/lincomb.wgsl")),
     ("im2col", include_str!("../../shaders/im2col.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
+    (
+        "group_stats",
+        include_str!("../../shaders/group_stats.wgsl"),
+    ),
+    (
+        "group_apply",
+        include_str!("../../shaders/group_apply.wgsl"),
+    ),
 ];
 
 /// Fills `{{KEY}}` placeholders of the template `name`. Fails on unknown templates and on
