@@ -366,21 +366,24 @@ pub fn eval(
                     .collect();
                 Some(y)
             }
-            Op::Im2col(g) => {
+            Op::Im2col {
+                geom: g,
+                sample: nn,
+                first,
+            } => {
                 let x = get(0);
                 let s = sh(0);
                 let (c, h, w) = (s[1], s[2], s[3]);
-                let (ho, wo) = g.out_size(h, w).expect("checked when built");
+                let (_, wo) = g.out_size(h, w).expect("checked when built");
                 let r = c * g.kh * g.kw;
                 let mut y = vec![0.0; n];
                 for (i, v) in y.iter_mut().enumerate() {
-                    let (t, rr) = (i / r, i % r);
-                    let (nn, px) = (t / (ho * wo), t % (ho * wo));
+                    let (px, rr) = (first + i / r, i % r);
                     let (ch, k) = (rr / (g.kh * g.kw), rr % (g.kh * g.kw));
                     let iy = ((px / wo) * g.stride + k / g.kw) as isize - g.pad as isize;
                     let ix = ((px % wo) * g.stride + k % g.kw) as isize - g.pad as isize;
                     if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
-                        *v = x[((nn * c + ch) * h + iy as usize) * w + ix as usize];
+                        *v = x[((*nn * c + ch) * h + iy as usize) * w + ix as usize];
                     }
                 }
                 Some(y)

@@ -372,7 +372,7 @@ impl Graph {
                     "GroupNorm has no gradient yet: it serves inference".into(),
                 ))
             }
-            Op::Im2col(_) => {
+            Op::Im2col { .. } => {
                 return Err(Error::Graph(
                     "im2col (convolution) has no gradient yet: convolutions are inference-only"
                         .into(),

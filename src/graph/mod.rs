@@ -89,8 +89,16 @@ pub enum Op {
     },
     /// (table [V, D], idx u32 [N]) -> [N, D].
     Gather,
-    /// (x [N, C, H, W]) -> [N, Ho * Wo, C * KH * KW]: convolution patches (inference only).
-    Im2col(crate::kernels::layout::Conv2d),
+    /// (x [N, C, H, W]) -> [count, C * KH * KW]: the convolution patches of output pixels
+    /// first.. of one sample (no input gradient yet).
+    Im2col {
+        /// Kernel geometry.
+        geom: crate::kernels::layout::Conv2d,
+        /// Which sample of the batch.
+        sample: usize,
+        /// First output pixel (row-major over Ho x Wo).
+        first: usize,
+    },
     /// (q [BH, Tq, D], k [BH, Tk, D], v [BH, Tk, D]) -> softmax(q k^T * scale) v, fused with an
     /// online softmax (inference only).
     Attention {
@@ -240,7 +248,13 @@ impl Node {
 pub struct Graph {
     /// All nodes, inputs before their users.
     pub nodes: Vec<Node>,
+    /// The largest patch matrix a convolution materializes at once, in bytes (0: the default,
+    /// [`CONV_PATCH_BYTES`]); larger convolutions run in chunks of output pixels.
+    pub conv_patch_bytes: usize,
 }
+
+/// Default bound on one convolution's im2col patch matrix (32 MiB).
+pub const CONV_PATCH_BYTES: usize = 32 << 20;
 
 fn numel(s: &[usize]) -> usize {
     s.iter().product()
@@ -570,8 +584,16 @@ impl Graph {
         Ok(self.push(Op::Pad { axis, start }, vec![x], s, DType::F32))
     }
 
-    /// Convolution patches of x [N, C, H, W]: [N, Ho * Wo, C * KH * KW] (no gradient yet).
-    pub fn im2col(&mut self, x: NodeId, geom: crate::kernels::layout::Conv2d) -> Result<NodeId> {
+    /// Convolution patches of sample `sample` of x [N, C, H, W] for `count` output pixels
+    /// from `first` (row-major over Ho x Wo): [count, C * KH * KW] (no input gradient yet).
+    pub fn im2col(
+        &mut self,
+        x: NodeId,
+        geom: crate::kernels::layout::Conv2d,
+        sample: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<NodeId> {
         self.expect_f32("im2col", &[x])?;
         let s = self.shape(x).to_vec();
         let bad = || {
@@ -580,12 +602,24 @@ impl Graph {
                 format!("{geom:?} on an input of shape {s:?} (want [N, C, H, W])"),
             )
         };
-        if s.len() != 4 {
+        if s.len() != 4 || sample >= s[0] {
             return Err(bad());
         }
         let (ho, wo) = geom.out_size(s[2], s[3]).ok_or_else(bad)?;
-        let out = vec![s[0], ho * wo, s[1] * geom.kh * geom.kw];
-        Ok(self.push(Op::Im2col(geom), vec![x], out, DType::F32))
+        if count == 0 || first + count > ho * wo {
+            return Err(bad());
+        }
+        let out = vec![count, s[1] * geom.kh * geom.kw];
+        Ok(self.push(
+            Op::Im2col {
+                geom,
+                sample,
+                first,
+            },
+            vec![x],
+            out,
+            DType::F32,
+        ))
     }
 
     /// GroupNorm over x [N, C, H, W] (statistics per sample and group of C / groups channels,
@@ -656,8 +690,10 @@ impl Graph {
     }
 
     /// 2-D convolution, PyTorch's `conv2d`: x [N, C, H, W], w [O, C, KH, KW], optional bias
-    /// [O] -> [N, O, Ho, Wo]. Lowered as im2col, one matmul with the weight shared across the
-    /// batch (the bias joins its stores) and a permute back to channels-first.
+    /// [O] -> [N, O, Ho, Wo]. Per sample, `W [O, C*KH*KW]` times the im2col patches
+    /// transposed, which is channels-first already; the patches are built in chunks of output
+    /// pixels no larger than [`Graph::conv_patch_bytes`], so memory stays bounded at any image
+    /// size. A 1x1 convolution with stride 1 and no padding is one matmul on the input itself.
     pub fn conv2d(
         &mut self,
         x: NodeId,
@@ -679,15 +715,51 @@ impl Graph {
             stride,
             pad,
         };
-        let cols = self.im2col(x, geom)?;
-        let (ho, wo) = geom.out_size(sx[2], sx[3]).expect("checked by im2col");
-        let w2 = self.reshape(w, &[sw[0], sw[1] * sw[2] * sw[3]])?;
-        let mut y = self.matmul_t(cols, w2, false, true)?;
-        if let Some(b) = bias {
-            y = self.add(y, b)?;
+        let (ho, wo) = geom.out_size(sx[2], sx[3]).ok_or_else(|| {
+            Error::shape(
+                "conv2d",
+                format!("{geom:?} does not fit an input of shape {sx:?}"),
+            )
+        })?;
+        let (n, c, o) = (sx[0], sx[1], sw[0]);
+        let (k, pixels) = (c * geom.kh * geom.kw, ho * wo);
+        let w2 = self.reshape(w, &[o, k])?;
+        let pointwise = geom.kh == 1 && geom.kw == 1 && stride == 1 && pad == 0;
+        let limit = match self.conv_patch_bytes {
+            0 => CONV_PATCH_BYTES,
+            b => b,
+        };
+        let chunk = (limit / (4 * k)).clamp(1, pixels);
+        let mut samples = Vec::with_capacity(n);
+        for s in 0..n {
+            let y = if pointwise {
+                let xs = self.slice(x, 0, s, 1)?;
+                let xs = self.reshape(xs, &[c, pixels])?;
+                self.matmul(w2, xs)?
+            } else {
+                let mut parts = Vec::new();
+                for first in (0..pixels).step_by(chunk) {
+                    let cols = self.im2col(x, geom, s, first, chunk.min(pixels - first))?;
+                    parts.push(self.matmul_t(w2, cols, false, true)?);
+                }
+                match parts[..] {
+                    [one] => one,
+                    _ => self.concat(&parts, 1)?,
+                }
+            };
+            samples.push(self.reshape(y, &[1, o, ho, wo])?);
         }
-        let y = self.reshape(y, &[sx[0], ho, wo, sw[0]])?;
-        self.permute(y, &[0, 3, 1, 2])
+        let y = match samples[..] {
+            [one] => one,
+            _ => self.concat(&samples, 0)?,
+        };
+        match bias {
+            Some(b) => {
+                let b = self.reshape(b, &[o, 1, 1])?;
+                self.add(y, b)
+            }
+            None => Ok(y),
+        }
     }
 
     /// Concatenation along `axis`.

@@ -701,9 +701,16 @@ fn lower(
                 caps,
             )?
         }
-        Op::Im2col(geom) => {
+        Op::Im2col {
+            geom,
+            sample,
+            first,
+        } => {
             let s = sh(0);
-            layout::im2col(x(0)?, [s[0], s[1], s[2], s[3]], *geom, y, caps)?
+            let chw = (s[1] * s[2] * s[3]) as u64;
+            let xs = x(0)?.sub(*sample as u64 * chw, chw);
+            let count = node.shape[0];
+            layout::im2col(xs, [s[1], s[2], s[3]], *geom, *first, count, y, caps)?
         }
         Op::Gather => {
             let t = sh(0);

@@ -251,17 +251,32 @@ impl Conv2d {
     }
 }
 
-/// im2col: x [n, c, h, w] -> y [n, ho * wo, c * kh * kw] (zeros outside the image).
-pub fn im2col(x: View, dims: [usize; 4], g: Conv2d, y: View, caps: &Caps) -> Result<Vec<Dispatch>> {
-    let [n, c, h, w] = dims;
+/// im2col of one sample x [c, h, w] for output pixels [first, first + count):
+/// y [count, c * kh * kw] (zeros outside the image).
+pub fn im2col(
+    x: View,
+    dims: [usize; 3],
+    g: Conv2d,
+    first: usize,
+    count: usize,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    let [c, h, w] = dims;
     let (ho, wo) = g.out_size(h, w).ok_or_else(|| {
         crate::Error::shape(
             "im2col",
             format!("kernel {g:?} does not fit a {h}x{w} input"),
         )
     })?;
+    if first + count > ho * wo {
+        return Err(crate::Error::shape(
+            "im2col",
+            format!("pixels {first}..{} of {}", first + count, ho * wo),
+        ));
+    }
     let r = c * g.kh * g.kw;
-    let total = (n * ho * wo * r) as u64;
+    let total = (count * r) as u64;
     let (bx, ox) = bind_all(&x, caps, "convolution input")?;
     let (by, oy) = super::bind(&y, 0, total, caps, "im2col output")?;
     let k = |v: usize| v.to_string();
@@ -273,7 +288,6 @@ pub fn im2col(x: View, dims: [usize; 4], g: Conv2d, y: View, caps: &Caps) -> Res
         template: "im2col",
         subst: vec![
             ("R", k(r)),
-            ("P", k(ho * wo)),
             ("KK", k(g.kh * g.kw)),
             ("KW", k(g.kw)),
             ("WO", k(wo)),
@@ -281,9 +295,8 @@ pub fn im2col(x: View, dims: [usize; 4], g: Conv2d, y: View, caps: &Caps) -> Res
             ("PAD", k(g.pad)),
             ("H", k(h)),
             ("W", k(w)),
-            ("C", k(c)),
         ],
-        uniform: uniform(&[total as u32, ox, oy, 0]),
+        uniform: uniform(&[total as u32, ox, oy, first as u32]),
         bindings: vec![bx, by],
         groups: grid(total.div_ceil(WG_1D as u64), caps)?,
     }])
