@@ -551,12 +551,14 @@ fn unet_with_sd15_topology_matches_diffusers() {
     assert!(e.contains("6x8") && e.contains("multiple of 8"), "{e}");
 }
 
-/// Runs the VAE encoder or decoder of the fixture on `input`, with the checkpoint `ck`.
+/// Runs the VAE encoder or decoder of the fixture on `input`, with the checkpoint `ck`; with
+/// `limit` > 0 the decoder must keep every activation under `limit` bytes.
 fn run_vae(
     gpu: &std::sync::Arc<stablerep::gpu::Gpu>,
     ck: &Checkpoint,
     decode: bool,
     input: &stablerep::nn::checkpoint::HostTensor,
+    limit: usize,
 ) -> Vec<f32> {
     use stablerep::diffusion::vae::{decoder, encoder, VaeConfig};
     let cfg = VaeConfig::from_json(&ck.metadata["config"], "vae/config.json").unwrap();
@@ -567,7 +569,25 @@ fn run_vae(
         &[("x", &input.shape, &input.data)],
         |g, i| {
             if decode {
-                decoder(g, &cfg, "", i[0]).unwrap()
+                g.max_tensor_bytes = limit;
+                g.conv_patch_bytes = limit;
+                let y = decoder(g, &cfg, "", i[0]).unwrap();
+                if limit > 0 {
+                    let chunked = g
+                        .nodes
+                        .iter()
+                        .filter(|n| {
+                            matches!(n.op, stablerep::graph::Op::GroupApply { .. })
+                                && n.shape[1] < 8
+                        })
+                        .count();
+                    assert!(chunked > 0, "nothing was split");
+                    for n in &g.nodes {
+                        let bytes = 4 * n.shape.iter().product::<usize>();
+                        assert!(bytes <= limit, "{:?}: {bytes} bytes", n.shape);
+                    }
+                }
+                y
             } else {
                 encoder(g, &cfg, "", i[0]).unwrap()
             }
@@ -580,10 +600,18 @@ fn vae_decoder_and_encoder_match_diffusers() {
     use stablerep::diffusion::vae::rename_legacy_attention;
     let (gpu, _lock) = common::gpu();
     let ck = Checkpoint::load(Path::new("tests/fixtures/sd_vae.safetensors")).unwrap();
-    let got = run_vae(&gpu, &ck, true, &ck.tensors["ref.z"]);
+    let got = run_vae(&gpu, &ck, true, &ck.tensors["ref.z"], 0);
     let (worst, tol) = deviation(&got, &ck.tensors["ref.decoded"].data);
     assert!(worst <= tol, "VAE decode differs by {worst}");
-    let got = run_vae(&gpu, &ck, false, &ck.tensors["ref.image"]);
+    // Under a 40,000-byte tensor limit (the [2, 16, 32, 32] activations are 131,072 bytes)
+    // the decoder works on channel chunks and still matches.
+    let split = run_vae(&gpu, &ck, true, &ck.tensors["ref.z"], 40_000);
+    let (worst, tol) = deviation(&split, &ck.tensors["ref.decoded"].data);
+    assert!(
+        worst <= tol,
+        "VAE decode in channel chunks differs by {worst}"
+    );
+    let got = run_vae(&gpu, &ck, false, &ck.tensors["ref.image"], 0);
     let (worst, tol) = deviation(&got, &ck.tensors["ref.moments"].data);
     assert!(worst <= tol, "VAE encode differs by {worst}");
     // The same weights under the legacy attention names, as 1x1 convs, decode the same.
@@ -608,8 +636,8 @@ fn vae_decoder_and_encoder_match_diffusers() {
     }
     assert!(legacy.tensors.keys().any(|k| k.contains(".proj_attn.")));
     rename_legacy_attention(&mut legacy);
-    let again = run_vae(&gpu, &legacy, true, &ck.tensors["ref.z"]);
-    assert_eq!(again, run_vae(&gpu, &ck, true, &ck.tensors["ref.z"]));
+    let again = run_vae(&gpu, &legacy, true, &ck.tensors["ref.z"], 0);
+    assert_eq!(again, run_vae(&gpu, &ck, true, &ck.tensors["ref.z"], 0));
 }
 
 #[test]
@@ -676,7 +704,7 @@ fn guided_sampling_and_decoding_match_diffusers() {
             shape: vec![1, 4, 8, 8],
             data: z,
         };
-        let img = run_vae(&gpu, &vk, true, &zt);
+        let img = run_vae(&gpu, &vk, true, &zt, 0);
         let (worst, tol) = deviation(&img, &fx.tensors[&format!("{name}.image")].data);
         assert!(worst <= tol, "{name}: decoded image differs by {worst}");
     }

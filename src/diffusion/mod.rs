@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod sampler;
 pub mod schedule;
 pub mod single_file;
+pub mod split;
 pub mod text_encoder;
 pub mod unet;
 pub mod vae;

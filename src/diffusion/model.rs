@@ -440,6 +440,9 @@ impl<'a> Generator<'a> {
             o.guidance,
         )?;
         let mut vg = Graph::new();
+        // The decoder's largest activations (256 MiB at 512^2) go in channel chunks that fit
+        // one binding of this device.
+        vg.max_tensor_bytes = gpu.caps.max_binding.min(gpu.caps.max_buffer) as usize;
         let z = vg.input("z", &[1, m.vae.latent_channels, lat, lat]);
         let image = vae::decoder(&mut vg, &m.vae, "", z)?;
         let vae = Plan::compile(

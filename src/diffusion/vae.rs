@@ -6,7 +6,8 @@
 
 use serde::Deserialize;
 
-use super::blocks::{attention, conv, linear, resnet_block, upsample, Resnet};
+use super::blocks::{attention, conv, linear, resnet_block, Resnet};
+use super::split::{self, Parts};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
 use crate::nn::checkpoint::Checkpoint;
@@ -189,7 +190,8 @@ pub fn encoder(g: &mut Graph, c: &VaeConfig, prefix: &str, x: NodeId) -> Result<
 }
 
 /// The decoder: latent [B, latent_channels, h, w] (already divided by the scaling factor) ->
-/// image [B, out_channels, h * f, w * f] in about [-1, 1].
+/// image [B, out_channels, h * f, w * f] in about [-1, 1]. Activations larger than the graph's
+/// `max_tensor_bytes` are held as channel chunks (exact: chunks are whole GroupNorm groups).
 pub fn decoder(g: &mut Graph, c: &VaeConfig, prefix: &str, z: NodeId) -> Result<NodeId> {
     let s = g.shape(z).to_vec();
     if s.len() != 4 || s[1] != c.latent_channels {
@@ -203,25 +205,25 @@ pub fn decoder(g: &mut Graph, c: &VaeConfig, prefix: &str, z: NodeId) -> Result<
     let p = |n: &str| format!("{prefix}decoder.{n}");
     let levels = c.block_out_channels.len();
     let mut ch = c.block_out_channels[levels - 1];
-    let mut x = conv(g, &p("conv_in."), z, l, ch, 3, 1)?;
-    x = mid_block(g, c, &p(""), x, ch)?;
+    let x = conv(g, &p("conv_in."), z, l, ch, 3, 1)?;
+    let x = mid_block(g, c, &p(""), x, ch)?;
+    // From here on tensors grow 4x per level: channel chunks keep each under one binding.
+    let mut x = Parts::whole(g, x);
     for i in 0..levels {
         let out = c.block_out_channels[levels - 1 - i];
         for j in 0..=c.layers_per_block {
-            x = resnet_block(
-                g,
-                &p(&format!("up_blocks.{i}.resnets.{j}.")),
-                x,
-                None,
-                c.res(ch, out),
-            )?;
+            let prefix = p(&format!("up_blocks.{i}.resnets.{j}."));
+            x = split::resnet_block(g, &prefix, &x, c.res(ch, out))?;
             ch = out;
         }
         if i + 1 < levels {
-            x = upsample(g, &p(&format!("up_blocks.{i}.upsamplers.0.conv.")), x, ch)?;
+            let prefix = p(&format!("up_blocks.{i}.upsamplers.0.conv."));
+            x = split::upsample(g, &prefix, &x, c.norm_num_groups)?;
         }
     }
-    head(g, c, &p(""), x, ch, c.out_channels)
+    let x = split::group_norm(g, &p("conv_norm_out."), &x, c.norm_num_groups, EPS, true)?;
+    let out = c.out_channels;
+    split::conv(g, &p("conv_out."), &x, out, 3, 1, vec![out])?.join(g)
 }
 
 /// Renames old-style VAE attention tensors (`query`, `key`, `value`, `proj_attn`, as in older

@@ -251,6 +251,9 @@ pub struct Graph {
     /// The largest patch matrix a convolution materializes at once, in bytes (0: the default,
     /// [`CONV_PATCH_BYTES`]); larger convolutions run in chunks of output pixels.
     pub conv_patch_bytes: usize,
+    /// The largest activation a builder that can split its tensors (the VAE decoder, see
+    /// `diffusion::split`) may create, in bytes (0: WebGPU's default binding limit, 128 MiB).
+    pub max_tensor_bytes: usize,
 }
 
 /// Default bound on one convolution's im2col patch matrix (32 MiB).
