@@ -280,7 +280,9 @@ fn lincomb_kernel_matches_the_cpu_on_awkward_shapes() {
 
 #[test]
 fn text_encoder_matches_transformers() {
-    use stablerep::diffusion::text_encoder::{convert, encoder, ClipTextConfig};
+    use stablerep::diffusion::text_encoder::{
+        convert, embed_tokens, encoder, encoder_embedded, ClipTextConfig,
+    };
     use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
     let (gpu, _lock) = common::gpu();
     let path = "tests/fixtures/sd_text_encoder.safetensors";
@@ -309,6 +311,18 @@ fn text_encoder_matches_transformers() {
         worst <= tol,
         "last hidden state differs by {worst} (tolerance {tol})"
     );
+    // The generator's path: token rows looked up on the host, no table on the GPU.
+    let mut g = Graph::new();
+    let x = g.input("x", &[batch * tokens, cfg.hidden_size]);
+    let hidden = encoder_embedded(&mut g, &cfg, "te.", x, batch, tokens).unwrap();
+    let plan = Plan::compile(&gpu, &g, &[hidden], &mut store, PlanOptions::default()).unwrap();
+    plan.write(x, &embed_tokens(&weights, "te.", &idv).unwrap())
+        .unwrap();
+    assert_eq!(&plan.run_fetch(&[hidden]).unwrap()[0], got);
+    let e = embed_tokens(&weights, "te.", &[3, 1000])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1000") && e.contains("vocabulary"), "{e}");
     // Older transformers files carry `position_ids` (an integer buffer): ignored.
     let mut with_ids = ck.clone();
     with_ids.tensors.insert(

@@ -397,7 +397,7 @@ pub struct Generator<'a> {
     o: GenerateOptions,
     run: GpuSampler,
     text: Plan,
-    ids_in: NodeId,
+    embedded: NodeId,
     hidden: NodeId,
     den: Denoiser,
     vae: Plan,
@@ -417,12 +417,16 @@ impl<'a> Generator<'a> {
         let upload = |ck: &Checkpoint| -> Result<ParamStore> {
             let mut store = ParamStore::new();
             for (name, t) in &ck.tensors {
-                store.set(gpu, name, &t.shape, &t.data)?;
+                // Token embeddings are looked up on the host (see `text_encoder::embed_tokens`).
+                if name != text_encoder::TOKEN_TABLE {
+                    store.set(gpu, name, &t.shape, &t.data)?;
+                }
             }
             Ok(store)
         };
         let mut g = Graph::new();
-        let (hidden, ids_in) = text_encoder::encoder(&mut g, &m.text, "", rows, tokens)?;
+        let embedded = g.input("embedded", &[rows * tokens, m.text.hidden_size]);
+        let hidden = text_encoder::encoder_embedded(&mut g, &m.text, "", embedded, rows, tokens)?;
         let text = Plan::compile(
             gpu,
             &g,
@@ -458,7 +462,7 @@ impl<'a> Generator<'a> {
             o: o.clone(),
             run,
             text,
-            ids_in,
+            embedded,
             hidden,
             den,
             vae,
@@ -491,7 +495,8 @@ impl<'a> Generator<'a> {
             }
             ids.extend(t);
         }
-        self.text.write_u32(self.ids_in, &ids)?;
+        let x = text_encoder::embed_tokens(&m.text_weights, "", &ids)?;
+        self.text.write(self.embedded, &x)?;
         let states = self.text.run_fetch(&[self.hidden])?.remove(0);
         let per = tokens * m.text.hidden_size;
         if guided {

@@ -215,20 +215,66 @@ pub fn encoder(
     batch: usize,
     tokens: usize,
 ) -> Result<(NodeId, NodeId)> {
+    check_tokens(cfg, tokens)?;
+    let ids = g.input_typed(&format!("{prefix}ids"), &[batch * tokens], DType::U32);
+    let table = g.param(
+        &format!("{prefix}{TOKEN_TABLE}"),
+        &[cfg.vocab_size, cfg.hidden_size],
+    );
+    let x = g.gather(table, ids)?;
+    Ok((encoder_embedded(g, cfg, prefix, x, batch, tokens)?, ids))
+}
+
+/// The token table's name (after the prefix) in converted weights.
+pub const TOKEN_TABLE: &str = "token_embedding.weight";
+
+/// Token embeddings [ids.len(), width] looked up on the host from converted weights `ck`
+/// (SD's table is 145 MiB in f32, more than WebGPU's default 128 MiB binding; a prompt needs
+/// 77 of its 49,408 rows).
+pub fn embed_tokens(ck: &Checkpoint, prefix: &str, ids: &[u32]) -> Result<Vec<f32>> {
+    let name = format!("{prefix}{TOKEN_TABLE}");
+    let t = ck
+        .tensors
+        .get(&name)
+        .ok_or_else(|| Error::Config(format!("text encoder: tensor '{name}' is missing")))?;
+    let (vocab, d) = (t.shape[0], t.shape[1]);
+    let mut out = Vec::with_capacity(ids.len() * d);
+    for &id in ids {
+        let id = id as usize;
+        if id >= vocab {
+            return Err(Error::Config(format!(
+                "token id {id} is outside the text encoder's {vocab}-token vocabulary \
+                 (does the tokenizer belong to this model?)"
+            )));
+        }
+        out.extend_from_slice(&t.data[id * d..(id + 1) * d]);
+    }
+    Ok(out)
+}
+
+fn check_tokens(cfg: &ClipTextConfig, tokens: usize) -> Result<()> {
     if tokens == 0 || tokens > cfg.max_position_embeddings {
         return Err(Error::Config(format!(
             "the text encoder takes 1..={} tokens, got {tokens}",
             cfg.max_position_embeddings
         )));
     }
+    Ok(())
+}
+
+/// The encoder after the token lookup: token embeddings x [batch * tokens, width] -> the last
+/// hidden state [batch * tokens, width].
+pub fn encoder_embedded(
+    g: &mut Graph,
+    cfg: &ClipTextConfig,
+    prefix: &str,
+    x: NodeId,
+    batch: usize,
+    tokens: usize,
+) -> Result<NodeId> {
+    check_tokens(cfg, tokens)?;
     let style = cfg.style()?;
     let d = cfg.hidden_size;
-    let ids = g.input_typed(&format!("{prefix}ids"), &[batch * tokens], DType::U32);
-    let table = g.param(
-        &format!("{prefix}token_embedding.weight"),
-        &[cfg.vocab_size, d],
-    );
-    let x = g.gather(table, ids)?;
     let x = g.reshape(x, &[batch, tokens, d])?;
     let pos = g.param(
         &format!("{prefix}positional_embedding"),
@@ -255,6 +301,5 @@ pub fn encoder(
     }
     let w = g.param(&format!("{prefix}ln_final.weight"), &[d]);
     let b = g.param(&format!("{prefix}ln_final.bias"), &[d]);
-    let x = g.layer_norm(x, w, b, style.eps)?;
-    Ok((x, ids))
+    g.layer_norm(x, w, b, style.eps)
 }
