@@ -798,3 +798,62 @@ fn single_file_checkpoints_map_to_diffusers_names() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn memory_estimates_match_plans_and_sd15_fits_6_gib_at_512() {
+    use stablerep::diffusion::model::estimate_memory;
+    use stablerep::diffusion::pipeline::denoiser_graph;
+    use stablerep::diffusion::single_file::{SD15_TEXT, SD15_UNET, SD15_VAE};
+    use stablerep::diffusion::text_encoder::ClipTextConfig;
+    use stablerep::diffusion::unet::UNetConfig;
+    use stablerep::diffusion::vae::VaeConfig;
+    use stablerep::graph::plan::estimate;
+    use stablerep::graph::{ParamStore, Plan, PlanOptions};
+    // The estimate is what a compiled plan allocates (tiny UNet, guided).
+    let (gpu, _lock) = common::gpu();
+    let uk = Checkpoint::load(Path::new("tests/fixtures/sd_unet.safetensors")).unwrap();
+    let cfg = UNetConfig::from_json(&uk.metadata["config"], "unet").unwrap();
+    let d = denoiser_graph(&cfg, 8, 8, 5, 7.5).unwrap();
+    let e = estimate(
+        &d.graph,
+        &[d.out],
+        PlanOptions::default(),
+        gpu.caps.max_binding,
+    )
+    .unwrap();
+    let mut store = ParamStore::new();
+    for (k, t) in &uk.tensors {
+        if let Some(n) = k.strip_prefix("unet.") {
+            store.set(&gpu, n, &t.shape, &t.data).unwrap();
+        }
+    }
+    let plan = Plan::compile(&gpu, &d.graph, &[d.out], &mut store, PlanOptions::default()).unwrap();
+    let st = plan.stats();
+    assert_eq!(e.planned_bytes, st.peak_bytes);
+    assert_eq!(e.param_bytes + e.input_bytes, st.persistent_bytes);
+    // SD 1.5 at 512^2 with guidance, f32, under WebGPU's default 128 MiB bindings.
+    let text = ClipTextConfig::from_json(SD15_TEXT, "sd15").unwrap();
+    let unet = UNetConfig::from_json(SD15_UNET, "sd15").unwrap();
+    let vae = VaeConfig::from_json(SD15_VAE, "sd15").unwrap();
+    let m = estimate_memory(&text, &unet, &vae, 512, 7.5, 128 << 20).unwrap();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    eprintln!(
+        "SD 1.5 at 512^2: text {:.2} GiB, UNet {:.2} GiB (weights {:.2}, activations {:.2}), VAE {:.2} GiB (activations {:.2}), total {:.2} GiB, largest tensor {} MiB",
+        gib(m.text.total()),
+        gib(m.unet.total()),
+        gib(m.unet.param_bytes),
+        gib(m.unet.planned_bytes),
+        gib(m.vae.total()),
+        gib(m.vae.planned_bytes),
+        gib(m.total()),
+        m.largest_tensor() >> 20
+    );
+    // 859.5 M UNet parameters in f32.
+    assert_eq!(m.unet.param_bytes / 4 / 100_000, 8595, "{m:?}");
+    assert!(m.largest_tensor() <= 128 << 20, "{m:?}");
+    assert!(
+        m.total() < 6 << 30,
+        "SD 1.5 needs {:.2} GiB",
+        gib(m.total())
+    );
+}

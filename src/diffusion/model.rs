@@ -18,6 +18,7 @@ use super::vae::{self, VaeConfig};
 use crate::data::sampler::Rng;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::graph::plan::{estimate, MemoryEstimate};
 use crate::graph::{Graph, NodeId, ParamStore, Plan, PlanOptions};
 use crate::nn::checkpoint::Checkpoint;
 use crate::text::tokenizer::{Tokenizer, EOT};
@@ -410,10 +411,8 @@ impl<'a> Generator<'a> {
     pub fn new(gpu: &Arc<Gpu>, m: &'a SdModel, o: &GenerateOptions) -> Result<Generator<'a>> {
         o.check(m)?;
         let sampler = Sampler::new(o.sampler, &m.scheduler, o.steps)?;
-        let tokens = m.text.max_position_embeddings;
         let lat = o.size / m.vae.downscale();
         let run = GpuSampler::new(gpu, sampler, m.unet.in_channels * lat * lat)?;
-        let rows = if o.guidance > 1.0 { 2 } else { 1 };
         let upload = |ck: &Checkpoint| -> Result<ParamStore> {
             let mut store = ParamStore::new();
             for (name, t) in &ck.tensors {
@@ -424,38 +423,41 @@ impl<'a> Generator<'a> {
             }
             Ok(store)
         };
-        let mut g = Graph::new();
-        let embedded = g.input("embedded", &[rows * tokens, m.text.hidden_size]);
-        let hidden = text_encoder::encoder_embedded(&mut g, &m.text, "", embedded, rows, tokens)?;
+        let gr = graphs(
+            &m.text,
+            &m.unet,
+            &m.vae,
+            o.size,
+            o.guidance,
+            max_tensor(gpu),
+        )?;
+        let oom = |e: Error| out_of_memory(e, m, o, gpu);
         let text = Plan::compile(
             gpu,
-            &g,
-            &[hidden],
-            &mut upload(&m.text_weights)?,
+            &gr.text,
+            &[gr.hidden],
+            &mut upload(&m.text_weights).map_err(oom)?,
             PlanOptions::default(),
-        )?;
-        let den = Denoiser::new(
+        )
+        .map_err(oom)?;
+        let den = Denoiser::compile(
             gpu,
+            gr.unet,
             &m.unet,
-            &mut upload(&m.unet_weights)?,
-            lat,
-            lat,
-            tokens,
+            &mut upload(&m.unet_weights).map_err(oom)?,
             o.guidance,
-        )?;
-        let mut vg = Graph::new();
-        // The decoder's largest activations (256 MiB at 512^2) go in channel chunks that fit
-        // one binding of this device.
-        vg.max_tensor_bytes = gpu.caps.max_binding.min(gpu.caps.max_buffer) as usize;
-        let z = vg.input("z", &[1, m.vae.latent_channels, lat, lat]);
-        let image = vae::decoder(&mut vg, &m.vae, "", z)?;
+        )
+        .map_err(oom)?;
         let vae = Plan::compile(
             gpu,
-            &vg,
-            &[image],
-            &mut upload(&m.vae_weights)?,
+            &gr.vae,
+            &[gr.image],
+            &mut upload(&m.vae_weights).map_err(oom)?,
             PlanOptions::default(),
-        )?;
+        )
+        .map_err(oom)?;
+        gpu.take_error().map_err(oom)?;
+        let (embedded, hidden, z, image) = (gr.embedded, gr.hidden, gr.z, gr.image);
         Ok(Generator {
             gpu: gpu.clone(),
             m,
@@ -547,6 +549,132 @@ impl<'a> Generator<'a> {
         }
         Ok(out)
     }
+}
+
+/// The largest tensor the graphs may make on this device (the VAE decoder splits above it).
+fn max_tensor(gpu: &Gpu) -> usize {
+    gpu.caps.max_binding.min(gpu.caps.max_buffer) as usize
+}
+
+/// An allocation failure while setting up, as an error that says what was asked and what it
+/// needs; other errors pass through.
+fn out_of_memory(e: Error, m: &SdModel, o: &GenerateOptions, gpu: &Gpu) -> Error {
+    let text = e.to_string();
+    if !text.to_lowercase().contains("memory") {
+        return e;
+    }
+    let need = estimate_memory(
+        &m.text,
+        &m.unet,
+        &m.vae,
+        o.size,
+        o.guidance,
+        max_tensor(gpu),
+    )
+    .map(|e| format!("about {:.1} GiB", e.total() as f64 / (1u64 << 30) as f64))
+    .unwrap_or_else(|_| "more".into());
+    Error::Gpu(format!(
+        "the adapter '{}' ran out of memory setting up {}x{} generation ({need} needed): \
+         try a smaller --size ({text})",
+        gpu.info.name, o.size, o.size
+    ))
+}
+
+/// The three graphs of generation: text encoder (on host-embedded tokens), guided UNet, and
+/// VAE decoder (its activations split under `max_tensor` bytes).
+pub struct SdGraphs {
+    /// Text encoder graph.
+    pub text: Graph,
+    /// Its input: token embeddings [rows * tokens, width].
+    pub embedded: NodeId,
+    /// Its output: the last hidden state.
+    pub hidden: NodeId,
+    /// The guided UNet.
+    pub unet: super::pipeline::DenoiserGraph,
+    /// VAE decoder graph.
+    pub vae: Graph,
+    /// Its input latent [1, C, h, w] (divided by the scaling factor).
+    pub z: NodeId,
+    /// Its output image.
+    pub image: NodeId,
+}
+
+/// Builds the [`SdGraphs`] for `size`^2 images at guidance scale `guidance`.
+pub fn graphs(
+    text: &ClipTextConfig,
+    unet: &UNetConfig,
+    vae_cfg: &VaeConfig,
+    size: usize,
+    guidance: f64,
+    max_tensor: usize,
+) -> Result<SdGraphs> {
+    let tokens = text.max_position_embeddings;
+    let rows = if guidance > 1.0 { 2 } else { 1 };
+    let lat = size / vae_cfg.downscale();
+    let mut g = Graph::new();
+    let embedded = g.input("embedded", &[rows * tokens, text.hidden_size]);
+    let hidden = text_encoder::encoder_embedded(&mut g, text, "", embedded, rows, tokens)?;
+    let den = super::pipeline::denoiser_graph(unet, lat, lat, tokens, guidance)?;
+    let mut vg = Graph::new();
+    vg.max_tensor_bytes = max_tensor;
+    let z = vg.input("z", &[1, vae_cfg.latent_channels, lat, lat]);
+    let image = vae::decoder(&mut vg, vae_cfg, "", z)?;
+    Ok(SdGraphs {
+        text: g,
+        embedded,
+        hidden,
+        unet: den,
+        vae: vg,
+        z,
+        image,
+    })
+}
+
+/// Device memory of generation by component (their plans coexist).
+#[derive(Clone, Copy, Debug)]
+pub struct SdMemory {
+    /// Text encoder plan.
+    pub text: MemoryEstimate,
+    /// Guided UNet plan.
+    pub unet: MemoryEstimate,
+    /// VAE decoder plan.
+    pub vae: MemoryEstimate,
+}
+
+impl SdMemory {
+    /// All three plans (weights, planned intermediates, inputs).
+    pub fn total(&self) -> u64 {
+        self.text.total() + self.unet.total() + self.vae.total()
+    }
+
+    /// The largest single tensor.
+    pub fn largest_tensor(&self) -> u64 {
+        [self.text, self.unet, self.vae]
+            .iter()
+            .map(|e| e.largest_tensor_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// What generation at `size`^2 needs on a device whose bindings take `max_tensor` bytes,
+/// without a device or weights (the f32 weights the graphs read, the planned intermediates).
+pub fn estimate_memory(
+    text: &ClipTextConfig,
+    unet: &UNetConfig,
+    vae_cfg: &VaeConfig,
+    size: usize,
+    guidance: f64,
+    max_tensor: usize,
+) -> Result<SdMemory> {
+    let gr = graphs(text, unet, vae_cfg, size, guidance, max_tensor)?;
+    let o = PlanOptions::default();
+    let m = max_tensor as u64;
+    Ok(SdMemory {
+        text: estimate(&gr.text, &[gr.hidden], o, m)?,
+        unet: estimate(&gr.unet.graph, &[gr.unet.out], o, m)?,
+        vae: estimate(&gr.vae, &[gr.image], o, m)?,
+    })
 }
 
 /// Generates `o.images` images of `o.prompt` [3, size, size] in [0, 1]; `progress` is called

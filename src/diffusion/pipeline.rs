@@ -14,6 +14,62 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, NodeId, ParamStore, Plan, PlanOptions};
 
+/// The guided UNet graph of a [`Denoiser`] (also used to estimate its memory).
+pub struct DenoiserGraph {
+    /// The graph.
+    pub graph: Graph,
+    /// The guided noise prediction [1, C, h, w].
+    pub out: NodeId,
+    /// The sampler's latent [1, C, h, w].
+    pub latent_in: NodeId,
+    /// The per-step input scale [1].
+    pub scale: NodeId,
+    /// The UNet's time and text inputs.
+    pub inputs: UNetInputs,
+}
+
+/// Builds the UNet for one latent of `channels x h x w` and `tokens` text states on the
+/// scaled latent, batch [uncond, cond] with guidance `w` in the graph when `guidance` > 1.
+pub fn denoiser_graph(
+    config: &UNetConfig,
+    h: usize,
+    w: usize,
+    tokens: usize,
+    guidance: f64,
+) -> Result<DenoiserGraph> {
+    let guided = guidance > 1.0;
+    let batch = if guided { 2 } else { 1 };
+    let c = config.in_channels;
+    let mut g = Graph::new();
+    let latent_in = g.input("latent", &[1, c, h, w]);
+    let scale = g.input("scale", &[1]);
+    let scaled = g.mul(latent_in, scale)?;
+    // The UNet runs on [scaled] or [scaled, scaled] (unconditional, conditional).
+    let sample = if guided {
+        g.concat(&[scaled, scaled], 0)?
+    } else {
+        scaled
+    };
+    let (eps, inputs) = unet_on(&mut g, config, "", sample, tokens)?;
+    debug_assert_eq!(g.shape(eps)[0], batch);
+    let out = if guided {
+        let u = g.slice(eps, 0, 0, 1)?;
+        let cnd = g.slice(eps, 0, 1, 1)?;
+        let d = g.sub(cnd, u)?;
+        let d = g.affine(d, guidance as f32, 0.0)?;
+        g.add(u, d)?
+    } else {
+        eps
+    };
+    Ok(DenoiserGraph {
+        graph: g,
+        out,
+        latent_in,
+        scale,
+        inputs,
+    })
+}
+
 /// A compiled UNet for one latent size, with or without classifier-free guidance.
 pub struct Denoiser {
     plan: Plan,
@@ -40,31 +96,22 @@ impl Denoiser {
         tokens: usize,
         guidance: f64,
     ) -> Result<Denoiser> {
+        let d = denoiser_graph(config, h, w, tokens, guidance)?;
+        Self::compile(gpu, d, config, store, guidance)
+    }
+
+    /// Compiles a graph from [`denoiser_graph`] (built with the same config and guidance).
+    pub fn compile(
+        gpu: &Arc<Gpu>,
+        d: DenoiserGraph,
+        config: &UNetConfig,
+        store: &mut ParamStore,
+        guidance: f64,
+    ) -> Result<Denoiser> {
+        let plan = Plan::compile(gpu, &d.graph, &[d.out], store, PlanOptions::default())?;
         let guided = guidance > 1.0;
-        let batch = if guided { 2 } else { 1 };
-        let c = config.in_channels;
-        let mut g = Graph::new();
-        let latent_in = g.input("latent", &[1, c, h, w]);
-        let scale = g.input("scale", &[1]);
-        let scaled = g.mul(latent_in, scale)?;
-        // The UNet runs on [scaled] or [scaled, scaled] (unconditional, conditional).
-        let sample = if guided {
-            g.concat(&[scaled, scaled], 0)?
-        } else {
-            scaled
-        };
-        let (eps, inputs) = unet_on(&mut g, config, "", sample, tokens)?;
-        debug_assert_eq!(g.shape(eps)[0], batch);
-        let out = if guided {
-            let u = g.slice(eps, 0, 0, 1)?;
-            let cnd = g.slice(eps, 0, 1, 1)?;
-            let d = g.sub(cnd, u)?;
-            let d = g.affine(d, guidance as f32, 0.0)?;
-            g.add(u, d)?
-        } else {
-            eps
-        };
-        let plan = Plan::compile(gpu, &g, &[out], store, PlanOptions::default())?;
+        let latent = d.graph.shape(d.latent_in).iter().product();
+        let (latent_in, scale, inputs, out) = (d.latent_in, d.scale, d.inputs, d.out);
         Ok(Denoiser {
             plan,
             inputs,
@@ -73,7 +120,7 @@ impl Denoiser {
             eps: out,
             config: config.clone(),
             guided,
-            latent: c * h * w,
+            latent,
         })
     }
 

@@ -83,6 +83,246 @@ fn numel(s: &[usize]) -> usize {
     s.iter().product()
 }
 
+/// Steps 1-4 of planning, with no device: which nodes run, the fused matmul epilogues, the
+/// aliases and the memory slots.
+struct Layout {
+    live: Vec<bool>,
+    fused_mm: Vec<Option<(usize, usize, Option<usize>)>>,
+    fused_away: Vec<bool>,
+    root: Vec<usize>,
+    off: Vec<u64>,
+    slots: Vec<(usize, Vec<(usize, usize)>)>,
+    slot_of: Vec<usize>,
+    tensor_bytes: u64,
+}
+
+fn layout(
+    graph: &Graph,
+    outputs: &[NodeId],
+    opts: PlanOptions,
+    max_binding: u64,
+) -> Result<Layout> {
+    let n = graph.nodes.len();
+    // 1. Nodes to execute.
+    let mut live = vec![false; n];
+    let mut stack: Vec<usize> = outputs.iter().map(|o| o.0).collect();
+    if opts.updates {
+        stack.extend((0..n).filter(|&i| graph.nodes[i].op.is_update()));
+    }
+    while let Some(i) = stack.pop() {
+        if i >= n {
+            return Err(Error::Graph(format!("output node {i} is not in the graph")));
+        }
+        if !live[i] {
+            live[i] = true;
+            stack.extend(graph.nodes[i].inputs.iter().map(|x| x.0));
+        }
+    }
+    // 1b. Fusion: a matmul read only by an `add` of a bias along its last axis becomes one
+    // dispatch that adds the bias in its stores (`x W^T + b`); the matmul gets no buffer.
+    let mut consumers = vec![0usize; n];
+    for i in (0..n).filter(|&i| live[i]) {
+        for x in &graph.nodes[i].inputs {
+            consumers[x.0] += 1;
+        }
+    }
+    for o in outputs {
+        consumers[o.0] += 1;
+    }
+    let mut fused_mm: Vec<Option<(usize, usize, Option<usize>)>> = vec![None; n];
+    let mut fused_away = vec![false; n];
+    for j in (0..n).filter(|&j| live[j]) {
+        let node = &graph.nodes[j];
+        if node.op != Op::Binary(crate::kernels::elementwise::BinaryOp::Add) {
+            continue;
+        }
+        for (mi, bi) in [(0, 1), (1, 0)] {
+            let (m, b) = (node.inputs[mi].0, node.inputs[bi].0);
+            let mm = &graph.nodes[m];
+            let cols = *mm.shape.last().unwrap_or(&0);
+            if matches!(mm.op, Op::Matmul { .. })
+                && consumers[m] == 1
+                && !fused_away[m]
+                && mm.shape == node.shape
+                && graph.nodes[b].shape == [cols]
+                && m != b
+            {
+                fused_mm[j] = Some((m, b, None));
+                fused_away[m] = true;
+                break;
+            }
+        }
+    }
+    // A residual add of such a fused result (`x + (h W^T + b)`) joins the same dispatch
+    // when the residual fits one binding.
+    for k in (0..n).filter(|&k| live[k]) {
+        let node = &graph.nodes[k];
+        if node.op != Op::Binary(crate::kernels::elementwise::BinaryOp::Add) {
+            continue;
+        }
+        for (ji, ri) in [(0, 1), (1, 0)] {
+            let (j, r) = (node.inputs[ji].0, node.inputs[ri].0);
+            let fits = (graph.nodes[r].numel() as u64 * 4) <= max_binding;
+            if let Some((m, b, None)) = fused_mm[j] {
+                if consumers[j] == 1
+                    && !fused_away[j]
+                    && graph.nodes[r].shape == node.shape
+                    && graph.nodes[j].shape == node.shape
+                    && r != j
+                    && r != m
+                    && fits
+                {
+                    fused_mm[k] = Some((m, b, Some(r)));
+                    fused_mm[j] = None;
+                    fused_away[j] = true;
+                    break;
+                }
+            }
+        }
+    }
+    // 2. Alias roots: a reshape shares its input's buffer, and so does a slice that is one
+    // contiguous block of its input (every dim before the axis is 1), at an element offset.
+    let mut root: Vec<usize> = (0..n).collect();
+    let mut off = vec![0u64; n];
+    for i in 0..n {
+        if !live[i] {
+            continue;
+        }
+        let node = &graph.nodes[i];
+        let j = node.inputs.first().map(|x| x.0);
+        match (&node.op, j) {
+            (Op::Reshape, Some(j)) => {
+                root[i] = root[j];
+                off[i] = off[j];
+            }
+            (Op::Slice { axis, start }, Some(j))
+                if node.shape[..*axis].iter().all(|&d| d == 1) && !fused_away[j] =>
+            {
+                let inner: usize = graph.nodes[j].shape[axis + 1..].iter().product();
+                root[i] = root[j];
+                off[i] = off[j] + (start * inner) as u64;
+            }
+            _ => {}
+        }
+    }
+    // 3. Lifetimes of planned roots.
+    let planned = |i: usize| {
+        live[i]
+            && !fused_away[i]
+            && !graph.nodes[i].op.is_leaf()
+            && !graph.nodes[i].op.is_update()
+            && root[i] == i
+    };
+    let mut last = vec![0usize; n];
+    for i in 0..n {
+        if !live[i] {
+            continue;
+        }
+        last[root[i]] = last[root[i]].max(i);
+        for x in &graph.nodes[i].inputs {
+            let r = root[x.0];
+            last[r] = last[r].max(i);
+        }
+        // A fused add reads the matmul's operands.
+        if let Some((m, b, _)) = fused_mm[i] {
+            for x in graph.nodes[m].inputs.iter().map(|x| x.0).chain([b]) {
+                let r = root[x];
+                last[r] = last[r].max(i);
+            }
+        }
+    }
+    for o in outputs {
+        last[root[o.0]] = usize::MAX;
+    }
+    // 4. Greedy-by-size slot assignment.
+    let mut order: Vec<usize> = (0..n).filter(|&i| planned(i)).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse((graph.nodes[i].numel().max(1), usize::MAX - i)));
+    let mut slots: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
+    let mut slot_of = vec![usize::MAX; n];
+    let mut tensor_bytes = 0u64;
+    for &i in &order {
+        let size = graph.nodes[i].numel().max(1);
+        tensor_bytes += size as u64 * 4;
+        let iv = (i, last[i]);
+        let fit = if opts.reuse {
+            slots
+                .iter()
+                .position(|(_, ivs)| ivs.iter().all(|&(a, b)| iv.1 < a || b < iv.0))
+        } else {
+            None
+        };
+        match fit {
+            Some(s) => {
+                slots[s].1.push(iv);
+                slot_of[i] = s;
+            }
+            None => {
+                slots.push((size, vec![iv]));
+                slot_of[i] = slots.len() - 1;
+            }
+        }
+    }
+    Ok(Layout {
+        live,
+        fused_mm,
+        fused_away,
+        root,
+        off,
+        slots,
+        slot_of,
+        tensor_bytes,
+    })
+}
+
+/// What a plan of a graph would hold on the device, computed without one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Bytes of the planned intermediate buffers.
+    pub planned_bytes: u64,
+    /// Bytes of the parameters the plan reads.
+    pub param_bytes: u64,
+    /// Bytes of inputs and constants.
+    pub input_bytes: u64,
+    /// The largest single tensor, in bytes (must fit one binding).
+    pub largest_tensor_bytes: u64,
+}
+
+impl MemoryEstimate {
+    /// Everything together.
+    pub fn total(&self) -> u64 {
+        self.planned_bytes + self.param_bytes + self.input_bytes
+    }
+}
+
+/// The memory a [`Plan`] of `graph` for `outputs` would use (slot reuse as `opts`), for a
+/// device with `max_binding`-byte bindings, without a device: for checking that a model fits
+/// before allocating anything.
+pub fn estimate(
+    graph: &Graph,
+    outputs: &[NodeId],
+    opts: PlanOptions,
+    max_binding: u64,
+) -> Result<MemoryEstimate> {
+    let l = layout(graph, outputs, opts, max_binding)?;
+    let mut e = MemoryEstimate {
+        planned_bytes: l.slots.iter().map(|(s, _)| *s as u64 * 4).sum(),
+        ..Default::default()
+    };
+    for (i, node) in graph.nodes.iter().enumerate() {
+        if !l.live[i] {
+            continue;
+        }
+        let bytes = (node.numel().max(1) * 4) as u64;
+        e.largest_tensor_bytes = e.largest_tensor_bytes.max(bytes);
+        match node.op {
+            Op::Input | Op::Const(_) => e.input_bytes += bytes,
+            Op::Param | Op::State(_) => e.param_bytes += bytes,
+            _ => {}
+        }
+    }
+    Ok(e)
+}
+
 impl Plan {
     /// Compiles the part of `graph` that `outputs` and the update ops need. Parameters and
     /// state come from `store` (state is created there when missing).
@@ -94,165 +334,16 @@ impl Plan {
         opts: PlanOptions,
     ) -> Result<Plan> {
         let n = graph.nodes.len();
-        // 1. Nodes to execute.
-        let mut live = vec![false; n];
-        let mut stack: Vec<usize> = outputs.iter().map(|o| o.0).collect();
-        if opts.updates {
-            stack.extend((0..n).filter(|&i| graph.nodes[i].op.is_update()));
-        }
-        while let Some(i) = stack.pop() {
-            if i >= n {
-                return Err(Error::Graph(format!("output node {i} is not in the graph")));
-            }
-            if !live[i] {
-                live[i] = true;
-                stack.extend(graph.nodes[i].inputs.iter().map(|x| x.0));
-            }
-        }
-        // 1b. Fusion: a matmul read only by an `add` of a bias along its last axis becomes one
-        // dispatch that adds the bias in its stores (`x W^T + b`); the matmul gets no buffer.
-        let mut consumers = vec![0usize; n];
-        for i in (0..n).filter(|&i| live[i]) {
-            for x in &graph.nodes[i].inputs {
-                consumers[x.0] += 1;
-            }
-        }
-        for o in outputs {
-            consumers[o.0] += 1;
-        }
-        let mut fused_mm: Vec<Option<(usize, usize, Option<usize>)>> = vec![None; n];
-        let mut fused_away = vec![false; n];
-        for j in (0..n).filter(|&j| live[j]) {
-            let node = &graph.nodes[j];
-            if node.op != Op::Binary(crate::kernels::elementwise::BinaryOp::Add) {
-                continue;
-            }
-            for (mi, bi) in [(0, 1), (1, 0)] {
-                let (m, b) = (node.inputs[mi].0, node.inputs[bi].0);
-                let mm = &graph.nodes[m];
-                let cols = *mm.shape.last().unwrap_or(&0);
-                if matches!(mm.op, Op::Matmul { .. })
-                    && consumers[m] == 1
-                    && !fused_away[m]
-                    && mm.shape == node.shape
-                    && graph.nodes[b].shape == [cols]
-                    && m != b
-                {
-                    fused_mm[j] = Some((m, b, None));
-                    fused_away[m] = true;
-                    break;
-                }
-            }
-        }
-        // A residual add of such a fused result (`x + (h W^T + b)`) joins the same dispatch
-        // when the residual fits one binding.
-        for k in (0..n).filter(|&k| live[k]) {
-            let node = &graph.nodes[k];
-            if node.op != Op::Binary(crate::kernels::elementwise::BinaryOp::Add) {
-                continue;
-            }
-            for (ji, ri) in [(0, 1), (1, 0)] {
-                let (j, r) = (node.inputs[ji].0, node.inputs[ri].0);
-                let fits = (graph.nodes[r].numel() as u64 * 4) <= gpu.caps.max_binding;
-                if let Some((m, b, None)) = fused_mm[j] {
-                    if consumers[j] == 1
-                        && !fused_away[j]
-                        && graph.nodes[r].shape == node.shape
-                        && graph.nodes[j].shape == node.shape
-                        && r != j
-                        && r != m
-                        && fits
-                    {
-                        fused_mm[k] = Some((m, b, Some(r)));
-                        fused_mm[j] = None;
-                        fused_away[j] = true;
-                        break;
-                    }
-                }
-            }
-        }
-        // 2. Alias roots: a reshape shares its input's buffer, and so does a slice that is one
-        // contiguous block of its input (every dim before the axis is 1), at an element offset.
-        let mut root: Vec<usize> = (0..n).collect();
-        let mut off = vec![0u64; n];
-        for i in 0..n {
-            if !live[i] {
-                continue;
-            }
-            let node = &graph.nodes[i];
-            let j = node.inputs.first().map(|x| x.0);
-            match (&node.op, j) {
-                (Op::Reshape, Some(j)) => {
-                    root[i] = root[j];
-                    off[i] = off[j];
-                }
-                (Op::Slice { axis, start }, Some(j))
-                    if node.shape[..*axis].iter().all(|&d| d == 1) && !fused_away[j] =>
-                {
-                    let inner: usize = graph.nodes[j].shape[axis + 1..].iter().product();
-                    root[i] = root[j];
-                    off[i] = off[j] + (start * inner) as u64;
-                }
-                _ => {}
-            }
-        }
-        // 3. Lifetimes of planned roots.
-        let planned = |i: usize| {
-            live[i]
-                && !fused_away[i]
-                && !graph.nodes[i].op.is_leaf()
-                && !graph.nodes[i].op.is_update()
-                && root[i] == i
-        };
-        let mut last = vec![0usize; n];
-        for i in 0..n {
-            if !live[i] {
-                continue;
-            }
-            last[root[i]] = last[root[i]].max(i);
-            for x in &graph.nodes[i].inputs {
-                let r = root[x.0];
-                last[r] = last[r].max(i);
-            }
-            // A fused add reads the matmul's operands.
-            if let Some((m, b, _)) = fused_mm[i] {
-                for x in graph.nodes[m].inputs.iter().map(|x| x.0).chain([b]) {
-                    let r = root[x];
-                    last[r] = last[r].max(i);
-                }
-            }
-        }
-        for o in outputs {
-            last[root[o.0]] = usize::MAX;
-        }
-        // 4. Greedy-by-size slot assignment.
-        let mut order: Vec<usize> = (0..n).filter(|&i| planned(i)).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse((graph.nodes[i].numel().max(1), usize::MAX - i)));
-        let mut slots: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
-        let mut slot_of = vec![usize::MAX; n];
-        let mut tensor_bytes = 0u64;
-        for &i in &order {
-            let size = graph.nodes[i].numel().max(1);
-            tensor_bytes += size as u64 * 4;
-            let iv = (i, last[i]);
-            let fit = if opts.reuse {
-                slots
-                    .iter()
-                    .position(|(_, ivs)| ivs.iter().all(|&(a, b)| iv.1 < a || b < iv.0))
-            } else {
-                None
-            };
-            match fit {
-                Some(s) => {
-                    slots[s].1.push(iv);
-                    slot_of[i] = s;
-                }
-                None => {
-                    slots.push((size, vec![iv]));
-                    slot_of[i] = slots.len() - 1;
-                }
-            }
-        }
+        let Layout {
+            live,
+            fused_mm,
+            fused_away,
+            root,
+            off,
+            slots,
+            slot_of,
+            tensor_bytes,
+        } = layout(graph, outputs, opts, gpu.caps.max_binding)?;
         // 5. The buffer table: planned slots, then plan-owned inputs/constants, then store tensors.
         let mut buffers: Vec<wgpu::Buffer> = Vec::new();
         let mut peak = 0u64;
