@@ -1,7 +1,9 @@
 //! Benchmarks, one JSON object per line. Usage:
 //!   cargo run --release --example bench -- [FILTER...] [--size N] [--reps N]
 //! FILTER selects cases by substring: `matmul`, `matmul_variants`, `mlp_step`, `vit-train`,
-//! `chain`. `BENCH_PROFILE=1` adds a per-kernel breakdown of `vit-train`.
+//! `chain`, `sd-unet`, `sd-vae` (SD 1.5's real shapes with random weights at `--size`,
+//! default 256; not run without a filter). `BENCH_PROFILE=1` adds a per-kernel breakdown of
+//! `vit-train` and the SD cases.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -214,6 +216,114 @@ fn vit_train(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
     Ok(())
 }
 
+/// Random weights for every parameter of `g`: GroupNorm/LayerNorm scales 1, biases 0, other
+/// tensors uniform with variance 1/fan_in (activations stay in range, no denormals).
+fn random_weights(gpu: &Arc<Gpu>, g: &Graph, store: &mut ParamStore) -> stablerep::Result<()> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for node in &g.nodes {
+        if node.op != stablerep::graph::Op::Param {
+            continue;
+        }
+        let name = node.name.as_deref().unwrap_or_default();
+        if store.get(name).is_some() {
+            continue;
+        }
+        let n = node.numel();
+        let data: Vec<f32> = if name.ends_with("bias") {
+            vec![0.0; n]
+        } else if node.shape.len() == 1 {
+            vec![1.0; n]
+        } else {
+            let a = (3.0 / (n / node.shape[0]) as f64).sqrt() as f32;
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+                })
+                .collect()
+        };
+        store.set(gpu, name, &node.shape, &data)?;
+    }
+    Ok(())
+}
+
+/// SD 1.5's guided UNet step or VAE decode at `size`^2 with random weights: ms per run,
+/// TFLOP/s against the FLOP counts of shared/spec (section 4.1), and plan memory.
+fn sd_bench(gpu: &Arc<Gpu>, adapter: &str, which: &str, size: usize, reps: usize) -> stablerep::Result<()> {
+    use stablerep::diffusion::model::graphs;
+    use stablerep::diffusion::single_file::{SD15_TEXT, SD15_UNET, SD15_VAE};
+    use stablerep::diffusion::text_encoder::ClipTextConfig;
+    use stablerep::diffusion::unet::UNetConfig;
+    use stablerep::diffusion::vae::VaeConfig;
+    let text = ClipTextConfig::from_json(SD15_TEXT, "sd15")?;
+    let unet = UNetConfig::from_json(SD15_UNET, "sd15")?;
+    let vae = VaeConfig::from_json(SD15_VAE, "sd15")?;
+    let max_tensor = gpu.caps.max_binding.min(gpu.caps.max_buffer) as usize;
+    let gr = graphs(&text, &unet, &vae, size, 7.5, max_tensor)?;
+    let (g, out, inputs) = if which == "sd-unet" {
+        let d = &gr.unet;
+        (&d.graph, d.out, vec![d.latent_in, d.scale, d.inputs.time, d.inputs.context])
+    } else {
+        (&gr.vae, gr.image, vec![gr.z])
+    };
+    let mut store = ParamStore::new();
+    let t0 = Instant::now();
+    random_weights(gpu, g, &mut store)?;
+    let plan = Plan::compile(gpu, g, &[out], &mut store, PlanOptions::default())?;
+    let setup_s = t0.elapsed().as_secs_f64();
+    for &i in &inputs {
+        let n: usize = g.shape(i).iter().product();
+        let v: Vec<f32> = (0..n).map(|k| ((k * 37 % 101) as f32 / 101.0) - 0.5).collect();
+        plan.write(i, &v)?;
+    }
+    plan.run_fetch(&[out])?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        plan.run()?;
+        gpu.wait()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let y = plan.run_fetch(&[out])?.remove(0);
+    let finite = y.iter().all(|v| v.is_finite());
+    times.sort_by(f64::total_cmp);
+    let ms_median = times[reps / 2];
+    // FLOP (2 x MAC) measured with torch's FlopCounterMode on these configs (shared/spec 4.1).
+    let gflop = match (which, size) {
+        ("sd-unet", 256) => Some(360.2),
+        ("sd-unet", 512) => Some(1606.5),
+        ("sd-unet", 768) => Some(4296.0),
+        (_, 256) => Some(622.0),
+        (_, 512) => Some(2514.0),
+        (_, 768) => Some(5754.0),
+        _ => None,
+    };
+    let st = plan.stats();
+    if std::env::var("BENCH_PROFILE").is_ok() {
+        let mut prof = plan.profile()?;
+        prof.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (key, secs, count) in prof.into_iter().take(25) {
+            println!(
+                "{}",
+                json!({"bench": format!("{which}_profile"), "kernel": key, "ms": (secs * 1e4).round() / 10.0, "dispatches": count})
+            );
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "bench": which, "adapter": adapter, "size": size, "guided_batch": if which == "sd-unet" { 2 } else { 1 },
+            "ms_median": ms_median.round(), "ms_min": times[0].round(), "runs": reps,
+            "tflops": gflop.map(|f| (f / ms_median * 1e3).round() / 1e3),
+            "gflop": gflop, "dispatches": st.dispatches, "planned_bytes": st.peak_bytes,
+            "weights_and_inputs_bytes": st.persistent_bytes, "finite": finite, "setup_s": setup_s.round(),
+        })
+    );
+    Ok(())
+}
+
 fn main() -> stablerep::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
     let a = args();
@@ -351,6 +461,15 @@ fn main() -> stablerep::Result<()> {
     }
     if wanted(&a, "vit-train") {
         vit_train(&gpu, &adapter)?;
+    }
+    // The SD cases take minutes on a software adapter: only when asked for.
+    for which in ["sd-unet", "sd-vae"] {
+        if a.filters.iter().any(|f| which.contains(f.as_str()) && f.starts_with("sd")) {
+            let reps = if a.reps > 0 { a.reps } else if gpu.caps.is_cpu { 2 } else { 10 };
+            for &size in if a.sizes.is_empty() { &[256][..] } else { &a.sizes[..] } {
+                sd_bench(&gpu, &adapter, which, size as usize, reps)?;
+            }
+        }
     }
     if wanted(&a, "chain") {
         let mut g = Graph::new();
