@@ -251,7 +251,13 @@ fn random_weights(gpu: &Arc<Gpu>, g: &Graph, store: &mut ParamStore) -> stablere
 
 /// SD 1.5's guided UNet step or VAE decode at `size`^2 with random weights: ms per run,
 /// TFLOP/s against the FLOP counts of shared/spec (section 4.1), and plan memory.
-fn sd_bench(gpu: &Arc<Gpu>, adapter: &str, which: &str, size: usize, reps: usize) -> stablerep::Result<()> {
+fn sd_bench(
+    gpu: &Arc<Gpu>,
+    adapter: &str,
+    which: &str,
+    size: usize,
+    reps: usize,
+) -> stablerep::Result<()> {
     use stablerep::diffusion::model::graphs;
     use stablerep::diffusion::single_file::{SD15_TEXT, SD15_UNET, SD15_VAE};
     use stablerep::diffusion::text_encoder::ClipTextConfig;
@@ -264,7 +270,11 @@ fn sd_bench(gpu: &Arc<Gpu>, adapter: &str, which: &str, size: usize, reps: usize
     let gr = graphs(&text, &unet, &vae, size, 7.5, max_tensor)?;
     let (g, out, inputs) = if which == "sd-unet" {
         let d = &gr.unet;
-        (&d.graph, d.out, vec![d.latent_in, d.scale, d.inputs.time, d.inputs.context])
+        (
+            &d.graph,
+            d.out,
+            vec![d.latent_in, d.scale, d.inputs.time, d.inputs.context],
+        )
     } else {
         (&gr.vae, gr.image, vec![gr.z])
     };
@@ -275,7 +285,9 @@ fn sd_bench(gpu: &Arc<Gpu>, adapter: &str, which: &str, size: usize, reps: usize
     let setup_s = t0.elapsed().as_secs_f64();
     for &i in &inputs {
         let n: usize = g.shape(i).iter().product();
-        let v: Vec<f32> = (0..n).map(|k| ((k * 37 % 101) as f32 / 101.0) - 0.5).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|k| ((k * 37 % 101) as f32 / 101.0) - 0.5)
+            .collect();
         plan.write(i, &v)?;
     }
     plan.run_fetch(&[out])?;
@@ -462,11 +474,60 @@ fn main() -> stablerep::Result<()> {
     if wanted(&a, "vit-train") {
         vit_train(&gpu, &adapter)?;
     }
+    if wanted(&a, "attention") && !a.filters.is_empty() {
+        // SD 1.5's UNet self-attention at 256^2 (guided: 16 batch-heads), levels 0 and 1.
+        for (bh, t, d) in [(16usize, 1024usize, 40usize), (16, 256, 80)] {
+            let mut g = Graph::new();
+            let q = g.input("q", &[bh, t, d]);
+            let k = g.input("k", &[bh, t, d]);
+            let v = g.input("v", &[bh, t, d]);
+            let y = g.attention(q, k, v, 1.0 / (d as f32).sqrt())?;
+            let plan = Plan::compile(
+                &gpu,
+                &g,
+                &[y],
+                &mut ParamStore::new(),
+                PlanOptions::default(),
+            )?;
+            for x in [q, k, v] {
+                let vals: Vec<f32> = (0..bh * t * d)
+                    .map(|i| ((i * 31 % 97) as f32 / 97.0) - 0.5)
+                    .collect();
+                plan.write(x, &vals)?;
+            }
+            plan.run_fetch(&[y])?;
+            let reps = 3;
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                plan.run()?;
+            }
+            gpu.wait()?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            let gflop = 4.0 * (bh * t * t * d) as f64 / 1e9;
+            println!(
+                "{}",
+                json!({"bench": "attention", "adapter": adapter, "bh": bh, "tokens": t, "head_dim": d, "ms": ms.round(), "gflops": (gflop / ms * 1e4).round() / 10.0, "kernel": plan.kernel_keys()})
+            );
+        }
+    }
     // The SD cases take minutes on a software adapter: only when asked for.
     for which in ["sd-unet", "sd-vae"] {
-        if a.filters.iter().any(|f| which.contains(f.as_str()) && f.starts_with("sd")) {
-            let reps = if a.reps > 0 { a.reps } else if gpu.caps.is_cpu { 2 } else { 10 };
-            for &size in if a.sizes.is_empty() { &[256][..] } else { &a.sizes[..] } {
+        if a.filters
+            .iter()
+            .any(|f| which.contains(f.as_str()) && f.starts_with("sd"))
+        {
+            let reps = if a.reps > 0 {
+                a.reps
+            } else if gpu.caps.is_cpu {
+                2
+            } else {
+                10
+            };
+            for &size in if a.sizes.is_empty() {
+                &[256][..]
+            } else {
+                &a.sizes[..]
+            } {
                 sd_bench(&gpu, &adapter, which, size as usize, reps)?;
             }
         }

@@ -2,6 +2,9 @@
 // (batch-head, query), never materializing the score matrix. One invocation per query row;
 // q, o [BH, Tq, DH], k, v [BH, Tk, DH]; the running max m, denominator l and accumulator acc
 // are rescaled as each key arrives. <DH> is the head width (a compile-time constant).
+// A workgroup's queries share one batch-head (wg.y), so every key and value load has the same
+// address in all invocations: a GPU broadcasts it from cache, and lavapipe turns it into one
+// scalar load instead of a per-lane loop.
 
 struct Params {
     bh: u32,
@@ -21,10 +24,11 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> os: array<f32>;
 
 @compute @workgroup_size(64, 1, 1)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = (wg.x + wg.y * nwg.x) * 64u + lid.x;
-    if (i >= p.bh * p.tq) { return; }
-    let b = i / p.tq;
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let b = wg.y;
+    let row = wg.x * 64u + lid.x;
+    if (row >= p.tq) { return; }
+    let i = b * p.tq + row;
     let qb = p.off_q + i * {{DH}}u;
     let kb = p.off_k + b * p.tk * {{DH}}u;
     let vb = p.off_v + b * p.tk * {{DH}}u;

@@ -651,12 +651,12 @@ fn conv2d_matches_a_direct_convolution() {
 fn fused_attention_matches_the_cpu_and_the_unfused_graph() {
     let (gpu, _lock) = gpu();
     let mut rng = Rng(91);
-    for case in 0..8 {
+    for case in 0..12 {
         let (bh, tq, tk, d) = (
             rng.int(1, 3),
             rng.int(1, 37),
             rng.int(1, 41),
-            [1, 3, 4, 8, 40][rng.int(0, 4)],
+            [1, 3, 4, 8, 40, 96, 68][case % 7],
         );
         let mut g = Graph::new();
         let q = g.input("q", &[bh, tq, d]);

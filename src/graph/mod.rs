@@ -732,7 +732,11 @@ impl Graph {
             0 => CONV_PATCH_BYTES,
             b => b,
         };
-        let chunk = (limit / (4 * k)).clamp(1, pixels);
+        // Chunks of a multiple of 64 pixels keep the matmul's output rows vec4-aligned.
+        let mut chunk = (limit / (4 * k)).clamp(1, pixels);
+        if chunk < pixels && chunk >= 64 {
+            chunk -= chunk % 64;
+        }
         let mut samples = Vec::with_capacity(n);
         for s in 0..n {
             let y = if pointwise {

@@ -319,6 +319,79 @@ pub fn attention(
     let (bk, ok) = bind_all(&k, caps, "attention keys")?;
     let (bv, ov) = bind_all(&v, caps, "attention values")?;
     let (bo, oo) = bind_all(&o, caps, "attention output")?;
+    // The unrolled vec4 kernel when rows and offsets align (every SD head width).
+    if super::vec4_ok(dh as u64, &[oq, ok, ov, oo]) && dh <= 512 {
+        let n4 = dh / 4;
+        // Query rows per invocation: on CPU adapters more rows share each loaded key (every
+        // storage load is a per-lane loop there; 2-5x faster at SD's widths, docs/benchmarks.md).
+        // GPUs keep one row, so the query and accumulator stay in registers.
+        let r = match (caps.is_cpu, dh) {
+            (false, _) => 1,
+            (true, 0..=48) => 8,
+            (true, 49..=80) => 4,
+            (true, 81..=160) => 2,
+            _ => 1,
+        };
+        let mut load_q = String::new();
+        let mut step = String::new();
+        let mut store = String::new();
+        for row in 0..r {
+            load_q += &format!(
+                "    let qb{row} = p.off_q + (b * p.tq + min(row0 + {row}u, p.tq - 1u)) * {n4}u;\n    var m{row} = -3.0e38;\n    var l{row} = 0.0;\n"
+            );
+            for i in 0..n4 {
+                load_q += &format!(
+                    "    let q{row}_{i} = qs[qb{row} + {i}u] * p.scale;\n    var a{row}_{i} = vec4<f32>(0.0);\n"
+                );
+            }
+            store += &format!(
+                "    if (row0 + {row}u < p.tq) {{\n        let ob = p.off_o + (b * p.tq + row0 + {row}u) * {n4}u;\n        let inv = 1.0 / l{row};\n"
+            );
+            for i in 0..n4 {
+                store += &format!("        os[ob + {i}u] = a{row}_{i} * inv;\n");
+            }
+            store += "    }\n";
+        }
+        for i in 0..n4 {
+            step += &format!("        let k{i} = ks[kr + {i}u];\n");
+        }
+        for row in 0..r {
+            let dot: Vec<String> = (0..n4).map(|i| format!("dot(q{row}_{i}, k{i})")).collect();
+            step += &format!(
+                "        let s{row} = {};\n        let mn{row} = max(m{row}, s{row});\n        let c{row} = exp(m{row} - mn{row});\n        let e{row} = exp(s{row} - mn{row});\n        l{row} = l{row} * c{row} + e{row};\n        m{row} = mn{row};\n",
+                dot.join(" + ")
+            );
+        }
+        for i in 0..n4 {
+            step += &format!("        let v{i} = vs[vr + {i}u];\n");
+            for row in 0..r {
+                step += &format!("        a{row}_{i} = a{row}_{i} * c{row} + e{row} * v{i};\n");
+            }
+        }
+        return Ok(vec![Dispatch {
+            key: format!("attention_v4_dh{dh}_r{r}"),
+            template: "attention_v4",
+            subst: vec![
+                ("N4", n4.to_string()),
+                ("R", r.to_string()),
+                ("LOAD_Q", load_q),
+                ("STEP", step),
+                ("STORE", store),
+            ],
+            uniform: uniform(&[
+                bh as u32,
+                tq as u32,
+                tk as u32,
+                oq / 4,
+                ok / 4,
+                ov / 4,
+                oo / 4,
+                scale.to_bits(),
+            ]),
+            bindings: vec![bq, bk, bv, bo],
+            groups: attention_grid(bh, tq.div_ceil(r), caps)?,
+        }]);
+    }
     Ok(vec![Dispatch {
         key: format!("attention_dh{dh}"),
         template: "attention",
@@ -334,8 +407,20 @@ pub fn attention(
             scale.to_bits(),
         ]),
         bindings: vec![bq, bk, bv, bo],
-        groups: grid(((bh * tq) as u64).div_ceil(64), caps)?,
+        groups: attention_grid(bh, tq, caps)?,
     }])
+}
+
+/// Workgroups of 64 queries along x, one batch-head per y.
+fn attention_grid(bh: usize, tq: usize, caps: &Caps) -> Result<[u32; 3]> {
+    let x = tq.div_ceil(64);
+    if x > caps.max_workgroups as usize || bh > caps.max_workgroups as usize {
+        return Err(crate::Error::shape(
+            "attention",
+            format!("{bh} batch-heads of {tq} queries exceed the device's workgroup grid"),
+        ));
+    }
+    Ok([x as u32, bh as u32, 1])
 }
 
 /// dtable = scatter-add of dy rows into a `[vocab, dim]` table (no atomics).

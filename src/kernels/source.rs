@@ -43,6 +43,10 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("im2col", include_str!("../../shaders/im2col.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
     (
+        "attention_v4",
+        include_str!("../../shaders/attention_v4.wgsl"),
+    ),
+    (
         "group_stats",
         include_str!("../../shaders/group_stats.wgsl"),
     ),
