@@ -856,4 +856,10 @@ fn memory_estimates_match_plans_and_sd15_fits_6_gib_at_512() {
         "SD 1.5 needs {:.2} GiB",
         gib(m.total())
     );
+    m.check(512, 128 << 20).unwrap();
+    // At 2048^2 the UNet's activations outgrow 128 MiB buffers: a clear error, before
+    // anything is uploaded.
+    let big = estimate_memory(&text, &unet, &vae, 2048, 7.5, 128 << 20).unwrap();
+    let e = big.check(2048, 128 << 20).unwrap_err().to_string();
+    assert!(e.contains("--size 2048") && e.contains("UNet"), "{e}");
 }

@@ -431,6 +431,9 @@ impl<'a> Generator<'a> {
             o.guidance,
             max_tensor(gpu),
         )?;
+        // Sizes the device cannot hold fail here, before any weight is uploaded.
+        let limit = max_tensor(gpu) as u64;
+        gr.memory(limit)?.check(o.size, limit)?;
         let oom = |e: Error| out_of_memory(e, m, o, gpu);
         let text = Plan::compile(
             gpu,
@@ -655,6 +658,26 @@ impl SdMemory {
             .max()
             .unwrap_or(0)
     }
+
+    /// An error naming the component, when a tensor of `size`^2 generation would not fit a
+    /// binding of `limit` bytes.
+    pub fn check(&self, size: usize, limit: u64) -> Result<()> {
+        for (what, e) in [
+            ("text encoder", self.text),
+            ("UNet", self.unet),
+            ("VAE decoder", self.vae),
+        ] {
+            if e.largest_tensor_bytes > limit {
+                return Err(Error::Config(format!(
+                    "at --size {size} the {what} needs a {} MiB tensor, more than this adapter's \
+                     {} MiB per buffer: use a smaller --size",
+                    e.largest_tensor_bytes >> 20,
+                    limit >> 20
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What generation at `size`^2 needs on a device whose bindings take `max_tensor` bytes,
@@ -667,14 +690,19 @@ pub fn estimate_memory(
     guidance: f64,
     max_tensor: usize,
 ) -> Result<SdMemory> {
-    let gr = graphs(text, unet, vae_cfg, size, guidance, max_tensor)?;
-    let o = PlanOptions::default();
-    let m = max_tensor as u64;
-    Ok(SdMemory {
-        text: estimate(&gr.text, &[gr.hidden], o, m)?,
-        unet: estimate(&gr.unet.graph, &[gr.unet.out], o, m)?,
-        vae: estimate(&gr.vae, &[gr.image], o, m)?,
-    })
+    graphs(text, unet, vae_cfg, size, guidance, max_tensor)?.memory(max_tensor as u64)
+}
+
+impl SdGraphs {
+    /// What the three plans of these graphs need (bindings of `limit` bytes).
+    pub fn memory(&self, limit: u64) -> Result<SdMemory> {
+        let o = PlanOptions::default();
+        Ok(SdMemory {
+            text: estimate(&self.text, &[self.hidden], o, limit)?,
+            unet: estimate(&self.unet.graph, &[self.unet.out], o, limit)?,
+            vae: estimate(&self.vae, &[self.image], o, limit)?,
+        })
+    }
 }
 
 /// Generates `o.images` images of `o.prompt` [3, size, size] in [0, 1]; `progress` is called
