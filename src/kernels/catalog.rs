@@ -129,6 +129,51 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         0.5,
         &caps,
     )?);
+    // Attention: the scalar kernel (width 3), and the vec4 kernel with 1, 2 and 8 query rows
+    // per invocation (GPU, and CPU adapters at widths 96 and 40).
+    out.extend(layout::attention(
+        v(0, 18),
+        v(1, 30),
+        v(2, 30),
+        v(3, 18),
+        [2, 3, 5, 3],
+        0.5,
+        &caps,
+    )?);
+    for (cpu, d) in [(true, 96usize), (true, 40)] {
+        out.extend(layout::attention(
+            v(0, 6 * d as u64),
+            v(1, 10 * d as u64),
+            v(2, 10 * d as u64),
+            v(3, 6 * d as u64),
+            [2, 3, 5, d],
+            0.5,
+            &generic_caps(cpu),
+        )?);
+    }
+    // GroupNorm: scalar and vec4 statistics and apply, with and without SiLU.
+    for (hw, silu) in [(5usize, false), (8, true)] {
+        let n = 2 * 6 * hw as u64;
+        out.extend(norm::group_stats(
+            v(0, n),
+            [2, 6, hw],
+            3,
+            1e-5,
+            v(1, 12),
+            &caps,
+        )?);
+        out.extend(norm::group_apply(
+            v(0, n),
+            v(1, 12),
+            v(2, 6),
+            v(3, 6),
+            [2, 6, hw],
+            3,
+            silu,
+            v(4, n),
+            &caps,
+        )?);
+    }
     let g = layout::Conv2d {
         kh: 3,
         kw: 3,
