@@ -31,6 +31,11 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> c: array<{{C_TY}}>;
 {{BIAS_BINDING}}
 
+// Four f16 values packed in two words (weights stored at half size), widened to f32.
+fn unpack4(w: vec2<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+}
+
 // A(m, k) and B(k, n) as scalars, zero outside the matrix (the checked path).
 fn a_at(base: u32, m: u32, k: u32) -> f32 {
     if (m >= p.m || k >= p.k) { return 0.0; }

@@ -24,10 +24,15 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> a: array<{{A_TY}}>;
+@group(0) @binding(2) var<storage, read> b: array<{{B_TY}}>;
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
 {{BIAS_BINDING}}
+
+// Four f16 values packed in two words (weights stored at half size), widened to f32.
+fn unpack4(w: vec2<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+}
 
 @compute @workgroup_size({{S}}, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {

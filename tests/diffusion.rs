@@ -240,6 +240,7 @@ fn lincomb_kernel_matches_the_cpu_on_awkward_shapes() {
                 buf: 1,
                 offset: (pad + j * len) as u64,
                 len: len as u64,
+                half: false,
             })
             .collect();
         let d = elementwise::lincomb(

@@ -745,3 +745,84 @@ fn group_norm_kernels_match_the_cpu_on_awkward_shapes() {
         .to_string()
         .contains("no gradient"));
 }
+
+#[test]
+fn matmul_reads_f16_weights_on_awkward_shapes() {
+    use stablerep::nn::checkpoint::{f16_to_f32, f32_to_f16};
+    let (gpu, _lock) = gpu();
+    let mut rng = Rng(404);
+    // (m, n, k, weight is A): N a multiple of 4 takes the subgroup kernel on lavapipe, an odd
+    // N the register-blocked one; batches share the weight.
+    let cases = [
+        (7, 12, 8, false, 1),
+        (5, 9, 12, false, 3),
+        (33, 40, 36, true, 1),
+        (6, 13, 20, true, 1),
+        (70, 64, 64, false, 2),
+    ];
+    let mut keys = Vec::new();
+    for (case, &(m, n, k, weight_is_a, batch)) in cases.iter().enumerate() {
+        let mut g = Graph::new();
+        let round = |v: Vec<f64>| -> Vec<f64> {
+            v.iter()
+                .map(|&x| f16_to_f32(f32_to_f16(x as f32)) as f64)
+                .collect()
+        };
+        let mut feeds = HashMap::new();
+        let mut params = HashMap::new();
+        let y = if weight_is_a {
+            // A convolution's layout: W [M, K] times patches [N, K] transposed.
+            let w = g.param_f16("w", &[m, k]);
+            let x = g.input("x", &[n, k]);
+            feeds.insert(x, rng.vec(n * k, -1.0, 1.0));
+            params.insert("w".to_string(), round(rng.vec(m * k, -1.0, 1.0)));
+            g.matmul_t(w, x, false, true).unwrap()
+        } else {
+            // A linear layer: x [batch, M, K] times W [N, K] transposed, plus a bias.
+            let w = g.param_f16("w", &[n, k]);
+            let b = g.param("b", &[n]);
+            let x = g.input("x", &[batch, m, k]);
+            feeds.insert(x, rng.vec(batch * m * k, -1.0, 1.0));
+            params.insert("w".to_string(), round(rng.vec(n * k, -1.0, 1.0)));
+            params.insert("b".to_string(), rng.vec(n, -1.0, 1.0));
+            let y = g.matmul_t(x, w, false, true).unwrap();
+            g.add(y, b).unwrap()
+        };
+        let (got, plan) = common::run_gpu_opts(&gpu, &g, &feeds, &params, &[y], Default::default());
+        keys.extend(plan.kernel_keys().iter().map(|k| k.to_string()));
+        let want = &run_cpu(&g, &feeds, &params, &[y])[0];
+        assert_close(
+            &format!("case {case}: {m}x{n}x{k}"),
+            &got[0],
+            want,
+            1e-4,
+            1e-5,
+        );
+    }
+    // Both kernel families read f16 (on lavapipe; other adapters use the blocked one only).
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("matmul_n") && k.contains("_f16")),
+        "{keys:?}"
+    );
+    if gpu.caps.is_cpu {
+        assert!(
+            keys.iter()
+                .any(|k| k.starts_with("matmul_sg") && k.contains("_f16a")),
+            "{keys:?}"
+        );
+        assert!(
+            keys.iter()
+                .any(|k| k.starts_with("matmul_sg") && k.contains("_f16b")),
+            "{keys:?}"
+        );
+    }
+    // Layouts that are not contiguous along K are refused by name.
+    let mut g = Graph::new();
+    let w = g.param_f16("w", &[8, 4]);
+    let x = g.input("x", &[8, 4]);
+    let e = g.matmul_t(w, x, true, false).unwrap_err().to_string();
+    assert!(e.contains("f16"), "{e}");
+    let e = g.add(w, x).unwrap_err().to_string();
+    assert!(e.contains("must be f32"), "{e}");
+}

@@ -77,6 +77,7 @@ impl GpuSampler {
                     buf: COEF,
                     offset: coefs.len() as u64,
                     len: a.terms.len() as u64,
+                    half: false,
                 };
                 coefs.extend(a.terms.iter().map(|(c, _)| *c as f32));
                 dispatches.extend(elementwise::lincomb(

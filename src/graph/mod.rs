@@ -21,6 +21,9 @@ pub enum DType {
     F32,
     /// 32-bit unsigned integer (indices, labels)
     U32,
+    /// 16-bit float, two to a word: weights stored at half size and read by the matmul
+    /// kernels, which widen them to f32 (inference only).
+    F16,
 }
 
 /// Handle to a node of a [`Graph`].
@@ -319,6 +322,15 @@ impl Graph {
         id
     }
 
+    /// A weight named `name` stored as f16 (half the memory), for use as a matmul operand
+    /// contiguous along K (`x W^T`'s W, or a convolution's weight); the store must hold it as
+    /// f16 ([`crate::graph::ParamStore::set_f16`]). Inference only.
+    pub fn param_f16(&mut self, name: &str, shape: &[usize]) -> NodeId {
+        let id = self.push(Op::Param, vec![], shape.to_vec(), DType::F16);
+        self.nodes[id.0].name = Some(name.to_string());
+        id
+    }
+
     /// Persistent state named `name`, created filled with `init` when missing.
     pub fn state(&mut self, name: &str, shape: &[usize], init: f32) -> NodeId {
         let id = self.push(Op::State(init), vec![], shape.to_vec(), DType::F32);
@@ -334,7 +346,16 @@ impl Graph {
     /// Batched matmul `op(a) @ op(b)`: a is [.., M, K] ([.., K, M] if `ta`), b is [.., K, N]
     /// ([.., N, K] if `tb`) with the same leading dims, or 2-D (shared) when `ta` is false.
     pub fn matmul_t(&mut self, a: NodeId, b: NodeId, ta: bool, tb: bool) -> Result<NodeId> {
-        self.expect_f32("matmul", &[a, b])?;
+        // An f16 weight may be A ([M, K]) or B ([N, K]): contiguous along K.
+        let half = |g: &Self, x: NodeId| g.nodes[x.0].dtype == DType::F16;
+        if (half(self, a) && ta) || (half(self, b) && !tb) {
+            return Err(Error::shape(
+                "matmul",
+                "an f16 operand must be contiguous along K (A not transposed, B transposed)",
+            ));
+        }
+        let f32s: Vec<NodeId> = [a, b].into_iter().filter(|&x| !half(self, x)).collect();
+        self.expect_f32("matmul", &f32s)?;
         let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
         if sa.len() < 2 || sb.len() < 2 {
             return Err(Error::shape(

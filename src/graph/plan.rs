@@ -274,6 +274,14 @@ fn layout(
     })
 }
 
+/// Bytes of a node's data (f16 weights take two per element, in whole words).
+fn node_bytes(node: &super::Node) -> u64 {
+    match node.dtype {
+        DType::F16 => (node.numel().max(1).div_ceil(2) * 4) as u64,
+        _ => (node.numel().max(1) * 4) as u64,
+    }
+}
+
 /// What a plan of a graph would hold on the device, computed without one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryEstimate {
@@ -312,7 +320,7 @@ pub fn estimate(
         if !l.live[i] {
             continue;
         }
-        let bytes = (node.numel().max(1) * 4) as u64;
+        let bytes = node_bytes(node);
         e.largest_tensor_bytes = e.largest_tensor_bytes.max(bytes);
         match node.op {
             Op::Input | Op::Const(_) => e.input_bytes += bytes,
@@ -404,6 +412,12 @@ impl Plan {
                         }
                     }
                     let t = store.get(&name).expect("checked above");
+                    if t.dtype != node.dtype {
+                        return Err(Error::Graph(format!(
+                            "parameter '{name}' is {:?} in the store but {:?} in the graph",
+                            t.dtype, node.dtype
+                        )));
+                    }
                     if t.shape != node.shape {
                         return Err(Error::shape(
                             "parameter",
@@ -413,7 +427,7 @@ impl Plan {
                             ),
                         ));
                     }
-                    persistent += bytes;
+                    persistent += node_bytes(node);
                     buffers.push(t.buffer().clone());
                     loc[i] = Some(Loc::Buf(buffers.len() - 1));
                 }
@@ -447,6 +461,7 @@ impl Plan {
                     buf: b,
                     offset: off[id.0],
                     len: graph.nodes[id.0].numel() as u64,
+                    half: graph.nodes[id.0].dtype == DType::F16,
                 }),
                 _ => Err(Error::Graph(format!(
                     "node {} ({:?}) has no storage",

@@ -27,10 +27,37 @@ impl Tensor {
         Ok(t)
     }
 
+    /// Uploads f32 data rounded to f16 (round to nearest even; exact for values that came
+    /// from an fp16 file), two values to a word.
+    pub fn from_f16(gpu: &Arc<Gpu>, shape: &[usize], data: &[f32]) -> Result<Tensor> {
+        let t = Tensor::empty(gpu, shape, DType::F16)?;
+        if data.len() != t.numel() {
+            return Err(Error::shape(
+                "tensor write",
+                format!("{} values for shape {:?}", data.len(), shape),
+            ));
+        }
+        let words: Vec<u32> = data
+            .chunks(2)
+            .map(|p| {
+                let lo = crate::nn::checkpoint::f32_to_f16(p[0]) as u32;
+                let hi = p
+                    .get(1)
+                    .map_or(0, |&v| crate::nn::checkpoint::f32_to_f16(v) as u32);
+                lo | (hi << 16)
+            })
+            .collect();
+        gpu.write(t.buffer(), 0, &words);
+        Ok(t)
+    }
+
     /// An uninitialized tensor.
     pub fn empty(gpu: &Arc<Gpu>, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let bytes = (n.max(1) * 4) as u64;
+        let bytes = match dtype {
+            DType::F16 => n.max(1).div_ceil(2) * 4,
+            _ => n.max(1) * 4,
+        } as u64;
         gpu.check_buffer_size("tensor", bytes)?;
         let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("tensor"),
@@ -58,6 +85,11 @@ impl Tensor {
 
     /// Overwrites the contents with f32 data of the right length.
     pub fn write_f32(&self, data: &[f32]) -> Result<()> {
+        if self.dtype == DType::F16 {
+            return Err(Error::Graph(
+                "an f16 tensor is written with Tensor::from_f16".into(),
+            ));
+        }
         if data.len() != self.numel() {
             return Err(Error::shape(
                 "tensor write",
@@ -70,6 +102,17 @@ impl Tensor {
 
     /// Reads the contents as f32.
     pub fn read_f32(&self) -> Result<Vec<f32>> {
+        if self.dtype == DType::F16 {
+            let words: Vec<u32> =
+                self.gpu
+                    .read(self.buffer(), 0, (self.numel().div_ceil(2) * 4) as u64)?;
+            return Ok(words
+                .iter()
+                .flat_map(|w| [*w as u16, (*w >> 16) as u16])
+                .take(self.numel())
+                .map(crate::nn::checkpoint::f16_to_f32)
+                .collect());
+        }
         self.gpu.read(self.buffer(), 0, (self.numel() * 4) as u64)
     }
 }
@@ -94,11 +137,24 @@ impl ParamStore {
     /// Uploads f32 values under `name`.
     pub fn set(&mut self, gpu: &Arc<Gpu>, name: &str, shape: &[usize], data: &[f32]) -> Result<()> {
         if let Some(t) = self.tensors.get(name) {
-            if t.shape == shape {
+            if t.shape == shape && t.dtype == DType::F32 {
                 return t.write_f32(data);
             }
         }
         let t = Tensor::from_f32(gpu, shape, data)?;
+        self.insert(name, t);
+        Ok(())
+    }
+
+    /// Sets `name` to `data` stored as f16 (for [`crate::graph::Graph::param_f16`] weights).
+    pub fn set_f16(
+        &mut self,
+        gpu: &Arc<Gpu>,
+        name: &str,
+        shape: &[usize],
+        data: &[f32],
+    ) -> Result<()> {
+        let t = Tensor::from_f16(gpu, shape, data)?;
         self.insert(name, t);
         Ok(())
     }

@@ -479,6 +479,13 @@ fn launch_full(
     if m == 0 || n == 0 {
         return Ok(vec![]);
     }
+    // Packed f16 operands are read as vec4 runs along K: A as [M, K], B as [N, K].
+    if (a.half && (s.ta || !k.is_multiple_of(4))) || (b.half && (!s.tb || !k.is_multiple_of(4))) {
+        return Err(Error::shape(
+            "matmul",
+            format!("an f16 operand must be contiguous along K with K a multiple of 4: {s:?}"),
+        ));
+    }
     let max_elems = super::max_bind_elems(caps);
     let bound = |v: Option<View>, what: &str| -> Result<Option<(Binding, u64)>> {
         match v {
@@ -540,6 +547,7 @@ fn launch_full(
                 t,
                 variant,
                 false,
+                [a.half, b.half],
                 [ba, bb, bc],
                 offs,
                 epi.shifted(b0 * m * n),
@@ -566,6 +574,7 @@ fn launch_full(
             t,
             variant,
             false,
+            [a.half, b.half],
             [ba, bb, bc],
             [a_off as u64, b_base, c_off as u64],
             epi.shifted(c_start),
@@ -620,6 +629,7 @@ fn split_k(
                 t,
                 variant,
                 k0 > 0,
+                [false, false],
                 [ba, bb, bc],
                 [a_off as u64, b_off as u64, c_off as u64],
                 if k0 == 0 {
@@ -647,6 +657,7 @@ fn one(
     t: Tile,
     variant: Variant,
     accumulate: bool,
+    half: [bool; 2],
     bindings: [Binding; 3],
     offs: [u64; 3],
     epi: Epi,
@@ -670,6 +681,12 @@ fn one(
         b: even(offs[1]) && even(batch_b) && if s.tb { even(k) } else { even(n) },
         c: even(offs[2]) && even(batch_c) && even(n),
     };
+    if (half[0] && !v.a) || (half[1] && !v.b) {
+        return Err(Error::shape(
+            "matmul",
+            format!("an f16 operand at an offset that is not a multiple of 4: {offs:?}"),
+        ));
+    }
     let uniform = uniform(&[
         m as u32,
         n as u32,
@@ -734,6 +751,15 @@ fn one(
         (false, true, false) => format!("{key}_bias"),
         _ => key,
     };
+    let key = match half {
+        [false, false] => key,
+        [a, b] => format!(
+            "{key}_f16{}{}",
+            if a { "a" } else { "" },
+            if b { "b" } else { "" }
+        ),
+    };
+    let subst = widen_f16(subst, half);
     if groups.iter().any(|&g| g > caps.max_workgroups as u64) {
         return Err(Error::TooLarge {
             what: format!("matmul grid {groups:?}"),
@@ -755,6 +781,68 @@ fn one(
             .collect(),
         groups: [groups[0] as u32, groups[1] as u32, groups[2] as u32],
     })
+}
+
+/// Adapts a generated variant to packed f16 operands: the operand's binding becomes an array
+/// of `vec2<u32>` (four halves) and each of its loads `x[i]` becomes `unpack4(x[i])` (the
+/// templates define `unpack4`), so the arithmetic stays f32.
+fn widen_f16(subst: Vec<(&'static str, String)>, half: [bool; 2]) -> Vec<(&'static str, String)> {
+    if half == [false, false] {
+        return subst;
+    }
+    let mut subst: Vec<(&'static str, String)> = subst
+        .into_iter()
+        .map(|(k, mut code)| {
+            for (on, op) in half.iter().zip(['a', 'b']) {
+                if *on {
+                    code = widen_loads(&code, op);
+                }
+            }
+            (k, code)
+        })
+        .collect();
+    for (on, key) in half.iter().zip(["A_TY", "B_TY"]) {
+        if *on {
+            subst.retain(|(k, _)| k != &key);
+            subst.push((key, "vec2<u32>".into()));
+        }
+    }
+    subst
+}
+
+/// `op[...]` -> `unpack4(op[...])` wherever `op` stands alone (not the end of a longer name).
+fn widen_loads(code: &str, op: char) -> String {
+    let chars: Vec<char> = code.chars().collect();
+    let mut out = String::with_capacity(code.len() + 64);
+    let mut i = 0;
+    while i < chars.len() {
+        let standalone = i == 0 || !(chars[i - 1].is_alphanumeric() || chars[i - 1] == '_');
+        if chars[i] == op && standalone && chars.get(i + 1) == Some(&'[') {
+            let mut depth = 0;
+            let mut j = i + 1;
+            while j < chars.len() {
+                match chars[j] {
+                    '[' => depth += 1,
+                    ']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            out.push_str("unpack4(");
+            out.extend(&chars[i..=j.min(chars.len() - 1)]);
+            out.push(')');
+            i = j + 1;
+        } else {
+            out.push(chars[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// Configuration of the subgroup-sharing kernel for CPU adapters (`shaders/matmul_sg.wgsl`).
@@ -908,6 +996,8 @@ pub fn sg_subst(
         }
     }
     vec![
+        ("A_TY", "vec4<f32>".into()),
+        ("B_TY", "vec4<f32>".into()),
         ("S", t.s.to_string()),
         ("R", t.r.to_string()),
         ("TN", t.tn.to_string()),

@@ -29,6 +29,9 @@ pub struct View {
     pub offset: u64,
     /// Number of elements.
     pub len: u64,
+    /// The elements are f16, two to a 32-bit word (weights read by the matmul kernels; offsets
+    /// and lengths still count elements).
+    pub half: bool,
 }
 
 impl View {
@@ -38,6 +41,7 @@ impl View {
             buf,
             offset: 0,
             len,
+            half: false,
         }
     }
     /// A sub-range of this view.
@@ -47,6 +51,7 @@ impl View {
             buf: self.buf,
             offset: self.offset + start,
             len,
+            half: self.half,
         }
     }
 }
@@ -99,9 +104,11 @@ pub fn uniform(words: &[u32]) -> Vec<u8> {
 /// Binds elements `[start, start + len)` of `view`: returns the aligned binding and the element
 /// offset of `start` inside it. Fails when the range cannot fit one binding.
 pub fn bind(view: &View, start: u64, len: u64, caps: &Caps, what: &str) -> Result<(Binding, u32)> {
-    let first = (view.offset + start) * 4;
+    let elem = if view.half { 2 } else { 4 };
+    let first = (view.offset + start) * elem;
     let aligned = first / caps.storage_align * caps.storage_align;
-    let end = (view.offset + start + len.max(1)) * 4;
+    // Whole 32-bit words (an f16 view may end mid-word).
+    let end = ((view.offset + start + len.max(1)) * elem).div_ceil(4) * 4;
     let size = end - aligned;
     if size > caps.max_binding {
         return Err(Error::TooLarge {
@@ -117,7 +124,7 @@ pub fn bind(view: &View, start: u64, len: u64, caps: &Caps, what: &str) -> Resul
             offset: aligned,
             size,
         },
-        ((first - aligned) / 4) as u32,
+        ((first - aligned) / elem) as u32,
     ))
 }
 

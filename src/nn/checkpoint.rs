@@ -24,7 +24,44 @@ pub struct Checkpoint {
     pub metadata: BTreeMap<String, String>,
 }
 
-fn f16_to_f32(bits: u16) -> f32 {
+/// f32 -> IEEE half bits, rounding to nearest even (overflow to infinity, NaN kept).
+pub fn f32_to_f16(v: f32) -> u16 {
+    let x = v.to_bits();
+    let sign = ((x >> 16) & 0x8000) as u16;
+    let exp = ((x >> 23) & 0xff) as i32;
+    let man = x & 0x7f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if man != 0 { 0x200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        // Subnormal or zero: shift the implicit-one mantissa into place, rounding.
+        if e < -10 {
+            return sign;
+        }
+        let m = man | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let rest = m & ((1 << shift) - 1);
+        let mut r = m >> shift;
+        if rest > half || (rest == half && r & 1 == 1) {
+            r += 1;
+        }
+        return sign | r as u16;
+    }
+    let mut r = ((e as u32) << 10) | (man >> 13);
+    let rest = man & 0x1fff;
+    if rest > 0x1000 || (rest == 0x1000 && r & 1 == 1) {
+        r += 1; // may carry into the exponent, which is the right rounding
+    }
+    sign | r as u16
+}
+
+/// IEEE half bits -> f32 (exact).
+pub fn f16_to_f32(bits: u16) -> f32 {
     let sign = ((bits >> 15) as u32) << 31;
     let exp = ((bits >> 10) & 0x1f) as u32;
     let man = (bits & 0x3ff) as u32;
@@ -199,6 +236,23 @@ mod tests {
         assert!((f16_to_f32(0x0001) - 5.960464e-8).abs() < 1e-12);
         assert!(f16_to_f32(0x7c00).is_infinite());
         assert!(f16_to_f32(0x7e00).is_nan());
+    }
+
+    #[test]
+    fn f32_to_f16_inverts_every_half_and_rounds_to_nearest_even() {
+        for bits in 0..=u16::MAX {
+            let v = f16_to_f32(bits);
+            if !v.is_nan() {
+                assert_eq!(f32_to_f16(v), bits, "{bits:#06x} ({v})");
+            }
+        }
+        assert!(f16_to_f32(f32_to_f16(f32::NAN)).is_nan());
+        // 1 + 2^-11 is halfway between 1 and the next half: ties go to the even mantissa.
+        assert_eq!(f32_to_f16(1.0 + 2f32.powi(-11)), 0x3c00);
+        assert_eq!(f32_to_f16(1.0 + 3.0 * 2f32.powi(-11)), 0x3c02);
+        assert_eq!(f32_to_f16(65520.0), 0x7c00);
+        assert_eq!(f32_to_f16(2f32.powi(-25)), 0);
+        assert_eq!(f32_to_f16(1.5 * 2f32.powi(-25)), 1);
     }
 
     #[test]

@@ -95,7 +95,12 @@ pub fn run_gpu_opts(
             .find(|n| n.name.as_deref() == Some(name))
             .expect("param in graph");
         let data: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-        store.insert(name, Tensor::from_f32(gpu, &node.shape, &data).unwrap());
+        let t = if node.dtype == stablerep::graph::DType::F16 {
+            Tensor::from_f16(gpu, &node.shape, &data)
+        } else {
+            Tensor::from_f32(gpu, &node.shape, &data)
+        };
+        store.insert(name, t.unwrap());
     }
     let plan = Plan::compile(gpu, g, outputs, &mut store, opts).expect("compile");
     for (id, v) in feeds {
@@ -109,6 +114,7 @@ pub fn run_gpu_opts(
             DType::U32 => plan
                 .write_u32(*id, &v.iter().map(|&x| x as u32).collect::<Vec<_>>())
                 .unwrap(),
+            DType::F16 => panic!("f16 tensors are parameters, not feeds"),
         }
     }
     let out = plan.run_fetch(outputs).expect("run");
