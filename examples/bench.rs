@@ -3,7 +3,7 @@
 //! FILTER selects cases by substring: `matmul`, `matmul_variants`, `mlp_step`, `vit-train`,
 //! `chain`, `sd-unet`, `sd-vae` (SD 1.5's real shapes with random weights at `--size`,
 //! default 256; not run without a filter). `BENCH_PROFILE=1` adds a per-kernel breakdown of
-//! `vit-train` and the SD cases.
+//! `vit-train` and the SD cases; `BENCH_F16=1` stores the SD UNet's weights in f16.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -244,7 +244,11 @@ fn random_weights(gpu: &Arc<Gpu>, g: &Graph, store: &mut ParamStore) -> stablere
                 })
                 .collect()
         };
-        store.set(gpu, name, &node.shape, &data)?;
+        if node.dtype == stablerep::graph::DType::F16 {
+            store.set_f16(gpu, name, &node.shape, &data)?;
+        } else {
+            store.set(gpu, name, &node.shape, &data)?;
+        }
     }
     Ok(())
 }
@@ -267,7 +271,8 @@ fn sd_bench(
     let unet = UNetConfig::from_json(SD15_UNET, "sd15")?;
     let vae = VaeConfig::from_json(SD15_VAE, "sd15")?;
     let max_tensor = gpu.caps.max_binding.min(gpu.caps.max_buffer) as usize;
-    let gr = graphs(&text, &unet, &vae, size, 7.5, max_tensor)?;
+    let half = std::env::var("BENCH_F16").is_ok();
+    let gr = graphs(&text, &unet, &vae, size, 7.5, max_tensor, half)?;
     let (g, out, inputs) = if which == "sd-unet" {
         let d = &gr.unet;
         (
@@ -327,6 +332,7 @@ fn sd_bench(
         "{}",
         json!({
             "bench": which, "adapter": adapter, "size": size, "guided_batch": if which == "sd-unet" { 2 } else { 1 },
+            "f16_weights": half && which == "sd-unet",
             "ms_median": ms_median.round(), "ms_min": times[0].round(), "runs": reps,
             "tflops": gflop.map(|f| (f / ms_median * 1e3).round() / 1e3),
             "gflop": gflop, "dispatches": st.dispatches, "planned_bytes": st.peak_bytes,

@@ -77,6 +77,10 @@ enum Cmd {
         /// Side of the saved PNGs (bicubic resize; the official pools keep 256); default --size.
         #[arg(long)]
         save_size: Option<usize>,
+        /// UNet weights on the GPU: f16 (half the memory; arithmetic stays f32), f32, or auto
+        /// (f16 when the file is fp16, which is then lossless).
+        #[arg(long, default_value = "auto")]
+        weights: String,
         /// Output folder.
         #[arg(long)]
         out: std::path::PathBuf,
@@ -377,6 +381,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             seed,
             size,
             save_size,
+            weights,
             out,
             init_noise,
             save_latents,
@@ -410,6 +415,16 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 caption: 0,
                 size,
                 save_size,
+                half_weights: match weights.as_str() {
+                    "auto" => None,
+                    "f16" => Some(true),
+                    "f32" => Some(false),
+                    other => {
+                        return Err(stablerep::Error::Config(format!(
+                            "--weights '{other}': want auto, f16 or f32"
+                        )))
+                    }
+                },
                 init_noise,
             };
             o.check(&m)?;

@@ -594,6 +594,16 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
         read(dir.join("s3/00001.png")),
         "single file and folder give the same image"
     );
+    // The fixture UNet is fp16, so by default its weights stay f16 on the GPU (lossless): f32
+    // storage gives the same bytes.
+    let o = gen("w32", &["--seed", "3", "--weights", "f32"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        read(dir.join("a/00001.png")),
+        read(dir.join("w32/00001.png"))
+    );
+    let o = gen("w", &["--weights", "f8"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--weights 'f8'"));
     let o = gen("c", &["--seed", "4"]);
     assert!(o.status.success());
     assert_ne!(read(dir.join("a/00000.png")), read(dir.join("c/00000.png")));

@@ -814,7 +814,7 @@ fn memory_estimates_match_plans_and_sd15_fits_6_gib_at_512() {
     let (gpu, _lock) = common::gpu();
     let uk = Checkpoint::load(Path::new("tests/fixtures/sd_unet.safetensors")).unwrap();
     let cfg = UNetConfig::from_json(&uk.metadata["config"], "unet").unwrap();
-    let d = denoiser_graph(&cfg, 8, 8, 5, 7.5).unwrap();
+    let d = denoiser_graph(&cfg, 8, 8, 5, 7.5, false).unwrap();
     let e = estimate(
         &d.graph,
         &[d.out],
@@ -832,11 +832,82 @@ fn memory_estimates_match_plans_and_sd15_fits_6_gib_at_512() {
     let st = plan.stats();
     assert_eq!(e.planned_bytes, st.peak_bytes);
     assert_eq!(e.param_bytes + e.input_bytes, st.persistent_bytes);
+    // The same UNet with f16 weights: the fixture's weights are fp16, so storing them at half
+    // size is lossless and the output is the same; the estimate still matches the plan.
+    let h = denoiser_graph(&cfg, 8, 8, 5, 7.5, true).unwrap();
+    let eh = estimate(
+        &h.graph,
+        &[h.out],
+        PlanOptions::default(),
+        gpu.caps.max_binding,
+    )
+    .unwrap();
+    let mut half_store = ParamStore::new();
+    let mut halves = 0;
+    for n in h
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op == stablerep::graph::Op::Param)
+    {
+        let name = n.name.as_deref().unwrap();
+        let t = &uk.tensors[&format!("unet.{name}")];
+        if n.dtype == stablerep::graph::DType::F16 {
+            half_store.set_f16(&gpu, name, &t.shape, &t.data).unwrap();
+            halves += 1;
+        } else {
+            half_store.set(&gpu, name, &t.shape, &t.data).unwrap();
+        }
+    }
+    assert!(halves > 50, "{halves} f16 weights");
+    let hplan = Plan::compile(
+        &gpu,
+        &h.graph,
+        &[h.out],
+        &mut half_store,
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        eh.param_bytes + eh.input_bytes,
+        hplan.stats().persistent_bytes
+    );
+    assert!(eh.param_bytes < e.param_bytes * 6 / 10, "{eh:?} vs {e:?}");
+    let mut rng = common::Rng(12);
+    let lat = rng
+        .vec(4 * 64, -1.0, 1.0)
+        .iter()
+        .map(|&v| v as f32)
+        .collect::<Vec<_>>();
+    let time = rng
+        .vec(2 * 8, -1.0, 1.0)
+        .iter()
+        .map(|&v| v as f32)
+        .collect::<Vec<_>>();
+    let ctx = rng
+        .vec(2 * 5 * 16, -1.0, 1.0)
+        .iter()
+        .map(|&v| v as f32)
+        .collect::<Vec<_>>();
+    let mut outs = Vec::new();
+    for (p, dg) in [(&plan, &d), (&hplan, &h)] {
+        p.write(dg.latent_in, &lat).unwrap();
+        p.write(dg.scale, &[0.5]).unwrap();
+        p.write(dg.inputs.time, &time).unwrap();
+        p.write(dg.inputs.context, &ctx).unwrap();
+        outs.push(p.run_fetch(&[dg.out]).unwrap().remove(0));
+    }
+    let (worst, tol) = deviation(&outs[1], &outs[0]);
+    eprintln!("f16 weights: largest output difference {worst}");
+    assert!(
+        worst <= tol * 1e-2,
+        "f16 weights change the output by {worst}"
+    );
     // SD 1.5 at 512^2 with guidance, f32, under WebGPU's default 128 MiB bindings.
     let text = ClipTextConfig::from_json(SD15_TEXT, "sd15").unwrap();
     let unet = UNetConfig::from_json(SD15_UNET, "sd15").unwrap();
     let vae = VaeConfig::from_json(SD15_VAE, "sd15").unwrap();
-    let m = estimate_memory(&text, &unet, &vae, 512, 7.5, 128 << 20).unwrap();
+    let m = estimate_memory(&text, &unet, &vae, 512, 7.5, 128 << 20, false).unwrap();
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     eprintln!(
         "SD 1.5 at 512^2: text {:.2} GiB, UNet {:.2} GiB (weights {:.2}, activations {:.2}), VAE {:.2} GiB (activations {:.2}), total {:.2} GiB, largest tensor {} MiB",
@@ -851,6 +922,17 @@ fn memory_estimates_match_plans_and_sd15_fits_6_gib_at_512() {
     );
     // 859.5 M UNet parameters in f32.
     assert_eq!(m.unet.param_bytes / 4 / 100_000, 8595, "{m:?}");
+    // With f16 weights the UNet takes about half (biases and norms stay f32).
+    let mh = estimate_memory(&text, &unet, &vae, 512, 7.5, 128 << 20, true).unwrap();
+    eprintln!(
+        "with f16 UNet weights: UNet {:.2} GiB, total {:.2} GiB",
+        gib(mh.unet.total()),
+        gib(mh.total())
+    );
+    assert!(
+        mh.unet.param_bytes < m.unet.param_bytes * 51 / 100,
+        "{mh:?}"
+    );
     assert!(m.largest_tensor() <= 128 << 20, "{m:?}");
     assert!(
         m.total() < 6 << 30,
@@ -860,7 +942,7 @@ fn memory_estimates_match_plans_and_sd15_fits_6_gib_at_512() {
     m.check(512, 128 << 20).unwrap();
     // At 2048^2 the UNet's activations outgrow 128 MiB buffers: a clear error, before
     // anything is uploaded.
-    let big = estimate_memory(&text, &unet, &vae, 2048, 7.5, 128 << 20).unwrap();
+    let big = estimate_memory(&text, &unet, &vae, 2048, 7.5, 128 << 20, false).unwrap();
     let e = big.check(2048, 128 << 20).unwrap_err().to_string();
     assert!(e.contains("--size 2048") && e.contains("UNet"), "{e}");
 }

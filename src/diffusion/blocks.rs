@@ -27,10 +27,22 @@ pub fn upsample(g: &mut Graph, prefix: &str, x: NodeId, ch: usize) -> Result<Nod
     conv(g, prefix, x, ch, ch, 3, 1)
 }
 
+/// A matmul weight [out, ...] contracted over its other dims: f16 when the graph asks for
+/// half weights and the contraction length is a multiple of 4 (the f16 kernels read runs of
+/// 4), f32 otherwise.
+pub fn weight(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
+    let k: usize = shape[1..].iter().product();
+    if g.half_weights && k.is_multiple_of(4) {
+        g.param_f16(name, shape)
+    } else {
+        g.param(name, shape)
+    }
+}
+
 /// `y = x W^T + b` over the last axis, with diffusers' `{prefix}weight` [out, in] and
 /// `{prefix}bias` [out].
 pub fn linear(g: &mut Graph, prefix: &str, x: NodeId, cin: usize, cout: usize) -> Result<NodeId> {
-    let w = g.param(&format!("{prefix}weight"), &[cout, cin]);
+    let w = weight(g, &format!("{prefix}weight"), &[cout, cin]);
     let b = g.param(&format!("{prefix}bias"), &[cout]);
     let y = g.matmul_t(x, w, false, true)?;
     g.add(y, b)
@@ -46,7 +58,7 @@ pub fn conv(
     k: usize,
     stride: usize,
 ) -> Result<NodeId> {
-    let w = g.param(&format!("{prefix}weight"), &[cout, cin, k, k]);
+    let w = weight(g, &format!("{prefix}weight"), &[cout, cin, k, k]);
     let b = g.param(&format!("{prefix}bias"), &[cout]);
     g.conv2d(x, w, Some(b), stride, k / 2)
 }
@@ -218,7 +230,7 @@ pub fn spatial_transformer(
     let hdn = g.permute(hdn, &[0, 2, 3, 1])?;
     let mut t = g.reshape(hdn, &[b * h * w, c])?;
     let nobias = |g: &mut Graph, name: String, x: NodeId, cin: usize| -> Result<NodeId> {
-        let wt = g.param(&name, &[c, cin]);
+        let wt = weight(g, &name, &[c, cin]);
         g.matmul_t(x, wt, false, true)
     };
     for l in 0..s.layers {

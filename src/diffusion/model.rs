@@ -258,6 +258,9 @@ pub struct GenerateOptions {
     pub caption: u64,
     /// Image side in pixels.
     pub size: usize,
+    /// Store the UNet's matmul weights in f16 (half the memory, f32 arithmetic); `None`: when
+    /// its file is fp16 (then lossless: the results are identical to f32 storage).
+    pub half_weights: Option<bool>,
     /// Side of the saved PNGs (resized from `size` with a bicubic filter, like PIL's default);
     /// `None` saves at `size`.
     pub save_size: Option<usize>,
@@ -337,6 +340,11 @@ pub struct Generated {
 }
 
 impl GenerateOptions {
+    /// Whether the UNet's weights go to the GPU as f16 for model `m`.
+    pub fn half_weights(&self, m: &SdModel) -> bool {
+        self.half_weights.unwrap_or(m.unet_weights.all_f16)
+    }
+
     /// Checks the settings against the model, before any GPU work.
     pub fn check(&self, m: &SdModel) -> Result<()> {
         let f = m.vae.downscale() << (m.unet.block_out_channels.len() - 1);
@@ -413,16 +421,6 @@ impl<'a> Generator<'a> {
         let sampler = Sampler::new(o.sampler, &m.scheduler, o.steps)?;
         let lat = o.size / m.vae.downscale();
         let run = GpuSampler::new(gpu, sampler, m.unet.in_channels * lat * lat)?;
-        let upload = |ck: &Checkpoint| -> Result<ParamStore> {
-            let mut store = ParamStore::new();
-            for (name, t) in &ck.tensors {
-                // Token embeddings are looked up on the host (see `text_encoder::embed_tokens`).
-                if name != text_encoder::TOKEN_TABLE {
-                    store.set(gpu, name, &t.shape, &t.data)?;
-                }
-            }
-            Ok(store)
-        };
         let gr = graphs(
             &m.text,
             &m.unet,
@@ -430,7 +428,25 @@ impl<'a> Generator<'a> {
             o.size,
             o.guidance,
             max_tensor(gpu),
+            o.half_weights(m),
         )?;
+        // Each graph's parameters, in the dtype it asks for (f16 weights when half_weights);
+        // token embeddings stay on the host (see `text_encoder::embed_tokens`).
+        let upload = |ck: &Checkpoint, g: &Graph| -> Result<ParamStore> {
+            let mut store = ParamStore::new();
+            for node in g.nodes.iter().filter(|n| n.op == crate::graph::Op::Param) {
+                let name = node.name.as_deref().unwrap_or_default();
+                let Some(t) = ck.tensors.get(name) else {
+                    continue; // Plan::compile names it
+                };
+                if node.dtype == crate::graph::DType::F16 {
+                    store.set_f16(gpu, name, &t.shape, &t.data)?;
+                } else {
+                    store.set(gpu, name, &t.shape, &t.data)?;
+                }
+            }
+            Ok(store)
+        };
         // Sizes the device cannot hold fail here, before any weight is uploaded.
         let limit = max_tensor(gpu) as u64;
         gr.memory(limit)?.check(o.size, limit)?;
@@ -439,23 +455,18 @@ impl<'a> Generator<'a> {
             gpu,
             &gr.text,
             &[gr.hidden],
-            &mut upload(&m.text_weights).map_err(oom)?,
+            &mut upload(&m.text_weights, &gr.text).map_err(oom)?,
             PlanOptions::default(),
         )
         .map_err(oom)?;
-        let den = Denoiser::compile(
-            gpu,
-            gr.unet,
-            &m.unet,
-            &mut upload(&m.unet_weights).map_err(oom)?,
-            o.guidance,
-        )
-        .map_err(oom)?;
+        let mut unet_store = upload(&m.unet_weights, &gr.unet.graph).map_err(oom)?;
+        let den =
+            Denoiser::compile(gpu, gr.unet, &m.unet, &mut unet_store, o.guidance).map_err(oom)?;
         let vae = Plan::compile(
             gpu,
             &gr.vae,
             &[gr.image],
-            &mut upload(&m.vae_weights).map_err(oom)?,
+            &mut upload(&m.vae_weights, &gr.vae).map_err(oom)?,
             PlanOptions::default(),
         )
         .map_err(oom)?;
@@ -573,6 +584,7 @@ fn out_of_memory(e: Error, m: &SdModel, o: &GenerateOptions, gpu: &Gpu) -> Error
         o.size,
         o.guidance,
         max_tensor(gpu),
+        o.half_weights(m),
     )
     .map(|e| format!("about {:.1} GiB", e.total() as f64 / (1u64 << 30) as f64))
     .unwrap_or_else(|_| "more".into());
@@ -602,7 +614,8 @@ pub struct SdGraphs {
     pub image: NodeId,
 }
 
-/// Builds the [`SdGraphs`] for `size`^2 images at guidance scale `guidance`.
+/// Builds the [`SdGraphs`] for `size`^2 images at guidance scale `guidance`, the UNet's
+/// matmul weights in f16 when `half_weights`.
 pub fn graphs(
     text: &ClipTextConfig,
     unet: &UNetConfig,
@@ -610,6 +623,7 @@ pub fn graphs(
     size: usize,
     guidance: f64,
     max_tensor: usize,
+    half_weights: bool,
 ) -> Result<SdGraphs> {
     let tokens = text.max_position_embeddings;
     let rows = if guidance > 1.0 { 2 } else { 1 };
@@ -617,7 +631,7 @@ pub fn graphs(
     let mut g = Graph::new();
     let embedded = g.input("embedded", &[rows * tokens, text.hidden_size]);
     let hidden = text_encoder::encoder_embedded(&mut g, text, "", embedded, rows, tokens)?;
-    let den = super::pipeline::denoiser_graph(unet, lat, lat, tokens, guidance)?;
+    let den = super::pipeline::denoiser_graph(unet, lat, lat, tokens, guidance, half_weights)?;
     let mut vg = Graph::new();
     vg.max_tensor_bytes = max_tensor;
     let z = vg.input("z", &[1, vae_cfg.latent_channels, lat, lat]);
@@ -689,8 +703,18 @@ pub fn estimate_memory(
     size: usize,
     guidance: f64,
     max_tensor: usize,
+    half_weights: bool,
 ) -> Result<SdMemory> {
-    graphs(text, unet, vae_cfg, size, guidance, max_tensor)?.memory(max_tensor as u64)
+    graphs(
+        text,
+        unet,
+        vae_cfg,
+        size,
+        guidance,
+        max_tensor,
+        half_weights,
+    )?
+    .memory(max_tensor as u64)
 }
 
 impl SdGraphs {

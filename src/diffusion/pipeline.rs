@@ -29,18 +29,21 @@ pub struct DenoiserGraph {
 }
 
 /// Builds the UNet for one latent of `channels x h x w` and `tokens` text states on the
-/// scaled latent, batch [uncond, cond] with guidance `w` in the graph when `guidance` > 1.
+/// scaled latent, batch [uncond, cond] with guidance `w` in the graph when `guidance` > 1;
+/// matmul weights in f16 when `half_weights`.
 pub fn denoiser_graph(
     config: &UNetConfig,
     h: usize,
     w: usize,
     tokens: usize,
     guidance: f64,
+    half_weights: bool,
 ) -> Result<DenoiserGraph> {
     let guided = guidance > 1.0;
     let batch = if guided { 2 } else { 1 };
     let c = config.in_channels;
     let mut g = Graph::new();
+    g.half_weights = half_weights;
     let latent_in = g.input("latent", &[1, c, h, w]);
     let scale = g.input("scale", &[1]);
     let scaled = g.mul(latent_in, scale)?;
@@ -96,7 +99,7 @@ impl Denoiser {
         tokens: usize,
         guidance: f64,
     ) -> Result<Denoiser> {
-        let d = denoiser_graph(config, h, w, tokens, guidance)?;
+        let d = denoiser_graph(config, h, w, tokens, guidance, false)?;
         Self::compile(gpu, d, config, store, guidance)
     }
 

@@ -187,6 +187,10 @@ pub fn split(ck: Checkpoint, unet_layers: usize, vae_levels: usize, origin: &str
         vae: Checkpoint::default(),
         text: Checkpoint::default(),
     };
+    // A single file is one dtype throughout, normally.
+    out.unet.all_f16 = ck.all_f16;
+    out.vae.all_f16 = ck.all_f16;
+    out.text.all_f16 = ck.all_f16;
     let unknown = |name: &str| {
         Error::Config(format!(
             "{origin}: tensor '{name}' is not part of a Stable Diffusion 1.x checkpoint \

@@ -257,6 +257,9 @@ pub struct Graph {
     /// The largest activation a builder that can split its tensors (the VAE decoder, see
     /// `diffusion::split`) may create, in bytes (0: WebGPU's default binding limit, 128 MiB).
     pub max_tensor_bytes: usize,
+    /// Builders that support it (`diffusion::blocks::weight`) store matmul weights as f16
+    /// ([`Graph::param_f16`]): half the memory, f32 arithmetic. Inference only.
+    pub half_weights: bool,
 }
 
 /// Default bound on one convolution's im2col patch matrix (32 MiB).

@@ -151,6 +151,35 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
             &generic_caps(cpu),
         )?);
     }
+    // f16 weights as A (a convolution) or B (a linear layer), in both matmul kernels.
+    for cpu in [false, true] {
+        for half_a in [true, false] {
+            let s = MatmulShape {
+                batch: 1,
+                m: 8,
+                n: if cpu { 16 } else { 7 },
+                k: 12,
+                ta: false,
+                tb: true,
+                a_shared: false,
+                b_shared: false,
+            };
+            let (na, nb, nc) = matmul::sizes(&s);
+            out.extend(matmul::launch(
+                &s,
+                View {
+                    half: half_a,
+                    ..v(0, na)
+                },
+                View {
+                    half: !half_a,
+                    ..v(1, nb)
+                },
+                v(2, nc),
+                &generic_caps(cpu),
+            )?);
+        }
+    }
     // GroupNorm: scalar and vec4 statistics and apply, with and without SiLU.
     for (hw, silu) in [(5usize, false), (8, true)] {
         let n = 2 * 6 * hw as u64;

@@ -22,6 +22,8 @@ pub struct Checkpoint {
     pub tensors: BTreeMap<String, HostTensor>,
     /// The file's `__metadata__` strings.
     pub metadata: BTreeMap<String, String>,
+    /// Every floating-point tensor of the file was stored as f16 (so f16 storage is lossless).
+    pub all_f16: bool,
 }
 
 /// f32 -> IEEE half bits, rounding to nearest even (overflow to infinity, NaN kept).
@@ -106,8 +108,15 @@ impl Checkpoint {
             .into_iter()
             .collect();
         let mut tensors = BTreeMap::new();
+        let mut all_f16 = true;
         for (name, view) in st.tensors() {
             let raw = view.data();
+            if matches!(
+                view.dtype(),
+                safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F64
+            ) {
+                all_f16 = false;
+            }
             let data: Vec<f32> = match view.dtype() {
                 safetensors::Dtype::F32 => raw
                     .chunks_exact(4)
@@ -154,7 +163,11 @@ impl Checkpoint {
                 },
             );
         }
-        Ok(Checkpoint { tensors, metadata })
+        Ok(Checkpoint {
+            tensors,
+            metadata,
+            all_f16,
+        })
     }
 
     /// The tensor `name`, checking its shape when `shape` is given.
