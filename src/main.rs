@@ -78,7 +78,7 @@ enum Cmd {
         #[arg(long)]
         save_size: Option<usize>,
         /// UNet weights on the GPU: f16 (half the memory; arithmetic stays f32), f32, or auto
-        /// (f16 when the file is fp16, which is then lossless).
+        /// (f16 on a GPU when the file is fp16, which is then lossless).
         #[arg(long, default_value = "auto")]
         weights: String,
         /// Output folder.

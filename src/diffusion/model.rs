@@ -259,7 +259,8 @@ pub struct GenerateOptions {
     /// Image side in pixels.
     pub size: usize,
     /// Store the UNet's matmul weights in f16 (half the memory, f32 arithmetic); `None`: when
-    /// its file is fp16 (then lossless: the results are identical to f32 storage).
+    /// its file is fp16 (then lossless: the results are identical to f32 storage) and the
+    /// adapter is a GPU.
     pub half_weights: Option<bool>,
     /// Side of the saved PNGs (resized from `size` with a bicubic filter, like PIL's default);
     /// `None` saves at `size`.
@@ -340,9 +341,12 @@ pub struct Generated {
 }
 
 impl GenerateOptions {
-    /// Whether the UNet's weights go to the GPU as f16 for model `m`.
-    pub fn half_weights(&self, m: &SdModel) -> bool {
-        self.half_weights.unwrap_or(m.unet_weights.all_f16)
+    /// Whether the UNet's weights go to the GPU as f16 for model `m` on a device with `caps`:
+    /// by default when its file is fp16 (lossless) and the adapter is a GPU (on CPU adapters
+    /// widening costs 10-25 % of a step, docs/benchmarks.md, and memory is the host's).
+    pub fn half_weights(&self, m: &SdModel, caps: &crate::gpu::Caps) -> bool {
+        self.half_weights
+            .unwrap_or(m.unet_weights.all_f16 && !caps.is_cpu)
     }
 
     /// Checks the settings against the model, before any GPU work.
@@ -428,7 +432,7 @@ impl<'a> Generator<'a> {
             o.size,
             o.guidance,
             max_tensor(gpu),
-            o.half_weights(m),
+            o.half_weights(m, &gpu.caps),
         )?;
         // Each graph's parameters, in the dtype it asks for (f16 weights when half_weights);
         // token embeddings stay on the host (see `text_encoder::embed_tokens`).
@@ -584,7 +588,7 @@ fn out_of_memory(e: Error, m: &SdModel, o: &GenerateOptions, gpu: &Gpu) -> Error
         o.size,
         o.guidance,
         max_tensor(gpu),
-        o.half_weights(m),
+        o.half_weights(m, &gpu.caps),
     )
     .map(|e| format!("about {:.1} GiB", e.total() as f64 / (1u64 << 30) as f64))
     .unwrap_or_else(|_| "more".into());
