@@ -789,6 +789,10 @@ fn single_file_checkpoints_map_to_diffusers_names() {
         .expect("should fail")
         .to_string();
     assert!(e.contains("not a single-file"), "{e}");
+    let ckpt = dir.join("v1-5.ckpt");
+    std::fs::write(&ckpt, b"PK").unwrap();
+    let e = SdModel::load(&ckpt).err().expect("should fail").to_string();
+    assert!(e.contains("v1-5.ckpt") && e.contains(".safetensors"), "{e}");
     let e = SdModel::load(&dir.join("missing.safetensors"))
         .err()
         .expect("should fail")

@@ -141,6 +141,13 @@ impl SdModel {
     /// [`SdModel::load`], where a single file takes its configs (and tokenizer and scheduler,
     /// when present) from the diffusers folder `config` instead of SD 1.5's.
     pub fn load_with_config(path: &Path, config: Option<&Path>) -> Result<SdModel> {
+        if path.is_file() && path.extension().is_some_and(|e| e == "ckpt" || e == "pt") {
+            return Err(Error::Config(format!(
+                "{}: pickled PyTorch checkpoints are not read (they can run code); use the \
+                 .safetensors version of the model",
+                path.display()
+            )));
+        }
         if path.is_file() {
             return Self::load_single_file(path, config);
         }
