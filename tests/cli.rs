@@ -519,31 +519,35 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
     }
     let file = dir.join("tiny-sd.safetensors");
     single.save(&file).unwrap();
-    let o = bin()
-        .args(["generate", "--model"])
-        .arg(&file)
-        .arg("--config")
-        .arg(&model)
-        .args([
-            "--prompt",
-            "a red cube on a table",
-            "--images-per-prompt",
-            "2",
-        ])
-        .args([
-            "--steps",
-            "2",
-            "--size",
-            "64",
-            "--sampler",
-            "dpmpp-2m",
-            "--seed",
-            "3",
-        ])
-        .args(["--save-size", "32", "--out"])
-        .arg(dir.join("s"))
-        .output()
-        .unwrap();
+    let single_gen = |out: &str, extra: &[&str]| {
+        bin()
+            .args(["generate", "--model"])
+            .arg(&file)
+            .arg("--config")
+            .arg(&model)
+            .args([
+                "--prompt",
+                "a red cube on a table",
+                "--images-per-prompt",
+                "2",
+            ])
+            .args([
+                "--steps",
+                "2",
+                "--size",
+                "64",
+                "--sampler",
+                "dpmpp-2m",
+                "--seed",
+                "3",
+            ])
+            .args(extra)
+            .arg("--out")
+            .arg(dir.join(out))
+            .output()
+            .unwrap()
+    };
+    let o = single_gen("s", &["--save-size", "32"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Progress: steps, images and an ETA (plain lines off a terminal).
     let log = String::from_utf8_lossy(&o.stderr);
@@ -563,31 +567,7 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
         .max()
         .unwrap();
     assert!(worst <= 2, "resized image differs by {worst} levels");
-    let o = bin()
-        .args(["generate", "--model"])
-        .arg(&file)
-        .arg("--config")
-        .arg(&model)
-        .args([
-            "--prompt",
-            "a red cube on a table",
-            "--images-per-prompt",
-            "2",
-        ])
-        .args([
-            "--steps",
-            "2",
-            "--size",
-            "64",
-            "--sampler",
-            "dpmpp-2m",
-            "--seed",
-            "3",
-        ])
-        .arg("--out")
-        .arg(dir.join("s3"))
-        .output()
-        .unwrap();
+    let o = single_gen("s3", &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         read(dir.join("a/00001.png")),
