@@ -21,8 +21,9 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
-    /// Generate images from a prompt with a Stable Diffusion 1.x model (a diffusers folder or
-    /// a single-file checkpoint), written as PNGs `00000.png`, `00001.png`, ... to --out.
+    /// Generate images with a Stable Diffusion 1.x model (a diffusers folder or a single-file
+    /// checkpoint): for a prompt, PNGs `00000.png`, `00001.png`, ... in --out; for a captions
+    /// file, a training pool.
     Generate {
         /// Model folder: text_encoder/, unet/, vae/ (config.json + safetensors, fp32 or fp16),
         /// optional tokenizer/ and scheduler/. Or a single-file CompVis checkpoint
@@ -53,7 +54,7 @@ enum Cmd {
         /// What to steer away from (the unconditional branch of guidance).
         #[arg(long, default_value = "")]
         negative_prompt: String,
-        /// Images for the prompt.
+        /// Images per prompt (or per caption).
         #[arg(long, default_value_t = 1)]
         images_per_prompt: usize,
         /// Classifier-free guidance scale (<= 1 turns guidance off).
@@ -68,7 +69,8 @@ enum Cmd {
         /// DDIM's eta.
         #[arg(long, default_value_t = 0.0)]
         eta: f64,
-        /// Seed: image k's noise depends on (seed, k) only.
+        /// Seed: the noise of image k of caption c depends on (seed, c, k) only, so shards and
+        /// resumed runs reproduce the same images.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Image side in pixels.
