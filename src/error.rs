@@ -60,6 +60,9 @@ pub enum Error {
     /// A setting is impossible.
     #[error("invalid setting: {0}")]
     Config(String),
+    /// The job was cancelled (by a progress callback or a worker's cancel).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// Result alias used throughout the crate.

@@ -23,5 +23,6 @@ pub mod nn;
 pub mod progress;
 pub mod text;
 pub mod train;
+pub mod worker;
 
 pub use error::{Error, Result};

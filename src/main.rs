@@ -475,6 +475,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                             p.written
                         ),
                     );
+                    Ok(())
                 })?;
                 println!("{written} images in {}", out.display());
                 return Ok(());
@@ -493,6 +494,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                         p.steps
                     ),
                 );
+                Ok(())
             })?;
             for (k, img) in images.images.iter().enumerate() {
                 let p = out.join(format!("{k:05}.png"));

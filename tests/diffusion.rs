@@ -692,7 +692,10 @@ fn guided_sampling_and_decoding_match_diffusers() {
             &run,
             &fx.tensors["noise"].data,
             |i| steps[i * 256..(i + 1) * 256].to_vec(),
-            |i| reported.push(i),
+            |i| {
+                reported.push(i);
+                Ok(())
+            },
         )
         .unwrap();
         let evals = run.sampler().evaluations();
@@ -710,7 +713,7 @@ fn guided_sampling_and_decoding_match_diffusers() {
             &run,
             &fx.tensors["noise"].data,
             |i| steps[i * 256..(i + 1) * 256].to_vec(),
-            |_| {},
+            |_| Ok(()),
         )
         .unwrap();
         assert_eq!(again, lat, "{name}: second run on the same sampler");

@@ -499,12 +499,13 @@ impl<'a> Generator<'a> {
     }
 
     /// Images of `prompt` (the options' negative prompt, count, sampler and seed), with the
-    /// noise of caption index `caption`; `progress` after each sampler evaluation.
+    /// noise of caption index `caption`; `progress` after each sampler evaluation (an error it
+    /// returns, such as [`Error::Cancelled`], stops the run).
     pub fn run(
         &self,
         prompt: &str,
         caption: u64,
-        mut progress: impl FnMut(Progress),
+        mut progress: impl FnMut(Progress) -> Result<()>,
     ) -> Result<Generated> {
         let (m, o) = (self.m, &self.o);
         let tokens = m.text.max_position_embeddings;
@@ -741,12 +742,12 @@ impl SdGraphs {
 }
 
 /// Generates `o.images` images of `o.prompt` [3, size, size] in [0, 1]; `progress` is called
-/// after each sampler evaluation.
+/// after each sampler evaluation (an error it returns stops the run).
 pub fn generate(
     gpu: &Arc<Gpu>,
     m: &SdModel,
     o: &GenerateOptions,
-    progress: impl FnMut(Progress),
+    progress: impl FnMut(Progress) -> Result<()>,
 ) -> Result<Generated> {
     Generator::new(gpu, m, o)?.run(&o.prompt, o.caption, progress)
 }
@@ -794,7 +795,8 @@ impl PoolProgress {
 /// at `seed_j/<relpath(k)>`, for the captions of the shard; with `resume`, captions whose
 /// images all exist are skipped. Writes `captions.csv` (unsharded) or
 /// `captions.{i}-of-{n}.csv` (to concatenate after merging shards). `progress` follows every
-/// sampler evaluation. Returns images written.
+/// sampler evaluation (an error it returns stops the run; finished images stay, so `resume`
+/// continues). Returns images written.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_pool(
     gpu: &Arc<Gpu>,
@@ -804,7 +806,7 @@ pub fn generate_pool(
     shard: (usize, usize),
     resume: bool,
     out: &Path,
-    mut progress: impl FnMut(&PoolProgress),
+    mut progress: impl FnMut(&PoolProgress) -> Result<()>,
 ) -> Result<usize> {
     use crate::data::pool::relpath;
     let range = shard_range(captions.len(), shard)?;
@@ -831,7 +833,7 @@ pub fn generate_pool(
             },
         };
         if resume && paths.iter().all(|p| p.exists()) {
-            progress(&report);
+            progress(&report)?;
             continue;
         }
         report.skipped = false;

@@ -154,7 +154,8 @@ impl Denoiser {
 
 /// Runs the planned sampler `run` from standard-normal `noise` with `denoiser`;
 /// `step_noise(i)` supplies fresh noise for samplers that need it; `done(i)` is called once
-/// evaluation i has finished on the GPU. One submit per step, with the next step queued while
+/// evaluation i has finished on the GPU, and an error it returns (such as
+/// [`Error::Cancelled`]) stops the run. One submit per step, with the next step queued while
 /// one runs (no readback between steps); returns the final latent.
 pub fn sample(
     gpu: &Arc<Gpu>,
@@ -162,7 +163,7 @@ pub fn sample(
     run: &GpuSampler,
     noise: &[f32],
     mut step_noise: impl FnMut(usize) -> Vec<f32>,
-    mut done: impl FnMut(usize),
+    mut done: impl FnMut(usize) -> Result<()>,
 ) -> Result<Vec<f32>> {
     let sampler = run.sampler();
     if noise.len() != denoiser.latent {
@@ -201,12 +202,12 @@ pub fn sample(
         // Wait for the previous step (this one is queued behind it), then report it.
         if let Some((prev, at)) = in_flight.replace((i, index)) {
             wait_for(gpu, at)?;
-            done(prev);
+            done(prev)?;
         }
     }
     let x = run.read_x(sampler.evaluations())?;
     if let Some((last, _)) = in_flight {
-        done(last);
+        done(last)?;
     }
     Ok(x)
 }

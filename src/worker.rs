@@ -1,0 +1,332 @@
+//! The GPU worker behind interactive front ends (the desktop app): one thread owns the device
+//! and runs jobs sent to it as messages, reporting [`Event`]s back, so a UI thread never waits
+//! on the GPU. Any job can be cancelled; it stops at its next progress point (a sampler step)
+//! and the worker stays ready for the next job. The device opens with the first job (errors
+//! arrive as [`Event::Failed`]), and a loaded model is kept while jobs use the same path.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::diffusion::model::{GenerateOptions, Generator, SdModel};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, GpuOptions};
+
+/// Work for the worker.
+#[derive(Clone, Debug)]
+pub enum Job {
+    /// Images of `options.prompt` with a Stable Diffusion model (folder or single file; `config`
+    /// as `SdModel::load_with_config`).
+    Generate {
+        /// Model folder or file.
+        model: PathBuf,
+        /// Configs for a single file.
+        config: Option<PathBuf>,
+        /// What to generate.
+        options: GenerateOptions,
+    },
+    /// The same prompt and seed at several guidance scales, for side-by-side comparison (the
+    /// paper's key knob): `options.images` images per scale, labelled with the scale.
+    GuidanceSweep {
+        /// Model folder or file.
+        model: PathBuf,
+        /// Configs for a single file.
+        config: Option<PathBuf>,
+        /// What to generate (its guidance is replaced by each scale).
+        options: GenerateOptions,
+        /// Guidance scales.
+        scales: Vec<f64>,
+    },
+}
+
+/// What the worker reports. Every job ends with exactly one of `Finished`, `Cancelled` or
+/// `Failed`.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Job `job` started.
+    Started {
+        /// Job id.
+        job: u64,
+    },
+    /// Progress: `done` of `total` units (sampler evaluations), with a short description.
+    Progress {
+        /// Job id.
+        job: u64,
+        /// Units done.
+        done: u64,
+        /// Units in all.
+        total: u64,
+        /// What is being done ("image 1/4, step 12/51").
+        text: String,
+    },
+    /// A finished image, 8-bit RGB, row-major, `size` x `size`.
+    Image {
+        /// Job id.
+        job: u64,
+        /// Index within the job.
+        index: usize,
+        /// A caption for display ("seed 3, image 2", "w = 7.5").
+        label: String,
+        /// Side in pixels.
+        size: usize,
+        /// Pixels, 3 bytes each.
+        rgb: Vec<u8>,
+    },
+    /// The job completed.
+    Finished {
+        /// Job id.
+        job: u64,
+        /// Wall time.
+        seconds: f64,
+    },
+    /// The job was cancelled.
+    Cancelled {
+        /// Job id.
+        job: u64,
+    },
+    /// The job failed; `error` says why.
+    Failed {
+        /// Job id.
+        job: u64,
+        /// The error, for display.
+        error: String,
+    },
+}
+
+impl Event {
+    /// The job an event belongs to.
+    pub fn job(&self) -> u64 {
+        match self {
+            Event::Started { job }
+            | Event::Progress { job, .. }
+            | Event::Image { job, .. }
+            | Event::Finished { job, .. }
+            | Event::Cancelled { job }
+            | Event::Failed { job, .. } => *job,
+        }
+    }
+}
+
+/// A handle to the worker thread; dropping it stops the thread after the current job.
+pub struct Worker {
+    jobs: Option<Sender<(u64, Job)>>,
+    events: Receiver<Event>,
+    cancelled: Arc<Mutex<HashSet<u64>>>,
+    next: u64,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts the worker thread; the device (chosen by `opts`) opens with the first job.
+    pub fn spawn(opts: GpuOptions) -> Worker {
+        let (jobs, job_rx) = channel::<(u64, Job)>();
+        let (event_tx, events) = channel();
+        let cancelled = Arc::new(Mutex::new(HashSet::new()));
+        let flags = cancelled.clone();
+        let thread = std::thread::Builder::new()
+            .name("stablerep-gpu".into())
+            .spawn(move || run(opts, job_rx, event_tx, flags))
+            .expect("spawning the GPU worker thread");
+        Worker {
+            jobs: Some(jobs),
+            events,
+            cancelled,
+            next: 1,
+            thread: Some(thread),
+        }
+    }
+
+    /// Queues a job; returns its id.
+    pub fn submit(&mut self, job: Job) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        if let Some(tx) = &self.jobs {
+            // A send fails only when the thread is gone; recv then reports nothing more.
+            let _ = tx.send((id, job));
+        }
+        id
+    }
+
+    /// Cancels job `id` (running or queued).
+    pub fn cancel(&self, id: u64) {
+        self.cancelled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+    }
+
+    /// The next event, if one is waiting.
+    pub fn try_recv(&self) -> Option<Event> {
+        self.events.try_recv().ok()
+    }
+
+    /// The next event, waiting at most `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<Event> {
+        self.events.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The worker's state: the device and the last model.
+struct State {
+    opts: GpuOptions,
+    gpu: Option<Arc<Gpu>>,
+    model: Option<(PathBuf, Option<PathBuf>, SdModel)>,
+}
+
+impl State {
+    fn gpu(&mut self) -> Result<Arc<Gpu>> {
+        if self.gpu.is_none() {
+            self.gpu = Some(Gpu::new(&self.opts)?);
+        }
+        Ok(self.gpu.clone().expect("opened above"))
+    }
+
+    fn model(&mut self, path: &PathBuf, config: &Option<PathBuf>) -> Result<&SdModel> {
+        let same = matches!(&self.model, Some((p, c, _)) if p == path && c == config);
+        if !same {
+            self.model = None;
+            let m = SdModel::load_with_config(path, config.as_deref())?;
+            self.model = Some((path.clone(), config.clone(), m));
+        }
+        Ok(&self.model.as_ref().expect("loaded above").2)
+    }
+}
+
+fn run(
+    opts: GpuOptions,
+    jobs: Receiver<(u64, Job)>,
+    events: Sender<Event>,
+    cancelled: Arc<Mutex<HashSet<u64>>>,
+) {
+    let mut state = State {
+        opts,
+        gpu: None,
+        model: None,
+    };
+    for (id, job) in jobs {
+        let is_cancelled = || {
+            cancelled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&id)
+        };
+        let send = |e: Event| {
+            let _ = events.send(e);
+        };
+        let t0 = Instant::now();
+        let outcome = if is_cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            send(Event::Started { job: id });
+            run_job(&mut state, id, &job, &send, &is_cancelled)
+        };
+        send(match outcome {
+            Ok(()) => Event::Finished {
+                job: id,
+                seconds: t0.elapsed().as_secs_f64(),
+            },
+            Err(Error::Cancelled) => Event::Cancelled { job: id },
+            Err(e) => Event::Failed {
+                job: id,
+                error: e.to_string(),
+            },
+        });
+        cancelled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+}
+
+/// Runs one job, reporting progress and images through `send`.
+fn run_job(
+    state: &mut State,
+    id: u64,
+    job: &Job,
+    send: &dyn Fn(Event),
+    is_cancelled: &dyn Fn() -> bool,
+) -> Result<()> {
+    let (model, config, options, scales) = match job {
+        Job::Generate {
+            model,
+            config,
+            options,
+        } => (model, config, options, vec![(options.guidance, None)]),
+        Job::GuidanceSweep {
+            model,
+            config,
+            options,
+            scales,
+        } => (
+            model,
+            config,
+            options,
+            scales.iter().map(|&w| (w, Some(w))).collect(),
+        ),
+    };
+    let gpu = state.gpu()?;
+    let m = state.model(model, config)?;
+    let mut index = 0;
+    for (k, &(w, label)) in scales.iter().enumerate() {
+        let o = GenerateOptions {
+            guidance: w,
+            ..options.clone()
+        };
+        let generator = Generator::new(&gpu, m, &o)?;
+        let out = generator.run(&o.prompt, o.caption, |p| {
+            if is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let per = p.total();
+            send(Event::Progress {
+                job: id,
+                done: k as u64 * per + p.done(),
+                total: scales.len() as u64 * per,
+                text: format!(
+                    "{}image {}/{}, step {}/{}",
+                    label.map_or(String::new(), |w| format!("w = {w}: ")),
+                    p.image + 1,
+                    p.images,
+                    p.step,
+                    p.steps
+                ),
+            });
+            Ok(())
+        })?;
+        for (j, img) in out.images.iter().enumerate() {
+            send(Event::Image {
+                job: id,
+                index,
+                label: match label {
+                    Some(w) => format!("w = {w}, image {}", j + 1),
+                    None => format!("seed {}, image {}", o.seed, j + 1),
+                },
+                size: o.size,
+                rgb: to_rgb8(img, o.size),
+            });
+            index += 1;
+        }
+    }
+    Ok(())
+}
+
+/// [3, size, size] in [0, 1] -> interleaved 8-bit RGB.
+pub fn to_rgb8(planar: &[f32], size: usize) -> Vec<u8> {
+    let plane = size * size;
+    (0..plane)
+        .flat_map(|i| (0..3).map(move |c| (c, i)))
+        .map(|(c, i)| (planar[c * plane + i].clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect()
+}

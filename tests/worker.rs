@@ -1,0 +1,154 @@
+//! The GPU worker behind the app: jobs run on their own thread and report progress, images
+//! and their end through events; a cancelled job stops at its next sampler step and the
+//! worker takes the next job; errors arrive as events.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use stablerep::diffusion::model::GenerateOptions;
+use stablerep::diffusion::sampler::Kind;
+use stablerep::gpu::GpuOptions;
+use stablerep::worker::{Event, Job, Worker};
+
+/// Events of job `id` until its end (Finished, Cancelled or Failed), within two minutes.
+fn until_end(w: &Worker, id: u64) -> Vec<Event> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Some(e) = w.recv_timeout(Duration::from_millis(200)) {
+            assert_eq!(e.job(), id, "an event of another job: {e:?}");
+            let end = matches!(
+                e,
+                Event::Finished { .. } | Event::Cancelled { .. } | Event::Failed { .. }
+            );
+            out.push(e);
+            if end {
+                return out;
+            }
+        }
+    }
+    panic!("job {id} did not end: {out:?}");
+}
+
+fn options(steps: usize, images: usize) -> GenerateOptions {
+    GenerateOptions {
+        prompt: "a red cube on a table".into(),
+        negative: String::new(),
+        images,
+        guidance: 7.5,
+        steps,
+        sampler: Kind::Ddim { eta: 0.0 },
+        seed: 3,
+        caption: 0,
+        size: 64,
+        save_size: None,
+        half_weights: None,
+        init_noise: None,
+    }
+}
+
+#[test]
+fn worker_generates_sweeps_cancels_and_reports_errors() {
+    let dir = std::env::temp_dir().join(format!("stablerep-worker-{}", std::process::id()));
+    let model = dir.join("model");
+    common::tiny_sd_folder(&model);
+    let mut w = Worker::spawn(GpuOptions::default());
+    // Two images: progress for every step, then the images, then Finished.
+    let id = w.submit(Job::Generate {
+        model: model.clone(),
+        config: None,
+        options: options(3, 2),
+    });
+    let ev = until_end(&w, id);
+    assert!(matches!(ev[0], Event::Started { .. }), "{ev:?}");
+    let progress: Vec<(u64, u64)> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Progress { done, total, .. } => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(progress.len(), 6, "{ev:?}");
+    assert_eq!(progress.last(), Some(&(6, 6)));
+    let images: Vec<&Event> = ev
+        .iter()
+        .filter(|e| matches!(e, Event::Image { .. }))
+        .collect();
+    assert_eq!(images.len(), 2);
+    if let Event::Image { size, rgb, .. } = images[0] {
+        assert_eq!(rgb.len(), 3 * size * size);
+    }
+    assert!(matches!(ev.last(), Some(Event::Finished { .. })));
+    // A guidance sweep: the same seed at two scales, labelled.
+    let id = w.submit(Job::GuidanceSweep {
+        model: model.clone(),
+        config: None,
+        options: options(2, 1),
+        scales: vec![1.0, 4.0],
+    });
+    let ev = until_end(&w, id);
+    let labels: Vec<String> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Image { label, .. } => Some(label.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(labels, ["w = 1, image 1", "w = 4, image 1"], "{ev:?}");
+    // Cancel a long job once it reports progress: it ends Cancelled before its last step.
+    let id = w.submit(Job::Generate {
+        model: model.clone(),
+        config: None,
+        options: options(200, 1),
+    });
+    let mut seen = Vec::new();
+    loop {
+        let e = w.recv_timeout(Duration::from_secs(60)).expect("an event");
+        if matches!(e, Event::Progress { .. }) {
+            w.cancel(id);
+            seen.push(e);
+            break;
+        }
+        seen.push(e);
+    }
+    seen.extend(until_end(&w, id));
+    assert!(
+        matches!(seen.last(), Some(Event::Cancelled { .. })),
+        "{seen:?}"
+    );
+    let last_done = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Progress { done, .. } => Some(*done),
+            _ => None,
+        })
+        .max()
+        .unwrap();
+    assert!(last_done < 200, "ran to the end: {last_done}");
+    // A bad model path fails with the path in the message; the worker goes on.
+    let id = w.submit(Job::Generate {
+        model: PathBuf::from("/nonexistent/model"),
+        config: None,
+        options: options(1, 1),
+    });
+    let ev = until_end(&w, id);
+    match ev.last() {
+        Some(Event::Failed { error, .. }) => {
+            assert!(error.contains("/nonexistent/model"), "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let id = w.submit(Job::Generate {
+        model,
+        config: None,
+        options: options(1, 1),
+    });
+    assert!(matches!(
+        until_end(&w, id).last(),
+        Some(Event::Finished { .. })
+    ));
+    drop(w);
+    std::fs::remove_dir_all(&dir).ok();
+}
