@@ -836,7 +836,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 labelled_folder: labelled,
                 source_size: source_size.or(labelled.then(|| (img_size * 8).div_ceil(7))),
             };
-            stablerep::train::pool_run::run(&gpu, &run, progress)?;
+            stablerep::train::pool_run::run(&gpu, &run, progress, &|| false)?;
             println!(
                 "wrote {}",
                 out.join("checkpoint-last.safetensors").display()

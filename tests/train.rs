@@ -95,6 +95,7 @@ fn training_from_a_pool_lowers_the_loss_and_resumes_exactly() {
         &gpu,
         &settings(&root.join("pool"), root.join("a"), 60, 60),
         |_, _, _| {},
+        &|| false,
     )
     .unwrap();
     let first: f32 = losses[..5].iter().map(|l| l.1).sum::<f32>() / 5.0;
@@ -109,18 +110,21 @@ fn training_from_a_pool_lowers_the_loss_and_resumes_exactly() {
         &gpu,
         &settings(&root.join("pool"), root.join("b"), 10, 10),
         |_, _, _| {},
+        &|| false,
     )
     .unwrap();
     run(
         &gpu,
         &settings(&root.join("pool"), root.join("c"), 6, 10),
         |_, _, _| {},
+        &|| false,
     )
     .unwrap();
     let resumed = run(
         &gpu,
         &settings(&root.join("pool"), root.join("c"), 10, 10),
         |_, _, _| {},
+        &|| false,
     )
     .unwrap();
     assert_eq!(
@@ -133,6 +137,29 @@ fn training_from_a_pool_lowers_the_loss_and_resumes_exactly() {
         resumed.last(),
         "resumed run differs from a straight run"
     );
+    // Cancelled after 4 steps: those are checkpointed, and resuming ends where a straight run
+    // does.
+    let asked = std::cell::Cell::new(0);
+    let e = run(
+        &gpu,
+        &settings(&root.join("pool"), root.join("d"), 10, 10),
+        |_, _, _| {},
+        &|| {
+            asked.set(asked.get() + 1);
+            asked.get() > 4
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, stablerep::Error::Cancelled), "{e}");
+    let after_cancel = run(
+        &gpu,
+        &settings(&root.join("pool"), root.join("d"), 10, 10),
+        |_, _, _| {},
+        &|| false,
+    )
+    .unwrap();
+    assert_eq!(after_cancel.first().map(|l| l.0), Some(5));
+    assert_eq!(straight.last(), after_cancel.last());
     let a =
         stablerep::nn::checkpoint::Checkpoint::load(&root.join("b/checkpoint-last.safetensors"))
             .unwrap();
@@ -343,7 +370,7 @@ fn training_raises_knn_accuracy_over_the_random_encoder() {
     };
     s.checkpoint_every = 1000;
     s.log_every = 25;
-    let losses = run(&gpu, &s, |_, _, _| {}).unwrap();
+    let losses = run(&gpu, &s, |_, _, _| {}, &|| false).unwrap();
     let last = losses.last().map_or(f32::NAN, |l| l.1);
     assert!(
         last < 0.85,

@@ -80,11 +80,14 @@ struct Prepared {
 }
 
 /// Runs the training; `progress(step, loss, lr)` after each logged step. Returns the losses
-/// that were read back.
+/// that were read back. `cancel()` is asked before every step: when it says yes, the steps
+/// done so far are checkpointed (so `resume` continues from there) and the run ends with
+/// [`Error::Cancelled`].
 pub fn run(
     gpu: &Arc<Gpu>,
     r: &PoolRun,
     mut progress: impl FnMut(u64, f32, f64),
+    cancel: &dyn Fn() -> bool,
 ) -> Result<Vec<(u64, f32)>> {
     let pool = if r.labelled_folder {
         Pool::from_labelled_folder(&r.pool)?
@@ -231,6 +234,14 @@ pub fn run(
         .ok_or_else(|| Error::Graph("training step without augmentation input".into()))?;
     let mut losses = Vec::new();
     for t in start..r.steps {
+        if cancel() {
+            if t > start {
+                checkpoint::save(&store, &config, t, &last)?;
+            }
+            drop(rx);
+            let _ = decoder.join();
+            return Err(Error::Cancelled);
+        }
         let batch = rx
             .recv()
             .map_err(|_| Error::Graph("the image decoder stopped unexpectedly".into()))??;
