@@ -1,7 +1,7 @@
 //! The GPU worker behind interactive front ends (the desktop app): one thread owns the device
 //! and runs jobs sent to it as messages, reporting [`Event`]s back, so a UI thread never waits
-//! on the GPU. Any job can be cancelled; it stops at its next progress point (a sampler step)
-//! and the worker stays ready for the next job. The device opens with the first job (errors
+//! on the GPU. Any job can be cancelled; it stops at its next progress point (a sampler step,
+//! a training step, which is checkpointed first) and the worker stays ready for the next job. The device opens with the first job (errors
 //! arrive as [`Event::Failed`]), and a loaded model is kept while jobs use the same path.
 
 use std::collections::HashSet;
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::diffusion::model::{GenerateOptions, Generator, SdModel};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions};
+use crate::train::pool_run::{self, PoolRun};
 
 /// Work for the worker.
 #[derive(Clone, Debug)]
@@ -39,6 +40,13 @@ pub enum Job {
         options: GenerateOptions,
         /// Guidance scales.
         scales: Vec<f64>,
+    },
+    /// Training from a pool (StableRep, its SimCLR control or StableRep+, as `run` says); a
+    /// cancelled run checkpoints the steps done, so the same job with `resume` continues it
+    /// (pause and resume).
+    Train {
+        /// The run.
+        run: Box<PoolRun>,
     },
 }
 
@@ -75,6 +83,19 @@ pub enum Event {
         /// Pixels, 3 bytes each.
         rgb: Vec<u8>,
     },
+    /// A training step's logged loss, learning rate and throughput (for live plots).
+    Metric {
+        /// Job id.
+        job: u64,
+        /// Step (1-based).
+        step: u64,
+        /// Loss.
+        loss: f32,
+        /// Learning rate.
+        lr: f64,
+        /// Images per second since the job started.
+        images_per_second: f64,
+    },
     /// The job completed.
     Finished {
         /// Job id.
@@ -103,6 +124,7 @@ impl Event {
             Event::Started { job }
             | Event::Progress { job, .. }
             | Event::Image { job, .. }
+            | Event::Metric { job, .. }
             | Event::Finished { job, .. }
             | Event::Cancelled { job }
             | Event::Failed { job, .. } => *job,
@@ -259,6 +281,7 @@ fn run_job(
     is_cancelled: &dyn Fn() -> bool,
 ) -> Result<()> {
     let (model, config, options, scales) = match job {
+        Job::Train { run } => return train(state, id, run, send, is_cancelled),
         Job::Generate {
             model,
             config,
@@ -319,6 +342,43 @@ fn run_job(
             index += 1;
         }
     }
+    Ok(())
+}
+
+/// A training job: metrics and progress at every logged step.
+fn train(
+    state: &mut State,
+    id: u64,
+    run: &PoolRun,
+    send: &dyn Fn(Event),
+    is_cancelled: &dyn Fn() -> bool,
+) -> Result<()> {
+    let gpu = state.gpu()?;
+    let t0 = Instant::now();
+    let per_step = (run.captions * run.images_per_caption) as f64;
+    let mut first: Option<u64> = None;
+    pool_run::run(
+        &gpu,
+        run,
+        |step, loss, lr| {
+            let from = *first.get_or_insert(step.saturating_sub(1));
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            send(Event::Metric {
+                job: id,
+                step,
+                loss,
+                lr,
+                images_per_second: (step - from) as f64 * per_step / secs,
+            });
+            send(Event::Progress {
+                job: id,
+                done: step,
+                total: run.steps,
+                text: format!("step {step}/{}, loss {loss:.4}", run.steps),
+            });
+        },
+        is_cancelled,
+    )?;
     Ok(())
 }
 

@@ -3,86 +3,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
-use common::gpu;
+use common::{gpu, make_pool, settings};
 use stablerep::data::csv;
 use stablerep::data::pool::{relpath, save_rgb};
-use stablerep::models::stablerep::HeadConfig;
 use stablerep::models::vit::VitConfig;
-use stablerep::train::fixed::ModelConfig;
-use stablerep::train::pool_run::{run, PoolRun};
+use stablerep::train::pool_run::run;
 use stablerep::train::schedule::Schedule;
-
-/// 12 captions x 4 images: caption c is a coloured stripe pattern, its images shift it.
-fn make_pool(dir: &Path) {
-    let (captions, k, s) = (12u64, 4usize, 24usize);
-    let mut index = String::new();
-    for c in 0..captions {
-        index += &csv::row(&[&relpath(c), &format!("pattern {c}")]);
-        for j in 0..k {
-            let img: Vec<f32> = (0..3 * s * s)
-                .map(|p| {
-                    let (ch, y, x) = (p / (s * s), (p / s) % s, p % s);
-                    let period = 3 + (c % 4) as usize;
-                    let on = ((x + j + y * (c as usize / 4)) / period).is_multiple_of(2);
-                    let colour = [
-                        (c * 37 % 100) as f32,
-                        (c * 59 % 100) as f32,
-                        (c * 83 % 100) as f32,
-                    ][ch]
-                        / 100.0;
-                    if on {
-                        colour
-                    } else {
-                        1.0 - colour
-                    }
-                })
-                .collect();
-            save_rgb(&dir.join(format!("seed_{j}")).join(relpath(c)), s, s, &img).unwrap();
-        }
-    }
-    std::fs::write(dir.join("captions.csv"), index).unwrap();
-}
-
-/// `steps` to run now; `total` fixes the schedule (an interrupted run stops before it).
-fn settings(pool: &Path, out: PathBuf, steps: u64, total: u64) -> PoolRun {
-    PoolRun {
-        pool: pool.to_path_buf(),
-        model: ModelConfig {
-            vit: VitConfig {
-                img_size: 16,
-                patch: 8,
-                width: 32,
-                depth: 1,
-                heads: 2,
-                mlp: 64,
-            },
-            head: HeadConfig {
-                hidden: 64,
-                out: 16,
-            },
-            plus: None,
-        },
-        init: None,
-        captions: 4,
-        images_per_caption: 3,
-        steps,
-        lr: 2e-3,
-        schedule: Schedule::Cosine { warmup: 3, total },
-        weight_decay: 0.05,
-        temperature: 0.1,
-        augment: true,
-        simclr: false,
-        seed: 7,
-        checkpoint_every: 5,
-        log_every: 1,
-        out,
-        resume: true,
-        labelled_folder: false,
-        source_size: None,
-    }
-}
 
 #[test]
 fn training_from_a_pool_lowers_the_loss_and_resumes_exactly() {

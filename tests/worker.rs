@@ -1,6 +1,7 @@
-//! The GPU worker behind the app: jobs run on their own thread and report progress, images
-//! and their end through events; a cancelled job stops at its next sampler step and the
-//! worker takes the next job; errors arrive as events.
+//! The GPU worker behind the app: jobs run on their own thread and report progress, images,
+//! training metrics and their end through events; a cancelled job stops at its next sampler or
+//! training step (training checkpoints first, so it resumes) and the worker takes the next
+//! job; errors arrive as events.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -50,7 +51,7 @@ fn options(steps: usize, images: usize) -> GenerateOptions {
 }
 
 #[test]
-fn worker_generates_sweeps_cancels_and_reports_errors() {
+fn worker_runs_generation_sweeps_and_training_cancels_and_reports_errors() {
     let dir = std::env::temp_dir().join(format!("stablerep-worker-{}", std::process::id()));
     let model = dir.join("model");
     common::tiny_sd_folder(&model);
@@ -149,6 +150,65 @@ fn worker_generates_sweeps_cancels_and_reports_errors() {
         until_end(&w, id).last(),
         Some(Event::Finished { .. })
     ));
+    // Training: metrics for the live plots; pause (cancel: the steps done are checkpointed)
+    // and resume from there.
+    let pool = dir.join("pool");
+    common::make_pool(&pool);
+    let out = dir.join("run");
+    let id = w.submit(Job::Train {
+        run: Box::new(common::settings(&pool, out.clone(), 400, 400)),
+    });
+    let mut steps = Vec::new();
+    let mut seen = Vec::new();
+    loop {
+        let e = w.recv_timeout(Duration::from_secs(60)).expect("an event");
+        if let Event::Metric {
+            step,
+            loss,
+            images_per_second,
+            ..
+        } = e
+        {
+            assert!(loss.is_finite() && images_per_second > 0.0);
+            steps.push(step);
+            if steps.len() == 3 {
+                w.cancel(id);
+            }
+        }
+        let end = matches!(
+            e,
+            Event::Cancelled { .. } | Event::Finished { .. } | Event::Failed { .. }
+        );
+        seen.push(e);
+        if end {
+            break;
+        }
+    }
+    assert!(
+        matches!(seen.last(), Some(Event::Cancelled { .. })),
+        "{seen:?}"
+    );
+    let done = *steps.last().unwrap();
+    assert!((3..400).contains(&done), "{steps:?}");
+    let saved =
+        stablerep::nn::checkpoint::Checkpoint::load(&out.join("checkpoint-last.safetensors"))
+            .unwrap();
+    assert_eq!(
+        saved.metadata.get("step").map(String::as_str),
+        Some(done.to_string().as_str())
+    );
+    let id = w.submit(Job::Train {
+        run: Box::new(common::settings(&pool, out, done + 2, 400)),
+    });
+    let ev = until_end(&w, id);
+    let resumed: Vec<u64> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Metric { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resumed, [done + 1, done + 2], "{ev:?}");
     drop(w);
     std::fs::remove_dir_all(&dir).ok();
 }

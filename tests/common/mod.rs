@@ -258,3 +258,88 @@ pub fn tiny_sd_folder(dir: &std::path::Path) {
     )
     .unwrap();
 }
+
+/// 12 captions x 4 images: caption c is a coloured stripe pattern, its images shift it.
+pub fn make_pool(dir: &std::path::Path) {
+    let (captions, k, s) = (12u64, 4usize, 24usize);
+    let mut index = String::new();
+    for c in 0..captions {
+        index += &stablerep::data::csv::row(&[
+            &stablerep::data::pool::relpath(c),
+            &format!("pattern {c}"),
+        ]);
+        for j in 0..k {
+            let img: Vec<f32> = (0..3 * s * s)
+                .map(|p| {
+                    let (ch, y, x) = (p / (s * s), (p / s) % s, p % s);
+                    let period = 3 + (c % 4) as usize;
+                    let on = ((x + j + y * (c as usize / 4)) / period).is_multiple_of(2);
+                    let colour = [
+                        (c * 37 % 100) as f32,
+                        (c * 59 % 100) as f32,
+                        (c * 83 % 100) as f32,
+                    ][ch]
+                        / 100.0;
+                    if on {
+                        colour
+                    } else {
+                        1.0 - colour
+                    }
+                })
+                .collect();
+            stablerep::data::pool::save_rgb(
+                &dir.join(format!("seed_{j}"))
+                    .join(stablerep::data::pool::relpath(c)),
+                s,
+                s,
+                &img,
+            )
+            .unwrap();
+        }
+    }
+    std::fs::write(dir.join("captions.csv"), index).unwrap();
+}
+
+/// `steps` to run now; `total` fixes the schedule (an interrupted run stops before it).
+pub fn settings(
+    pool: &std::path::Path,
+    out: std::path::PathBuf,
+    steps: u64,
+    total: u64,
+) -> stablerep::train::pool_run::PoolRun {
+    stablerep::train::pool_run::PoolRun {
+        pool: pool.to_path_buf(),
+        model: stablerep::train::fixed::ModelConfig {
+            vit: stablerep::models::vit::VitConfig {
+                img_size: 16,
+                patch: 8,
+                width: 32,
+                depth: 1,
+                heads: 2,
+                mlp: 64,
+            },
+            head: stablerep::models::stablerep::HeadConfig {
+                hidden: 64,
+                out: 16,
+            },
+            plus: None,
+        },
+        init: None,
+        captions: 4,
+        images_per_caption: 3,
+        steps,
+        lr: 2e-3,
+        schedule: stablerep::train::schedule::Schedule::Cosine { warmup: 3, total },
+        weight_decay: 0.05,
+        temperature: 0.1,
+        augment: true,
+        simclr: false,
+        seed: 7,
+        checkpoint_every: 5,
+        log_every: 1,
+        out,
+        resume: true,
+        labelled_folder: false,
+        source_size: None,
+    }
+}
