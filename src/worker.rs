@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::diffusion::model::{GenerateOptions, Generator, SdModel};
+use crate::diffusion::model::{generate_pool, GenerateOptions, Generator, SdModel};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions};
 use crate::train::pool_run::{self, PoolRun};
@@ -40,6 +40,24 @@ pub enum Job {
         options: GenerateOptions,
         /// Guidance scales.
         scales: Vec<f64>,
+    },
+    /// A synthetic pool from captions in the official layout (as `generate --captions`), one
+    /// shard; with `resume`, captions whose images exist are skipped.
+    Pool {
+        /// Model folder or file.
+        model: PathBuf,
+        /// Configs for a single file.
+        config: Option<PathBuf>,
+        /// Sampling settings (`images` per caption; the prompt is ignored).
+        options: GenerateOptions,
+        /// The captions.
+        captions: Vec<String>,
+        /// Shard (i, n).
+        shard: (usize, usize),
+        /// Skip finished captions.
+        resume: bool,
+        /// Pool folder.
+        out: PathBuf,
     },
     /// Training from a pool (StableRep, its SimCLR control or StableRep+, as `run` says); a
     /// cancelled run checkpoints the steps done, so the same job with `resume` continues it
@@ -282,6 +300,40 @@ fn run_job(
 ) -> Result<()> {
     let (model, config, options, scales) = match job {
         Job::Train { run } => return train(state, id, run, send, is_cancelled),
+        Job::Pool {
+            model,
+            config,
+            options,
+            captions,
+            shard,
+            resume,
+            out,
+        } => {
+            let gpu = state.gpu()?;
+            let m = state.model(model, config)?;
+            generate_pool(&gpu, m, options, captions, *shard, *resume, out, |p| {
+                if is_cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                send(Event::Progress {
+                    job: id,
+                    done: p.done(),
+                    total: p.total(),
+                    text: format!(
+                        "caption {}/{}, image {}/{}, step {}/{}, {} written",
+                        p.caption + 1,
+                        p.captions,
+                        (p.image.image + 1).min(p.image.images),
+                        p.image.images,
+                        p.image.step,
+                        p.image.steps,
+                        p.written
+                    ),
+                });
+                Ok(())
+            })?;
+            return Ok(());
+        }
         Job::Generate {
             model,
             config,

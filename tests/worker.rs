@@ -142,7 +142,7 @@ fn worker_runs_generation_sweeps_and_training_cancels_and_reports_errors() {
         other => panic!("{other:?}"),
     }
     let id = w.submit(Job::Generate {
-        model,
+        model: model.clone(),
         config: None,
         options: options(1, 1),
     });
@@ -150,6 +150,22 @@ fn worker_runs_generation_sweeps_and_training_cancels_and_reports_errors() {
         until_end(&w, id).last(),
         Some(Event::Finished { .. })
     ));
+    // A pool from captions, in the official layout that training reads.
+    let id = w.submit(Job::Pool {
+        model: model.clone(),
+        config: None,
+        options: options(1, 2),
+        captions: vec!["a red cube".into(), "a blue sphere".into()],
+        shard: (0, 1),
+        resume: false,
+        out: dir.join("gen-pool"),
+    });
+    assert!(matches!(
+        until_end(&w, id).last(),
+        Some(Event::Finished { .. })
+    ));
+    let p = stablerep::data::pool::Pool::open(&dir.join("gen-pool")).unwrap();
+    assert_eq!((p.captions.len(), p.images_per_caption()), (2, 2));
     // Training: metrics for the live plots; pause (cancel: the steps done are checkpointed)
     // and resume from there.
     let pool = dir.join("pool");
