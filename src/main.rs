@@ -539,68 +539,38 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             no_bn,
             head_dim,
         } => {
-            use stablerep::eval::{folder, knn, linear};
-            use stablerep::nn::checkpoint::{Checkpoint, HostTensor};
-            let gpu = Gpu::new(&opts)?;
-            let ck = Checkpoint::load(&checkpoint)?;
-            let size = stablerep::train::fixed::vit_config(&ck, head_dim)?.img_size;
-            let features =
-                |dir: &std::path::Path| -> stablerep::Result<(Vec<f32>, Vec<usize>, usize)> {
-                    let f = folder::LabelledFolder::open(dir)?;
-                    eprintln!(
-                        "{}: {} images in {} classes",
-                        dir.display(),
-                        f.items.len(),
-                        f.classes.len()
-                    );
-                    let (data, labels) = folder::load_eval(&f, size)?;
-                    let images = HostTensor {
-                        shape: vec![labels.len(), 3, size, size],
-                        data,
-                    };
-                    let feats = stablerep::train::embed::embed(&gpu, &ck, head_dim, &images)?;
-                    Ok((feats.data, labels, feats.shape[1]))
-                };
-            let (te, tl, dim) = features(&test)?;
-            let acc = match method {
-                ProbeMethod::Knn => {
-                    let train = train
-                        .ok_or_else(|| stablerep::Error::Config("kNN needs --train".into()))?;
-                    let (tr, trl, _) = features(&train)?;
-                    knn::knn_accuracy(&tr, &trl, &te, &tl, dim, k, temperature)?
-                }
-                ProbeMethod::Linear => {
-                    let train = train.ok_or_else(|| {
-                        stablerep::Error::Config("the linear probe needs --train".into())
-                    })?;
-                    let (tr, trl, _) = features(&train)?;
-                    let cfg = linear::ProbeConfig {
-                        epochs,
-                        batch: batch_size,
-                        batch_norm: !no_bn,
-                        ..Default::default()
-                    };
-                    let classes = trl.iter().chain(&tl).max().map_or(0, |m| m + 1);
-                    let (best, accs) =
-                        linear::linear_probe(&gpu, &tr, &trl, &te, &tl, dim, classes, &cfg)?;
-                    for (lr, a) in cfg.base_lrs.iter().zip(&accs) {
-                        eprintln!("  base lr {lr}: {:.2}%", a * 100.0);
-                    }
-                    best
-                }
-                ProbeMethod::Fewshot => knn::fewshot_accuracy(
-                    &te,
-                    &tl,
-                    dim,
-                    &knn::FewShot {
-                        ways,
-                        shots,
-                        queries,
-                        episodes,
-                        seed: 0,
-                    },
-                )?,
+            use stablerep::eval::{knn, linear, probe};
+            let method = match method {
+                ProbeMethod::Knn => probe::Method::Knn { k, temperature },
+                ProbeMethod::Linear => probe::Method::Linear(linear::ProbeConfig {
+                    epochs,
+                    batch: batch_size,
+                    batch_norm: !no_bn,
+                    ..Default::default()
+                }),
+                ProbeMethod::Fewshot => probe::Method::FewShot(knn::FewShot {
+                    ways,
+                    shots,
+                    queries,
+                    episodes,
+                    seed: 0,
+                }),
             };
+            let gpu = Gpu::new(&opts)?;
+            let out = probe::run(
+                &gpu,
+                &probe::Request {
+                    checkpoint,
+                    head_dim,
+                    train,
+                    test,
+                    method,
+                },
+            )?;
+            for (lr, a) in &out.per_lr {
+                eprintln!("  base lr {lr}: {:.2}%", a * 100.0);
+            }
+            let acc = out.accuracy;
             println!("top-1 accuracy: {:.2}%", acc * 100.0);
             Ok(())
         }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::diffusion::model::{generate_pool, GenerateOptions, Generator, SdModel};
 use crate::error::{Error, Result};
+use crate::eval::probe;
 use crate::gpu::{Gpu, GpuOptions};
 use crate::train::pool_run::{self, PoolRun};
 
@@ -58,6 +59,11 @@ pub enum Job {
         resume: bool,
         /// Pool folder.
         out: PathBuf,
+    },
+    /// Accuracy of a checkpoint on labelled folders (kNN, linear probe or few-shot).
+    Evaluate {
+        /// The evaluation.
+        request: Box<probe::Request>,
     },
     /// Training from a pool (StableRep, its SimCLR control or StableRep+, as `run` says); a
     /// cancelled run checkpoints the steps done, so the same job with `resume` continues it
@@ -114,6 +120,15 @@ pub enum Event {
         /// Images per second since the job started.
         images_per_second: f64,
     },
+    /// An evaluation's result.
+    Accuracy {
+        /// Job id.
+        job: u64,
+        /// Top-1 accuracy in [0, 1].
+        accuracy: f64,
+        /// The linear probe's accuracy per base learning rate.
+        per_lr: Vec<(f64, f64)>,
+    },
     /// The job completed.
     Finished {
         /// Job id.
@@ -143,6 +158,7 @@ impl Event {
             | Event::Progress { job, .. }
             | Event::Image { job, .. }
             | Event::Metric { job, .. }
+            | Event::Accuracy { job, .. }
             | Event::Finished { job, .. }
             | Event::Cancelled { job }
             | Event::Failed { job, .. } => *job,
@@ -300,6 +316,16 @@ fn run_job(
 ) -> Result<()> {
     let (model, config, options, scales) = match job {
         Job::Train { run } => return train(state, id, run, send, is_cancelled),
+        Job::Evaluate { request } => {
+            let gpu = state.gpu()?;
+            let out = probe::run(&gpu, request)?;
+            send(Event::Accuracy {
+                job: id,
+                accuracy: out.accuracy,
+                per_lr: out.per_lr,
+            });
+            return Ok(());
+        }
         Job::Pool {
             model,
             config,

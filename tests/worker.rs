@@ -225,6 +225,52 @@ fn worker_runs_generation_sweeps_and_training_cancels_and_reports_errors() {
         })
         .collect();
     assert_eq!(resumed, [done + 1, done + 2], "{ev:?}");
+    // Evaluation of that checkpoint on a labelled folder: kNN accuracy arrives as an event; a
+    // method that needs a train folder without one fails with the reason.
+    let labelled = dir.join("labelled");
+    for class in 0..3usize {
+        for i in 0..4usize {
+            let s = 20;
+            let img: Vec<f32> = (0..3 * s * s)
+                .map(|p| if p / (s * s) == class { 0.8 } else { 0.1 } + 0.02 * ((i + p) % 3) as f32)
+                .collect();
+            stablerep::data::pool::save_rgb(
+                &labelled
+                    .join(format!("class{class}"))
+                    .join(format!("{i}.png")),
+                s,
+                s,
+                &img,
+            )
+            .unwrap();
+        }
+    }
+    let request = |train: Option<PathBuf>| stablerep::eval::probe::Request {
+        checkpoint: dir.join("run/checkpoint-last.safetensors"),
+        head_dim: 16,
+        train,
+        test: labelled.clone(),
+        method: stablerep::eval::probe::Method::Knn {
+            k: 3,
+            temperature: 0.07,
+        },
+    };
+    let id = w.submit(Job::Evaluate {
+        request: Box::new(request(Some(labelled.clone()))),
+    });
+    let ev = until_end(&w, id);
+    let acc = ev.iter().find_map(|e| match e {
+        Event::Accuracy { accuracy, .. } => Some(*accuracy),
+        _ => None,
+    });
+    assert!(acc.is_some_and(|a| (0.0..=1.0).contains(&a)), "{ev:?}");
+    let id = w.submit(Job::Evaluate {
+        request: Box::new(request(None)),
+    });
+    match until_end(&w, id).last() {
+        Some(Event::Failed { error, .. }) => assert!(error.contains("--train"), "{error}"),
+        other => panic!("{other:?}"),
+    }
     drop(w);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -4,3 +4,4 @@
 pub mod folder;
 pub mod knn;
 pub mod linear;
+pub mod probe;

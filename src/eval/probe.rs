@@ -1,0 +1,125 @@
+//! One evaluation of a checkpoint on labelled image folders (`<class>/<image>`): CLS features
+//! of the frozen encoder, then kNN, a linear probe or few-shot accuracy. The `probe` command
+//! and the app's worker share it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::folder::{load_eval, LabelledFolder};
+use super::knn::{fewshot_accuracy, knn_accuracy, FewShot};
+use super::linear::{linear_probe, ProbeConfig};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::nn::checkpoint::{Checkpoint, HostTensor};
+
+/// How to score the features.
+#[derive(Clone, Debug)]
+pub enum Method {
+    /// Weighted k nearest neighbours on cosine similarity (needs a train folder).
+    Knn {
+        /// Neighbours.
+        k: usize,
+        /// Weight temperature.
+        temperature: f64,
+    },
+    /// Linear classifiers on frozen features, one per base learning rate; the best is
+    /// reported (needs a train folder).
+    Linear(ProbeConfig),
+    /// N-way K-shot nearest prototype on the test folder alone.
+    FewShot(FewShot),
+}
+
+/// An evaluation to run.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Encoder checkpoint.
+    pub checkpoint: PathBuf,
+    /// Projection width of the checkpoint's head (to read its config).
+    pub head_dim: usize,
+    /// Labelled training folder (kNN, linear).
+    pub train: Option<PathBuf>,
+    /// Labelled test folder.
+    pub test: PathBuf,
+    /// The method.
+    pub method: Method,
+}
+
+/// Features of a labelled folder.
+pub struct Features {
+    /// [images, dim], row-major.
+    pub feats: Vec<f32>,
+    /// Class index per image.
+    pub labels: Vec<usize>,
+    /// Feature width.
+    pub dim: usize,
+    /// Class names.
+    pub classes: Vec<String>,
+}
+
+/// What an evaluation found.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Top-1 accuracy in [0, 1].
+    pub accuracy: f64,
+    /// The linear probe's accuracy per base learning rate.
+    pub per_lr: Vec<(f64, f64)>,
+}
+
+/// CLS features of every image of a labelled folder (evaluation transform at the encoder's
+/// input size).
+pub fn folder_features(
+    gpu: &Arc<Gpu>,
+    ck: &Checkpoint,
+    head_dim: usize,
+    dir: &Path,
+) -> Result<Features> {
+    let size = crate::train::fixed::vit_config(ck, head_dim)?.img_size;
+    let f = LabelledFolder::open(dir)?;
+    let (data, labels) = load_eval(&f, size)?;
+    let images = HostTensor {
+        shape: vec![labels.len(), 3, size, size],
+        data,
+    };
+    let feats = crate::train::embed::embed(gpu, ck, head_dim, &images)?;
+    Ok(Features {
+        dim: feats.shape[1],
+        feats: feats.data,
+        labels,
+        classes: f.classes.clone(),
+    })
+}
+
+/// Runs `r`.
+pub fn run(gpu: &Arc<Gpu>, r: &Request) -> Result<Outcome> {
+    let ck = Checkpoint::load(&r.checkpoint)?;
+    let test = folder_features(gpu, &ck, r.head_dim, &r.test)?;
+    let train = |what: &str| -> Result<Features> {
+        let dir = r.train.as_ref().ok_or_else(|| {
+            Error::Config(format!("{what} needs a labelled train folder (--train)"))
+        })?;
+        folder_features(gpu, &ck, r.head_dim, dir)
+    };
+    let (te, tl, dim) = (&test.feats, &test.labels, test.dim);
+    Ok(match &r.method {
+        Method::Knn { k, temperature } => {
+            let tr = train("kNN")?;
+            Outcome {
+                accuracy: knn_accuracy(&tr.feats, &tr.labels, te, tl, dim, *k, *temperature)?,
+                per_lr: vec![],
+            }
+        }
+        Method::Linear(cfg) => {
+            let tr = train("the linear probe")?;
+            let classes = tr.labels.iter().chain(tl).max().map_or(0, |m| m + 1);
+            let (best, accs) = linear_probe(gpu, &tr.feats, &tr.labels, te, tl, dim, classes, cfg)?;
+            Outcome {
+                accuracy: best,
+                per_lr: cfg.base_lrs.iter().copied().zip(accs).collect(),
+            }
+        }
+        Method::FewShot(cfg) => Outcome {
+            accuracy: fewshot_accuracy(te, tl, dim, cfg)?,
+            per_lr: vec![],
+        },
+    })
+}
