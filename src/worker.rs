@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use crate::diffusion::model::{generate_pool, GenerateOptions, Generator, SdModel};
 use crate::error::{Error, Result};
-use crate::eval::probe;
+use crate::eval::folder::LabelledFolder;
+use crate::eval::{probe, retrieval};
 use crate::gpu::{Gpu, GpuOptions};
+use crate::nn::checkpoint::Checkpoint;
 use crate::train::pool_run::{self, PoolRun};
 
 /// Work for the worker.
@@ -64,6 +66,34 @@ pub enum Job {
     Evaluate {
         /// The evaluation.
         request: Box<probe::Request>,
+    },
+    /// The `k` images of a labelled folder nearest to image `query` (its index in the folder's
+    /// sorted listing) in a checkpoint's feature space.
+    Neighbours {
+        /// Encoder checkpoint.
+        checkpoint: PathBuf,
+        /// Its head width (to read its config).
+        head_dim: usize,
+        /// Labelled image folder.
+        folder: PathBuf,
+        /// Query image index.
+        query: usize,
+        /// Matches wanted.
+        k: usize,
+    },
+    /// The cosine similarity matrix of `captions` x `images` images of a pool (caption-major),
+    /// for a heat map of the caption blocks.
+    Similarity {
+        /// Encoder checkpoint.
+        checkpoint: PathBuf,
+        /// Its head width.
+        head_dim: usize,
+        /// Pool folder.
+        pool: PathBuf,
+        /// Captions in the batch.
+        captions: usize,
+        /// Images per caption.
+        images: usize,
     },
     /// Training from a pool (StableRep, its SimCLR control or StableRep+, as `run` says); a
     /// cancelled run checkpoints the steps done, so the same job with `resume` continues it
@@ -129,6 +159,24 @@ pub enum Event {
         /// The linear probe's accuracy per base learning rate.
         per_lr: Vec<(f64, f64)>,
     },
+    /// Retrieval results: the query image and its matches with their cosine similarity.
+    Neighbours {
+        /// Job id.
+        job: u64,
+        /// The query image.
+        query: PathBuf,
+        /// Matches, best first.
+        matches: Vec<(PathBuf, f32)>,
+    },
+    /// A similarity matrix [labels.len(), labels.len()], row-major.
+    Similarity {
+        /// Job id.
+        job: u64,
+        /// One label per row ("caption #image").
+        labels: Vec<String>,
+        /// Cosine similarities.
+        matrix: Vec<f32>,
+    },
     /// The job completed.
     Finished {
         /// Job id.
@@ -159,6 +207,8 @@ impl Event {
             | Event::Image { job, .. }
             | Event::Metric { job, .. }
             | Event::Accuracy { job, .. }
+            | Event::Neighbours { job, .. }
+            | Event::Similarity { job, .. }
             | Event::Finished { job, .. }
             | Event::Cancelled { job }
             | Event::Failed { job, .. } => *job,
@@ -316,6 +366,47 @@ fn run_job(
 ) -> Result<()> {
     let (model, config, options, scales) = match job {
         Job::Train { run } => return train(state, id, run, send, is_cancelled),
+        Job::Neighbours {
+            checkpoint,
+            head_dim,
+            folder,
+            query,
+            k,
+        } => {
+            let gpu = state.gpu()?;
+            let ck = Checkpoint::load(checkpoint)?;
+            let f = LabelledFolder::open(folder)?;
+            let paths: Vec<PathBuf> = f.items.iter().map(|(p, _)| p.clone()).collect();
+            let (feats, dim) = retrieval::image_features(&gpu, &ck, *head_dim, &paths)?;
+            let found = retrieval::nearest(&feats, dim, *query, *k)?;
+            send(Event::Neighbours {
+                job: id,
+                query: paths[*query].clone(),
+                matches: found
+                    .into_iter()
+                    .map(|(i, s)| (paths[i].clone(), s))
+                    .collect(),
+            });
+            return Ok(());
+        }
+        Job::Similarity {
+            checkpoint,
+            head_dim,
+            pool,
+            captions,
+            images,
+        } => {
+            let gpu = state.gpu()?;
+            let ck = Checkpoint::load(checkpoint)?;
+            let (paths, labels) = retrieval::pool_batch(pool, *captions, *images)?;
+            let (feats, dim) = retrieval::image_features(&gpu, &ck, *head_dim, &paths)?;
+            send(Event::Similarity {
+                job: id,
+                labels,
+                matrix: retrieval::cosine_matrix(&feats, dim),
+            });
+            return Ok(());
+        }
         Job::Evaluate { request } => {
             let gpu = state.gpu()?;
             let out = probe::run(&gpu, request)?;

@@ -271,6 +271,50 @@ fn worker_runs_generation_sweeps_and_training_cancels_and_reports_errors() {
         Some(Event::Failed { error, .. }) => assert!(error.contains("--train"), "{error}"),
         other => panic!("{other:?}"),
     }
+    // Retrieval in the labelled folder (image 0 is class0/0.png; matches best first, never the
+    // query itself), and the similarity matrix of a pool batch (2 captions x 3 images,
+    // caption-major labels, unit diagonal, symmetric).
+    let ck = dir.join("run/checkpoint-last.safetensors");
+    let id = w.submit(Job::Neighbours {
+        checkpoint: ck.clone(),
+        head_dim: 16,
+        folder: labelled.clone(),
+        query: 0,
+        k: 3,
+    });
+    let ev = until_end(&w, id);
+    let found = ev.iter().find_map(|e| match e {
+        Event::Neighbours { query, matches, .. } => Some((query.clone(), matches.clone())),
+        _ => None,
+    });
+    let (query, matches) = found.unwrap_or_else(|| panic!("{ev:?}"));
+    assert!(query.ends_with("class0/0.png"), "{query:?}");
+    assert_eq!(matches.len(), 3);
+    assert!(matches.windows(2).all(|p| p[0].1 >= p[1].1));
+    assert!(matches.iter().all(|(p, _)| p != &query));
+    let id = w.submit(Job::Similarity {
+        checkpoint: ck,
+        head_dim: 16,
+        pool: pool.clone(),
+        captions: 2,
+        images: 3,
+    });
+    let ev = until_end(&w, id);
+    let (labels, m) = ev
+        .iter()
+        .find_map(|e| match e {
+            Event::Similarity { labels, matrix, .. } => Some((labels.clone(), matrix.clone())),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{ev:?}"));
+    assert_eq!((labels.len(), m.len()), (6, 36));
+    assert_eq!(labels[3], "pattern 1 #0");
+    for i in 0..6 {
+        assert!((m[i * 6 + i] - 1.0).abs() < 1e-4);
+        for j in 0..6 {
+            assert!((m[i * 6 + j] - m[j * 6 + i]).abs() < 1e-5);
+        }
+    }
     drop(w);
     std::fs::remove_dir_all(&dir).ok();
 }

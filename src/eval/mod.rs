@@ -5,3 +5,4 @@ pub mod folder;
 pub mod knn;
 pub mod linear;
 pub mod probe;
+pub mod retrieval;
