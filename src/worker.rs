@@ -5,7 +5,7 @@
 //! arrive as [`Event::Failed`]), and a loaded model is kept while jobs use the same path.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -299,6 +299,18 @@ impl State {
         Ok(self.gpu.clone().expect("opened above"))
     }
 
+    /// CLS features of image files under a checkpoint.
+    fn features(
+        &mut self,
+        checkpoint: &Path,
+        head_dim: usize,
+        paths: &[PathBuf],
+    ) -> Result<(Vec<f32>, usize)> {
+        let gpu = self.gpu()?;
+        let ck = Checkpoint::load(checkpoint)?;
+        retrieval::image_features(&gpu, &ck, head_dim, paths)
+    }
+
     fn model(&mut self, path: &PathBuf, config: &Option<PathBuf>) -> Result<&SdModel> {
         let same = matches!(&self.model, Some((p, c, _)) if p == path && c == config);
         if !same {
@@ -373,11 +385,9 @@ fn run_job(
             query,
             k,
         } => {
-            let gpu = state.gpu()?;
-            let ck = Checkpoint::load(checkpoint)?;
             let f = LabelledFolder::open(folder)?;
             let paths: Vec<PathBuf> = f.items.iter().map(|(p, _)| p.clone()).collect();
-            let (feats, dim) = retrieval::image_features(&gpu, &ck, *head_dim, &paths)?;
+            let (feats, dim) = state.features(checkpoint, *head_dim, &paths)?;
             let found = retrieval::nearest(&feats, dim, *query, *k)?;
             send(Event::Neighbours {
                 job: id,
@@ -396,10 +406,8 @@ fn run_job(
             captions,
             images,
         } => {
-            let gpu = state.gpu()?;
-            let ck = Checkpoint::load(checkpoint)?;
             let (paths, labels) = retrieval::pool_batch(pool, *captions, *images)?;
-            let (feats, dim) = retrieval::image_features(&gpu, &ck, *head_dim, &paths)?;
+            let (feats, dim) = state.features(checkpoint, *head_dim, &paths)?;
             send(Event::Similarity {
                 job: id,
                 labels,
