@@ -462,19 +462,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                     if p.skipped {
                         bar.skip(p.image.total());
                     }
-                    bar.update(
-                        p.done(),
-                        &format!(
-                            "caption {}/{}  image {}/{}  step {}/{}  {} written",
-                            p.caption + 1,
-                            p.captions,
-                            (p.image.image + 1).min(p.image.images),
-                            p.image.images,
-                            p.image.step,
-                            p.image.steps,
-                            p.written
-                        ),
-                    );
+                    bar.update(p.done(), &p.to_string());
                     Ok(())
                 })?;
                 println!("{written} images in {}", out.display());
@@ -484,16 +472,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             let mut bar = Bar::new(0, Stream::Stderr, Duration::from_secs(10));
             let images = generate(&gpu, &m, &o, |p| {
                 bar.set_total(p.total());
-                bar.update(
-                    p.done(),
-                    &format!(
-                        "image {}/{}  step {}/{}",
-                        p.image + 1,
-                        p.images,
-                        p.step,
-                        p.steps
-                    ),
-                );
+                bar.update(p.done(), &p.to_string());
                 Ok(())
             })?;
             for (k, img) in images.images.iter().enumerate() {

@@ -444,16 +444,7 @@ fn run_job(
                     job: id,
                     done: p.done(),
                     total: p.total(),
-                    text: format!(
-                        "caption {}/{}, image {}/{}, step {}/{}, {} written",
-                        p.caption + 1,
-                        p.captions,
-                        (p.image.image + 1).min(p.image.images),
-                        p.image.images,
-                        p.image.step,
-                        p.image.steps,
-                        p.written
-                    ),
+                    text: p.to_string(),
                 });
                 Ok(())
             })?;
@@ -495,12 +486,8 @@ fn run_job(
                 done: k as u64 * per + p.done(),
                 total: scales.len() as u64 * per,
                 text: format!(
-                    "{}image {}/{}, step {}/{}",
-                    label.map_or(String::new(), |w| format!("w = {w}: ")),
-                    p.image + 1,
-                    p.images,
-                    p.step,
-                    p.steps
+                    "{}{p}",
+                    label.map_or(String::new(), |w| format!("w = {w}: "))
                 ),
             });
             Ok(())

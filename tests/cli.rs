@@ -494,7 +494,7 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
     // Progress: steps, images and an ETA (plain lines off a terminal).
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(
-        log.contains("image 2/2  step 2/2") && log.contains("ETA"),
+        log.contains("image 2/2, step 2/2") && log.contains("ETA"),
         "{log}"
     );
     // --save-size: a bicubic 2x reduction of the same image.

@@ -291,6 +291,20 @@ pub struct Progress {
     pub steps: usize,
 }
 
+impl std::fmt::Display for Progress {
+    /// "image 2/4, step 17/51".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "image {}/{}, step {}/{}",
+            (self.image + 1).min(self.images),
+            self.images,
+            self.step,
+            self.steps
+        )
+    }
+}
+
 impl Progress {
     /// Evaluations finished in this run.
     pub fn done(&self) -> u64 {
@@ -777,6 +791,20 @@ pub struct PoolProgress {
     pub skipped: bool,
     /// Progress within the caption (all done when skipped).
     pub image: Progress,
+}
+
+impl std::fmt::Display for PoolProgress {
+    /// "caption 3/10, image 2/4, step 17/51, 8 written".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "caption {}/{}, {}, {} written",
+            self.caption + 1,
+            self.captions,
+            self.image,
+            self.written
+        )
+    }
 }
 
 impl PoolProgress {
