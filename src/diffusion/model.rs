@@ -474,8 +474,9 @@ impl<'a> Generator<'a> {
         };
         // Sizes the device cannot hold fail here, before any weight is uploaded.
         let limit = max_tensor(gpu) as u64;
-        gr.memory(limit)?.check(o.size, limit)?;
-        let oom = |e: Error| out_of_memory(e, m, o, gpu);
+        let need = gr.memory(limit)?;
+        need.check(o.size, limit)?;
+        let oom = |e: Error| out_of_memory(e, need.total(), o, gpu);
         let text = Plan::compile(
             gpu,
             &gr.text,
@@ -597,23 +598,13 @@ fn max_tensor(gpu: &Gpu) -> usize {
 }
 
 /// An allocation failure while setting up, as an error that says what was asked and what it
-/// needs; other errors pass through.
-fn out_of_memory(e: Error, m: &SdModel, o: &GenerateOptions, gpu: &Gpu) -> Error {
+/// needs (`need`, the plans' estimate); other errors pass through.
+fn out_of_memory(e: Error, need: u64, o: &GenerateOptions, gpu: &Gpu) -> Error {
     let text = e.to_string();
     if !text.to_lowercase().contains("memory") {
         return e;
     }
-    let need = estimate_memory(
-        &m.text,
-        &m.unet,
-        &m.vae,
-        o.size,
-        o.guidance,
-        max_tensor(gpu),
-        o.half_weights(m, &gpu.caps),
-    )
-    .map(|e| format!("about {:.1} GiB", e.total() as f64 / (1u64 << 30) as f64))
-    .unwrap_or_else(|_| "more".into());
+    let need = format!("about {:.1} GiB", need as f64 / (1u64 << 30) as f64);
     Error::Gpu(format!(
         "the adapter '{}' ran out of memory setting up {}x{} generation ({need} needed): \
          try a smaller --size ({text})",
