@@ -367,7 +367,7 @@ impl GenerateOptions {
     /// widening costs 10-25 % of a step, docs/benchmarks.md, and memory is the host's).
     pub fn half_weights(&self, m: &SdModel, caps: &crate::gpu::Caps) -> bool {
         self.half_weights
-            .unwrap_or(m.unet_weights.all_f16 && !caps.is_cpu)
+            .unwrap_or(m.unet_weights.all_f16() && !caps.is_cpu)
     }
 
     /// Checks the settings against the model, before any GPU work.

@@ -187,10 +187,6 @@ pub fn split(ck: Checkpoint, unet_layers: usize, vae_levels: usize, origin: &str
         vae: Checkpoint::default(),
         text: Checkpoint::default(),
     };
-    // A single file is one dtype throughout, normally.
-    out.unet.all_f16 = ck.all_f16;
-    out.vae.all_f16 = ck.all_f16;
-    out.text.all_f16 = ck.all_f16;
     let unknown = |name: &str| {
         Error::Config(format!(
             "{origin}: tensor '{name}' is not part of a Stable Diffusion 1.x checkpoint \
@@ -198,7 +194,12 @@ pub fn split(ck: Checkpoint, unet_layers: usize, vae_levels: usize, origin: &str
         ))
     };
     for (name, t) in ck.tensors {
+        // Each renamed tensor keeps the note of whether its file stored it as f16.
+        let half = ck.f16_names.contains(&name);
         let put = |c: &mut Checkpoint, n: String, t: HostTensor| {
+            if half {
+                c.f16_names.insert(n.clone());
+            }
             c.tensors.insert(n, t);
         };
         if let Some(r) = name.strip_prefix(UNET_PREFIX) {

@@ -22,8 +22,8 @@ pub struct Checkpoint {
     pub tensors: BTreeMap<String, HostTensor>,
     /// The file's `__metadata__` strings.
     pub metadata: BTreeMap<String, String>,
-    /// Every floating-point tensor of the file was stored as f16 (so f16 storage is lossless).
-    pub all_f16: bool,
+    /// The tensors the file stored as f16 (for them f16 storage on the GPU is lossless).
+    pub f16_names: std::collections::BTreeSet<String>,
 }
 
 /// f32 -> IEEE half bits, rounding to nearest even (overflow to infinity, NaN kept).
@@ -108,14 +108,11 @@ impl Checkpoint {
             .into_iter()
             .collect();
         let mut tensors = BTreeMap::new();
-        let mut all_f16 = true;
+        let mut f16_names = std::collections::BTreeSet::new();
         for (name, view) in st.tensors() {
             let raw = view.data();
-            if matches!(
-                view.dtype(),
-                safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F64
-            ) {
-                all_f16 = false;
+            if view.dtype() == safetensors::Dtype::F16 {
+                f16_names.insert(name.to_string());
             }
             let data: Vec<f32> = match view.dtype() {
                 safetensors::Dtype::F32 => raw
@@ -166,8 +163,14 @@ impl Checkpoint {
         Ok(Checkpoint {
             tensors,
             metadata,
-            all_f16,
+            f16_names,
         })
+    }
+
+    /// Every tensor was stored as f16 in its file (so f16 storage is lossless); false for an
+    /// empty checkpoint.
+    pub fn all_f16(&self) -> bool {
+        !self.tensors.is_empty() && self.tensors.keys().all(|k| self.f16_names.contains(k))
     }
 
     /// The tensor `name`, checking its shape when `shape` is given.
