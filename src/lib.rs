@@ -8,6 +8,8 @@
 // Doc comments write tensor shapes as `[N, D]`, which rustdoc would read as links.
 #![allow(rustdoc::broken_intra_doc_links)]
 
+#[cfg(feature = "app")]
+pub mod app;
 pub mod cpu;
 pub mod data;
 pub mod demo;

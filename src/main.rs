@@ -98,6 +98,26 @@ enum Cmd {
         #[arg(long)]
         save_tensor: Option<std::path::PathBuf>,
     },
+    /// Open the desktop app: generation, pool building, training and evaluation in one window
+    /// (settings are remembered between runs).
+    #[cfg(feature = "app")]
+    App {
+        /// Panel to show first: device, generate, pool, train or evaluate.
+        #[arg(long)]
+        panel: Option<String>,
+        /// Stable Diffusion model to use (a diffusers folder or a single-file checkpoint).
+        #[arg(long)]
+        model: Option<String>,
+        /// Prompt for the Generate panel.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Start the panel's main action at once (Generate, Build pool, Start, Evaluate).
+        #[arg(long)]
+        start: bool,
+        /// Settings file (default: app.json in the user's config folder).
+        #[arg(long)]
+        settings: Option<std::path::PathBuf>,
+    },
     /// List every GPU adapter, then the chosen one with its limits and features.
     Info {
         /// Print JSON instead of text.
@@ -367,6 +387,31 @@ fn run(cli: Cli) -> stablerep::Result<()> {
     };
     match cli.cmd {
         Cmd::Info { json } => info(&opts, json),
+        #[cfg(feature = "app")]
+        Cmd::App {
+            panel,
+            model,
+            prompt,
+            start,
+            settings,
+        } => {
+            let panel = match panel {
+                Some(p) => Some(stablerep::app::Panel::parse(&p).ok_or_else(|| {
+                    stablerep::Error::Config(format!(
+                        "--panel {p}: want device, generate, pool, train or evaluate"
+                    ))
+                })?),
+                None => None,
+            };
+            stablerep::app::run(stablerep::app::Launch {
+                settings_path: settings,
+                panel,
+                model,
+                prompt,
+                start,
+                gpu: opts,
+            })
+        }
         Cmd::Generate {
             model,
             config,
@@ -432,16 +477,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             o.check(&m)?;
             if let Some(file) = captions {
                 use stablerep::diffusion::model::{generate_pool, shard_range};
-                let text = std::fs::read_to_string(&file).map_err(|e| stablerep::Error::Io {
-                    path: file.display().to_string(),
-                    source: e,
-                })?;
-                let caps: Vec<String> = text
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                    .map(String::from)
-                    .collect();
+                let caps = stablerep::data::pool::read_captions(&file)?;
                 let sh = shard
                     .split_once('/')
                     .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))

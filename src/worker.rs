@@ -15,7 +15,7 @@ use crate::diffusion::model::{generate_pool, GenerateOptions, Generator, SdModel
 use crate::error::{Error, Result};
 use crate::eval::folder::LabelledFolder;
 use crate::eval::{probe, retrieval};
-use crate::gpu::{Gpu, GpuOptions};
+use crate::gpu::{DeviceReport, Gpu, GpuOptions};
 use crate::nn::checkpoint::Checkpoint;
 use crate::train::pool_run::{self, PoolRun};
 
@@ -95,6 +95,8 @@ pub enum Job {
         /// Images per caption.
         images: usize,
     },
+    /// A report on the device (adapter, limits, features, memory in use); opens it if needed.
+    Device,
     /// Training from a pool (StableRep, its SimCLR control or StableRep+, as `run` says); a
     /// cancelled run checkpoints the steps done, so the same job with `resume` continues it
     /// (pause and resume).
@@ -177,6 +179,13 @@ pub enum Event {
         /// Cosine similarities.
         matrix: Vec<f32>,
     },
+    /// The device's report.
+    Device {
+        /// Job id.
+        job: u64,
+        /// The report.
+        report: Box<DeviceReport>,
+    },
     /// The job completed.
     Finished {
         /// Job id.
@@ -199,6 +208,14 @@ pub enum Event {
 }
 
 impl Event {
+    /// True for the events that end a job (`Finished`, `Cancelled`, `Failed`).
+    pub fn is_end(&self) -> bool {
+        matches!(
+            self,
+            Event::Finished { .. } | Event::Cancelled { .. } | Event::Failed { .. }
+        )
+    }
+
     /// The job an event belongs to.
     pub fn job(&self) -> u64 {
         match self {
@@ -209,6 +226,7 @@ impl Event {
             | Event::Accuracy { job, .. }
             | Event::Neighbours { job, .. }
             | Event::Similarity { job, .. }
+            | Event::Device { job, .. }
             | Event::Finished { job, .. }
             | Event::Cancelled { job }
             | Event::Failed { job, .. } => *job,
@@ -378,6 +396,14 @@ fn run_job(
 ) -> Result<()> {
     let (model, config, options, scales) = match job {
         Job::Train { run } => return train(state, id, run, send, is_cancelled),
+        Job::Device => {
+            let gpu = state.gpu()?;
+            send(Event::Device {
+                job: id,
+                report: Box::new(gpu.report()),
+            });
+            return Ok(());
+        }
         Job::Neighbours {
             checkpoint,
             head_dim,

@@ -228,23 +228,7 @@ fn worker_runs_generation_sweeps_and_training_cancels_and_reports_errors() {
     // Evaluation of that checkpoint on a labelled folder: kNN accuracy arrives as an event; a
     // method that needs a train folder without one fails with the reason.
     let labelled = dir.join("labelled");
-    for class in 0..3usize {
-        for i in 0..4usize {
-            let s = 20;
-            let img: Vec<f32> = (0..3 * s * s)
-                .map(|p| if p / (s * s) == class { 0.8 } else { 0.1 } + 0.02 * ((i + p) % 3) as f32)
-                .collect();
-            stablerep::data::pool::save_rgb(
-                &labelled
-                    .join(format!("class{class}"))
-                    .join(format!("{i}.png")),
-                s,
-                s,
-                &img,
-            )
-            .unwrap();
-        }
-    }
+    common::make_labelled(&labelled);
     let request = |train: Option<PathBuf>| stablerep::eval::probe::Request {
         checkpoint: dir.join("run/checkpoint-last.safetensors"),
         head_dim: 16,

@@ -131,6 +131,24 @@ impl Pool {
     }
 }
 
+/// The captions of a captions file: one per line, trimmed, blank lines skipped.
+pub fn read_captions(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    let caps: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if caps.is_empty() {
+        return Err(Error::Config(format!("{}: no captions", path.display())));
+    }
+    Ok(caps)
+}
+
 /// Decodes an image file to RGB f32 in [0, 1], channel-major [3, H, W].
 pub fn load_rgb(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
     let img = image::open(path)

@@ -45,6 +45,23 @@ pub struct Caps {
     pub subgroup_size: Option<u32>,
 }
 
+/// A snapshot of an open device: [`Gpu::report`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceReport {
+    /// The adapter.
+    pub adapter: AdapterSummary,
+    /// The limits that matter here, as (name, value) for display.
+    pub limits: Vec<(String, String)>,
+    /// Granted features.
+    pub features: Vec<String>,
+    /// Bytes the driver's allocator has handed out (`None` where the backend does not say).
+    pub allocated_bytes: Option<u64>,
+    /// Bytes the allocator has reserved from the driver.
+    pub reserved_bytes: Option<u64>,
+    /// The buffer pool's counters.
+    pub pool: PoolStats,
+}
+
 /// An open device with its queue, caches and pool. Share one per process (tests: one per binary).
 pub struct Gpu {
     /// The wgpu device.
@@ -332,6 +349,61 @@ impl Gpu {
             "{} ({:?}, {:?})",
             self.info.name, self.info.backend, self.info.device_type
         )
+    }
+
+    /// What the device is, what it allows and how much memory it holds now (the app's Device
+    /// panel).
+    pub fn report(&self) -> DeviceReport {
+        let l = &self.limits;
+        let limits = vec![
+            (
+                "max storage binding",
+                format!("{} MiB", self.caps.max_binding >> 20),
+            ),
+            ("max buffer", format!("{} MiB", self.caps.max_buffer >> 20)),
+            (
+                "workgroups / dimension",
+                self.caps.max_workgroups.to_string(),
+            ),
+            (
+                "invocations / workgroup",
+                l.max_compute_invocations_per_workgroup.to_string(),
+            ),
+            (
+                "workgroup memory",
+                format!("{} KiB", l.max_compute_workgroup_storage_size >> 10),
+            ),
+            (
+                "storage buffers / stage",
+                l.max_storage_buffers_per_shader_stage.to_string(),
+            ),
+            (
+                "storage offset align",
+                format!("{} B", self.caps.storage_align),
+            ),
+            (
+                "subgroup size",
+                self.caps
+                    .subgroup_size
+                    .map_or("varies or none".into(), |s| s.to_string()),
+            ),
+        ];
+        let allocator = self.device.generate_allocator_report();
+        DeviceReport {
+            adapter: adapter::summarize(&self.info),
+            limits: limits
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            features: self
+                .features
+                .iter_names()
+                .map(|(n, _)| n.to_string())
+                .collect(),
+            allocated_bytes: allocator.as_ref().map(|r| r.total_allocated_bytes),
+            reserved_bytes: allocator.as_ref().map(|r| r.total_reserved_bytes),
+            pool: self.pool.stats(),
+        }
     }
 
     /// A grid of at least `groups` workgroups that respects the per-dimension limit:

@@ -343,3 +343,22 @@ pub fn settings(
         source_size: None,
     }
 }
+
+/// A labelled folder of 3 classes x 4 images (20 px): class c is bright in channel c.
+pub fn make_labelled(dir: &std::path::Path) {
+    for class in 0..3usize {
+        for i in 0..4usize {
+            let s = 20;
+            let img: Vec<f32> = (0..3 * s * s)
+                .map(|p| if p / (s * s) == class { 0.8 } else { 0.1 } + 0.02 * ((i + p) % 3) as f32)
+                .collect();
+            stablerep::data::pool::save_rgb(
+                &dir.join(format!("class{class}")).join(format!("{i}.png")),
+                s,
+                s,
+                &img,
+            )
+            .unwrap();
+        }
+    }
+}
