@@ -8,6 +8,8 @@
 //! Paths are relative to the package root (cargo's working directory for tests), so the
 //! snapshots do not depend on where the repository lives.
 
+#![cfg(feature = "app")]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -286,7 +286,8 @@ impl App {
                 }
             });
         });
-        let log_title = format!("Log ({} messages)", self.notes.log.len());
+        let n = self.notes.log.len();
+        let log_title = format!("Log ({n} message{})", if n == 1 { "" } else { "s" });
         egui::Panel::bottom("log").show(ui, |ui| {
             egui::CollapsingHeader::new(log_title)
                 .id_salt("log")

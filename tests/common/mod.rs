@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use stablerep::gpu::{Gpu, GpuOptions};
 use stablerep::graph::{DType, Graph, NodeId, ParamStore, Plan, PlanOptions, Tensor};
 
+pub mod tiny_sd;
+
 static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -201,62 +203,9 @@ pub fn used_token_ids(fx: &stablerep::nn::checkpoint::Checkpoint) -> Vec<usize> 
         .collect()
 }
 
-/// A tiny SD 1.x model folder: the fixture UNet and VAE, and a random one-layer text encoder
-/// over CLIP's full vocabulary (so the shipped tokenizer's ids fit), in diffusers' layout.
+/// A tiny SD 1.x model folder (shared with `examples/tiny_sd.rs`).
 pub fn tiny_sd_folder(dir: &std::path::Path) {
-    use stablerep::nn::checkpoint::{Checkpoint, HostTensor};
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    for (name, sub, file) in [
-        ("unet", "unet", "diffusion_pytorch_model.safetensors"),
-        ("vae", "vae", "diffusion_pytorch_model.safetensors"),
-    ] {
-        let ck = Checkpoint::load(&fixtures.join(format!("sd_{name}.safetensors"))).unwrap();
-        let mut out = Checkpoint::default();
-        for (k, t) in &ck.tensors {
-            if let Some(n) = k.strip_prefix(&format!("{name}.")) {
-                out.tensors.insert(n.to_string(), t.clone());
-            }
-        }
-        std::fs::create_dir_all(dir.join(sub)).unwrap();
-        out.save(&dir.join(sub).join(file)).unwrap();
-        std::fs::write(dir.join(sub).join("config.json"), &ck.metadata["config"]).unwrap();
-    }
-    let (v, d, m) = (49_408usize, 16usize, 24usize);
-    let mut rng = Rng(5);
-    let mut te = Checkpoint::default();
-    let mut put = |name: &str, shape: Vec<usize>| {
-        let n = shape.iter().product();
-        let data = rng.vec(n, -0.1, 0.1).iter().map(|&x| x as f32).collect();
-        te.tensors
-            .insert(format!("text_model.{name}"), HostTensor { shape, data });
-    };
-    put("embeddings.token_embedding.weight", vec![v, d]);
-    put("embeddings.position_embedding.weight", vec![77, d]);
-    for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-        put(
-            &format!("encoder.layers.0.self_attn.{p}.weight"),
-            vec![d, d],
-        );
-        put(&format!("encoder.layers.0.self_attn.{p}.bias"), vec![d]);
-    }
-    for n in ["layer_norm1", "layer_norm2"] {
-        put(&format!("encoder.layers.0.{n}.weight"), vec![d]);
-        put(&format!("encoder.layers.0.{n}.bias"), vec![d]);
-    }
-    put("encoder.layers.0.mlp.fc1.weight", vec![m, d]);
-    put("encoder.layers.0.mlp.fc1.bias", vec![m]);
-    put("encoder.layers.0.mlp.fc2.weight", vec![d, m]);
-    put("encoder.layers.0.mlp.fc2.bias", vec![d]);
-    put("final_layer_norm.weight", vec![d]);
-    put("final_layer_norm.bias", vec![d]);
-    std::fs::create_dir_all(dir.join("text_encoder")).unwrap();
-    te.save(&dir.join("text_encoder/model.safetensors"))
-        .unwrap();
-    std::fs::write(
-        dir.join("text_encoder/config.json"),
-        format!(r#"{{"vocab_size": {v}, "hidden_size": {d}, "intermediate_size": {m}, "num_attention_heads": 2, "num_hidden_layers": 1, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}}"#),
-    )
-    .unwrap();
+    tiny_sd::write(dir).expect("writing the tiny SD folder");
 }
 
 /// 12 captions x 4 images: caption c is a coloured stripe pattern, its images shift it.
