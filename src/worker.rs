@@ -502,35 +502,40 @@ fn run_job(
             ..options.clone()
         };
         let generator = Generator::new(&gpu, m, &o)?;
-        let out = generator.run(&o.prompt, o.caption, |p| {
-            if is_cancelled() {
-                return Err(Error::Cancelled);
-            }
-            let per = p.total();
-            send(Event::Progress {
-                job: id,
-                done: k as u64 * per + p.done(),
-                total: scales.len() as u64 * per,
-                text: format!(
-                    "{}{p}",
-                    label.map_or(String::new(), |w| format!("w = {w}: "))
-                ),
-            });
-            Ok(())
-        })?;
-        for (j, img) in out.images.iter().enumerate() {
-            send(Event::Image {
-                job: id,
-                index,
-                label: match label {
-                    Some(w) => format!("w = {w}, image {}", j + 1),
-                    None => format!("seed {}, image {}", o.seed, j + 1),
-                },
-                size: o.size,
-                rgb: to_rgb8(img, o.size),
-            });
-            index += 1;
-        }
+        generator.run_each(
+            &o.prompt,
+            o.caption,
+            |p| {
+                if is_cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                let per = p.total();
+                send(Event::Progress {
+                    job: id,
+                    done: k as u64 * per + p.done(),
+                    total: scales.len() as u64 * per,
+                    text: format!(
+                        "{}{p}",
+                        label.map_or(String::new(), |w| format!("w = {w}: "))
+                    ),
+                });
+                Ok(())
+            },
+            |j, img, _| {
+                send(Event::Image {
+                    job: id,
+                    index,
+                    label: match label {
+                        Some(w) => format!("w = {w}, image {}", j + 1),
+                        None => format!("seed {}, image {}", o.seed, j + 1),
+                    },
+                    size: o.size,
+                    rgb: to_rgb8(&img, o.size),
+                });
+                index += 1;
+                Ok(())
+            },
+        )?;
     }
     Ok(())
 }

@@ -110,6 +110,24 @@ fn app_generates_builds_pools_trains_evaluates_and_shows_errors() {
         &["llvmpipe", "LLVM", "MiB", "KiB"],
         |_| vec![],
     );
+    // Choosing an adapter restarts the worker on it; the choice is remembered.
+    let first = h.state().device.adapters.clone().expect("adapters listed")[0].clone();
+    let filter = stablerep::app::device::filter_for(&first);
+    h.state_mut().use_adapter(filter.clone());
+    assert!(h.state().device.report.is_none());
+    settle(&mut h);
+    assert_eq!(h.state().settings.adapter, filter);
+    let report = h
+        .state()
+        .device
+        .report
+        .clone()
+        .expect("a report from the new worker");
+    assert_eq!(stablerep::app::device::filter_for(&report.adapter), filter);
+    assert_eq!(labels(&h, "Use the best adapter"), 1);
+    h.state_mut().use_adapter(String::new());
+    settle(&mut h);
+    assert!(h.state().settings.adapter.is_empty());
 
     // Generate with a model that does not exist: the reason appears in a toast and the log.
     tab(&mut h, "Generate");

@@ -81,6 +81,16 @@ fn worker_runs_generation_sweeps_and_training_cancels_and_reports_errors() {
     if let Event::Image { size, rgb, .. } = images[0] {
         assert_eq!(rgb.len(), 3 * size * size);
     }
+    // Each image arrives as soon as it is decoded: the first before image 2's steps.
+    let first_image = ev
+        .iter()
+        .position(|e| matches!(e, Event::Image { .. }))
+        .unwrap();
+    let second_started = ev
+        .iter()
+        .position(|e| matches!(e, Event::Progress { done: 4, .. }))
+        .unwrap();
+    assert!(first_image < second_started, "{ev:?}");
     assert!(matches!(ev.last(), Some(Event::Finished { .. })));
     // A guidance sweep: the same seed at two scales, labelled.
     let id = w.submit(Job::GuidanceSweep {

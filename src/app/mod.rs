@@ -193,8 +193,9 @@ impl App {
         self.owners.insert(id, Panel::Device);
     }
 
-    /// Restarts the worker on another adapter (only when no job is running).
-    fn switch_adapter(&mut self, filter: String) {
+    /// Restarts the worker on the adapter matching `filter` ("" = the best one); refused while
+    /// a job runs.
+    pub fn use_adapter(&mut self, filter: String) {
         if self.busy() {
             self.notes
                 .error("wait for the running jobs to end before switching adapters");
@@ -320,7 +321,7 @@ impl App {
         self.generate.windows(&ctx, &self.settings, &mut self.notes);
         self.notes.show_toasts(&ctx);
         match switch {
-            Some(device::Action::Use(filter)) => self.switch_adapter(filter),
+            Some(device::Action::Use(filter)) => self.use_adapter(filter),
             Some(device::Action::Refresh) => self.refresh_device(),
             None => {}
         }

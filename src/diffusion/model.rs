@@ -520,8 +520,29 @@ impl<'a> Generator<'a> {
         &self,
         prompt: &str,
         caption: u64,
-        mut progress: impl FnMut(Progress) -> Result<()>,
+        progress: impl FnMut(Progress) -> Result<()>,
     ) -> Result<Generated> {
+        let mut out = Generated {
+            images: Vec::with_capacity(self.o.images),
+            latents: Vec::with_capacity(self.o.images),
+        };
+        self.run_each(prompt, caption, progress, |_, image, latent| {
+            out.images.push(image);
+            out.latents.push(latent);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`Generator::run`] handing each image to `done(k, image [3, size, size] in [0, 1],
+    /// latent)` as soon as it is decoded (an error it returns stops the run).
+    pub fn run_each(
+        &self,
+        prompt: &str,
+        caption: u64,
+        mut progress: impl FnMut(Progress) -> Result<()>,
+        mut done: impl FnMut(usize, Vec<f32>, Vec<f32>) -> Result<()>,
+    ) -> Result<()> {
         let (m, o) = (self.m, &self.o);
         let tokens = m.text.max_position_embeddings;
         let guided = o.guidance > 1.0;
@@ -549,10 +570,6 @@ impl<'a> Generator<'a> {
         }
         let lat = o.size / m.vae.downscale();
         let len = m.unet.in_channels * lat * lat;
-        let mut out = Generated {
-            images: Vec::with_capacity(o.images),
-            latents: Vec::with_capacity(o.images),
-        };
         for k in 0..o.images {
             let noise = match &o.init_noise {
                 Some(n) => n[k * len..(k + 1) * len].to_vec(),
@@ -581,14 +598,13 @@ impl<'a> Generator<'a> {
                 .collect();
             self.vae.write(self.z, &zs)?;
             let img = self.vae.run_fetch(&[self.image])?.remove(0);
-            out.images.push(
-                img.iter()
-                    .map(|&v| (v * 0.5 + 0.5).clamp(0.0, 1.0))
-                    .collect(),
-            );
-            out.latents.push(latent);
+            let image = img
+                .iter()
+                .map(|&v| (v * 0.5 + 0.5).clamp(0.0, 1.0))
+                .collect();
+            done(k, image, latent)?;
         }
-        Ok(out)
+        Ok(())
     }
 }
 
