@@ -250,6 +250,13 @@ fn app_generates_builds_pools_trains_evaluates_and_shows_errors() {
             egui::pos2(1100.0, r.max.y + 160.0),
         )]
     });
+    // Starting over a finished run asks first; "Keep it" starts nothing.
+    click(&mut h, "Start training");
+    assert_eq!(labels(&h, "starting over replaces its checkpoints"), 1);
+    assert!(h.state().train.running.is_none());
+    click(&mut h, "Keep it");
+    assert_eq!(labels(&h, "starting over replaces"), 0);
+    assert!(h.state().train.running.is_none());
 
     // Evaluate that checkpoint: kNN accuracy, neighbours, the similarity heat map.
     click(&mut h, "Evaluate this");

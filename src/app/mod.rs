@@ -209,6 +209,14 @@ impl App {
         self.refresh_device();
     }
 
+    /// Cancels every queued or running job (the window closes: a training run checkpoints the
+    /// steps it did, so nothing is lost and closing waits only for the current step).
+    pub fn cancel_all(&mut self) {
+        for id in self.owners.keys() {
+            self.worker.cancel(*id);
+        }
+    }
+
     /// True while any job is queued or running.
     pub fn busy(&self) -> bool {
         self.owners.values().any(|p| *p != Panel::Device)
@@ -372,6 +380,7 @@ impl eframe::App for App {
 
     fn on_exit(&mut self) {
         self.persist(true);
+        self.cancel_all();
     }
 }
 

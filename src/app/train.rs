@@ -64,6 +64,8 @@ pub struct TrainPanel {
     /// Where the run stands.
     pub state: RunState,
     stop_requested: bool,
+    /// Start was pressed while the output folder holds a checkpoint: ask first.
+    confirm_restart: bool,
     /// Logged steps of the run (kept across pause and resume).
     pub metrics: Vec<Metric>,
     /// Checkpoints in the output folder: (file name, bytes).
@@ -258,7 +260,7 @@ impl TrainPanel {
         ui.horizontal(|ui| {
             if ui
                 .add_enabled(idle, egui::Button::new("Start training"))
-                .on_hover_text("a fresh run; the output folder's checkpoints are replaced")
+                .on_hover_text("a fresh run (asks before replacing a run in the output folder)")
                 .clicked()
             {
                 action = Some(false);
@@ -281,8 +283,25 @@ impl TrainPanel {
             }
             ui.label(format!("{:?}", self.state));
         });
-        if let Some(resume) = action {
-            self.start(shell, t, resume);
+        match action {
+            Some(false) if resumable => self.confirm_restart = true,
+            Some(resume) => self.start(shell, t, resume),
+            None => {}
+        }
+        if self.confirm_restart {
+            ui.horizontal(|ui| {
+                ui.colored_label(
+                    egui::Color32::YELLOW,
+                    "The output folder holds a run: starting over replaces its checkpoints.",
+                );
+                if ui.button("Start over").clicked() {
+                    self.confirm_restart = false;
+                    self.start(shell, t, false);
+                }
+                if ui.button("Keep it").clicked() {
+                    self.confirm_restart = false;
+                }
+            });
         }
         if let Some(r) = &self.running {
             r.show(ui, None);
