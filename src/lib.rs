@@ -26,5 +26,6 @@ pub mod progress;
 pub mod text;
 pub mod train;
 pub mod worker;
+pub mod world;
 
 pub use error::{Error, Result};

@@ -307,6 +307,32 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         head_dim: usize,
     },
+    /// Render the built-in mini-world: a pool of captions with their "real" renders (official
+    /// layout), or with --labelled a folder per class for evaluation.
+    World {
+        /// Output folder.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Captions (scenes) to render.
+        #[arg(long, default_value_t = 1000)]
+        captions: usize,
+        /// Renders per caption (pool only; each lays the caption out anew).
+        #[arg(long, default_value_t = 1)]
+        images_per_caption: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Seed of the captions.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Seed of the layouts (default: the captions' seed).
+        #[arg(long)]
+        layout_seed: Option<u64>,
+        /// Write `<label>/<n>.png` (labelled by the main object's shape or colour) instead of
+        /// a pool.
+        #[arg(long, value_enum)]
+        labelled: Option<WorldLabel>,
+    },
     /// Train a small MLP on three spirals through the graph executor (engine smoke test).
     Demo {
         /// Optimizer steps.
@@ -357,6 +383,15 @@ enum ProbeMethod {
     Fewshot,
     /// Linear classifiers (one per learning rate) on frozen features; best head reported.
     Linear,
+}
+
+/// Labels of a labelled mini-world export.
+#[derive(Clone, Copy, ValueEnum)]
+enum WorldLabel {
+    /// The main object's shape.
+    Shape,
+    /// The main object's colour.
+    Colour,
 }
 
 /// Learning-rate schedules.
@@ -826,6 +861,41 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 "wrote {}",
                 out.join("checkpoint-last.safetensors").display()
             );
+            Ok(())
+        }
+        Cmd::World {
+            out,
+            captions,
+            images_per_caption,
+            size,
+            seed,
+            layout_seed,
+            labelled,
+        } => {
+            use stablerep::progress::{Bar, Stream};
+            use stablerep::world::export::{write_labelled, write_pool, LabelKind};
+            use std::time::Duration;
+            let ds = stablerep::world::descriptions(captions, seed);
+            let total = captions
+                * if labelled.is_some() {
+                    1
+                } else {
+                    images_per_caption
+                };
+            let mut bar = Bar::new(total as u64, Stream::Stderr, Duration::from_secs(10));
+            let mut tick = |done: usize, _: usize| bar.update(done as u64, "rendering");
+            let layout = layout_seed.unwrap_or(seed);
+            match labelled {
+                Some(l) => {
+                    let kind = match l {
+                        WorldLabel::Shape => LabelKind::Shape,
+                        WorldLabel::Colour => LabelKind::Colour,
+                    };
+                    write_labelled(&out, &ds, kind, size, layout, &mut tick)?;
+                }
+                None => write_pool(&out, &ds, images_per_caption, size, layout, &mut tick)?,
+            }
+            println!("{total} images in {}", out.display());
             Ok(())
         }
         Cmd::Demo {

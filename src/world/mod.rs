@@ -1,0 +1,334 @@
+//! The built-in mini-world: a procedural "real world" of small scenes, so the whole StableRep
+//! pipeline runs with nothing to download. A scene holds one or two objects (a dozen shapes,
+//! eight colours, two sizes, solid, striped or dotted fill) on a plain, gradient or checkered
+//! background. Each scene has a natural-language caption ("a small red star above a large
+//! striped blue ring on a checkered beige background") and labels for evaluation (the main
+//! object's shape and colour). Everything is a deterministic function of a seed: the same
+//! caption rendered with another seed moves, resizes and re-textures its objects within what
+//! the caption says.
+
+pub mod export;
+pub mod render;
+
+use crate::data::sampler::Rng;
+
+/// Shapes, in label order.
+pub const SHAPES: [&str; 12] = [
+    "circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon", "heart",
+    "crescent", "arrow", "bar",
+];
+
+/// Colour names and their RGB in [0, 1], in label order.
+pub const COLOURS: [(&str, [f32; 3]); 8] = [
+    ("red", [0.86, 0.12, 0.12]),
+    ("green", [0.12, 0.68, 0.22]),
+    ("blue", [0.14, 0.30, 0.86]),
+    ("yellow", [0.95, 0.85, 0.10]),
+    ("purple", [0.55, 0.20, 0.70]),
+    ("orange", [0.96, 0.52, 0.08]),
+    ("white", [0.96, 0.96, 0.96]),
+    ("black", [0.08, 0.08, 0.08]),
+];
+
+/// Background colour names and their RGB.
+pub const GROUNDS: [(&str, [f32; 3]); 5] = [
+    ("gray", [0.55, 0.55, 0.57]),
+    ("beige", [0.88, 0.80, 0.64]),
+    ("sky blue", [0.55, 0.75, 0.92]),
+    ("pink", [0.94, 0.70, 0.76]),
+    ("dark", [0.22, 0.24, 0.28]),
+];
+
+/// Object sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Size {
+    /// Radius about 0.13 of the image.
+    Small,
+    /// Radius about 0.24 of the image.
+    Large,
+}
+
+/// How an object is filled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// One colour.
+    Solid,
+    /// Stripes of the colour and a darker shade.
+    Striped,
+    /// Dots of a lighter shade on the colour.
+    Dotted,
+}
+
+/// How the background is painted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ground {
+    /// One colour.
+    Plain,
+    /// A vertical gradient from the colour to a darker shade.
+    Gradient,
+    /// A checkerboard of the colour and a lighter shade.
+    Checkered,
+}
+
+/// Where the second object sits relative to the first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relation {
+    /// The first object is above the second.
+    Above,
+    /// The first object is below the second.
+    Below,
+    /// The first object is left of the second.
+    LeftOf,
+    /// The first object is right of the second.
+    RightOf,
+}
+
+impl Relation {
+    const ALL: [Relation; 4] = [
+        Relation::Above,
+        Relation::Below,
+        Relation::LeftOf,
+        Relation::RightOf,
+    ];
+
+    fn words(self) -> &'static str {
+        match self {
+            Relation::Above => "above",
+            Relation::Below => "below",
+            Relation::LeftOf => "to the left of",
+            Relation::RightOf => "to the right of",
+        }
+    }
+}
+
+/// What a caption says about one object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Object {
+    /// Index into [`SHAPES`].
+    pub shape: usize,
+    /// Index into [`COLOURS`].
+    pub colour: usize,
+    /// Size.
+    pub size: Size,
+    /// Fill.
+    pub fill: Fill,
+}
+
+/// What a caption says: the content of a scene, without its layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Description {
+    /// The main object.
+    pub main: Object,
+    /// A second object and where the main one is relative to it.
+    pub other: Option<(Relation, Object)>,
+    /// Background colour (index into [`GROUNDS`]).
+    pub ground: usize,
+    /// Background pattern.
+    pub pattern: Ground,
+}
+
+/// Labels for evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Labels {
+    /// The main object's shape (index into [`SHAPES`]).
+    pub shape: usize,
+    /// The main object's colour (index into [`COLOURS`]).
+    pub colour: usize,
+}
+
+fn pick<T: Copy>(rng: &mut Rng, items: &[T]) -> T {
+    items[rng.below(items.len())]
+}
+
+impl Object {
+    fn sample(rng: &mut Rng) -> Object {
+        Object {
+            shape: rng.below(SHAPES.len()),
+            colour: rng.below(COLOURS.len()),
+            size: pick(rng, &[Size::Small, Size::Large]),
+            fill: pick(
+                rng,
+                &[Fill::Solid, Fill::Solid, Fill::Striped, Fill::Dotted],
+            ),
+        }
+    }
+
+    /// "a small striped red star".
+    fn phrase(&self) -> String {
+        let size = match self.size {
+            Size::Small => "small",
+            Size::Large => "large",
+        };
+        let fill = match self.fill {
+            Fill::Solid => "",
+            Fill::Striped => "striped ",
+            Fill::Dotted => "dotted ",
+        };
+        format!(
+            "a {size} {fill}{} {}",
+            COLOURS[self.colour].0, SHAPES[self.shape]
+        )
+    }
+}
+
+impl Description {
+    /// A random description: one object (60 %) or two, the second of another shape or colour.
+    pub fn sample(rng: &mut Rng) -> Description {
+        let main = Object::sample(rng);
+        let other = if rng.unit() < 0.4 {
+            let mut o = Object::sample(rng);
+            while o.shape == main.shape && o.colour == main.colour {
+                o = Object::sample(rng);
+            }
+            Some((pick(rng, &Relation::ALL), o))
+        } else {
+            None
+        };
+        // A black main object is never put on the dark background (it would vanish).
+        let mut ground = rng.below(GROUNDS.len());
+        while main.colour == 7 && GROUNDS[ground].0 == "dark" {
+            ground = rng.below(GROUNDS.len());
+        }
+        let pattern = pick(
+            rng,
+            &[
+                Ground::Plain,
+                Ground::Plain,
+                Ground::Gradient,
+                Ground::Checkered,
+            ],
+        );
+        Description {
+            main,
+            other,
+            ground,
+            pattern,
+        }
+    }
+
+    /// The caption.
+    pub fn caption(&self) -> String {
+        let mut s = self.main.phrase();
+        if let Some((rel, o)) = &self.other {
+            s += &format!(" {} {}", rel.words(), o.phrase());
+        }
+        let pattern = match self.pattern {
+            Ground::Plain => "",
+            Ground::Gradient => "gradient ",
+            Ground::Checkered => "checkered ",
+        };
+        s + &format!(" on a {pattern}{} background", GROUNDS[self.ground].0)
+    }
+
+    /// Evaluation labels.
+    pub fn labels(&self) -> Labels {
+        Labels {
+            shape: self.main.shape,
+            colour: self.main.colour,
+        }
+    }
+}
+
+/// One object placed in the image: centre and radius in [0, 1] image units, rotation,
+/// texture phase.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Placed {
+    /// What it is.
+    pub object: Object,
+    /// Centre x (0 = left).
+    pub x: f32,
+    /// Centre y (0 = top).
+    pub y: f32,
+    /// Radius.
+    pub r: f32,
+    /// Rotation in radians (small, so "arrow" and "bar" keep their reading).
+    pub angle: f32,
+    /// Stripe / dot phase in [0, 1).
+    pub phase: f32,
+}
+
+/// A scene: a description laid out by a seed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scene {
+    /// What the caption says.
+    pub description: Description,
+    /// The objects in drawing order (the second object first, so the main one is on top).
+    pub objects: Vec<Placed>,
+    /// Checker / gradient phase in [0, 1).
+    pub ground_phase: f32,
+}
+
+fn radius(size: Size, rng: &mut Rng) -> f32 {
+    let base = match size {
+        Size::Small => 0.13,
+        Size::Large => 0.24,
+    };
+    base * (0.9 + 0.2 * rng.unit() as f32)
+}
+
+impl Scene {
+    /// Lays `d` out with the randomness of `rng`: positions, exact radii, rotation, textures.
+    /// The main object's relation to the other always holds: each takes its half of the image
+    /// (with a gap between), so their centres are at least 0.28 apart along that direction.
+    pub fn layout(d: &Description, rng: &mut Rng) -> Scene {
+        let place = |object: Object, lo: [f32; 2], hi: [f32; 2], rng: &mut Rng| {
+            let r = radius(object.size, rng);
+            // The centre keeps 0.85 r from the region's edges (the middle when it cannot).
+            let span = |a: f32, b: f32, rng: &mut Rng| {
+                let (a, b) = (a + r * 0.85, b - r * 0.85);
+                if a >= b {
+                    (a + b) / 2.0
+                } else {
+                    a + (b - a) * rng.unit() as f32
+                }
+            };
+            Placed {
+                object,
+                x: span(lo[0], hi[0], rng),
+                y: span(lo[1], hi[1], rng),
+                r,
+                angle: (rng.unit() as f32 - 0.5) * 0.5,
+                phase: rng.unit() as f32,
+            }
+        };
+        let objects = match &d.other {
+            None => vec![place(d.main, [0.15, 0.15], [0.85, 0.85], rng)],
+            Some((rel, o)) => {
+                // The main object takes one half of the image, the other the opposite half.
+                let (main_lo, main_hi, other_lo, other_hi) = match rel {
+                    Relation::Above => ([0.0, 0.0], [1.0, 0.46], [0.0, 0.54], [1.0, 1.0]),
+                    Relation::Below => ([0.0, 0.54], [1.0, 1.0], [0.0, 0.0], [1.0, 0.46]),
+                    Relation::LeftOf => ([0.0, 0.0], [0.46, 1.0], [0.54, 0.0], [1.0, 1.0]),
+                    Relation::RightOf => ([0.54, 0.0], [1.0, 1.0], [0.0, 0.0], [0.46, 1.0]),
+                };
+                let other = place(*o, other_lo, other_hi, rng);
+                let main = place(d.main, main_lo, main_hi, rng);
+                vec![other, main]
+            }
+        };
+        Scene {
+            description: d.clone(),
+            objects,
+            ground_phase: rng.unit() as f32,
+        }
+    }
+
+    /// The main object (drawn last).
+    pub fn main(&self) -> &Placed {
+        self.objects.last().expect("a scene has an object")
+    }
+}
+
+/// `count` captions of the world (seeded), each with its description; captions repeat only by
+/// chance (the world has about 4 million distinct ones).
+pub fn descriptions(count: usize, seed: u64) -> Vec<Description> {
+    let mut rng = Rng(seed ^ 0x57_0E1D);
+    (0..count).map(|_| Description::sample(&mut rng)).collect()
+}
+
+/// The layout randomness of render `k` of caption `c` under `seed`.
+pub fn layout_rng(seed: u64, caption: u64, k: u64) -> Rng {
+    let mut r = Rng(seed ^ caption.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k << 40) ^ 0x1A_7017);
+    r.next_u64();
+    r
+}
