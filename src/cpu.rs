@@ -388,6 +388,28 @@ pub fn eval(
                 }
                 Some(y)
             }
+            Op::Col2im { geom: g, first } => {
+                let d = get(0);
+                let count = sh(0)[0];
+                let s = &node.shape;
+                let (c, h, w) = (s[1], s[2], s[3]);
+                let (_, wo) = g.out_size(h, w).expect("checked when built");
+                let r = c * g.kh * g.kw;
+                let mut y = vec![0.0; n];
+                // Scatter each patch entry back to the pixel im2col read it from.
+                for j in 0..count {
+                    let px = first + j;
+                    for rr in 0..r {
+                        let (ch, k) = (rr / (g.kh * g.kw), rr % (g.kh * g.kw));
+                        let iy = ((px / wo) * g.stride + k / g.kw) as isize - g.pad as isize;
+                        let ix = ((px % wo) * g.stride + k % g.kw) as isize - g.pad as isize;
+                        if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
+                            y[(ch * h + iy as usize) * w + ix as usize] += d[j * r + rr];
+                        }
+                    }
+                }
+                Some(y)
+            }
             Op::Gather => {
                 let (t, idx) = (get(0), get(1));
                 let (vocab, d) = (sh(0)[0], sh(0)[1]);

@@ -361,3 +361,81 @@ fn multi_positive_loss_gradient() {
         );
     }
 }
+
+#[test]
+fn convolution_gradients_through_im2col_and_its_chunks() {
+    let mut rng = Rng(31);
+    // Strides, padding, 1x1 and a 3x3 on a non-square input; a tiny patch limit splits each
+    // sample's patches into several chunks whose gradients meet in one image.
+    for (k, stride, pad, limit) in [
+        (3, 1, 1, 0),
+        (3, 2, 1, 0),
+        (3, 1, 1, 200),
+        (1, 1, 0, 0),
+        (2, 2, 0, 96),
+    ] {
+        let mut g = Graph::new();
+        g.conv_patch_bytes = limit;
+        let mut f = Feeds::new();
+        let x = input(&mut g, &mut f, &mut rng, &[2, 3, 5, 4], -1.0, 1.0);
+        let w = input(&mut g, &mut f, &mut rng, &[4, 3, k, k], -0.5, 0.5);
+        let b = input(&mut g, &mut f, &mut rng, &[4], -0.5, 0.5);
+        let y = g.conv2d(x, w, Some(b), stride, pad).unwrap();
+        let l = weighted_loss(&mut g, &mut f, &mut rng, y);
+        grad_check(
+            &format!("conv2d k{k} s{stride} p{pad} limit {limit}"),
+            &mut g,
+            &f,
+            l,
+            &[x, w, b],
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn col2im_is_the_adjoint_of_im2col() {
+    // <im2col(x), p> = <x, col2im(p)> for random x and p, on the CPU and the GPU.
+    let mut rng = Rng(32);
+    let geom = stablerep::kernels::layout::Conv2d {
+        kh: 3,
+        kw: 2,
+        stride: 2,
+        pad: 1,
+    };
+    let mut g = Graph::new();
+    let mut f = Feeds::new();
+    let x = input(&mut g, &mut f, &mut rng, &[1, 3, 7, 6], -1.0, 1.0);
+    let cols = g.im2col(x, geom, 0, 3, 9).unwrap();
+    let p = input(&mut g, &mut f, &mut rng, &[9, 18], -1.0, 1.0);
+    let back = g.col2im(p, geom, 3, [3, 7, 6]).unwrap();
+    let cpu = run_cpu(&g, &f, &HashMap::new(), &[cols, back]);
+    let lhs: f64 = cpu[0].iter().zip(&f[&p]).map(|(a, b)| a * b).sum();
+    let rhs: f64 = cpu[1].iter().zip(&f[&x]).map(|(a, b)| a * b).sum();
+    assert!((lhs - rhs).abs() < 1e-9, "{lhs} vs {rhs}");
+    let (gpu, _lock) = gpu();
+    let got = run_gpu(&gpu, &g, &f, &HashMap::new(), &[back]);
+    assert_close("col2im on the GPU", &got[0], &cpu[1], 1e-5, 1e-6);
+}
+
+#[test]
+fn group_norm_gradients_with_and_without_silu() {
+    let mut rng = Rng(33);
+    for (groups, silu) in [(2, false), (3, true), (1, true)] {
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let x = input(&mut g, &mut f, &mut rng, &[2, 6, 3, 5], -2.0, 3.0);
+        let gamma = input(&mut g, &mut f, &mut rng, &[6], 0.5, 1.5);
+        let beta = input(&mut g, &mut f, &mut rng, &[6], -0.5, 0.5);
+        let y = g.group_norm(x, gamma, beta, groups, 1e-5, silu).unwrap();
+        let l = weighted_loss(&mut g, &mut f, &mut rng, y);
+        grad_check(
+            &format!("group_norm {groups} groups silu {silu}"),
+            &mut g,
+            &f,
+            l,
+            &[x, gamma, beta],
+            1e-5,
+        );
+    }
+}

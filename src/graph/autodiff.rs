@@ -82,6 +82,19 @@ impl Graph {
             })
             .collect();
         if let Some(mut pads) = pads {
+            // Pieces placed at the same spot (e.g. the chunks of one sample's convolution
+            // patches) are summed first.
+            pads.sort_by_key(|p| (p.0, p.1));
+            let mut merged: Vec<(usize, usize, NodeId)> = Vec::new();
+            for p in pads {
+                match merged.last_mut() {
+                    Some(m) if m.0 == p.0 && m.1 == p.1 && self.shape(m.2) == self.shape(p.2) => {
+                        m.2 = self.add(m.2, p.2)?;
+                    }
+                    _ => merged.push(p),
+                }
+            }
+            let mut pads = merged;
             let axis = pads[0].0;
             let full = self.shape(parts[0]).to_vec();
             pads.sort_by_key(|p| p.1);
@@ -367,16 +380,78 @@ impl Graph {
                     "fused attention has no gradient: it serves inference".into(),
                 ))
             }
-            Op::GroupStats { .. } | Op::GroupApply { .. } => {
-                return Err(Error::Graph(
-                    "GroupNorm has no gradient yet: it serves inference".into(),
-                ))
+            // GroupNorm statistics are differentiated through GroupApply's rule.
+            Op::GroupStats { .. } => vec![],
+            Op::GroupApply { groups, silu } => {
+                let (x, st, gamma, beta) = (ins[0], ins[1], ins[2], ins[3]);
+                let sx = shape(self, x);
+                let (n, c, hw) = (sx[0], sx[1], sx[2] * sx[3]);
+                let g = *groups;
+                // Before the SiLU: recompute the affine output and take SiLU's derivative.
+                let dpre = if *silu {
+                    let pre = self.push(
+                        Op::GroupApply {
+                            groups: g,
+                            silu: false,
+                        },
+                        vec![x, st, gamma, beta],
+                        sx.clone(),
+                        super::DType::F32,
+                    );
+                    self.binary(BinaryOp::UnaryGrad(UnaryOp::Silu), pre, dy)?
+                } else {
+                    dy
+                };
+                // The normalized input, by the same kernel with unit scale and zero shift.
+                let ones = self.constant(1.0, &[c]);
+                let zeros = self.constant(0.0, &[c]);
+                let xhat = self.push(
+                    Op::GroupApply {
+                        groups: g,
+                        silu: false,
+                    },
+                    vec![x, st, ones, zeros],
+                    sx.clone(),
+                    super::DType::F32,
+                );
+                let per_channel = |me: &mut Graph, t: NodeId| -> Result<NodeId> {
+                    let t = me.reshape(t, &[n, c, hw])?;
+                    let t = me.reduce(ReduceOp::Sum, t, 2)?;
+                    let t = me.reduce(ReduceOp::Sum, t, 0)?;
+                    me.reshape(t, &[c])
+                };
+                let prod = self.mul(dpre, xhat)?;
+                let dgamma = per_channel(self, prod)?;
+                let dbeta = per_channel(self, dpre)?;
+                // dx per group row: LayerNorm's rule on [N * groups, C / groups * H * W] with
+                // the channel scale applied first (unit scale inside the rule).
+                let gcol = self.reshape(gamma, &[1, c, 1, 1])?;
+                let scaled = self.mul(dpre, gcol)?;
+                let k = c / g * hw;
+                let xr = self.reshape(x, &[n * g, k])?;
+                let dr = self.reshape(scaled, &[n * g, k])?;
+                let unit = self.constant(1.0, &[k]);
+                let dxr = self.push(
+                    Op::LnGrad,
+                    vec![xr, st, unit, dr],
+                    vec![n * g, k],
+                    super::DType::F32,
+                );
+                let dx = self.reshape(dxr, &sx)?;
+                vec![(x, dx), (gamma, dgamma), (beta, dbeta)]
             }
-            Op::Im2col { .. } => {
-                return Err(Error::Graph(
-                    "im2col (convolution) has no gradient yet: convolutions are inference-only"
-                        .into(),
-                ))
+            Op::Im2col {
+                geom,
+                sample,
+                first,
+            } => {
+                let sx = shape(self, ins[0]);
+                let d = self.col2im(dy, *geom, *first, [sx[1], sx[2], sx[3]])?;
+                vec![(ins[0], self.pad(d, 0, *sample, sx[0])?)]
+            }
+            Op::Col2im { geom, first } => {
+                let count = shape(self, ins[0])[0];
+                vec![(ins[0], self.im2col(dy, *geom, 0, *first, count)?)]
             }
             Op::GatherGrad
             | Op::MultiPosGrad { .. }

@@ -93,7 +93,7 @@ pub enum Op {
     /// (table [V, D], idx u32 [N]) -> [N, D].
     Gather,
     /// (x [N, C, H, W]) -> [count, C * KH * KW]: the convolution patches of output pixels
-    /// first.. of one sample (no input gradient yet).
+    /// first.. of one sample.
     Im2col {
         /// Kernel geometry.
         geom: crate::kernels::layout::Conv2d,
@@ -102,13 +102,22 @@ pub enum Op {
         /// First output pixel (row-major over Ho x Wo).
         first: usize,
     },
+    /// (patch gradient [count, C * KH * KW]) -> [1, C, H, W]: the adjoint of `Im2col` for one
+    /// sample (its input gradient).
+    Col2im {
+        /// Kernel geometry.
+        geom: crate::kernels::layout::Conv2d,
+        /// First output pixel of the patches.
+        first: usize,
+    },
     /// (q [BH, Tq, D], k [BH, Tk, D], v [BH, Tk, D]) -> softmax(q k^T * scale) v, fused with an
     /// online softmax (inference only).
     Attention {
         /// Score scale (usually D^-1/2).
         scale: f32,
     },
-    /// (x [N, C, H, W]) -> [N * groups, 2]: GroupNorm statistics (inference only).
+    /// (x [N, C, H, W]) -> [N * groups, 2]: GroupNorm statistics (mean, 1 / std); their
+    /// gradient flows through `GroupApply`'s rule.
     GroupStats {
         /// Channel groups.
         groups: usize,
@@ -116,7 +125,7 @@ pub enum Op {
         eps: f32,
     },
     /// (x [N, C, H, W], stats, gamma [C], beta [C]) -> GroupNorm output, then SiLU when
-    /// `silu` (inference only).
+    /// `silu`.
     GroupApply {
         /// Channel groups.
         groups: usize,
@@ -612,7 +621,7 @@ impl Graph {
     }
 
     /// Convolution patches of sample `sample` of x [N, C, H, W] for `count` output pixels
-    /// from `first` (row-major over Ho x Wo): [count, C * KH * KW] (no input gradient yet).
+    /// from `first` (row-major over Ho x Wo): [count, C * KH * KW].
     pub fn im2col(
         &mut self,
         x: NodeId,
@@ -649,10 +658,41 @@ impl Graph {
         ))
     }
 
+    /// The adjoint of [`Graph::im2col`]: the gradient [1, C, H, W] of one sample's image of
+    /// `dims` [C, H, W] from its patches' gradient `dy` [count, C * KH * KW] (pixels from
+    /// `first`).
+    pub fn col2im(
+        &mut self,
+        dy: NodeId,
+        geom: crate::kernels::layout::Conv2d,
+        first: usize,
+        dims: [usize; 3],
+    ) -> Result<NodeId> {
+        self.expect_f32("col2im", &[dy])?;
+        let s = self.shape(dy).to_vec();
+        let [c, h, w] = dims;
+        let bad = || {
+            Error::shape(
+                "col2im",
+                format!("{geom:?}, patches {s:?} from pixel {first} into [{c}, {h}, {w}]"),
+            )
+        };
+        let (ho, wo) = geom.out_size(h, w).ok_or_else(bad)?;
+        if s.len() != 2 || s[1] != c * geom.kh * geom.kw || s[0] == 0 || first + s[0] > ho * wo {
+            return Err(bad());
+        }
+        Ok(self.push(
+            Op::Col2im { geom, first },
+            vec![dy],
+            vec![1, c, h, w],
+            DType::F32,
+        ))
+    }
+
     /// GroupNorm over x [N, C, H, W] (statistics per sample and group of C / groups channels,
     /// biased variance, as `torch.nn.GroupNorm`) with per-channel `gamma` and `beta`, then
-    /// SiLU when `silu`. Two kernels: a workgroup reduction per group, and the apply
-    /// (inference only).
+    /// SiLU when `silu`. Two kernels: a workgroup reduction per group, and the apply. Its
+    /// gradient recomputes the normalized input and uses LayerNorm's row rule per group.
     pub fn group_norm(
         &mut self,
         x: NodeId,

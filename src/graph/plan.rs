@@ -818,6 +818,10 @@ fn lower(
             let count = node.shape[0];
             layout::im2col(xs, [s[1], s[2], s[3]], *geom, *first, count, y, caps)?
         }
+        Op::Col2im { geom, first } => {
+            let s = &node.shape;
+            layout::col2im(x(0)?, [s[1], s[2], s[3]], *geom, *first, sh(0)[0], y, caps)?
+        }
         Op::Gather => {
             let t = sh(0);
             layout::gather(x(0)?, t[0], t[1], x(1)?, y, caps)?

@@ -218,6 +218,15 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         v(1, 4 * 27),
         &caps,
     )?);
+    out.extend(layout::col2im(
+        v(0, 4 * 27),
+        [3, 5, 4],
+        g,
+        1,
+        4,
+        v(1, 3 * 5 * 4),
+        &caps,
+    )?);
     out.extend(layout::gather_grad(v(0, 2), v(1, 4), 3, 2, v(2, 6), &caps)?);
     out.extend(layout::gather_grad_csr(
         v(0, 4),

@@ -302,6 +302,58 @@ pub fn im2col(
     }])
 }
 
+/// col2im, the adjoint of [`im2col`]: the gradient y [c, h, w] of one sample's image from the
+/// gradient x [count, c * kh * kw] of its patches for output pixels [first, first + count).
+pub fn col2im(
+    x: View,
+    dims: [usize; 3],
+    g: Conv2d,
+    first: usize,
+    count: usize,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    let [c, h, w] = dims;
+    let (ho, wo) = g.out_size(h, w).ok_or_else(|| {
+        crate::Error::shape(
+            "col2im",
+            format!("kernel {g:?} does not fit a {h}x{w} input"),
+        )
+    })?;
+    if count == 0 || first + count > ho * wo {
+        return Err(crate::Error::shape(
+            "col2im",
+            format!("pixels {first}..{} of {}", first + count, ho * wo),
+        ));
+    }
+    let total = (c * h * w) as u64;
+    let (bx, ox) = bind_all(&x, caps, "patch gradient")?;
+    let (by, oy) = super::bind(&y, 0, total, caps, "col2im output")?;
+    let k = |v: usize| v.to_string();
+    Ok(vec![Dispatch {
+        key: format!(
+            "col2im_{c}x{h}x{w}_k{}x{}_s{}_p{}",
+            g.kh, g.kw, g.stride, g.pad
+        ),
+        template: "col2im",
+        subst: vec![
+            ("R", k(c * g.kh * g.kw)),
+            ("KK", k(g.kh * g.kw)),
+            ("KH", k(g.kh)),
+            ("KW", k(g.kw)),
+            ("HO", k(ho)),
+            ("WO", k(wo)),
+            ("S", k(g.stride)),
+            ("PAD", k(g.pad)),
+            ("H", k(h)),
+            ("W", k(w)),
+        ],
+        uniform: uniform(&[total as u32, ox, oy, first as u32, count as u32]),
+        bindings: vec![bx, by],
+        groups: grid(total.div_ceil(WG_1D as u64), caps)?,
+    }])
+}
+
 /// Fused attention forward: o = softmax(q k^T * scale) v with q, o [bh, tq, dh] and k, v
 /// [bh, tk, dh], one invocation per query row with an online softmax (no score matrix).
 #[allow(clippy::too_many_arguments)]

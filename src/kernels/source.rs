@@ -41,6 +41,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("fill", include_str!("../../shaders/fill.wgsl")),
     ("lincomb", include_str!("../../shaders/lincomb.wgsl")),
     ("im2col", include_str!("../../shaders/im2col.wgsl")),
+    ("col2im", include_str!("../../shaders/col2im.wgsl")),
     ("attention", include_str!("../../shaders/attention.wgsl")),
     (
         "attention_v4",
