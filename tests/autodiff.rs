@@ -439,3 +439,26 @@ fn group_norm_gradients_with_and_without_silu() {
         );
     }
 }
+
+#[test]
+fn fused_attention_gradients() {
+    let mut rng = Rng(34);
+    // Head widths for both kernels (vec4 and scalar), more keys than queries and fewer.
+    for (bh, tq, tk, d) in [(3, 5, 7, 4), (2, 6, 3, 6), (1, 9, 9, 8)] {
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let q = input(&mut g, &mut f, &mut rng, &[bh, tq, d], -1.0, 1.0);
+        let k = input(&mut g, &mut f, &mut rng, &[bh, tk, d], -1.0, 1.0);
+        let v = input(&mut g, &mut f, &mut rng, &[bh, tk, d], -1.0, 1.0);
+        let y = g.attention(q, k, v, 1.0 / (d as f32).sqrt()).unwrap();
+        let l = weighted_loss(&mut g, &mut f, &mut rng, y);
+        grad_check(
+            &format!("attention {bh}x{tq}x{tk}x{d}"),
+            &mut g,
+            &f,
+            l,
+            &[q, k, v],
+            1e-6,
+        );
+    }
+}

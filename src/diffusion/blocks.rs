@@ -146,7 +146,7 @@ pub fn timestep_features(t: f64, dim: usize, flip: bool, shift: f64) -> Vec<f32>
 
 /// Multi-head scaled dot-product attention: q [B * Tq, heads * dh], k and v [B * Tk,
 /// heads * dh] -> [B * Tq, heads * dh], through the fused online-softmax kernel (no
-/// [Tq, Tk] score matrix in memory; inference only).
+/// [Tq, Tk] score matrix in memory; differentiable: the backward recomputes the scores).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     g: &mut Graph,

@@ -375,10 +375,26 @@ impl Graph {
                 );
                 vec![(ins[0], g)]
             }
-            Op::Attention { .. } => {
-                return Err(Error::Graph(
-                    "fused attention has no gradient: it serves inference".into(),
-                ))
+            Op::Attention { scale } => {
+                // The forward keeps no score matrix: recompute the probabilities, then the
+                // unfused attention's rules (softmax(s) with s = q k^T * scale, y = p v).
+                let (q, k, v) = (ins[0], ins[1], ins[2]);
+                let s = self.matmul_t(q, k, false, true)?;
+                let s = self.affine(s, *scale, 0.0)?;
+                let p = self.softmax(s)?;
+                let dv = self.matmul_t(p, dy, true, false)?;
+                let dp = self.matmul_t(dy, v, false, true)?;
+                let ps = shape(self, p);
+                let ds = self.push(
+                    Op::RowGrad(RowOp::Softmax),
+                    vec![p, dp],
+                    ps,
+                    super::DType::F32,
+                );
+                let ds = self.affine(ds, *scale, 0.0)?;
+                let dq = self.matmul(ds, k)?;
+                let dk = self.matmul_t(ds, q, true, false)?;
+                vec![(q, dq), (k, dk), (v, dv)]
             }
             // GroupNorm statistics are differentiated through GroupApply's rule.
             Op::GroupStats { .. } => vec![],

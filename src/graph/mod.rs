@@ -111,7 +111,7 @@ pub enum Op {
         first: usize,
     },
     /// (q [BH, Tq, D], k [BH, Tk, D], v [BH, Tk, D]) -> softmax(q k^T * scale) v, fused with an
-    /// online softmax (inference only).
+    /// online softmax; its gradient recomputes the probabilities (a [Tq, Tk] matrix then).
     Attention {
         /// Score scale (usually D^-1/2).
         scale: f32,
@@ -732,7 +732,7 @@ impl Graph {
         ))
     }
 
-    /// Fused scaled dot-product attention (forward only): q [BH, Tq, D], k and v [BH, Tk, D]
+    /// Fused scaled dot-product attention (differentiable; the backward recomputes the scores): q [BH, Tq, D], k and v [BH, Tk, D]
     /// -> [BH, Tq, D], without a [Tq, Tk] score matrix in memory.
     pub fn attention(&mut self, q: NodeId, k: NodeId, v: NodeId, scale: f32) -> Result<NodeId> {
         self.expect_f32("attention", &[q, k, v])?;
