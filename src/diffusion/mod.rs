@@ -1,5 +1,6 @@
-//! Stable Diffusion sampling (issue 4). So far: the noise schedules and the samplers of
-//! diffusers (DDIM, PNDM/PLMS, Euler, Euler ancestral, DPM-Solver++(2M) with and without Karras
+//! Stable Diffusion: model loading (diffusers folders and single files), the text encoder,
+//! UNet and VAE graphs, training of those components ([`training`]), and sampling with the
+//! noise schedules and samplers of diffusers (DDIM, PNDM/PLMS, Euler, Euler ancestral, DPM-Solver++(2M) with and without Karras
 //! sigmas), configured from a `scheduler_config.json`. Each sampler step is expressed as a short
 //! program of linear combinations over the latent, the model output, the step's noise and a few
 //! history buffers ([`sampler::Assign`]), so that the same program can run on the host (the
@@ -14,5 +15,6 @@ pub mod schedule;
 pub mod single_file;
 pub mod split;
 pub mod text_encoder;
+pub mod training;
 pub mod unet;
 pub mod vae;

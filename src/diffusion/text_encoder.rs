@@ -205,6 +205,75 @@ pub fn convert(
     Ok(out)
 }
 
+/// The inverse of [`convert`]: internal tensors under `prefix` -> transformers' names
+/// (`text_model.*`, q/k/v split), for writing a `text_encoder/` folder.
+pub fn to_transformers(ck: &Checkpoint, cfg: &ClipTextConfig, prefix: &str) -> Result<Checkpoint> {
+    let d = cfg.hidden_size;
+    let get = |name: &str| -> Result<&HostTensor> {
+        let full = format!("{prefix}{name}");
+        ck.tensors
+            .get(&full)
+            .ok_or_else(|| Error::Config(format!("text encoder: tensor '{full}' is missing")))
+    };
+    let mut out = Checkpoint::default();
+    let mut put = |name: String, t: HostTensor| {
+        out.tensors.insert(format!("text_model.{name}"), t);
+    };
+    put(
+        "embeddings.token_embedding.weight".into(),
+        get("token_embedding.weight")?.clone(),
+    );
+    put(
+        "embeddings.position_embedding.weight".into(),
+        get("positional_embedding")?.clone(),
+    );
+    for l in 0..cfg.num_hidden_layers {
+        let hf = |n: &str| format!("encoder.layers.{l}.{n}");
+        let ours = |n: &str| format!("transformer.resblocks.{l}.{n}");
+        let w = get(&ours("attn.in_proj_weight"))?;
+        let b = get(&ours("attn.in_proj_bias"))?;
+        for (k, p) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            put(
+                hf(&format!("self_attn.{p}.weight")),
+                HostTensor {
+                    shape: vec![d, d],
+                    data: w.data[k * d * d..(k + 1) * d * d].to_vec(),
+                },
+            );
+            put(
+                hf(&format!("self_attn.{p}.bias")),
+                HostTensor {
+                    shape: vec![d],
+                    data: b.data[k * d..(k + 1) * d].to_vec(),
+                },
+            );
+        }
+        for (h, o) in [
+            ("self_attn.out_proj.weight", "attn.out_proj.weight"),
+            ("self_attn.out_proj.bias", "attn.out_proj.bias"),
+            ("layer_norm1.weight", "ln_1.weight"),
+            ("layer_norm1.bias", "ln_1.bias"),
+            ("layer_norm2.weight", "ln_2.weight"),
+            ("layer_norm2.bias", "ln_2.bias"),
+            ("mlp.fc1.weight", "mlp.c_fc.weight"),
+            ("mlp.fc1.bias", "mlp.c_fc.bias"),
+            ("mlp.fc2.weight", "mlp.c_proj.weight"),
+            ("mlp.fc2.bias", "mlp.c_proj.bias"),
+        ] {
+            put(hf(h), get(&ours(o))?.clone());
+        }
+    }
+    put(
+        "final_layer_norm.weight".into(),
+        get("ln_final.weight")?.clone(),
+    );
+    put(
+        "final_layer_norm.bias".into(),
+        get("ln_final.bias")?.clone(),
+    );
+    Ok(out)
+}
+
 /// The encoder for `batch` prompts of `tokens` ids (at most `max_position_embeddings`):
 /// returns the last hidden state [batch * tokens, width] and the u32 ids input
 /// `"{prefix}ids"` [batch * tokens]. Parameters are read under `prefix`.

@@ -175,6 +175,23 @@ pub fn unet_on(
     sample: NodeId,
     tokens: usize,
 ) -> Result<(NodeId, UNetInputs)> {
+    let batch = g.shape(sample).first().copied().unwrap_or(0);
+    let context = g.input(
+        &format!("{prefix}context"),
+        &[batch * tokens, c.cross_attention_dim],
+    );
+    unet_conditioned(g, c, prefix, sample, context)
+}
+
+/// [`unet_on`] with computed text states `context` [B * tokens, cross_attention_dim] (the
+/// text encoder's output when both are trained together).
+pub fn unet_conditioned(
+    g: &mut Graph,
+    c: &UNetConfig,
+    prefix: &str,
+    sample: NodeId,
+    context: NodeId,
+) -> Result<(NodeId, UNetInputs)> {
     let s = g.shape(sample).to_vec();
     if s.len() != 4 || s[1] != c.in_channels {
         return Err(Error::Config(format!(
@@ -194,7 +211,14 @@ pub fn unet_on(
     let ch0 = c.block_out_channels[0];
     let tdim = 4 * ch0;
     let time = g.input(&p("time"), &[batch, ch0]);
-    let context = g.input(&p("context"), &[batch * tokens, c.cross_attention_dim]);
+    let cs = g.shape(context).to_vec();
+    if cs.len() != 2 || cs[1] != c.cross_attention_dim || cs[0] == 0 || cs[0] % batch != 0 {
+        return Err(Error::Config(format!(
+            "the UNet's text states must be [{batch} * tokens, {}], got {cs:?}",
+            c.cross_attention_dim
+        )));
+    }
+    let tokens = cs[0] / batch;
     let t = linear(g, &p("time_embedding.linear_1."), time, ch0, tdim)?;
     let t = g.unary(UnaryOp::Silu, t)?;
     let temb = linear(g, &p("time_embedding.linear_2."), t, tdim, tdim)?;

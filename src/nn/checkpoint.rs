@@ -203,28 +203,35 @@ impl Checkpoint {
         Ok(t)
     }
 
-    /// Writes all tensors as f32 with the metadata, atomically: a temporary file in the same
-    /// folder, then a rename, so a crash never leaves a half-written checkpoint.
+    /// Writes the tensors with the metadata, atomically: a temporary file in the same folder,
+    /// then a rename, so a crash never leaves a half-written checkpoint. Tensors named in
+    /// `f16_names` are stored as f16 (rounded to nearest even), the rest as f32.
     pub fn save(&self, path: &Path) -> Result<()> {
         let io = |e: std::io::Error| Error::Io {
             path: path.display().to_string(),
             source: e,
         };
-        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = self
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = self
             .tensors
             .iter()
             .map(|(k, t)| {
-                (
-                    k.clone(),
-                    t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    t.shape.clone(),
-                )
+                if self.f16_names.contains(k) {
+                    let b = t
+                        .data
+                        .iter()
+                        .flat_map(|&v| f32_to_f16(v).to_le_bytes())
+                        .collect();
+                    (k.clone(), b, t.shape.clone(), safetensors::Dtype::F16)
+                } else {
+                    let b = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    (k.clone(), b, t.shape.clone(), safetensors::Dtype::F32)
+                }
             })
             .collect();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
             .iter()
-            .map(|(k, b, s)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+            .map(|(k, b, s, dt)| {
+                safetensors::tensor::TensorView::new(*dt, s.clone(), b)
                     .map(|v| (k.clone(), v))
                     .map_err(|e| Error::Config(format!("tensor '{k}': {e}")))
             })

@@ -36,6 +36,28 @@ pub fn save(store: &ParamStore, config: &serde_json::Value, step: u64, path: &Pa
     ck.save(path)
 }
 
+/// The tensors `names` of `store` read back to the host (parameters without the optimizer's
+/// moments, for example).
+pub fn tensors<'a>(
+    store: &ParamStore,
+    names: impl IntoIterator<Item = &'a String>,
+) -> Result<Checkpoint> {
+    let mut ck = Checkpoint::default();
+    for name in names {
+        let t = store
+            .get(name)
+            .ok_or_else(|| Error::Config(format!("no tensor '{name}' in the parameter store")))?;
+        ck.tensors.insert(
+            name.clone(),
+            HostTensor {
+                shape: t.shape.clone(),
+                data: t.read_f32()?,
+            },
+        );
+    }
+    Ok(ck)
+}
+
 /// Loads a training checkpoint into `store`; returns (config, step). Checkpoints without
 /// metadata (converted official weights) give `Value::Null` and step 0.
 pub fn load(
