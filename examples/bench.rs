@@ -2,7 +2,8 @@
 //!   cargo run --release --example bench -- [FILTER...] [--size N] [--reps N]
 //! FILTER selects cases by substring: `matmul`, `matmul_variants`, `mlp_step`, `vit-train`,
 //! `chain`, `sd-unet`, `sd-vae` (SD 1.5's real shapes with random weights at `--size`,
-//! default 256; not run without a filter). `BENCH_PROFILE=1` adds a per-kernel breakdown of
+//! default 256; not run without a filter); `world-sd` (one training step of each stage of the
+//! built-in mini-world model). `BENCH_PROFILE=1` adds a per-kernel breakdown of
 //! `vit-train` and the SD cases; `BENCH_F16=1` stores the SD UNet's weights in f16.
 
 use std::sync::Arc;
@@ -342,6 +343,89 @@ fn sd_bench(
     Ok(())
 }
 
+/// One training step of each stage of the built-in mini-world model (the VAE, then the text
+/// encoder and UNet) at the recipe's batch sizes, with random inputs: ms per step, and with
+/// `BENCH_PROFILE=1` the 15 costliest kernels.
+fn world_sd_bench(gpu: &Arc<Gpu>, adapter: &str, reps: usize) -> stablerep::Result<()> {
+    use stablerep::diffusion::training::{denoise_step, init_params, vae_step};
+    use stablerep::graph::adam_hyper;
+    let r = stablerep::world::train_sd::Recipe::builtin();
+    let (ucfg, vcfg, tcfg) = r.spec.parsed()?;
+    let adamw = stablerep::kernels::optim::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        clamp: None,
+    };
+    let size = r.spec.image_size;
+    let lat = size / vcfg.downscale();
+    let vs = vae_step(&vcfg, r.vae.batch, size, r.kl_weight, &adamw)?;
+    let ds = denoise_step(&ucfg, &tcfg, r.denoiser.batch, lat, 77, &adamw)?;
+    for (name, g, loss, hyper) in [
+        ("world-sd-vae", &vs.graph, vs.loss, vs.hyper),
+        ("world-sd-denoiser", &ds.graph, ds.loss, ds.hyper),
+    ] {
+        let mut store = ParamStore::new();
+        for (n, t) in init_params(g, 0).tensors {
+            store.set(gpu, &n, &t.shape, &t.data)?;
+        }
+        let plan = Plan::compile(gpu, g, &[loss], &mut store, PlanOptions::default())?;
+        for node in 0..g.nodes.len() {
+            let id = stablerep::graph::NodeId(node);
+            if g.node(id).op != stablerep::graph::Op::Input || id == hyper {
+                continue;
+            }
+            let n: usize = g.shape(id).iter().product();
+            if g.node(id).dtype == stablerep::graph::DType::U32 {
+                continue;
+            } else {
+                let v: Vec<f32> = (0..n)
+                    .map(|k| ((k * 37 % 101) as f32 / 101.0) - 0.5)
+                    .collect();
+                plan.write(id, &v)?;
+            }
+        }
+        if name == "world-sd-denoiser" {
+            let ids: Vec<u32> = (0..r.denoiser.batch * 77)
+                .map(|i| (i % 300) as u32)
+                .collect();
+            let (offsets, rows) =
+                stablerep::kernels::layout::embedding_index(&ids, tcfg.vocab_size);
+            plan.write_u32(ds.ids, &ids)?;
+            plan.write_u32(ds.offsets, &offsets)?;
+            plan.write_u32(ds.rows, &rows)?;
+        }
+        plan.write(hyper, &adam_hyper(1e-4, &adamw, 1))?;
+        plan.run_fetch(&[loss])?;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t = Instant::now();
+            plan.run()?;
+            gpu.wait()?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        if std::env::var("BENCH_PROFILE").is_ok() {
+            let mut prof = plan.profile()?;
+            prof.sort_by(|a, b| b.1.total_cmp(&a.1));
+            for (key, secs, count) in prof.into_iter().take(15) {
+                println!(
+                    "{}",
+                    json!({"bench": format!("{name}_profile"), "kernel": key, "ms": (secs * 1e4).round() / 10.0, "dispatches": count})
+                );
+            }
+        }
+        let st = plan.stats();
+        println!(
+            "{}",
+            json!({"bench": name, "adapter": adapter, "ms_median": times[reps / 2].round(), "ms_min": times[0].round(),
+                   "runs": reps, "dispatches": st.dispatches, "planned_bytes": st.peak_bytes})
+        );
+    }
+    Ok(())
+}
+
 fn main() -> stablerep::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error")).init();
     let a = args();
@@ -515,6 +599,10 @@ fn main() -> stablerep::Result<()> {
                 json!({"bench": "attention", "adapter": adapter, "bh": bh, "tokens": t, "head_dim": d, "ms": ms.round(), "gflops": (gflop / ms * 1e4).round() / 10.0, "kernel": plan.kernel_keys()})
             );
         }
+    }
+    if a.filters.iter().any(|f| f == "world-sd") {
+        let reps = if a.reps > 0 { a.reps } else { 3 };
+        world_sd_bench(&gpu, &adapter, reps)?;
     }
     // The SD cases take minutes on a software adapter: only when asked for.
     for which in ["sd-unet", "sd-vae"] {

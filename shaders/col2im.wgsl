@@ -1,5 +1,6 @@
-// col2im, the adjoint of im2col: the gradient of one sample's image x [C, H, W] from the
-// gradient of its patches cols [count, C * KH * KW] for output pixels first..first+count.
+// col2im, the adjoint of im2col: the gradient of consecutive samples' images [samples, C, H, W]
+// from the gradient of their patches cols [samples * count, C * KH * KW] for output pixels
+// first..first+count of each.
 // Gather form (no atomics): one invocation per image element sums the patch entries that read
 // it, i.e. every kernel offset (ky, kx) whose output pixel ((iy + PAD - ky) / S, (ix + PAD -
 // kx) / S) divides evenly, lies in the output and in the pixel range.
@@ -20,7 +21,8 @@ struct Params {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = (wg.x + wg.y * nwg.x) * 256u + lid.x;
     if (i >= p.total) { return; }
-    let c = i / ({{H}}u * {{W}}u);
+    let s = i / {{CHW}}u;
+    let c = (i % {{CHW}}u) / ({{H}}u * {{W}}u);
     let iy = i32((i / {{W}}u) % {{H}}u);
     let ix = i32(i % {{W}}u);
     var acc = 0.0;
@@ -37,7 +39,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             let px = u32(oy * {{WO}} + ox);
             if (px < p.first || px >= p.first + p.count) { continue; }
             let r = c * {{KK}}u + u32(ky * {{KW}} + kx);
-            acc += xs[p.off_x + (px - p.first) * {{R}}u + r];
+            acc += xs[p.off_x + (s * p.count + px - p.first) * {{R}}u + r];
         }
     }
     ys[p.off_y + i] = acc;

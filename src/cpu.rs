@@ -368,7 +368,8 @@ pub fn eval(
             }
             Op::Im2col {
                 geom: g,
-                sample: nn,
+                sample,
+                samples,
                 first,
             } => {
                 let x = get(0);
@@ -376,35 +377,40 @@ pub fn eval(
                 let (c, h, w) = (s[1], s[2], s[3]);
                 let (_, wo) = g.out_size(h, w).expect("checked when built");
                 let r = c * g.kh * g.kw;
+                let count = n / r / samples;
                 let mut y = vec![0.0; n];
                 for (i, v) in y.iter_mut().enumerate() {
-                    let (px, rr) = (first + i / r, i % r);
+                    let (nn, j, rr) = (sample + i / (count * r), i / r % count, i % r);
+                    let px = first + j;
                     let (ch, k) = (rr / (g.kh * g.kw), rr % (g.kh * g.kw));
                     let iy = ((px / wo) * g.stride + k / g.kw) as isize - g.pad as isize;
                     let ix = ((px % wo) * g.stride + k % g.kw) as isize - g.pad as isize;
                     if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
-                        *v = x[((*nn * c + ch) * h + iy as usize) * w + ix as usize];
+                        *v = x[((nn * c + ch) * h + iy as usize) * w + ix as usize];
                     }
                 }
                 Some(y)
             }
             Op::Col2im { geom: g, first } => {
                 let d = get(0);
-                let count = sh(0)[0];
                 let s = &node.shape;
-                let (c, h, w) = (s[1], s[2], s[3]);
+                let (ns, c, h, w) = (s[0], s[1], s[2], s[3]);
                 let (_, wo) = g.out_size(h, w).expect("checked when built");
                 let r = c * g.kh * g.kw;
+                let count = sh(0)[0] / ns;
                 let mut y = vec![0.0; n];
                 // Scatter each patch entry back to the pixel im2col read it from.
-                for j in 0..count {
-                    let px = first + j;
-                    for rr in 0..r {
-                        let (ch, k) = (rr / (g.kh * g.kw), rr % (g.kh * g.kw));
-                        let iy = ((px / wo) * g.stride + k / g.kw) as isize - g.pad as isize;
-                        let ix = ((px % wo) * g.stride + k % g.kw) as isize - g.pad as isize;
-                        if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
-                            y[(ch * h + iy as usize) * w + ix as usize] += d[j * r + rr];
+                for smp in 0..ns {
+                    for j in 0..count {
+                        let px = first + j;
+                        for rr in 0..r {
+                            let (ch, k) = (rr / (g.kh * g.kw), rr % (g.kh * g.kw));
+                            let iy = ((px / wo) * g.stride + k / g.kw) as isize - g.pad as isize;
+                            let ix = ((px % wo) * g.stride + k % g.kw) as isize - g.pad as isize;
+                            if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
+                                y[((smp * c + ch) * h + iy as usize) * w + ix as usize] +=
+                                    d[(smp * count + j) * r + rr];
+                            }
                         }
                     }
                 }

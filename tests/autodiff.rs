@@ -365,19 +365,22 @@ fn multi_positive_loss_gradient() {
 #[test]
 fn convolution_gradients_through_im2col_and_its_chunks() {
     let mut rng = Rng(31);
-    // Strides, padding, 1x1 and a 3x3 on a non-square input; a tiny patch limit splits each
-    // sample's patches into several chunks whose gradients meet in one image.
+    // Strides, padding, 1x1 and a 3x3 on a non-square input. The patch limit picks the path:
+    // 0 (32 MiB) batches all samples in one im2col, 4400 bytes groups two of three samples,
+    // 200 splits each sample's patches into single-pixel chunks whose gradients meet in one
+    // image.
     for (k, stride, pad, limit) in [
         (3, 1, 1, 0),
         (3, 2, 1, 0),
         (3, 1, 1, 200),
+        (3, 1, 1, 4400),
         (1, 1, 0, 0),
         (2, 2, 0, 96),
     ] {
         let mut g = Graph::new();
         g.conv_patch_bytes = limit;
         let mut f = Feeds::new();
-        let x = input(&mut g, &mut f, &mut rng, &[2, 3, 5, 4], -1.0, 1.0);
+        let x = input(&mut g, &mut f, &mut rng, &[3, 3, 5, 4], -1.0, 1.0);
         let w = input(&mut g, &mut f, &mut rng, &[4, 3, k, k], -0.5, 0.5);
         let b = input(&mut g, &mut f, &mut rng, &[4], -0.5, 0.5);
         let y = g.conv2d(x, w, Some(b), stride, pad).unwrap();
@@ -405,13 +408,18 @@ fn col2im_is_the_adjoint_of_im2col() {
     };
     let mut g = Graph::new();
     let mut f = Feeds::new();
-    let x = input(&mut g, &mut f, &mut rng, &[1, 3, 7, 6], -1.0, 1.0);
-    let cols = g.im2col(x, geom, 0, 3, 9).unwrap();
-    let p = input(&mut g, &mut f, &mut rng, &[9, 18], -1.0, 1.0);
-    let back = g.col2im(p, geom, 3, [3, 7, 6]).unwrap();
+    // Samples 1 and 2 of three, pixels 3..12 of each.
+    let x = input(&mut g, &mut f, &mut rng, &[3, 3, 7, 6], -1.0, 1.0);
+    let cols = g.im2col(x, geom, 1, 2, 3, 9).unwrap();
+    let p = input(&mut g, &mut f, &mut rng, &[18, 18], -1.0, 1.0);
+    let back = g.col2im(p, geom, 3, 2, [3, 7, 6]).unwrap();
     let cpu = run_cpu(&g, &f, &HashMap::new(), &[cols, back]);
     let lhs: f64 = cpu[0].iter().zip(&f[&p]).map(|(a, b)| a * b).sum();
-    let rhs: f64 = cpu[1].iter().zip(&f[&x]).map(|(a, b)| a * b).sum();
+    let rhs: f64 = cpu[1]
+        .iter()
+        .zip(&f[&x][3 * 7 * 6..])
+        .map(|(a, b)| a * b)
+        .sum();
     assert!((lhs - rhs).abs() < 1e-9, "{lhs} vs {rhs}");
     let (gpu, _lock) = gpu();
     let got = run_gpu(&gpu, &g, &f, &HashMap::new(), &[back]);

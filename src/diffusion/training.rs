@@ -22,7 +22,7 @@ pub const TEXT_PREFIX: &str = "text.";
 /// them: conv and linear weights uniform(+-1/sqrt(fan_in)), biases 0, norm scales 1 (every
 /// 1-D `*weight`), token embeddings N(0, 0.02), position embeddings N(0, 0.01).
 pub fn init_params(g: &Graph, seed: u64) -> Checkpoint {
-    let mut rng = Rng(seed ^ 0x1417_5D);
+    let mut rng = Rng(seed ^ 0x0014_175D);
     let mut ck = Checkpoint::default();
     for n in &g.nodes {
         if n.op != Op::Param {

@@ -212,7 +212,8 @@ pub fn unet_conditioned(
     let tdim = 4 * ch0;
     let time = g.input(&p("time"), &[batch, ch0]);
     let cs = g.shape(context).to_vec();
-    if cs.len() != 2 || cs[1] != c.cross_attention_dim || cs[0] == 0 || cs[0] % batch != 0 {
+    if cs.len() != 2 || cs[1] != c.cross_attention_dim || cs[0] == 0 || !cs[0].is_multiple_of(batch)
+    {
         return Err(Error::Config(format!(
             "the UNet's text states must be [{batch} * tokens, {}], got {cs:?}",
             c.cross_attention_dim

@@ -459,15 +459,17 @@ impl Graph {
             Op::Im2col {
                 geom,
                 sample,
+                samples,
                 first,
             } => {
                 let sx = shape(self, ins[0]);
-                let d = self.col2im(dy, *geom, *first, [sx[1], sx[2], sx[3]])?;
+                let d = self.col2im(dy, *geom, *first, *samples, [sx[1], sx[2], sx[3]])?;
                 vec![(ins[0], self.pad(d, 0, *sample, sx[0])?)]
             }
             Op::Col2im { geom, first } => {
-                let count = shape(self, ins[0])[0];
-                vec![(ins[0], self.im2col(dy, *geom, 0, *first, count)?)]
+                let rows = shape(self, ins[0])[0];
+                let ns = shape(self, y)[0];
+                vec![(ins[0], self.im2col(dy, *geom, 0, ns, *first, rows / ns)?)]
             }
             Op::GatherGrad
             | Op::MultiPosGrad { .. }

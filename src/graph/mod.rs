@@ -92,18 +92,20 @@ pub enum Op {
     },
     /// (table [V, D], idx u32 [N]) -> [N, D].
     Gather,
-    /// (x [N, C, H, W]) -> [count, C * KH * KW]: the convolution patches of output pixels
-    /// first.. of one sample.
+    /// (x [N, C, H, W]) -> [samples * count, C * KH * KW]: the convolution patches of output
+    /// pixels first..first + count of samples sample..sample + samples (sample-major).
     Im2col {
         /// Kernel geometry.
         geom: crate::kernels::layout::Conv2d,
-        /// Which sample of the batch.
+        /// First sample of the batch.
         sample: usize,
+        /// Consecutive samples.
+        samples: usize,
         /// First output pixel (row-major over Ho x Wo).
         first: usize,
     },
-    /// (patch gradient [count, C * KH * KW]) -> [1, C, H, W]: the adjoint of `Im2col` for one
-    /// sample (its input gradient).
+    /// (patch gradient [samples * count, C * KH * KW]) -> [samples, C, H, W]: the adjoint of
+    /// `Im2col` (its input gradient for those samples).
     Col2im {
         /// Kernel geometry.
         geom: crate::kernels::layout::Conv2d,
@@ -620,13 +622,15 @@ impl Graph {
         Ok(self.push(Op::Pad { axis, start }, vec![x], s, DType::F32))
     }
 
-    /// Convolution patches of sample `sample` of x [N, C, H, W] for `count` output pixels
-    /// from `first` (row-major over Ho x Wo): [count, C * KH * KW].
+    /// Convolution patches of samples `sample..sample + samples` of x [N, C, H, W] for `count`
+    /// output pixels from `first` (row-major over Ho x Wo): [samples * count, C * KH * KW],
+    /// sample-major.
     pub fn im2col(
         &mut self,
         x: NodeId,
         geom: crate::kernels::layout::Conv2d,
         sample: usize,
+        samples: usize,
         first: usize,
         count: usize,
     ) -> Result<NodeId> {
@@ -635,21 +639,25 @@ impl Graph {
         let bad = || {
             Error::shape(
                 "im2col",
-                format!("{geom:?} on an input of shape {s:?} (want [N, C, H, W])"),
+                format!(
+                    "{geom:?}, samples {sample}..+{samples}, pixels {first}..+{count} on an \
+                     input of shape {s:?} (want [N, C, H, W])"
+                ),
             )
         };
-        if s.len() != 4 || sample >= s[0] {
+        if s.len() != 4 || samples == 0 || sample + samples > s[0] {
             return Err(bad());
         }
         let (ho, wo) = geom.out_size(s[2], s[3]).ok_or_else(bad)?;
         if count == 0 || first + count > ho * wo {
             return Err(bad());
         }
-        let out = vec![count, s[1] * geom.kh * geom.kw];
+        let out = vec![samples * count, s[1] * geom.kh * geom.kw];
         Ok(self.push(
             Op::Im2col {
                 geom,
                 sample,
+                samples,
                 first,
             },
             vec![x],
@@ -658,14 +666,15 @@ impl Graph {
         ))
     }
 
-    /// The adjoint of [`Graph::im2col`]: the gradient [1, C, H, W] of one sample's image of
-    /// `dims` [C, H, W] from its patches' gradient `dy` [count, C * KH * KW] (pixels from
-    /// `first`).
+    /// The adjoint of [`Graph::im2col`]: the gradient [samples, C, H, W] of the images of
+    /// `dims` [C, H, W] from their patches' gradient `dy` [samples * count, C * KH * KW]
+    /// (pixels from `first`).
     pub fn col2im(
         &mut self,
         dy: NodeId,
         geom: crate::kernels::layout::Conv2d,
         first: usize,
+        samples: usize,
         dims: [usize; 3],
     ) -> Result<NodeId> {
         self.expect_f32("col2im", &[dy])?;
@@ -674,17 +683,26 @@ impl Graph {
         let bad = || {
             Error::shape(
                 "col2im",
-                format!("{geom:?}, patches {s:?} from pixel {first} into [{c}, {h}, {w}]"),
+                format!(
+                    "{geom:?}, patches {s:?} of {samples} samples from pixel {first} into \
+                     [{c}, {h}, {w}]"
+                ),
             )
         };
         let (ho, wo) = geom.out_size(h, w).ok_or_else(bad)?;
-        if s.len() != 2 || s[1] != c * geom.kh * geom.kw || s[0] == 0 || first + s[0] > ho * wo {
+        if s.len() != 2
+            || samples == 0
+            || s[0] == 0
+            || !s[0].is_multiple_of(samples)
+            || s[1] != c * geom.kh * geom.kw
+            || first + s[0] / samples > ho * wo
+        {
             return Err(bad());
         }
         Ok(self.push(
             Op::Col2im { geom, first },
             vec![dy],
-            vec![1, c, h, w],
+            vec![samples, c, h, w],
             DType::F32,
         ))
     }
@@ -796,33 +814,60 @@ impl Graph {
             0 => CONV_PATCH_BYTES,
             b => b,
         };
-        // Chunks of a multiple of 64 pixels keep the matmul's output rows vec4-aligned.
-        let mut chunk = (limit / (4 * k)).clamp(1, pixels);
-        if chunk < pixels && chunk >= 64 {
-            chunk -= chunk % 64;
-        }
-        let mut samples = Vec::with_capacity(n);
-        for s in 0..n {
-            let y = if pointwise {
-                let xs = self.slice(x, 0, s, 1)?;
-                let xs = self.reshape(xs, &[c, pixels])?;
-                self.matmul(w2, xs)?
-            } else {
-                let mut parts = Vec::new();
-                for first in (0..pixels).step_by(chunk) {
-                    let cols = self.im2col(x, geom, s, first, chunk.min(pixels - first))?;
-                    parts.push(self.matmul_t(w2, cols, false, true)?);
-                }
-                match parts[..] {
-                    [one] => one,
-                    _ => self.concat(&parts, 1)?,
-                }
-            };
-            samples.push(self.reshape(y, &[1, o, ho, wo])?);
-        }
-        let y = match samples[..] {
-            [one] => one,
-            _ => self.concat(&samples, 0)?,
+        let per_sample = 4 * k * pixels;
+        let group = if pointwise { 0 } else { limit / per_sample };
+        let y = if pointwise && n >= 2 {
+            // A 1x1 convolution of a batch: tokens-major, one matmul with the shared weight.
+            let xs = self.reshape(x, &[n, c, pixels])?;
+            let xs = self.permute(xs, &[0, 2, 1])?;
+            let y = self.matmul_t(xs, w2, false, true)?;
+            let y = self.permute(y, &[0, 2, 1])?;
+            self.reshape(y, &[n, o, ho, wo])?
+        } else if group >= 2 {
+            // Whole samples, several at a time: one im2col, one matmul with the shared weight
+            // and one permute per group (few dispatches, which is what small images need).
+            let mut groups = Vec::new();
+            for s0 in (0..n).step_by(group) {
+                let ns = group.min(n - s0);
+                let cols = self.im2col(x, geom, s0, ns, 0, pixels)?;
+                let cols = self.reshape(cols, &[ns, pixels, k])?;
+                let y = self.matmul_t(cols, w2, false, true)?;
+                let y = self.permute(y, &[0, 2, 1])?;
+                groups.push(self.reshape(y, &[ns, o, ho, wo])?);
+            }
+            match groups[..] {
+                [one] => one,
+                _ => self.concat(&groups, 0)?,
+            }
+        } else {
+            // Chunks of a multiple of 64 pixels keep the matmul's output rows vec4-aligned.
+            let mut chunk = (limit / (4 * k)).clamp(1, pixels);
+            if chunk < pixels && chunk >= 64 {
+                chunk -= chunk % 64;
+            }
+            let mut samples = Vec::with_capacity(n);
+            for s in 0..n {
+                let y = if pointwise {
+                    let xs = self.slice(x, 0, s, 1)?;
+                    let xs = self.reshape(xs, &[c, pixels])?;
+                    self.matmul(w2, xs)?
+                } else {
+                    let mut parts = Vec::new();
+                    for first in (0..pixels).step_by(chunk) {
+                        let cols = self.im2col(x, geom, s, 1, first, chunk.min(pixels - first))?;
+                        parts.push(self.matmul_t(w2, cols, false, true)?);
+                    }
+                    match parts[..] {
+                        [one] => one,
+                        _ => self.concat(&parts, 1)?,
+                    }
+                };
+                samples.push(self.reshape(y, &[1, o, ho, wo])?);
+            }
+            match samples[..] {
+                [one] => one,
+                _ => self.concat(&samples, 0)?,
+            }
         };
         match bias {
             Some(b) => {

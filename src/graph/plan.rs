@@ -810,17 +810,36 @@ fn lower(
         Op::Im2col {
             geom,
             sample,
+            samples,
             first,
         } => {
             let s = sh(0);
             let chw = (s[1] * s[2] * s[3]) as u64;
-            let xs = x(0)?.sub(*sample as u64 * chw, chw);
-            let count = node.shape[0];
-            layout::im2col(xs, [s[1], s[2], s[3]], *geom, *first, count, y, caps)?
+            let xs = x(0)?.sub(*sample as u64 * chw, *samples as u64 * chw);
+            let count = node.shape[0] / samples;
+            layout::im2col(
+                xs,
+                [s[1], s[2], s[3]],
+                *geom,
+                *first,
+                count,
+                *samples,
+                y,
+                caps,
+            )?
         }
         Op::Col2im { geom, first } => {
             let s = &node.shape;
-            layout::col2im(x(0)?, [s[1], s[2], s[3]], *geom, *first, sh(0)[0], y, caps)?
+            layout::col2im(
+                x(0)?,
+                [s[1], s[2], s[3]],
+                *geom,
+                *first,
+                sh(0)[0] / s[0],
+                s[0],
+                y,
+                caps,
+            )?
         }
         Op::Gather => {
             let t = sh(0);

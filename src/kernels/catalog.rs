@@ -210,21 +210,23 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         pad: 1,
     };
     out.extend(layout::im2col(
-        v(0, 3 * 5 * 4),
+        v(0, 2 * 3 * 5 * 4),
         [3, 5, 4],
         g,
         1,
         4,
-        v(1, 4 * 27),
+        2,
+        v(1, 2 * 4 * 27),
         &caps,
     )?);
     out.extend(layout::col2im(
-        v(0, 4 * 27),
+        v(0, 2 * 4 * 27),
         [3, 5, 4],
         g,
         1,
         4,
-        v(1, 3 * 5 * 4),
+        2,
+        v(1, 2 * 3 * 5 * 4),
         &caps,
     )?);
     out.extend(layout::gather_grad(v(0, 2), v(1, 4), 3, 2, v(2, 6), &caps)?);

@@ -251,14 +251,16 @@ impl Conv2d {
     }
 }
 
-/// im2col of one sample x [c, h, w] for output pixels [first, first + count):
-/// y [count, c * kh * kw] (zeros outside the image).
+/// im2col of `samples` consecutive samples x [samples, c, h, w] for output pixels
+/// [first, first + count) of each: y [samples * count, c * kh * kw] (zeros outside the image).
+#[allow(clippy::too_many_arguments)]
 pub fn im2col(
     x: View,
     dims: [usize; 3],
     g: Conv2d,
     first: usize,
     count: usize,
+    samples: usize,
     y: View,
     caps: &Caps,
 ) -> Result<Vec<Dispatch>> {
@@ -269,14 +271,18 @@ pub fn im2col(
             format!("kernel {g:?} does not fit a {h}x{w} input"),
         )
     })?;
-    if first + count > ho * wo {
+    if first + count > ho * wo || samples == 0 {
         return Err(crate::Error::shape(
             "im2col",
-            format!("pixels {first}..{} of {}", first + count, ho * wo),
+            format!(
+                "pixels {first}..{} of {} in {samples} samples",
+                first + count,
+                ho * wo
+            ),
         ));
     }
     let r = c * g.kh * g.kw;
-    let total = (count * r) as u64;
+    let total = (samples * count * r) as u64;
     let (bx, ox) = bind_all(&x, caps, "convolution input")?;
     let (by, oy) = super::bind(&y, 0, total, caps, "im2col output")?;
     let k = |v: usize| v.to_string();
@@ -295,21 +301,25 @@ pub fn im2col(
             ("PAD", k(g.pad)),
             ("H", k(h)),
             ("W", k(w)),
+            ("CHW", k(c * h * w)),
         ],
-        uniform: uniform(&[total as u32, ox, oy, first as u32]),
+        uniform: uniform(&[total as u32, ox, oy, first as u32, (count * r) as u32]),
         bindings: vec![bx, by],
         groups: grid(total.div_ceil(WG_1D as u64), caps)?,
     }])
 }
 
-/// col2im, the adjoint of [`im2col`]: the gradient y [c, h, w] of one sample's image from the
-/// gradient x [count, c * kh * kw] of its patches for output pixels [first, first + count).
+/// col2im, the adjoint of [`im2col`]: the gradient y [samples, c, h, w] of the images from
+/// the gradient x [samples * count, c * kh * kw] of their patches for output pixels
+/// [first, first + count).
+#[allow(clippy::too_many_arguments)]
 pub fn col2im(
     x: View,
     dims: [usize; 3],
     g: Conv2d,
     first: usize,
     count: usize,
+    samples: usize,
     y: View,
     caps: &Caps,
 ) -> Result<Vec<Dispatch>> {
@@ -320,13 +330,17 @@ pub fn col2im(
             format!("kernel {g:?} does not fit a {h}x{w} input"),
         )
     })?;
-    if count == 0 || first + count > ho * wo {
+    if count == 0 || samples == 0 || first + count > ho * wo {
         return Err(crate::Error::shape(
             "col2im",
-            format!("pixels {first}..{} of {}", first + count, ho * wo),
+            format!(
+                "pixels {first}..{} of {} in {samples} samples",
+                first + count,
+                ho * wo
+            ),
         ));
     }
-    let total = (c * h * w) as u64;
+    let total = (samples * c * h * w) as u64;
     let (bx, ox) = bind_all(&x, caps, "patch gradient")?;
     let (by, oy) = super::bind(&y, 0, total, caps, "col2im output")?;
     let k = |v: usize| v.to_string();
@@ -347,6 +361,7 @@ pub fn col2im(
             ("PAD", k(g.pad)),
             ("H", k(h)),
             ("W", k(w)),
+            ("CHW", k(c * h * w)),
         ],
         uniform: uniform(&[total as u32, ox, oy, first as u32, count as u32]),
         bindings: vec![bx, by],

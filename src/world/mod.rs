@@ -9,6 +9,7 @@
 
 pub mod export;
 pub mod render;
+pub mod train_sd;
 
 use crate::data::sampler::Rng;
 
