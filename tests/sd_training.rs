@@ -208,3 +208,49 @@ fn small_sd_trains_and_writes_a_loadable_folder() {
     assert_eq!(out.images[0].len(), 3 * size * size);
     assert!(out.images[0].iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn mini_world_training_resumes_exactly_after_a_cancel() {
+    use stablerep::world::train_sd::{train, Recipe, Stage};
+    let (gpu, _lock) = common::gpu();
+    let mut r = Recipe::builtin();
+    r.spec = spec();
+    r.captions = 50;
+    let stage = |steps| Stage {
+        steps,
+        batch: 2,
+        lr: 1e-3,
+        warmup: 1,
+    };
+    (r.vae, r.denoiser, r.checkpoint_every) = (stage(4), stage(4), 2);
+    let base = std::env::temp_dir().join(format!("stablerep-worldsd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    // Straight through.
+    let straight = train(&gpu, &r, &base.join("a"), |_| {}, &|| false).unwrap();
+    // Cancelled after 3 VAE steps, then (resumed) after the last VAE step and 2 denoiser
+    // steps, then resumed to the end.
+    let calls = std::cell::Cell::new(0);
+    let out = base.join("b");
+    for stop_at in [3, 3] {
+        calls.set(0);
+        let e = train(&gpu, &r, &out, |_| {}, &|| {
+            calls.set(calls.get() + 1);
+            calls.get() > stop_at
+        })
+        .unwrap_err();
+        assert!(matches!(e, stablerep::Error::Cancelled), "{e}");
+    }
+    let resumed = train(&gpu, &r, &out, |_| {}, &|| false).unwrap();
+    for sub in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        let a = Checkpoint::load(&straight.join(sub)).unwrap();
+        let b = Checkpoint::load(&resumed.join(sub)).unwrap();
+        assert_eq!(a.tensors, b.tensors, "{sub} differs after resuming");
+    }
+    assert!(out.join("vae-check.png").is_file());
+    let m = SdModel::load(&resumed).unwrap();
+    assert!(m.vae.scaling_factor > 0.0 && m.vae.scaling_factor.is_finite());
+}
