@@ -652,3 +652,73 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
     assert!(e.contains("unet/config.json"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn world_writes_pools_and_labelled_folders() {
+    let dir = tmp("world");
+    let out = bin()
+        .args([
+            "world",
+            "--captions",
+            "5",
+            "--images-per-caption",
+            "2",
+            "--size",
+            "16",
+            "--out",
+        ])
+        .arg(dir.join("pool"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pool = stablerep::data::pool::Pool::open(&dir.join("pool")).unwrap();
+    assert_eq!((pool.captions.len(), pool.images_per_caption()), (5, 2));
+    let (h, w, _) = stablerep::data::pool::load_rgb(&pool.image_path(4, 1)).unwrap();
+    assert_eq!((h, w), (16, 16));
+    let first = &pool.captions[0].text;
+    assert_eq!(first, &stablerep::world::descriptions(5, 0)[0].caption());
+    let out = bin()
+        .args([
+            "world",
+            "--captions",
+            "20",
+            "--labelled",
+            "colour",
+            "--seed",
+            "3",
+            "--out",
+        ])
+        .arg(dir.join("labelled"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f = stablerep::eval::folder::LabelledFolder::open(&dir.join("labelled")).unwrap();
+    assert_eq!(f.items.len(), 20);
+    assert!(f
+        .classes
+        .iter()
+        .all(|c| stablerep::world::COLOURS.iter().any(|k| k.0 == c)));
+    // Impossible settings are refused with the reason.
+    let out = bin()
+        .args([
+            "world",
+            "--captions",
+            "2",
+            "--images-per-caption",
+            "0",
+            "--out",
+        ])
+        .arg(dir.join("bad"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least one image per caption"));
+}
