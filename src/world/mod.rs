@@ -7,6 +7,7 @@
 //! caption rendered with another seed moves, resizes and re-textures its objects within what
 //! the caption says.
 
+pub mod demo;
 pub mod export;
 pub mod render;
 pub mod train_sd;
