@@ -361,7 +361,8 @@ fn world_sd_bench(gpu: &Arc<Gpu>, adapter: &str, reps: usize) -> stablerep::Resu
     let size = r.spec.image_size;
     let lat = size / vcfg.downscale();
     let vs = vae_step(&vcfg, r.vae.batch, size, r.kl_weight, &adamw)?;
-    let ds = denoise_step(&ucfg, &tcfg, r.denoiser.batch, lat, 77, &adamw)?;
+    let tokens = tcfg.max_position_embeddings;
+    let ds = denoise_step(&ucfg, &tcfg, r.denoiser.batch, lat, tokens, &adamw)?;
     for (name, g, loss, hyper) in [
         ("world-sd-vae", &vs.graph, vs.loss, vs.hyper),
         ("world-sd-denoiser", &ds.graph, ds.loss, ds.hyper),
@@ -387,7 +388,7 @@ fn world_sd_bench(gpu: &Arc<Gpu>, adapter: &str, reps: usize) -> stablerep::Resu
             }
         }
         if name == "world-sd-denoiser" {
-            let ids: Vec<u32> = (0..r.denoiser.batch * 77)
+            let ids: Vec<u32> = (0..r.denoiser.batch * tokens)
                 .map(|i| (i % 300) as u32)
                 .collect();
             let (offsets, rows) =

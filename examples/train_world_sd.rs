@@ -45,20 +45,25 @@ fn run() -> stablerep::Result<()> {
     eprintln!("device: {}", gpu.describe());
     let t0 = Instant::now();
     let mut last = Instant::now() - Duration::from_secs(60);
-    let mut phase_start = (Phase::Vae, Instant::now(), 0u64);
+    // (phase, when its first report of this process came, the step before it)
+    let mut phase_start: Option<(Phase, Instant, u64)> = None;
     let model = train(
         &gpu,
         &r,
         &out,
         |rep| {
-            if rep.phase != phase_start.0 {
-                phase_start = (rep.phase, Instant::now(), rep.step.saturating_sub(1));
-            }
+            let start = match phase_start {
+                Some(p) if p.0 == rep.phase => p,
+                _ => {
+                    let p = (rep.phase, Instant::now(), rep.step.saturating_sub(1));
+                    phase_start = Some(p);
+                    p
+                }
+            };
             if let Some(l) = rep.loss {
                 if last.elapsed() > Duration::from_secs(10) || rep.step == rep.total {
                     last = Instant::now();
-                    let per = phase_start.1.elapsed().as_secs_f64()
-                        / (rep.step - phase_start.2).max(1) as f64;
+                    let per = start.1.elapsed().as_secs_f64() / (rep.step - start.2).max(1) as f64;
                     println!(
                         "{:?} step {}/{} loss {l:.5} ({per:.2} s/step, {:.0} s elapsed)",
                         rep.phase,

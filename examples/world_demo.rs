@@ -48,7 +48,10 @@ fn go() -> stablerep::Result<()> {
         }
     })?;
     print!("{}", table(&results));
-    println!("({:.0} s; results.json in {out})", t0.elapsed().as_secs_f64());
+    println!(
+        "({:.0} s; results.json in {out})",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -31,6 +31,7 @@ fn spec() -> SmallSd {
         text_width: 16,
         text_layers: 1,
         text_heads: 2,
+        text_context: 77,
         scaling_factor: 1.0,
     }
 }
@@ -190,6 +191,14 @@ fn small_sd_trains_and_writes_a_loadable_folder() {
     write_folder(&dir, &sd.configs(), &unet, &vae_weights, &text).unwrap();
     let m = SdModel::load(&dir).unwrap();
     assert_eq!(m.unet.block_out_channels, vec![8, 16]);
+    // The folder's own tokenizer files (written for diffusers) read back to the same tokens.
+    assert!(dir.join("model_index.json").is_file());
+    assert!(dir.join("tokenizer/vocab.json").is_file());
+    let cap = world[0].caption();
+    assert_eq!(
+        m.tokenizer.tokenize(&cap, tokens, EOT),
+        tok.tokenize(&cap, tokens, EOT)
+    );
     let o = GenerateOptions {
         prompt: world[0].caption(),
         negative: String::new(),

@@ -240,7 +240,8 @@ pub fn denoise_step(
 }
 
 /// Writes a diffusers model folder: `unet/`, `vae/`, `text_encoder/` (each `config.json` and
-/// weights stored as f16) and `scheduler/scheduler_config.json` (SD 1.x's). `unet` and `vae`
+/// weights stored as f16), `scheduler/scheduler_config.json` (SD 1.x's), `tokenizer/` (CLIP's
+/// vocabulary and merges, padding to the text encoder's context) and `model_index.json`. `unet` and `vae`
 /// hold diffusers' names; `text` the internal names under [`TEXT_PREFIX`].
 pub fn write_folder(
     dir: &Path,
@@ -272,10 +273,7 @@ pub fn write_folder(
         ),
     ] {
         let d = dir.join(sub);
-        std::fs::create_dir_all(&d).map_err(|e| Error::Io {
-            path: d.display().to_string(),
-            source: e,
-        })?;
+        create(&d)?;
         let mut out = Checkpoint {
             tensors: ck.tensors.clone(),
             ..Checkpoint::default()
@@ -298,22 +296,76 @@ pub fn write_folder(
         "clip_sample": false,
     });
     let d = dir.join("scheduler");
-    std::fs::create_dir_all(&d).map_err(|e| Error::Io {
-        path: d.display().to_string(),
-        source: e,
-    })?;
-    write_json(&d.join("scheduler_config.json"), &sched)
+    create(&d)?;
+    write_json(&d.join("scheduler_config.json"), &sched)?;
+    // The tokenizer (CLIP's, padding to the text encoder's context) and the pipeline index,
+    // so diffusers' StableDiffusionPipeline loads the folder as it is.
+    let d = dir.join("tokenizer");
+    create(&d)?;
+    let tok = crate::text::tokenizer::Tokenizer::clip_transformers();
+    write_text(&d.join("vocab.json"), &tok.vocab_json())?;
+    write_text(
+        &d.join("merges.txt"),
+        crate::text::tokenizer::Tokenizer::merges_text(),
+    )?;
+    write_json(
+        &d.join("tokenizer_config.json"),
+        &serde_json::json!({
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": text_cfg.max_position_embeddings,
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "do_lower_case": true,
+        }),
+    )?;
+    write_json(
+        &d.join("special_tokens_map.json"),
+        &serde_json::json!({
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+        }),
+    )?;
+    write_json(
+        &dir.join("model_index.json"),
+        &serde_json::json!({
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.42.1",
+            "feature_extractor": [null, null],
+            "image_encoder": [null, null],
+            "requires_safety_checker": false,
+            "safety_checker": [null, null],
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }),
+    )
 }
 
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).unwrap_or_default();
-    let tmp = path.with_extension("json.tmp");
+fn create(d: &Path) -> Result<()> {
+    std::fs::create_dir_all(d).map_err(|e| Error::Io {
+        path: d.display().to_string(),
+        source: e,
+    })
+}
+
+fn write_text(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)
         .and_then(|_| std::fs::rename(&tmp, path))
         .map_err(|e| Error::Io {
             path: path.display().to_string(),
             source: e,
         })
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    write_text(path, &serde_json::to_string_pretty(v).unwrap_or_default())
 }
 
 /// The three `config.json` files of a model folder, in diffusers' and transformers' format.
@@ -350,6 +402,8 @@ pub struct SmallSd {
     pub text_layers: usize,
     /// Text encoder heads.
     pub text_heads: usize,
+    /// Tokens per prompt (`max_position_embeddings`; the tokenizer pads and truncates to it).
+    pub text_context: usize,
     /// Latent scaling factor (measured after the VAE is trained).
     pub scaling_factor: f64,
 }
@@ -423,7 +477,7 @@ impl SmallSd {
             "intermediate_size": 4 * self.text_width,
             "num_attention_heads": self.text_heads,
             "num_hidden_layers": self.text_layers,
-            "max_position_embeddings": 77,
+            "max_position_embeddings": self.text_context,
             "hidden_act": "quick_gelu",
             "layer_norm_eps": 1e-5,
             "bos_token_id": 49406,

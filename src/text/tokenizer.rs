@@ -201,6 +201,18 @@ impl Tokenizer {
         }
     }
 
+    /// The vocabulary as transformers' `vocab.json` (token -> id).
+    pub fn vocab_json(&self) -> String {
+        let sorted: std::collections::BTreeMap<&String, &u32> = self.ids.iter().collect();
+        serde_json::to_string(&sorted).unwrap_or_default()
+    }
+
+    /// The shipped merge table as transformers' `merges.txt` (a header, then the first
+    /// 48,894 merges of CLIP's BPE).
+    pub fn merges_text() -> &'static str {
+        MERGES
+    }
+
     /// Vocabulary size (49,408 for CLIP).
     pub fn vocab_size(&self) -> usize {
         self.ids.len()

@@ -70,7 +70,8 @@ pub struct Recipe {
 impl Recipe {
     /// The built-in model's recipe: 32 x 32 images, a 3-level VAE (latents 4 x 8 x 8), a
     /// 2-level UNet with cross-attention on both levels and in the middle, a 2-layer text
-    /// encoder of width 64 over CLIP's vocabulary. Sized for software adapters.
+    /// encoder of width 64 over CLIP's vocabulary with 32 positions (the world's captions
+    /// take at most 23 tokens). Sized for software adapters.
     pub fn builtin() -> Recipe {
         Recipe {
             spec: SmallSd {
@@ -84,6 +85,7 @@ impl Recipe {
                 text_width: 64,
                 text_layers: 2,
                 text_heads: 4,
+                text_context: 32,
                 scaling_factor: 1.0,
             },
             world_seed: 0,
