@@ -3,7 +3,7 @@
 //! again with the same OUT to continue. Writes OUT/model, a diffusers folder.
 //!
 //!     cargo run --release --example train_world_sd -- OUT [--vae-steps N] [--denoiser-steps N]
-//!         [--vae-batch N] [--batch N]
+//!         [--vae-batch N] [--batch N] [--vae-channels 16,32,32]
 //!
 //! The defaults are the built-in model's recipe (`world::train_sd::Recipe::builtin`).
 //! Then, for example:
@@ -26,6 +26,18 @@ fn run() -> stablerep::Result<()> {
     let mut r = Recipe::builtin();
     let mut i = 1;
     while i < args.len() {
+        if args[i] == "--vae-channels" {
+            let list = args.get(i + 1).map(String::as_str).unwrap_or_default();
+            r.spec.vae_channels = list
+                .split(',')
+                .map(|s| s.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .map_err(|_| {
+                    stablerep::Error::Config(format!("--vae-channels '{list}': want e.g. 16,32,32"))
+                })?;
+            i += 2;
+            continue;
+        }
         let v: u64 = args
             .get(i + 1)
             .and_then(|s| s.parse().ok())
