@@ -3,7 +3,7 @@
 //! again with the same OUT to continue. Writes OUT/model, a diffusers folder.
 //!
 //!     cargo run --release --example train_world_sd -- OUT [--vae-steps N] [--denoiser-steps N]
-//!         [--vae-batch N] [--batch N] [--vae-channels 16,32,32]
+//!         [--vae-batch N] [--batch N] [--vae-channels 16,32,32] [--latent-channels N]
 //!
 //! The defaults are the built-in model's recipe (`world::train_sd::Recipe::builtin`).
 //! Then, for example:
@@ -47,6 +47,7 @@ fn run() -> stablerep::Result<()> {
             "--denoiser-steps" => r.denoiser.steps = v,
             "--vae-batch" => r.vae.batch = v as usize,
             "--batch" => r.denoiser.batch = v as usize,
+            "--latent-channels" => r.spec.latent_channels = v as usize,
             other => {
                 return Err(stablerep::Error::Config(format!("unknown option {other}")));
             }

@@ -22,6 +22,7 @@ pub mod graph;
 pub mod kernels;
 pub mod models;
 pub mod nn;
+pub mod plot;
 pub mod progress;
 pub mod text;
 pub mod train;

@@ -23,6 +23,7 @@ fn spec() -> SmallSd {
     SmallSd {
         image_size: 16,
         vae_channels: vec![8, 16],
+        latent_channels: 4,
         unet_channels: vec![8, 16],
         unet_attention: vec![false, true],
         unet_heads: 2,
@@ -288,7 +289,7 @@ fn demo_pipeline_generates_trains_three_ways_and_scores_on_real_renders() {
     c.images_per_caption = 2;
     c.sampler_steps = 2;
     c.size = 16;
-    c.batch_captions = 2;
+    c.views_per_step = 4;
     c.train_steps = 3;
     c.vit = stablerep::models::vit::VitConfig {
         img_size: 16,

@@ -386,6 +386,8 @@ pub struct SmallSd {
     pub image_size: usize,
     /// VAE channels per level (downscale 2^(levels - 1)).
     pub vae_channels: Vec<usize>,
+    /// Latent channels (the VAE's `latent_channels`, the UNet's in and out channels).
+    pub latent_channels: usize,
     /// UNet channels per level.
     pub unet_channels: Vec<usize>,
     /// Which UNet levels have cross-attention (same length as `unet_channels`).
@@ -433,8 +435,8 @@ impl SmallSd {
         let unet = serde_json::json!({
             "_class_name": "UNet2DConditionModel",
             "sample_size": self.image_size / vf,
-            "in_channels": 4,
-            "out_channels": 4,
+            "in_channels": self.latent_channels,
+            "out_channels": self.latent_channels,
             "center_input_sample": false,
             "flip_sin_to_cos": true,
             "freq_shift": 0,
@@ -464,7 +466,7 @@ impl SmallSd {
             "block_out_channels": self.vae_channels,
             "layers_per_block": self.layers_per_block,
             "act_fn": "silu",
-            "latent_channels": 4,
+            "latent_channels": self.latent_channels,
             "norm_num_groups": self.groups,
             "sample_size": self.image_size,
             "scaling_factor": self.scaling_factor,

@@ -23,6 +23,7 @@ use crate::eval::probe::{self, Method, Request};
 use crate::gpu::Gpu;
 use crate::models::stablerep::HeadConfig;
 use crate::models::vit::VitConfig;
+use crate::plot::{bar_chart, Canvas, Chart, Series, Value};
 use crate::train::fixed::ModelConfig;
 use crate::train::pool_run::{self, PoolRun};
 use crate::train::schedule::Schedule;
@@ -42,9 +43,9 @@ pub struct DemoConfig {
     pub sampler_steps: usize,
     /// Image side (the model's).
     pub size: usize,
-    /// Captions per training batch for StableRep (SimCLR sees m / 2 times as many, so every
-    /// method's batch holds the same number of views).
-    pub batch_captions: usize,
+    /// Views per training step, the same for every method: StableRep takes
+    /// `views / m` captions with m images each, SimCLR `views / 2` images with two crops.
+    pub views_per_step: usize,
     /// Optimizer steps per method.
     pub train_steps: u64,
     /// Peak learning rate.
@@ -62,18 +63,19 @@ pub struct DemoConfig {
 }
 
 impl DemoConfig {
-    /// The default run on `model`: 128 captions x 4 images at guidance 2, a 3-layer ViT of
-    /// width 96 on 32 x 32 images, 300 steps of 8 captions x 4 views.
+    /// The default run on `model` (about 10 minutes on a 2-core software adapter): 96
+    /// captions x 4 images at guidance 2 (10 sampler steps), a 3-layer ViT of width 96 on
+    /// 32 x 32 images, 250 steps of 32 views per method.
     pub fn new(model: PathBuf) -> DemoConfig {
         DemoConfig {
             model,
-            captions: 128,
+            captions: 96,
             images_per_caption: 4,
             guidance: 2.0,
-            sampler_steps: 20,
+            sampler_steps: 10,
             size: 32,
-            batch_captions: 8,
-            train_steps: 300,
+            views_per_step: 32,
+            train_steps: 250,
             lr: 1e-3,
             vit: VitConfig {
                 img_size: 32,
@@ -92,15 +94,79 @@ impl DemoConfig {
             seed: 0,
         }
     }
+
+    /// The `--quick` run (about 2 minutes on a 2-core software adapter): 32 captions x 4
+    /// images (8 sampler steps), a 2-layer ViT of width 64, 60 steps per method.
+    pub fn quick(model: PathBuf) -> DemoConfig {
+        DemoConfig {
+            captions: 32,
+            sampler_steps: 8,
+            train_steps: 60,
+            vit: VitConfig {
+                img_size: 32,
+                patch: 4,
+                width: 64,
+                depth: 2,
+                heads: 2,
+                mlp: 256,
+            },
+            head: HeadConfig {
+                hidden: 128,
+                out: 64,
+            },
+            eval_images: 240,
+            probe_epochs: 15,
+            ..DemoConfig::new(model)
+        }
+    }
+
+    /// Checks the settings fit together.
+    pub fn check(&self) -> Result<()> {
+        let m = self.images_per_caption;
+        if m == 0 || self.captions == 0 || self.train_steps == 0 || self.sampler_steps == 0 {
+            return Err(Error::Config(
+                "the demo needs at least 1 caption, 1 image per caption, 1 sampler step and 1 \
+                 training step"
+                    .into(),
+            ));
+        }
+        if self.views_per_step < 2 || self.views_per_step % 2 != 0 || self.views_per_step % m != 0 {
+            return Err(Error::Config(format!(
+                "views per step ({}) must be even and a multiple of the images per caption ({m})",
+                self.views_per_step
+            )));
+        }
+        if self.views_per_step / 2 > self.captions {
+            return Err(Error::Config(format!(
+                "{} captions are too few for batches of {} views (SimCLR needs {} captions a step)",
+                self.captions,
+                self.views_per_step,
+                self.views_per_step / 2
+            )));
+        }
+        if self.vit.img_size != self.size {
+            return Err(Error::Config(format!(
+                "the encoder's input size {} differs from the image size {}",
+                self.vit.img_size, self.size
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// One trained encoder's scores.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Outcome {
     /// The method ("StableRep", "SimCLR").
     pub method: String,
     /// Its training data ("synthetic", "real").
     pub data: String,
+    /// Guidance scale of the synthetic pool (0 for real data).
+    pub guidance: f64,
+    /// Images per caption in the pool.
+    pub images_per_caption: usize,
+    /// Captions in the pool.
+    pub captions: usize,
     /// Views per training step.
     pub views_per_step: usize,
     /// Loss at the last logged step.
@@ -129,31 +195,22 @@ fn io(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// Runs the experiment into `out` (resuming what exists there); returns the three outcomes
-/// and writes them to `out/results.json`.
-pub fn run(
-    gpu: &Arc<Gpu>,
-    c: &DemoConfig,
+/// Renders the held-out evaluation sets `out/eval-train` and `out/eval-test`: real renders
+/// of other captions, labelled by the main object's shape (skipped when present).
+pub fn eval_sets(
     out: &Path,
+    images: usize,
+    size: usize,
+    seed: u64,
     mut progress: impl FnMut(&Step),
-) -> Result<Vec<Outcome>> {
-    if c.images_per_caption < 2 || c.batch_captions == 0 || c.train_steps == 0 {
-        return Err(Error::Config(
-            "the demo needs at least 2 images per caption, 1 caption per batch and 1 step".into(),
-        ));
-    }
-    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    let world = descriptions(c.captions, c.seed);
-    let captions: Vec<String> = world.iter().map(|d| d.caption()).collect();
-
-    // Held-out real renders, labelled by shape (other captions, other layouts).
-    for (name, seed) in [("eval-train", 1_000), ("eval-test", 2_000)] {
+) -> Result<()> {
+    for (name, offset) in [("eval-train", 1_000), ("eval-test", 2_000)] {
         let dir = out.join(name);
         if !dir.exists() {
             let tmp = out.join(format!("{name}.partial"));
             let _ = std::fs::remove_dir_all(&tmp);
-            let d = descriptions(c.eval_images, c.seed + seed);
-            write_labelled(&tmp, &d, LabelKind::Shape, c.size, c.seed + seed, |k, n| {
+            let d = descriptions(images, seed + offset);
+            write_labelled(&tmp, &d, LabelKind::Shape, size, seed + offset, |k, n| {
                 progress(&Step {
                     stage: format!("rendering {name}"),
                     done: k as u64,
@@ -163,10 +220,20 @@ pub fn run(
             std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
         }
     }
-    // The real renders of the training captions, one each.
-    let real = out.join("real-pool");
-    if !real.join("captions.csv").exists() {
-        write_pool(&real, &world, 1, c.size, c.seed, |k, n| {
+    Ok(())
+}
+
+/// Renders one real image of each of the first `captions` captions of `seed`'s world into
+/// the pool `dir` (skipped when present).
+pub fn real_pool(
+    dir: &Path,
+    captions: usize,
+    size: usize,
+    seed: u64,
+    mut progress: impl FnMut(&Step),
+) -> Result<()> {
+    if !dir.join("captions.csv").exists() {
+        write_pool(dir, &descriptions(captions, seed), 1, size, seed, |k, n| {
             progress(&Step {
                 stage: "rendering the real pool".into(),
                 done: k as u64,
@@ -174,139 +241,299 @@ pub fn run(
             })
         })?;
     }
-    // The synthetic pool (resumes caption by caption).
-    let synthetic = out.join("synthetic-pool");
-    let model = SdModel::load(&c.model)?;
+    Ok(())
+}
+
+/// What a synthetic pool is generated with.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSpec {
+    /// Captions (the first of `seed`'s world).
+    pub captions: usize,
+    /// Images per caption.
+    pub images_per_caption: usize,
+    /// Guidance scale.
+    pub guidance: f64,
+    /// Sampler steps (DPM-Solver++ 2M, Karras sigmas).
+    pub sampler_steps: usize,
+    /// Image side.
+    pub size: usize,
+    /// Seed of the captions and the noise.
+    pub seed: u64,
+}
+
+/// Generates a synthetic pool into `dir` with `model` (resumes caption by caption).
+pub fn synthetic_pool(
+    gpu: &Arc<Gpu>,
+    model: &SdModel,
+    p: &PoolSpec,
+    dir: &Path,
+    mut progress: impl FnMut(&Step),
+) -> Result<()> {
+    let captions: Vec<String> = descriptions(p.captions, p.seed)
+        .iter()
+        .map(|d| d.caption())
+        .collect();
     let o = GenerateOptions {
         prompt: String::new(),
         negative: String::new(),
-        images: c.images_per_caption,
-        guidance: c.guidance,
-        steps: c.sampler_steps,
+        images: p.images_per_caption,
+        guidance: p.guidance,
+        steps: p.sampler_steps,
         sampler: Kind::DpmPP2M { karras: true },
-        seed: c.seed,
+        seed: p.seed,
         caption: 0,
-        size: c.size,
+        size: p.size,
         half_weights: None,
         save_size: None,
         init_noise: None,
     };
-    o.check(&model)?;
-    generate_pool(gpu, &model, &o, &captions, (0, 1), true, &synthetic, |p| {
+    o.check(model)?;
+    let stage = format!(
+        "generating {} x {} images at guidance {}",
+        p.captions, p.images_per_caption, p.guidance
+    );
+    generate_pool(gpu, model, &o, &captions, (0, 1), true, dir, |s| {
         progress(&Step {
-            stage: "generating the synthetic pool".into(),
-            done: p.done(),
-            total: p.total(),
+            stage: stage.clone(),
+            done: s.done(),
+            total: s.total(),
         });
         Ok(())
     })?;
+    Ok(())
+}
+
+/// One training run: a method on a pool.
+#[derive(Clone, Debug)]
+pub struct Arm {
+    /// "StableRep" or "SimCLR".
+    pub method: String,
+    /// "synthetic" or "real".
+    pub data: String,
+    /// The pool.
+    pub pool: PathBuf,
+    /// Captions in the pool.
+    pub captions: usize,
+    /// Images per caption in the pool.
+    pub images_per_caption: usize,
+    /// Guidance of the pool (0 for real renders).
+    pub guidance: f64,
+}
+
+/// Trains `arm` with `c`'s encoder, steps and views per step into `run_dir` (resuming), then
+/// scores the frozen encoder on `eval_dir/eval-train` -> `eval_dir/eval-test` by kNN and a
+/// linear probe. StableRep with one image per caption falls back to two crops of it (the
+/// paper's m = 1 case).
+pub fn train_arm(
+    gpu: &Arc<Gpu>,
+    c: &DemoConfig,
+    arm: &Arm,
+    run_dir: &Path,
+    eval_dir: &Path,
+    mut progress: impl FnMut(&Step),
+) -> Result<Outcome> {
+    let views = c.views_per_step;
+    let stablerep = arm.method == "StableRep" && arm.images_per_caption >= 2;
+    let (n, m) = if stablerep {
+        (views / arm.images_per_caption, arm.images_per_caption)
+    } else {
+        (views / 2, 2)
+    };
+    if n == 0 || n * m != views || n > arm.captions {
+        return Err(Error::Config(format!(
+            "{} on {} captions x {} images cannot fill batches of {views} views",
+            arm.method, arm.captions, arm.images_per_caption
+        )));
+    }
+    let r = PoolRun {
+        pool: arm.pool.clone(),
+        model: ModelConfig {
+            vit: c.vit,
+            head: c.head,
+            plus: None,
+        },
+        init: None,
+        captions: n,
+        images_per_caption: m,
+        steps: c.train_steps,
+        lr: c.lr,
+        schedule: Schedule::Cosine {
+            warmup: c.train_steps / 10,
+            total: c.train_steps,
+        },
+        weight_decay: 0.1,
+        temperature: 0.1,
+        augment: true,
+        simclr: !stablerep,
+        seed: c.seed,
+        checkpoint_every: c.train_steps,
+        log_every: 10.min(c.train_steps),
+        out: run_dir.to_path_buf(),
+        resume: true,
+        labelled_folder: false,
+        source_size: None,
+    };
+    let stage = format!("training {} on {} images", arm.method, arm.data);
+    let losses = pool_run::run(
+        gpu,
+        &r,
+        |step, _, _| {
+            progress(&Step {
+                stage: stage.clone(),
+                done: step,
+                total: c.train_steps,
+            })
+        },
+        &|| false,
+    )?;
+    let final_loss = match losses.last() {
+        Some(&(_, l)) => l,
+        None => read_final_loss(run_dir)?,
+    };
+    let ck = run_dir.join("checkpoint-last.safetensors");
+    let request = |method| Request {
+        checkpoint: ck.clone(),
+        head_dim: c.head.out,
+        train: Some(eval_dir.join("eval-train")),
+        test: eval_dir.join("eval-test"),
+        method,
+    };
+    let stage = format!("evaluating {} ({})", arm.method, arm.data);
+    progress(&Step {
+        stage: stage.clone(),
+        done: 0,
+        total: 2,
+    });
+    let knn = probe::run(
+        gpu,
+        &request(Method::Knn {
+            k: 20,
+            temperature: 0.07,
+        }),
+    )?
+    .accuracy;
+    progress(&Step {
+        stage: stage.clone(),
+        done: 1,
+        total: 2,
+    });
+    let linear = probe::run(
+        gpu,
+        &request(Method::Linear(ProbeConfig {
+            epochs: c.probe_epochs,
+            base_lrs: vec![0.01, 0.05, 0.1, 0.3],
+            batch: 64,
+            ..ProbeConfig::default()
+        })),
+    )?
+    .accuracy;
+    progress(&Step {
+        stage,
+        done: 2,
+        total: 2,
+    });
+    Ok(Outcome {
+        method: arm.method.clone(),
+        data: arm.data.clone(),
+        guidance: arm.guidance,
+        images_per_caption: arm.images_per_caption,
+        captions: arm.captions,
+        views_per_step: views,
+        final_loss,
+        knn,
+        linear,
+    })
+}
+
+/// Runs the demo into `out` (resuming what exists there): the evaluation sets, the real and
+/// synthetic pools, then StableRep (synthetic), SimCLR (synthetic) and SimCLR (real). Writes
+/// `out/results.json` and the bar chart `out/results.png`; returns the three outcomes.
+pub fn run(
+    gpu: &Arc<Gpu>,
+    c: &DemoConfig,
+    out: &Path,
+    mut progress: impl FnMut(&Step),
+) -> Result<Vec<Outcome>> {
+    c.check()?;
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    eval_sets(out, c.eval_images, c.size, c.seed, &mut progress)?;
+    let real = out.join("real-pool");
+    real_pool(&real, c.captions, c.size, c.seed, &mut progress)?;
+    let synthetic = out.join("synthetic-pool");
+    let model = SdModel::load(&c.model)?;
+    let spec = PoolSpec {
+        captions: c.captions,
+        images_per_caption: c.images_per_caption,
+        guidance: c.guidance,
+        sampler_steps: c.sampler_steps,
+        size: c.size,
+        seed: c.seed,
+    };
+    synthetic_pool(gpu, &model, &spec, &synthetic, &mut progress)?;
     drop(model);
 
-    let views = c.batch_captions * c.images_per_caption;
-    let runs = [
-        ("StableRep", "synthetic", &synthetic, false),
-        ("SimCLR", "synthetic", &synthetic, true),
-        ("SimCLR", "real", &real, true),
+    let arm = |method: &str, data: &str, pool: &Path, m: usize, guidance: f64| Arm {
+        method: method.into(),
+        data: data.into(),
+        pool: pool.to_path_buf(),
+        captions: c.captions,
+        images_per_caption: m,
+        guidance,
+    };
+    let m = c.images_per_caption;
+    let arms = [
+        arm("StableRep", "synthetic", &synthetic, m, c.guidance),
+        arm("SimCLR", "synthetic", &synthetic, m, c.guidance),
+        arm("SimCLR", "real", &real, 1, 0.0),
     ];
     let mut outcomes = Vec::new();
-    for (method, data, pool, simclr) in runs {
-        let name = format!("{}-{data}", method.to_lowercase());
-        let run_dir = out.join("runs").join(&name);
-        // SimCLR: two views of one image per caption, twice the captions: the same views.
-        let (n, m) = if simclr {
-            (views / 2, 2)
-        } else {
-            (c.batch_captions, c.images_per_caption)
-        };
-        let r = PoolRun {
-            pool: pool.clone(),
-            model: ModelConfig {
-                vit: c.vit,
-                head: c.head,
-                plus: None,
-            },
-            init: None,
-            captions: n.min(c.captions),
-            images_per_caption: m,
-            steps: c.train_steps,
-            lr: c.lr,
-            schedule: Schedule::Cosine {
-                warmup: c.train_steps / 10,
-                total: c.train_steps,
-            },
-            weight_decay: 0.1,
-            temperature: 0.1,
-            augment: true,
-            simclr,
-            seed: c.seed,
-            checkpoint_every: c.train_steps,
-            log_every: 10.min(c.train_steps),
-            out: run_dir.clone(),
-            resume: true,
-            labelled_folder: false,
-            source_size: None,
-        };
-        let stage = format!("training {method} on {data} images");
-        let losses = pool_run::run(
-            gpu,
-            &r,
-            |step, _, _| {
-                progress(&Step {
-                    stage: stage.clone(),
-                    done: step,
-                    total: c.train_steps,
-                })
-            },
-            &|| false,
-        )?;
-        let final_loss = match losses.last() {
-            Some(&(_, l)) => l,
-            None => read_final_loss(&run_dir)?,
-        };
-        let ck = run_dir.join("checkpoint-last.safetensors");
-        let request = |method| Request {
-            checkpoint: ck.clone(),
-            head_dim: c.head.out,
-            train: Some(out.join("eval-train")),
-            test: out.join("eval-test"),
-            method,
-        };
-        progress(&Step {
-            stage: format!("evaluating {method} ({data})"),
-            done: 0,
-            total: 2,
-        });
-        let knn = probe::run(
-            gpu,
-            &request(Method::Knn {
-                k: 20,
-                temperature: 0.07,
-            }),
-        )?
-        .accuracy;
-        let linear = probe::run(
-            gpu,
-            &request(Method::Linear(ProbeConfig {
-                epochs: c.probe_epochs,
-                base_lrs: vec![0.01, 0.05, 0.1, 0.3],
-                batch: 64,
-                ..ProbeConfig::default()
-            })),
-        )?
-        .accuracy;
-        outcomes.push(Outcome {
-            method: method.into(),
-            data: data.into(),
-            views_per_step: n * m,
-            final_loss,
-            knn,
-            linear,
-        });
+    for a in &arms {
+        let name = format!("{}-{}", a.method.to_lowercase(), a.data);
+        let dir = out.join("runs").join(name);
+        outcomes.push(train_arm(gpu, c, a, &dir, out, &mut progress)?);
     }
     let json = serde_json::to_string_pretty(&outcomes).unwrap_or_default();
     let path = out.join("results.json");
     std::fs::write(&path, json).map_err(|e| io(&path, e))?;
+    plot(
+        &outcomes,
+        &format!(
+            "{} captions x {m} images, guidance {}",
+            c.captions, c.guidance
+        ),
+    )?
+    .save(&out.join("results.png"))?;
     Ok(outcomes)
+}
+
+/// A bar chart of the outcomes' held-out accuracies (kNN and linear probe, in percent).
+pub fn plot(outcomes: &[Outcome], subtitle: &str) -> Result<Canvas> {
+    let point = |v: f64| {
+        Some(Value {
+            mean: 100.0 * v,
+            spread: 0.0,
+        })
+    };
+    bar_chart(&Chart {
+        title: format!("Held-out shape accuracy ({subtitle})"),
+        categories: outcomes
+            .iter()
+            .map(|o| format!("{} {}", o.method, o.data))
+            .collect(),
+        x_label: "encoder (method, training images)".into(),
+        y_label: "top-1 accuracy, %".into(),
+        y_range: (0.0, 100.0),
+        series: vec![
+            Series {
+                name: "kNN".into(),
+                values: outcomes.iter().map(|o| point(o.knn)).collect(),
+            },
+            Series {
+                name: "linear probe".into(),
+                values: outcomes.iter().map(|o| point(o.linear)).collect(),
+            },
+        ],
+    })
 }
 
 /// The last loss a finished run logged (`metrics.jsonl`), for a run that was already done.
@@ -328,14 +555,20 @@ fn read_final_loss(run_dir: &Path) -> Result<f32> {
 /// The outcomes as a text table.
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut s = format!(
-        "{:<10} {:<10} {:>6} {:>10} {:>8} {:>8}\n",
-        "method", "data", "views", "final loss", "kNN", "linear"
+        "{:<10} {:<10} {:>8} {:>6} {:>10} {:>8} {:>8}\n",
+        "method", "data", "guidance", "views", "final loss", "kNN", "linear"
     );
     for o in outcomes {
+        let w = if o.data == "real" {
+            "-".to_string()
+        } else {
+            format!("{}", o.guidance)
+        };
         s += &format!(
-            "{:<10} {:<10} {:>6} {:>10.4} {:>7.1}% {:>7.1}%\n",
+            "{:<10} {:<10} {:>8} {:>6} {:>10.4} {:>7.1}% {:>7.1}%\n",
             o.method,
             o.data,
+            w,
             o.views_per_step,
             o.final_loss,
             100.0 * o.knn,

@@ -8,6 +8,7 @@
 //! the caption says.
 
 pub mod demo;
+pub mod experiments;
 pub mod export;
 pub mod render;
 pub mod train_sd;
@@ -333,4 +334,43 @@ pub fn layout_rng(seed: u64, caption: u64, k: u64) -> Rng {
     let mut r = Rng(seed ^ caption.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k << 40) ^ 0x1A_7017);
     r.next_u64();
     r
+}
+
+/// The built-in model's folder name under `assets/`.
+pub const BUILTIN_MODEL: &str = "world-sd";
+
+/// Where the built-in text-to-image model is: `$STABLEREP_ASSETS/world-sd` when that is set,
+/// else `assets/world-sd` next to the executable or up to three folders above it (a cargo
+/// build's `target/release/`), else the source tree's `assets/world-sd`.
+pub fn builtin_model() -> crate::error::Result<std::path::PathBuf> {
+    let mut tried = Vec::new();
+    if let Some(dir) = std::env::var_os("STABLEREP_ASSETS") {
+        let p = std::path::PathBuf::from(dir).join(BUILTIN_MODEL);
+        if p.join("model_index.json").is_file() {
+            return Ok(p);
+        }
+        tried.push(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(4) {
+            let p = dir.join("assets").join(BUILTIN_MODEL);
+            if p.join("model_index.json").is_file() {
+                return Ok(p);
+            }
+            tried.push(p);
+        }
+    }
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets")
+        .join(BUILTIN_MODEL);
+    if p.join("model_index.json").is_file() {
+        return Ok(p);
+    }
+    tried.push(p);
+    let list: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    Err(crate::error::Error::Config(format!(
+        "the built-in model (assets/{BUILTIN_MODEL}) was not found; looked in: {}. Set \
+         STABLEREP_ASSETS to the folder holding {BUILTIN_MODEL}/, or pass --model",
+        list.join(", ")
+    )))
 }

@@ -1,0 +1,94 @@
+//! The mini-world experiments of docs/results.md (`world::experiments`): StableRep vs SimCLR
+//! on synthetic images vs SimCLR on real renders, a guidance sweep and an images-per-caption
+//! sweep, over several training seeds. Resumable: run it again with the same OUT to continue.
+//! Writes OUT/records.jsonl, OUT/report.md and the plots OUT/*.png.
+//!
+//!     cargo run --release --example world_experiments -- OUT [--model DIR] [--seeds N]
+//!         [--steps N] [--budget N]
+//!
+//! The model defaults to the built-in one (assets/world-sd).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use stablerep::gpu::{Gpu, GpuOptions};
+use stablerep::world::experiments::{plots, report, run, Plan};
+
+fn go() -> stablerep::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(out) = args.first().map(PathBuf::from) else {
+        return Err(stablerep::Error::Config(
+            "usage: world_experiments OUT [--model DIR] [--seeds N] [--steps N] [--budget N]"
+                .into(),
+        ));
+    };
+    let mut model = None;
+    let mut numbers = Vec::new();
+    let mut i = 1;
+    while i < args.len() {
+        let value = args
+            .get(i + 1)
+            .ok_or_else(|| stablerep::Error::Config(format!("{} wants a value", args[i])))?;
+        if args[i] == "--model" {
+            model = Some(PathBuf::from(value));
+        } else {
+            let v: u64 = value.parse().map_err(|_| {
+                stablerep::Error::Config(format!("{} wants a number, not '{value}'", args[i]))
+            })?;
+            numbers.push((args[i].clone(), v));
+        }
+        i += 2;
+    }
+    let model = match model {
+        Some(m) => m,
+        None => stablerep::world::builtin_model()?,
+    };
+    let mut plan = Plan::new(model);
+    for (name, v) in numbers {
+        match name.as_str() {
+            "--seeds" => plan.seeds = (0..v).collect(),
+            "--steps" => plan.base.train_steps = v,
+            "--budget" => plan.budget = v as usize,
+            other => return Err(stablerep::Error::Config(format!("unknown option {other}"))),
+        }
+    }
+    let gpu = Gpu::new(&GpuOptions::default())?;
+    eprintln!("device: {}", gpu.describe());
+    let t0 = Instant::now();
+    let mut last = String::new();
+    let records = run(&gpu, &plan, &out, |s| {
+        if s.stage != last || s.done == s.total {
+            eprintln!(
+                "[{:>6.0} s] {}: {}/{}",
+                t0.elapsed().as_secs_f64(),
+                s.stage,
+                s.done,
+                s.total
+            );
+            last = s.stage.clone();
+        }
+    })?;
+    let text = report(&plan, &records);
+    print!("{text}");
+    let path = out.join("report.md");
+    std::fs::write(&path, &text).map_err(|e| stablerep::Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    for (name, canvas) in plots(&plan, &records)? {
+        canvas.save(&out.join(&name))?;
+    }
+    eprintln!("done in {:.0} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match go() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
