@@ -28,9 +28,10 @@ enum Cmd {
     Generate {
         /// Model folder: text_encoder/, unet/, vae/ (config.json + safetensors, fp32 or fp16),
         /// optional tokenizer/ and scheduler/. Or a single-file CompVis checkpoint
-        /// (`.safetensors`, e.g. v1-5-pruned-emaonly), read with SD 1.5's configs.
+        /// (`.safetensors`, e.g. v1-5-pruned-emaonly), read with SD 1.5's configs. Default: the
+        /// built-in mini-world model (assets/world-sd, 32 x 32 images; docs/world.md).
         #[arg(long)]
-        model: std::path::PathBuf,
+        model: Option<std::path::PathBuf>,
         /// For a single-file checkpoint: a diffusers folder whose config.json files (and
         /// tokenizer/scheduler, if present) describe it, instead of SD 1.5's.
         #[arg(long)]
@@ -74,9 +75,9 @@ enum Cmd {
         /// resumed runs reproduce the same images.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Image side in pixels.
-        #[arg(long, default_value_t = 512)]
-        size: usize,
+        /// Image side in pixels (default: the model's own, 512 for SD 1.x).
+        #[arg(long)]
+        size: Option<usize>,
         /// Side of the saved PNGs (bicubic resize; the official pools keep 256); default --size.
         #[arg(long)]
         save_size: Option<usize>,
@@ -508,7 +509,12 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             use std::time::Duration;
             let kind = Kind::parse(&sampler, eta)?;
             use stablerep::nn::checkpoint::{Checkpoint, HostTensor};
+            let model = match model {
+                Some(m) => m,
+                None => stablerep::world::builtin_model()?,
+            };
             let m = SdModel::load_with_config(&model, config.as_deref())?;
+            let size = size.unwrap_or_else(|| m.native_size());
             let init_noise = match init_noise {
                 Some(p) => Some(
                     Checkpoint::load(&p)?
@@ -941,14 +947,10 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             steps,
             seed,
         } => {
-            let model = match model {
-                Some(m) => m,
-                None => stablerep::world::builtin_model()?,
-            };
             let mut c = if quick {
-                WorldDemo::quick(model)
+                WorldDemo::quick(Default::default())
             } else {
-                WorldDemo::new(model)
+                WorldDemo::new(Default::default())
             };
             c.seed = seed;
             if let Some(w) = guidance {
@@ -964,6 +966,10 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 c.train_steps = n;
             }
             c.check()?;
+            c.model = match model {
+                Some(m) => m,
+                None => stablerep::world::builtin_model()?,
+            };
             let gpu = Gpu::new(&opts)?;
             println!("device: {}", gpu.describe());
             println!(

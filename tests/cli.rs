@@ -722,3 +722,43 @@ fn world_writes_pools_and_labelled_folders() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least one image per caption"));
 }
+
+#[test]
+fn demo_refuses_impossible_settings_and_missing_models() {
+    let dir = tmp("demo");
+    let run = |args: &[&str]| {
+        let out = bin()
+            .arg("demo")
+            .args(args)
+            .arg("--out")
+            .arg(dir.join("out"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "demo {args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run(&["--quick", "--images-per-caption", "3"]);
+    assert!(e.contains("multiple of the images per caption (3)"), "{e}");
+    let e = run(&["--quick", "--captions", "4"]);
+    assert!(e.contains("4 captions are too few"), "{e}");
+    let missing = dir.join("no-such-model");
+    let e = run(&["--quick", "--model", missing.to_str().unwrap()]);
+    assert!(e.contains("no-such-model"), "{e}");
+    // Nothing was rendered before the model failed to load.
+    assert!(!dir.join("out").join("eval-train").exists());
+}
+
+#[test]
+fn engine_demo_trains_the_mlp() {
+    let out = bin()
+        .args(["engine-demo", "--steps", "40"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("trained: loss"), "{text}");
+}

@@ -337,6 +337,7 @@ fn demo_pipeline_generates_trains_three_ways_and_scores_on_real_renders() {
     );
     assert!(out.join("results.json").is_file());
     assert!(table(&results).contains("StableRep"));
+    assert!(out.join("results.png").is_file());
     // A second run finds every stage done and gives the same scores.
     let again = run(&gpu, &c, &out, |_| {}).unwrap();
     for (a, b) in results.iter().zip(&again) {
@@ -345,4 +346,50 @@ fn demo_pipeline_generates_trains_three_ways_and_scores_on_real_renders() {
             (b.knn, b.linear, b.final_loss)
         );
     }
+
+    // The experiments on the same model: 2 seeds, guidance 1 and 2, m = 1 and 2, 8 images
+    // per pool.
+    use stablerep::world::experiments::{plots, read_records, report, Plan};
+    let plan = Plan {
+        base: c.clone(),
+        seeds: vec![0, 1],
+        guidances: vec![1.0, 2.0],
+        images_per_caption: vec![1, 2],
+        budget: 8,
+    };
+    let ex = base.join("experiments");
+    let records = stablerep::world::experiments::run(&gpu, &plan, &ex, |_| {}).unwrap();
+    // Arms: StableRep and SimCLR at (w 2, m 2) and (w 1, m 2), SimCLR real, StableRep at m 1.
+    assert_eq!(records.len(), 6 * 2);
+    let mut arms: Vec<&str> = records.iter().map(|r| r.arm.as_str()).collect();
+    arms.sort();
+    arms.dedup();
+    assert_eq!(
+        arms,
+        [
+            "simclr-real",
+            "simclr-w1-m2",
+            "simclr-w2-m2",
+            "stablerep-w1-m2",
+            "stablerep-w2-m1",
+            "stablerep-w2-m2"
+        ]
+    );
+    let m1 = records.iter().find(|r| r.arm == "stablerep-w2-m1").unwrap();
+    assert_eq!((m1.outcome.captions, m1.outcome.images_per_caption), (8, 1));
+    let pool = stablerep::data::pool::Pool::open(&ex.join("pools/w1-m2")).unwrap();
+    assert_eq!((pool.captions.len(), pool.images_per_caption()), (4, 2));
+    // Resuming trains nothing new and reads back the same records.
+    let again = stablerep::world::experiments::run(&gpu, &plan, &ex, |s| {
+        assert!(!s.stage.starts_with("training"), "{}", s.stage)
+    })
+    .unwrap();
+    assert_eq!(again.len(), records.len());
+    assert_eq!(read_records(&ex).unwrap().len(), records.len());
+    let text = report(&plan, &records);
+    for row in ["| StableRep | 8 synthetic | 2 |", "| 1 |", "| 2 | 4 |"] {
+        assert!(text.contains(row), "{row} missing from\n{text}");
+    }
+    let charts = plots(&plan, &records).unwrap();
+    assert_eq!(charts.len(), 3);
 }

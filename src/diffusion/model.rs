@@ -132,6 +132,14 @@ impl Configs {
 }
 
 impl SdModel {
+    /// The image side the model was trained at: the UNet's `sample_size` times the VAE's
+    /// downscale (512 for SD 1.x), or 512 when the config does not say.
+    pub fn native_size(&self) -> usize {
+        self.unet
+            .sample_size
+            .map_or(512, |s| s * self.vae.downscale())
+    }
+
     /// Reads a model: a diffusers folder (every config and weight file), or a single-file
     /// CompVis checkpoint (`.safetensors`) with SD 1.5's configs.
     pub fn load(path: &Path) -> Result<SdModel> {

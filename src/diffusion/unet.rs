@@ -72,6 +72,9 @@ pub struct UNetConfig {
     /// Extra conditioning (not supported).
     #[serde(default)]
     pub class_embed_type: Option<String>,
+    /// Latent side the model was trained at (64 for SD 1.x), when the config says.
+    #[serde(default)]
+    pub sample_size: Option<usize>,
     /// Extra conditioning (not supported).
     #[serde(default)]
     pub addition_embed_type: Option<String>,

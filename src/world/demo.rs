@@ -455,12 +455,12 @@ pub fn run(
     mut progress: impl FnMut(&Step),
 ) -> Result<Vec<Outcome>> {
     c.check()?;
+    let model = SdModel::load(&c.model)?;
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     eval_sets(out, c.eval_images, c.size, c.seed, &mut progress)?;
     let real = out.join("real-pool");
     real_pool(&real, c.captions, c.size, c.seed, &mut progress)?;
     let synthetic = out.join("synthetic-pool");
-    let model = SdModel::load(&c.model)?;
     let spec = PoolSpec {
         captions: c.captions,
         images_per_caption: c.images_per_caption,

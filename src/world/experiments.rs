@@ -181,6 +181,7 @@ pub fn run(
 ) -> Result<Vec<Record>> {
     plan.check()?;
     let b = &plan.base;
+    let model = SdModel::load(&b.model)?;
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     eval_sets(out, b.eval_images, b.size, b.seed, &mut progress)?;
     let arms = arms(plan, out);
@@ -192,7 +193,6 @@ pub fn run(
         b.seed,
         &mut progress,
     )?;
-    let model = SdModel::load(&b.model)?;
     let mut made = BTreeSet::new();
     for (_, a) in arms.iter().filter(|(_, a)| a.data == "synthetic") {
         if made.insert(a.pool.clone()) {

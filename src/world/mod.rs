@@ -367,7 +367,13 @@ pub fn builtin_model() -> crate::error::Result<std::path::PathBuf> {
         return Ok(p);
     }
     tried.push(p);
-    let list: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    let mut list: Vec<String> = Vec::new();
+    for p in tried {
+        let p = p.display().to_string();
+        if !list.contains(&p) {
+            list.push(p);
+        }
+    }
     Err(crate::error::Error::Config(format!(
         "the built-in model (assets/{BUILTIN_MODEL}) was not found; looked in: {}. Set \
          STABLEREP_ASSETS to the folder holding {BUILTIN_MODEL}/, or pass --model",
