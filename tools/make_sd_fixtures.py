@@ -12,8 +12,11 @@ merge table, over a few hundred varied prompts (tests/fixtures/sd_tokens.json).
 Usage: .venv-ref/bin/python tools/make_sd_fixtures.py   (writes tests/fixtures/sd_*)
        .venv-ref/bin/python tools/make_sd_fixtures.py single_file   (only the single-file
        checkpoint, from the committed UNet and VAE fixtures)
+       .venv-ref/bin/python tools/make_sd_fixtures.py builtin   (only the built-in model's
+       run: assets/world-sd through StableDiffusionPipeline, tests/fixtures/world_sd.safetensors)
 """
 
+import json
 import pathlib
 import re
 import sys
@@ -514,8 +517,37 @@ def single_file_fixture():
     print("sd_single_file.safetensors", len(ck), "tensors; diffusers' converters give back every tensor")
 
 
+def builtin_fixture():
+    """The shipped mini-world model (assets/world-sd, fp16 files read as fp32) through
+    diffusers' StableDiffusionPipeline: two prompts (batched with the empty prompt for
+    guidance 2), saved initial latents [2, C, 8, 8], 6 steps of DPM-Solver++ 2M with Karras
+    sigmas; the decoded images in [0, 1] and the final latents."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    folder = OUT.parent.parent / "assets" / "world-sd"
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    prompts = ["a large red circle on a sky blue background",
+               "a small dotted yellow star above a large black square on a dark background"]
+    c = pipe.unet.config.in_channels
+    torch.manual_seed(7)
+    noise = torch.randn(2, c, 8, 8)
+    t = {"noise": noise}
+    for i, p in enumerate(prompts):
+        out = pipe(p, height=32, width=32, num_inference_steps=6, guidance_scale=2.0,
+                   latents=noise[i:i + 1].clone(), output_type="np")
+        t[f"image{i}"] = torch.from_numpy(out.images[0]).permute(2, 0, 1).contiguous()
+    meta = {"diffusers": diffusers.__version__, "prompts": json.dumps(prompts)}
+    save_file(t, OUT / "world_sd.safetensors", metadata=meta)
+    print("world_sd.safetensors", {k: tuple(v.shape) for k, v in t.items()})
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
+    if sys.argv[1:] == ["builtin"]:
+        builtin_fixture()
+        sys.exit(0)
     if sys.argv[1:] == ["single_file"]:  # only this one (it reads the committed fixtures)
         single_file_fixture()
         sys.exit(0)

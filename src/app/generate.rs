@@ -95,6 +95,19 @@ pub fn model_form(ui: &mut egui::Ui, shell: &mut Shell, settings: &mut Settings)
                     settings.model = m;
                 }
             }
+            if ui
+                .button("Use the built-in model")
+                .on_hover_text(
+                    "the mini-world model shipped in assets/world-sd (32 x 32 images of \
+                     coloured shapes; docs/world.md)",
+                )
+                .clicked()
+            {
+                match crate::world::builtin_model() {
+                    Ok(p) => use_builtin(settings, &p.display().to_string()),
+                    Err(e) => shell.notes.error(e.to_string()),
+                }
+            }
         });
         ui.end_row();
         ui.label("Config (single file)").on_hover_text(
@@ -178,11 +191,31 @@ pub fn parse_scales(text: &str) -> Result<Vec<f64>, String> {
     }
 }
 
+/// Points the forms at the built-in model (`path`) with settings that suit it: its 32 x 32
+/// size, guidance 2, 20 DPM-Solver++ steps, and a caption of its world as the prompt.
+pub fn use_builtin(settings: &mut Settings, path: &str) {
+    settings.model = path.to_string();
+    settings.model_config.clear();
+    settings.remember_model(path);
+    for s in [&mut settings.generate.sampling, &mut settings.pool.sampling] {
+        s.size = 32;
+        s.guidance = 2.0;
+        s.steps = 20;
+        s.sampler = "dpmpp-2m-karras".into();
+    }
+    settings.generate.prompt = "a large striped red star above a small blue ring on a beige \
+                                background"
+        .into();
+}
+
 /// A model path from the form, or an error to show.
 pub fn model_path(settings: &Settings) -> Result<(PathBuf, Option<PathBuf>), String> {
     let m = settings.model.trim();
     if m.is_empty() {
-        return Err("choose a model first: a diffusers folder or a .safetensors file".into());
+        return Err(
+            "choose a model first: a diffusers folder, a .safetensors file, or the built-in model"
+                .into(),
+        );
     }
     let c = settings.model_config.trim();
     Ok((PathBuf::from(m), (!c.is_empty()).then(|| PathBuf::from(c))))

@@ -68,7 +68,7 @@ pub struct Recipe {
 }
 
 impl Recipe {
-    /// The built-in model's recipe: 32 x 32 images, a 3-level VAE (latents 8 x 8 x 8), a
+    /// The built-in model's recipe: 32 x 32 images, a 3-level VAE (latents 4 x 8 x 8), a
     /// 2-level UNet with cross-attention on both levels and in the middle, a 2-layer text
     /// encoder of width 64 over CLIP's vocabulary with 32 positions (the world's captions
     /// take at most 23 tokens). Sized for software adapters.
@@ -77,7 +77,7 @@ impl Recipe {
             spec: SmallSd {
                 image_size: 32,
                 vae_channels: vec![16, 32, 32],
-                latent_channels: 8,
+                latent_channels: 4,
                 unet_channels: vec![32, 64],
                 unet_attention: vec![true, true],
                 unet_heads: 2,
@@ -92,7 +92,7 @@ impl Recipe {
             world_seed: 0,
             captions: 50_000,
             vae: Stage {
-                steps: 1000,
+                steps: 1200,
                 batch: 16,
                 lr: 1e-3,
                 warmup: 100,
