@@ -337,7 +337,7 @@ fn demo_pipeline_generates_trains_three_ways_and_scores_on_real_renders() {
     );
     assert!(out.join("results.json").is_file());
     assert!(table(&results).contains("StableRep"));
-    assert!(out.join("results.png").is_file());
+    assert!(out.join("results.png").is_file() && out.join("losses.png").is_file());
     // A second run finds every stage done and gives the same scores.
     let again = run(&gpu, &c, &out, |_| {}).unwrap();
     for (a, b) in results.iter().zip(&again) {

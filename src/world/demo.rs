@@ -23,7 +23,7 @@ use crate::eval::probe::{self, Method, Request};
 use crate::gpu::Gpu;
 use crate::models::stablerep::HeadConfig;
 use crate::models::vit::VitConfig;
-use crate::plot::{bar_chart, Canvas, Chart, Series, Value};
+use crate::plot::{bar_chart, line_chart, Canvas, Chart, Series, Value};
 use crate::train::fixed::ModelConfig;
 use crate::train::pool_run::{self, PoolRun};
 use crate::train::schedule::Schedule;
@@ -447,7 +447,8 @@ pub fn train_arm(
 
 /// Runs the demo into `out` (resuming what exists there): the evaluation sets, the real and
 /// synthetic pools, then StableRep (synthetic), SimCLR (synthetic) and SimCLR (real). Writes
-/// `out/results.json` and the bar chart `out/results.png`; returns the three outcomes.
+/// `out/results.json`, the bar chart `out/results.png` and the loss curves `out/losses.png`;
+/// returns the three outcomes.
 pub fn run(
     gpu: &Arc<Gpu>,
     c: &DemoConfig,
@@ -503,7 +504,76 @@ pub fn run(
         ),
     )?
     .save(&out.join("results.png"))?;
+    let curves: Vec<(String, Vec<(u64, f32)>)> = arms
+        .iter()
+        .map(|a| {
+            let name = format!("{}-{}", a.method.to_lowercase(), a.data);
+            let log = read_losses(&out.join("runs").join(&name))?;
+            Ok((format!("{} {}", a.method, a.data), log))
+        })
+        .collect::<Result<_>>()?;
+    loss_plot(&curves)?.save(&out.join("losses.png"))?;
     Ok(outcomes)
+}
+
+/// The (step, loss) pairs a run logged (`metrics.jsonl`).
+pub fn read_losses(run_dir: &Path) -> Result<Vec<(u64, f32)>> {
+    let path = run_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()? as f32))
+        })
+        .collect())
+}
+
+/// Training loss curves, one series per run, over the first run's logged steps.
+pub fn loss_plot(curves: &[(String, Vec<(u64, f32)>)]) -> Result<Canvas> {
+    let steps: Vec<u64> = curves.first().map_or_else(Vec::new, |c| {
+        let mut s: Vec<u64> = c.1.iter().map(|p| p.0).collect();
+        s.dedup();
+        s
+    });
+    let every = steps.len().div_ceil(8).max(1);
+    let top = curves
+        .iter()
+        .flat_map(|c| c.1.iter().map(|p| p.1 as f64))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max);
+    line_chart(&Chart {
+        title: "Training loss (contrastive, temperature 0.1)".into(),
+        categories: steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                if i % every == every - 1 {
+                    s.to_string()
+                } else {
+                    String::new()
+                }
+            })
+            .collect(),
+        x_label: "step".into(),
+        y_label: "loss".into(),
+        y_range: (0.0, top.ceil().max(1.0)),
+        series: curves
+            .iter()
+            .map(|(name, log)| Series {
+                name: name.clone(),
+                values: steps
+                    .iter()
+                    .map(|s| {
+                        log.iter().find(|p| p.0 == *s).map(|p| Value {
+                            mean: p.1 as f64,
+                            spread: 0.0,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect(),
+    })
 }
 
 /// A bar chart of the outcomes' held-out accuracies (kNN and linear probe, in percent).
@@ -538,18 +608,12 @@ pub fn plot(outcomes: &[Outcome], subtitle: &str) -> Result<Canvas> {
 
 /// The last loss a finished run logged (`metrics.jsonl`), for a run that was already done.
 fn read_final_loss(run_dir: &Path) -> Result<f32> {
-    let path = run_dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
-    text.lines()
-        .rev()
-        .find_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()?
-                .get("loss")?
-                .as_f64()
-        })
-        .map(|v| v as f32)
-        .ok_or_else(|| Error::Config(format!("{}: no loss logged", path.display())))
+    read_losses(run_dir)?.last().map(|p| p.1).ok_or_else(|| {
+        Error::Config(format!(
+            "{}: no loss logged",
+            run_dir.join("metrics.jsonl").display()
+        ))
+    })
 }
 
 /// The outcomes as a text table.

@@ -41,9 +41,13 @@ pub struct Plan {
 
 impl Plan {
     /// The documented plan (docs/results.md): 3 seeds, guidance 1, 2, 4, 8, m = 1, 2, 4, 8,
-    /// 256 images per pool, the demo's encoder trained 150 steps per run.
+    /// 256 images per pool (10 sampler steps), `--quick`'s encoder (2 layers, width 64)
+    /// trained 150 steps of 32 views per run, the full demo's evaluation sets and probe.
     pub fn new(model: std::path::PathBuf) -> Plan {
+        let quick = DemoConfig::quick(model.clone());
         let mut base = DemoConfig::new(model);
+        base.vit = quick.vit;
+        base.head = quick.head;
         base.train_steps = 150;
         base.captions = 64;
         Plan {
