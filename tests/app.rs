@@ -315,3 +315,20 @@ fn app_generates_builds_pools_trains_evaluates_and_shows_errors() {
     assert_eq!(app.settings, Settings::default());
     assert!(app.notes.log[0].text.contains("not valid settings"));
 }
+
+#[test]
+fn builtin_model_button_sets_forms_that_suit_it() {
+    use stablerep::app::generate::{model_path, use_builtin, SIZES};
+    use stablerep::app::settings::Settings;
+    let mut s = Settings::default();
+    assert!(model_path(&s).unwrap_err().contains("built-in model"));
+    let dir = stablerep::world::builtin_model().unwrap();
+    use_builtin(&mut s, &dir.display().to_string());
+    assert_eq!(model_path(&s).unwrap().0, dir);
+    assert_eq!(s.recent_models[0], dir.display().to_string());
+    for sampling in [&s.generate.sampling, &s.pool.sampling] {
+        assert_eq!((sampling.size, sampling.guidance), (32, 2.0));
+        assert!(SIZES.contains(&sampling.size));
+        assert!(stablerep::diffusion::sampler::Kind::parse(&sampling.sampler, 0.0).is_ok());
+    }
+}

@@ -22,7 +22,7 @@ pub const SAMPLERS: [&str; 6] = [
 ];
 
 /// Image sizes the panels offer (multiples of 8; SD 1.x is trained at 512).
-pub const SIZES: [usize; 7] = [64, 128, 256, 384, 512, 640, 768];
+pub const SIZES: [usize; 8] = [32, 64, 128, 256, 384, 512, 640, 768];
 
 /// The Generate panel's state.
 #[derive(Default)]
