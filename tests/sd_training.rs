@@ -322,13 +322,16 @@ fn demo_pipeline_generates_trains_three_ways_and_scores_on_real_renders() {
         [
             ("StableRep".into(), "synthetic".into()),
             ("SimCLR".into(), "synthetic".into()),
-            ("SimCLR".into(), "real".into())
+            ("SimCLR".into(), "real".into()),
+            ("untrained".into(), "real".into())
         ]
     );
     assert!(results.iter().all(|o| o.views_per_step == 4));
     assert!(results.iter().all(|o| o.final_loss.is_finite()
         && (0.0..=1.0).contains(&o.knn)
-        && (0.0..=1.0).contains(&o.linear)));
+        && (0.0..=1.0).contains(&o.linear)
+        && (0.0..=1.0).contains(&o.colour_knn)
+        && (0.0..=1.0).contains(&o.colour_linear)));
     let pool = stablerep::data::pool::Pool::open(&out.join("synthetic-pool")).unwrap();
     assert_eq!((pool.captions.len(), pool.images_per_caption()), (6, 2));
     assert!(
@@ -359,8 +362,9 @@ fn demo_pipeline_generates_trains_three_ways_and_scores_on_real_renders() {
     };
     let ex = base.join("experiments");
     let records = stablerep::world::experiments::run(&gpu, &plan, &ex, |_| {}).unwrap();
-    // Arms: StableRep and SimCLR at (w 2, m 2) and (w 1, m 2), SimCLR real, StableRep at m 1.
-    assert_eq!(records.len(), 6 * 2);
+    // Arms: StableRep and SimCLR at (w 2, m 2) and (w 1, m 2), SimCLR real, the untrained
+    // encoder, StableRep at m 1.
+    assert_eq!(records.len(), 7 * 2);
     let mut arms: Vec<&str> = records.iter().map(|r| r.arm.as_str()).collect();
     arms.sort();
     arms.dedup();
@@ -372,7 +376,8 @@ fn demo_pipeline_generates_trains_three_ways_and_scores_on_real_renders() {
             "simclr-w2-m2",
             "stablerep-w1-m2",
             "stablerep-w2-m1",
-            "stablerep-w2-m2"
+            "stablerep-w2-m2",
+            "untrained"
         ]
     );
     let m1 = records.iter().find(|r| r.arm == "stablerep-w2-m1").unwrap();

@@ -265,7 +265,8 @@ pub fn bar_chart(chart: &Chart) -> Result<Canvas> {
             c.rect(bx as i64 + 1, top, (bx + bar) as i64 - 1, f.bottom, colour);
             error_bar(&mut c, &f, bx + bar / 2.0, v, (bar / 4.0).min(6.0));
             let text = format!("{:.1}", v.mean);
-            if bar >= text_width(&text) as f64 {
+            // Values are printed over the bars only when every value fits.
+            if bar >= text_width("100.0") as f64 {
                 c.text_centred((bx + bar / 2.0) as i64, top - 14, &text, INK);
             }
         }

@@ -171,10 +171,14 @@ pub struct Outcome {
     pub views_per_step: usize,
     /// Loss at the last logged step.
     pub final_loss: f32,
-    /// Held-out kNN top-1 accuracy (shape, 12 classes).
+    /// Held-out kNN top-1 accuracy on the main object's shape (12 classes).
     pub knn: f64,
-    /// Held-out linear probe top-1 accuracy.
+    /// Held-out linear probe top-1 accuracy on the shape.
     pub linear: f64,
+    /// Held-out kNN top-1 accuracy on the main object's colour (8 classes).
+    pub colour_knn: f64,
+    /// Held-out linear probe top-1 accuracy on the colour.
+    pub colour_linear: f64,
 }
 
 /// What a stage reports.
@@ -195,8 +199,9 @@ fn io(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// Renders the held-out evaluation sets `out/eval-train` and `out/eval-test`: real renders
-/// of other captions, labelled by the main object's shape (skipped when present).
+/// Renders the held-out evaluation sets: real renders of other captions, labelled by the main
+/// object's shape (`out/eval-train`, `out/eval-test`) and the same images labelled by its
+/// colour (`out/eval-colour-train`, `out/eval-colour-test`); skipped when present.
 pub fn eval_sets(
     out: &Path,
     images: usize,
@@ -204,20 +209,26 @@ pub fn eval_sets(
     seed: u64,
     mut progress: impl FnMut(&Step),
 ) -> Result<()> {
-    for (name, offset) in [("eval-train", 1_000), ("eval-test", 2_000)] {
-        let dir = out.join(name);
-        if !dir.exists() {
-            let tmp = out.join(format!("{name}.partial"));
-            let _ = std::fs::remove_dir_all(&tmp);
-            let d = descriptions(images, seed + offset);
-            write_labelled(&tmp, &d, LabelKind::Shape, size, seed + offset, |k, n| {
-                progress(&Step {
-                    stage: format!("rendering {name}"),
-                    done: k as u64,
-                    total: n as u64,
-                })
-            })?;
-            std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
+    for (kind, prefix) in [
+        (LabelKind::Shape, "eval"),
+        (LabelKind::Colour, "eval-colour"),
+    ] {
+        for (split, offset) in [("train", 1_000), ("test", 2_000)] {
+            let name = format!("{prefix}-{split}");
+            let dir = out.join(&name);
+            if !dir.exists() {
+                let tmp = out.join(format!("{name}.partial"));
+                let _ = std::fs::remove_dir_all(&tmp);
+                let d = descriptions(images, seed + offset);
+                write_labelled(&tmp, &d, kind, size, seed + offset, |k, n| {
+                    progress(&Step {
+                        stage: format!("rendering {name}"),
+                        done: k as u64,
+                        total: n as u64,
+                    })
+                })?;
+                std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
+            }
         }
     }
     Ok(())
@@ -306,7 +317,8 @@ pub fn synthetic_pool(
 /// One training run: a method on a pool.
 #[derive(Clone, Debug)]
 pub struct Arm {
-    /// "StableRep" or "SimCLR".
+    /// "StableRep", "SimCLR", or "untrained" (the encoder as initialized: one step at learning
+    /// rate 0), the reference every method should beat.
     pub method: String,
     /// "synthetic" or "real".
     pub data: String,
@@ -333,6 +345,7 @@ pub fn train_arm(
     mut progress: impl FnMut(&Step),
 ) -> Result<Outcome> {
     let views = c.views_per_step;
+    let untrained = arm.method == "untrained";
     let stablerep = arm.method == "StableRep" && arm.images_per_caption >= 2;
     let (n, m) = if stablerep {
         (views / arm.images_per_caption, arm.images_per_caption)
@@ -345,6 +358,12 @@ pub fn train_arm(
             arm.method, arm.captions, arm.images_per_caption
         )));
     }
+    // The untrained reference: one step at learning rate 0 leaves the encoder as initialized.
+    let (steps, lr) = if untrained {
+        (1, 0.0)
+    } else {
+        (c.train_steps, c.lr)
+    };
     let r = PoolRun {
         pool: arm.pool.clone(),
         model: ModelConfig {
@@ -355,25 +374,29 @@ pub fn train_arm(
         init: None,
         captions: n,
         images_per_caption: m,
-        steps: c.train_steps,
-        lr: c.lr,
+        steps,
+        lr,
         schedule: Schedule::Cosine {
-            warmup: c.train_steps / 10,
-            total: c.train_steps,
+            warmup: steps / 10,
+            total: steps,
         },
         weight_decay: 0.1,
         temperature: 0.1,
         augment: true,
         simclr: !stablerep,
         seed: c.seed,
-        checkpoint_every: c.train_steps,
-        log_every: 10.min(c.train_steps),
+        checkpoint_every: steps,
+        log_every: 10.min(steps),
         out: run_dir.to_path_buf(),
         resume: true,
         labelled_folder: false,
         source_size: None,
     };
-    let stage = format!("training {} on {} images", arm.method, arm.data);
+    let stage = if untrained {
+        "initializing the untrained encoder".to_string()
+    } else {
+        format!("training {} on {} images", arm.method, arm.data)
+    };
     let losses = pool_run::run(
         gpu,
         &r,
@@ -381,7 +404,7 @@ pub fn train_arm(
             progress(&Step {
                 stage: stage.clone(),
                 done: step,
-                total: c.train_steps,
+                total: steps,
             })
         },
         &|| false,
@@ -391,46 +414,50 @@ pub fn train_arm(
         None => read_final_loss(run_dir)?,
     };
     let ck = run_dir.join("checkpoint-last.safetensors");
-    let request = |method| Request {
-        checkpoint: ck.clone(),
-        head_dim: c.head.out,
-        train: Some(eval_dir.join("eval-train")),
-        test: eval_dir.join("eval-test"),
-        method,
-    };
     let stage = format!("evaluating {} ({})", arm.method, arm.data);
-    progress(&Step {
-        stage: stage.clone(),
-        done: 0,
-        total: 2,
-    });
-    let knn = probe::run(
-        gpu,
-        &request(Method::Knn {
-            k: 20,
-            temperature: 0.07,
-        }),
-    )?
-    .accuracy;
-    progress(&Step {
-        stage: stage.clone(),
-        done: 1,
-        total: 2,
-    });
-    let linear = probe::run(
-        gpu,
-        &request(Method::Linear(ProbeConfig {
-            epochs: c.probe_epochs,
-            base_lrs: vec![0.01, 0.05, 0.1, 0.3],
-            batch: 64,
-            ..ProbeConfig::default()
-        })),
-    )?
-    .accuracy;
+    let mut scores = Vec::new();
+    for (k, prefix) in ["eval", "eval-colour"].iter().enumerate() {
+        let request = |method| Request {
+            checkpoint: ck.clone(),
+            head_dim: c.head.out,
+            train: Some(eval_dir.join(format!("{prefix}-train"))),
+            test: eval_dir.join(format!("{prefix}-test")),
+            method,
+        };
+        progress(&Step {
+            stage: stage.clone(),
+            done: 2 * k as u64,
+            total: 4,
+        });
+        let knn = probe::run(
+            gpu,
+            &request(Method::Knn {
+                k: 20,
+                temperature: 0.07,
+            }),
+        )?
+        .accuracy;
+        progress(&Step {
+            stage: stage.clone(),
+            done: 2 * k as u64 + 1,
+            total: 4,
+        });
+        let linear = probe::run(
+            gpu,
+            &request(Method::Linear(ProbeConfig {
+                epochs: c.probe_epochs,
+                base_lrs: vec![0.01, 0.05, 0.1, 0.3],
+                batch: 64,
+                ..ProbeConfig::default()
+            })),
+        )?
+        .accuracy;
+        scores.push((knn, linear));
+    }
     progress(&Step {
         stage,
-        done: 2,
-        total: 2,
+        done: 4,
+        total: 4,
     });
     Ok(Outcome {
         method: arm.method.clone(),
@@ -440,15 +467,18 @@ pub fn train_arm(
         captions: arm.captions,
         views_per_step: views,
         final_loss,
-        knn,
-        linear,
+        knn: scores[0].0,
+        linear: scores[0].1,
+        colour_knn: scores[1].0,
+        colour_linear: scores[1].1,
     })
 }
 
 /// Runs the demo into `out` (resuming what exists there): the evaluation sets, the real and
-/// synthetic pools, then StableRep (synthetic), SimCLR (synthetic) and SimCLR (real). Writes
+/// synthetic pools, then StableRep (synthetic), SimCLR (synthetic), SimCLR (real) and the
+/// untrained encoder as a reference. Writes
 /// `out/results.json`, the bar chart `out/results.png` and the loss curves `out/losses.png`;
-/// returns the three outcomes.
+/// returns the four outcomes.
 pub fn run(
     gpu: &Arc<Gpu>,
     c: &DemoConfig,
@@ -486,6 +516,7 @@ pub fn run(
         arm("StableRep", "synthetic", &synthetic, m, c.guidance),
         arm("SimCLR", "synthetic", &synthetic, m, c.guidance),
         arm("SimCLR", "real", &real, 1, 0.0),
+        arm("untrained", "real", &real, 1, 0.0),
     ];
     let mut outcomes = Vec::new();
     for a in &arms {
@@ -506,6 +537,7 @@ pub fn run(
     .save(&out.join("results.png"))?;
     let curves: Vec<(String, Vec<(u64, f32)>)> = arms
         .iter()
+        .filter(|a| a.method != "untrained")
         .map(|a| {
             let name = format!("{}-{}", a.method.to_lowercase(), a.data);
             let log = read_losses(&out.join("runs").join(&name))?;
@@ -576,34 +608,43 @@ pub fn loss_plot(curves: &[(String, Vec<(u64, f32)>)]) -> Result<Canvas> {
     })
 }
 
-/// A bar chart of the outcomes' held-out accuracies (kNN and linear probe, in percent).
+/// A bar chart of the outcomes' held-out accuracies (shape and colour, kNN and linear probe,
+/// in percent).
 pub fn plot(outcomes: &[Outcome], subtitle: &str) -> Result<Canvas> {
-    let point = |v: f64| {
-        Some(Value {
-            mean: 100.0 * v,
-            spread: 0.0,
-        })
+    let series = |name: &str, f: fn(&Outcome) -> f64| Series {
+        name: name.into(),
+        values: outcomes
+            .iter()
+            .map(|o| {
+                Some(Value {
+                    mean: 100.0 * f(o),
+                    spread: 0.0,
+                })
+            })
+            .collect(),
     };
     bar_chart(&Chart {
-        title: format!("Held-out shape accuracy ({subtitle})"),
-        categories: outcomes
-            .iter()
-            .map(|o| format!("{} {}", o.method, o.data))
-            .collect(),
+        title: format!("Held-out accuracy on real renders ({subtitle})"),
+        categories: outcomes.iter().map(label).collect(),
         x_label: "encoder (method, training images)".into(),
-        y_label: "top-1 accuracy, %".into(),
+        y_label: "top-1 accuracy, % (chance: shape 8.3, colour 12.5)".into(),
         y_range: (0.0, 100.0),
         series: vec![
-            Series {
-                name: "kNN".into(),
-                values: outcomes.iter().map(|o| point(o.knn)).collect(),
-            },
-            Series {
-                name: "linear probe".into(),
-                values: outcomes.iter().map(|o| point(o.linear)).collect(),
-            },
+            series("colour kNN", |o| o.colour_knn),
+            series("colour linear", |o| o.colour_linear),
+            series("shape kNN", |o| o.knn),
+            series("shape linear", |o| o.linear),
         ],
     })
+}
+
+/// "StableRep synthetic", "SimCLR real", "untrained".
+pub fn label(o: &Outcome) -> String {
+    if o.method == "untrained" {
+        o.method.clone()
+    } else {
+        format!("{} {}", o.method, o.data)
+    }
 }
 
 /// The last loss a finished run logged (`metrics.jsonl`), for a run that was already done.
@@ -619,8 +660,8 @@ fn read_final_loss(run_dir: &Path) -> Result<f32> {
 /// The outcomes as a text table.
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut s = format!(
-        "{:<10} {:<10} {:>8} {:>6} {:>10} {:>8} {:>8}\n",
-        "method", "data", "guidance", "views", "final loss", "kNN", "linear"
+        "{:<20} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+        "encoder", "guidance", "final loss", "colour kNN", "colour lin", "shape kNN", "shape lin"
     );
     for o in outcomes {
         let w = if o.data == "real" {
@@ -628,13 +669,18 @@ pub fn table(outcomes: &[Outcome]) -> String {
         } else {
             format!("{}", o.guidance)
         };
+        let loss = if o.method == "untrained" {
+            "-".to_string()
+        } else {
+            format!("{:.4}", o.final_loss)
+        };
         s += &format!(
-            "{:<10} {:<10} {:>8} {:>6} {:>10.4} {:>7.1}% {:>7.1}%\n",
-            o.method,
-            o.data,
+            "{:<20} {:>8} {:>10} {:>9.1}% {:>9.1}% {:>9.1}% {:>9.1}%\n",
+            label(o),
             w,
-            o.views_per_step,
-            o.final_loss,
+            loss,
+            100.0 * o.colour_knn,
+            100.0 * o.colour_linear,
             100.0 * o.knn,
             100.0 * o.linear
         );

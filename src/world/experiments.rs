@@ -41,21 +41,22 @@ pub struct Plan {
 
 impl Plan {
     /// The documented plan (docs/results.md): 3 seeds, guidance 1, 2, 4, 8, m = 1, 2, 4, 8,
-    /// 256 images per pool (10 sampler steps), `--quick`'s encoder (2 layers, width 64)
-    /// trained 150 steps of 32 views per run, the full demo's evaluation sets and probe.
+    /// 192 images per pool (8 sampler steps), `--quick`'s encoder (2 layers, width 64)
+    /// trained 100 steps of 32 views per run, the full demo's evaluation sets and probe.
     pub fn new(model: std::path::PathBuf) -> Plan {
         let quick = DemoConfig::quick(model.clone());
         let mut base = DemoConfig::new(model);
         base.vit = quick.vit;
         base.head = quick.head;
-        base.train_steps = 150;
-        base.captions = 64;
+        base.train_steps = 100;
+        base.captions = 48;
+        base.sampler_steps = 8;
         Plan {
             base,
             seeds: vec![0, 1, 2],
             guidances: vec![1.0, 2.0, 4.0, 8.0],
             images_per_caption: vec![1, 2, 4, 8],
-            budget: 256,
+            budget: 192,
         }
     }
 
@@ -138,6 +139,17 @@ fn arms(plan: &Plan, out: &Path) -> Vec<(String, Arm)> {
             },
         ),
     ];
+    list.push((
+        "untrained".to_string(),
+        Arm {
+            method: "untrained".into(),
+            data: "real".into(),
+            pool: out.join("pools").join("real"),
+            captions: plan.budget / bm,
+            images_per_caption: 1,
+            guidance: 0.0,
+        },
+    ));
     for &w in &plan.guidances {
         list.push(synthetic("StableRep", w, bm));
         list.push(synthetic("SimCLR", w, bm));
@@ -245,19 +257,34 @@ pub fn run(
     Ok(records)
 }
 
-/// Mean and spread of kNN and linear accuracy (in percent) of one arm over its seeds.
-fn scores(records: &[Record], key: &str) -> Option<(Value, Value, usize)> {
+/// Mean and spread over an arm's seeds (in percent) of colour kNN, colour linear, shape kNN
+/// and shape linear accuracy, and the number of seeds.
+fn scores(records: &[Record], key: &str) -> Option<([Value; 4], usize)> {
     let rs: Vec<&Record> = records.iter().filter(|r| r.arm == key).collect();
     if rs.is_empty() {
         return None;
     }
-    let knn: Vec<f64> = rs.iter().map(|r| 100.0 * r.outcome.knn).collect();
-    let lin: Vec<f64> = rs.iter().map(|r| 100.0 * r.outcome.linear).collect();
-    Some((mean_spread(&knn), mean_spread(&lin), rs.len()))
+    let pick = |f: fn(&Outcome) -> f64| {
+        let v: Vec<f64> = rs.iter().map(|r| 100.0 * f(&r.outcome)).collect();
+        mean_spread(&v)
+    };
+    Some((
+        [
+            pick(|o| o.colour_knn),
+            pick(|o| o.colour_linear),
+            pick(|o| o.knn),
+            pick(|o| o.linear),
+        ],
+        rs.len(),
+    ))
 }
 
 fn cell(v: Value) -> String {
     format!("{:.1} ± {:.1}", v.mean, v.spread)
+}
+
+fn cells(v: &[Value]) -> String {
+    v.iter().map(|&v| cell(v)).collect::<Vec<_>>().join(" | ")
 }
 
 /// The key of the StableRep or SimCLR arm on the synthetic pool at (guidance, m).
@@ -265,7 +292,10 @@ fn key(method: &str, guidance: f64, m: usize) -> String {
     format!("{}-{}", method.to_lowercase(), pool_name(guidance, m))
 }
 
-/// The results as Markdown tables (mean ± standard deviation over seeds, in percent).
+const SCORE_HEADER: &str = "colour kNN | colour linear | shape kNN | shape linear";
+
+/// The results as Markdown tables (top-1 accuracy in percent on held-out real renders, mean ±
+/// sample standard deviation over seeds).
 pub fn report(plan: &Plan, records: &[Record]) -> String {
     let b = &plan.base;
     let (bw, bm) = (b.guidance, b.images_per_caption);
@@ -274,7 +304,9 @@ pub fn report(plan: &Plan, records: &[Record]) -> String {
         "### 1. StableRep vs SimCLR (guidance {bw}, {} captions x {bm} images)\n\n",
         plan.budget / bm
     );
-    s += "| encoder | training images | seeds | kNN top-1 % | linear top-1 % |\n|---|---|---|---|---|\n";
+    s += &format!(
+        "| encoder | training images | seeds | {SCORE_HEADER} |\n|---|---|---|---|---|---|---|\n"
+    );
     for (name, k, images) in [
         (
             "StableRep",
@@ -291,41 +323,29 @@ pub fn report(plan: &Plan, records: &[Record]) -> String {
             "simclr-real".to_string(),
             format!("{} real", plan.budget / bm),
         ),
+        ("untrained", "untrained".to_string(), "none".to_string()),
     ] {
-        if let Some((knn, lin, n)) = scores(records, &k) {
-            s += &format!(
-                "| {name} | {images} | {n} | {} | {} |\n",
-                cell(knn),
-                cell(lin)
-            );
+        if let Some((v, n)) = scores(records, &k) {
+            s += &format!("| {name} | {images} | {n} | {} |\n", cells(&v));
         }
     }
     s += &format!("\n### 2. Guidance scale ({bm} images per caption)\n\n");
-    s += "| guidance | StableRep kNN | StableRep linear | SimCLR kNN | SimCLR linear |\n|---|---|---|---|---|\n";
+    s += "| guidance | method | colour kNN | colour linear | shape kNN | shape linear |\n|---|---|---|---|---|---|\n";
     for &w in &plan.guidances {
-        let mut row = format!("| {w} |");
         for method in ["StableRep", "SimCLR"] {
-            match scores(records, &key(method, w, bm)) {
-                Some((knn, lin, _)) => row += &format!(" {} | {} |", cell(knn), cell(lin)),
-                None => row += " | |",
+            if let Some((v, _)) = scores(records, &key(method, w, bm)) {
+                s += &format!("| {w} | {method} | {} |\n", cells(&v));
             }
         }
-        s += &row;
-        s += "\n";
     }
     s += &format!(
         "\n### 3. Images per caption at {} generated images (guidance {bw}, StableRep)\n\n",
         plan.budget
     );
-    s += "| m | captions | kNN | linear |\n|---|---|---|---|\n";
+    s += &format!("| m | captions | {SCORE_HEADER} |\n|---|---|---|---|---|---|\n");
     for &m in &plan.images_per_caption {
-        if let Some((knn, lin, _)) = scores(records, &key("StableRep", bw, m)) {
-            s += &format!(
-                "| {m} | {} | {} | {} |\n",
-                plan.budget / m,
-                cell(knn),
-                cell(lin)
-            );
+        if let Some((v, _)) = scores(records, &key("StableRep", bw, m)) {
+            s += &format!("| {m} | {} | {} |\n", plan.budget / m, cells(&v));
         }
     }
     s
@@ -336,48 +356,44 @@ pub fn plots(plan: &Plan, records: &[Record]) -> Result<Vec<(String, Canvas)>> {
     let b = &plan.base;
     let (bw, bm) = (b.guidance, b.images_per_caption);
     let seeds = plan.seeds.len();
+    let names = ["colour kNN", "colour linear", "shape kNN", "shape linear"];
     let main_keys = [
         key("StableRep", bw, bm),
         key("SimCLR", bw, bm),
         "simclr-real".to_string(),
+        "untrained".to_string(),
     ];
     let s: Vec<_> = main_keys.iter().map(|k| scores(records, k)).collect();
     let main = bar_chart(&Chart {
         title: format!(
-            "Held-out shape accuracy, mean and sd over {seeds} seeds ({} images)",
+            "Held-out accuracy, mean and sd over {seeds} seeds ({} generated images)",
             plan.budget
         ),
         categories: vec![
             "StableRep synthetic".into(),
             "SimCLR synthetic".into(),
             "SimCLR real".into(),
+            "untrained".into(),
         ],
         x_label: format!("encoder (guidance {bw}, {bm} images per caption for synthetic)"),
-        y_label: "top-1 accuracy, %".into(),
+        y_label: "top-1 accuracy, % (chance: shape 8.3, colour 12.5)".into(),
         y_range: (0.0, 100.0),
-        series: vec![
-            Series {
-                name: "kNN".into(),
-                values: s.iter().map(|v| v.map(|v| v.0)).collect(),
-            },
-            Series {
-                name: "linear probe".into(),
-                values: s.iter().map(|v| v.map(|v| v.1)).collect(),
-            },
-        ],
+        series: (0..4)
+            .map(|i| Series {
+                name: names[i].into(),
+                values: s.iter().map(|v| v.map(|v| v.0[i])).collect(),
+            })
+            .collect(),
     })?;
     let mut guidance_series = Vec::new();
-    for (probe, pick) in [("linear", 1), ("kNN", 0)] {
+    for (probe, i) in [("colour linear", 1), ("colour kNN", 0)] {
         for method in ["StableRep", "SimCLR"] {
             guidance_series.push(Series {
                 name: format!("{method} {probe}"),
                 values: plan
                     .guidances
                     .iter()
-                    .map(|&w| {
-                        scores(records, &key(method, w, bm))
-                            .map(|v| if pick == 0 { v.0 } else { v.1 })
-                    })
+                    .map(|&w| scores(records, &key(method, w, bm)).map(|v| v.0[i]))
                     .collect(),
             });
         }
@@ -386,7 +402,7 @@ pub fn plots(plan: &Plan, records: &[Record]) -> Result<Vec<(String, Canvas)>> {
         title: format!("Guidance scale of the synthetic pool ({bm} images per caption)"),
         categories: plan.guidances.iter().map(|w| format!("{w}")).collect(),
         x_label: "guidance scale w".into(),
-        y_label: "top-1 accuracy, %".into(),
+        y_label: "top-1 accuracy on colour, %".into(),
         y_range: (0.0, 100.0),
         series: guidance_series,
     })?;
@@ -408,16 +424,13 @@ pub fn plots(plan: &Plan, records: &[Record]) -> Result<Vec<(String, Canvas)>> {
         x_label: "images per caption m (captions)".into(),
         y_label: "top-1 accuracy, %".into(),
         y_range: (0.0, 100.0),
-        series: vec![
-            Series {
-                name: "linear".into(),
-                values: per.iter().map(|v| v.map(|v| v.1)).collect(),
-            },
-            Series {
-                name: "kNN".into(),
-                values: per.iter().map(|v| v.map(|v| v.0)).collect(),
-            },
-        ],
+        series: [1, 0, 3, 2]
+            .iter()
+            .map(|&i| Series {
+                name: names[i].into(),
+                values: per.iter().map(|v| v.map(|v| v.0[i])).collect(),
+            })
+            .collect(),
     })?;
     Ok(vec![
         ("main.png".into(), main),
