@@ -168,7 +168,10 @@ const HEIGHT: u32 = 400;
 /// Draws the frame common to both chart kinds: title, y grid with ticks, axes, legend.
 fn frame(chart: &Chart) -> Result<(Canvas, Frame)> {
     let (lo, hi) = chart.y_range;
-    if !(hi > lo) || !lo.is_finite() || !hi.is_finite() {
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater)
+        || !lo.is_finite()
+        || !hi.is_finite()
+    {
         return Err(Error::Config(format!(
             "plot '{}': the y range {lo}..{hi} is empty",
             chart.title

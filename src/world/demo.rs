@@ -130,7 +130,10 @@ impl DemoConfig {
                     .into(),
             ));
         }
-        if self.views_per_step < 2 || self.views_per_step % 2 != 0 || self.views_per_step % m != 0 {
+        if self.views_per_step < 2
+            || !self.views_per_step.is_multiple_of(2)
+            || !self.views_per_step.is_multiple_of(m)
+        {
             return Err(Error::Config(format!(
                 "views per step ({}) must be even and a multiple of the images per caption ({m})",
                 self.views_per_step
