@@ -197,14 +197,31 @@ fn frame(chart: &Chart) -> Result<(Canvas, Frame)> {
         )));
     }
     let mut c = Canvas::new(WIDTH, HEIGHT);
+    // Legend entries left to right under the title, wrapping to more rows when needed.
+    let (left, right) = (64, WIDTH as i64 - 20);
+    let mut spots = Vec::new();
+    let (mut x, mut row) = (left + 8, 0);
+    for s in &chart.series {
+        let w = 16 + text_width(&s.name) + 16;
+        if x + w > right && x > left + 8 {
+            (x, row) = (left + 8, row + 1);
+        }
+        spots.push((x, 24 + 15 * row));
+        x += w;
+    }
     let f = Frame {
-        left: 64,
-        right: WIDTH as i64 - 20,
-        top: 56,
+        left,
+        right,
+        top: 56 + 15 * row,
         bottom: HEIGHT as i64 - 56,
         y_range: chart.y_range,
     };
     c.text_centred(WIDTH as i64 / 2, 4, &chart.title, INK);
+    for (k, (s, &(x, y))) in chart.series.iter().zip(&spots).enumerate() {
+        let colour = Rgb(PALETTE[k % PALETTE.len()]);
+        c.rect(x, y, x + 12, y + 10, colour);
+        c.text(x + 16, y - 1, &s.name, INK);
+    }
     c.text(8, f.top - 15, &chart.y_label, INK);
     // Five grid lines with tick labels.
     for i in 0..=5 {
@@ -222,13 +239,6 @@ fn frame(chart: &Chart) -> Result<(Canvas, Frame)> {
         &chart.x_label,
         INK,
     );
-    // Legend, left to right under the title.
-    let mut x = f.left + 8;
-    for (k, s) in chart.series.iter().enumerate() {
-        let colour = Rgb(PALETTE[k % PALETTE.len()]);
-        c.rect(x, 24, x + 12, 34, colour);
-        x += 16 + c.text(x + 16, 23, &s.name, INK) + 16;
-    }
     Ok((c, f))
 }
 
