@@ -124,32 +124,27 @@ fn arms(plan: &Plan, out: &Path) -> Vec<(String, Arm)> {
             },
         )
     };
-    let mut list = vec![
-        synthetic("StableRep", bw, bm),
-        synthetic("SimCLR", bw, bm),
+    // SimCLR on the real renders, and the untrained encoder (its pool only feeds one step at
+    // learning rate 0).
+    let real = |key: &str, method: &str| {
         (
-            "simclr-real".to_string(),
+            key.to_string(),
             Arm {
-                method: "SimCLR".into(),
+                method: method.into(),
                 data: "real".into(),
                 pool: out.join("pools").join("real"),
                 captions: plan.budget / bm,
                 images_per_caption: 1,
                 guidance: 0.0,
             },
-        ),
+        )
+    };
+    let mut list = vec![
+        synthetic("StableRep", bw, bm),
+        synthetic("SimCLR", bw, bm),
+        real("simclr-real", "SimCLR"),
+        real("untrained", "untrained"),
     ];
-    list.push((
-        "untrained".to_string(),
-        Arm {
-            method: "untrained".into(),
-            data: "real".into(),
-            pool: out.join("pools").join("real"),
-            captions: plan.budget / bm,
-            images_per_caption: 1,
-            guidance: 0.0,
-        },
-    ));
     for &w in &plan.guidances {
         list.push(synthetic("StableRep", w, bm));
         list.push(synthetic("SimCLR", w, bm));
