@@ -3,7 +3,8 @@
 //! FILTER selects cases by substring: `matmul`, `matmul_variants`, `mlp_step`, `vit-train`,
 //! `chain`, `sd-unet`, `sd-vae` (SD 1.5's real shapes with random weights at `--size`,
 //! default 256; not run without a filter); `world-sd` (one training step of each stage of the
-//! built-in mini-world model). `BENCH_PROFILE=1` adds a per-kernel breakdown of
+//! built-in mini-world model; `WORLD_SD_VAE=32,64 WORLD_SD_UNET=32,64` try other widths).
+//! `BENCH_PROFILE=1` adds a per-kernel breakdown of
 //! `vit-train` and the SD cases; `BENCH_F16=1` stores the SD UNet's weights in f16.
 
 use std::sync::Arc;
@@ -349,7 +350,20 @@ fn sd_bench(
 fn world_sd_bench(gpu: &Arc<Gpu>, adapter: &str, reps: usize) -> stablerep::Result<()> {
     use stablerep::diffusion::training::{denoise_step, init_params, vae_step};
     use stablerep::graph::adam_hyper;
-    let r = stablerep::world::train_sd::Recipe::builtin();
+    let mut r = stablerep::world::train_sd::Recipe::builtin();
+    // Other sizes to weigh against the recipe's: WORLD_SD_VAE=32,64 WORLD_SD_UNET=32,64.
+    let list = |var: &str| -> Option<Vec<usize>> {
+        std::env::var(var)
+            .ok()
+            .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+    };
+    if let Some(v) = list("WORLD_SD_VAE") {
+        r.spec.vae_channels = v;
+    }
+    if let Some(v) = list("WORLD_SD_UNET") {
+        r.spec.unet_attention = vec![true; v.len()];
+        r.spec.unet_channels = v;
+    }
     let (ucfg, vcfg, tcfg) = r.spec.parsed()?;
     let adamw = stablerep::kernels::optim::AdamW {
         beta1: 0.9,

@@ -63,6 +63,7 @@ fn run() -> stablerep::Result<()> {
         weight_decay: 0.1,
         temperature: 0.1,
         augment: true,
+        augment_config: None,
         simclr: false,
         seed: 0,
         checkpoint_every: 50,

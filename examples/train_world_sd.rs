@@ -3,7 +3,8 @@
 //! again with the same OUT to continue. Writes OUT/model, a diffusers folder.
 //!
 //!     cargo run --release --example train_world_sd -- OUT [--vae-steps N] [--denoiser-steps N]
-//!         [--vae-batch N] [--batch N] [--vae-channels 16,32,32] [--latent-channels N]
+//!         [--vae-batch N] [--batch N] [--vae-channels 32,64] [--unet-channels 32,64]
+//!         [--latent-channels N] [--world simple|full]
 //!
 //! The defaults are the built-in model's recipe (`world::train_sd::Recipe::builtin`).
 //! Then, for example:
@@ -26,15 +27,29 @@ fn run() -> stablerep::Result<()> {
     let mut r = Recipe::builtin();
     let mut i = 1;
     while i < args.len() {
-        if args[i] == "--vae-channels" {
+        if args[i] == "--world" {
+            let w = args.get(i + 1).map(String::as_str).unwrap_or_default();
+            r.world = stablerep::world::World::parse(w).ok_or_else(|| {
+                stablerep::Error::Config(format!("--world '{w}': want full or simple"))
+            })?;
+            i += 2;
+            continue;
+        }
+        if args[i] == "--vae-channels" || args[i] == "--unet-channels" {
             let list = args.get(i + 1).map(String::as_str).unwrap_or_default();
-            r.spec.vae_channels = list
+            let v: Vec<usize> = list
                 .split(',')
                 .map(|s| s.trim().parse::<usize>())
                 .collect::<Result<_, _>>()
                 .map_err(|_| {
-                    stablerep::Error::Config(format!("--vae-channels '{list}': want e.g. 16,32,32"))
+                    stablerep::Error::Config(format!("{} '{list}': want e.g. 16,32,32", args[i]))
                 })?;
+            if args[i] == "--vae-channels" {
+                r.spec.vae_channels = v;
+            } else {
+                r.spec.unet_attention = vec![true; v.len()];
+                r.spec.unet_channels = v;
+            }
             i += 2;
             continue;
         }

@@ -1,10 +1,14 @@
-//! The mini-world experiments of docs/results.md (`world::experiments`): StableRep vs SimCLR
-//! on synthetic images vs SimCLR on real renders, a guidance sweep and an images-per-caption
-//! sweep, over several training seeds. Resumable: run it again with the same OUT to continue.
-//! Writes OUT/records.jsonl, OUT/report.md and the plots OUT/*.png.
+//! The mini-world experiments of docs/results.md (`world::experiments`): the demo's seven
+//! arms with paired differences, a guidance sweep with fidelity and diversity, and an
+//! images-per-caption sweep, over several seeds. Resumable: run it again with the same OUT to
+//! continue. Writes OUT/records.jsonl, OUT/report.md and the plots OUT/*.png.
 //!
 //!     cargo run --release --example world_experiments -- OUT [--model DIR] [--seeds N]
-//!         [--steps N] [--budget N]
+//!         [--steps N] [--budget N] [--captions N] [--main-only] [--oracle-only]
+//!
+//! `--main-only` skips the guidance and images-per-caption sweeps; `--oracle-only` also the
+//! synthetic arms (no text-to-image model needed). `--demo-encoder` trains the full demo's
+//! encoder for its steps (default: the `--quick` demo's, cheaper for the sweeps).
 //!
 //! The model defaults to the built-in one (assets/world-sd).
 
@@ -25,8 +29,22 @@ fn go() -> stablerep::Result<()> {
     };
     let mut model = None;
     let mut numbers = Vec::new();
+    let mut main_only = false;
+    let mut oracle_only = false;
+    let mut demo_encoder = false;
     let mut i = 1;
     while i < args.len() {
+        if args[i] == "--demo-encoder" {
+            demo_encoder = true;
+            i += 1;
+            continue;
+        }
+        if args[i] == "--main-only" || args[i] == "--oracle-only" {
+            main_only = true;
+            oracle_only |= args[i] == "--oracle-only";
+            i += 1;
+            continue;
+        }
         let value = args
             .get(i + 1)
             .ok_or_else(|| stablerep::Error::Config(format!("{} wants a value", args[i])))?;
@@ -42,17 +60,30 @@ fn go() -> stablerep::Result<()> {
     }
     let model = match model {
         Some(m) => m,
+        None if oracle_only => PathBuf::new(),
         None => stablerep::world::builtin_model()?,
     };
-    let mut plan = Plan::new(model);
+    let mut plan = Plan::new(model.clone());
+    if demo_encoder {
+        let full = stablerep::world::demo::DemoConfig::new(model);
+        (plan.base.vit, plan.base.head) = (full.vit, full.head);
+        plan.base.train_steps = full.train_steps;
+    }
     for (name, v) in numbers {
         match name.as_str() {
             "--seeds" => plan.seeds = (0..v).collect(),
             "--steps" => plan.base.train_steps = v,
             "--budget" => plan.budget = v as usize,
+            "--captions" => plan.base.captions = v as usize,
             other => return Err(stablerep::Error::Config(format!("unknown option {other}"))),
         }
     }
+    if main_only {
+        plan.guidances.clear();
+        plan.images_per_caption.clear();
+    }
+    plan.synthetic = !oracle_only;
+    plan.check()?;
     let gpu = Gpu::new(&GpuOptions::default())?;
     eprintln!("device: {}", gpu.describe());
     let t0 = Instant::now();

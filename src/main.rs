@@ -330,10 +330,13 @@ enum Cmd {
         /// Seed of the layouts (default: the captions' seed).
         #[arg(long)]
         layout_seed: Option<u64>,
-        /// Write `<label>/<n>.png` (labelled by the main object's shape or colour) instead of
-        /// a pool.
+        /// Write `<label>/<n>.png` (labelled by the main object's shape or colour, or the
+        /// background colour) instead of a pool.
         #[arg(long, value_enum)]
         labelled: Option<WorldLabel>,
+        /// Which world: the full one, or the demo's simple one.
+        #[arg(long, value_enum, default_value = "full")]
+        world: WorldKind,
     },
     /// The StableRep experiment in miniature on the built-in mini-world: generate a synthetic
     /// pool with the built-in text-to-image model, train StableRep and SimCLR on it and SimCLR
@@ -366,6 +369,40 @@ enum Cmd {
         /// Seed of captions, generation and training.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The fidelity judge; default the built-in one (assets/world-judge).
+        #[arg(long)]
+        judge: Option<std::path::PathBuf>,
+    },
+    /// Measure a text-to-image model's fidelity and diversity on the mini-world with the
+    /// fidelity judge: generate images of the world's captions, read each image's shape,
+    /// colour and background with the judge and compare them with what the caption says;
+    /// diversity is the mean pairwise distance of the judge's features among a caption's
+    /// images (real renders' diversity printed next to it).
+    Fidelity {
+        /// Text-to-image model (a diffusers folder); default the built-in one.
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// The judge; default the built-in one (assets/world-judge).
+        #[arg(long)]
+        judge: Option<std::path::PathBuf>,
+        /// Guidance scale.
+        #[arg(long, default_value_t = 2.0)]
+        guidance: f64,
+        /// Sampler steps (DPM-Solver++ 2M, Karras sigmas).
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Captions (drawn from the judge's world).
+        #[arg(long, default_value_t = 48)]
+        captions: usize,
+        /// Images per caption.
+        #[arg(long, default_value_t = 4)]
+        images_per_caption: usize,
+        /// Seed of the captions and noise (the built-in model trained on seed 0's captions).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Also write the numbers as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
     },
     /// Train a small MLP on three spirals through the graph executor (an engine smoke test).
     EngineDemo {
@@ -426,6 +463,26 @@ enum WorldLabel {
     Shape,
     /// The main object's colour.
     Colour,
+    /// The background colour.
+    Ground,
+}
+
+/// Which mini-world.
+#[derive(Clone, Copy, ValueEnum)]
+enum WorldKind {
+    /// One or two objects, 12 shapes, 8 colours, captions that name everything.
+    Full,
+    /// The demo's: one large object, 6 shapes, 6 colours, captions that leave the rest out.
+    Simple,
+}
+
+impl WorldKind {
+    fn world(self) -> stablerep::world::World {
+        match self {
+            WorldKind::Full => stablerep::world::World::Full,
+            WorldKind::Simple => stablerep::world::World::Simple,
+        }
+    }
 }
 
 /// Learning-rate schedules.
@@ -886,6 +943,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 weight_decay,
                 temperature,
                 augment: !no_augment,
+                augment_config: None,
                 simclr: method == Method::Simclr,
                 seed,
                 checkpoint_every,
@@ -910,11 +968,12 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             seed,
             layout_seed,
             labelled,
+            world,
         } => {
             use stablerep::progress::{Bar, Stream};
             use stablerep::world::export::{write_labelled, write_pool, LabelKind};
             use std::time::Duration;
-            let ds = stablerep::world::descriptions(captions, seed);
+            let ds = world.world().descriptions(captions, seed);
             let total = captions
                 * if labelled.is_some() {
                     1
@@ -929,6 +988,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                     let kind = match l {
                         WorldLabel::Shape => LabelKind::Shape,
                         WorldLabel::Colour => LabelKind::Colour,
+                        WorldLabel::Ground => LabelKind::Ground,
                     };
                     write_labelled(&out, &ds, kind, size, layout, &mut tick)?;
                 }
@@ -946,6 +1006,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             captions,
             steps,
             seed,
+            judge,
         } => {
             let mut c = if quick {
                 WorldDemo::quick(Default::default())
@@ -966,6 +1027,21 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 c.train_steps = n;
             }
             c.check()?;
+            c.judge = Some(match judge {
+                Some(j) => {
+                    if !j.is_file() {
+                        return Err(stablerep::Error::Config(format!(
+                            "--judge {}: no such file",
+                            j.display()
+                        )));
+                    }
+                    j
+                }
+                None => stablerep::world::judge::builtin_judge()?,
+            });
+            if let Some(j) = &c.judge {
+                stablerep::world::judge::Judge::read(j)?;
+            }
             c.model = match model {
                 Some(m) => m,
                 None => stablerep::world::builtin_model()?,
@@ -983,7 +1059,6 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 c.views_per_step,
                 out.display()
             );
-            let t0 = std::time::Instant::now();
             let mut bar: Option<(String, stablerep::progress::Bar)> = None;
             let results = stablerep::world::demo::run(&gpu, &c, &out, |s| {
                 if bar.as_ref().map(|b| &b.0) != Some(&s.stage) {
@@ -1001,19 +1076,109 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                     b.update(s.done, &format!("{}: {}/{}", s.stage, s.done, s.total));
                 }
             })?;
+            let f = &results.fidelity;
             println!(
-                "\ntop-1 accuracy of frozen features on held-out real renders, by the main \
-                 object's colour ({} classes) and shape ({} classes); {:.0} s in all:",
-                stablerep::world::COLOURS.len(),
-                stablerep::world::SHAPES.len(),
-                t0.elapsed().as_secs_f64()
+                "\ngenerator fidelity (the judge on the synthetic pool): background {:.1}%, \
+                 colour {:.1}%, shape {:.1}%; diversity {:.3} (real renders {:.3})",
+                100.0 * f.background,
+                100.0 * f.colour,
+                100.0 * f.shape,
+                f.diversity,
+                f.real_diversity
             );
-            print!("{}", stablerep::world::demo::table(&results));
             println!(
-                "wrote {} and {}",
+                "top-1 accuracy of frozen features on held-out real renders, by the main \
+                 object's colour ({} classes) and shape ({} classes):",
+                c.world.colours().len(),
+                c.world.shapes().len(),
+            );
+            print!("{}", stablerep::world::demo::table(&results.outcomes));
+            println!(
+                "wrote {}, {} and {}",
                 out.join("results.json").display(),
-                out.join("results.png").display()
+                out.join("results.png").display(),
+                out.join("losses.png").display()
             );
+            Ok(())
+        }
+        Cmd::Fidelity {
+            model,
+            judge,
+            guidance,
+            steps,
+            captions,
+            images_per_caption,
+            seed,
+            json,
+        } => {
+            use stablerep::world::judge::{fidelity, FidelitySpec, Judge};
+            let spec = FidelitySpec {
+                captions,
+                images_per_caption,
+                guidance,
+                steps,
+                seed,
+            };
+            spec.check()?;
+            let model = match model {
+                Some(m) => m,
+                None => stablerep::world::builtin_model()?,
+            };
+            let judge = match judge {
+                Some(j) => j,
+                None => stablerep::world::judge::builtin_judge()?,
+            };
+            if !judge.is_file() {
+                return Err(stablerep::Error::Config(format!(
+                    "--judge {}: no such file",
+                    judge.display()
+                )));
+            }
+            if let Some(j) = &json {
+                check_output_file(j, "--json")?;
+            }
+            let sd = stablerep::diffusion::model::SdModel::load(&model)?;
+            Judge::read(&judge)?;
+            let gpu = Gpu::new(&opts)?;
+            println!("device: {}", gpu.describe());
+            let judge = Judge::load(&gpu, &judge)?;
+            let total = (captions * images_per_caption) as u64;
+            let mut bar = stablerep::progress::Bar::new(
+                total,
+                stablerep::progress::Stream::Stderr,
+                std::time::Duration::from_secs(5),
+            );
+            let f = fidelity(&gpu, &sd, &judge, &spec, |done, _| {
+                bar.update(done as u64, "generating")
+            })?;
+            println!(
+                "{} images of {} captions of the {} world at guidance {guidance}, {steps} steps",
+                f.images,
+                captions,
+                judge.run.world.name()
+            );
+            println!(
+                "fidelity: background {:.1}%  colour {:.1}%  shape {:.1}%",
+                100.0 * f.background,
+                100.0 * f.colour,
+                100.0 * f.shape
+            );
+            println!(
+                "the judge on real renders of the same captions: background {:.1}%  colour \
+                 {:.1}%  shape {:.1}%",
+                100.0 * f.real[2],
+                100.0 * f.real[1],
+                100.0 * f.real[0]
+            );
+            println!(
+                "diversity: {:.4} (real renders: {:.4})",
+                f.diversity, f.real_diversity
+            );
+            if let Some(j) = json {
+                let text = serde_json::to_string_pretty(&f).unwrap_or_default();
+                stablerep::nn::checkpoint::write_atomic(&j, text.as_bytes())?;
+                println!("wrote {}", j.display());
+            }
             Ok(())
         }
         Cmd::EngineDemo {
@@ -1115,5 +1280,26 @@ fn info(opts: &GpuOptions, json: bool) -> stablerep::Result<()> {
             features.join(", ")
         }
     );
+    Ok(())
+}
+
+/// Refuses an output file path that cannot be written: a folder, or a file in a folder that
+/// does not exist.
+fn check_output_file(path: &std::path::Path, flag: &str) -> stablerep::Result<()> {
+    if path.is_dir() {
+        return Err(stablerep::Error::Config(format!(
+            "{flag} {}: is a folder, not a file",
+            path.display()
+        )));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(stablerep::Error::Config(format!(
+                "{flag} {}: the folder {} does not exist",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
     Ok(())
 }

@@ -746,6 +746,46 @@ fn demo_refuses_impossible_settings_and_missing_models() {
     assert!(e.contains("no-such-model"), "{e}");
     // Nothing was rendered before the model failed to load.
     assert!(!dir.join("out").join("eval-train").exists());
+    let e = run(&["--quick", "--images-per-caption", "1"]);
+    assert!(e.contains("at least 2"), "{e}");
+    let e = run(&["--quick", "--guidance", "nan"]);
+    assert!(e.contains("--guidance"), "{e}");
+    let e = run(&[
+        "--quick",
+        "--judge",
+        dir.join("no-judge.safetensors").to_str().unwrap(),
+    ]);
+    assert!(e.contains("no-judge.safetensors"), "{e}");
+}
+
+#[test]
+fn fidelity_refuses_bad_settings_before_any_gpu_work() {
+    let dir = tmp("fidelity");
+    let run = |args: &[&str]| {
+        let out = bin().arg("fidelity").args(args).output().unwrap();
+        assert!(!out.status.success(), "fidelity {args:?} should fail");
+        let e = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!e.contains("panicked"), "{e}");
+        e
+    };
+    let e = run(&["--captions", "0"]);
+    assert!(e.contains("at least 1 caption"), "{e}");
+    let e = run(&["--guidance", "-1"]);
+    assert!(e.contains("--guidance"), "{e}");
+    let e = run(&["--model", dir.join("no-model").to_str().unwrap()]);
+    assert!(e.contains("no-model"), "{e}");
+    let e = run(&["--judge", dir.join("no-judge").to_str().unwrap()]);
+    assert!(e.contains("no-judge"), "{e}");
+    // A model that is not one: a folder without configs.
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    let e = run(&["--model", dir.join("empty").to_str().unwrap()]);
+    assert!(e.contains("empty"), "{e}");
+    // A judge that is not one.
+    std::fs::write(dir.join("junk.safetensors"), b"not a safetensors file").unwrap();
+    let e = run(&["--judge", dir.join("junk.safetensors").to_str().unwrap()]);
+    assert!(e.contains("junk.safetensors"), "{e}");
+    let e = run(&["--json", dir.to_str().unwrap()]);
+    assert!(e.contains("--json") && e.contains("folder"), "{e}");
 }
 
 #[test]

@@ -265,9 +265,30 @@ fn mini_world_training_resumes_exactly_after_a_cancel() {
     assert!(m.vae.scaling_factor > 0.0 && m.vae.scaling_factor.is_finite());
 }
 
+/// A judge trained a few steps at 16 x 16 (the mechanics, not the accuracy), written as the
+/// demo reads it.
+fn tiny_judge(
+    gpu: &std::sync::Arc<stablerep::gpu::Gpu>,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    use stablerep::models::cnn::CnnConfig;
+    use stablerep::world::judge::{export, recipe, JUDGE_FILE};
+    use stablerep::world::supervised::{checkpoint_path, run, Encoder};
+    let mut r = recipe();
+    r.encoder = Encoder::Cnn(CnnConfig {
+        img_size: 16,
+        channels: vec![8, 16],
+    });
+    (r.batch, r.steps, r.checkpoint_every) = (8, 2, 2);
+    run(gpu, &r, &dir.join("judge-run"), |_, _| {}, &|| false).unwrap();
+    let file = dir.join(JUDGE_FILE);
+    export(&checkpoint_path(&dir.join("judge-run")), &file).unwrap();
+    file
+}
+
 #[test]
-fn demo_pipeline_generates_trains_three_ways_and_scores_on_real_renders() {
-    use stablerep::world::demo::{run, table, DemoConfig};
+fn demo_pipeline_generates_trains_seven_arms_and_scores_on_real_renders() {
+    use stablerep::world::demo::{run, table, DemoConfig, DemoResults, ARMS};
     use stablerep::world::train_sd::{train, Recipe, Stage};
     let (gpu, _lock) = common::gpu();
     // A barely trained 16 x 16 model: the mechanics, not the quality.
@@ -285,6 +306,7 @@ fn demo_pipeline_generates_trains_three_ways_and_scores_on_real_renders() {
     let _ = std::fs::remove_dir_all(&base);
     let model = train(&gpu, &r, &base.join("sd"), |_| {}, &|| false).unwrap();
     let mut c = DemoConfig::new(model);
+    c.judge = Some(tiny_judge(&gpu, &base));
     c.captions = 6;
     c.images_per_caption = 2;
     c.sampler_steps = 2;
@@ -313,77 +335,106 @@ fn demo_pipeline_generates_trains_three_ways_and_scores_on_real_renders() {
         }
     })
     .unwrap();
-    let names: Vec<(String, String)> = results
-        .iter()
-        .map(|o| (o.method.clone(), o.data.clone()))
-        .collect();
-    assert_eq!(
-        names,
-        [
-            ("StableRep".into(), "synthetic".into()),
-            ("SimCLR".into(), "synthetic".into()),
-            ("SimCLR".into(), "real".into()),
-            ("untrained".into(), "real".into())
-        ]
-    );
-    assert!(results.iter().all(|o| o.views_per_step == 4));
-    assert!(results.iter().all(|o| o.final_loss.is_finite()
+    let names: Vec<&str> = results.outcomes.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ARMS);
+    assert!(results.outcomes.iter().all(|o| o.views_per_step == 4));
+    assert!(results.outcomes.iter().all(|o| o.final_loss.is_finite()
         && (0.0..=1.0).contains(&o.knn)
         && (0.0..=1.0).contains(&o.linear)
         && (0.0..=1.0).contains(&o.colour_knn)
         && (0.0..=1.0).contains(&o.colour_linear)));
-    let pool = stablerep::data::pool::Pool::open(&out.join("synthetic-pool")).unwrap();
-    assert_eq!((pool.captions.len(), pool.images_per_caption()), (6, 2));
+    for dir in ["synthetic-pool", "oracle-pool"] {
+        let pool = stablerep::data::pool::Pool::open(&out.join(dir)).unwrap();
+        assert_eq!((pool.captions.len(), pool.images_per_caption()), (6, 2));
+    }
+    // The oracle pool holds m fresh renders of the real pool's captions, the first of them
+    // the real render itself.
+    let real = stablerep::data::pool::Pool::open(&out.join("real-pool")).unwrap();
+    let oracle = stablerep::data::pool::Pool::open(&out.join("oracle-pool")).unwrap();
+    let texts = |p: &stablerep::data::pool::Pool| -> Vec<String> {
+        p.captions.iter().map(|c| c.text.clone()).collect()
+    };
+    assert_eq!(texts(&real), texts(&oracle));
+    assert_eq!(
+        std::fs::read(real.image_path(3, 0)).unwrap(),
+        std::fs::read(oracle.image_path(3, 0)).unwrap()
+    );
+    assert_ne!(
+        std::fs::read(oracle.image_path(3, 0)).unwrap(),
+        std::fs::read(oracle.image_path(3, 1)).unwrap()
+    );
     assert!(
         stages.iter().any(|s| s.contains("generating")),
         "{stages:?}"
     );
-    assert!(out.join("results.json").is_file());
-    assert!(table(&results).contains("StableRep"));
+    // results.json: seconds, fidelity fractions, the seven arms by name with fractions.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert!(json["seconds"].as_f64().unwrap() > 0.0);
+    for k in ["background", "colour", "shape"] {
+        let v = json["fidelity"][k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "fidelity {k} = {v}");
+    }
+    let arms = json["arms"].as_array().unwrap();
+    let listed: Vec<&str> = arms.iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(listed, ARMS);
+    for a in arms {
+        for k in ["colour_knn", "colour_linear", "shape_knn", "shape_linear"] {
+            let v = a[k].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+        }
+        assert!(a["final_loss"].as_f64().unwrap().is_finite());
+    }
+    let parsed: DemoResults =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(parsed.arms.len(), 7);
+    assert!(table(&results.outcomes).contains("stablerep-oracle"));
     assert!(out.join("results.png").is_file() && out.join("losses.png").is_file());
     // A second run finds every stage done and gives the same scores.
-    let again = run(&gpu, &c, &out, |_| {}).unwrap();
-    for (a, b) in results.iter().zip(&again) {
+    let again = run(&gpu, &c, &out, |s| {
+        assert!(!s.stage.starts_with("training"), "{}", s.stage)
+    })
+    .unwrap();
+    for (a, b) in results.outcomes.iter().zip(&again.outcomes) {
         assert_eq!(
             (a.knn, a.linear, a.final_loss),
             (b.knn, b.linear, b.final_loss)
         );
     }
+    assert_eq!(results.fidelity.shape, again.fidelity.shape);
 
-    // The experiments on the same model: 2 seeds, guidance 1 and 2, m = 1 and 2, 8 images
-    // per pool.
-    use stablerep::world::experiments::{plots, read_records, report, Plan};
+    // The experiments on the same model: 2 seeds, guidance 1 and 2, m = 2 at 8 images.
+    use stablerep::world::experiments::{paired, plots, read_records, report, Plan};
     let plan = Plan {
         base: c.clone(),
         seeds: vec![0, 1],
         guidances: vec![1.0, 2.0],
-        images_per_caption: vec![1, 2],
+        images_per_caption: vec![2],
         budget: 8,
+        synthetic: true,
     };
     let ex = base.join("experiments");
     let records = stablerep::world::experiments::run(&gpu, &plan, &ex, |_| {}).unwrap();
-    // Arms: StableRep and SimCLR at (w 2, m 2) and (w 1, m 2), SimCLR real, the untrained
-    // encoder, StableRep at m 1.
-    assert_eq!(records.len(), 7 * 2);
-    let mut arms: Vec<&str> = records.iter().map(|r| r.arm.as_str()).collect();
-    arms.sort();
-    arms.dedup();
-    assert_eq!(
-        arms,
-        [
-            "simclr-real",
-            "simclr-w1-m2",
-            "simclr-w2-m2",
-            "stablerep-w1-m2",
-            "stablerep-w2-m1",
-            "stablerep-w2-m2",
-            "untrained"
-        ]
+    // Per seed: 7 main arms, 2 x 2 guidance arms, 1 m arm, and the fidelity of 3 pools
+    // (w 2 m 2 c 6, w 1 m 2 c 6, w 2 m 2 c 4).
+    assert_eq!(records.len(), (7 + 4 + 1 + 3) * 2);
+    let mut keys: Vec<&str> = records.iter().map(|r| r.arm.as_str()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 15, "{keys:?}");
+    // Pools are per seed: other captions, other images.
+    let p0 = stablerep::data::pool::Pool::open(&ex.join("seed-0/oracle-pool")).unwrap();
+    let p1 = stablerep::data::pool::Pool::open(&ex.join("seed-1/oracle-pool")).unwrap();
+    assert_ne!(
+        std::fs::read(p0.image_path(0, 0)).unwrap(),
+        std::fs::read(p1.image_path(0, 0)).unwrap()
     );
-    let m1 = records.iter().find(|r| r.arm == "stablerep-w2-m1").unwrap();
-    assert_eq!((m1.outcome.captions, m1.outcome.images_per_caption), (8, 1));
-    let pool = stablerep::data::pool::Pool::open(&ex.join("pools/w1-m2")).unwrap();
-    assert_eq!((pool.captions.len(), pool.images_per_caption()), (4, 2));
+    let m2 = records.iter().find(|r| r.arm == "m/2/stablerep").unwrap();
+    let o = m2.outcome.as_ref().unwrap();
+    assert_eq!((o.captions, o.images_per_caption), (4, 2));
+    let (d, n) = paired(&records, "main/stablerep-oracle", "main/simclr-oracle").unwrap();
+    assert_eq!(n, 2);
+    assert!(d.iter().all(|(m, se)| m.is_finite() && se.is_finite()));
     // Resuming trains nothing new and reads back the same records.
     let again = stablerep::world::experiments::run(&gpu, &plan, &ex, |s| {
         assert!(!s.stage.starts_with("training"), "{}", s.stage)
@@ -392,9 +443,15 @@ fn demo_pipeline_generates_trains_three_ways_and_scores_on_real_renders() {
     assert_eq!(again.len(), records.len());
     assert_eq!(read_records(&ex).unwrap().len(), records.len());
     let text = report(&plan, &records);
-    for row in ["| StableRep | 8 synthetic | 2 |", "| 1 |", "| 2 | 4 |"] {
+    for row in [
+        "| stablerep-oracle | 2 |",
+        "| oracle | 2 |",
+        "| 2 | 4 |",
+        "| 1 |",
+    ] {
         assert!(text.contains(row), "{row} missing from\n{text}");
     }
     let charts = plots(&plan, &records).unwrap();
     assert_eq!(charts.len(), 3);
+    let _ = std::fs::remove_dir_all(&base);
 }

@@ -162,3 +162,73 @@ fn same_seed_same_world_other_seed_other_world() {
     let b: Vec<Description> = descriptions(20, 6);
     assert_ne!(a, b);
 }
+
+#[test]
+fn simple_world_captions_name_the_object_and_leave_the_rest_to_chance() {
+    use stablerep::world::export::scene_of;
+    use stablerep::world::{World, SIMPLE_COLOURS, SIMPLE_SHAPES};
+    let w = World::Simple;
+    assert_eq!(w.distinct_captions(), 6 * 6 * 6);
+    let ds = w.descriptions(400, 4);
+    let captions: std::collections::HashSet<String> = ds.iter().map(|d| d.caption()).collect();
+    assert!(
+        captions.len() > 150 && captions.len() <= 216,
+        "{} distinct",
+        captions.len()
+    );
+    assert_eq!(
+        ds,
+        w.descriptions(400, 4),
+        "descriptions depend on the seed only"
+    );
+    assert_ne!(ds, w.descriptions(400, 5));
+    // Half of the captions name the background.
+    let named = ds.iter().filter(|d| d.names_ground).count();
+    assert!(
+        (160..240).contains(&named),
+        "{named} of 400 name the background"
+    );
+    let mut unnamed_grounds = std::collections::HashSet::new();
+    for (c, d) in ds.iter().enumerate() {
+        let cap = d.caption();
+        assert!(SIMPLE_SHAPES.contains(&d.main.shape) && SIMPLE_COLOURS.contains(&d.main.colour));
+        assert!(cap.starts_with(&format!(
+            "a {} {}",
+            COLOURS[d.main.colour].0, SHAPES[d.main.shape]
+        )));
+        assert_eq!(cap.contains("background"), d.names_ground, "{cap}");
+        assert!(d.other.is_none());
+        for k in 0..6 {
+            let s = scene_of(d, c, k, 9);
+            let l = s.labels();
+            assert_eq!((l.shape, l.colour), (d.main.shape, d.main.colour));
+            if d.names_ground {
+                assert_eq!(l.ground, d.ground, "{cap}: a named background is kept");
+            } else {
+                unnamed_grounds.insert((c, l.ground));
+            }
+            let o = s.main();
+            assert!(o.r >= 0.22 && o.r <= 0.32, "large objects: r = {}", o.r);
+            for extra in &s.objects[..s.objects.len() - 1] {
+                assert!(extra.r < 0.15, "a distractor is small");
+            }
+            assert!(o.x - 0.85 * o.r >= -1e-6 && o.x + 0.85 * o.r <= 1.0 + 1e-6);
+            // The object's colour shows at its centre.
+            let img = render(&s, 32);
+            let (px, py) = ((o.x * 32.0) as usize, (o.y * 32.0) as usize);
+            let want = COLOURS[d.main.colour].1;
+            for ch in 0..3 {
+                let v = img[ch * 1024 + py.min(31) * 32 + px.min(31)];
+                assert!((v - want[ch]).abs() < 0.08, "{cap}: centre {ch} = {v}");
+            }
+        }
+    }
+    // An unnamed background changes from render to render: many (caption, ground) pairs.
+    let unnamed = ds.iter().filter(|d| !d.names_ground).count();
+    assert!(
+        unnamed_grounds.len() > unnamed * 3,
+        "{} (caption, ground) pairs over {unnamed} captions",
+        unnamed_grounds.len()
+    );
+    assert!(GROUNDS.len() == 5);
+}

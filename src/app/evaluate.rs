@@ -163,6 +163,23 @@ impl EvaluatePanel {
     /// Draws the panel.
     pub fn ui(&mut self, ui: &mut egui::Ui, shell: &mut Shell, settings: &mut Settings) {
         ui.heading("Evaluate");
+        if ui
+            .button("Mini-world: labelled evaluation renders")
+            .on_hover_text(
+                "renders held-out labelled shape folders of the simple world and fills the \
+                 form with them and the Train panel's checkpoint",
+            )
+            .clicked()
+        {
+            match super::miniworld::use_world_eval_sets(settings) {
+                Ok((a, b)) => shell.notes.info(format!(
+                    "evaluation renders in {} and {}",
+                    a.display(),
+                    b.display()
+                )),
+                Err(e) => shell.notes.error(e),
+            }
+        }
         let e = &mut settings.evaluate;
         let idle = self.running.is_none();
         egui::Grid::new("evaluate form")

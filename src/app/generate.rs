@@ -203,9 +203,7 @@ pub fn use_builtin(settings: &mut Settings, path: &str) {
         s.steps = 20;
         s.sampler = "dpmpp-2m-karras".into();
     }
-    settings.generate.prompt = "a large striped red star above a small blue ring on a beige \
-                                background"
-        .into();
+    settings.generate.prompt = "a red star on a beige background".into();
 }
 
 /// A model path from the form, or an error to show.

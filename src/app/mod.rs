@@ -10,6 +10,7 @@
 pub mod device;
 pub mod evaluate;
 pub mod generate;
+pub mod miniworld;
 pub mod pool;
 pub mod settings;
 pub mod train;

@@ -109,6 +109,25 @@ impl PoolPanel {
     /// Draws the panel.
     pub fn ui(&mut self, ui: &mut egui::Ui, shell: &mut Shell, settings: &mut Settings) {
         ui.heading("Build a synthetic pool");
+        if ui
+            .button("Mini-world: the built-in model and world captions")
+            .on_hover_text(
+                "writes the simple world's captions (an object, sometimes its background) \
+                 beside the pool folder and fills this form and the Train panel for the \
+                 StableRep experiment in miniature",
+            )
+            .clicked()
+        {
+            match crate::world::builtin_model()
+                .map_err(|e| e.to_string())
+                .and_then(|m| super::miniworld::use_world_captions(settings, &m))
+            {
+                Ok(f) => shell
+                    .notes
+                    .info(format!("mini-world captions in {}", f.display())),
+                Err(e) => shell.notes.error(e),
+            }
+        }
         model_form(ui, shell, settings);
         let p = &mut settings.pool;
         egui::Grid::new("pool form").num_columns(2).show(ui, |ui| {

@@ -142,6 +142,7 @@ pub fn build_run(t: &TrainSettings, resume: bool) -> Result<PoolRun, String> {
         weight_decay: t.weight_decay,
         temperature: t.temperature,
         augment: t.augment,
+        augment_config: None,
         simclr,
         seed: t.seed,
         checkpoint_every: t.checkpoint_every.max(1),

@@ -7,7 +7,7 @@
 use super::sampler::Rng;
 
 /// Augmentation strengths (the paper's defaults via `Default`).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AugmentConfig {
     /// RandomResizedCrop area range.
     pub scale: (f64, f64),

@@ -18,6 +18,24 @@ pub const CONFIG_KEY: &str = "config";
 /// Metadata key holding the optimizer step count.
 pub const STEP_KEY: &str = "step";
 
+/// The optimizer step a training checkpoint was saved at; an error naming `path` when the
+/// metadata lacks it or it is not a number (resuming at step 0 with trained weights would be
+/// a silent wrong result).
+pub fn read_step(ck: &Checkpoint, path: &Path) -> Result<u64> {
+    let s = ck.metadata.get(STEP_KEY).ok_or_else(|| {
+        Error::Config(format!(
+            "{}: the checkpoint has no '{STEP_KEY}' in its metadata, so it cannot be resumed",
+            path.display()
+        ))
+    })?;
+    s.trim().parse().map_err(|_| {
+        Error::Config(format!(
+            "{}: the checkpoint's step '{s}' is not a number",
+            path.display()
+        ))
+    })
+}
+
 /// Reads every tensor of `store` back and writes them with `config` (JSON) and `step`.
 pub fn save(store: &ParamStore, config: &serde_json::Value, step: u64, path: &Path) -> Result<()> {
     let mut ck = Checkpoint::default();

@@ -47,6 +47,9 @@ pub struct PoolRun {
     pub temperature: f32,
     /// Augment (the strong pipeline) or only resize + normalize.
     pub augment: bool,
+    /// The augmentation when `augment` is on (default: the paper's, for 224-pixel images).
+    #[serde(default)]
+    pub augment_config: Option<AugmentConfig>,
     /// SimCLR control: each caption contributes one image seen through `images_per_caption`
     /// independent augmentations (2 in the paper) instead of different images.
     pub simclr: bool,
@@ -112,11 +115,7 @@ pub fn run(
     let last = r.out.join("checkpoint-last.safetensors");
     let (ck, start) = if r.resume && last.exists() {
         let ck = Checkpoint::load(&last)?;
-        let step = ck
-            .metadata
-            .get(checkpoint::STEP_KEY)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let step = checkpoint::read_step(&ck, &last)?;
         (ck, step)
     } else if let Some(init) = &r.init {
         (Checkpoint::load(init)?, 0)
@@ -161,13 +160,19 @@ pub fn run(
     )?;
     // Decoder thread: batches in step order, two ahead of the GPU.
     let (tx, rx) = mpsc::sync_channel::<Result<Prepared>>(2);
-    let (pool2, sampler2, seed, total, aug) =
-        (pool.clone(), sampler.clone(), r.seed, r.steps, r.augment);
+    let (pool2, sampler2, seed, total, aug, aug_cfg) = (
+        pool.clone(),
+        sampler.clone(),
+        r.seed,
+        r.steps,
+        r.augment,
+        r.augment_config,
+    );
     let (simclr, views, plus) = (r.simclr, r.images_per_caption, model.plus);
     let n = r.captions;
     let decoder = std::thread::spawn(move || {
         let acfg = if aug {
-            AugmentConfig::default()
+            aug_cfg.unwrap_or_default()
         } else {
             AugmentConfig::none()
         };

@@ -1,20 +1,29 @@
-//! The StableRep experiment in miniature, end to end on the mini-world: generate a synthetic
-//! pool with a text-to-image model (several images per caption at a low guidance scale),
-//! render the same captions "for real", then train at the same batch size and number of steps
+//! The StableRep experiment in miniature, end to end on the mini-world's simple world (one
+//! object; captions name its colour and shape and, half of the time, the background, and
+//! leave the rest to chance, as real captions underspecify photos). At the same views per
+//! step and steps, it trains
 //!
-//! - StableRep on the synthetic pool (m images of a caption are positives),
-//! - SimCLR on the synthetic pool (one image per caption, two augmentations),
-//! - SimCLR on the real renders of the same captions,
+//! - `supervised`: the encoder taught with the shape and colour labels (the ceiling),
+//! - `stablerep-oracle` / `simclr-oracle`: on m fresh renders per caption (the renderer is a
+//!   perfect generator, so this separates the loss from the generator),
+//! - `stablerep-synthetic` / `simclr-synthetic`: on m images per caption from the
+//!   text-to-image model at a low guidance scale,
+//! - `simclr-real`: on one real render per caption,
+//! - `untrained`: the initialization,
 //!
-//! and score each frozen encoder on held-out real renders labelled by shape (kNN and a linear
-//! probe). Every stage writes under one folder and is skipped when its output exists, so an
-//! interrupted run continues.
+//! scores each frozen encoder on held-out real renders labelled by shape and colour (kNN and
+//! a linear probe), and measures the generator's fidelity with the shipped judge
+//! (`super::judge`). Every stage writes under one folder and is skipped when its output
+//! exists, so an interrupted run continues.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::descriptions;
 use super::export::{write_labelled, write_pool, LabelKind};
+use super::judge::{Fidelity, Judge};
+use super::supervised::{self, SupervisedRun};
+use super::World;
+use crate::data::augment::AugmentConfig;
 use crate::diffusion::model::{generate_pool, GenerateOptions, SdModel};
 use crate::diffusion::sampler::Kind;
 use crate::error::{Error, Result};
@@ -28,14 +37,41 @@ use crate::train::fixed::ModelConfig;
 use crate::train::pool_run::{self, PoolRun};
 use crate::train::schedule::Schedule;
 
+/// The arms of the demo, in table order.
+pub const ARMS: [&str; 7] = [
+    "supervised",
+    "stablerep-oracle",
+    "simclr-oracle",
+    "stablerep-synthetic",
+    "simclr-synthetic",
+    "simclr-real",
+    "untrained",
+];
+
+/// The augmentation for 32-pixel mini-world scenes: the paper's pipeline (crop, flip, colour
+/// jitter, grayscale, blur) with the crop scale raised to 0.35 - 1 (crops of 8 % of a
+/// 32-pixel image often cut the object out) and the blur's sigma scaled to the image (the
+/// paper's 0.1 - 2 pixels are for 224-pixel photos; at 32 pixels sigma 2 erases shapes).
+pub fn mini_augment() -> AugmentConfig {
+    AugmentConfig {
+        scale: (0.35, 1.0),
+        sigma: (0.1, 0.3),
+        ..AugmentConfig::default()
+    }
+}
+
 /// The experiment's settings.
 #[derive(Clone, Debug)]
 pub struct DemoConfig {
     /// The text-to-image model (a diffusers folder).
     pub model: PathBuf,
+    /// The fidelity judge (default: the shipped one).
+    pub judge: Option<PathBuf>,
+    /// The world.
+    pub world: World,
     /// Training captions.
     pub captions: usize,
-    /// Generated images per caption (m).
+    /// Generated (and oracle-rendered) images per caption (m).
     pub images_per_caption: usize,
     /// Guidance scale of the generation.
     pub guidance: f64,
@@ -44,7 +80,8 @@ pub struct DemoConfig {
     /// Image side (the model's).
     pub size: usize,
     /// Views per training step, the same for every method: StableRep takes
-    /// `views / m` captions with m images each, SimCLR `views / 2` images with two crops.
+    /// `views / m` captions with m images each, SimCLR `views / 2` images with two crops,
+    /// the supervised arm `views` images.
     pub views_per_step: usize,
     /// Optimizer steps per method.
     pub train_steps: u64,
@@ -54,6 +91,9 @@ pub struct DemoConfig {
     pub vit: VitConfig,
     /// Its projection head.
     pub head: HeadConfig,
+    /// Augmentation of every arm (the supervised arm without its colour changes, since
+    /// colour is one of its labels).
+    pub augment: AugmentConfig,
     /// Labelled real renders for the probes' training and test sets (each).
     pub eval_images: usize,
     /// Linear probe epochs.
@@ -63,23 +103,25 @@ pub struct DemoConfig {
 }
 
 impl DemoConfig {
-    /// The default run on `model` (about 10 minutes on a 2-core software adapter): 96
-    /// captions x 4 images at guidance 2 (10 sampler steps), a 3-layer ViT of width 96 on
-    /// 32 x 32 images, 250 steps of 32 views per method.
+    /// The default run on `model`: 216 captions of the simple world x 4 images at
+    /// guidance 2 (10 sampler steps), a 3-layer ViT of width 96 with 8-pixel patches on
+    /// 32 x 32 images, 400 steps of 32 views per arm.
     pub fn new(model: PathBuf) -> DemoConfig {
         DemoConfig {
             model,
-            captions: 96,
+            judge: None,
+            world: World::Simple,
+            captions: 216,
             images_per_caption: 4,
             guidance: 2.0,
             sampler_steps: 10,
             size: 32,
             views_per_step: 32,
-            train_steps: 250,
+            train_steps: 400,
             lr: 1e-3,
             vit: VitConfig {
                 img_size: 32,
-                patch: 4,
+                patch: 8,
                 width: 96,
                 depth: 3,
                 heads: 3,
@@ -89,22 +131,23 @@ impl DemoConfig {
                 hidden: 256,
                 out: 64,
             },
+            augment: mini_augment(),
             eval_images: 480,
             probe_epochs: 30,
             seed: 0,
         }
     }
 
-    /// The `--quick` run (about 2 minutes on a 2-core software adapter): 32 captions x 4
-    /// images (8 sampler steps), a 2-layer ViT of width 64, 60 steps per method.
+    /// The `--quick` run: 64 captions x 4 images (8 sampler steps), a 2-layer ViT of width
+    /// 64, 80 steps per arm.
     pub fn quick(model: PathBuf) -> DemoConfig {
         DemoConfig {
-            captions: 32,
+            captions: 64,
             sampler_steps: 8,
-            train_steps: 60,
+            train_steps: 80,
             vit: VitConfig {
                 img_size: 32,
-                patch: 4,
+                patch: 8,
                 width: 64,
                 depth: 2,
                 heads: 2,
@@ -130,6 +173,25 @@ impl DemoConfig {
                     .into(),
             ));
         }
+        if m < 2 {
+            return Err(Error::Config(
+                "--images-per-caption must be at least 2: StableRep's positives are the other \
+                 images of a caption"
+                    .into(),
+            ));
+        }
+        if !(self.guidance.is_finite() && self.guidance >= 0.0) {
+            return Err(Error::Config(format!(
+                "--guidance must be a finite number >= 0, got {}",
+                self.guidance
+            )));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::Config(format!(
+                "the learning rate must be a positive number, got {}",
+                self.lr
+            )));
+        }
         if self.views_per_step < 2
             || !self.views_per_step.is_multiple_of(2)
             || !self.views_per_step.is_multiple_of(m)
@@ -153,18 +215,21 @@ impl DemoConfig {
                 self.vit.img_size, self.size
             )));
         }
-        Ok(())
+        self.vit.validate()
     }
 }
 
 /// One trained encoder's scores.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Outcome {
-    /// The method ("StableRep", "SimCLR").
+    /// The arm's name (one of [`ARMS`] in the demo).
+    #[serde(default)]
+    pub name: String,
+    /// The method ("StableRep", "SimCLR", "supervised", "untrained").
     pub method: String,
-    /// Its training data ("synthetic", "real").
+    /// Its training data ("synthetic", "oracle", "real").
     pub data: String,
-    /// Guidance scale of the synthetic pool (0 for real data).
+    /// Guidance scale of the synthetic pool (0 for rendered data).
     pub guidance: f64,
     /// Images per caption in the pool.
     pub images_per_caption: usize,
@@ -172,13 +237,13 @@ pub struct Outcome {
     pub captions: usize,
     /// Views per training step.
     pub views_per_step: usize,
-    /// Loss at the last logged step.
+    /// Loss at the last logged step (contrastive, or the supervised cross-entropies).
     pub final_loss: f32,
-    /// Held-out kNN top-1 accuracy on the main object's shape (12 classes).
+    /// Held-out kNN top-1 accuracy on the main object's shape.
     pub knn: f64,
     /// Held-out linear probe top-1 accuracy on the shape.
     pub linear: f64,
-    /// Held-out kNN top-1 accuracy on the main object's colour (8 classes).
+    /// Held-out kNN top-1 accuracy on the main object's colour.
     pub colour_knn: f64,
     /// Held-out linear probe top-1 accuracy on the colour.
     pub colour_linear: f64,
@@ -202,11 +267,13 @@ fn io(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// Renders the held-out evaluation sets: real renders of other captions, labelled by the main
-/// object's shape (`out/eval-train`, `out/eval-test`) and the same images labelled by its
-/// colour (`out/eval-colour-train`, `out/eval-colour-test`); skipped when present.
+/// Renders the held-out evaluation sets: real renders of `world`'s captions under other
+/// seeds, labelled by the main object's shape (`out/eval-train`, `out/eval-test`) and the
+/// same images labelled by its colour (`out/eval-colour-train`, `out/eval-colour-test`);
+/// skipped when present.
 pub fn eval_sets(
     out: &Path,
+    world: World,
     images: usize,
     size: usize,
     seed: u64,
@@ -222,7 +289,7 @@ pub fn eval_sets(
             if !dir.exists() {
                 let tmp = out.join(format!("{name}.partial"));
                 let _ = std::fs::remove_dir_all(&tmp);
-                let d = descriptions(images, seed + offset);
+                let d = world.descriptions(images, seed + offset);
                 write_labelled(&tmp, &d, kind, size, seed + offset, |k, n| {
                     progress(&Step {
                         stage: format!("rendering {name}"),
@@ -237,23 +304,38 @@ pub fn eval_sets(
     Ok(())
 }
 
-/// Renders one real image of each of the first `captions` captions of `seed`'s world into
-/// the pool `dir` (skipped when present).
-pub fn real_pool(
+/// Renders `per_caption` images of each of the first `captions` captions of `world` under
+/// `seed` into the pool `dir` (skipped when present): one per caption is the real-image
+/// control, several the oracle generator.
+pub fn rendered_pool(
     dir: &Path,
+    world: World,
     captions: usize,
+    per_caption: usize,
     size: usize,
     seed: u64,
     mut progress: impl FnMut(&Step),
 ) -> Result<()> {
     if !dir.join("captions.csv").exists() {
-        write_pool(dir, &descriptions(captions, seed), 1, size, seed, |k, n| {
-            progress(&Step {
-                stage: "rendering the real pool".into(),
-                done: k as u64,
-                total: n as u64,
-            })
-        })?;
+        let stage = if per_caption == 1 {
+            "rendering the real pool".to_string()
+        } else {
+            format!("rendering the oracle pool ({per_caption} per caption)")
+        };
+        write_pool(
+            dir,
+            &world.descriptions(captions, seed),
+            per_caption,
+            size,
+            seed,
+            |k, n| {
+                progress(&Step {
+                    stage: stage.clone(),
+                    done: k as u64,
+                    total: n as u64,
+                })
+            },
+        )?;
     }
     Ok(())
 }
@@ -261,6 +343,8 @@ pub fn real_pool(
 /// What a synthetic pool is generated with.
 #[derive(Clone, Copy, Debug)]
 pub struct PoolSpec {
+    /// The world of the captions.
+    pub world: World,
     /// Captions (the first of `seed`'s world).
     pub captions: usize,
     /// Images per caption.
@@ -283,7 +367,9 @@ pub fn synthetic_pool(
     dir: &Path,
     mut progress: impl FnMut(&Step),
 ) -> Result<()> {
-    let captions: Vec<String> = descriptions(p.captions, p.seed)
+    let captions: Vec<String> = p
+        .world
+        .descriptions(p.captions, p.seed)
         .iter()
         .map(|d| d.caption())
         .collect();
@@ -317,13 +403,39 @@ pub fn synthetic_pool(
     Ok(())
 }
 
+/// The judge's fidelity on a generated pool of `p`'s captions: each image's shape, colour
+/// and (where the caption names it) background as the judge reads them against the caption,
+/// and the diversity of its features among a caption's images.
+pub fn pool_fidelity(judge: &Judge, p: &PoolSpec, dir: &Path) -> Result<Fidelity> {
+    let world = p.world.descriptions(p.captions, p.seed);
+    let pool = crate::data::pool::Pool::open(dir)?;
+    let s = judge.size();
+    let mut images = Vec::with_capacity(world.len() * p.images_per_caption * 3 * s * s);
+    for c in 0..world.len() {
+        for k in 0..p.images_per_caption {
+            let path = pool.image_path(c, k);
+            let (h, w, px) = crate::data::pool::load_rgb(&path)?;
+            if (h, w) != (s, s) {
+                return Err(Error::Config(format!(
+                    "{}: {h}x{w}, the judge takes {s}x{s}",
+                    path.display()
+                )));
+            }
+            images.extend(px);
+        }
+    }
+    super::judge::fidelity_of(judge, &world, p.images_per_caption, &images, p.seed)
+}
+
 /// One training run: a method on a pool.
 #[derive(Clone, Debug)]
 pub struct Arm {
-    /// "StableRep", "SimCLR", or "untrained" (the encoder as initialized: one step at learning
-    /// rate 0), the reference every method should beat.
+    /// Its name (one of [`ARMS`] in the demo).
+    pub name: String,
+    /// "StableRep", "SimCLR", "supervised", or "untrained" (the encoder as initialized: one
+    /// step at learning rate 0), the reference every method should beat.
     pub method: String,
-    /// "synthetic" or "real".
+    /// "synthetic", "oracle" or "real".
     pub data: String,
     /// The pool.
     pub pool: PathBuf,
@@ -331,14 +443,15 @@ pub struct Arm {
     pub captions: usize,
     /// Images per caption in the pool.
     pub images_per_caption: usize,
-    /// Guidance of the pool (0 for real renders).
+    /// Guidance of the pool (0 for renders).
     pub guidance: f64,
 }
 
 /// Trains `arm` with `c`'s encoder, steps and views per step into `run_dir` (resuming), then
 /// scores the frozen encoder on `eval_dir/eval-train` -> `eval_dir/eval-test` by kNN and a
 /// linear probe. StableRep with one image per caption falls back to two crops of it (the
-/// paper's m = 1 case).
+/// paper's m = 1 case). The supervised arm trains on the renders the oracle pool holds
+/// (`c`'s captions, seed and images per caption), with the labels.
 pub fn train_arm(
     gpu: &Arc<Gpu>,
     c: &DemoConfig,
@@ -349,80 +462,104 @@ pub fn train_arm(
 ) -> Result<Outcome> {
     let views = c.views_per_step;
     let untrained = arm.method == "untrained";
-    let stablerep = arm.method == "StableRep" && arm.images_per_caption >= 2;
-    let (n, m) = if stablerep {
-        (views / arm.images_per_caption, arm.images_per_caption)
-    } else {
-        (views / 2, 2)
-    };
-    if n == 0 || n * m != views || n > arm.captions {
-        return Err(Error::Config(format!(
-            "{} on {} captions x {} images cannot fill batches of {views} views",
-            arm.method, arm.captions, arm.images_per_caption
-        )));
-    }
-    // The untrained reference: one step at learning rate 0 leaves the encoder as initialized.
-    let (steps, lr) = if untrained {
-        (1, 0.0)
-    } else {
-        (c.train_steps, c.lr)
-    };
-    let r = PoolRun {
-        pool: arm.pool.clone(),
-        model: ModelConfig {
-            vit: c.vit,
-            head: c.head,
-            plus: None,
-        },
-        init: None,
-        captions: n,
-        images_per_caption: m,
-        steps,
-        lr,
-        schedule: Schedule::Cosine {
-            warmup: steps / 10,
-            total: steps,
-        },
-        weight_decay: 0.1,
-        temperature: 0.1,
-        augment: true,
-        simclr: !stablerep,
-        seed: c.seed,
-        checkpoint_every: steps,
-        log_every: 10.min(steps),
-        out: run_dir.to_path_buf(),
-        resume: true,
-        labelled_folder: false,
-        source_size: None,
-    };
     let stage = if untrained {
         "initializing the untrained encoder".to_string()
     } else {
-        format!("training {} on {} images", arm.method, arm.data)
+        format!("training {}", arm.name)
     };
-    let losses = pool_run::run(
-        gpu,
-        &r,
-        |step, _, _| {
-            progress(&Step {
-                stage: stage.clone(),
-                done: step,
+    let final_loss = if arm.method == "supervised" {
+        let r = supervised_run(c, arm);
+        let steps = r.steps;
+        let losses = supervised::run(
+            gpu,
+            &r,
+            run_dir,
+            |step, _| {
+                progress(&Step {
+                    stage: stage.clone(),
+                    done: step,
+                    total: steps,
+                })
+            },
+            &|| false,
+        )?;
+        match losses.last() {
+            Some(&(_, l)) => l,
+            None => read_final_loss(run_dir)?,
+        }
+    } else {
+        let stablerep = arm.method == "StableRep" && arm.images_per_caption >= 2;
+        let (n, m) = if stablerep {
+            (views / arm.images_per_caption, arm.images_per_caption)
+        } else {
+            (views / 2, 2)
+        };
+        if n == 0 || n * m != views || n > arm.captions {
+            return Err(Error::Config(format!(
+                "{} on {} captions x {} images cannot fill batches of {views} views",
+                arm.method, arm.captions, arm.images_per_caption
+            )));
+        }
+        // The untrained reference: one step at learning rate 0 leaves the encoder as
+        // initialized.
+        let (steps, lr) = if untrained {
+            (1, 0.0)
+        } else {
+            (c.train_steps, c.lr)
+        };
+        let r = PoolRun {
+            pool: arm.pool.clone(),
+            model: ModelConfig {
+                vit: c.vit,
+                head: c.head,
+                plus: None,
+            },
+            init: None,
+            captions: n,
+            images_per_caption: m,
+            steps,
+            lr,
+            schedule: Schedule::Cosine {
+                warmup: steps / 10,
                 total: steps,
-            })
-        },
-        &|| false,
-    )?;
-    let final_loss = match losses.last() {
-        Some(&(_, l)) => l,
-        None => read_final_loss(run_dir)?,
+            },
+            weight_decay: 0.1,
+            temperature: 0.1,
+            augment: true,
+            augment_config: Some(c.augment),
+            simclr: !stablerep,
+            seed: c.seed,
+            checkpoint_every: steps,
+            log_every: 10.min(steps),
+            out: run_dir.to_path_buf(),
+            resume: true,
+            labelled_folder: false,
+            source_size: None,
+        };
+        let losses = pool_run::run(
+            gpu,
+            &r,
+            |step, _, _| {
+                progress(&Step {
+                    stage: stage.clone(),
+                    done: step,
+                    total: steps,
+                })
+            },
+            &|| false,
+        )?;
+        match losses.last() {
+            Some(&(_, l)) => l,
+            None => read_final_loss(run_dir)?,
+        }
     };
     let ck = run_dir.join("checkpoint-last.safetensors");
-    let stage = format!("evaluating {} ({})", arm.method, arm.data);
+    let stage = format!("evaluating {}", arm.name);
     let mut scores = Vec::new();
     for (k, prefix) in ["eval", "eval-colour"].iter().enumerate() {
         let request = |method| Request {
             checkpoint: ck.clone(),
-            head_dim: c.head.out,
+            head_dim: c.vit.width / c.vit.heads,
             train: Some(eval_dir.join(format!("{prefix}-train"))),
             test: eval_dir.join(format!("{prefix}-test")),
             method,
@@ -463,6 +600,7 @@ pub fn train_arm(
         total: 4,
     });
     Ok(Outcome {
+        name: arm.name.clone(),
         method: arm.method.clone(),
         data: arm.data.clone(),
         guidance: arm.guidance,
@@ -477,27 +615,217 @@ pub fn train_arm(
     })
 }
 
-/// Runs the demo into `out` (resuming what exists there): the evaluation sets, the real and
-/// synthetic pools, then StableRep (synthetic), SimCLR (synthetic), SimCLR (real) and the
-/// untrained encoder as a reference. Writes
-/// `out/results.json`, the bar chart `out/results.png` and the loss curves `out/losses.png`;
-/// returns the four outcomes.
+/// The supervised arm's run: `c`'s encoder, views, steps and learning rate on the oracle
+/// pool's renders (`arm`'s captions and images per caption under `c.seed`), labelled by
+/// shape and colour, with `c`'s crops and flips but no colour changes.
+pub fn supervised_run(c: &DemoConfig, arm: &Arm) -> SupervisedRun {
+    SupervisedRun {
+        world: c.world,
+        captions: arm.captions,
+        caption_seed: c.seed,
+        renders: arm.images_per_caption as u64,
+        layout_seed: c.seed,
+        heads: vec![LabelKind::Shape, LabelKind::Colour],
+        encoder: supervised::Encoder::Vit(c.vit),
+        batch: c.views_per_step,
+        steps: c.train_steps,
+        lr: c.lr,
+        weight_decay: 0.1,
+        augment: AugmentConfig {
+            jitter_p: 0.0,
+            gray_p: 0.0,
+            ..c.augment
+        },
+        seed: c.seed,
+        checkpoint_every: c.train_steps,
+        log_every: 10.min(c.train_steps),
+    }
+}
+
+/// The demo's written results (`results.json`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DemoResults {
+    /// Wall-clock seconds of the run that wrote the file (a resumed run counts only its own).
+    pub seconds: f64,
+    /// The generator's fidelity on the synthetic pool as the judge reads it (fractions), and
+    /// the diversity of its images next to the renderer's.
+    pub fidelity: FidelitySummary,
+    /// Each arm's scores (fractions), in [`ARMS`] order.
+    pub arms: Vec<ArmResult>,
+}
+
+/// The fidelity line of [`DemoResults`].
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct FidelitySummary {
+    /// Background read as the caption's, over captions that name one.
+    pub background: f64,
+    /// Main object's colour as the caption's.
+    pub colour: f64,
+    /// Main object's shape as the caption's.
+    pub shape: f64,
+    /// Mean pairwise distance of the judge's features among a caption's generated images.
+    pub diversity: f64,
+    /// The same among the oracle's renders.
+    pub real_diversity: f64,
+}
+
+/// One arm's line of [`DemoResults`].
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ArmResult {
+    /// One of [`ARMS`].
+    pub name: String,
+    /// Colour kNN accuracy.
+    pub colour_knn: f64,
+    /// Colour linear-probe accuracy.
+    pub colour_linear: f64,
+    /// Shape kNN accuracy.
+    pub shape_knn: f64,
+    /// Shape linear-probe accuracy.
+    pub shape_linear: f64,
+    /// Final training loss (0 for the untrained encoder).
+    pub final_loss: f64,
+}
+
+impl DemoResults {
+    /// The results of `outcomes` with `fidelity`, after `seconds`.
+    pub fn new(outcomes: &[Outcome], fidelity: &Fidelity, seconds: f64) -> DemoResults {
+        DemoResults {
+            seconds,
+            fidelity: FidelitySummary {
+                background: fidelity.background,
+                colour: fidelity.colour,
+                shape: fidelity.shape,
+                diversity: fidelity.diversity,
+                real_diversity: fidelity.real_diversity,
+            },
+            arms: outcomes
+                .iter()
+                .map(|o| ArmResult {
+                    name: o.name.clone(),
+                    colour_knn: o.colour_knn,
+                    colour_linear: o.colour_linear,
+                    shape_knn: o.knn,
+                    shape_linear: o.linear,
+                    final_loss: if o.method == "untrained" {
+                        0.0
+                    } else {
+                        o.final_loss as f64
+                    },
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What a finished demo returns.
+#[derive(Clone, Debug)]
+pub struct DemoOutcome {
+    /// Every arm's scores, in [`ARMS`] order.
+    pub outcomes: Vec<Outcome>,
+    /// The generator's fidelity.
+    pub fidelity: Fidelity,
+}
+
+/// The demo's arms over its pools in `out`.
+pub fn arms(c: &DemoConfig, out: &Path) -> Vec<Arm> {
+    let m = c.images_per_caption;
+    let arm = |name: &str, method: &str, data: &str, pool: &str, m: usize, w: f64| Arm {
+        name: name.into(),
+        method: method.into(),
+        data: data.into(),
+        pool: out.join(pool),
+        captions: c.captions,
+        images_per_caption: m,
+        guidance: w,
+    };
+    vec![
+        arm("supervised", "supervised", "oracle", "oracle-pool", m, 0.0),
+        arm(
+            "stablerep-oracle",
+            "StableRep",
+            "oracle",
+            "oracle-pool",
+            m,
+            0.0,
+        ),
+        arm("simclr-oracle", "SimCLR", "oracle", "oracle-pool", m, 0.0),
+        arm(
+            "stablerep-synthetic",
+            "StableRep",
+            "synthetic",
+            "synthetic-pool",
+            m,
+            c.guidance,
+        ),
+        arm(
+            "simclr-synthetic",
+            "SimCLR",
+            "synthetic",
+            "synthetic-pool",
+            m,
+            c.guidance,
+        ),
+        arm("simclr-real", "SimCLR", "real", "real-pool", 1, 0.0),
+        arm("untrained", "untrained", "real", "real-pool", 1, 0.0),
+    ]
+}
+
+/// Runs the demo into `out` (resuming what exists there): the evaluation sets, the real,
+/// oracle and synthetic pools, the generator's fidelity, then the seven arms of [`ARMS`].
+/// Writes `out/results.json` ([`DemoResults`]), the bar chart `out/results.png` and the
+/// loss curves `out/losses.png`.
 pub fn run(
     gpu: &Arc<Gpu>,
     c: &DemoConfig,
     out: &Path,
     mut progress: impl FnMut(&Step),
-) -> Result<Vec<Outcome>> {
+) -> Result<DemoOutcome> {
+    let t0 = std::time::Instant::now();
     c.check()?;
+    let judge_path = match &c.judge {
+        Some(p) => p.clone(),
+        None => super::judge::builtin_judge()?,
+    };
     let model = SdModel::load(&c.model)?;
+    let judge = Judge::load(gpu, &judge_path)?;
+    if judge.size() != c.size || judge.run.world != c.world {
+        return Err(Error::Config(format!(
+            "{}: the judge reads {} x {} images of the {} world; the demo makes {} x {} of the {}",
+            judge_path.display(),
+            judge.size(),
+            judge.size(),
+            judge.run.world.name(),
+            c.size,
+            c.size,
+            c.world.name()
+        )));
+    }
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    eval_sets(out, c.eval_images, c.size, c.seed, &mut progress)?;
-    let real = out.join("real-pool");
-    real_pool(&real, c.captions, c.size, c.seed, &mut progress)?;
+    eval_sets(out, c.world, c.eval_images, c.size, c.seed, &mut progress)?;
+    let m = c.images_per_caption;
+    rendered_pool(
+        &out.join("real-pool"),
+        c.world,
+        c.captions,
+        1,
+        c.size,
+        c.seed,
+        &mut progress,
+    )?;
+    rendered_pool(
+        &out.join("oracle-pool"),
+        c.world,
+        c.captions,
+        m,
+        c.size,
+        c.seed,
+        &mut progress,
+    )?;
     let synthetic = out.join("synthetic-pool");
     let spec = PoolSpec {
+        world: c.world,
         captions: c.captions,
-        images_per_caption: c.images_per_caption,
+        images_per_caption: m,
         guidance: c.guidance,
         sampler_steps: c.sampler_steps,
         size: c.size,
@@ -505,31 +833,20 @@ pub fn run(
     };
     synthetic_pool(gpu, &model, &spec, &synthetic, &mut progress)?;
     drop(model);
+    let fidelity = pool_fidelity(&judge, &spec, &synthetic)?;
+    drop(judge);
 
-    let arm = |method: &str, data: &str, pool: &Path, m: usize, guidance: f64| Arm {
-        method: method.into(),
-        data: data.into(),
-        pool: pool.to_path_buf(),
-        captions: c.captions,
-        images_per_caption: m,
-        guidance,
-    };
-    let m = c.images_per_caption;
-    let arms = [
-        arm("StableRep", "synthetic", &synthetic, m, c.guidance),
-        arm("SimCLR", "synthetic", &synthetic, m, c.guidance),
-        arm("SimCLR", "real", &real, 1, 0.0),
-        arm("untrained", "real", &real, 1, 0.0),
-    ];
+    let arms = arms(c, out);
     let mut outcomes = Vec::new();
     for a in &arms {
-        let name = format!("{}-{}", a.method.to_lowercase(), a.data);
-        let dir = out.join("runs").join(name);
+        let dir = out.join("runs").join(&a.name);
         outcomes.push(train_arm(gpu, c, a, &dir, out, &mut progress)?);
     }
-    let json = serde_json::to_string_pretty(&outcomes).unwrap_or_default();
+    let results = DemoResults::new(&outcomes, &fidelity, t0.elapsed().as_secs_f64());
+    let json = serde_json::to_string_pretty(&results)
+        .map_err(|e| Error::Config(format!("results do not serialize: {e}")))?;
     let path = out.join("results.json");
-    std::fs::write(&path, json).map_err(|e| io(&path, e))?;
+    crate::nn::checkpoint::write_atomic(&path, json.as_bytes())?;
     plot(
         &outcomes,
         &format!(
@@ -540,15 +857,16 @@ pub fn run(
     .save(&out.join("results.png"))?;
     let curves: Vec<(String, Vec<(u64, f32)>)> = arms
         .iter()
-        .filter(|a| a.method != "untrained")
+        .filter(|a| a.method == "StableRep" || a.method == "SimCLR")
         .map(|a| {
-            let name = format!("{}-{}", a.method.to_lowercase(), a.data);
-            let log = read_losses(&out.join("runs").join(&name))?;
-            Ok((format!("{} {}", a.method, a.data), log))
+            Ok((
+                a.name.clone(),
+                read_losses(&out.join("runs").join(&a.name))?,
+            ))
         })
         .collect::<Result<_>>()?;
     loss_plot(&curves)?.save(&out.join("losses.png"))?;
-    Ok(outcomes)
+    Ok(DemoOutcome { outcomes, fidelity })
 }
 
 /// The (step, loss) pairs a run logged (`metrics.jsonl`).
@@ -630,7 +948,7 @@ pub fn plot(outcomes: &[Outcome], subtitle: &str) -> Result<Canvas> {
         title: format!("Held-out accuracy on real renders ({subtitle})"),
         categories: outcomes.iter().map(label).collect(),
         x_label: "encoder (method, training images)".into(),
-        y_label: "top-1 accuracy, % (chance: shape 8.3, colour 12.5)".into(),
+        y_label: "top-1 accuracy, % (chance: 1 / classes)".into(),
         y_range: (0.0, 100.0),
         series: vec![
             series("colour kNN", |o| o.colour_knn),
@@ -643,7 +961,9 @@ pub fn plot(outcomes: &[Outcome], subtitle: &str) -> Result<Canvas> {
 
 /// "StableRep synthetic", "SimCLR real", "untrained".
 pub fn label(o: &Outcome) -> String {
-    if o.method == "untrained" {
+    if !o.name.is_empty() {
+        o.name.clone()
+    } else if o.method == "untrained" {
         o.method.clone()
     } else {
         format!("{} {}", o.method, o.data)
@@ -667,7 +987,7 @@ pub fn table(outcomes: &[Outcome]) -> String {
         "encoder", "guidance", "final loss", "colour kNN", "colour lin", "shape kNN", "shape lin"
     );
     for o in outcomes {
-        let w = if o.data == "real" {
+        let w = if o.data != "synthetic" {
             "-".to_string()
         } else {
             format!("{}", o.guidance)

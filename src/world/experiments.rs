@@ -1,23 +1,26 @@
-//! The issue's three experiments on the mini-world, over several training seeds, at equal
-//! numbers of generated images (`budget` per pool) and training steps:
+//! The paper's experiments in miniature on the simple world, over several seeds. Each seed
+//! draws its own captions, renders and generated pools (so spreads include generation) and
+//! trains every arm with its own initialization, batches and augmentation:
 //!
-//! 1. StableRep on synthetic images vs SimCLR on the same synthetic images vs SimCLR on the
-//!    real renders of the same captions;
-//! 2. the guidance scale of generation, for StableRep and SimCLR;
-//! 3. images per caption at a fixed budget (`budget / m` captions of `m` images).
+//! 1. the demo's seven arms (supervised, StableRep and SimCLR on the oracle pool and on the
+//!    synthetic pool, SimCLR on real renders, untrained), and the paired difference StableRep
+//!    minus SimCLR per seed, with its standard error, on the oracle and the synthetic pools;
+//! 2. the guidance scale of generation, for StableRep and SimCLR, with the judge's fidelity
+//!    and diversity of each pool next to the accuracies (the paper's trade-off);
+//! 3. images per caption at a fixed number of generated images (`budget / m` captions).
 //!
-//! Pools are generated once (their noise seed is the base seed) and shared by every training
-//! seed, so the spreads cover training randomness (initialization, batches, augmentation),
-//! not generation. Each finished run appends a line to `OUT/records.jsonl`; running again
-//! skips what is recorded and resumes a run that was interrupted.
+//! Each finished run and each pool's fidelity appends a line to `OUT/records.jsonl`;
+//! running again skips what is recorded and resumes a run that was interrupted.
 
-use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::demo::{eval_sets, real_pool, synthetic_pool, train_arm, Arm, DemoConfig, Outcome};
-use super::demo::{PoolSpec, Step};
+use super::demo::{
+    arms, eval_sets, pool_fidelity, rendered_pool, synthetic_pool, train_arm, Arm, DemoConfig,
+    Outcome, PoolSpec, Step,
+};
+use super::judge::{Fidelity, Judge};
 use crate::diffusion::model::SdModel;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -26,62 +29,75 @@ use crate::plot::{bar_chart, line_chart, mean_spread, Canvas, Chart, Series, Val
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// Encoder, training steps, views per step, sampler steps, evaluation sets, and the base
-    /// guidance and images per caption (the other experiments vary one of them).
+    /// Encoder, steps, views per step, sampler steps, evaluation sets, captions, and the base
+    /// guidance and images per caption (experiments 2 and 3 vary one of them).
     pub base: DemoConfig,
-    /// Training seeds.
+    /// Seeds (captions, renders, generation and training).
     pub seeds: Vec<u64>,
-    /// Guidance scales of experiment 2.
+    /// Guidance scales of experiment 2 (empty: skip it).
     pub guidances: Vec<f64>,
-    /// Images per caption of experiment 3.
+    /// Images per caption of experiment 3 (empty: skip it).
     pub images_per_caption: Vec<usize>,
-    /// Generated images per pool.
+    /// Generated images per pool in experiment 3.
     pub budget: usize,
+    /// Whether to generate pools and train the synthetic arms (off: only the oracle, real,
+    /// supervised and untrained arms, which need no text-to-image model).
+    pub synthetic: bool,
 }
 
 impl Plan {
-    /// The documented plan (docs/results.md): 3 seeds, guidance 1, 2, 4, 8, m = 1, 2, 4, 8,
-    /// 192 images per pool (8 sampler steps), `--quick`'s encoder (2 layers, width 64)
-    /// trained 100 steps of 32 views per run, the full demo's evaluation sets and probe.
-    pub fn new(model: std::path::PathBuf) -> Plan {
+    /// The documented plan (docs/results.md): 3 seeds, the `--quick` demo's encoder and
+    /// steps on 96 captions x 4 images, guidance 1, 2, 4, 8, m = 2, 4, 8 at 384 images.
+    pub fn new(model: PathBuf) -> Plan {
         let quick = DemoConfig::quick(model.clone());
         let mut base = DemoConfig::new(model);
         base.vit = quick.vit;
         base.head = quick.head;
-        base.train_steps = 100;
-        base.captions = 48;
-        base.sampler_steps = 8;
+        base.train_steps = quick.train_steps;
+        base.sampler_steps = quick.sampler_steps;
+        base.captions = 96;
         Plan {
             base,
             seeds: vec![0, 1, 2],
             guidances: vec![1.0, 2.0, 4.0, 8.0],
-            images_per_caption: vec![1, 2, 4, 8],
-            budget: 192,
+            images_per_caption: vec![2, 4, 8],
+            budget: 384,
+            synthetic: true,
         }
     }
 
     /// Checks the plan's numbers fit together.
     pub fn check(&self) -> Result<()> {
         let b = &self.base;
-        for &m in self
-            .images_per_caption
+        b.check()?;
+        for &m in &self.images_per_caption {
+            if m < 2 || !self.budget.is_multiple_of(m) || !b.views_per_step.is_multiple_of(m) {
+                return Err(Error::Config(format!(
+                    "{m} images per caption must be at least 2 and divide the budget ({}) and \
+                     the views per step ({})",
+                    self.budget, b.views_per_step
+                )));
+            }
+            if b.views_per_step > self.budget {
+                return Err(Error::Config(format!(
+                    "a budget of {} images at {m} per caption has too few captions for {} views",
+                    self.budget, b.views_per_step
+                )));
+            }
+        }
+        if !self.synthetic && !(self.guidances.is_empty() && self.images_per_caption.is_empty()) {
+            return Err(Error::Config(
+                "the guidance and images-per-caption sweeps need the synthetic pools".into(),
+            ));
+        }
+        if let Some(w) = self
+            .guidances
             .iter()
-            .chain([&b.images_per_caption])
+            .find(|w| !(w.is_finite() && **w >= 0.0))
         {
-            if m == 0 || !self.budget.is_multiple_of(m) || !b.views_per_step.is_multiple_of(m) {
-                return Err(Error::Config(format!(
-                    "{m} images per caption must divide the budget ({}) and the views per step \
-                     ({})",
-                    self.budget, b.views_per_step
-                )));
-            }
-            if b.views_per_step / 2 > self.budget / m.max(2) {
-                return Err(Error::Config(format!(
-                    "a budget of {} images at {m} per caption has too few captions for {} views \
-                     per step",
-                    self.budget, b.views_per_step
-                )));
-            }
+            return Err(Error::Config(format!(
+                "guidance {w} is not a finite number >= 0"
+            )));
         }
         if self.seeds.is_empty() {
             return Err(Error::Config("the plan needs at least one seed".into()));
@@ -90,71 +106,96 @@ impl Plan {
     }
 }
 
-/// One finished run.
+/// One finished run, or one pool's fidelity.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Record {
-    /// The arm's name (method, data, guidance, images per caption).
+    /// The arm's key: `main/<demo arm>`, `guidance/<w>/<method>`, `m/<m>/stablerep`, or
+    /// `fidelity/w<w>-m<m>-c<captions>` for a pool's fidelity.
     pub arm: String,
-    /// Training seed.
+    /// Seed.
     pub seed: u64,
-    /// Scores.
-    #[serde(flatten)]
-    pub outcome: Outcome,
+    /// Scores of a trained arm.
+    #[serde(default)]
+    pub outcome: Option<Outcome>,
+    /// Fidelity of a pool.
+    #[serde(default)]
+    pub fidelity: Option<Fidelity>,
 }
 
-fn pool_name(guidance: f64, m: usize) -> String {
-    format!("w{guidance}-m{m}")
+/// A synthetic pool of one seed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PoolKey {
+    guidance: f64,
+    m: usize,
+    captions: usize,
 }
 
-/// The arms the plan needs, each once, with their pools' (guidance, images per caption).
-fn arms(plan: &Plan, out: &Path) -> Vec<(String, Arm)> {
+impl PoolKey {
+    fn name(&self) -> String {
+        format!("w{}-m{}-c{}", self.guidance, self.m, self.captions)
+    }
+}
+
+/// Every (key, arm) of one seed, and the synthetic pools they need.
+fn plan_arms(plan: &Plan, c: &DemoConfig, dir: &Path) -> (Vec<(String, Arm)>, Vec<PoolKey>) {
     let b = &plan.base;
-    let (bw, bm) = (b.guidance, b.images_per_caption);
-    let synthetic = |method: &str, w: f64, m: usize| {
-        let name = pool_name(w, m);
-        (
-            format!("{}-{name}", method.to_lowercase()),
-            Arm {
-                method: method.into(),
-                data: "synthetic".into(),
-                pool: out.join("pools").join(&name),
-                captions: plan.budget / m,
-                images_per_caption: m,
-                guidance: w,
-            },
-        )
+    let mut list: Vec<(String, Arm)> = arms(c, dir)
+        .into_iter()
+        .map(|a| (format!("main/{}", a.name), a))
+        .collect();
+    // The paired arms first, so an interrupted plan has its comparisons early.
+    list.sort_by_key(|(_, a)| !(a.method == "StableRep" || a.method == "SimCLR"));
+    let base = PoolKey {
+        guidance: b.guidance,
+        m: b.images_per_caption,
+        captions: b.captions,
     };
-    // SimCLR on the real renders, and the untrained encoder (its pool only feeds one step at
-    // learning rate 0).
-    let real = |key: &str, method: &str| {
-        (
-            key.to_string(),
-            Arm {
-                method: method.into(),
-                data: "real".into(),
-                pool: out.join("pools").join("real"),
-                captions: plan.budget / bm,
-                images_per_caption: 1,
-                guidance: 0.0,
-            },
-        )
+    if !plan.synthetic {
+        list.retain(|(_, a)| a.data != "synthetic");
+        return (list, Vec::new());
+    }
+    let mut pools = vec![base];
+    // The main arms' synthetic pool lives under the per-seed pool name too.
+    for (_, a) in list.iter_mut() {
+        if a.data == "synthetic" {
+            a.pool = dir.join("pools").join(base.name());
+        }
+    }
+    let synthetic = |name: String, method: &str, p: PoolKey| Arm {
+        name,
+        method: method.into(),
+        data: "synthetic".into(),
+        pool: dir.join("pools").join(p.name()),
+        captions: p.captions,
+        images_per_caption: p.m,
+        guidance: p.guidance,
     };
-    let mut list = vec![
-        synthetic("StableRep", bw, bm),
-        synthetic("SimCLR", bw, bm),
-        real("simclr-real", "SimCLR"),
-        real("untrained", "untrained"),
-    ];
     for &w in &plan.guidances {
-        list.push(synthetic("StableRep", w, bm));
-        list.push(synthetic("SimCLR", w, bm));
+        let p = PoolKey {
+            guidance: w,
+            ..base
+        };
+        if !pools.contains(&p) {
+            pools.push(p);
+        }
+        for method in ["StableRep", "SimCLR"] {
+            let key = format!("guidance/{w}/{}", method.to_lowercase());
+            list.push((key.clone(), synthetic(key, method, p)));
+        }
     }
     for &m in &plan.images_per_caption {
-        list.push(synthetic("StableRep", bw, m));
+        let p = PoolKey {
+            m,
+            captions: plan.budget / m,
+            ..base
+        };
+        if !pools.contains(&p) {
+            pools.push(p);
+        }
+        let key = format!("m/{m}/stablerep");
+        list.push((key.clone(), synthetic(key, "StableRep", p)));
     }
-    let mut seen = BTreeSet::new();
-    list.retain(|(k, _)| seen.insert(k.clone()));
-    list
+    (list, pools)
 }
 
 fn io(path: &Path, e: std::io::Error) -> Error {
@@ -182,8 +223,20 @@ pub fn read_records(out: &Path) -> Result<Vec<Record>> {
         .collect()
 }
 
-/// Runs the plan into `out` (resuming), seed by seed so that every experiment has its first
-/// seeds early; returns all records.
+fn append(path: &Path, r: &Record) -> Result<()> {
+    let line = serde_json::to_string(r)
+        .map_err(|e| Error::Config(format!("a record does not serialize: {e}")))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io(path, e))?;
+    writeln!(f, "{line}")
+        .and_then(|_| f.sync_data())
+        .map_err(|e| io(path, e))
+}
+
+/// Runs the plan into `out` (resuming), seed by seed; returns all records.
 pub fn run(
     gpu: &Arc<Gpu>,
     plan: &Plan,
@@ -192,85 +245,165 @@ pub fn run(
 ) -> Result<Vec<Record>> {
     plan.check()?;
     let b = &plan.base;
-    let model = SdModel::load(&b.model)?;
+    let judge_path = match &b.judge {
+        Some(p) => p.clone(),
+        None if plan.synthetic => super::judge::builtin_judge()?,
+        None => PathBuf::new(),
+    };
+    let model = if plan.synthetic {
+        Some(SdModel::load(&b.model)?)
+    } else {
+        None
+    };
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    eval_sets(out, b.eval_images, b.size, b.seed, &mut progress)?;
-    let arms = arms(plan, out);
-    // Pools first: the real one, then each synthetic (guidance, m) once.
-    real_pool(
-        &out.join("pools").join("real"),
-        plan.budget / b.images_per_caption,
-        b.size,
-        b.seed,
-        &mut progress,
-    )?;
-    let mut made = BTreeSet::new();
-    for (_, a) in arms.iter().filter(|(_, a)| a.data == "synthetic") {
-        if made.insert(a.pool.clone()) {
-            let spec = PoolSpec {
-                captions: a.captions,
-                images_per_caption: a.images_per_caption,
-                guidance: a.guidance,
-                sampler_steps: b.sampler_steps,
-                size: b.size,
-                seed: b.seed,
-            };
-            synthetic_pool(gpu, &model, &spec, &a.pool, &mut progress)?;
-        }
-    }
-    drop(model);
-
-    let mut records = read_records(out)?;
     let path = out.join("records.jsonl");
+    let mut records = read_records(out)?;
+    let done = |records: &[Record], key: &str, seed: u64| {
+        records.iter().any(|r| r.arm == key && r.seed == seed)
+    };
     for &seed in &plan.seeds {
-        for (key, a) in &arms {
-            if records.iter().any(|r| &r.arm == key && r.seed == seed) {
+        let c = DemoConfig { seed, ..b.clone() };
+        let dir = out.join(format!("seed-{seed}"));
+        let (list, pools) = plan_arms(plan, &c, &dir);
+        eval_sets(&dir, c.world, c.eval_images, c.size, seed, &mut progress)?;
+        rendered_pool(
+            &dir.join("real-pool"),
+            c.world,
+            c.captions,
+            1,
+            c.size,
+            seed,
+            &mut progress,
+        )?;
+        rendered_pool(
+            &dir.join("oracle-pool"),
+            c.world,
+            c.captions,
+            c.images_per_caption,
+            c.size,
+            seed,
+            &mut progress,
+        )?;
+        for p in &pools {
+            let spec = PoolSpec {
+                world: c.world,
+                captions: p.captions,
+                images_per_caption: p.m,
+                guidance: p.guidance,
+                sampler_steps: c.sampler_steps,
+                size: c.size,
+                seed,
+            };
+            let pool = dir.join("pools").join(p.name());
+            let model = model
+                .as_ref()
+                .ok_or_else(|| Error::Config("synthetic pools need a model".into()))?;
+            synthetic_pool(gpu, model, &spec, &pool, &mut progress)?;
+            let key = format!("fidelity/{}", p.name());
+            if !done(&records, &key, seed) {
+                let judge = Judge::load(gpu, &judge_path)?;
+                let r = Record {
+                    arm: key,
+                    seed,
+                    outcome: None,
+                    fidelity: Some(pool_fidelity(&judge, &spec, &pool)?),
+                };
+                append(&path, &r)?;
+                records.push(r);
+            }
+        }
+        for (key, a) in &list {
+            if done(&records, key, seed) {
                 continue;
             }
             let c = DemoConfig {
-                seed,
                 captions: a.captions,
-                ..b.clone()
+                ..c.clone()
             };
-            let dir = out.join("runs").join(format!("{key}-s{seed}"));
-            let outcome = train_arm(gpu, &c, a, &dir, out, &mut progress)?;
+            let run_dir = dir.join("runs").join(key.replace('/', "-"));
+            let outcome = train_arm(gpu, &c, a, &run_dir, &dir, &mut progress)?;
             let r = Record {
                 arm: key.clone(),
                 seed,
-                outcome,
+                outcome: Some(outcome),
+                fidelity: None,
             };
-            let line = serde_json::to_string(&r).unwrap_or_default();
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| io(&path, e))?;
-            writeln!(f, "{line}").map_err(|e| io(&path, e))?;
+            append(&path, &r)?;
             records.push(r);
         }
     }
     Ok(records)
 }
 
-/// Mean and spread over an arm's seeds (in percent) of colour kNN, colour linear, shape kNN
-/// and shape linear accuracy, and the number of seeds.
+/// The four scores of an outcome in percent: colour kNN, colour linear, shape kNN, shape
+/// linear.
+fn four(o: &Outcome) -> [f64; 4] {
+    [o.colour_knn, o.colour_linear, o.knn, o.linear].map(|v| 100.0 * v)
+}
+
+/// Per-seed scores of an arm, in seed order.
+fn per_seed(records: &[Record], key: &str) -> Vec<(u64, [f64; 4])> {
+    let mut v: Vec<(u64, [f64; 4])> = records
+        .iter()
+        .filter(|r| r.arm == key)
+        .filter_map(|r| r.outcome.as_ref().map(|o| (r.seed, four(o))))
+        .collect();
+    v.sort_by_key(|p| p.0);
+    v.dedup_by_key(|p| p.0);
+    v
+}
+
+/// Mean and sample sd over an arm's seeds (in percent), and the number of seeds.
 fn scores(records: &[Record], key: &str) -> Option<([Value; 4], usize)> {
-    let rs: Vec<&Record> = records.iter().filter(|r| r.arm == key).collect();
-    if rs.is_empty() {
+    let v = per_seed(records, key);
+    if v.is_empty() {
         return None;
     }
-    let pick = |f: fn(&Outcome) -> f64| {
-        let v: Vec<f64> = rs.iter().map(|r| 100.0 * f(&r.outcome)).collect();
-        mean_spread(&v)
+    let pick = |i: usize| mean_spread(&v.iter().map(|p| p.1[i]).collect::<Vec<_>>());
+    Some(([0, 1, 2, 3].map(pick), v.len()))
+}
+
+/// The paired difference `a - b` over the seeds both have, per score: mean, standard error
+/// of the mean, and the number of pairs.
+pub fn paired(records: &[Record], a: &str, b: &str) -> Option<([(f64, f64); 4], usize)> {
+    let (va, vb) = (per_seed(records, a), per_seed(records, b));
+    let pairs: Vec<([f64; 4], [f64; 4])> = va
+        .iter()
+        .filter_map(|(s, x)| vb.iter().find(|(t, _)| t == s).map(|(_, y)| (*x, *y)))
+        .collect();
+    if pairs.is_empty() {
+        return None;
+    }
+    let n = pairs.len();
+    let diff = |i: usize| {
+        let d: Vec<f64> = pairs.iter().map(|(x, y)| x[i] - y[i]).collect();
+        let v = mean_spread(&d);
+        (v.mean, v.spread / (n as f64).sqrt())
     };
+    Some(([0, 1, 2, 3].map(diff), n))
+}
+
+/// Mean fidelity of a pool over seeds: (background, colour, shape, diversity, real
+/// diversity) in percent / raw, and the number of seeds.
+fn fidelity(records: &[Record], key: &str) -> Option<([Value; 5], usize)> {
+    let fs: Vec<&Fidelity> = records
+        .iter()
+        .filter(|r| r.arm == key)
+        .filter_map(|r| r.fidelity.as_ref())
+        .collect();
+    if fs.is_empty() {
+        return None;
+    }
+    let pick = |f: fn(&Fidelity) -> f64| mean_spread(&fs.iter().map(|x| f(x)).collect::<Vec<_>>());
     Some((
         [
-            pick(|o| o.colour_knn),
-            pick(|o| o.colour_linear),
-            pick(|o| o.knn),
-            pick(|o| o.linear),
+            pick(|f| 100.0 * f.background),
+            pick(|f| 100.0 * f.colour),
+            pick(|f| 100.0 * f.shape),
+            pick(|f| f.diversity),
+            pick(|f| f.real_diversity),
         ],
-        rs.len(),
+        fs.len(),
     ))
 }
 
@@ -282,154 +415,205 @@ fn cells(v: &[Value]) -> String {
     v.iter().map(|&v| cell(v)).collect::<Vec<_>>().join(" | ")
 }
 
-/// The key of the StableRep or SimCLR arm on the synthetic pool at (guidance, m).
-fn key(method: &str, guidance: f64, m: usize) -> String {
-    format!("{}-{}", method.to_lowercase(), pool_name(guidance, m))
-}
-
 const SCORE_HEADER: &str = "colour kNN | colour linear | shape kNN | shape linear";
 
-/// The results as Markdown tables (top-1 accuracy in percent on held-out real renders, mean ±
-/// sample standard deviation over seeds).
+fn base_pool(plan: &Plan) -> PoolKey {
+    PoolKey {
+        guidance: plan.base.guidance,
+        m: plan.base.images_per_caption,
+        captions: plan.base.captions,
+    }
+}
+
+/// The results as Markdown tables: accuracies in percent on held-out real renders, mean ±
+/// sample standard deviation over seeds; paired differences with their standard errors.
 pub fn report(plan: &Plan, records: &[Record]) -> String {
     let b = &plan.base;
     let (bw, bm) = (b.guidance, b.images_per_caption);
     let mut s = String::new();
     s += &format!(
-        "### 1. StableRep vs SimCLR (guidance {bw}, {} captions x {bm} images)\n\n",
-        plan.budget / bm
+        "### 1. The seven arms ({} captions x {bm} images, guidance {bw})\n\n",
+        b.captions
     );
-    s += &format!(
-        "| encoder | training images | seeds | {SCORE_HEADER} |\n|---|---|---|---|---|---|---|\n"
-    );
-    for (name, k, images) in [
-        (
-            "StableRep",
-            key("StableRep", bw, bm),
-            format!("{} synthetic", plan.budget),
-        ),
-        (
-            "SimCLR",
-            key("SimCLR", bw, bm),
-            format!("{} synthetic", plan.budget),
-        ),
-        (
-            "SimCLR",
-            "simclr-real".to_string(),
-            format!("{} real", plan.budget / bm),
-        ),
-        ("untrained", "untrained".to_string(), "none".to_string()),
-    ] {
-        if let Some((v, n)) = scores(records, &k) {
-            s += &format!("| {name} | {images} | {n} | {} |\n", cells(&v));
+    s += &format!("| arm | seeds | {SCORE_HEADER} |\n|---|---|---|---|---|---|\n");
+    for name in super::demo::ARMS {
+        if let Some((v, n)) = scores(records, &format!("main/{name}")) {
+            s += &format!("| {name} | {n} | {} |\n", cells(&v));
         }
     }
-    s += &format!("\n### 2. Guidance scale ({bm} images per caption)\n\n");
-    s += "| guidance | method | colour kNN | colour linear | shape kNN | shape linear |\n|---|---|---|---|---|---|\n";
-    for &w in &plan.guidances {
-        for method in ["StableRep", "SimCLR"] {
-            if let Some((v, _)) = scores(records, &key(method, w, bm)) {
-                s += &format!("| {w} | {method} | {} |\n", cells(&v));
+    s += "\nPaired difference StableRep minus SimCLR (same seed: same captions, renders, pool \
+          and initialization), mean ± standard error; * marks a difference larger than two \
+          standard errors:\n\n";
+    s += &format!("| pool | pairs | {SCORE_HEADER} |\n|---|---|---|---|---|---|\n");
+    for data in ["oracle", "synthetic"] {
+        if let Some((d, n)) = paired(
+            records,
+            &format!("main/stablerep-{data}"),
+            &format!("main/simclr-{data}"),
+        ) {
+            let c: Vec<String> = d
+                .iter()
+                .map(|(m, se)| {
+                    let star = if n > 1 && m.abs() > 2.0 * se {
+                        " *"
+                    } else {
+                        ""
+                    };
+                    format!("{m:+.1} ± {se:.1}{star}")
+                })
+                .collect();
+            s += &format!("| {data} | {n} | {} |\n", c.join(" | "));
+        }
+    }
+    if let Some((f, n)) = fidelity(records, &format!("fidelity/{}", base_pool(plan).name())) {
+        s += &format!(
+            "\nThe generator's fidelity on the main synthetic pools (the judge, {n} seeds): \
+             background {}, colour {}, shape {} %; diversity {:.3} (real renders {:.3}).\n",
+            cell(f[0]),
+            cell(f[1]),
+            cell(f[2]),
+            f[3].mean,
+            f[4].mean
+        );
+    }
+    if !plan.guidances.is_empty() {
+        s += &format!("\n### 2. Guidance scale ({bm} images per caption)\n\n");
+        s += "| guidance | fidelity bg / colour / shape % | diversity (real) | method | \
+              colour kNN | colour linear | shape kNN | shape linear |\n\
+              |---|---|---|---|---|---|---|---|\n";
+        for &w in &plan.guidances {
+            let p = PoolKey {
+                guidance: w,
+                ..base_pool(plan)
+            };
+            let (fid, div) = match fidelity(records, &format!("fidelity/{}", p.name())) {
+                Some((f, _)) => (
+                    format!("{:.0} / {:.0} / {:.0}", f[0].mean, f[1].mean, f[2].mean),
+                    format!("{:.3} ({:.3})", f[3].mean, f[4].mean),
+                ),
+                None => ("-".into(), "-".into()),
+            };
+            for method in ["stablerep", "simclr"] {
+                if let Some((v, _)) = scores(records, &format!("guidance/{w}/{method}")) {
+                    s += &format!("| {w} | {fid} | {div} | {method} | {} |\n", cells(&v));
+                }
             }
         }
     }
-    s += &format!(
-        "\n### 3. Images per caption at {} generated images (guidance {bw}, StableRep)\n\n",
-        plan.budget
-    );
-    s += &format!("| m | captions | {SCORE_HEADER} |\n|---|---|---|---|---|---|\n");
-    for &m in &plan.images_per_caption {
-        if let Some((v, _)) = scores(records, &key("StableRep", bw, m)) {
-            s += &format!("| {m} | {} | {} |\n", plan.budget / m, cells(&v));
+    if !plan.images_per_caption.is_empty() {
+        s += &format!(
+            "\n### 3. Images per caption at {} generated images (guidance {bw}, StableRep)\n\n",
+            plan.budget
+        );
+        s += &format!("| m | captions | {SCORE_HEADER} |\n|---|---|---|---|---|---|\n");
+        for &m in &plan.images_per_caption {
+            if let Some((v, _)) = scores(records, &format!("m/{m}/stablerep")) {
+                s += &format!("| {m} | {} | {} |\n", plan.budget / m, cells(&v));
+            }
         }
     }
     s
 }
 
-/// The three plots: `main.png`, `guidance.png`, `images-per-caption.png`.
+/// The plots: `main.png`, and `guidance.png` and `images-per-caption.png` when the plan has
+/// those experiments.
 pub fn plots(plan: &Plan, records: &[Record]) -> Result<Vec<(String, Canvas)>> {
     let b = &plan.base;
     let (bw, bm) = (b.guidance, b.images_per_caption);
     let seeds = plan.seeds.len();
     let names = ["colour kNN", "colour linear", "shape kNN", "shape linear"];
-    let main_keys = [
-        key("StableRep", bw, bm),
-        key("SimCLR", bw, bm),
-        "simclr-real".to_string(),
-        "untrained".to_string(),
-    ];
-    let s: Vec<_> = main_keys.iter().map(|k| scores(records, k)).collect();
-    let main = bar_chart(&Chart {
-        title: format!(
-            "Held-out accuracy, mean and sd over {seeds} seeds ({} generated images)",
-            plan.budget
-        ),
-        categories: vec![
-            "StableRep synthetic".into(),
-            "SimCLR synthetic".into(),
-            "SimCLR real".into(),
-            "untrained".into(),
-        ],
-        x_label: format!("encoder (guidance {bw}, {bm} images per caption for synthetic)"),
-        y_label: "top-1 accuracy, % (chance: shape 8.3, colour 12.5)".into(),
-        y_range: (0.0, 100.0),
-        series: (0..4)
-            .map(|i| Series {
-                name: names[i].into(),
-                values: s.iter().map(|v| v.map(|v| v.0[i])).collect(),
-            })
-            .collect(),
-    })?;
-    let mut guidance_series = Vec::new();
-    for (probe, i) in [("colour linear", 1), ("colour kNN", 0)] {
-        for method in ["StableRep", "SimCLR"] {
-            guidance_series.push(Series {
-                name: format!("{method} {probe}"),
-                values: plan
-                    .guidances
-                    .iter()
-                    .map(|&w| scores(records, &key(method, w, bm)).map(|v| v.0[i]))
-                    .collect(),
-            });
-        }
-    }
-    let guidance = line_chart(&Chart {
-        title: format!("Guidance scale of the synthetic pool ({bm} images per caption)"),
-        categories: plan.guidances.iter().map(|w| format!("{w}")).collect(),
-        x_label: "guidance scale w".into(),
-        y_label: "top-1 accuracy on colour, %".into(),
-        y_range: (0.0, 100.0),
-        series: guidance_series,
-    })?;
-    let per: Vec<_> = plan
-        .images_per_caption
+    let s: Vec<_> = super::demo::ARMS
         .iter()
-        .map(|&m| scores(records, &key("StableRep", bw, m)))
+        .map(|k| scores(records, &format!("main/{k}")))
         .collect();
-    let images = line_chart(&Chart {
-        title: format!(
-            "StableRep: images per caption at {} generated images",
-            plan.budget
-        ),
-        categories: plan
+    let mut out = vec![(
+        "main.png".to_string(),
+        bar_chart(&Chart {
+            title: format!("Held-out accuracy, mean and sd over {seeds} seeds"),
+            categories: super::demo::ARMS.iter().map(|s| s.to_string()).collect(),
+            x_label: format!("arm (guidance {bw}, {bm} images per caption)"),
+            y_label: "top-1 accuracy, %".into(),
+            y_range: (0.0, 100.0),
+            series: (0..4)
+                .map(|i| Series {
+                    name: names[i].into(),
+                    values: s.iter().map(|v| v.map(|v| v.0[i])).collect(),
+                })
+                .collect(),
+        })?,
+    )];
+    if !plan.guidances.is_empty() {
+        let mut series = Vec::new();
+        for (probe, i) in [("shape kNN", 2), ("colour kNN", 0)] {
+            for method in ["stablerep", "simclr"] {
+                series.push(Series {
+                    name: format!("{method} {probe}"),
+                    values: plan
+                        .guidances
+                        .iter()
+                        .map(|&w| {
+                            scores(records, &format!("guidance/{w}/{method}")).map(|v| v.0[i])
+                        })
+                        .collect(),
+                });
+            }
+        }
+        series.push(Series {
+            name: "fidelity: shape".into(),
+            values: plan
+                .guidances
+                .iter()
+                .map(|&w| {
+                    let p = PoolKey {
+                        guidance: w,
+                        ..base_pool(plan)
+                    };
+                    fidelity(records, &format!("fidelity/{}", p.name())).map(|f| f.0[2])
+                })
+                .collect(),
+        });
+        out.push((
+            "guidance.png".into(),
+            line_chart(&Chart {
+                title: format!("Guidance scale of the synthetic pool ({bm} images per caption)"),
+                categories: plan.guidances.iter().map(|w| format!("{w}")).collect(),
+                x_label: "guidance scale w".into(),
+                y_label: "%".into(),
+                y_range: (0.0, 100.0),
+                series,
+            })?,
+        ));
+    }
+    if !plan.images_per_caption.is_empty() {
+        let per: Vec<_> = plan
             .images_per_caption
             .iter()
-            .map(|m| format!("{m} ({} capt.)", plan.budget / m))
-            .collect(),
-        x_label: "images per caption m (captions)".into(),
-        y_label: "top-1 accuracy, %".into(),
-        y_range: (0.0, 100.0),
-        series: [1, 0, 3, 2]
-            .iter()
-            .map(|&i| Series {
-                name: names[i].into(),
-                values: per.iter().map(|v| v.map(|v| v.0[i])).collect(),
-            })
-            .collect(),
-    })?;
-    Ok(vec![
-        ("main.png".into(), main),
-        ("guidance.png".into(), guidance),
-        ("images-per-caption.png".into(), images),
-    ])
+            .map(|&m| scores(records, &format!("m/{m}/stablerep")))
+            .collect();
+        out.push((
+            "images-per-caption.png".into(),
+            line_chart(&Chart {
+                title: format!(
+                    "StableRep: images per caption at {} generated images",
+                    plan.budget
+                ),
+                categories: plan
+                    .images_per_caption
+                    .iter()
+                    .map(|m| format!("{m} ({} capt.)", plan.budget / m))
+                    .collect(),
+                x_label: "images per caption m (captions)".into(),
+                y_label: "top-1 accuracy, %".into(),
+                y_range: (0.0, 100.0),
+                series: [1, 0, 3, 2]
+                    .iter()
+                    .map(|&i| Series {
+                        name: names[i].into(),
+                        values: per.iter().map(|v| v.map(|v| v.0[i])).collect(),
+                    })
+                    .collect(),
+            })?,
+        ));
+    }
+    Ok(out)
 }

@@ -5,25 +5,40 @@
 use std::path::Path;
 
 use super::render::render;
-use super::{layout_rng, Description, Scene, COLOURS, SHAPES};
+use super::{layout_rng, Description, Labels, Scene, COLOURS, GROUNDS, SHAPES};
 use crate::data::{csv, pool};
 use crate::error::{Error, Result};
 
 /// Which label names the folders of a labelled export.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LabelKind {
     /// The main object's shape (12 classes).
     Shape,
     /// The main object's colour (8 classes).
     Colour,
+    /// The background colour (5 classes).
+    Ground,
+}
+
+impl LabelKind {
+    /// The class name of `labels` under this kind.
+    pub fn class(self, labels: &Labels) -> &'static str {
+        match self {
+            LabelKind::Shape => SHAPES[labels.shape],
+            LabelKind::Colour => COLOURS[labels.colour].0,
+            LabelKind::Ground => GROUNDS[labels.ground].0,
+        }
+    }
+}
+
+/// The layout of image `k` of caption `c` (index in its list) under `seed`.
+pub fn scene_of(d: &Description, c: usize, k: usize, seed: u64) -> Scene {
+    Scene::layout(d, &mut layout_rng(seed, c as u64, k as u64))
 }
 
 /// The render of image `k` of caption `c` (index in its list) under `seed`.
 pub fn render_caption(d: &Description, c: usize, k: usize, size: usize, seed: u64) -> Vec<f32> {
-    render(
-        &Scene::layout(d, &mut layout_rng(seed, c as u64, k as u64)),
-        size,
-    )
+    render(&scene_of(d, c, k, seed), size)
 }
 
 /// Writes `descriptions` as a pool in `dir`: `captions.csv` and `seed_j/...` for `per_caption`
@@ -72,12 +87,9 @@ pub fn write_labelled(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<()> {
     for (c, d) in descriptions.iter().enumerate() {
-        let l = d.labels();
-        let name = match kind {
-            LabelKind::Shape => SHAPES[l.shape],
-            LabelKind::Colour => COLOURS[l.colour].0,
-        };
-        let img = render_caption(d, c, 0, size, seed);
+        let scene = scene_of(d, c, 0, seed);
+        let name = kind.class(&scene.labels());
+        let img = render(&scene, size);
         pool::save_rgb(
             &dir.join(name).join(format!("{c:06}.png")),
             size,

@@ -10,7 +10,9 @@
 pub mod demo;
 pub mod experiments;
 pub mod export;
+pub mod judge;
 pub mod render;
+pub mod supervised;
 pub mod train_sd;
 
 use crate::data::sampler::Rng;
@@ -117,6 +119,97 @@ pub struct Object {
     pub fill: Fill,
 }
 
+/// Which world a description belongs to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum World {
+    /// The full world: one or two objects of 12 shapes, 8 colours, 2 sizes and 3 fills on
+    /// plain, gradient or checkered grounds, and captions that name all of it.
+    #[default]
+    Full,
+    /// The demo's world: one large solid object of 6 shapes and 6 colours on a plain or
+    /// gradient ground, and usually a small distractor. Captions name the large object ("a
+    /// red star") and, half of the time, the background colour; everything they leave out
+    /// (the distractor, the background when unnamed, the pattern, size, position, rotation)
+    /// changes from render to render, as real captions underspecify their photos. That is
+    /// where StableRep's positives teach more than crops.
+    Simple,
+}
+
+/// The simple world's shapes (indices into [`SHAPES`]): circle, square, triangle, star,
+/// cross, heart.
+pub const SIMPLE_SHAPES: [usize; 6] = [0, 1, 2, 3, 5, 8];
+/// The simple world's colours (indices into [`COLOURS`]): red, green, blue, yellow, purple,
+/// white.
+pub const SIMPLE_COLOURS: [usize; 6] = [0, 1, 2, 3, 4, 6];
+
+impl World {
+    /// "full" or "simple".
+    pub fn name(self) -> &'static str {
+        match self {
+            World::Full => "full",
+            World::Simple => "simple",
+        }
+    }
+
+    /// Parses [`World::name`].
+    pub fn parse(s: &str) -> Option<World> {
+        match s {
+            "full" => Some(World::Full),
+            "simple" => Some(World::Simple),
+            _ => None,
+        }
+    }
+
+    /// The shapes that occur (indices into [`SHAPES`]).
+    pub fn shapes(self) -> Vec<usize> {
+        match self {
+            World::Full => (0..SHAPES.len()).collect(),
+            World::Simple => SIMPLE_SHAPES.to_vec(),
+        }
+    }
+
+    /// The main object's colours that occur (indices into [`COLOURS`]).
+    pub fn colours(self) -> Vec<usize> {
+        match self {
+            World::Full => (0..COLOURS.len()).collect(),
+            World::Simple => SIMPLE_COLOURS.to_vec(),
+        }
+    }
+
+    /// How many distinct captions the world has (the full world: effectively unbounded).
+    pub fn distinct_captions(self) -> usize {
+        match self {
+            World::Full => usize::MAX,
+            World::Simple => SIMPLE_SHAPES.len() * SIMPLE_COLOURS.len() * (1 + GROUNDS.len()),
+        }
+    }
+
+    /// `count` descriptions of this world under `seed`, drawn independently: the full
+    /// world's repeat only by chance; the simple world's name a uniform shape and colour and,
+    /// with probability 1/2, a uniform background, so the same caption can occur more than
+    /// once (as in real caption sets).
+    pub fn descriptions(self, count: usize, seed: u64) -> Vec<Description> {
+        match self {
+            World::Full => descriptions(count, seed),
+            World::Simple => {
+                let mut rng = Rng(seed ^ 0x51_3B1E);
+                let grounds = 1 + GROUNDS.len();
+                (0..count)
+                    .map(|_| {
+                        let object = rng.below(SIMPLE_SHAPES.len() * SIMPLE_COLOURS.len());
+                        let g = if rng.unit() < 0.5 {
+                            0
+                        } else {
+                            1 + rng.below(GROUNDS.len())
+                        };
+                        Description::simple(object * grounds + g)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 /// What a caption says: the content of a scene, without its layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Description {
@@ -128,6 +221,11 @@ pub struct Description {
     pub ground: usize,
     /// Background pattern.
     pub pattern: Ground,
+    /// The world it belongs to (what the caption names and what each render re-draws).
+    pub world: World,
+    /// Whether the caption names the background (always in the full world). When it does
+    /// not, every render draws its own background colour and pattern.
+    pub names_ground: bool,
 }
 
 /// Labels for evaluation.
@@ -137,6 +235,8 @@ pub struct Labels {
     pub shape: usize,
     /// The main object's colour (index into [`COLOURS`]).
     pub colour: usize,
+    /// The background colour (index into [`GROUNDS`]).
+    pub ground: usize,
 }
 
 fn pick<T: Copy>(rng: &mut Rng, items: &[T]) -> T {
@@ -206,11 +306,46 @@ impl Description {
             other,
             ground,
             pattern,
+            world: World::Full,
+            names_ground: true,
+        }
+    }
+
+    /// Simple-world caption number `k` (of [`World::distinct_captions`]): shape, colour, then
+    /// no background or one of the backgrounds. The ground and size stored here are the
+    /// first render's defaults; [`Scene::layout`] draws what the caption leaves out.
+    pub fn simple(k: usize) -> Description {
+        let grounds = 1 + GROUNDS.len();
+        let g = k % grounds;
+        let colour = SIMPLE_COLOURS[(k / grounds) % SIMPLE_COLOURS.len()];
+        let shape = SIMPLE_SHAPES[(k / grounds / SIMPLE_COLOURS.len()) % SIMPLE_SHAPES.len()];
+        Description {
+            main: Object {
+                shape,
+                colour,
+                size: Size::Large,
+                fill: Fill::Solid,
+            },
+            other: None,
+            ground: g.saturating_sub(1),
+            pattern: Ground::Plain,
+            world: World::Simple,
+            names_ground: g > 0,
         }
     }
 
     /// The caption.
     pub fn caption(&self) -> String {
+        if self.world == World::Simple {
+            let mut s = format!(
+                "a {} {}",
+                COLOURS[self.main.colour].0, SHAPES[self.main.shape]
+            );
+            if self.names_ground {
+                s += &format!(" on a {} background", GROUNDS[self.ground].0);
+            }
+            return s;
+        }
         let mut s = self.main.phrase();
         if let Some((rel, o)) = &self.other {
             s += &format!(" {} {}", rel.words(), o.phrase());
@@ -223,11 +358,13 @@ impl Description {
         s + &format!(" on a {pattern}{} background", GROUNDS[self.ground].0)
     }
 
-    /// Evaluation labels.
+    /// Evaluation labels (the background is the description's; a render's own is
+    /// [`Scene::labels`]).
     pub fn labels(&self) -> Labels {
         Labels {
             shape: self.main.shape,
             colour: self.main.colour,
+            ground: self.ground,
         }
     }
 }
@@ -274,6 +411,9 @@ impl Scene {
     /// The main object's relation to the other always holds: each takes its half of the image
     /// (with a gap between), so their centres are at least 0.28 apart along that direction.
     pub fn layout(d: &Description, rng: &mut Rng) -> Scene {
+        if d.world == World::Simple {
+            return Scene::layout_simple(d, rng);
+        }
         let place = |object: Object, lo: [f32; 2], hi: [f32; 2], rng: &mut Rng| {
             let r = radius(object.size, rng);
             // The centre keeps 0.85 r from the region's edges (the middle when it cannot).
@@ -316,6 +456,74 @@ impl Scene {
         }
     }
 
+    /// A simple-world layout: the background (colour, when the caption leaves it out, and
+    /// pattern) drawn anew, then the named object (radius 0.22 - 0.32) anywhere it fits,
+    /// rotated by up to 0.4 radians either way, and, in 3 of 4 renders, a small unnamed
+    /// distractor (radius 0.10 - 0.14, any simple shape and colour) beside it. Captions never
+    /// mention the distractor, as real captions leave out what is not the point.
+    fn layout_simple(d: &Description, rng: &mut Rng) -> Scene {
+        let mut description = d.clone();
+        if !d.names_ground {
+            description.ground = rng.below(GROUNDS.len());
+        }
+        description.pattern = pick(rng, &[Ground::Plain, Ground::Gradient]);
+        let place = |r: f32, rng: &mut Rng| {
+            let lo = r * 0.85;
+            let span = 1.0 - 2.0 * lo;
+            (lo + span * rng.unit() as f32, lo + span * rng.unit() as f32)
+        };
+        let r = 0.22 + 0.10 * rng.unit() as f32;
+        let (x, y) = place(r, rng);
+        let main = Placed {
+            object: d.main,
+            x,
+            y,
+            r,
+            angle: (rng.unit() as f32 - 0.5) * 0.8,
+            phase: 0.0,
+        };
+        let mut objects = Vec::new();
+        if rng.unit() < 0.75 {
+            let object = Object {
+                shape: SIMPLE_SHAPES[rng.below(SIMPLE_SHAPES.len())],
+                colour: SIMPLE_COLOURS[rng.below(SIMPLE_COLOURS.len())],
+                size: Size::Small,
+                fill: Fill::Solid,
+            };
+            let rd = 0.10 + 0.04 * rng.unit() as f32;
+            // The spot farthest from the named object among a few tries, so the two rarely
+            // overlap.
+            let mut best = place(rd, rng);
+            for _ in 0..7 {
+                let p = place(rd, rng);
+                let dist = |q: (f32, f32)| (q.0 - x).powi(2) + (q.1 - y).powi(2);
+                if dist(p) > dist(best) {
+                    best = p;
+                }
+            }
+            objects.push(Placed {
+                object,
+                x: best.0,
+                y: best.1,
+                r: rd,
+                angle: (rng.unit() as f32 - 0.5) * 0.8,
+                phase: 0.0,
+            });
+        }
+        objects.push(main);
+        Scene {
+            objects,
+            description,
+            ground_phase: rng.unit() as f32,
+        }
+    }
+
+    /// The labels of this render (its own background, which an underspecified caption does
+    /// not fix).
+    pub fn labels(&self) -> Labels {
+        self.description.labels()
+    }
+
     /// The main object (drawn last).
     pub fn main(&self) -> &Placed {
         self.objects.last().expect("a scene has an object")
@@ -343,18 +551,24 @@ pub const BUILTIN_MODEL: &str = "world-sd";
 /// else `assets/world-sd` next to the executable or up to three folders above it (a cargo
 /// build's `target/release/`), else the source tree's `assets/world-sd`.
 pub fn builtin_model() -> crate::error::Result<std::path::PathBuf> {
+    builtin_asset(BUILTIN_MODEL, "model_index.json")
+}
+
+/// The folder `assets/<name>` that holds `marker`, looked for in `$STABLEREP_ASSETS`, next
+/// to the executable and up to three folders above it, then in the source tree.
+pub fn builtin_asset(name: &str, marker: &str) -> crate::error::Result<std::path::PathBuf> {
     let mut tried = Vec::new();
     if let Some(dir) = std::env::var_os("STABLEREP_ASSETS") {
-        let p = std::path::PathBuf::from(dir).join(BUILTIN_MODEL);
-        if p.join("model_index.json").is_file() {
+        let p = std::path::PathBuf::from(dir).join(name);
+        if p.join(marker).is_file() {
             return Ok(p);
         }
         tried.push(p);
     }
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1).take(4) {
-            let p = dir.join("assets").join(BUILTIN_MODEL);
-            if p.join("model_index.json").is_file() {
+            let p = dir.join("assets").join(name);
+            if p.join(marker).is_file() {
                 return Ok(p);
             }
             tried.push(p);
@@ -362,8 +576,8 @@ pub fn builtin_model() -> crate::error::Result<std::path::PathBuf> {
     }
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("assets")
-        .join(BUILTIN_MODEL);
-    if p.join("model_index.json").is_file() {
+        .join(name);
+    if p.join(marker).is_file() {
         return Ok(p);
     }
     tried.push(p);
@@ -375,8 +589,8 @@ pub fn builtin_model() -> crate::error::Result<std::path::PathBuf> {
         }
     }
     Err(crate::error::Error::Config(format!(
-        "the built-in model (assets/{BUILTIN_MODEL}) was not found; looked in: {}. Set \
-         STABLEREP_ASSETS to the folder holding {BUILTIN_MODEL}/, or pass --model",
+        "the built-in assets/{name} ({marker}) was not found; looked in: {}. Set \
+         STABLEREP_ASSETS to the folder holding {name}/, or pass the path explicitly",
         list.join(", ")
     )))
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::export::render_caption;
-use super::{descriptions, Description};
+use super::{Description, World};
 use crate::data::sampler::Rng;
 use crate::diffusion::blocks::timestep_features;
 use crate::diffusion::schedule::{SchedulerConfig, Tables};
@@ -49,9 +49,11 @@ pub struct Stage {
 pub struct Recipe {
     /// The model's sizes (its scaling factor is measured in stage 1).
     pub spec: SmallSd,
+    /// The world the model draws.
+    pub world: World,
     /// Seed of the caption set.
     pub world_seed: u64,
-    /// Captions trained on (the first of `descriptions(captions, world_seed)`).
+    /// Captions trained on (the first of `world.descriptions(captions, world_seed)`).
     pub captions: usize,
     /// Stage 1.
     pub vae: Stage,
@@ -68,17 +70,18 @@ pub struct Recipe {
 }
 
 impl Recipe {
-    /// The built-in model's recipe: 32 x 32 images, a 3-level VAE (latents 4 x 8 x 8), a
-    /// 2-level UNet with cross-attention on both levels and in the middle, a 2-layer text
-    /// encoder of width 64 over CLIP's vocabulary with 32 positions (the world's captions
-    /// take at most 23 tokens). Sized for software adapters.
+    /// The built-in model's recipe, for the simple world: 32 x 32 images, a 2-level VAE
+    /// (latents 4 x 16 x 16: shapes survive a 2x downscale that an 8 x 8 latent blurred), a
+    /// 2-level UNet of 16 and 32 channels with cross-attention on both levels and in the
+    /// middle, a 2-layer text encoder of width 64 over CLIP's vocabulary with 16 positions
+    /// (the simple world's captions take at most 11 tokens). Sized for software adapters.
     pub fn builtin() -> Recipe {
         Recipe {
             spec: SmallSd {
                 image_size: 32,
-                vae_channels: vec![16, 32, 32],
+                vae_channels: vec![16, 32],
                 latent_channels: 4,
-                unet_channels: vec![32, 64],
+                unet_channels: vec![16, 32],
                 unet_attention: vec![true, true],
                 unet_heads: 2,
                 layers_per_block: 1,
@@ -86,23 +89,24 @@ impl Recipe {
                 text_width: 64,
                 text_layers: 2,
                 text_heads: 4,
-                text_context: 32,
+                text_context: 16,
                 scaling_factor: 1.0,
             },
+            world: World::Simple,
             world_seed: 0,
             captions: 50_000,
             vae: Stage {
-                steps: 1200,
+                steps: 600,
                 batch: 16,
                 lr: 1e-3,
-                warmup: 100,
+                warmup: 60,
             },
             kl_weight: 1e-4,
             denoiser: Stage {
-                steps: 2000,
+                steps: 800,
                 batch: 32,
-                lr: 5e-4,
-                warmup: 200,
+                lr: 7e-4,
+                warmup: 80,
             },
             caption_dropout: 0.1,
             checkpoint_every: 100,
@@ -252,7 +256,7 @@ pub fn train(
         path: out.display().to_string(),
         source: e,
     })?;
-    let world = descriptions(r.captions, r.world_seed);
+    let world = r.world.descriptions(r.captions, r.world_seed);
     let (ucfg, vcfg, tcfg) = r.spec.parsed()?;
     let size = r.spec.image_size;
     let lat = size / vcfg.downscale();

@@ -282,6 +282,7 @@ pub fn settings(
         weight_decay: 0.05,
         temperature: 0.1,
         augment: true,
+        augment_config: None,
         simclr: false,
         seed: 7,
         checkpoint_every: 5,
