@@ -770,7 +770,7 @@ fn fidelity_refuses_bad_settings_before_any_gpu_work() {
     };
     let e = run(&["--captions", "0"]);
     assert!(e.contains("at least 1 caption"), "{e}");
-    let e = run(&["--guidance", "-1"]);
+    let e = run(&["--guidance=-1"]);
     assert!(e.contains("--guidance"), "{e}");
     let e = run(&["--model", dir.join("no-model").to_str().unwrap()]);
     assert!(e.contains("no-model"), "{e}");

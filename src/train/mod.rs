@@ -38,6 +38,28 @@ impl MetricsLog {
         Ok(MetricsLog { file, path })
     }
 
+    /// Opens the log of a run resuming at `step`: lines logged after that step (by a run
+    /// that stopped before its next checkpoint) are dropped first, so each step is logged once.
+    pub fn resume_at(out: &Path, step: u64) -> Result<MetricsLog> {
+        let path = out.join("metrics.jsonl");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let keep: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                        .is_none_or(|s| s <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if keep.len() != text.len() {
+                crate::nn::checkpoint::write_atomic(&path, keep.as_bytes())?;
+            }
+        }
+        MetricsLog::open(out)
+    }
+
     /// Appends one line.
     pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
         writeln!(self.file, "{v}").map_err(|e| Error::Io {

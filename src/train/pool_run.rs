@@ -232,7 +232,7 @@ pub fn run(
             }
         }
     });
-    let mut metrics = super::MetricsLog::open(&r.out)?;
+    let mut metrics = super::MetricsLog::resume_at(&r.out, start)?;
     let config = serde_json::json!({ "model": model, "run": r });
     let aug_params = step
         .aug_params

@@ -47,7 +47,7 @@ pub fn recipe() -> SupervisedRun {
             channels: vec![32, 64, 96, 128],
         }),
         batch: 64,
-        steps: 1500,
+        steps: 900,
         lr: 2e-3,
         weight_decay: 0.05,
         augment: AugmentConfig {

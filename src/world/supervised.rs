@@ -385,7 +385,7 @@ pub fn run(
         }),
         Encoder::Cnn(_) => serde_json::json!({ "supervised": r }),
     };
-    let mut metrics = MetricsLog::open(out)?;
+    let mut metrics = MetricsLog::resume_at(out, start)?;
     let mut losses = Vec::new();
     for t in start..r.steps {
         if cancel() {
