@@ -8,7 +8,7 @@
 //!
 //! `--main-only` skips the guidance and images-per-caption sweeps; `--oracle-only` also the
 //! synthetic arms (no text-to-image model needed). `--demo-encoder` trains the full demo's
-//! encoder for its steps (default: the `--quick` demo's, cheaper for the sweeps).
+//! encoder for 400 steps (default: the `--quick` demo's, cheaper for the sweeps).
 //!
 //! The model defaults to the built-in one (assets/world-sd).
 
@@ -67,7 +67,7 @@ fn go() -> stablerep::Result<()> {
     if demo_encoder {
         let full = stablerep::world::demo::DemoConfig::new(model);
         (plan.base.vit, plan.base.head) = (full.vit, full.head);
-        plan.base.train_steps = full.train_steps;
+        plan.base.train_steps = 400;
     }
     for (name, v) in numbers {
         match name.as_str() {

@@ -332,3 +332,38 @@ fn builtin_model_button_sets_forms_that_suit_it() {
         assert!(stablerep::diffusion::sampler::Kind::parse(&sampling.sampler, 0.0).is_ok());
     }
 }
+
+#[test]
+fn mini_world_buttons_fill_the_pool_train_and_evaluate_forms() {
+    use stablerep::app::miniworld::{use_world_captions, use_world_eval_sets, CAPTIONS};
+    use stablerep::app::settings::Settings;
+    let dir = std::env::temp_dir().join(format!("stablerep-miniworld-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut s = Settings::default();
+    s.pool.out = dir.join("pool").display().to_string();
+    let model = stablerep::world::builtin_model().unwrap();
+    let file = use_world_captions(&mut s, &model).unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), CAPTIONS);
+    assert!(lines.iter().all(|l| l.starts_with("a ")), "{lines:?}");
+    assert_eq!(s.pool.captions, file.display().to_string());
+    assert_eq!(s.model, model.display().to_string());
+    assert_eq!((s.pool.images, s.pool.sampling.size), (4, 32));
+    assert_eq!(s.train.pool, s.pool.out);
+    assert_eq!((s.train.img_size, s.train.images), (32, 4));
+    let (train, test) = use_world_eval_sets(&mut s).unwrap();
+    for d in [&train, &test] {
+        let classes = std::fs::read_dir(d).unwrap().count();
+        assert_eq!(classes, 6, "{} has a folder per shape", d.display());
+    }
+    assert_eq!(s.evaluate.test, test.display().to_string());
+    assert!(s
+        .evaluate
+        .checkpoint
+        .ends_with("checkpoint-last.safetensors"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -85,7 +85,8 @@ impl Plan {
                 )));
             }
         }
-        if !self.synthetic && !(self.guidances.is_empty() && self.images_per_caption.is_empty()) {
+        let sweeps = !(self.guidances.is_empty() && self.images_per_caption.is_empty());
+        if !self.synthetic && sweeps {
             return Err(Error::Config(
                 "the guidance and images-per-caption sweeps need the synthetic pools".into(),
             ));
@@ -522,7 +523,13 @@ pub fn plots(plan: &Plan, records: &[Record]) -> Result<Vec<(String, Canvas)>> {
     let (bw, bm) = (b.guidance, b.images_per_caption);
     let seeds = plan.seeds.len();
     let names = ["colour kNN", "colour linear", "shape kNN", "shape linear"];
-    let s: Vec<_> = super::demo::ARMS
+    // The arms that have results (an oracle-only plan has no synthetic ones).
+    let present: Vec<&str> = super::demo::ARMS
+        .iter()
+        .copied()
+        .filter(|k| scores(records, &format!("main/{k}")).is_some())
+        .collect();
+    let s: Vec<_> = present
         .iter()
         .map(|k| scores(records, &format!("main/{k}")))
         .collect();
@@ -530,8 +537,10 @@ pub fn plots(plan: &Plan, records: &[Record]) -> Result<Vec<(String, Canvas)>> {
         "main.png".to_string(),
         bar_chart(&Chart {
             title: format!("Held-out accuracy, mean and sd over {seeds} seeds"),
-            categories: super::demo::ARMS.iter().map(|s| s.to_string()).collect(),
-            x_label: format!("arm (guidance {bw}, {bm} images per caption)"),
+            categories: present.iter().map(|s| super::demo::short(s)).collect(),
+            x_label: format!(
+                "arm (SR StableRep, SC SimCLR; guidance {bw}, {bm} images per caption)"
+            ),
             y_label: "top-1 accuracy, %".into(),
             y_range: (0.0, 100.0),
             series: (0..4)

@@ -313,11 +313,9 @@ pub fn check(r: &SupervisedRun) -> Result<()> {
 }
 
 /// One batch: rendered images [B, 3, S, S], augmentation parameters and labels per head.
-fn batch(
-    r: &SupervisedRun,
-    world: &[Description],
-    t: u64,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<Vec<u32>>)> {
+type Batch = (Vec<f32>, Vec<f32>, Vec<Vec<u32>>);
+
+fn batch(r: &SupervisedRun, world: &[Description], t: u64) -> Result<Batch> {
     let s = r.encoder.img_size();
     let mut rng = Rng(r.seed ^ 0x5_0BE7 ^ t.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut images = Vec::with_capacity(r.batch * 3 * s * s);
