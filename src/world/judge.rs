@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::export::{render_caption, LabelKind};
-use super::supervised::{class_of, classes, heads_graph, Encoder, SupervisedRun};
+use super::supervised::{class_of, heads_graph, Encoder, SupervisedRun};
 use super::World;
 use crate::data::augment::AugmentConfig;
 use crate::diffusion::model::{GenerateOptions, Generator, SdModel};
@@ -449,13 +449,5 @@ pub fn accuracy(judge: &Judge, count: usize, seed: u64) -> Result<Vec<(LabelKind
             }
             Ok((kind, hits as f64 / count.max(1) as f64))
         })
-        .collect()
-}
-
-/// Number of classes of each head of `run` (for reports).
-pub fn head_classes(run: &SupervisedRun) -> Vec<usize> {
-    run.heads
-        .iter()
-        .map(|&k| classes(run.world, k).len())
         .collect()
 }
