@@ -338,12 +338,13 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "full")]
         world: WorldKind,
     },
-    /// The StableRep experiment in miniature on the built-in mini-world: generate a synthetic
-    /// pool with the built-in text-to-image model, train StableRep and SimCLR on it and SimCLR
-    /// on real renders of the same captions (same views and steps), score each on held-out
-    /// real renders (kNN and linear probe), print a table and write a plot. About 10 minutes
-    /// on 2 CPU cores (software adapter); --quick about 2. Resumes when run again with the
-    /// same --out.
+    /// The StableRep experiment in miniature on the mini-world's simple world: render an
+    /// oracle pool (fresh renders per caption) and a real pool, generate a synthetic pool with
+    /// the built-in model and measure its fidelity with the judge, train seven arms at equal
+    /// views and steps (supervised; StableRep and SimCLR on oracle and synthetic images; SimCLR
+    /// on real renders; untrained), score each on held-out real renders (kNN and linear
+    /// probe), print a table and write results.json and plots. About 11 minutes on 2 CPU cores
+    /// (software adapter); --quick about 2. Resumes when run again with the same --out.
     Demo {
         /// The small run (about 2 minutes on 2 CPU cores).
         #[arg(long)]
