@@ -467,7 +467,7 @@ pub fn train_arm(
     } else {
         format!("training {}", arm.name)
     };
-    let final_loss = if arm.method == "supervised" {
+    let losses = if arm.method == "supervised" {
         let r = supervised_run(c, arm);
         let steps = r.steps;
         let losses = supervised::run(
@@ -483,10 +483,7 @@ pub fn train_arm(
             },
             &|| false,
         )?;
-        match losses.last() {
-            Some(&(_, l)) => l,
-            None => read_final_loss(run_dir)?,
-        }
+        losses
     } else {
         let stablerep = arm.method == "StableRep" && arm.images_per_caption >= 2;
         let (n, m) = if stablerep {
@@ -548,10 +545,12 @@ pub fn train_arm(
             },
             &|| false,
         )?;
-        match losses.last() {
-            Some(&(_, l)) => l,
-            None => read_final_loss(run_dir)?,
-        }
+        losses
+    };
+    // A run that was already finished logs nothing new: read its last loss back.
+    let final_loss = match losses.last() {
+        Some(&(_, l)) => l,
+        None => read_final_loss(run_dir)?,
     };
     let ck = run_dir.join("checkpoint-last.safetensors");
     let stage = format!("evaluating {}", arm.name);
