@@ -470,7 +470,7 @@ pub fn train_arm(
     let losses = if arm.method == "supervised" {
         let r = supervised_run(c, arm);
         let steps = r.steps;
-        let losses = supervised::run(
+        supervised::run(
             gpu,
             &r,
             run_dir,
@@ -482,8 +482,7 @@ pub fn train_arm(
                 })
             },
             &|| false,
-        )?;
-        losses
+        )?
     } else {
         let stablerep = arm.method == "StableRep" && arm.images_per_caption >= 2;
         let (n, m) = if stablerep {
@@ -533,7 +532,7 @@ pub fn train_arm(
             labelled_folder: false,
             source_size: None,
         };
-        let losses = pool_run::run(
+        pool_run::run(
             gpu,
             &r,
             |step, _, _| {
@@ -544,8 +543,7 @@ pub fn train_arm(
                 })
             },
             &|| false,
-        )?;
-        losses
+        )?
     };
     // A run that was already finished logs nothing new: read its last loss back.
     let final_loss = match losses.last() {
