@@ -1,5 +1,7 @@
 // Embedding backward without atomics: dtable[v, c] = sum of dy[i, c] over all i with
-// idx[i] == v, one invocation per table element.
+// idx[i] == v, one invocation per table element. One dispatch reads positions j0..n; more
+// positions than a chunk run as several dispatches adding to the table (`accumulate`), so no
+// invocation loops past llvmpipe's 65,535 iterations.
 
 struct Params {
     n: u32,
@@ -8,8 +10,8 @@ struct Params {
     off_i: u32,
     off_dy: u32,
     off_y: u32,
-    _p0: u32,
-    _p1: u32,
+    j0: u32,
+    accumulate: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -24,8 +26,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let v = i / p.dim;
     let c = i % p.dim;
     var acc = 0.0;
-    for (var j = 0u; j < p.n; j++) {
+    for (var j = p.j0; j < p.n; j++) {
         if (min(idx[p.off_i + j], p.vocab - 1u) == v) { acc += dys[p.off_dy + j * p.dim + c]; }
     }
-    ys[p.off_y + i] = acc;
+    if (p.accumulate != 0u) {
+        ys[p.off_y + i] = ys[p.off_y + i] + acc;
+    } else {
+        ys[p.off_y + i] = acc;
+    }
 }

@@ -1,6 +1,10 @@
 // Reduction along one axis of a tensor viewed as [outer, len, inner]: one invocation per
 // output element (<TY> f32), or per 4 adjacent outputs (<TY> vec4<f32>: inner and offsets then
-// count vec4s). <INIT>, <STEP> (acc, v) and <FINISH> (acc, p.len) define the op.
+// count vec4s). <INIT>, <STEP> (acc, v) and <FINISH> (acc, p.len) define the op, <COMBINE>
+// (old, r) merges a chunk's result into what earlier chunks wrote. One dispatch covers the
+// chunk t0..t1 of the axis; a long axis runs as several dispatches (the first with
+// `accumulate` 0), so no invocation loops more than a chunk (llvmpipe ends loops after
+// 65,535 iterations).
 
 struct Params {
     outer: u32,
@@ -8,9 +12,9 @@ struct Params {
     inner: u32,
     off_x: u32,
     off_y: u32,
-    _p0: u32,
-    _p1: u32,
-    _p2: u32,
+    t0: u32,
+    t1: u32,
+    accumulate: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -25,9 +29,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let j = i % p.inner;
     let base = p.off_x + o * p.len * p.inner + j;
     var acc = {{INIT}};
-    for (var t = 0u; t < p.len; t++) {
+    for (var t = p.t0; t < p.t1; t++) {
         let v = xs[base + t * p.inner];
         acc = {{STEP}};
     }
-    ys[p.off_y + i] = {{FINISH}};
+    let r = {{FINISH}};
+    if (p.accumulate != 0u) {
+        let old = ys[p.off_y + i];
+        ys[p.off_y + i] = {{COMBINE}};
+    } else {
+        ys[p.off_y + i] = r;
+    }
 }

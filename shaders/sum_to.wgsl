@@ -2,17 +2,19 @@
 // output element adds every input element that broadcast to it. The uniform gives the output
 // dims with their input strides, and the reduced dims with theirs. <TY> is vec4<f32> when the
 // innermost output dim is contiguous in the input and everything is vec4-aligned (then all
-// counts, strides and offsets are in vec4s).
+// counts, strides and offsets are in vec4s). One dispatch sums the reduced indices
+// r0..r1; a long reduction runs as several dispatches, each adding to what the previous
+// ones wrote (`accumulate`), so no invocation loops past llvmpipe's 65,535 iterations.
 
 struct Params {
     n: u32,
     rank_out: u32,
     rank_red: u32,
-    count_red: u32,
+    r1: u32,
     off_x: u32,
     off_y: u32,
-    _p0: u32,
-    _p1: u32,
+    r0: u32,
+    accumulate: u32,
     out_shape: array<vec4<u32>, 2>,
     out_stride: array<vec4<u32>, 2>,
     red_shape: array<vec4<u32>, 2>,
@@ -35,7 +37,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         rem = rem / dim;
     }
     var acc = {{TY}}(0.0);
-    for (var r = 0u; r < p.count_red; r++) {
+    for (var r = p.r0; r < p.r1; r++) {
         var rr = r;
         var off = base;
         for (var d = i32(p.rank_red) - 1; d >= 0; d--) {
@@ -45,5 +47,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         }
         acc += xs[off];
     }
-    ys[p.off_y + i] = acc;
+    if (p.accumulate != 0u) {
+        ys[p.off_y + i] = ys[p.off_y + i] + acc;
+    } else {
+        ys[p.off_y + i] = acc;
+    }
 }

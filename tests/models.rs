@@ -355,3 +355,107 @@ fn training_resumes_exactly_from_a_checkpoint() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `scale * sin(a * i + b)` for i in 0..n, as tools/make_fixtures.py's `cnn_wave`.
+fn wave(n: usize, a: f64, b: f64, scale: f64) -> Vec<f32> {
+    (0..n)
+        .map(|i| (scale * (a * i as f64 + b).sin()) as f32)
+        .collect()
+}
+
+#[test]
+fn cnn_gradients_match_pytorch_elementwise() {
+    use stablerep::graph::{DType, NodeId, Op};
+    use stablerep::models::cnn::{self, CnnConfig};
+    let fx = fixture("cnn_grads.safetensors");
+    let (b, classes) = (16, 6);
+    let cfg = CnnConfig {
+        img_size: 32,
+        channels: vec![16, 24],
+    };
+    let mut g = Graph::new();
+    let x = g.input("x", &[b, 3, 32, 32]);
+    let f = cnn::encoder(&mut g, &cfg, "cnn.", x).unwrap();
+    let w = g.param("classifier.shape.weight", &[classes, 24]);
+    let bias = g.param("classifier.shape.bias", &[classes]);
+    let z = g.matmul_t(f, w, false, true).unwrap();
+    let z = g.add(z, bias).unwrap();
+    let labels = g.input_typed("labels", &[b], DType::U32);
+    let ce = g.cross_entropy(z, labels).unwrap();
+    let loss = g.mean_all(ce).unwrap();
+    let params: Vec<NodeId> = (0..g.nodes.len())
+        .map(NodeId)
+        .filter(|&id| g.node(id).op == Op::Param)
+        .collect();
+    let grads = g.grad(loss, &params).unwrap();
+    let (gpu, _lock) = gpu();
+    let mut store = ParamStore::new();
+    let mut cin = 3;
+    for (l, &c) in cfg.channels.iter().enumerate() {
+        let k = (l * 10) as f64;
+        let vals = [
+            (
+                "conv.weight",
+                vec![c, cin, 3, 3],
+                wave(c * cin * 9, 0.71, k + 1.0, 0.3),
+            ),
+            ("conv.bias", vec![c], wave(c, 1.3, k + 2.0, 0.1)),
+            (
+                "norm.weight",
+                vec![c],
+                wave(c, 0.9, k + 3.0, 0.2).iter().map(|v| 1.0 + v).collect(),
+            ),
+            ("norm.bias", vec![c], wave(c, 1.1, k + 4.0, 0.1)),
+        ];
+        for (name, shape, data) in vals {
+            store
+                .set(&gpu, &format!("cnn.{l}.{name}"), &shape, &data)
+                .unwrap();
+        }
+        cin = c;
+    }
+    store
+        .set(
+            &gpu,
+            "classifier.shape.weight",
+            &[classes, 24],
+            &wave(classes * 24, 0.53, 7.0, 0.5),
+        )
+        .unwrap();
+    store
+        .set(
+            &gpu,
+            "classifier.shape.bias",
+            &[classes],
+            &wave(classes, 0.29, 8.0, 0.1),
+        )
+        .unwrap();
+    let mut outs = vec![loss];
+    outs.extend(&grads);
+    let plan = Plan::compile(&gpu, &g, &outs, &mut store, PlanOptions::default()).unwrap();
+    plan.write(x, &wave(b * 3 * 32 * 32, 0.37, 0.0, 1.0))
+        .unwrap();
+    let y: Vec<u32> = (0..b as u32).map(|i| i % classes as u32).collect();
+    plan.write_u32(labels, &y).unwrap();
+    let got = plan.run_fetch(&outs).unwrap();
+    let want_loss = fx.tensors["loss"].data[0];
+    assert!(
+        (got[0][0] - want_loss).abs() < 1e-5,
+        "loss {} vs {want_loss}",
+        got[0][0]
+    );
+    for (i, &p) in params.iter().enumerate() {
+        let name = g.node(p).name.clone().unwrap();
+        let want = &fx.tensors[&format!("grad.{name}")].data;
+        let peak = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+        // 1e-4 of the tensor's largest gradient, element by element.
+        assert_close(
+            &format!("gradient of {name}"),
+            &got[1 + i],
+            &want,
+            0.0,
+            1e-4 * peak,
+        );
+    }
+}

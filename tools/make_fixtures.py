@@ -5,7 +5,7 @@ Python is a tool for fixtures only: neither CI nor any user path needs it.
 Set up once (see ../shared/env.md):
     python3 -m venv .venv-ref && .venv-ref/bin/pip install torch timm safetensors numpy open-clip-torch
 then:
-    .venv-ref/bin/python tools/make_fixtures.py
+    .venv-ref/bin/python tools/make_fixtures.py [loss vit train_step tokens plus cnn]
 Everything is seeded: rerunning on the same versions reproduces every tensor exactly (the
 JSON header may list keys in another order).
 """
@@ -293,12 +293,62 @@ def plus_fixture():
     save_file(tensors, OUT / "stablerep_plus.safetensors", metadata=meta)
 
 
+def cnn_wave(n, a, b, scale):
+    """scale * sin(a * i + b) for i in 0..n, in float64 (the test computes the same)."""
+    i = torch.arange(n, dtype=torch.float64)
+    return scale * torch.sin(a * i + b)
+
+
+def cnn_fixture():
+    """The judge's CNN (models::cnn: 3x3 convs, stride 1 then 2, GroupNorm(8) + SiLU, mean
+    pool) with a linear head and cross-entropy, on 16 images of 32 x 32: loss and the gradient
+    of every parameter. Inputs and parameters are sine waves both sides compute, so only the
+    results are stored. 16 x 32 x 32 = 16,384 terms per first-layer bias gradient: more than
+    llvmpipe's loop limit lets one invocation sum (the bug this caught)."""
+    b, chans, classes = 16, [16, 24], 6
+    x = cnn_wave(b * 3 * 32 * 32, 0.37, 0.0, 1.0).reshape(b, 3, 32, 32)
+    params, cin = {}, 3
+    for l, c in enumerate(chans):
+        k = l * 10
+        params[f"cnn.{l}.conv.weight"] = cnn_wave(c * cin * 9, 0.71, k + 1, 0.3).reshape(c, cin, 3, 3)
+        params[f"cnn.{l}.conv.bias"] = cnn_wave(c, 1.3, k + 2, 0.1)
+        params[f"cnn.{l}.norm.weight"] = 1.0 + cnn_wave(c, 0.9, k + 3, 0.2)
+        params[f"cnn.{l}.norm.bias"] = cnn_wave(c, 1.1, k + 4, 0.1)
+        cin = c
+    params["classifier.shape.weight"] = cnn_wave(classes * cin, 0.53, 7.0, 0.5).reshape(classes, cin)
+    params["classifier.shape.bias"] = cnn_wave(classes, 0.29, 8.0, 0.1)
+    for v in params.values():
+        v.requires_grad_(True)
+    h = x
+    for l in range(len(chans)):
+        h = F.conv2d(h, params[f"cnn.{l}.conv.weight"], params[f"cnn.{l}.conv.bias"],
+                     stride=1 if l == 0 else 2, padding=1)
+        h = F.silu(F.group_norm(h, 8, params[f"cnn.{l}.norm.weight"], params[f"cnn.{l}.norm.bias"], 1e-5))
+    z = h.mean((2, 3)) @ params["classifier.shape.weight"].T + params["classifier.shape.bias"]
+    y = torch.arange(b) % classes
+    loss = F.cross_entropy(z, y)
+    loss.backward()
+    tensors = {"loss": loss.detach().reshape(1).float()}
+    for k, v in params.items():
+        tensors[f"grad.{k}"] = v.grad.float().contiguous()
+    meta = {"what": "models::cnn [16, 24] on 16 x 3 x 32 x 32 sine images, labels i % 6",
+            "torch": torch.__version__}
+    save_file(tensors, OUT / "cnn_grads.safetensors", metadata=meta)
+
+
+FIXTURES = {
+    "loss": loss_fixture,
+    "vit": vit_fixture,
+    "train_step": train_step_fixture,
+    "tokens": tokens_fixture,
+    "plus": plus_fixture,
+    "cnn": cnn_fixture,
+}
+
 if __name__ == "__main__":
+    import sys
     OUT.mkdir(parents=True, exist_ok=True)
-    loss_fixture()
-    vit_fixture()
-    train_step_fixture()
-    tokens_fixture()
-    plus_fixture()
+    for name in sys.argv[1:] or list(FIXTURES):
+        FIXTURES[name]()
     for f in sorted(OUT.iterdir()):
         print(f.name, f.stat().st_size, "bytes")

@@ -276,6 +276,11 @@ pub struct Graph {
 /// Default bound on one convolution's im2col patch matrix (32 MiB).
 pub const CONV_PATCH_BYTES: usize = 32 << 20;
 
+/// The longest contraction one matmul dispatch runs; a longer K is split into a sum of
+/// matmuls (the kernel loops over K serially, and llvmpipe ends loops after 65,535
+/// iterations per invocation).
+pub const MATMUL_K_CHUNK: usize = 32768;
+
 fn numel(s: &[usize]) -> usize {
     s.iter().product()
 }
@@ -399,6 +404,26 @@ impl Graph {
                 "matmul",
                 format!("batch dims must match ({ba:?} vs {bb:?}); a 2-D right operand is shared only when the left one is not transposed"),
             ));
+        }
+        if ka > MATMUL_K_CHUNK && f32s.len() == 2 {
+            // A long contraction (weight gradients over batch x positions) runs as a sum of
+            // matmuls over K chunks: the kernel loops over K serially in each invocation,
+            // and llvmpipe ends loops after 65,535 iterations (see `kernels::LOOP_CHUNK`).
+            let (axa, axb) = (
+                sa.len() - if ta { 2 } else { 1 },
+                sb.len() - if tb { 1 } else { 2 },
+            );
+            let mut sum: Option<NodeId> = None;
+            for (k0, k1) in crate::kernels::chunks(ka, MATMUL_K_CHUNK) {
+                let ac = self.slice(a, axa, k0, k1 - k0)?;
+                let bc = self.slice(b, axb, k0, k1 - k0)?;
+                let part = self.matmul_t(ac, bc, ta, tb)?;
+                sum = Some(match sum {
+                    Some(acc) => self.add(acc, part)?,
+                    None => part,
+                });
+            }
+            return sum.ok_or_else(|| Error::shape("matmul", "empty contraction"));
         }
         let mut shape = ba.to_vec();
         shape.extend([m, n]);
@@ -981,6 +1006,8 @@ impl Graph {
                 format!("needs square [.., T, T] scores, got {s:?}"),
             ));
         }
+        let (_, len) = self.rows_of(x);
+        serial("row op", "columns", len, 3)?;
         Ok(self.push(Op::Row(op), vec![x], s, DType::F32))
     }
 
@@ -1050,6 +1077,7 @@ impl Graph {
                 format!("weight and bias must be [{}]", s[1]),
             ));
         }
+        serial("batch_norm", "rows per group", s[0] / groups, 2)?;
         let stats = self.push(
             Op::BnStats { groups, eps },
             vec![x],
@@ -1152,6 +1180,7 @@ impl Graph {
                 format!("needs logits [R, C] and u32 labels [R], got {ls:?} and {bs:?}"),
             ));
         }
+        serial("cross_entropy", "classes", ls[1], 2)?;
         Ok(self.push(
             Op::CrossEntropy,
             vec![logits, labels],
@@ -1194,6 +1223,7 @@ impl Graph {
         // tensor, so no buffer holds the whole N x N matrix (8,256 x 8,256 floats at the
         // paper's batch would exceed the 256 MiB many devices allow per buffer).
         let n = s[0];
+        serial("multi-positive loss", "views", n, 2)?;
         let mut parts = Vec::new();
         let mut r0 = 0;
         while r0 < n {
@@ -1249,6 +1279,7 @@ impl Graph {
             ));
         }
         let captions = st[0];
+        serial("image-text loss", "images", sv[0].max(captions), 2)?;
         let vn = self.l2_normalize(v)?;
         let tn = self.l2_normalize(t)?;
         let scale = self.unary(UnaryOp::Exp, theta)?;
@@ -1358,6 +1389,27 @@ impl Graph {
 pub const MULTIPOS_BLOCK: usize = 4096;
 
 /// A divisor of `len` near its square root (at least 16), to split a long reduction in two.
+/// The most loop iterations an op may give one invocation: llvmpipe (lavapipe) ends a
+/// shader's loops after 65,535 iterations per invocation with no error, so an op whose
+/// kernel walks `len` elements `passes` times in one invocation is refused above this
+/// rather than computed wrong. (Long sums and contractions are split instead; see
+/// [`crate::kernels::LOOP_CHUNK`] and [`MATMUL_K_CHUNK`].)
+pub const SERIAL_LIMIT: usize = 49_152;
+
+fn serial(op: &str, what: &str, len: usize, passes: usize) -> Result<()> {
+    if len.saturating_mul(passes) > SERIAL_LIMIT {
+        return Err(Error::shape(
+            op,
+            format!(
+                "{len} {what} is more than this kernel handles in one invocation (at most {}; \
+                 software Vulkan drivers end longer loops early)",
+                SERIAL_LIMIT / passes
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn split_factor(len: usize) -> Option<usize> {
     let root = (len as f64).sqrt() as usize;
     (16..=root.max(16))

@@ -173,32 +173,36 @@ pub fn sum_to(
         ox /= 4;
         oy /= 4;
     }
-    let mut w = vec![
-        units as u32,
-        os.len() as u32,
-        rs.len() as u32,
-        count as u32,
-        ox,
-        oy,
-        0,
-        0,
-    ];
-    w.extend(pack8(&os));
-    w.extend(pack8(&ost));
-    w.extend(pack8(&rs));
-    w.extend(pack8(&rst));
-    Ok(vec![Dispatch {
-        key: if vec {
-            "sum_to_v4".into()
-        } else {
-            "sum_to".into()
-        },
-        template: "sum_to",
-        subst: vec![("TY", super::elem_ty(vec).into())],
-        uniform: uniform(&w),
-        bindings: vec![bx, by],
-        groups: grid((units as u64).div_ceil(WG_1D as u64), caps)?,
-    }])
+    let key = if vec { "sum_to_v4" } else { "sum_to" };
+    let groups = grid((units as u64).div_ceil(WG_1D as u64), caps)?;
+    // Each reduced index costs one pass of the shader's index loop over the reduced dims.
+    let chunk = 4 * super::LOOP_CHUNK / (rs.len() + 1);
+    let mut out = Vec::new();
+    for (r0, r1) in super::chunks(count, chunk) {
+        let mut w = vec![
+            units as u32,
+            os.len() as u32,
+            rs.len() as u32,
+            r1 as u32,
+            ox,
+            oy,
+            r0 as u32,
+            u32::from(r0 > 0),
+        ];
+        w.extend(pack8(&os));
+        w.extend(pack8(&ost));
+        w.extend(pack8(&rs));
+        w.extend(pack8(&rst));
+        out.push(Dispatch {
+            key: key.into(),
+            template: "sum_to",
+            subst: vec![("TY", super::elem_ty(vec).into())],
+            uniform: uniform(&w),
+            bindings: vec![bx.clone(), by.clone()],
+            groups,
+        });
+    }
+    Ok(out)
 }
 
 /// y[i, :] = table[idx[i], :] for `n` indices into a `[vocab, dim]` table.
@@ -503,14 +507,26 @@ pub fn gather_grad(
     let (bi, oi) = bind_all(&idx, caps, "indices")?;
     let (bd, od) = bind_all(&dy, caps, "gradient")?;
     let (by, oy) = bind_all(&y, caps, "table gradient")?;
-    Ok(vec![Dispatch {
-        key: "gather_grad".into(),
-        template: "gather_grad",
-        subst: vec![],
-        uniform: uniform(&[n as u32, dim as u32, vocab as u32, oi, od, oy]),
-        bindings: vec![bi, bd, by],
-        groups: grid(((vocab * dim) as u64).div_ceil(WG_1D as u64), caps)?,
-    }])
+    let groups = grid(((vocab * dim) as u64).div_ceil(WG_1D as u64), caps)?;
+    Ok(super::chunks(n, super::LOOP_CHUNK)
+        .map(|(j0, j1)| Dispatch {
+            key: "gather_grad".into(),
+            template: "gather_grad",
+            subst: vec![],
+            uniform: uniform(&[
+                j1 as u32,
+                dim as u32,
+                vocab as u32,
+                oi,
+                od,
+                oy,
+                j0 as u32,
+                u32::from(j0 > 0),
+            ]),
+            bindings: vec![bi.clone(), bd.clone(), by.clone()],
+            groups,
+        })
+        .collect())
 }
 
 /// dtable from a host-built index of the positions per table row (see

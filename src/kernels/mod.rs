@@ -20,6 +20,20 @@ use crate::gpu::Caps;
 /// Workgroup size of the one-invocation-per-element kernels.
 pub const WG_1D: u32 = 256;
 
+/// The most iterations one invocation spends on a serial loop over a long axis. llvmpipe
+/// (lavapipe, the software Vulkan driver) silently ends a shader's loops after 65,535
+/// iterations per invocation, nested loops included, which truncates a long sum with no
+/// error; kernels that walk a long axis split it into chunks of this size, one dispatch each
+/// (accumulating), or the graph splits the op.
+pub const LOOP_CHUNK: usize = 8192;
+
+/// `0..len` in consecutive `(start, end)` chunks of at most `chunk` (one empty chunk when
+/// `len` is 0, so a reduction still writes its output).
+pub fn chunks(len: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    let n = len.div_ceil(chunk.max(1)).max(1);
+    (0..n).map(move |i| (i * chunk, ((i + 1) * chunk).min(len)))
+}
+
 /// A contiguous range of f32/u32 elements inside a buffer known by id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct View {

@@ -1,7 +1,7 @@
 //! Reductions along an axis, row-wise ops (softmax, log-softmax, L2-normalize, LayerNorm
 //! statistics) with their gradients, and softmax cross-entropy.
 
-use super::{bind_all, grid, uniform, Dispatch, View, WG_1D};
+use super::{bind_all, chunks, grid, uniform, Dispatch, View, LOOP_CHUNK, WG_1D};
 use crate::error::Result;
 use crate::gpu::Caps;
 
@@ -32,31 +32,50 @@ pub fn reduce(
     // a quarter of the loads, which dominate on CPU adapters.
     let vec = super::vec4_ok(inner as u64, &[ox, oy]);
     let (ty, div) = if vec { ("vec4<f32>", 4) } else { ("f32", 1) };
-    let (init, step, finish, name) = match op {
-        ReduceOp::Sum => (format!("{ty}(0.0)"), "acc + v", "acc", "sum"),
-        ReduceOp::Mean => (format!("{ty}(0.0)"), "acc + v", "acc / f32(p.len)", "mean"),
-        ReduceOp::Max => (format!("{ty}(-3.4028235e38)"), "max(acc, v)", "acc", "max"),
+    let (init, step, finish, combine, name) = match op {
+        ReduceOp::Sum => (format!("{ty}(0.0)"), "acc + v", "acc", "old + r", "sum"),
+        ReduceOp::Mean => (
+            format!("{ty}(0.0)"),
+            "acc + v",
+            "acc / f32(p.len)",
+            "old + r",
+            "mean",
+        ),
+        ReduceOp::Max => (
+            format!("{ty}(-3.4028235e38)"),
+            "max(acc, v)",
+            "acc",
+            "max(old, r)",
+            "max",
+        ),
     };
     let inner_units = inner / div;
-    Ok(vec![Dispatch {
-        key: format!("reduce_{name}{}", if vec { "_v4" } else { "" }),
-        template: "reduce",
-        subst: vec![
-            ("TY", ty.into()),
-            ("INIT", init),
-            ("STEP", step.into()),
-            ("FINISH", finish.into()),
-        ],
-        uniform: uniform(&[
-            outer as u32,
-            len as u32,
-            inner_units as u32,
-            ox / div as u32,
-            oy / div as u32,
-        ]),
-        bindings: vec![bx, by],
-        groups: grid(((outer * inner_units) as u64).div_ceil(WG_1D as u64), caps)?,
-    }])
+    let groups = grid(((outer * inner_units) as u64).div_ceil(WG_1D as u64), caps)?;
+    Ok(chunks(len, LOOP_CHUNK)
+        .map(|(t0, t1)| Dispatch {
+            key: format!("reduce_{name}{}", if vec { "_v4" } else { "" }),
+            template: "reduce",
+            subst: vec![
+                ("TY", ty.into()),
+                ("INIT", init.clone()),
+                ("STEP", step.into()),
+                ("FINISH", finish.into()),
+                ("COMBINE", combine.into()),
+            ],
+            uniform: uniform(&[
+                outer as u32,
+                len as u32,
+                inner_units as u32,
+                ox / div as u32,
+                oy / div as u32,
+                t0 as u32,
+                t1 as u32,
+                u32::from(t0 > 0),
+            ]),
+            bindings: vec![bx.clone(), by.clone()],
+            groups,
+        })
+        .collect())
 }
 
 /// Row-wise forward ops on a [rows, len] matrix.
