@@ -13,8 +13,8 @@ use std::process::ExitCode;
 use stablerep::diffusion::model::{generate, GenerateOptions, SdModel};
 use stablerep::diffusion::sampler::Kind;
 use stablerep::gpu::{Gpu, GpuOptions};
-use stablerep::world::descriptions;
 use stablerep::world::export::render_caption;
+use stablerep::world::World;
 
 fn go() -> stablerep::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -57,7 +57,7 @@ fn go() -> stablerep::Result<()> {
     let m = SdModel::load(&model)?;
     let size = m.native_size();
     let gpu = Gpu::new(&GpuOptions::default())?;
-    let world = descriptions(captions, seed);
+    let world = World::Simple.descriptions(captions, seed);
     let gap = 4;
     let cols = 1 + guidance.len() * images;
     let width = cols * size + gap * (1 + guidance.len());

@@ -32,6 +32,11 @@ pub fn knn_accuracy(
     k: usize,
     temperature: f64,
 ) -> Result<f64> {
+    if k == 0 || !(temperature.is_finite() && temperature > 0.0) {
+        return Err(Error::Config(format!(
+            "kNN needs k >= 1 and a positive temperature (got k {k}, temperature {temperature})"
+        )));
+    }
     let (tr, te) = (rows(train, dim), rows(test, dim));
     if tr.len() != train_labels.len()
         || te.len() != test_labels.len()
@@ -55,9 +60,12 @@ pub fn knn_accuracy(
             .map(|(t, &l)| (t.iter().zip(q).map(|(a, b)| a * b).sum(), l))
             .collect();
         sims.sort_by(|a, b| b.0.total_cmp(&a.0));
+        // Weights relative to the nearest neighbour's: exp((s - s_max) / T) is at most 1, so
+        // a small temperature cannot overflow to infinity (which made every vote equal).
+        let top = sims.first().map_or(0.0, |s| s.0);
         let mut votes = vec![0.0; classes];
         for &(s, l) in sims.iter().take(k) {
-            votes[l] += (s / temperature).exp();
+            votes[l] += ((s - top) / temperature).exp();
         }
         let pred = (0..classes)
             .max_by(|&a, &b| votes[a].total_cmp(&votes[b]))
@@ -93,6 +101,12 @@ pub fn fewshot_accuracy(feats: &[f32], labels: &[usize], dim: usize, cfg: &FewSh
         episodes,
         seed,
     } = *cfg;
+    if ways < 2 || shots == 0 || queries == 0 || episodes == 0 {
+        return Err(Error::Config(format!(
+            "few-shot needs at least 2 ways, 1 shot, 1 query and 1 episode (got {ways}-way \
+             {shots}-shot, {queries} queries, {episodes} episodes)"
+        )));
+    }
     let classes = labels.iter().max().map_or(0, |m| m + 1);
     let by_class: Vec<Vec<usize>> = (0..classes)
         .map(|c| (0..labels.len()).filter(|&i| labels[i] == c).collect())
@@ -247,5 +261,40 @@ mod tests {
             }
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_tiny_temperature_does_not_overflow_the_votes() {
+        // exp(s / 0.001) is infinite for any similarity above 0.71; with the largest
+        // similarity subtracted first the nearest neighbours still win.
+        // A shared direction makes every pair similar (cosine above 0.9), classes still
+        // nearest to themselves.
+        let shift = |v: Vec<f32>| v.into_iter().map(|x| x + 1.5).collect::<Vec<f32>>();
+        let (f, l) = clusters(5, 20, 16, 0.1, 1);
+        let (g, m) = clusters(5, 10, 16, 0.1, 1);
+        let (f, g) = (shift(f), shift(g));
+        assert!(knn_accuracy(&f, &l, &g, &m, 16, 60, 0.07).unwrap() > 0.95);
+        assert!(knn_accuracy(&f, &l, &g, &m, 16, 60, 0.001).unwrap() > 0.95);
+        assert!(knn_accuracy(&f, &l, &g, &m, 16, 0, 0.07).is_err());
+        assert!(knn_accuracy(&f, &l, &g, &m, 16, 5, 0.0).is_err());
+        assert!(knn_accuracy(&f, &l, &g, &m, 16, 5, f64::NAN).is_err());
+    }
+
+    #[test]
+    fn few_shot_without_episodes_shots_or_queries_is_an_error_not_nan() {
+        let (f, l) = clusters(5, 20, 16, 0.1, 1);
+        for (ways, shots, queries, episodes) in
+            [(5, 5, 6, 0), (5, 0, 6, 10), (5, 5, 0, 10), (1, 5, 6, 10)]
+        {
+            let cfg = FewShot {
+                ways,
+                shots,
+                queries,
+                episodes,
+                seed: 0,
+            };
+            let e = fewshot_accuracy(&f, &l, 16, &cfg).unwrap_err().to_string();
+            assert!(e.contains("few-shot needs"), "{e}");
+        }
     }
 }

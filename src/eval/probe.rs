@@ -89,29 +89,76 @@ pub fn folder_features(
     })
 }
 
+/// The test labels renumbered as the train folder numbers the same class names: each folder
+/// numbers its own sub-folders in sorted order, so a class present in one and not the other
+/// would shift every label after it. A test class the train folder lacks is an error that
+/// names it.
+pub fn relabel(
+    train: &Features,
+    test: &Features,
+    train_dir: &Path,
+    test_dir: &Path,
+) -> Result<Vec<usize>> {
+    let index: std::collections::HashMap<&str, usize> = train
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i))
+        .collect();
+    let map: Vec<Option<usize>> = test
+        .classes
+        .iter()
+        .map(|c| index.get(c.as_str()).copied())
+        .collect();
+    let missing: Vec<&str> = test
+        .classes
+        .iter()
+        .zip(&map)
+        .filter(|(_, m)| m.is_none())
+        .map(|(c, _)| c.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Config(format!(
+            "test folder {} has classes the train folder {} lacks: {}",
+            test_dir.display(),
+            train_dir.display(),
+            missing.join(", ")
+        )));
+    }
+    Ok(test
+        .labels
+        .iter()
+        .map(|&l| map[l].expect("checked above"))
+        .collect())
+}
+
 /// Runs `r`.
 pub fn run(gpu: &Arc<Gpu>, r: &Request) -> Result<Outcome> {
     let ck = Checkpoint::load(&r.checkpoint)?;
     let test = folder_features(gpu, &ck, r.head_dim, &r.test)?;
-    let train = |what: &str| -> Result<Features> {
+    // Train features with the test labels renumbered to the train folder's class numbers.
+    let train = |what: &str| -> Result<(Features, Vec<usize>)> {
         let dir = r.train.as_ref().ok_or_else(|| {
             Error::Config(format!("{what} needs a labelled train folder (--train)"))
         })?;
-        folder_features(gpu, &ck, r.head_dim, dir)
+        let tr = folder_features(gpu, &ck, r.head_dim, dir)?;
+        let tl = relabel(&tr, &test, dir, &r.test)?;
+        Ok((tr, tl))
     };
     let (te, tl, dim) = (&test.feats, &test.labels, test.dim);
     Ok(match &r.method {
         Method::Knn { k, temperature } => {
-            let tr = train("kNN")?;
+            let (tr, tl) = train("kNN")?;
             Outcome {
-                accuracy: knn_accuracy(&tr.feats, &tr.labels, te, tl, dim, *k, *temperature)?,
+                accuracy: knn_accuracy(&tr.feats, &tr.labels, te, &tl, dim, *k, *temperature)?,
                 per_lr: vec![],
             }
         }
         Method::Linear(cfg) => {
-            let tr = train("the linear probe")?;
-            let classes = tr.labels.iter().chain(tl).max().map_or(0, |m| m + 1);
-            let (best, accs) = linear_probe(gpu, &tr.feats, &tr.labels, te, tl, dim, classes, cfg)?;
+            let (tr, tl) = train("the linear probe")?;
+            let classes = tr.classes.len();
+            let (best, accs) =
+                linear_probe(gpu, &tr.feats, &tr.labels, te, &tl, dim, classes, cfg)?;
             Outcome {
                 accuracy: best,
                 per_lr: cfg.base_lrs.iter().copied().zip(accs).collect(),
@@ -122,4 +169,32 @@ pub fn run(gpu: &Arc<Gpu>, r: &Request) -> Result<Outcome> {
             per_lr: vec![],
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn features(classes: &[&str], labels: &[usize]) -> Features {
+        Features {
+            feats: vec![0.0; labels.len()],
+            labels: labels.to_vec(),
+            dim: 1,
+            classes: classes.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn test_labels_follow_class_names_not_folder_positions() {
+        // The train folder has a class ("bird") the test folder lacks: by position, the test
+        // folder's "cat" (0) and "dog" (1) would have read as "bird" and "cat".
+        let train = features(&["bird", "cat", "dog"], &[0, 1, 2]);
+        let test = features(&["cat", "dog"], &[0, 1, 1, 0]);
+        let (a, b) = (Path::new("train"), Path::new("test"));
+        assert_eq!(relabel(&train, &test, a, b).unwrap(), vec![1, 2, 2, 1]);
+        // A test class with no training images is refused, by name.
+        let test = features(&["cat", "emu", "fox"], &[0, 1, 2]);
+        let e = relabel(&train, &test, a, b).unwrap_err().to_string();
+        assert!(e.contains("emu, fox") && e.contains("train"), "{e}");
+    }
 }

@@ -103,10 +103,10 @@ impl Recipe {
             },
             kl_weight: 1e-4,
             denoiser: Stage {
-                steps: 800,
+                steps: 6000,
                 batch: 32,
                 lr: 7e-4,
-                warmup: 80,
+                warmup: 200,
             },
             caption_dropout: 0.1,
             checkpoint_every: 100,
