@@ -496,6 +496,7 @@ enum LrSchedule {
 }
 
 fn main() -> ExitCode {
+    quiet_wayland_probe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     match run(cli) {
@@ -504,6 +505,20 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Without a Wayland session (no `WAYLAND_DISPLAY`) and without `XDG_RUNTIME_DIR`, probing
+/// the Vulkan drivers makes libwayland print "error: XDG_RUNTIME_DIR is invalid or not set"
+/// once per driver: errors that are not errors, on every headless run. Pointing the variable
+/// at the temporary folder (where no Wayland socket is) keeps the probe quiet; a Wayland
+/// session always has both variables set, so nothing changes there.
+fn quiet_wayland_probe() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none()
+        && std::env::var_os("WAYLAND_DISPLAY").is_none()
+    {
+        // Single-threaded here: first thing in main.
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
 }
 

@@ -211,7 +211,7 @@ fn app_generates_builds_pools_trains_evaluates_and_shows_errors() {
         let t = &mut h.state_mut().settings.train;
         t.pool = pool.display().to_string();
         t.out = dir.join("run").display().to_string();
-        (t.img_size, t.patch, t.width, t.depth, t.heads) = (16, 8, 32, 1, 2);
+        (t.img_size, t.patch, t.width, t.depth, t.heads) = (16, 8, 32, 1, 4);
         (t.head_hidden, t.head_out) = (64, 16);
         (t.captions, t.images, t.steps, t.warmup) = (4, 3, 30, 3);
         (t.lr, t.log_every, t.checkpoint_every) = (2e-3, 1, 10);
@@ -264,7 +264,8 @@ fn app_generates_builds_pools_trains_evaluates_and_shows_errors() {
     {
         let e = &mut h.state_mut().settings.evaluate;
         assert!(e.checkpoint.ends_with("checkpoint-last.safetensors"));
-        assert_eq!(e.head_dim, 16);
+        // The ViT's width per attention head (32 / 4), not the projection's output (16).
+        assert_eq!(e.head_dim, 8);
         e.train = labelled.display().to_string();
         e.test = labelled.display().to_string();
         e.k = 3;

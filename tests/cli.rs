@@ -802,3 +802,18 @@ fn engine_demo_trains_the_mlp() {
     );
     assert!(text.contains("trained: loss"), "{text}");
 }
+
+#[test]
+fn a_headless_run_without_xdg_runtime_dir_prints_no_spurious_errors() {
+    // libwayland complained once per Vulkan driver probed when the variable was unset.
+    let out = Command::new(env!("CARGO_BIN_EXE_stablerep"))
+        .arg("info")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+    assert!(!err.contains("error"), "{err}");
+}

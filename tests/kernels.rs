@@ -818,3 +818,38 @@ fn matmul_reads_f16_weights_on_awkward_shapes() {
     let e = g.add(w, x).unwrap_err().to_string();
     assert!(e.contains("must be f32"), "{e}");
 }
+
+#[test]
+fn out_of_range_ids_and_labels_are_refused_when_written() {
+    // The kernels clamp an index to the table (or class count); the plan refuses such input
+    // instead of computing with the wrong row.
+    let (gpu, _lock) = gpu();
+    let mut g = Graph::new();
+    let table = g.input("table", &[5, 3]);
+    let ids = g.input_typed("ids", &[4], DType::U32);
+    let rows = g.gather(table, ids).unwrap();
+    let logits = g.input("logits", &[4, 3]);
+    let labels = g.input_typed("labels", &[4], DType::U32);
+    let ce = g.cross_entropy(logits, labels).unwrap();
+    let mut store = stablerep::graph::ParamStore::new();
+    let plan = stablerep::graph::Plan::compile(
+        &gpu,
+        &g,
+        &[rows, ce],
+        &mut store,
+        stablerep::graph::PlanOptions::default(),
+    )
+    .unwrap();
+    plan.write_u32(ids, &[0, 4, 2, 1]).unwrap();
+    let e = plan.write_u32(ids, &[0, 5, 2, 1]).unwrap_err().to_string();
+    assert!(
+        e.contains("embedding id") && e.contains("value 5 at position 1"),
+        "{e}"
+    );
+    plan.write_u32(labels, &[0, 1, 2, 2]).unwrap();
+    let e = plan
+        .write_u32(labels, &[0, 1, 3, 2])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("class label") && e.contains("below 3"), "{e}");
+}

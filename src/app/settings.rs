@@ -191,6 +191,14 @@ pub struct TrainSettings {
     pub log_every: u64,
 }
 
+impl TrainSettings {
+    /// The ViT's width per attention head (width / heads), what evaluation needs to read a
+    /// checkpoint without a stored config. Not the projection head's output width.
+    pub fn attention_head_dim(&self) -> usize {
+        self.width / self.heads.max(1)
+    }
+}
+
 impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
@@ -230,7 +238,8 @@ impl Default for TrainSettings {
 pub struct EvaluateSettings {
     /// Encoder checkpoint.
     pub checkpoint: String,
-    /// Its head output width.
+    /// Its ViT's width per attention head (used to infer the number of heads of a
+    /// checkpoint without a stored config).
     pub head_dim: usize,
     /// Labelled training folder.
     pub train: String,
@@ -266,7 +275,7 @@ impl Default for EvaluateSettings {
     fn default() -> Self {
         EvaluateSettings {
             checkpoint: "runs/stablerep/checkpoint-last.safetensors".into(),
-            head_dim: 256,
+            head_dim: 64,
             train: String::new(),
             test: String::new(),
             method: "knn".into(),

@@ -323,7 +323,7 @@ impl TrainPanel {
                         .join(name)
                         .display()
                         .to_string();
-                    settings.evaluate.head_dim = settings.train.head_out;
+                    settings.evaluate.head_dim = settings.train.attention_head_dim();
                     shell
                         .notes
                         .info(format!("{name} chosen on the Evaluate panel"));

@@ -77,10 +77,43 @@ pub struct Plan {
     inputs: HashMap<String, NodeId>,
     outputs: Vec<NodeId>,
     stats: PlanStats,
+    /// Exclusive upper bounds of u32 inputs used as indices (embedding ids: the table's rows;
+    /// labels: the classes) with what they index; [`Plan::write_u32`] checks them, since the
+    /// kernels clamp out-of-range values (a wrong number, not an error).
+    index_bounds: HashMap<usize, (u32, &'static str)>,
 }
 
 fn numel(s: &[usize]) -> usize {
     s.iter().product()
+}
+
+/// The u32 inputs that index something, with their bounds (see `Plan::index_bounds`).
+fn index_bounds(graph: &Graph) -> HashMap<usize, (u32, &'static str)> {
+    let mut b: HashMap<usize, (u32, &'static str)> = HashMap::new();
+    for node in &graph.nodes {
+        let (idx, bound, what) = match node.op {
+            Op::Gather => (
+                node.inputs[1].0,
+                graph.nodes[node.inputs[0].0].shape[0],
+                "an embedding id (token id) for a table of this many rows",
+            ),
+            Op::CrossEntropy => (
+                node.inputs[1].0,
+                graph.nodes[node.inputs[0].0].shape[1],
+                "a class label for this many classes",
+            ),
+            _ => continue,
+        };
+        if graph.nodes[idx].op != Op::Input {
+            continue;
+        }
+        let bound = u32::try_from(bound).unwrap_or(u32::MAX);
+        let e = b.entry(idx).or_insert((bound, what));
+        if bound < e.0 {
+            *e = (bound, what);
+        }
+    }
+    b
 }
 
 /// Steps 1-4 of planning, with no device: which nodes run, the fused matmul epilogues, the
@@ -523,6 +556,7 @@ impl Plan {
             inputs,
             outputs: outputs.to_vec(),
             stats,
+            index_bounds: index_bounds(graph),
         })
     }
 
@@ -589,9 +623,17 @@ impl Plan {
         Ok(())
     }
 
-    /// Writes u32 data (indices, labels) into an input node.
+    /// Writes u32 data (indices, labels) into an input node. Ids and labels must be in range
+    /// for the embedding table or classifier they feed.
     pub fn write_u32(&self, id: NodeId, data: &[u32]) -> Result<()> {
         self.check_write(id, data.len(), DType::U32)?;
+        if let Some(&(bound, what)) = self.index_bounds.get(&id.0) {
+            if let Some((i, &v)) = data.iter().enumerate().find(|(_, &v)| v >= bound) {
+                return Err(Error::Config(format!(
+                    "{what}: value {v} at position {i} is out of range (must be below {bound})"
+                )));
+            }
+        }
         let (buf, at) = self.buffer_of(id)?;
         self.gpu.write(buf, at, data);
         Ok(())

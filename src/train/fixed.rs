@@ -36,10 +36,20 @@ fn stored_config(ck: &Checkpoint) -> Result<Option<ModelConfig>> {
     };
     let v: serde_json::Value = serde_json::from_str(s)
         .map_err(|e| Error::Config(format!("checkpoint config is not JSON: {e}")))?;
-    Ok(serde_json::from_value::<ModelConfig>(
-        v.get("model").cloned().unwrap_or(serde_json::Value::Null),
-    )
-    .ok())
+    // No `model` entry (a converted official checkpoint, a judge): shapes are inferred. A
+    // `model` entry that does not parse is an error, not a guess.
+    match v.get("model") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(m) => serde_json::from_value::<ModelConfig>(m.clone())
+            .map(Some)
+            .map_err(|e| {
+                Error::Config(format!(
+                    "the checkpoint's stored model config (metadata `{}`, key `model`) is \
+                     malformed: {e}",
+                    checkpoint::CONFIG_KEY
+                ))
+            }),
+    }
 }
 
 /// The encoder of a checkpoint: from its metadata, else inferred from the `visual.*` shapes.
@@ -260,4 +270,29 @@ pub fn write_text(
     plan.write_u32(inputs.eot, &t.eot)?;
     plan.write_u32(inputs.offsets, &t.offsets)?;
     plan.write_u32(inputs.rows, &t.rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_stored_config_is_an_error_not_a_guess() {
+        let mut ck = Checkpoint::default();
+        ck.metadata.insert(
+            checkpoint::CONFIG_KEY.into(),
+            r#"{"model": {"vit": {"width": "wide"}}}"#.into(),
+        );
+        let e = vit_config(&ck, 64).unwrap_err().to_string();
+        assert!(
+            e.contains("stored model config") && e.contains("malformed"),
+            "{e}"
+        );
+        // No `model` entry: nothing stored, so shapes are inferred (here: no tensors).
+        ck.metadata.insert(
+            checkpoint::CONFIG_KEY.into(),
+            r#"{"supervised": {}}"#.into(),
+        );
+        assert!(stored_config(&ck).unwrap().is_none());
+    }
 }
