@@ -10,6 +10,7 @@
 
 #[cfg(feature = "app")]
 pub mod app;
+pub mod atomic;
 pub mod cpu;
 pub mod data;
 pub mod demo;

@@ -641,6 +641,22 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
+    // Damaged images (truncated, empty, not a PNG) are generated again on resume, with the
+    // same bytes as before (seeded per caption and image).
+    let good = std::fs::read(p.image_path(0, 0)).unwrap();
+    let png = std::fs::read(p.image_path(1, 1)).unwrap();
+    std::fs::write(p.image_path(0, 0), &good[..good.len() / 2]).unwrap();
+    std::fs::write(p.image_path(1, 1), b"").unwrap();
+    std::fs::write(p.image_path(2, 0), b"not a png").unwrap();
+    let o = pool(&["--resume"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("6 images"),
+        "three damaged captions of 2 images each: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(std::fs::read(p.image_path(0, 0)).unwrap(), good);
+    assert_eq!(std::fs::read(p.image_path(1, 1)).unwrap(), png);
+    assert!(image::open(p.image_path(2, 0)).is_ok());
     let o = pool(&["--shard", "1/2"]);
     assert!(o.status.success());
     let csv = std::fs::read_to_string(dir.join("pool/captions.1-of-2.csv")).unwrap();

@@ -108,6 +108,7 @@ fn tiny_run() -> SupervisedRun {
         channels: vec![32, 32],
     });
     r.heads = vec![LabelKind::Colour, LabelKind::Ground];
+    r.head_weights = vec![1.0, 0.5];
     (r.batch, r.steps, r.checkpoint_every, r.log_every) = (16, 6, 3, 1);
     r.lr = 3e-3;
     r

@@ -164,7 +164,7 @@ pub fn load_rgb(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
     Ok((h, w, out))
 }
 
-/// Writes RGB f32 [3, H, W] in [0, 1] as a PNG (creating folders).
+/// Writes RGB f32 [3, H, W] in [0, 1] as a PNG (creating folders), atomically and durably.
 pub fn save_rgb(path: &Path, h: usize, w: usize, data: &[f32]) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::Io {
@@ -179,6 +179,14 @@ pub fn save_rgb(path: &Path, h: usize, w: usize, data: &[f32]) -> Result<()> {
                 as u8;
         }
     }
-    img.save(path)
-        .map_err(|e| Error::Config(format!("{}: cannot write PNG: {e}", path.display())))
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| Error::Config(format!("{}: cannot encode PNG: {e}", path.display())))?;
+    crate::atomic::write_atomic(path, &png)
+}
+
+/// Whether `path` holds a PNG that decodes to `size` x `size` (a finished pool image, not one
+/// a crash or a full disk cut short).
+pub fn image_is_complete(path: &Path, size: usize) -> bool {
+    image::open(path).is_ok_and(|img| img.width() as usize == size && img.height() as usize == size)
 }

@@ -330,9 +330,8 @@ impl Progress {
 /// partial PNG that `--resume` would take for a finished one.
 pub fn save_image(path: &Path, size: usize, save: Option<usize>, img: &[f32]) -> Result<()> {
     use crate::data::pool::save_rgb;
-    let tmp = path.with_extension("tmp.png");
     match save.filter(|&s| s != size) {
-        None => save_rgb(&tmp, size, size, img)?,
+        None => save_rgb(path, size, size, img),
         Some(s) => {
             let mut rgb = image::Rgb32FImage::new(size as u32, size as u32);
             for (x, y, p) in rgb.enumerate_pixels_mut() {
@@ -352,13 +351,9 @@ pub fn save_image(path: &Path, size: usize, save: Option<usize>, img: &[f32]) ->
                     planar[(c * s + y as usize) * s + x as usize] = p[c];
                 }
             }
-            save_rgb(&tmp, s, s, &planar)?
+            save_rgb(path, s, s, &planar)
         }
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::Io {
-        path: path.display().to_string(),
-        source: e,
-    })
 }
 
 /// What `generate` returns.
@@ -875,7 +870,13 @@ pub fn generate_pool(
                 steps: gen.run.sampler().evaluations(),
             },
         };
-        if resume && paths.iter().all(|p| p.exists()) {
+        // A damaged image (truncated, empty, not a PNG, the wrong size) is generated again.
+        let side = o.save_size.unwrap_or(o.size);
+        if resume
+            && paths
+                .iter()
+                .all(|p| crate::data::pool::image_is_complete(p, side))
+        {
             progress(&report)?;
             continue;
         }
@@ -895,13 +896,10 @@ pub fn generate_pool(
         format!("captions.{}-of-{}.csv", shard.0, shard.1)
     };
     let index = out.join(name);
-    let tmp = index.with_extension("csv.tmp");
-    std::fs::create_dir_all(out)
-        .and_then(|_| std::fs::write(&tmp, rows))
-        .and_then(|_| std::fs::rename(&tmp, &index))
-        .map_err(|e| Error::Io {
-            path: index.display().to_string(),
-            source: e,
-        })?;
+    std::fs::create_dir_all(out).map_err(|e| Error::Io {
+        path: out.display().to_string(),
+        source: e,
+    })?;
+    crate::atomic::write_atomic(&index, rows.as_bytes())?;
     Ok(written)
 }

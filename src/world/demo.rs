@@ -623,6 +623,7 @@ pub fn supervised_run(c: &DemoConfig, arm: &Arm) -> SupervisedRun {
         renders: arm.images_per_caption as u64,
         layout_seed: c.seed,
         heads: vec![LabelKind::Shape, LabelKind::Colour],
+        head_weights: vec![],
         encoder: supervised::Encoder::Vit(c.vit),
         batch: c.views_per_step,
         steps: c.train_steps,

@@ -157,6 +157,11 @@ pub struct SupervisedRun {
     pub layout_seed: u64,
     /// The labels, one head each.
     pub heads: Vec<LabelKind>,
+    /// Each head's weight in the summed loss (empty: 1 each). An easy label at full weight
+    /// can keep a hard one from being learned: with shape and colour heads at equal weight
+    /// the judge's shape stayed near 30 %, in the engine and in PyTorch alike.
+    #[serde(default)]
+    pub head_weights: Vec<f32>,
     /// The encoder.
     pub encoder: Encoder,
     /// Images per step.
@@ -226,10 +231,14 @@ fn build(r: &SupervisedRun) -> Result<Step> {
     let logits = heads_graph(&mut g, r.world, &r.heads, f)?;
     let mut labels = Vec::new();
     let mut loss: Option<NodeId> = None;
-    for (kind, z) in r.heads.iter().zip(logits) {
+    for (h, (kind, z)) in r.heads.iter().zip(logits).enumerate() {
         let l = g.input_typed(&format!("labels.{}", kind_name(*kind)), &[b], DType::U32);
         let ce = g.cross_entropy(z, l)?;
         let ce = g.mean_all(ce)?;
+        let ce = match r.head_weights.get(h) {
+            Some(&w) if w != 1.0 => g.affine(ce, w, 0.0)?,
+            _ => ce,
+        };
         loss = Some(match loss {
             Some(acc) => g.add(acc, ce)?,
             None => ce,
@@ -297,6 +306,16 @@ pub fn init(r: &SupervisedRun) -> Checkpoint {
 
 /// Checks the settings before any work.
 pub fn check(r: &SupervisedRun) -> Result<()> {
+    if !r.head_weights.is_empty()
+        && (r.head_weights.len() != r.heads.len()
+            || r.head_weights.iter().any(|w| !(w.is_finite() && *w > 0.0)))
+    {
+        return Err(Error::Config(format!(
+            "a supervised run's head weights {:?} must be one positive number per head ({})",
+            r.head_weights,
+            r.heads.len()
+        )));
+    }
     if r.captions == 0 || r.renders == 0 || r.batch == 0 || r.steps == 0 || r.heads.is_empty() {
         return Err(Error::Config(
             "a supervised run needs captions, renders, a batch, steps and at least one label"
