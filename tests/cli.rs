@@ -833,3 +833,157 @@ fn a_headless_run_without_xdg_runtime_dir_prints_no_spurious_errors() {
     assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
     assert!(!err.contains("error"), "{err}");
 }
+
+/// Files whose name marks them temporary (a write cut short), anywhere under `dir`.
+fn temporaries(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            found.extend(temporaries(&p));
+        } else if p.to_string_lossy().contains(".tmp") {
+            found.push(p);
+        }
+    }
+    found
+}
+
+/// Starts `cmd`, waits until `ready()` holds (polling), then kills the process with SIGKILL
+/// while it is still running.
+fn kill_when(mut cmd: Command, ready: impl Fn() -> bool) {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !ready() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished before it could be killed"
+        );
+        assert!(t0.elapsed().as_secs() < 300, "the run never got going");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "finished before the kill"
+    );
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+}
+
+#[test]
+fn training_killed_with_sigkill_resumes_to_the_same_weights() {
+    let dir = tmp("sigkill-train");
+    let o = bin()
+        .args(["world", "--world", "simple", "--captions", "8"])
+        .args(["--images-per-caption", "2", "--size", "16", "--out"])
+        .arg(dir.join("pool"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let train = |out: &str, resume: bool| {
+        let mut c = bin();
+        c.args(["train", "--pool"]).arg(dir.join("pool"));
+        c.args([
+            "--img-size",
+            "16",
+            "--patch",
+            "8",
+            "--width",
+            "32",
+            "--depth",
+            "1",
+        ]);
+        c.args(["--heads", "2", "--head-hidden", "32", "--head-out", "16"]);
+        c.args(["--captions-per-batch", "4", "--images-per-caption", "2"]);
+        c.args([
+            "--steps",
+            "60",
+            "--checkpoint-every",
+            "1",
+            "--log-every",
+            "1",
+        ]);
+        c.arg("--out").arg(dir.join(out));
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    let o = train("straight", false).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = dir.join("killed/metrics.jsonl");
+    kill_when(train("killed", false), || {
+        std::fs::read_to_string(&metrics).is_ok_and(|s| s.lines().count() >= 10)
+    });
+    let o = train("killed", true).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = Checkpoint::load(&dir.join("straight/checkpoint-last.safetensors")).unwrap();
+    let b = Checkpoint::load(&dir.join("killed/checkpoint-last.safetensors")).unwrap();
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (k, t) in &a.tensors {
+        assert!(
+            t.data == b.tensors[k].data,
+            "{k} differs after kill -9 and resume"
+        );
+    }
+    assert_eq!(temporaries(&dir), Vec::<PathBuf>::new());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn pool_generation_killed_with_sigkill_resumes_to_the_same_images() {
+    let dir = tmp("sigkill-pool");
+    let model = dir.join("model");
+    common::tiny_sd_folder(&model);
+    let caps = dir.join("captions.txt");
+    let lines: Vec<String> = (0..12).map(|i| format!("caption number {i}")).collect();
+    std::fs::write(&caps, lines.join("\n")).unwrap();
+    let gen = |out: &str, resume: bool| {
+        let mut c = bin();
+        c.args(["generate", "--model"]).arg(&model);
+        c.arg("--captions").arg(&caps);
+        c.args(["--images-per-prompt", "2", "--steps", "2", "--size", "64"]);
+        c.arg("--out").arg(dir.join(out));
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    let o = gen("straight", false).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    fn pngs(d: &Path) -> usize {
+        std::fs::read_dir(d).map_or(0, |r| {
+            r.flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        pngs(&p)
+                    } else {
+                        usize::from(p.extension().is_some_and(|x| x == "png"))
+                    }
+                })
+                .sum()
+        })
+    }
+    let killed = dir.join("killed");
+    kill_when(gen("killed", false), || pngs(&killed) >= 6);
+    let o = gen("killed", true).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = stablerep::data::pool::Pool::open(&dir.join("straight")).unwrap();
+    let b = stablerep::data::pool::Pool::open(&dir.join("killed")).unwrap();
+    assert_eq!(a.captions.len(), 12);
+    for c in 0..12 {
+        for j in 0..2 {
+            assert_eq!(
+                std::fs::read(a.image_path(c, j)).unwrap(),
+                std::fs::read(b.image_path(c, j)).unwrap(),
+                "caption {c} image {j}"
+            );
+        }
+    }
+    assert_eq!(temporaries(&dir), Vec::<PathBuf>::new());
+    std::fs::remove_dir_all(&dir).ok();
+}
