@@ -72,6 +72,7 @@ fn run() -> stablerep::Result<()> {
         resume: true,
         labelled_folder: false,
         source_size: None,
+        head_dim: 64,
     };
     let gpu = Gpu::new(&GpuOptions::default())?;
     train(

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use stablerep::demo::{train_mlp, DemoConfig};
 use stablerep::gpu::{adapter, Gpu, GpuOptions};
 use stablerep::world::demo::DemoConfig as WorldDemo;
@@ -487,7 +487,7 @@ impl WorldKind {
 }
 
 /// Learning-rate schedules.
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LrSchedule {
     /// Linear warmup, then cosine to zero.
     Cosine,
@@ -498,8 +498,10 @@ enum LrSchedule {
 fn main() -> ExitCode {
     quiet_wayland_probe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let given = given_flags(&matches);
+    match run(cli, &given) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -522,7 +524,83 @@ fn quiet_wayland_probe() {
     }
 }
 
-fn run(cli: Cli) -> stablerep::Result<()> {
+/// The flags given on the command line to the subcommand, by clap id (`fixed_batch`).
+type Given = std::collections::BTreeSet<String>;
+
+fn given_flags(m: &clap::ArgMatches) -> Given {
+    let Some((name, sub)) = m.subcommand() else {
+        return Given::new();
+    };
+    // Arguments only (clap also reports the variant's argument group).
+    let cmd = Cli::command();
+    let args: Vec<String> = cmd
+        .find_subcommand(name)
+        .map(|c| c.get_arguments().map(|a| a.get_id().to_string()).collect())
+        .unwrap_or_default();
+    sub.ids()
+        .map(|id| id.as_str())
+        .filter(|id| args.iter().any(|a| a == id))
+        .filter(|id| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        .map(str::to_string)
+        .collect()
+}
+
+fn flag(id: &str) -> String {
+    format!("--{}", id.replace('_', "-"))
+}
+
+/// Refuses any of `flags` that was given: `why` says why it would have no effect.
+fn refuse(given: &Given, flags: &[&str], why: &str) -> stablerep::Result<()> {
+    match flags.iter().find(|f| given.contains(**f)) {
+        Some(f) => Err(stablerep::Error::Config(format!("{} {why}", flag(f)))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses every given flag outside `allowed` (and the global `--adapter`): a flag a mode
+/// does not read is an error, never silently ignored.
+fn only(given: &Given, allowed: &[&str], mode: &str) -> stablerep::Result<()> {
+    match given
+        .iter()
+        .find(|g| g.as_str() != "adapter" && !allowed.contains(&g.as_str()))
+    {
+        Some(g) => Err(stablerep::Error::Config(format!(
+            "{} has no effect {mode}; leave it out",
+            flag(g)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// What `train --fixed-batch` reads; the model, its sizes and the start come from `--init`.
+const FIXED_BATCH_FLAGS: &[&str] = &[
+    "fixed_batch",
+    "init",
+    "method",
+    "captions_per_batch",
+    "images_per_caption",
+    "steps",
+    "lr",
+    "blr",
+    "lr_schedule",
+    "warmup_steps",
+    "weight_decay",
+    "temperature",
+    "head_dim",
+    "no_augment",
+    "out",
+];
+
+/// StableRep+'s text tower flags.
+const TEXT_FLAGS: &[&str] = &[
+    "text_width",
+    "text_layers",
+    "text_heads",
+    "text_context",
+    "embed_dim",
+];
+
+fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
     let opts = GpuOptions {
         adapter: cli.adapter.clone(),
         ..Default::default()
@@ -580,6 +658,22 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             use stablerep::diffusion::sampler::Kind;
             use stablerep::progress::{Bar, Stream};
             use std::time::Duration;
+            if captions.is_some() {
+                refuse(
+                    given,
+                    &["prompt", "save_latents", "save_tensor"],
+                    "is for a single --prompt; with --captions every caption is a prompt and the pool holds only PNGs",
+                )?;
+            } else {
+                refuse(
+                    given,
+                    &["shard", "resume"],
+                    "applies only to a pool (--captions FILE)",
+                )?;
+            }
+            if !sampler.eq_ignore_ascii_case("ddim") {
+                refuse(given, &["eta"], "applies only to --sampler ddim")?;
+            }
             let kind = Kind::parse(&sampler, eta)?;
             use stablerep::nn::checkpoint::{Checkpoint, HostTensor};
             let model = match model {
@@ -791,6 +885,38 @@ fn run(cli: Cli) -> stablerep::Result<()> {
             out,
         } => {
             use stablerep::train::schedule::Schedule;
+            if fixed_batch.is_some() {
+                only(
+                    given,
+                    FIXED_BATCH_FLAGS,
+                    "with --fixed-batch (the model and its start come from --init, the images from the batch)",
+                )?;
+            } else {
+                if method != Method::StablerepPlus {
+                    refuse(given, TEXT_FLAGS, "applies only to --method stablerep-plus")?;
+                }
+                if init.is_none() && !resume {
+                    refuse(
+                        given,
+                        &["head_dim"],
+                        "is read only with --init or --resume (to infer a checkpoint's heads)",
+                    )?;
+                }
+            }
+            if lr_schedule == LrSchedule::Constant {
+                refuse(
+                    given,
+                    &["warmup_steps"],
+                    "has no effect with --lr-schedule constant",
+                )?;
+            }
+            if blr.is_some() {
+                refuse(
+                    given,
+                    &["lr"],
+                    "and --blr both set the learning rate: pass one",
+                )?;
+            }
             // The paper's rule: StableRep sees m images of a caption once each; the SimCLR
             // control sees one image through m crops.
             let lr = match blr {
@@ -968,6 +1094,7 @@ fn run(cli: Cli) -> stablerep::Result<()> {
                 resume,
                 labelled_folder: labelled,
                 source_size: source_size.or(labelled.then(|| (img_size * 8).div_ceil(7))),
+                head_dim,
             };
             stablerep::train::pool_run::run(&gpu, &run, progress, &|| false)?;
             println!(

@@ -987,3 +987,134 @@ fn pool_generation_killed_with_sigkill_resumes_to_the_same_images() {
     assert_eq!(temporaries(&dir), Vec::<PathBuf>::new());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The long flags `stablerep <cmd> --help` lists (without --help and --adapter).
+fn flags_of(cmd: &str) -> Vec<String> {
+    let o = bin().args([cmd, "--help"]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let l = l.strip_prefix("-h, ").unwrap_or(l);
+            l.starts_with("--")
+                .then(|| l.split_whitespace().next().unwrap().to_string())
+        })
+        .filter(|f| f != "--help" && f != "--adapter" && f != "--version")
+        .collect()
+}
+
+/// A valid value for `flag` (None: a switch).
+fn value_for(flag: &str) -> Option<&'static str> {
+    Some(match flag {
+        "--resume" | "--no-augment" => return None,
+        "--method" => "simclr",
+        "--model" => "small",
+        "--lr-schedule" => "cosine",
+        "--pool" | "--images" | "--init" | "--fixed-batch" | "--out" => "somewhere",
+        "--lr" | "--blr" | "--weight-decay" | "--temperature" | "--epochs" => "0.5",
+        _ => "8",
+    })
+}
+
+#[test]
+fn every_train_flag_works_in_fixed_batch_mode_or_is_refused_by_name() {
+    // What `train --fixed-batch` reads; the rest must be refused, so a flag added later is
+    // refused here too until the mode really uses it.
+    let reads = [
+        "--fixed-batch",
+        "--init",
+        "--method",
+        "--captions-per-batch",
+        "--images-per-caption",
+        "--steps",
+        "--lr",
+        "--blr",
+        "--lr-schedule",
+        "--warmup-steps",
+        "--weight-decay",
+        "--temperature",
+        "--head-dim",
+        "--no-augment",
+        "--out",
+    ];
+    let flags = flags_of("train");
+    assert!(flags.len() >= 30, "{flags:?}");
+    let mut refused = 0;
+    for f in flags.iter().filter(|f| !reads.contains(&f.as_str())) {
+        let mut c = bin();
+        c.args([
+            "train",
+            "--fixed-batch",
+            "b.safetensors",
+            "--init",
+            "i.safetensors",
+        ]);
+        c.args(["--no-augment", "--out", "o", "--captions-per-batch", "2"]);
+        c.args(["--images-per-caption", "2", f]);
+        if let Some(v) = value_for(f) {
+            c.arg(v);
+        }
+        let o = c.output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{f} was accepted with --fixed-batch");
+        assert!(e.contains(f.as_str()), "{f}: {e}");
+        refused += 1;
+    }
+    assert!(refused >= 15, "only {refused} flags refused");
+    // In the pool mode, flags of other modes are refused the same way.
+    let pool = |extra: &[&str]| {
+        let o = bin()
+            .args([
+                "train",
+                "--pool",
+                "p",
+                "--out",
+                "o",
+                "--captions-per-batch",
+                "2",
+            ])
+            .args(["--images-per-caption", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    for f in [
+        "--text-width",
+        "--text-layers",
+        "--text-heads",
+        "--text-context",
+        "--embed-dim",
+    ] {
+        assert!(pool(&[f, "64"]).contains(f), "{f}");
+    }
+    assert!(pool(&["--head-dim", "32"]).contains("--head-dim"));
+    let e = pool(&["--lr-schedule", "constant", "--warmup-steps", "5"]);
+    assert!(e.contains("--warmup-steps"), "{e}");
+}
+
+#[test]
+fn generate_refuses_flags_of_the_other_mode() {
+    let gen = |extra: &[&str]| {
+        let o = bin()
+            .args(["generate", "--model", "nowhere", "--out", "o"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    for (f, v) in [
+        ("--save-latents", "l"),
+        ("--save-tensor", "t"),
+        ("--prompt", "p"),
+    ] {
+        let e = gen(&["--captions", "c.txt", f, v]);
+        assert!(e.contains(f) && e.contains("--captions"), "{e}");
+    }
+    assert!(gen(&["--prompt", "p", "--resume"]).contains("--resume"));
+    assert!(gen(&["--prompt", "p", "--shard", "0/2"]).contains("--shard"));
+    let e = gen(&["--prompt", "p", "--sampler", "euler", "--eta", "0.5"]);
+    assert!(e.contains("--eta") && e.contains("ddim"), "{e}");
+}

@@ -151,6 +151,7 @@ pub fn build_run(t: &TrainSettings, resume: bool) -> Result<PoolRun, String> {
         resume,
         labelled_folder: labelled,
         source_size: labelled.then(|| (t.img_size * 8).div_ceil(7)),
+        head_dim: 64,
     })
 }
 

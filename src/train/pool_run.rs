@@ -71,6 +71,14 @@ pub struct PoolRun {
     /// thread (images of any size); without it every image must have the first one's size.
     #[serde(default)]
     pub source_size: Option<usize>,
+    /// Width per attention head, to read an `init` (or resumed) checkpoint that stores no
+    /// model config (a converted official one): 64 in every timm ViT size.
+    #[serde(default = "default_head_dim")]
+    pub head_dim: usize,
+}
+
+fn default_head_dim() -> usize {
+    64
 }
 
 /// One decoded batch.
@@ -126,7 +134,15 @@ pub fn run(
         )
     };
     let model = if r.init.is_some() || start > 0 {
-        model_config(&ck, 64).unwrap_or(r.model)
+        // The checkpoint's own architecture (stored, or inferred with `head_dim`); one that
+        // can be read neither way is an error, not a silent switch to the flags' model.
+        let from = if start > 0 {
+            &last
+        } else {
+            r.init.as_ref().unwrap_or(&last)
+        };
+        model_config(&ck, r.head_dim)
+            .map_err(|e| Error::Config(format!("{}: cannot read its model: {e}", from.display())))?
     } else {
         r.model
     };

@@ -531,6 +531,7 @@ pub fn train_arm(
             resume: true,
             labelled_folder: false,
             source_size: None,
+            head_dim: 64,
         };
         pool_run::run(
             gpu,

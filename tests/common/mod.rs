@@ -291,6 +291,7 @@ pub fn settings(
         resume: true,
         labelled_folder: false,
         source_size: None,
+        head_dim: 64,
     }
 }
 
