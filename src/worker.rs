@@ -97,6 +97,12 @@ pub enum Job {
     },
     /// A report on the device (adapter, limits, features, memory in use); opens it if needed.
     Device,
+    /// Panics inside the worker with `message` (tests of the panic guard; not for users).
+    #[doc(hidden)]
+    PanicForTest {
+        /// The panic message.
+        message: String,
+    },
     /// Training from a pool (StableRep, its SimCLR control or StableRep+, as `run` says); a
     /// cancelled run checkpoints the steps done, so the same job with `resume` continues it
     /// (pause and resume).
@@ -241,6 +247,7 @@ pub struct Worker {
     cancelled: Arc<Mutex<HashSet<u64>>>,
     next: u64,
     thread: Option<JoinHandle<()>>,
+    opts: GpuOptions,
 }
 
 impl Worker {
@@ -250,6 +257,7 @@ impl Worker {
         let (event_tx, events) = channel();
         let cancelled = Arc::new(Mutex::new(HashSet::new()));
         let flags = cancelled.clone();
+        let keep = opts.clone();
         let thread = std::thread::Builder::new()
             .name("stablerep-gpu".into())
             .spawn(move || run(opts, job_rx, event_tx, flags))
@@ -260,7 +268,28 @@ impl Worker {
             cancelled,
             next: 1,
             thread: Some(thread),
+            opts: keep,
         }
+    }
+
+    /// Whether the worker thread is running. A job's panic is caught and reported as
+    /// `Failed` (the thread lives on), so this is false only after something worse.
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Starts a fresh worker thread if the old one is gone (queued jobs are lost: the caller
+    /// reports them failed); returns whether it did. Job ids keep counting.
+    pub fn respawn_if_dead(&mut self) -> bool {
+        if self.is_alive() {
+            return false;
+        }
+        let next = self.next;
+        let fresh = Worker::spawn(self.opts.clone());
+        let mut old = std::mem::replace(self, fresh);
+        old.thread.take();
+        self.next = next;
+        true
     }
 
     /// Queues a job; returns its id.
@@ -366,7 +395,23 @@ fn run(
             Err(Error::Cancelled)
         } else {
             send(Event::Started { job: id });
-            run_job(&mut state, id, &job, &send, &is_cancelled)
+            // A panic (a bug) fails the job, not the worker: the device and model are dropped
+            // (they may be mid-update) and the next job opens them afresh.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_job(&mut state, id, &job, &send, &is_cancelled)
+            }));
+            r.unwrap_or_else(|p| {
+                state.gpu = None;
+                state.model = None;
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(Error::Config(format!(
+                    "internal error (a bug; please report it): {msg}; the worker was restarted"
+                )))
+            })
         };
         send(match outcome {
             Ok(()) => Event::Finished {
@@ -396,6 +441,7 @@ fn run_job(
 ) -> Result<()> {
     let (model, config, options, scales) = match job {
         Job::Train { run } => return train(state, id, run, send, is_cancelled),
+        Job::PanicForTest { message } => panic!("{message}"),
         Job::Device => {
             let gpu = state.gpu()?;
             send(Event::Device {

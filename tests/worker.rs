@@ -312,3 +312,28 @@ fn worker_runs_generation_sweeps_and_training_cancels_and_reports_errors() {
     drop(w);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_panicking_job_fails_with_its_message_and_the_worker_takes_the_next_job() {
+    let mut w = Worker::spawn(GpuOptions::default());
+    let id = w.submit(Job::PanicForTest {
+        message: "boom in a kernel launch".into(),
+    });
+    let events = until_end(&w, id);
+    match events.last() {
+        Some(Event::Failed { error, .. }) => {
+            assert!(error.contains("boom in a kernel launch"), "{error}");
+            assert!(error.contains("internal error"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(w.is_alive());
+    assert!(!w.respawn_if_dead());
+    // The next job runs normally.
+    let id = w.submit(Job::Device);
+    let events = until_end(&w, id);
+    assert!(
+        matches!(events.last(), Some(Event::Finished { .. })),
+        "{events:?}"
+    );
+}

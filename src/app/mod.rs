@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::gpu::GpuOptions;
-use crate::worker::{Job, Worker};
+use crate::worker::{Event, Job, Worker};
 pub use settings::Settings;
 use widgets::{Browser, Notes};
 
@@ -225,7 +225,19 @@ impl App {
 
     /// Takes every event the worker has sent and hands it to the panel that owns the job.
     pub fn pump(&mut self) {
-        while let Some(e) = self.worker.try_recv() {
+        let mut events: Vec<Event> = std::iter::from_fn(|| self.worker.try_recv()).collect();
+        // A worker thread that died takes its queued jobs with it: they fail, and a fresh
+        // worker takes the next ones (the app never waits on a dead thread).
+        if self.worker.respawn_if_dead() {
+            let mut lost: Vec<u64> = self.owners.keys().copied().collect();
+            lost.retain(|id| !events.iter().any(|e| e.is_end() && e.job() == *id));
+            lost.sort();
+            events.extend(lost.into_iter().map(|job| Event::Failed {
+                job,
+                error: "the GPU worker stopped unexpectedly; it was restarted".into(),
+            }));
+        }
+        for e in events {
             let id = e.job();
             let Some(&panel) = self.owners.get(&id) else {
                 continue;
