@@ -785,7 +785,9 @@ pub fn shard_range(captions: usize, shard: (usize, usize)) -> Result<std::ops::R
             "--shard {i}/{n}: want i/N with 0 <= i < N"
         )));
     }
-    Ok(i * captions / n..(i + 1) * captions / n)
+    // In 128 bits: i * captions overflows usize for a huge shard index.
+    let at = |k: usize| (k as u128 * captions as u128 / n as u128) as usize;
+    Ok(at(i)..at(i + 1))
 }
 
 /// Where pool generation stands.

@@ -28,7 +28,11 @@ impl PerBlock {
     fn get(&self, i: usize) -> usize {
         match self {
             PerBlock::One(v) => *v,
-            PerBlock::List(v) => v[i.min(v.len() - 1)],
+            // An empty list is refused by `UNetConfig::from_json`; 0 heads fail there too.
+            PerBlock::List(v) => v
+                .get(i.min(v.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0),
         }
     }
 }
@@ -96,6 +100,24 @@ impl UNetConfig {
             .map_err(|e| Error::Config(format!("{origin}: not a UNet config: {e}")))?;
         let bad = |what: String| Err(Error::Config(format!("{origin}: {what}")));
         let n = c.block_out_channels.len();
+        if n > 8 {
+            return bad(format!(
+                "{n} block_out_channels: at most 8 levels are supported (SD uses 4)"
+            ));
+        }
+        for (name, v) in [
+            ("attention_head_dim", Some(&c.attention_head_dim)),
+            ("num_attention_heads", c.num_attention_heads.as_ref()),
+        ] {
+            if let Some(PerBlock::List(l)) = v {
+                if l.len() != n {
+                    return bad(format!(
+                        "{name} lists {} values for {n} blocks (want one per block)",
+                        l.len()
+                    ));
+                }
+            }
+        }
         if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
             return bad(format!(
                 "{n} block_out_channels, {} down and {} up block types (must agree)",

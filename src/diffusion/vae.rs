@@ -45,12 +45,13 @@ impl VaeConfig {
         let c: VaeConfig = serde_json::from_str(text)
             .map_err(|e| Error::Config(format!("{origin}: not a VAE config: {e}")))?;
         if c.block_out_channels.is_empty()
+            || c.block_out_channels.len() > 8
             || c.block_out_channels
                 .iter()
                 .any(|&ch| ch == 0 || !ch.is_multiple_of(c.norm_num_groups))
         {
             return Err(Error::Config(format!(
-                "{origin}: block_out_channels {:?} must be non-empty multiples of norm_num_groups {}",
+                "{origin}: block_out_channels {:?} must be 1 to 8 multiples of norm_num_groups {}",
                 c.block_out_channels, c.norm_num_groups
             )));
         }

@@ -154,7 +154,23 @@ pub fn infer_config(ckpt: &Checkpoint, prefix: &str, head_dim: usize) -> Result<
             "unexpected patch or position embedding shape".into(),
         ));
     }
+    if head_dim == 0 {
+        return Err(Error::Config(
+            "--head-dim must be at least 1 (64 in every timm ViT size)".into(),
+        ));
+    }
     let (width, patch) = (pe.shape[0], pe.shape[2]);
+    if pos.shape[1] < 2 || width == 0 || patch == 0 {
+        return Err(Error::Config(format!(
+            "{prefix}pos_embed {:?} and patch_embed {:?}: want a class token and at least one patch",
+            pos.shape, pe.shape
+        )));
+    }
+    if !width.is_multiple_of(head_dim) {
+        return Err(Error::Config(format!(
+            "width {width} is not a multiple of --head-dim {head_dim}"
+        )));
+    }
     let tokens = pos.shape[1] - 1;
     let side = (tokens as f64).sqrt().round() as usize;
     if side * side != tokens {
@@ -173,7 +189,7 @@ pub fn infer_config(ckpt: &Checkpoint, prefix: &str, head_dim: usize) -> Result<
         patch,
         width,
         depth,
-        heads: (width / head_dim).max(1),
+        heads: width / head_dim,
         mlp: fc1.shape[0],
     })
 }
