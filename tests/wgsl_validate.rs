@@ -1,5 +1,6 @@
-//! Every WGSL variant the kernel launchers can produce parses and validates with naga,
-//! without a GPU.
+//! Every WGSL variant the kernel launchers can produce parses and validates with naga, and
+//! translates to the shading languages of the backends this code has never run on: MSL
+//! (Metal), HLSL (DX12) and SPIR-V (Vulkan), within Metal's buffer limit.
 
 use stablerep::kernels::catalog;
 
@@ -56,4 +57,114 @@ fn every_shader_file_is_registered() {
             "shaders/{name} is not in kernels::source::TEMPLATES"
         );
     }
+}
+
+/// naga capabilities of the features the adapter really has (what `Gpu::new` requests), as
+/// wgpu grants them to shaders.
+fn adapter_capabilities(
+    features: wgpu::Features,
+    downlevel: wgpu::DownlevelFlags,
+) -> naga::valid::Capabilities {
+    use naga::valid::Capabilities as C;
+    let mut c = C::empty();
+    if downlevel.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32) {
+        c |= C::SHADER_FLOAT16_IN_FLOAT32;
+    }
+    if features.contains(wgpu::Features::SHADER_F16) {
+        c |= C::SHADER_FLOAT16;
+    }
+    if features.contains(wgpu::Features::SUBGROUP) {
+        c |= C::SUBGROUP;
+    }
+    c
+}
+
+/// Metal gives a stage 31 buffer slots and wgpu takes one for its buffer-sizes table.
+const METAL_BUFFERS: usize = 30;
+
+#[test]
+fn every_kernel_variant_translates_to_msl_hlsl_and_spirv() {
+    let gpu = stablerep::gpu::Gpu::new(&stablerep::gpu::GpuOptions::default()).expect("adapter");
+    let features = gpu.device.features();
+    let adapter = stablerep::gpu::adapter::choose(None).expect("adapter");
+    let caps = adapter_capabilities(features, adapter.get_downlevel_capabilities().flags);
+    let variants = catalog::all_variants().expect("catalog builds");
+    let (mut failures, mut skipped, mut done) = (Vec::new(), 0, 0);
+    for d in &variants {
+        let src = d.source().expect("template renders");
+        let module = naga::front::wgsl::parse_str(&src).expect("parses (checked above)");
+        let info = match naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+            .validate(&module)
+        {
+            Ok(i) => i,
+            Err(e) => {
+                // A variant needing a feature this adapter lacks is never launched here.
+                let all = naga::valid::Validator::new(
+                    naga::valid::ValidationFlags::all(),
+                    naga::valid::Capabilities::all(),
+                )
+                .validate(&module);
+                if all.is_ok() && caps != naga::valid::Capabilities::all() {
+                    if std::env::var("SHOW_SKIPPED").is_ok() {
+                        eprintln!("{}: {}", d.key, e.emit_to_string(&src));
+                    }
+                    skipped += 1;
+                    continue;
+                }
+                failures.push(format!("{}: validate: {}", d.key, e.emit_to_string(&src)));
+                continue;
+            }
+        };
+        let buffers = module
+            .global_variables
+            .iter()
+            .filter(|(_, v)| v.binding.is_some())
+            .count();
+        if buffers > METAL_BUFFERS {
+            failures.push(format!(
+                "{}: {buffers} bindings, Metal allows {METAL_BUFFERS}",
+                d.key
+            ));
+        }
+        let msl = naga::back::msl::Options {
+            lang_version: (2, 4),
+            ..Default::default()
+        };
+        if let Err(e) = naga::back::msl::write_string(
+            &module,
+            &info,
+            &msl,
+            &naga::back::msl::PipelineOptions::default(),
+        ) {
+            failures.push(format!("{}: MSL: {e}", d.key));
+        }
+        let hlsl = naga::back::hlsl::Options {
+            shader_model: naga::back::hlsl::ShaderModel::V6_2,
+            ..Default::default()
+        };
+        let pipeline = naga::back::hlsl::PipelineOptions::default();
+        let mut out = String::new();
+        if let Err(e) =
+            naga::back::hlsl::Writer::new(&mut out, &hlsl, &pipeline).write(&module, &info, None)
+        {
+            failures.push(format!("{}: HLSL: {e}", d.key));
+        }
+        if let Err(e) =
+            naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+        {
+            failures.push(format!("{}: SPIR-V: {e}", d.key));
+        }
+        done += 1;
+    }
+    assert!(
+        failures.is_empty(),
+        "{} kernels do not translate:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        done > 60,
+        "only {done} variants translated ({skipped} skipped)"
+    );
+    eprintln!("{done} variants translated to MSL, HLSL and SPIR-V; {skipped} need features this adapter lacks");
 }
