@@ -198,7 +198,7 @@ pub fn sum_to(
             template: "sum_to",
             subst: vec![("TY", super::elem_ty(vec).into())],
             uniform: uniform(&w),
-            bindings: vec![bx.clone(), by.clone()],
+            bindings: vec![bx, by],
             groups,
         });
     }
@@ -523,7 +523,7 @@ pub fn gather_grad(
                 j0 as u32,
                 u32::from(j0 > 0),
             ]),
-            bindings: vec![bi.clone(), bd.clone(), by.clone()],
+            bindings: vec![bi, bd, by],
             groups,
         })
         .collect())

@@ -72,7 +72,7 @@ pub fn reduce(
                 t1 as u32,
                 u32::from(t0 > 0),
             ]),
-            bindings: vec![bx.clone(), by.clone()],
+            bindings: vec![bx, by],
             groups,
         })
         .collect())
