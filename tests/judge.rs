@@ -1,6 +1,5 @@
 //! The fidelity judge and the supervised trainer under it: the shipped judge reads held-out
-//! renders' colours and backgrounds as accurately as the demo needs (its shapes only above
-//! chance: see docs/world.md); fidelity scores images against the captions they are given
+//! renders' shapes, colours and backgrounds (docs/world.md); fidelity scores images against the captions they are given
 //! (right captions high, wrong captions low); a file that is not a judge is refused by name;
 //! supervised training learns and resumes exactly.
 
@@ -25,10 +24,10 @@ fn shipped_judge_reads_held_out_renders() {
     // Layouts and captions it never trained on (its training used layout seed 0x1D6E).
     let acc = accuracy(&judge, 600, 777).unwrap();
     for (kind, a) in acc {
-        // The target for shape is 0.90; the shipped judge reaches about 0.29 (chance
-        // 1/6), which is what this checks until a better one ships.
+        // The target for shape is 0.90; the shipped judge reads 88.5 % on its own
+        // held-out set (chance 1/6), colour 99.4 %, background 100 % (docs/world.md).
         let want = match kind {
-            LabelKind::Shape => 0.24,
+            LabelKind::Shape => 0.80,
             _ => 0.95,
         };
         assert!(a >= want, "held-out {kind:?} accuracy {a:.3} < {want}");
