@@ -1,4 +1,4 @@
-//! Trains the mini-world's fidelity judge (`world::judge::recipe`): a ViT with shape, colour
+//! Trains the mini-world's fidelity judge (`world::judge::recipe`): a small CNN with shape, colour
 //! and background heads on fresh renders of the simple world. Resumable: run it again with
 //! the same OUT to continue. Then it measures the judge on 1,000 held-out renders and writes
 //! OUT/judge.safetensors (parameters and recipe, no optimizer state); copy that to

@@ -34,6 +34,7 @@ const CHUNK: usize = 64;
 /// twice), crops of 50 - 100 % of the image and flips (no colour changes: colours are
 /// labels). A CNN, not a ViT: at this size and budget a ViT barely learns shapes (PyTorch:
 /// 34 - 37 % after 1,000 supervised steps), the same CNN in PyTorch reached 82 % after 600.
+/// The colour and background losses weigh 0.1 each: at full weight they kept shape near 30 %.
 pub fn recipe() -> SupervisedRun {
     SupervisedRun {
         world: World::Simple,
