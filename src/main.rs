@@ -910,13 +910,6 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                     "has no effect with --lr-schedule constant",
                 )?;
             }
-            if blr.is_some() {
-                refuse(
-                    given,
-                    &["lr"],
-                    "and --blr both set the learning rate: pass one",
-                )?;
-            }
             // The paper's rule: StableRep sees m images of a caption once each; the SimCLR
             // control sees one image through m crops.
             let lr = match blr {

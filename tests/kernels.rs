@@ -6,27 +6,12 @@ mod common;
 use std::collections::HashMap;
 
 use common::{assert_close, gpu, input, run_cpu, run_gpu, Feeds, Rng};
-use stablerep::graph::{DType, Graph, NodeId};
+use stablerep::graph::{DType, Graph};
 use stablerep::kernels::catalog::{binary_ops, unary_ops};
 use stablerep::kernels::elementwise::{BinaryOp, UnaryOp};
 use stablerep::kernels::reduce::{ReduceOp, RowOp};
 
-fn check(
-    what: &str,
-    g: &Graph,
-    feeds: &Feeds,
-    params: &HashMap<String, Vec<f64>>,
-    outs: &[NodeId],
-    rtol: f64,
-    atol: f64,
-) {
-    let (gpu, _lock) = gpu();
-    let got = run_gpu(&gpu, g, feeds, params, outs);
-    let want = run_cpu(g, feeds, params, outs);
-    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert_close(&format!("{what} output {k}"), a, b, rtol, atol);
-    }
-}
+use common::gpu_matches_cpu as check;
 
 #[test]
 fn matmul_all_layouts_random_shapes() {

@@ -8,17 +8,12 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{assert_close, gpu, input, run_cpu, run_gpu, Feeds, Rng};
+use common::{input, Feeds, Rng};
 use stablerep::graph::{Graph, NodeId};
 use stablerep::kernels::reduce::ReduceOp;
 
 fn check(what: &str, g: &Graph, feeds: &Feeds, outs: &[NodeId], rtol: f64, atol: f64) {
-    let (gpu, _lock) = gpu();
-    let got = run_gpu(&gpu, g, feeds, &HashMap::new(), outs);
-    let want = run_cpu(g, feeds, &HashMap::new(), outs);
-    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert_close(&format!("{what} output {k}"), a, b, rtol, atol);
-    }
+    common::gpu_matches_cpu(what, g, feeds, &HashMap::new(), outs, rtol, atol);
 }
 
 #[test]
@@ -88,6 +83,15 @@ fn matmul_with_a_long_contraction() {
         let c = g.matmul_t(a, b, ta, false).unwrap();
         check(&format!("matmul {m}x{n}x{k}"), &g, &f, &[c], 1e-4, 5e-2);
     }
+}
+
+#[test]
+fn an_f16_weight_with_a_too_long_contraction_is_refused() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[2, 40_000]);
+    let w = g.param_f16("w", &[3, 40_000]);
+    let e = g.matmul_t(x, w, false, true).unwrap_err().to_string();
+    assert!(e.contains("contraction of 40000"), "{e}");
 }
 
 #[test]

@@ -405,7 +405,15 @@ impl Graph {
                 format!("batch dims must match ({ba:?} vs {bb:?}); a 2-D right operand is shared only when the left one is not transposed"),
             ));
         }
-        if ka > MATMUL_K_CHUNK && f32s.len() == 2 {
+        if ka > MATMUL_K_CHUNK && f32s.len() != 2 {
+            // f16 weights are never this long in K (SD's longest is 11,520); splitting them
+            // would need f16 slices, so refuse rather than risk a truncated sum.
+            return Err(Error::shape(
+                "matmul",
+                format!("an f16 operand with a contraction of {ka} (at most {MATMUL_K_CHUNK})"),
+            ));
+        }
+        if ka > MATMUL_K_CHUNK {
             // A long contraction (weight gradients over batch x positions) runs as a sum of
             // matmuls over K chunks: the kernel loops over K serially in each invocation,
             // and llvmpipe ends loops after 65,535 iterations (see `kernels::LOOP_CHUNK`).

@@ -313,3 +313,22 @@ pub fn make_labelled(dir: &std::path::Path) {
         }
     }
 }
+
+/// Runs `outs` of `g` on the GPU and on the f64 CPU reference and asserts they agree within
+/// `rtol`/`atol` (see [`assert_close`]).
+pub fn gpu_matches_cpu(
+    what: &str,
+    g: &Graph,
+    feeds: &Feeds,
+    params: &HashMap<String, Vec<f64>>,
+    outs: &[NodeId],
+    rtol: f64,
+    atol: f64,
+) {
+    let (gpu, _lock) = gpu();
+    let got = run_gpu(&gpu, g, feeds, params, outs);
+    let want = run_cpu(g, feeds, params, outs);
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("{what} output {k}"), a, b, rtol, atol);
+    }
+}
