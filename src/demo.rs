@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use crate::data::sampler::Rng;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, DType, Graph, ParamStore, Plan, PlanOptions, PlanStats};
 use crate::kernels::elementwise::UnaryOp;
 use crate::kernels::optim::AdamW;
+use crate::util::rng::Rng;
 
 /// Settings of the demo run.
 #[derive(Clone, Debug)]

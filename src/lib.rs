@@ -27,6 +27,7 @@ pub mod plot;
 pub mod progress;
 pub mod text;
 pub mod train;
+pub mod util;
 pub mod worker;
 pub mod world;
 

@@ -244,6 +244,10 @@ enum Cmd {
         /// Output folder (checkpoint-last.safetensors, metrics.jsonl).
         #[arg(long)]
         out: std::path::PathBuf,
+        /// With --fixed-batch: write the first step's gradients here (safetensors, f32, under
+        /// the parameters' names), to compare with PyTorch's.
+        #[arg(long)]
+        save_grads: Option<std::path::PathBuf>,
     },
     /// Write the CLS features of normalized images with a checkpoint's encoder.
     Embed {
@@ -589,6 +593,7 @@ const FIXED_BATCH_FLAGS: &[&str] = &[
     "head_dim",
     "no_augment",
     "out",
+    "save_grads",
 ];
 
 /// StableRep+'s text tower flags.
@@ -837,11 +842,27 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             out,
             head_dim,
         } => {
-            use stablerep::train::embed;
+            use stablerep::models::features;
             let gpu = Gpu::new(&opts)?;
             let n = match input_tensor {
-                Some(input) => embed::embed_files(&gpu, &checkpoint, &input, &out, head_dim)?,
-                None => embed::embed_images(&gpu, &checkpoint, &images, &out, head_dim)?,
+                Some(input) => features::embed_files(&gpu, &checkpoint, &input, &out, head_dim)?,
+                None => {
+                    let mut bar = stablerep::progress::Bar::new(
+                        images.len() as u64,
+                        stablerep::progress::Stream::Stderr,
+                        std::time::Duration::from_secs(5),
+                    );
+                    features::embed_images(
+                        &gpu,
+                        &checkpoint,
+                        &images,
+                        &out,
+                        head_dim,
+                        |done, total| {
+                            bar.update(done as u64, &format!("embedded {done}/{total} images"));
+                        },
+                    )?
+                }
             };
             println!("wrote {n} feature vectors to {}", out.display());
             Ok(())
@@ -883,8 +904,9 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             temperature,
             head_dim,
             out,
+            save_grads,
         } => {
-            use stablerep::train::schedule::Schedule;
+            use stablerep::nn::schedule::Schedule;
             if fixed_batch.is_some() {
                 only(
                     given,
@@ -892,6 +914,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                     "with --fixed-batch (the model and its start come from --init, the images from the batch)",
                 )?;
             } else {
+                refuse(given, &["save_grads"], "applies only to --fixed-batch")?;
                 if method != Method::StablerepPlus {
                     refuse(given, TEXT_FLAGS, "applies only to --method stablerep-plus")?;
                 }
@@ -919,8 +942,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                     } else {
                         (images_per_caption, 1)
                     };
-                    let peak =
-                        stablerep::train::schedule::peak_lr(b, captions_per_batch, imgs, crops);
+                    let peak = stablerep::nn::schedule::peak_lr(b, captions_per_batch, imgs, crops);
                     println!("peak learning rate {peak:.4e} (base {b:e}, the paper's rule)");
                     peak
                 }
@@ -1016,6 +1038,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                     head_dim,
                     plus: method == Method::StablerepPlus,
                     out,
+                    save_grads,
                 };
                 let report = stablerep::train::fixed::run(&gpu, &run, progress)?;
                 println!("wrote {}", report.checkpoint.display());
@@ -1061,7 +1084,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             };
             let run = stablerep::train::pool_run::PoolRun {
                 pool,
-                model: stablerep::train::fixed::ModelConfig {
+                model: stablerep::models::config::ModelConfig {
                     vit,
                     head: stablerep::models::stablerep::HeadConfig {
                         hidden: head_hidden,

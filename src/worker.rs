@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::data::folder::LabelledFolder;
 use crate::diffusion::model::{generate_pool, GenerateOptions, Generator, SdModel};
 use crate::error::{Error, Result};
-use crate::eval::folder::LabelledFolder;
 use crate::eval::{probe, retrieval};
 use crate::gpu::{DeviceReport, Gpu, GpuOptions};
 use crate::nn::checkpoint::Checkpoint;

@@ -105,6 +105,149 @@ fn fixed_batch_training_matches_the_pytorch_step() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `train --fixed-batch --save-grads`: the first step's gradients match PyTorch's element by
+/// element (1e-4 of the tensor's largest gradient), and the weights after three AdamW steps
+/// match too (after one step an update is about -lr * sign(g); after three, the moments carry
+/// the gradients' sizes).
+#[test]
+fn fixed_batch_gradients_and_three_steps_match_pytorch() {
+    let fx = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train_step.safetensors"),
+    )
+    .unwrap();
+    let dir = tmp("grads");
+    let mut init = Checkpoint::default();
+    let mut batch = Checkpoint::default();
+    for (name, t) in &fx.tensors {
+        if let Some(k) = name.strip_prefix("before.") {
+            init.tensors.insert(k.to_string(), t.clone());
+        }
+    }
+    batch
+        .tensors
+        .insert("images".into(), fx.get("images", None).unwrap().clone());
+    init.save(&dir.join("init.safetensors")).unwrap();
+    batch.save(&dir.join("batch.safetensors")).unwrap();
+    let out = bin()
+        .args(["train", "--init"])
+        .arg(dir.join("init.safetensors"))
+        .arg("--fixed-batch")
+        .arg(dir.join("batch.safetensors"))
+        .args(["--captions-per-batch", "4", "--images-per-caption", "3"])
+        .args(["--steps", "3", "--no-augment", "--lr-schedule", "constant"])
+        .args(["--lr", "1e-3", "--weight-decay", "0.1", "--head-dim", "16"])
+        .arg("--save-grads")
+        .arg(dir.join("grads.safetensors"))
+        .arg("--out")
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The losses of the three steps.
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    let want_losses = &fx.get("losses3", None).unwrap().data;
+    for (line, want) in metrics.lines().zip(want_losses) {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        let got = m["loss"].as_f64().unwrap();
+        assert!(
+            (got - *want as f64).abs() < 1e-5 * (*want as f64).abs().max(1.0),
+            "{m} vs {want}"
+        );
+    }
+    assert_eq!(metrics.lines().count(), 3);
+    // Gradients, element by element.
+    let grads = Checkpoint::load(&dir.join("grads.safetensors")).unwrap();
+    let global = fx
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("grad."))
+        .flat_map(|(_, t)| t.data.iter())
+        .fold(0.0f32, |a, v| a.max(v.abs()));
+    let mut compared = 0;
+    for (name, want) in &fx.tensors {
+        let Some(key) = name.strip_prefix("grad.") else {
+            continue;
+        };
+        let got = grads
+            .tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("no gradient for {key} in the --save-grads file"));
+        assert_eq!(got.shape, want.shape, "{key}: shape");
+        // A gradient that is zero in exact arithmetic (a bias right before BatchNorm, the final
+        // norm's bias, whose shift BatchNorm removes) is rounding noise on both sides: there
+        // both must stay noise-sized (1e-5 of the largest gradient anywhere).
+        let largest = want.data.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let noise = 1e-5 * global;
+        for (i, (g, w)) in got.data.iter().zip(&want.data).enumerate() {
+            if largest <= noise {
+                assert!(
+                    g.abs() <= noise,
+                    "{key}[{i}]: gradient {g}, PyTorch's is noise ({w})"
+                );
+            } else {
+                assert!(
+                    (g - w).abs() <= 1e-4 * largest,
+                    "{key}[{i}]: gradient {g} vs PyTorch {w} (largest {largest})"
+                );
+            }
+        }
+        compared += 1;
+    }
+    assert_eq!(
+        compared,
+        grads.tensors.len(),
+        "gradients PyTorch does not have"
+    );
+    assert!(compared >= 40, "only {compared} gradients compared");
+    // Weights (and BatchNorm running statistics) after three steps, as updates.
+    let after = Checkpoint::load(&dir.join("run/checkpoint-last.safetensors")).unwrap();
+    assert_eq!(after.metadata.get("step").map(String::as_str), Some("3"));
+    let mut compared = 0;
+    for (name, want) in &fx.tensors {
+        let Some(key) = name.strip_prefix("after3.") else {
+            continue;
+        };
+        let before = &fx.get(&format!("before.{key}"), None).unwrap().data;
+        let got = &after.get(key, None).unwrap().data;
+        // Elements whose gradient is noise (see above) take noise-driven steps: only their size
+        // is bounded (three steps of at most lr each, plus weight decay).
+        let noise: Vec<bool> = match fx.tensors.get(&format!("grad.{key}")) {
+            Some(gr) => gr.data.iter().map(|v| v.abs() <= 1e-5 * global).collect(),
+            None => vec![false; want.data.len()],
+        };
+        // BatchNorm's running means sum the batch means of what follows those noise-driven
+        // parameters (the head's biases; the final norm's bias through layer1): PyTorch's own
+        // three-step running means move by 4.4e-3 (bn1) and 1.3e-3 (bn2) when the signs of that
+        // rounding noise are flipped, so they get that much room.
+        let room = if key.ends_with("running_mean") {
+            5e-3
+        } else {
+            0.0
+        };
+        for i in 0..got.len() {
+            let (du, dw) = (got[i] - before[i], want.data[i] - before[i]);
+            if noise[i] {
+                assert!(
+                    du.abs() <= 3.03e-3 * (1.0 + 0.1 * before[i].abs()),
+                    "{key}[{i}]"
+                );
+                continue;
+            }
+            assert!(
+                (du - dw).abs() <= 3e-3 * dw.abs() + 3e-6 + room,
+                "{key}[{i}]: update after three steps {du} vs PyTorch {dw}"
+            );
+        }
+        compared += 1;
+    }
+    assert!(compared >= 40, "only {compared} tensors compared");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn train_errors_name_the_problem() {
     let dir = tmp("errors");
@@ -189,8 +332,8 @@ fn embed_writes_the_timm_features() {
     }
     // Image files go through the evaluation transform; two files give two feature rows.
     let img: Vec<f32> = (0..3 * 40 * 40).map(|i| (i % 97) as f32 / 96.0).collect();
-    stablerep::data::pool::save_rgb(&dir.join("a.png"), 40, 40, &img).unwrap();
-    stablerep::data::pool::save_rgb(
+    stablerep::util::image::save_rgb(&dir.join("a.png"), 40, 40, &img).unwrap();
+    stablerep::util::image::save_rgb(
         &dir.join("b.png"),
         40,
         40,
@@ -222,7 +365,7 @@ fn embed_writes_the_timm_features() {
 
 #[test]
 fn probe_knn_and_fewshot_on_labelled_folders() {
-    use stablerep::data::pool::save_rgb;
+    use stablerep::util::image::save_rgb;
     let fx = Checkpoint::load(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit_tiny.safetensors"),
     )
@@ -693,7 +836,7 @@ fn world_writes_pools_and_labelled_folders() {
     );
     let pool = stablerep::data::pool::Pool::open(&dir.join("pool")).unwrap();
     assert_eq!((pool.captions.len(), pool.images_per_caption()), (5, 2));
-    let (h, w, _) = stablerep::data::pool::load_rgb(&pool.image_path(4, 1)).unwrap();
+    let (h, w, _) = stablerep::util::image::load_rgb(&pool.image_path(4, 1)).unwrap();
     assert_eq!((h, w), (16, 16));
     let first = &pool.captions[0].text;
     assert_eq!(first, &stablerep::world::descriptions(5, 0)[0].caption());
@@ -716,7 +859,7 @@ fn world_writes_pools_and_labelled_folders() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let f = stablerep::eval::folder::LabelledFolder::open(&dir.join("labelled")).unwrap();
+    let f = stablerep::data::folder::LabelledFolder::open(&dir.join("labelled")).unwrap();
     assert_eq!(f.items.len(), 20);
     assert!(f
         .classes
@@ -1036,6 +1179,7 @@ fn every_train_flag_works_in_fixed_batch_mode_or_is_refused_by_name() {
         "--head-dim",
         "--no-augment",
         "--out",
+        "--save-grads",
     ];
     let flags = flags_of("train");
     assert!(flags.len() >= 30, "{flags:?}");
@@ -1090,6 +1234,7 @@ fn every_train_flag_works_in_fixed_batch_mode_or_is_refused_by_name() {
         assert!(pool(&[f, "64"]).contains(f), "{f}");
     }
     assert!(pool(&["--head-dim", "32"]).contains("--head-dim"));
+    assert!(pool(&["--save-grads", "g.safetensors"]).contains("--save-grads"));
     let e = pool(&["--lr-schedule", "constant", "--warmup-steps", "5"]);
     assert!(e.contains("--warmup-steps"), "{e}");
 }
@@ -1117,4 +1262,101 @@ fn generate_refuses_flags_of_the_other_mode() {
     assert!(gen(&["--prompt", "p", "--shard", "0/2"]).contains("--shard"));
     let e = gen(&["--prompt", "p", "--sampler", "euler", "--eta", "0.5"]);
     assert!(e.contains("--eta") && e.contains("ddim"), "{e}");
+}
+
+/// Runs `c` to the end and returns (success, peak resident memory in KiB, stderr), reading the
+/// child's `VmHWM` from /proc while it runs.
+fn run_with_peak_rss(mut c: Command) -> (bool, u64, String) {
+    let mut child = c
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let status = loop {
+        if let Ok(s) = std::fs::read_to_string(&status_file) {
+            if let Some(kb) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kb);
+            }
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child.stderr.take().unwrap().read_to_string(&mut err).ok();
+    (status.success(), peak, err)
+}
+
+/// `embed --images` streams: embedding ten times as many images does not raise the peak
+/// resident memory by more than a fraction of what their pixels would take (4,000 images at
+/// 32 x 32 are 49 MB as f32 tensors; the features are 0.5 MB).
+#[test]
+fn embedding_many_images_keeps_memory_bounded() {
+    if !Path::new("/proc/self/status").exists() {
+        return; // VmHWM is Linux's
+    }
+    let fx = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit_tiny.safetensors"),
+    )
+    .unwrap();
+    let dir = tmp("rss");
+    let mut ck = Checkpoint::default();
+    for (k, t) in &fx.tensors {
+        if k.starts_with("visual.") {
+            ck.tensors.insert(k.clone(), t.clone());
+        }
+    }
+    ck.save(&dir.join("ck.safetensors")).unwrap();
+    let n = 4000;
+    let paths: Vec<PathBuf> = (0..n)
+        .map(|i| {
+            let p = dir.join(format!("img/{i:05}.png"));
+            let img: Vec<f32> = (0..3 * 40 * 40)
+                .map(|j| ((i * 7 + j) % 101) as f32 / 100.0)
+                .collect();
+            stablerep::util::image::save_rgb(&p, 40, 40, &img).unwrap();
+            p
+        })
+        .collect();
+    let embed = |count: usize, out: &str| {
+        let mut c = bin();
+        c.arg("embed")
+            .arg("--checkpoint")
+            .arg(dir.join("ck.safetensors"))
+            .args(["--head-dim", "16", "--out"])
+            .arg(dir.join(out))
+            .arg("--images")
+            .args(&paths[..count]);
+        let (ok, peak, err) = run_with_peak_rss(c);
+        assert!(ok, "{err}");
+        peak
+    };
+    let small = embed(n / 10, "small.safetensors");
+    let large = embed(n, "large.safetensors");
+    let f = Checkpoint::load(&dir.join("large.safetensors")).unwrap();
+    let feats = f.get("features", Some(&[n, 32])).unwrap();
+    // The first rows are the small run's (same images, same order; the last chunk's batch
+    // size differs, so allow rounding).
+    let s = Checkpoint::load(&dir.join("small.safetensors")).unwrap();
+    let fs = &s.get("features", Some(&[n / 10, 32])).unwrap().data;
+    for (i, (a, b)) in feats.data.iter().zip(fs).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+            "feature {i}: {a} vs {b}"
+        );
+    }
+    assert!(
+        large <= small + 16 * 1024,
+        "peak RSS {small} KiB for {} images, {large} KiB for {n}",
+        n / 10
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

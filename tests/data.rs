@@ -1,8 +1,9 @@
 //! Synthetic pools in the official layout: written with procedural images, read back, decoded.
 
 use stablerep::data::csv;
-use stablerep::data::pool::{load_rgb, relpath, save_rgb, Pool};
+use stablerep::data::pool::{relpath, Pool};
 use stablerep::data::sampler::Sampler;
+use stablerep::util::image::{load_rgb, save_rgb};
 
 #[test]
 fn a_pool_in_the_official_layout_reads_back() {

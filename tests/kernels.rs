@@ -522,7 +522,7 @@ fn long_reductions_run_in_two_stages() {
 #[test]
 fn augmentation_pipeline_matches_the_reference() {
     use stablerep::data::augment::{sample, AugmentConfig};
-    use stablerep::data::sampler::Rng as SRng;
+    use stablerep::util::rng::Rng as SRng;
     let mut rng = Rng(23);
     let (b, h, w, size) = (6, 20, 24, 12);
     let mut g = Graph::new();
@@ -725,7 +725,7 @@ fn group_norm_kernels_match_the_cpu_on_awkward_shapes() {
 
 #[test]
 fn matmul_reads_f16_weights_on_awkward_shapes() {
-    use stablerep::nn::checkpoint::{f16_to_f32, f32_to_f16};
+    use stablerep::util::f16::{f16_to_f32, f32_to_f16};
     let (gpu, _lock) = gpu();
     let mut rng = Rng(404);
     // (m, n, k, weight is A): N a multiple of 4 takes the subgroup kernel on lavapipe, an odd

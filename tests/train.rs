@@ -5,10 +5,11 @@ mod common;
 
 use common::{gpu, make_pool, settings};
 use stablerep::data::csv;
-use stablerep::data::pool::{relpath, save_rgb};
+use stablerep::data::pool::relpath;
 use stablerep::models::vit::VitConfig;
+use stablerep::nn::schedule::Schedule;
 use stablerep::train::pool_run::run;
-use stablerep::train::schedule::Schedule;
+use stablerep::util::image::save_rgb;
 
 #[test]
 fn training_from_a_pool_lowers_the_loss_and_resumes_exactly() {
@@ -190,7 +191,7 @@ fn train_command_runs_stablerep_and_the_simclr_control_from_a_pool() {
             assert!(ck
                 .tensors
                 .contains_key("transformer.resblocks.0.attn.in_proj_weight"));
-            let cfg = stablerep::train::fixed::model_config(&ck, 64).unwrap();
+            let cfg = stablerep::models::config::model_config(&ck, 64).unwrap();
             assert_eq!(cfg.plus.map(|p| (p.text.width, p.embed)), Some((16, 8)));
         }
         let lines = std::fs::read_to_string(root.join(method).join("metrics.jsonl")).unwrap();
@@ -202,7 +203,7 @@ fn train_command_runs_stablerep_and_the_simclr_control_from_a_pool() {
 /// A 16x16 image of class `c`: vertical stripes, horizontal stripes, a checkerboard or a
 /// disc (shapes that survive flips and crops), in a random light and a random dark colour
 /// with random phase and position, so the structure, not the colour, tells the classes apart.
-fn structured_image(c: usize, rng: &mut stablerep::data::sampler::Rng) -> Vec<f32> {
+fn structured_image(c: usize, rng: &mut stablerep::util::rng::Rng) -> Vec<f32> {
     let s = 16;
     let period = 2 + rng.below(2);
     let (px, py) = (rng.below(8), rng.below(8));
@@ -231,10 +232,10 @@ fn structured_image(c: usize, rng: &mut stablerep::data::sampler::Rng) -> Vec<f3
 
 #[test]
 fn training_raises_knn_accuracy_over_the_random_encoder() {
-    use stablerep::data::sampler::Rng;
-    use stablerep::eval::folder::{MEAN, STD};
     use stablerep::eval::knn::knn_accuracy;
     use stablerep::nn::checkpoint::{Checkpoint, HostTensor};
+    use stablerep::util::image::{MEAN, STD};
+    use stablerep::util::rng::Rng;
     let (gpu, _lock) = gpu();
     let root = std::env::temp_dir().join(format!("stablerep-knn-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
@@ -303,8 +304,8 @@ fn training_raises_knn_accuracy_over_the_random_encoder() {
         "loss {last} far from its floor log 2 ({losses:?})"
     );
     let accuracy = |ck: &Checkpoint| {
-        let tr = stablerep::train::embed::embed(&gpu, ck, 16, &train_x).unwrap();
-        let te = stablerep::train::embed::embed(&gpu, ck, 16, &test_x).unwrap();
+        let tr = stablerep::models::features::embed(&gpu, ck, 16, &train_x).unwrap();
+        let te = stablerep::models::features::embed(&gpu, ck, 16, &test_x).unwrap();
         knn_accuracy(&tr.data, &train_y, &te.data, &test_y, 32, 5, 0.07).unwrap()
     };
     let trained = Checkpoint::load(&root.join("run/checkpoint-last.safetensors")).unwrap();
@@ -328,7 +329,7 @@ fn simclr_trains_on_a_labelled_folder_of_real_images_of_any_size() {
     let root = std::env::temp_dir().join(format!("stablerep-real-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     // Two classes, images of different sizes and aspect ratios.
-    let mut rng = stablerep::data::sampler::Rng(3);
+    let mut rng = stablerep::util::rng::Rng(3);
     for (c, class) in ["cats", "dogs"].iter().enumerate() {
         for (i, (h, w)) in [(20, 14), (17, 23), (31, 31)].iter().enumerate() {
             let img: Vec<f32> = (0..3 * h * w)

@@ -131,11 +131,25 @@ def train_step_fixture():
     grads = {f"grad.{k}": p.grad.detach().clone() for k, p in model.named_parameters()}
     opt.step()
     after = {k: v.detach().clone() for k, v in model.state_dict().items() if "num_batches" not in k}
-    tensors = {"images": images, "loss": loss.detach().reshape(1), **grads}
+    # Two more steps on the same batch: after three AdamW steps the update is no longer about
+    # -lr * sign(g), so the weights check the gradients' magnitudes too.
+    losses = [loss.detach()]
+    for _ in range(2):
+        opt.zero_grad()
+        feats = visual.forward_features(images)[:, 0]
+        h = torch.cat([head(feats[v * n:(v + 1) * n]) for v in range(m)], dim=0)
+        step_loss = multi_positive_loss(h, n)
+        step_loss.backward()
+        opt.step()
+        losses.append(step_loss.detach())
+    after3 = {k: v.detach().clone() for k, v in model.state_dict().items() if "num_batches" not in k}
+    tensors = {"images": images, "loss": loss.detach().reshape(1), "losses3": torch.stack(losses), **grads}
     for k, v in before.items():
         tensors[f"before.{k}"] = v.contiguous()
     for k, v in after.items():
         tensors[f"after.{k}"] = v.contiguous()
+    for k, v in after3.items():
+        tensors[f"after3.{k}"] = v.contiguous()
     meta = {
         "vit": json.dumps(vit_cfg),
         "head": json.dumps({"hidden": hidden, "out": out_dim}),

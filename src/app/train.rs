@@ -9,12 +9,12 @@ use egui_plot::{HLine, Legend, Line, Plot, PlotPoints};
 use super::settings::{Settings, TrainSettings};
 use super::widgets::{Notes, Pick, Running};
 use super::{Panel, Shell};
+use crate::models::config::ModelConfig;
 use crate::models::stablerep::{HeadConfig, PlusConfig};
 use crate::models::text::TextConfig;
 use crate::models::vit::VitConfig;
-use crate::train::fixed::ModelConfig;
+use crate::nn::schedule::Schedule;
 use crate::train::pool_run::PoolRun;
-use crate::train::schedule::Schedule;
 use crate::worker::{Event, Job};
 
 /// ViT presets: (name, width, depth, heads).

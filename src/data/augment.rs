@@ -4,7 +4,7 @@
 //! (brightness, contrast, saturation 0.4, hue 0.1, random order), grayscale p 0.2, Gaussian
 //! blur p 0.5 with sigma in [0.1, 2], horizontal flip p 0.5.
 
-use super::sampler::Rng;
+use crate::util::rng::Rng;
 
 /// Augmentation strengths (the paper's defaults via `Default`).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

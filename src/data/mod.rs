@@ -3,5 +3,6 @@
 
 pub mod augment;
 pub mod csv;
+pub mod folder;
 pub mod pool;
 pub mod sampler;

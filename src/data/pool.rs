@@ -100,7 +100,7 @@ impl Pool {
     /// A labelled image folder (`dir/<class>/<image>`) as a pool for real-image training:
     /// every image is its own caption (K = 1) whose text is its class name.
     pub fn from_labelled_folder(dir: &Path) -> Result<Pool> {
-        let folder = crate::eval::folder::LabelledFolder::open(dir)?;
+        let folder = crate::data::folder::LabelledFolder::open(dir)?;
         let captions = folder
             .items
             .iter()
@@ -147,46 +147,4 @@ pub fn read_captions(path: &Path) -> Result<Vec<String>> {
         return Err(Error::Config(format!("{}: no captions", path.display())));
     }
     Ok(caps)
-}
-
-/// Decodes an image file to RGB f32 in [0, 1], channel-major [3, H, W].
-pub fn load_rgb(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
-    let img = image::open(path)
-        .map_err(|e| Error::Config(format!("{}: cannot decode image: {e}", path.display())))?
-        .to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut out = vec![0.0f32; 3 * h * w];
-    for (x, y, p) in img.enumerate_pixels() {
-        for c in 0..3 {
-            out[c * h * w + y as usize * w + x as usize] = p[c] as f32 / 255.0;
-        }
-    }
-    Ok((h, w, out))
-}
-
-/// Writes RGB f32 [3, H, W] in [0, 1] as a PNG (creating folders), atomically and durably.
-pub fn save_rgb(path: &Path, h: usize, w: usize, data: &[f32]) -> Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::Io {
-            path: parent.display().to_string(),
-            source: e,
-        })?;
-    }
-    let mut img = image::RgbImage::new(w as u32, h as u32);
-    for (x, y, p) in img.enumerate_pixels_mut() {
-        for c in 0..3 {
-            p[c] = (data[c * h * w + y as usize * w + x as usize].clamp(0.0, 1.0) * 255.0).round()
-                as u8;
-        }
-    }
-    let mut png = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .map_err(|e| Error::Config(format!("{}: cannot encode PNG: {e}", path.display())))?;
-    crate::atomic::write_atomic(path, &png)
-}
-
-/// Whether `path` holds a PNG that decodes to `size` x `size` (a finished pool image, not one
-/// a crash or a full disk cut short).
-pub fn image_is_complete(path: &Path, size: usize) -> bool {
-    image::open(path).is_ok_and(|img| img.width() as usize == size && img.height() as usize == size)
 }

@@ -15,13 +15,13 @@ use super::single_file;
 use super::text_encoder::{self, ClipTextConfig};
 use super::unet::UNetConfig;
 use super::vae::{self, VaeConfig};
-use crate::data::sampler::Rng;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::plan::{estimate, MemoryEstimate};
 use crate::graph::{Graph, NodeId, ParamStore, Plan, PlanOptions};
 use crate::nn::checkpoint::Checkpoint;
 use crate::text::tokenizer::{Tokenizer, EOT};
+use crate::util::rng::Rng;
 
 /// Weight file names tried in each component folder, in order.
 const WEIGHT_FILES: [&str; 4] = [
@@ -329,7 +329,7 @@ impl Progress {
 /// differs), atomically: written beside and renamed, so an interrupted run never leaves a
 /// partial PNG that `--resume` would take for a finished one.
 pub fn save_image(path: &Path, size: usize, save: Option<usize>, img: &[f32]) -> Result<()> {
-    use crate::data::pool::save_rgb;
+    use crate::util::image::save_rgb;
     match save.filter(|&s| s != size) {
         None => save_rgb(path, size, size, img),
         Some(s) => {
@@ -877,7 +877,7 @@ pub fn generate_pool(
         if resume
             && paths
                 .iter()
-                .all(|p| crate::data::pool::image_is_complete(p, side))
+                .all(|p| crate::util::image::image_is_complete(p, side))
         {
             progress(&report)?;
             continue;

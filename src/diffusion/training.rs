@@ -8,12 +8,12 @@ use std::path::Path;
 use super::text_encoder::{self, ClipTextConfig};
 use super::unet::{unet_conditioned, UNetConfig};
 use super::vae::{self, VaeConfig};
-use crate::data::sampler::Rng;
 use crate::error::{Error, Result};
 use crate::graph::{DType, Graph, NodeId, Op};
 use crate::kernels::elementwise::UnaryOp;
 use crate::kernels::optim::AdamW;
 use crate::nn::checkpoint::{Checkpoint, HostTensor};
+use crate::util::rng::Rng;
 
 /// Prefix of the text encoder's parameters in the denoiser's graph (the UNet has none).
 pub const TEXT_PREFIX: &str = "text.";

@@ -3,8 +3,8 @@
 //! L2-normalizing) classification of frozen features. Features are small; this runs on the
 //! CPU in f64.
 
-use crate::data::sampler::Rng;
 use crate::error::{Error, Result};
+use crate::util::rng::Rng;
 
 fn normalize(v: &mut [f64]) {
     let n = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);

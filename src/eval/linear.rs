@@ -6,12 +6,12 @@
 
 use std::sync::Arc;
 
-use crate::data::sampler::Rng;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{DType, Graph, NodeId, ParamStore, Plan, PlanOptions};
 use crate::kernels::elementwise::UnaryOp;
-use crate::train::schedule::Schedule;
+use crate::nn::schedule::Schedule;
+use crate::util::rng::Rng;
 
 /// Linear-probe settings.
 #[derive(Clone, Debug)]

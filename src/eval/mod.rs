@@ -1,7 +1,5 @@
-//! Evaluation of a frozen encoder: labelled image folders, preprocessing, kNN and few-shot
-//! classification on CLS features.
+//! Evaluation of a frozen encoder: kNN, few-shot, linear probes and retrieval on CLS features.
 
-pub mod folder;
 pub mod knn;
 pub mod linear;
 pub mod probe;

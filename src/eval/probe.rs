@@ -5,12 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::folder::{load_eval, LabelledFolder};
 use super::knn::{fewshot_accuracy, knn_accuracy, FewShot};
 use super::linear::{linear_probe, ProbeConfig};
+use crate::data::folder::LabelledFolder;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::nn::checkpoint::{Checkpoint, HostTensor};
+use crate::models::features::embed_paths;
+use crate::nn::checkpoint::Checkpoint;
 
 /// How to score the features.
 #[derive(Clone, Debug)]
@@ -66,21 +67,17 @@ pub struct Outcome {
 }
 
 /// CLS features of every image of a labelled folder (evaluation transform at the encoder's
-/// input size).
+/// input size), streamed: pixels are not kept.
 pub fn folder_features(
     gpu: &Arc<Gpu>,
     ck: &Checkpoint,
     head_dim: usize,
     dir: &Path,
 ) -> Result<Features> {
-    let size = crate::train::fixed::vit_config(ck, head_dim)?.img_size;
     let f = LabelledFolder::open(dir)?;
-    let (data, labels) = load_eval(&f, size)?;
-    let images = HostTensor {
-        shape: vec![labels.len(), 3, size, size],
-        data,
-    };
-    let feats = crate::train::embed::embed(gpu, ck, head_dim, &images)?;
+    let paths: Vec<PathBuf> = f.items.iter().map(|(p, _)| p.clone()).collect();
+    let labels: Vec<usize> = f.items.iter().map(|&(_, l)| l).collect();
+    let feats = embed_paths(gpu, ck, head_dim, &paths, |_, _| {})?;
     Ok(Features {
         dim: feats.shape[1],
         feats: feats.data,

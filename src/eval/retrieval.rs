@@ -5,11 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::folder::eval_transform;
-use crate::data::pool::{load_rgb, Pool};
+use crate::data::pool::Pool;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::nn::checkpoint::{Checkpoint, HostTensor};
+use crate::nn::checkpoint::Checkpoint;
 
 /// Rows of `feats` [n, dim] scaled to unit length (zero rows stay zero).
 fn normalized(feats: &[f32], dim: usize) -> Vec<f32> {
@@ -64,17 +63,7 @@ pub fn image_features(
     head_dim: usize,
     paths: &[PathBuf],
 ) -> Result<(Vec<f32>, usize)> {
-    let size = crate::train::fixed::vit_config(ck, head_dim)?.img_size;
-    let mut data = Vec::with_capacity(paths.len() * 3 * size * size);
-    for p in paths {
-        let (h, w, img) = load_rgb(p)?;
-        data.extend(eval_transform(&img, h, w, size));
-    }
-    let images = HostTensor {
-        shape: vec![paths.len(), 3, size, size],
-        data,
-    };
-    let f = crate::train::embed::embed(gpu, ck, head_dim, &images)?;
+    let f = crate::models::features::embed_paths(gpu, ck, head_dim, paths, |_, _| {})?;
     Ok((f.data, f.shape[1]))
 }
 

@@ -40,10 +40,10 @@ impl Tensor {
         let words: Vec<u32> = data
             .chunks(2)
             .map(|p| {
-                let lo = crate::nn::checkpoint::f32_to_f16(p[0]) as u32;
+                let lo = crate::util::f16::f32_to_f16(p[0]) as u32;
                 let hi = p
                     .get(1)
-                    .map_or(0, |&v| crate::nn::checkpoint::f32_to_f16(v) as u32);
+                    .map_or(0, |&v| crate::util::f16::f32_to_f16(v) as u32);
                 lo | (hi << 16)
             })
             .collect();
@@ -110,7 +110,7 @@ impl Tensor {
                 .iter()
                 .flat_map(|w| [*w as u16, (*w >> 16) as u16])
                 .take(self.numel())
-                .map(crate::nn::checkpoint::f16_to_f32)
+                .map(crate::util::f16::f16_to_f32)
                 .collect());
         }
         self.gpu.read(self.buffer(), 0, (self.numel() * 4) as u64)

@@ -3,11 +3,11 @@
 //! inductive bias learns the shapes of small synthetic scenes in far fewer steps than a ViT,
 //! which is what the mini-world's fidelity judge needs.
 
-use crate::data::sampler::Rng;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
 use crate::kernels::reduce::ReduceOp;
 use crate::nn::checkpoint::{Checkpoint, HostTensor};
+use crate::util::rng::Rng;
 
 /// GroupNorm groups of every layer.
 pub const GROUPS: usize = 8;

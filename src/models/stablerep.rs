@@ -101,6 +101,8 @@ pub struct TrainStep {
     pub hyper: NodeId,
     /// Trainable parameters.
     pub params: Vec<NodeId>,
+    /// The loss's gradient with respect to each of `params` (same order).
+    pub grads: Vec<NodeId>,
     /// The loss terms by name (`ssl`, and `image_text` for StableRep+), each [1].
     pub terms: Vec<(&'static str, NodeId)>,
     /// StableRep+'s text inputs.
@@ -199,6 +201,7 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
         loss,
         hyper,
         params,
+        grads,
         terms,
         text: text_inputs,
     })
@@ -217,8 +220,8 @@ pub fn init_params(
     plus: Option<&PlusConfig>,
     seed: u64,
 ) -> crate::nn::checkpoint::Checkpoint {
-    use crate::data::sampler::Rng;
     use crate::nn::checkpoint::{Checkpoint, HostTensor};
+    use crate::util::rng::Rng;
     let mut rng = Rng(seed);
     let mut ck = Checkpoint::default();
     let mut shapes = vit.param_shapes("visual.");

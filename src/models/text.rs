@@ -2,13 +2,13 @@
 //! learned position embedding, causal pre-norm blocks with QuickGELU and LayerNorm eps 1e-5,
 //! a final LayerNorm, and the feature at each caption's end-of-text token.
 
-use crate::data::sampler::Rng;
 use crate::error::{Error, Result};
 use crate::graph::{DType, Graph, NodeId};
 use crate::kernels::layout::embedding_index;
 use crate::models::transformer::{self, CLIP_TEXT_BLOCK};
 use crate::nn::checkpoint::{Checkpoint, HostTensor};
 use crate::text::tokenizer::{Tokenizer, CONTEXT, EOT, VOCAB};
+use crate::util::rng::Rng;
 
 /// Text transformer hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

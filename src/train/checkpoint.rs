@@ -13,10 +13,7 @@ use crate::gpu::Gpu;
 use crate::graph::ParamStore;
 use crate::nn::checkpoint::{Checkpoint, HostTensor};
 
-/// Metadata key holding the JSON configuration.
-pub const CONFIG_KEY: &str = "config";
-/// Metadata key holding the optimizer step count.
-pub const STEP_KEY: &str = "step";
+pub use crate::nn::checkpoint::{CONFIG_KEY, STEP_KEY};
 
 /// The optimizer step a training checkpoint was saved at; an error naming `path` when the
 /// metadata lacks it or it is not a number (resuming at step 0 with trained weights would be

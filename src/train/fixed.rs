@@ -5,114 +5,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::checkpoint;
-use super::schedule::Schedule;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, ParamStore, Plan, PlanOptions};
-use crate::models::stablerep::{recipe_adamw, train_step, HeadConfig, PlusConfig, StepConfig};
-use crate::models::text::{TextBatch, TextConfig};
-use crate::models::vit::{self, VitConfig};
+use crate::models::config::model_config;
+use crate::models::stablerep::{recipe_adamw, train_step, StepConfig};
+use crate::models::text::TextBatch;
 use crate::nn::checkpoint::Checkpoint;
-
-/// The architecture stored in a checkpoint's `config` metadata.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ModelConfig {
-    /// Encoder.
-    pub vit: VitConfig,
-    /// Projection head.
-    pub head: HeadConfig,
-    /// StableRep+'s text tower and projections (absent: plain StableRep / SimCLR).
-    #[serde(default)]
-    pub plus: Option<PlusConfig>,
-}
-
-/// The model configuration in a checkpoint's metadata, if it has one.
-fn stored_config(ck: &Checkpoint) -> Result<Option<ModelConfig>> {
-    let Some(s) = ck.metadata.get(checkpoint::CONFIG_KEY) else {
-        return Ok(None);
-    };
-    let v: serde_json::Value = serde_json::from_str(s)
-        .map_err(|e| Error::Config(format!("checkpoint config is not JSON: {e}")))?;
-    // No `model` entry (a converted official checkpoint, a judge): shapes are inferred. A
-    // `model` entry that does not parse is an error, not a guess.
-    match v.get("model") {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(m) => serde_json::from_value::<ModelConfig>(m.clone())
-            .map(Some)
-            .map_err(|e| {
-                Error::Config(format!(
-                    "the checkpoint's stored model config (metadata `{}`, key `model`) is \
-                     malformed: {e}",
-                    checkpoint::CONFIG_KEY
-                ))
-            }),
-    }
-}
-
-/// The encoder of a checkpoint: from its metadata, else inferred from the `visual.*` shapes.
-pub fn vit_config(ck: &Checkpoint, head_dim: usize) -> Result<VitConfig> {
-    match stored_config(ck)? {
-        Some(m) => Ok(m.vit),
-        None => vit::infer_config(ck, "visual.", head_dim),
-    }
-}
-
-/// The architecture of a checkpoint: from its metadata, else inferred from tensor shapes
-/// (converted official checkpoints have no metadata) with `head_dim` per attention head.
-pub fn model_config(ck: &Checkpoint, head_dim: usize) -> Result<ModelConfig> {
-    if let Some(m) = stored_config(ck)? {
-        return Ok(m);
-    }
-    let vit = vit::infer_config(ck, "visual.", head_dim)?;
-    let l1 = ck.get("image_mlp.layer1.weight", None)?;
-    let l3 = ck.get("image_mlp.layer3.weight", None)?;
-    Ok(ModelConfig {
-        vit,
-        head: HeadConfig {
-            hidden: l1.shape[0],
-            out: l3.shape[0],
-        },
-        plus: infer_plus(ck, head_dim)?,
-    })
-}
-
-/// StableRep+'s text tower from tensor shapes (OpenAI names), if the checkpoint has one.
-fn infer_plus(ck: &Checkpoint, head_dim: usize) -> Result<Option<PlusConfig>> {
-    if !ck.tensors.contains_key("text_projection") {
-        return Ok(None);
-    }
-    let tok = ck.get("token_embedding.weight", None)?;
-    let pos = ck.get("positional_embedding", None)?;
-    let fc = ck.get("transformer.resblocks.0.mlp.c_fc.weight", None)?;
-    let proj = ck.get("text_projection", None)?;
-    if tok.shape.len() != 2 || pos.shape.len() != 2 || fc.shape.len() != 2 || proj.shape.len() != 2
-    {
-        return Err(Error::Config(
-            "unexpected text tower tensor shapes in the checkpoint".into(),
-        ));
-    }
-    let layers = (0..)
-        .take_while(|l| {
-            ck.tensors
-                .contains_key(&format!("transformer.resblocks.{l}.attn.in_proj_weight"))
-        })
-        .count();
-    let width = tok.shape[1];
-    Ok(Some(PlusConfig {
-        text: TextConfig {
-            context: pos.shape[0],
-            vocab: tok.shape[0],
-            width,
-            layers,
-            heads: (width / head_dim).max(1),
-            mlp: fc.shape[0],
-        },
-        embed: proj.shape[1],
-    }))
-}
+use crate::nn::schedule::Schedule;
 
 /// Settings of a fixed-batch run.
 #[derive(Clone, Debug)]
@@ -143,6 +46,9 @@ pub struct FixedBatchRun {
     pub plus: bool,
     /// Output folder.
     pub out: PathBuf,
+    /// Where to write the first step's gradients (safetensors, f32, under the parameters'
+    /// names), if anywhere.
+    pub save_grads: Option<PathBuf>,
 }
 
 /// What a run did.
@@ -212,15 +118,24 @@ pub fn run(
     for (name, t) in &ck.tensors {
         store.set(gpu, name, &t.shape, &t.data)?;
     }
-    let start_step: u64 = ck
-        .metadata
-        .get(checkpoint::STEP_KEY)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    // No step entry: a fresh start. One that does not parse is an error, not step 0.
+    let start_step: u64 = match ck.metadata.get(checkpoint::STEP_KEY) {
+        None => 0,
+        Some(v) => v.parse().map_err(|_| {
+            Error::Config(format!(
+                "{}: the checkpoint's step number `{v}` is not a whole number",
+                r.init.display()
+            ))
+        })?,
+    };
+    let mut outputs = vec![step.loss];
+    if r.save_grads.is_some() {
+        outputs.extend(&step.grads);
+    }
     let plan = Plan::compile(
         gpu,
         &step.graph,
-        &[step.loss],
+        &outputs,
         &mut store,
         PlanOptions::default(),
     )?;
@@ -234,7 +149,14 @@ pub fn run(
         let t = start_step + i;
         let lr = r.schedule.lr(r.lr, t);
         plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;
-        let loss = plan.run_fetch(&[step.loss])?[0][0];
+        let loss = match (&r.save_grads, i) {
+            (Some(path), 0) => {
+                let got = plan.run_fetch(&outputs)?;
+                save_grads(&step, &got[1..], path)?;
+                got[0][0]
+            }
+            _ => plan.run_fetch(&[step.loss])?[0][0],
+        };
         if !loss.is_finite() {
             return Err(Error::Graph(format!(
                 "loss became {loss} at step {}; the last good checkpoint is {}",
@@ -255,6 +177,32 @@ pub fn run(
     })
 }
 
+/// Writes gradients fetched for `step.grads` under their parameters' names.
+fn save_grads(
+    step: &crate::models::stablerep::TrainStep,
+    grads: &[Vec<f32>],
+    path: &Path,
+) -> Result<()> {
+    use crate::nn::checkpoint::HostTensor;
+    let mut ck = Checkpoint::default();
+    for ((&p, &gr), data) in step.params.iter().zip(&step.grads).zip(grads) {
+        let name = step
+            .graph
+            .node(p)
+            .name
+            .clone()
+            .ok_or_else(|| Error::Graph(format!("parameter node {p:?} has no name")))?;
+        ck.tensors.insert(
+            name,
+            HostTensor {
+                shape: step.graph.shape(gr).to_vec(),
+                data: data.clone(),
+            },
+        );
+    }
+    ck.save(path)
+}
+
 /// The path of a run's last checkpoint.
 pub fn last_checkpoint(out: &Path) -> PathBuf {
     out.join("checkpoint-last.safetensors")
@@ -270,29 +218,4 @@ pub fn write_text(
     plan.write_u32(inputs.eot, &t.eot)?;
     plan.write_u32(inputs.offsets, &t.offsets)?;
     plan.write_u32(inputs.rows, &t.rows)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_malformed_stored_config_is_an_error_not_a_guess() {
-        let mut ck = Checkpoint::default();
-        ck.metadata.insert(
-            checkpoint::CONFIG_KEY.into(),
-            r#"{"model": {"vit": {"width": "wide"}}}"#.into(),
-        );
-        let e = vit_config(&ck, 64).unwrap_err().to_string();
-        assert!(
-            e.contains("stored model config") && e.contains("malformed"),
-            "{e}"
-        );
-        // No `model` entry: nothing stored, so shapes are inferred (here: no tensors).
-        ck.metadata.insert(
-            checkpoint::CONFIG_KEY.into(),
-            r#"{"supervised": {}}"#.into(),
-        );
-        assert!(stored_config(&ck).unwrap().is_none());
-    }
 }

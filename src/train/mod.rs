@@ -2,10 +2,8 @@
 //! the full training state.
 
 pub mod checkpoint;
-pub mod embed;
 pub mod fixed;
 pub mod pool_run;
-pub mod schedule;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

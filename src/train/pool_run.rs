@@ -9,18 +9,20 @@ use std::sync::{mpsc, Arc};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
-use super::fixed::{model_config, ModelConfig};
-use super::schedule::Schedule;
 use crate::data::augment::{self, AugmentConfig};
-use crate::data::pool::{load_rgb, Pool};
-use crate::data::sampler::{Rng, Sampler};
+use crate::data::pool::Pool;
+use crate::data::sampler::Sampler;
 use crate::error::{Error, Result};
-use crate::eval::folder::resize_center_crop;
 use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, ParamStore, Plan, PlanOptions};
+use crate::models::config::{model_config, ModelConfig};
 use crate::models::stablerep::{init_params, recipe_adamw, train_step, StepConfig};
 use crate::models::text::TextBatch;
 use crate::nn::checkpoint::Checkpoint;
+use crate::nn::schedule::Schedule;
+use crate::util::image::load_rgb;
+use crate::util::image::resize_center_crop;
+use crate::util::rng::Rng;
 
 /// Settings of a pool run.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -30,12 +30,12 @@ use crate::error::{Error, Result};
 use crate::eval::linear::ProbeConfig;
 use crate::eval::probe::{self, Method, Request};
 use crate::gpu::Gpu;
+use crate::models::config::ModelConfig;
 use crate::models::stablerep::HeadConfig;
 use crate::models::vit::VitConfig;
+use crate::nn::schedule::Schedule;
 use crate::plot::{bar_chart, line_chart, Canvas, Chart, Series, Value};
-use crate::train::fixed::ModelConfig;
 use crate::train::pool_run::{self, PoolRun};
-use crate::train::schedule::Schedule;
 
 /// The arms of the demo, in table order.
 pub const ARMS: [&str; 7] = [
@@ -414,7 +414,7 @@ pub fn pool_fidelity(judge: &Judge, p: &PoolSpec, dir: &Path) -> Result<Fidelity
     for c in 0..world.len() {
         for k in 0..p.images_per_caption {
             let path = pool.image_path(c, k);
-            let (h, w, px) = crate::data::pool::load_rgb(&path)?;
+            let (h, w, px) = crate::util::image::load_rgb(&path)?;
             if (h, w) != (s, s) {
                 return Err(Error::Config(format!(
                     "{}: {h}x{w}, the judge takes {s}x{s}",

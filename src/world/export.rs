@@ -63,7 +63,12 @@ pub fn write_pool(
         index += &csv::row(&[&rel, &d.caption()]);
         for j in 0..per_caption {
             let img = render_caption(d, c, j, size, seed);
-            pool::save_rgb(&dir.join(format!("seed_{j}")).join(&rel), size, size, &img)?;
+            crate::util::image::save_rgb(
+                &dir.join(format!("seed_{j}")).join(&rel),
+                size,
+                size,
+                &img,
+            )?;
             progress(c * per_caption + j + 1, total);
         }
     }
@@ -90,7 +95,7 @@ pub fn write_labelled(
         let scene = scene_of(d, c, 0, seed);
         let name = kind.class(&scene.labels());
         let img = render(&scene, size);
-        pool::save_rgb(
+        crate::util::image::save_rgb(
             &dir.join(name).join(format!("{c:06}.png")),
             size,
             size,

@@ -15,12 +15,12 @@ use crate::data::augment::AugmentConfig;
 use crate::diffusion::model::{GenerateOptions, Generator, SdModel};
 use crate::diffusion::sampler::Kind;
 use crate::error::{Error, Result};
-use crate::eval::folder::{MEAN, STD};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, NodeId, ParamStore, Plan, PlanOptions};
 use crate::models::cnn::CnnConfig;
 use crate::nn::checkpoint::Checkpoint;
 use crate::train::checkpoint::CONFIG_KEY;
+use crate::util::image::{MEAN, STD};
 
 /// The judge's folder name under `assets/`.
 pub const BUILTIN_JUDGE: &str = "world-judge";

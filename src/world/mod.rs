@@ -15,7 +15,7 @@ pub mod render;
 pub mod supervised;
 pub mod train_sd;
 
-use crate::data::sampler::Rng;
+use crate::util::rng::Rng;
 
 /// Shapes, in label order.
 pub const SHAPES: [&str; 12] = [

@@ -18,18 +18,18 @@ use super::export::{scene_of, LabelKind};
 use super::render::render;
 use super::{Description, Labels, World, COLOURS, GROUNDS, SHAPES};
 use crate::data::augment::{self, AugmentConfig};
-use crate::data::sampler::Rng;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, DType, Graph, NodeId, Op, ParamStore, Plan, PlanOptions};
 use crate::models::cnn::{self, CnnConfig};
+use crate::models::config::ModelConfig;
 use crate::models::stablerep::{decays, recipe_adamw, HeadConfig};
 use crate::models::vit::{self, VitConfig};
 use crate::nn::checkpoint::{Checkpoint, HostTensor};
+use crate::nn::schedule::Schedule;
 use crate::train::checkpoint;
-use crate::train::fixed::ModelConfig;
-use crate::train::schedule::Schedule;
 use crate::train::MetricsLog;
+use crate::util::rng::Rng;
 
 /// The classes of label `kind` in `world`, in class order (indices into the world's lists).
 pub fn classes(world: World, kind: LabelKind) -> Vec<usize> {

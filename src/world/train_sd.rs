@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use super::export::render_caption;
 use super::{Description, World};
-use crate::data::sampler::Rng;
 use crate::diffusion::blocks::timestep_features;
 use crate::diffusion::schedule::{SchedulerConfig, Tables};
 use crate::diffusion::training::{denoise_step, init_params, vae_step, write_folder, SmallSd};
@@ -27,9 +26,10 @@ use crate::graph::{adam_hyper, Graph, ParamStore, Plan, PlanOptions};
 use crate::kernels::layout::embedding_index;
 use crate::kernels::optim::AdamW;
 use crate::nn::checkpoint::Checkpoint;
+use crate::nn::schedule::Schedule;
 use crate::text::tokenizer::{Tokenizer, EOT};
 use crate::train::checkpoint;
-use crate::train::schedule::Schedule;
+use crate::util::rng::Rng;
 
 /// One stage's optimization settings.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
@@ -239,7 +239,7 @@ fn reconstruction_sheet(
             }
         }
     }
-    crate::data::pool::save_rgb(path, h, w, &sheet)
+    crate::util::image::save_rgb(path, h, w, &sheet)
 }
 
 /// Runs (or resumes) the whole recipe into `out`; returns the model folder. `progress` is

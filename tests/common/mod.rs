@@ -236,7 +236,7 @@ pub fn make_pool(dir: &std::path::Path) {
                     }
                 })
                 .collect();
-            stablerep::data::pool::save_rgb(
+            stablerep::util::image::save_rgb(
                 &dir.join(format!("seed_{j}"))
                     .join(stablerep::data::pool::relpath(c)),
                 s,
@@ -258,7 +258,7 @@ pub fn settings(
 ) -> stablerep::train::pool_run::PoolRun {
     stablerep::train::pool_run::PoolRun {
         pool: pool.to_path_buf(),
-        model: stablerep::train::fixed::ModelConfig {
+        model: stablerep::models::config::ModelConfig {
             vit: stablerep::models::vit::VitConfig {
                 img_size: 16,
                 patch: 8,
@@ -278,7 +278,7 @@ pub fn settings(
         images_per_caption: 3,
         steps,
         lr: 2e-3,
-        schedule: stablerep::train::schedule::Schedule::Cosine { warmup: 3, total },
+        schedule: stablerep::nn::schedule::Schedule::Cosine { warmup: 3, total },
         weight_decay: 0.05,
         temperature: 0.1,
         augment: true,
@@ -303,7 +303,7 @@ pub fn make_labelled(dir: &std::path::Path) {
             let img: Vec<f32> = (0..3 * s * s)
                 .map(|p| if p / (s * s) == class { 0.8 } else { 0.1 } + 0.02 * ((i + p) % 3) as f32)
                 .collect();
-            stablerep::data::pool::save_rgb(
+            stablerep::util::image::save_rgb(
                 &dir.join(format!("class{class}")).join(format!("{i}.png")),
                 s,
                 s,
