@@ -48,7 +48,7 @@ enum Cmd {
         #[arg(long)]
         captions: Option<std::path::PathBuf>,
         /// With --captions: generate shard i of N ("i/N"), captions [i*C/N, (i+1)*C/N).
-        #[arg(long, default_value = "0/1")]
+        #[arg(long, default_value = "0/1", allow_hyphen_values = true)]
         shard: String,
         /// With --captions: skip captions whose images all exist already.
         #[arg(long)]
@@ -57,29 +57,29 @@ enum Cmd {
         #[arg(long, default_value = "")]
         negative_prompt: String,
         /// Images per prompt (or per caption).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = count)]
         images_per_prompt: usize,
         /// Classifier-free guidance scale (<= 1 turns guidance off).
-        #[arg(long, default_value_t = 7.5)]
+        #[arg(long, default_value_t = 7.5, allow_hyphen_values = true, value_parser = non_negative_f64)]
         guidance: f64,
         /// Sampler steps.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, allow_negative_numbers = true, value_parser = count)]
         steps: usize,
         /// ddim, pndm, euler, euler-a, dpmpp-2m or dpmpp-2m-karras.
         #[arg(long, default_value = "pndm")]
         sampler: String,
         /// DDIM's eta.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true, value_parser = unit_f64)]
         eta: f64,
         /// Seed: the noise of image k of caption c depends on (seed, c, k) only, so shards and
         /// resumed runs reproduce the same images.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         seed: u64,
         /// Image side in pixels (default: the model's own, 512 for SD 1.x).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = sd_side)]
         size: Option<usize>,
         /// Side of the saved PNGs (bicubic resize; the official pools keep 256); default --size.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = image_side)]
         save_size: Option<usize>,
         /// UNet weights on the GPU: f16 (half the memory; arithmetic stays f32), f32, or auto
         /// (f16 on a GPU when the file is fp16, which is then lossless).
@@ -138,7 +138,7 @@ enum Cmd {
         images: Option<std::path::PathBuf>,
         /// Resize every training image's shorter side to this size and center-crop a square
         /// before augmentation (default with --images: 8/7 of --img-size; pools keep their size).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = count)]
         source_size: Option<usize>,
         /// safetensors file holding `images` [N*M, 3, H, W], normalized, view-major.
         #[arg(long)]
@@ -152,68 +152,68 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Method::Stablerep)]
         method: Method,
         /// StableRep+: text tower width (CLIP: 512).
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, allow_negative_numbers = true, value_parser = count)]
         text_width: usize,
         /// StableRep+: text tower depth (CLIP: 12).
-        #[arg(long, default_value_t = 12)]
+        #[arg(long, default_value_t = 12, allow_negative_numbers = true, value_parser = count)]
         text_layers: usize,
         /// StableRep+: text tower heads (CLIP: 8).
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, allow_negative_numbers = true, value_parser = count)]
         text_heads: usize,
         /// StableRep+: tokens per caption (CLIP: 77; longer captions are truncated).
-        #[arg(long, default_value_t = 77)]
+        #[arg(long, default_value_t = 77, allow_negative_numbers = true, value_parser = count)]
         text_context: usize,
         /// StableRep+: image-text embedding width (512).
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, allow_negative_numbers = true, value_parser = count)]
         embed_dim: usize,
         /// ViT size for a fresh model.
         #[arg(long, value_enum, default_value_t = ModelSize::Tiny)]
         model: ModelSize,
         /// Input resolution of a fresh model.
-        #[arg(long, default_value_t = 224)]
+        #[arg(long, default_value_t = 224, allow_negative_numbers = true, value_parser = count)]
         img_size: usize,
         /// Patch size of a fresh model.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = count)]
         patch: usize,
         /// Override the preset's width.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = count)]
         width: Option<usize>,
         /// Override the preset's depth.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = count)]
         depth: Option<usize>,
         /// Override the preset's heads.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = count)]
         heads: Option<usize>,
         /// Projection head hidden width.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, allow_negative_numbers = true, value_parser = count)]
         head_hidden: usize,
         /// Projection head output width.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, allow_negative_numbers = true, value_parser = count)]
         head_out: usize,
         /// Seed (initialization, sampling, augmentation).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         seed: u64,
         /// Steps between checkpoints.
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, default_value_t = 500, allow_negative_numbers = true, value_parser = count_u64)]
         checkpoint_every: u64,
         /// Steps between loss readbacks.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, allow_negative_numbers = true, value_parser = count_u64)]
         log_every: u64,
         /// Continue from OUT/checkpoint-last.safetensors when present.
         #[arg(long)]
         resume: bool,
         /// Captions per batch (N).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = count)]
         captions_per_batch: usize,
         /// Images per caption (M); 2 with two crops of one image is the SimCLR control.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = at_least_2)]
         images_per_caption: usize,
         /// Optimizer steps.
-        #[arg(long, default_value_t = 1, conflicts_with = "epochs")]
+        #[arg(long, default_value_t = 1, conflicts_with = "epochs", allow_negative_numbers = true, value_parser = count_u64)]
         steps: u64,
         /// Train for this many caption epochs instead (each epoch shuffles the pool's captions
         /// and drops the last incomplete batch); sets --steps.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true, value_parser = positive_f64)]
         epochs: Option<f64>,
         /// No augmentation: a fixed batch is used as it is; pool images are only resized and
         /// normalized.
@@ -223,23 +223,23 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = LrSchedule::Cosine)]
         lr_schedule: LrSchedule,
         /// Warmup steps of the cosine schedule.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         warmup_steps: u64,
         /// Peak learning rate.
-        #[arg(long, default_value_t = 1e-3, conflicts_with = "blr")]
+        #[arg(long, default_value_t = 1e-3, conflicts_with = "blr", allow_hyphen_values = true, value_parser = positive_f64)]
         lr: f64,
         /// Base learning rate for the paper's rule instead of --lr: peak = blr x images per
         /// step / 256 x crops per image / 2 (2e-4 in the paper's recipe).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true, value_parser = positive_f64)]
         blr: Option<f64>,
         /// Decoupled weight decay (tensors with ndim >= 2, no bias/norm).
-        #[arg(long, default_value_t = 0.1)]
+        #[arg(long, default_value_t = 0.1, allow_hyphen_values = true, value_parser = non_negative_f32)]
         weight_decay: f32,
         /// Loss temperature.
-        #[arg(long, default_value_t = 0.1)]
+        #[arg(long, default_value_t = 0.1, allow_hyphen_values = true, value_parser = positive_f32)]
         temperature: f32,
         /// Head dimension for checkpoints without a config (64 in every timm ViT size).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = count)]
         head_dim: usize,
         /// Output folder (checkpoint-last.safetensors, metrics.jsonl).
         #[arg(long)]
@@ -264,7 +264,7 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
         /// Head dimension for checkpoints without a config.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = count)]
         head_dim: usize,
     },
     /// Evaluate a checkpoint's frozen encoder on labelled image folders (one sub-folder per
@@ -283,34 +283,34 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = ProbeMethod::Knn)]
         method: ProbeMethod,
         /// Neighbours for kNN.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, allow_negative_numbers = true, value_parser = count)]
         k: usize,
         /// Vote temperature for kNN.
-        #[arg(long, default_value_t = 0.07)]
+        #[arg(long, default_value_t = 0.07, allow_hyphen_values = true, value_parser = positive_f64)]
         temperature: f64,
         /// Few-shot ways.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, allow_negative_numbers = true, value_parser = at_least_2)]
         ways: usize,
         /// Few-shot shots.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, allow_negative_numbers = true, value_parser = count)]
         shots: usize,
         /// Few-shot queries per class.
-        #[arg(long, default_value_t = 6)]
+        #[arg(long, default_value_t = 6, allow_negative_numbers = true, value_parser = count)]
         queries: usize,
         /// Few-shot episodes.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, allow_negative_numbers = true, value_parser = count)]
         episodes: usize,
         /// Linear probe epochs.
-        #[arg(long, default_value_t = 90)]
+        #[arg(long, default_value_t = 90, allow_negative_numbers = true, value_parser = count)]
         epochs: usize,
         /// Linear probe batch size.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, allow_negative_numbers = true, value_parser = count)]
         batch_size: usize,
         /// Linear probe without the BatchNorm in front.
         #[arg(long)]
         no_bn: bool,
         /// Head dimension for checkpoints without a config.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = count)]
         head_dim: usize,
     },
     /// Render the built-in mini-world: a pool of captions with their "real" renders (official
@@ -320,19 +320,19 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
         /// Captions (scenes) to render.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, allow_negative_numbers = true, value_parser = count)]
         captions: usize,
         /// Renders per caption (pool only; each lays the caption out anew).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = count)]
         images_per_caption: usize,
         /// Image side in pixels.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = world_side)]
         size: usize,
         /// Seed of the captions.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         seed: u64,
         /// Seed of the layouts (default: the captions' seed).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         layout_seed: Option<u64>,
         /// Write `<label>/<n>.png` (labelled by the main object's shape or colour, or the
         /// background colour) instead of a pool.
@@ -360,19 +360,19 @@ enum Cmd {
         #[arg(long)]
         model: Option<std::path::PathBuf>,
         /// Guidance scale of the generation.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true, value_parser = non_negative_f64)]
         guidance: Option<f64>,
         /// Images per caption (m).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = at_least_2)]
         images_per_caption: Option<usize>,
         /// Training captions.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = count)]
         captions: Option<usize>,
         /// Training steps per method.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = count_u64)]
         steps: Option<u64>,
         /// Seed of captions, generation and training.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         seed: u64,
         /// The fidelity judge; default the built-in one (assets/world-judge).
         #[arg(long)]
@@ -391,19 +391,19 @@ enum Cmd {
         #[arg(long)]
         judge: Option<std::path::PathBuf>,
         /// Guidance scale.
-        #[arg(long, default_value_t = 2.0)]
+        #[arg(long, default_value_t = 2.0, allow_hyphen_values = true, value_parser = non_negative_f64)]
         guidance: f64,
         /// Sampler steps (DPM-Solver++ 2M, Karras sigmas).
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, allow_negative_numbers = true, value_parser = count)]
         steps: usize,
         /// Captions (drawn from the judge's world).
-        #[arg(long, default_value_t = 48)]
+        #[arg(long, default_value_t = 48, allow_negative_numbers = true, value_parser = count)]
         captions: usize,
         /// Images per caption.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, allow_negative_numbers = true, value_parser = at_least_2)]
         images_per_caption: usize,
         /// Seed of the captions and noise (the built-in model trained on seed 0's captions).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
         seed: u64,
         /// Also write the numbers as JSON here.
         #[arg(long)]
@@ -412,16 +412,16 @@ enum Cmd {
     /// Train a small MLP on three spirals through the graph executor (an engine smoke test).
     EngineDemo {
         /// Optimizer steps.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 300, allow_negative_numbers = true, value_parser = count)]
         steps: usize,
         /// Hidden width.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = count)]
         hidden: usize,
         /// Learning rate.
-        #[arg(long, default_value_t = 1e-2)]
+        #[arg(long, default_value_t = 1e-2, allow_hyphen_values = true, value_parser = positive_f32)]
         lr: f32,
         /// Random seed.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         seed: u64,
     },
 }
@@ -497,6 +497,90 @@ enum LrSchedule {
     Cosine,
     /// Constant.
     Constant,
+}
+
+/// Flag values a command refuses at parse time, so clap's message names the flag.
+fn count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(v) if v >= 1 => Ok(v),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn count_u64(s: &str) -> Result<u64, String> {
+    count(s).map(|v| v as u64)
+}
+
+fn at_least_2(s: &str) -> Result<usize, String> {
+    match count(s)? {
+        1 => Err(
+            "must be at least 2 (a caption's images or crops are each other's positives)".into(),
+        ),
+        v => Ok(v),
+    }
+}
+
+fn finite_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => Err(format!("must be a finite number, not {v}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match finite_f64(s)? {
+        v if v > 0.0 => Ok(v),
+        v => Err(format!("must be positive, not {v}")),
+    }
+}
+
+fn positive_f32(s: &str) -> Result<f32, String> {
+    positive_f64(s).map(|v| v as f32)
+}
+
+fn non_negative_f64(s: &str) -> Result<f64, String> {
+    match finite_f64(s)? {
+        v if v >= 0.0 => Ok(v),
+        v => Err(format!("must not be negative, not {v}")),
+    }
+}
+
+fn non_negative_f32(s: &str) -> Result<f32, String> {
+    non_negative_f64(s).map(|v| v as f32)
+}
+
+fn unit_f64(s: &str) -> Result<f64, String> {
+    match finite_f64(s)? {
+        v if (0.0..=1.0).contains(&v) => Ok(v),
+        v => Err(format!("must be in [0, 1], not {v}")),
+    }
+}
+
+/// A Stable Diffusion image side up to 2,048 (4x SD 1.x's training size; attention over more
+/// latent tokens does not fit any device). The model checks its own VAE factor.
+fn sd_side(s: &str) -> Result<usize, String> {
+    match count(s)? {
+        v if v > 2048 => Err(format!("must be at most 2048, not {v}")),
+        v => Ok(v),
+    }
+}
+
+/// A saved image's side: 1 to 8,192 pixels.
+fn image_side(s: &str) -> Result<usize, String> {
+    match count(s)? {
+        v if v > 8192 => Err(format!("must be at most 8192, not {v}")),
+        v => Ok(v),
+    }
+}
+
+/// The mini-world's render size: 8 to 1,024 pixels.
+fn world_side(s: &str) -> Result<usize, String> {
+    match count(s)? {
+        v if !(8..=1024).contains(&v) => Err(format!("must be 8 to 1024 pixels, not {v}")),
+        v => Ok(v),
+    }
 }
 
 fn main() -> ExitCode {
@@ -688,13 +772,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             let m = SdModel::load_with_config(&model, config.as_deref())?;
             let size = size.unwrap_or_else(|| m.native_size());
             let init_noise = match init_noise {
-                Some(p) => Some(
-                    Checkpoint::load(&p)?
-                        .get("latents", None)
-                        .map_err(|e| stablerep::Error::Config(format!("{}: {e}", p.display())))?
-                        .data
-                        .clone(),
-                ),
+                Some(p) => Some(Checkpoint::load(&p)?.get("latents", None)?.data.clone()),
                 None => None,
             };
             let o = GenerateOptions {

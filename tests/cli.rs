@@ -879,7 +879,7 @@ fn world_writes_pools_and_labelled_folders() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("at least one image per caption"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--images-per-caption"));
 }
 
 #[test]
@@ -899,7 +899,7 @@ fn demo_refuses_impossible_settings_and_missing_models() {
     let e = run(&["--quick", "--images-per-caption", "3"]);
     assert!(e.contains("multiple of the images per caption (3)"), "{e}");
     let e = run(&["--quick", "--captions", "4"]);
-    assert!(e.contains("4 captions are too few"), "{e}");
+    assert!(e.contains("4 captions (--captions) are too few"), "{e}");
     let missing = dir.join("no-such-model");
     let e = run(&["--quick", "--model", missing.to_str().unwrap()]);
     assert!(e.contains("no-such-model"), "{e}");
@@ -928,7 +928,7 @@ fn fidelity_refuses_bad_settings_before_any_gpu_work() {
         e
     };
     let e = run(&["--captions", "0"]);
-    assert!(e.contains("at least 1 caption"), "{e}");
+    assert!(e.contains("--captions"), "{e}");
     let e = run(&["--guidance=-1"]);
     assert!(e.contains("--guidance"), "{e}");
     let e = run(&["--model", dir.join("no-model").to_str().unwrap()]);

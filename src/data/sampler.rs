@@ -29,7 +29,7 @@ impl Sampler {
     pub fn new(captions: usize, k: usize, n: usize, m: usize, seed: u64) -> crate::Result<Sampler> {
         if n == 0 || m == 0 || n > captions || m > k {
             return Err(crate::Error::Config(format!(
-                "cannot draw {n} captions x {m} images from a pool of {captions} captions x {k} images"
+                "cannot draw {n} captions x {m} images (--captions-per-batch x --images-per-caption) from a pool of {captions} captions x {k} images"
             )));
         }
         Ok(Sampler {

@@ -407,7 +407,7 @@ impl GenerateOptions {
             let want = self.images * m.unet.in_channels * lat * lat;
             if n.len() != want {
                 return Err(Error::Config(format!(
-                    "the initial noise has {} values; {} images of [{}, {lat}, {lat}] need {want}",
+                    "the initial noise `latents` has {} values; {} images of [{}, {lat}, {lat}] need {want}",
                     n.len(),
                     self.images,
                     m.unet.in_channels

@@ -62,6 +62,13 @@ impl SchedulerConfig {
                 c.beta_schedule
             )));
         }
+        // beta_start 0 makes sigma 0 at t = 0 (Euler divides by it); beta 1 zeroes alpha.
+        if !(c.beta_start > 0.0 && c.beta_start <= c.beta_end && c.beta_end < 1.0) {
+            return Err(Error::Config(format!(
+                "{origin}: want 0 < beta_start <= beta_end < 1, got beta_start {} and beta_end {}",
+                c.beta_start, c.beta_end
+            )));
+        }
         if c.num_train_timesteps < 2 {
             return Err(Error::Config(format!(
                 "{origin}: num_train_timesteps must be at least 2"

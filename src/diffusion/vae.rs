@@ -44,6 +44,25 @@ impl VaeConfig {
     pub fn from_json(text: &str, origin: &str) -> Result<VaeConfig> {
         let c: VaeConfig = serde_json::from_str(text)
             .map_err(|e| Error::Config(format!("{origin}: not a VAE config: {e}")))?;
+        for (name, v) in [
+            ("in_channels", c.in_channels),
+            ("out_channels", c.out_channels),
+            ("latent_channels", c.latent_channels),
+            ("layers_per_block", c.layers_per_block),
+            ("norm_num_groups", c.norm_num_groups),
+        ] {
+            if v == 0 {
+                return Err(Error::Config(format!(
+                    "{origin}: {name} must be at least 1"
+                )));
+            }
+        }
+        if !(c.scaling_factor.is_finite() && c.scaling_factor > 0.0) {
+            return Err(Error::Config(format!(
+                "{origin}: scaling_factor must be positive, got {}",
+                c.scaling_factor
+            )));
+        }
         if c.block_out_channels.is_empty()
             || c.block_out_channels.len() > 8
             || c.block_out_channels

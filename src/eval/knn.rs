@@ -116,7 +116,7 @@ pub fn fewshot_accuracy(feats: &[f32], labels: &[usize], dim: usize, cfg: &FewSh
         .collect();
     if eligible.len() < ways {
         return Err(Error::Config(format!(
-            "{ways}-way {shots}-shot with {queries} queries needs {ways} classes with at least {} images; {} have enough",
+            "{ways}-way {shots}-shot with {queries} queries (--ways, --shots, --queries) needs {ways} classes with at least {} images; {} have enough",
             shots + queries,
             eligible.len()
         )));

@@ -194,9 +194,7 @@ pub fn embed_files(
 ) -> Result<usize> {
     let ck = Checkpoint::load(checkpoint)?;
     let inp = Checkpoint::load(input)?;
-    let images = inp
-        .get("images", None)
-        .map_err(|e| Error::Config(format!("{}: {e}", input.display())))?;
+    let images = inp.get("images", None)?;
     let feats = embed(gpu, &ck, head_dim, images)?;
     let n = feats.shape[0];
     let mut o = Checkpoint::default();

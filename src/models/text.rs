@@ -44,7 +44,7 @@ impl TextConfig {
     pub fn validate(&self) -> Result<()> {
         if self.heads == 0 || self.width == 0 || !self.width.is_multiple_of(self.heads) {
             return Err(Error::Config(format!(
-                "text width {} is not divisible by {} heads",
+                "text width {} (--text-width) is not divisible by {} heads (--text-heads)",
                 self.width, self.heads
             )));
         }

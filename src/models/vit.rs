@@ -38,13 +38,13 @@ impl VitConfig {
     pub fn validate(&self) -> Result<()> {
         if self.patch == 0 || !self.img_size.is_multiple_of(self.patch) {
             return Err(Error::Config(format!(
-                "image size {} is not a multiple of patch size {}",
+                "image size {} (--img-size) is not a multiple of patch size {} (--patch)",
                 self.img_size, self.patch
             )));
         }
         if self.heads == 0 || !self.width.is_multiple_of(self.heads) {
             return Err(Error::Config(format!(
-                "width {} is not divisible by {} heads",
+                "width {} (--width) is not divisible by {} heads (--heads)",
                 self.width, self.heads
             )));
         }

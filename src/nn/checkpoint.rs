@@ -28,6 +28,8 @@ pub struct Checkpoint {
     pub tensors: BTreeMap<String, HostTensor>,
     /// The file's `__metadata__` strings.
     pub metadata: BTreeMap<String, String>,
+    /// Where it was read from (the path, for errors); empty for one built in memory.
+    pub origin: String,
     /// The tensors the file stored as f16 (for them f16 storage on the GPU is lossless).
     pub f16_names: std::collections::BTreeSet<String>,
 }
@@ -110,6 +112,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             tensors,
             metadata,
+            origin: origin.to_string(),
             f16_names,
         })
     }
@@ -131,7 +134,12 @@ impl Checkpoint {
                 .map(String::as_str)
                 .collect();
             Error::Config(format!(
-                "checkpoint has no tensor '{name}'{}",
+                "{}checkpoint has no tensor '{name}'{}",
+                if self.origin.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}: ", self.origin)
+                },
                 if near.is_empty() {
                     String::new()
                 } else {
@@ -142,7 +150,12 @@ impl Checkpoint {
         if let Some(s) = shape {
             if t.shape != s {
                 return Err(Error::Config(format!(
-                    "checkpoint tensor '{name}' has shape {:?}, expected {s:?}",
+                    "{}checkpoint tensor '{name}' has shape {:?}, expected {s:?}",
+                    if self.origin.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{}: ", self.origin)
+                    },
                     t.shape
                 )));
             }

@@ -81,10 +81,8 @@ pub fn run(
     let rows = r.captions * r.images_per_caption;
     let images = batch.get("images", Some(&[rows, 3, s, s])).map_err(|e| {
         Error::Config(format!(
-            "{}: {e} ({} captions x {} images at {s}x{s})",
-            r.batch.display(),
-            r.captions,
-            r.images_per_caption
+            "{e} ({} captions x {} images at {s}x{s})",
+            r.captions, r.images_per_caption
         ))
     })?;
     let text = match &model.plus {

@@ -114,7 +114,7 @@ pub fn run(
     let source_size = r.source_size;
     let (src_h, src_w) = match source_size {
         Some(0) => {
-            return Err(Error::Config("the source size must be positive".into()));
+            return Err(Error::Config("--source-size must be positive".into()));
         }
         Some(s) => (s, s),
         None => {
@@ -148,6 +148,14 @@ pub fn run(
     } else {
         r.model
     };
+    if let Some(s) = source_size {
+        if s < model.vit.img_size {
+            return Err(Error::Config(format!(
+                "--source-size {s} is smaller than the encoder's input ({} pixels)",
+                model.vit.img_size
+            )));
+        }
+    }
     let adamw = recipe_adamw(r.weight_decay);
     let step_cfg = StepConfig {
         vit: model.vit,

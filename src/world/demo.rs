@@ -203,7 +203,7 @@ impl DemoConfig {
         }
         if self.views_per_step / 2 > self.captions {
             return Err(Error::Config(format!(
-                "{} captions are too few for batches of {} views (SimCLR needs {} captions a step)",
+                "{} captions (--captions) are too few for batches of {} views (SimCLR needs {} captions a step)",
                 self.captions,
                 self.views_per_step,
                 self.views_per_step / 2
