@@ -388,6 +388,13 @@ fn file_cases(b: &Base) -> Vec<Case> {
             ),
         ),
         (
+            "a shape whose product overflows",
+            safetensors_bytes(
+                r#"{"visual.cls_token":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#,
+                &[0; 4],
+            ),
+        ),
+        (
             "negative shape",
             safetensors_bytes(
                 r#"{"visual.cls_token":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
@@ -560,6 +567,8 @@ fn file_cases(b: &Base) -> Vec<Case> {
                         serde_json::json!(-1),
                         serde_json::json!(0),
                         serde_json::json!([]),
+                        serde_json::json!(1u64 << 40),
+                        serde_json::json!([1u64 << 40, 1u64 << 40]),
                     ] {
                         let mut c = cfg.clone();
                         c[key] = bad.clone();
@@ -598,7 +607,7 @@ fn file_cases(b: &Base) -> Vec<Case> {
                     s("--out"),
                     p(&d.join("g")),
                 ],
-                &format!("{part}"),
+                part,
             ));
         }
     }

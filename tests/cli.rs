@@ -248,6 +248,48 @@ fn fixed_batch_gradients_and_three_steps_match_pytorch() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A gradient step that overflows while the loss is still finite (here a learning rate that is
+/// infinite in f32) stops the run before a non-finite checkpoint is written.
+#[test]
+fn a_non_finite_update_is_never_checkpointed() {
+    let fx = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train_step.safetensors"),
+    )
+    .unwrap();
+    let dir = tmp("nonfinite");
+    let mut init = Checkpoint::default();
+    let mut batch = Checkpoint::default();
+    for (name, t) in &fx.tensors {
+        if let Some(k) = name.strip_prefix("before.") {
+            init.tensors.insert(k.to_string(), t.clone());
+        }
+    }
+    batch
+        .tensors
+        .insert("images".into(), fx.get("images", None).unwrap().clone());
+    init.save(&dir.join("init.safetensors")).unwrap();
+    batch.save(&dir.join("batch.safetensors")).unwrap();
+    let out = bin()
+        .args(["train", "--init"])
+        .arg(dir.join("init.safetensors"))
+        .arg("--fixed-batch")
+        .arg(dir.join("batch.safetensors"))
+        .args(["--captions-per-batch", "4", "--images-per-caption", "3"])
+        .args(["--steps", "1", "--no-augment", "--lr-schedule", "constant"])
+        .args(["--lr", "1e39", "--head-dim", "16", "--out"])
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("after step 1") && err.contains("stopped without saving"),
+        "{err}"
+    );
+    assert!(!dir.join("run/checkpoint-last.safetensors").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn train_errors_name_the_problem() {
     let dir = tmp("errors");

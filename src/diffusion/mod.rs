@@ -18,3 +18,17 @@ pub mod text_encoder;
 pub mod training;
 pub mod unet;
 pub mod vae;
+
+/// Checks that each `(name, value, max)` of a config file lies in `1..=max`: sizes of zero, and
+/// sizes far beyond any real model (which would exhaust memory or never finish), are errors
+/// that name the file and the key.
+pub(crate) fn check_sizes(origin: &str, sizes: &[(&str, usize, usize)]) -> crate::Result<()> {
+    for &(name, v, max) in sizes {
+        if v == 0 || v > max {
+            return Err(crate::Error::Config(format!(
+                "{origin}: {name} is {v}; it must be 1 to {max}"
+            )));
+        }
+    }
+    Ok(())
+}

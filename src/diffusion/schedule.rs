@@ -69,9 +69,10 @@ impl SchedulerConfig {
                 c.beta_start, c.beta_end
             )));
         }
-        if c.num_train_timesteps < 2 {
+        if c.num_train_timesteps < 2 || c.num_train_timesteps > 100_000 {
             return Err(Error::Config(format!(
-                "{origin}: num_train_timesteps must be at least 2"
+                "{origin}: num_train_timesteps must be 2 to 100000, got {}",
+                c.num_train_timesteps
             )));
         }
         Ok(c)

@@ -51,6 +51,17 @@ impl ClipTextConfig {
     pub fn from_json(text: &str, origin: &str) -> Result<ClipTextConfig> {
         let c: ClipTextConfig = serde_json::from_str(text)
             .map_err(|e| Error::Config(format!("{origin}: not a CLIP text config: {e}")))?;
+        super::check_sizes(
+            origin,
+            &[
+                ("vocab_size", c.vocab_size, 1 << 20),
+                ("hidden_size", c.hidden_size, 16384),
+                ("intermediate_size", c.intermediate_size, 65536),
+                ("num_attention_heads", c.num_attention_heads, 256),
+                ("num_hidden_layers", c.num_hidden_layers, 256),
+                ("max_position_embeddings", c.max_position_embeddings, 65536),
+            ],
+        )?;
         if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(Error::Config(format!(
                 "{origin}: hidden_size {} is not divisible by num_attention_heads {}",

@@ -99,16 +99,18 @@ impl UNetConfig {
         let c: UNetConfig = serde_json::from_str(text)
             .map_err(|e| Error::Config(format!("{origin}: not a UNet config: {e}")))?;
         let bad = |what: String| Err(Error::Config(format!("{origin}: {what}")));
-        for (name, v) in [
-            ("in_channels", c.in_channels),
-            ("out_channels", c.out_channels),
-            ("layers_per_block", c.layers_per_block),
-            ("cross_attention_dim", c.cross_attention_dim),
-            ("norm_num_groups", c.norm_num_groups),
-        ] {
-            if v == 0 {
-                return bad(format!("{name} must be at least 1"));
-            }
+        super::check_sizes(
+            origin,
+            &[
+                ("in_channels", c.in_channels, 1024),
+                ("out_channels", c.out_channels, 1024),
+                ("layers_per_block", c.layers_per_block, 16),
+                ("cross_attention_dim", c.cross_attention_dim, 16384),
+                ("norm_num_groups", c.norm_num_groups, 1024),
+            ],
+        )?;
+        for (i, &ch) in c.block_out_channels.iter().enumerate() {
+            super::check_sizes(origin, &[(&format!("block_out_channels[{i}]"), ch, 16384)])?;
         }
         let n = c.block_out_channels.len();
         if n > 8 {

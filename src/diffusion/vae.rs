@@ -44,18 +44,18 @@ impl VaeConfig {
     pub fn from_json(text: &str, origin: &str) -> Result<VaeConfig> {
         let c: VaeConfig = serde_json::from_str(text)
             .map_err(|e| Error::Config(format!("{origin}: not a VAE config: {e}")))?;
-        for (name, v) in [
-            ("in_channels", c.in_channels),
-            ("out_channels", c.out_channels),
-            ("latent_channels", c.latent_channels),
-            ("layers_per_block", c.layers_per_block),
-            ("norm_num_groups", c.norm_num_groups),
-        ] {
-            if v == 0 {
-                return Err(Error::Config(format!(
-                    "{origin}: {name} must be at least 1"
-                )));
-            }
+        super::check_sizes(
+            origin,
+            &[
+                ("in_channels", c.in_channels, 64),
+                ("out_channels", c.out_channels, 64),
+                ("latent_channels", c.latent_channels, 1024),
+                ("layers_per_block", c.layers_per_block, 16),
+                ("norm_num_groups", c.norm_num_groups, 1024),
+            ],
+        )?;
+        for (i, &ch) in c.block_out_channels.iter().enumerate() {
+            super::check_sizes(origin, &[(&format!("block_out_channels[{i}]"), ch, 16384)])?;
         }
         if !(c.scaling_factor.is_finite() && c.scaling_factor > 0.0) {
             return Err(Error::Config(format!(

@@ -57,7 +57,7 @@ impl Embedder {
     pub fn embed(&mut self, images: &[f32]) -> Result<Vec<f32>> {
         let s = self.cfg.img_size;
         let per = 3 * s * s;
-        if images.len() % per != 0 {
+        if !images.len().is_multiple_of(per) {
             return Err(Error::Config(format!(
                 "{} values are not a whole number of [3, {s}, {s}] images",
                 images.len()

@@ -33,16 +33,29 @@ pub fn read_step(ck: &Checkpoint, path: &Path) -> Result<u64> {
     })
 }
 
-/// Reads every tensor of `store` back and writes them with `config` (JSON) and `step`.
+/// Reads every tensor of `store` back and writes them with `config` (JSON) and `step`. A
+/// tensor with a non-finite value (a gradient that overflowed while the loss stayed finite) is
+/// an error that names it and the step, and the file at `path` is left as it was.
 pub fn save(store: &ParamStore, config: &serde_json::Value, step: u64, path: &Path) -> Result<()> {
     let mut ck = Checkpoint::default();
     for name in store.names() {
         let t = store.get(name).expect("name from the store");
+        let data = t.read_f32()?;
+        if let Some(v) = data.iter().find(|v| !v.is_finite()) {
+            let kept = if path.exists() {
+                format!("the last good checkpoint is {}", path.display())
+            } else {
+                "no checkpoint was written".to_string()
+            };
+            return Err(Error::Graph(format!(
+                "'{name}' holds {v} after step {step}; stopped without saving: {kept}"
+            )));
+        }
         ck.tensors.insert(
             name.to_string(),
             HostTensor {
                 shape: t.shape.clone(),
-                data: t.read_f32()?,
+                data,
             },
         );
     }
