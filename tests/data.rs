@@ -42,3 +42,48 @@ fn a_pool_in_the_official_layout_reads_back() {
         .contains("captions.csv"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// tools/make_fixtures.py's `resize_pattern`, channel-major in [0, 1].
+fn resize_pattern(h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0.0; 3 * h * w];
+    for y in 0..h {
+        for x in 0..w {
+            let rgb = [
+                (x * 37 + y * 11) % 256,
+                ((x / 3 + y / 2) % 2) * 255,
+                (x * 255) / (w - 1).max(1),
+            ];
+            for c in 0..3 {
+                out[c * h * w + y * w + x] = rgb[c] as f32 / 255.0;
+            }
+        }
+    }
+    out
+}
+
+/// The evaluation resize and crop match torchvision's `Resize(37)` + `CenterCrop(32)` on PIL
+/// images (antialiased bilinear when shrinking), landscape and portrait.
+#[test]
+fn evaluation_resize_matches_torchvision() {
+    let fx = stablerep::nn::checkpoint::Checkpoint::load(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/eval_resize.safetensors"),
+    )
+    .unwrap();
+    for (name, h, w) in [("landscape", 120, 200), ("portrait", 90, 41)] {
+        let want = &fx.get(name, Some(&[3, 32, 32])).unwrap().data;
+        let got = stablerep::util::image::resize_center_crop(&resize_pattern(h, w), h, w, 37, 32);
+        let mut worst = 0.0f32;
+        let mut mean = 0.0f32;
+        for (a, b) in got.iter().zip(want) {
+            worst = worst.max((a - b).abs());
+            mean += (a - b).abs() / want.len() as f32;
+        }
+        eprintln!("{name}: worst {worst}, mean {mean} against torchvision");
+        // PIL works in 8 bits with its own rounding: within about one level.
+        assert!(
+            worst <= 1.5 / 255.0 && mean <= 0.5 / 255.0,
+            "{name}: worst {worst}, mean {mean}"
+        );
+    }
+}

@@ -350,7 +350,35 @@ def cnn_fixture():
     save_file(tensors, OUT / "cnn_grads.safetensors", metadata=meta)
 
 
+def resize_pattern(h, w):
+    """The procedural RGB u8 image [h, w, 3] that tests/data.rs rebuilds: high-frequency
+    stripes and a ramp, so antialiasing changes the result."""
+    import numpy as np
+    y, x = np.mgrid[0:h, 0:w]
+    r = (x * 37 + y * 11) % 256
+    g = ((x // 3 + y // 2) % 2) * 255
+    b = (x * 255) // max(w - 1, 1)
+    return np.stack([r, g, b], axis=-1).astype(np.uint8)
+
+
+def resize_fixture():
+    """The evaluation transform's resize and crop as torchvision does it on PIL images:
+    Resize(37) (shorter side, bilinear, antialiased) then CenterCrop(32), before normalization,
+    for a landscape 120 x 200 and a portrait 90 x 41 pattern."""
+    from PIL import Image
+    import torchvision.transforms as T
+    import torchvision
+    tf = T.Compose([T.Resize(37, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(32), T.ToTensor()])
+    tensors = {}
+    for name, (h, w) in {"landscape": (120, 200), "portrait": (90, 41)}.items():
+        tensors[name] = tf(Image.fromarray(resize_pattern(h, w))).contiguous()
+    meta = {"what": "torchvision Resize(37) + CenterCrop(32) + ToTensor of resize_pattern(h, w)",
+            "torchvision": torchvision.__version__}
+    save_file(tensors, OUT / "eval_resize.safetensors", metadata=meta)
+
+
 FIXTURES = {
+    "resize": resize_fixture,
     "loss": loss_fixture,
     "vit": vit_fixture,
     "train_step": train_step_fixture,

@@ -55,7 +55,7 @@ pub fn image_is_complete(path: &Path, size: usize) -> bool {
 /// Resizes [3, h, w] so its shorter side is `short` (the longer side scaled and truncated, as
 /// torchvision's `Resize(short)`) with the `image` crate's triangle filter (bilinear, widened
 /// when shrinking so every source pixel counts, as PIL's), then center-crops `size` x `size`
-/// (offsets rounded, as torchvision's `CenterCrop`). Values stay in [0, 1].
+/// (offsets rounded half to even, as torchvision's `CenterCrop`). Values stay in [0, 1].
 pub fn resize_center_crop(img: &[f32], h: usize, w: usize, short: usize, size: usize) -> Vec<f32> {
     let (nh, nw) = if h <= w {
         (short, (short * w / h).max(size))
@@ -78,8 +78,9 @@ pub fn resize_center_crop(img: &[f32], h: usize, w: usize, short: usize, size: u
             image::imageops::FilterType::Triangle,
         )
     };
-    let top = ((nh - size) as f64 / 2.0).round() as u32;
-    let left = ((nw - size) as f64 / 2.0).round() as u32;
+    // Python's round (half to even), as torchvision's CenterCrop.
+    let top = ((nh - size) as f64 / 2.0).round_ties_even() as u32;
+    let left = ((nw - size) as f64 / 2.0).round_ties_even() as u32;
     let mut out = vec![0.0; 3 * size * size];
     for y in 0..size {
         for x in 0..size {
