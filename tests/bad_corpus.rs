@@ -135,6 +135,24 @@ fn setup(name: &str) -> Base {
     }
 }
 
+/// A ViT small enough for the 16-pixel training cases.
+fn tiny_model() -> Vec<String> {
+    [
+        "--img-size",
+        "16",
+        "--patch",
+        "8",
+        "--width",
+        "16",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+    ]
+    .map(s)
+    .to_vec()
+}
+
 /// A case: arguments, and a text the output must contain (the file or flag it is about).
 struct Case {
     name: String,
@@ -693,21 +711,14 @@ fn data_cases(b: &Base) -> Vec<Case> {
                 s("4"),
                 s("--images-per-caption"),
                 s("2"),
-                s("--img-size"),
-                s("16"),
-                s("--patch"),
-                s("8"),
-                s("--width"),
-                s("16"),
-                s("--depth"),
-                s("1"),
-                s("--heads"),
-                s("2"),
                 s("--steps"),
                 s("2"),
                 s("--out"),
                 p(&d.join(format!("t-{slug}"))),
-            ],
+            ]
+            .into_iter()
+            .chain(tiny_model())
+            .collect(),
             &victim.file_name().unwrap().to_string_lossy(),
         ));
     }
@@ -809,7 +820,7 @@ fn data_cases(b: &Base) -> Vec<Case> {
         ),
         (
             "train",
-            vec![
+            [
                 s("train"),
                 s("--pool"),
                 p(&b.pool),
@@ -817,20 +828,13 @@ fn data_cases(b: &Base) -> Vec<Case> {
                 s("2"),
                 s("--images-per-caption"),
                 s("2"),
-                s("--img-size"),
-                s("16"),
-                s("--patch"),
-                s("8"),
-                s("--width"),
-                s("16"),
-                s("--depth"),
-                s("1"),
-                s("--heads"),
-                s("2"),
                 s("--steps"),
                 s("1"),
-                s("--out"),
-            ],
+            ]
+            .into_iter()
+            .chain(tiny_model())
+            .chain([s("--out")])
+            .collect(),
         ),
         (
             "embed",

@@ -20,13 +20,14 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-#[test]
-fn fixed_batch_training_matches_the_pytorch_step() {
+/// The `train_step` fixture, and a folder holding its starting weights (`init.safetensors`)
+/// and its batch (`batch.safetensors`) as `train --fixed-batch` reads them.
+fn fixed_batch_inputs(name: &str) -> (Checkpoint, PathBuf) {
     let fx = Checkpoint::load(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train_step.safetensors"),
     )
     .unwrap();
-    let dir = tmp("train");
+    let dir = tmp(name);
     let mut init = Checkpoint::default();
     let mut batch = Checkpoint::default();
     for (name, t) in &fx.tensors {
@@ -39,6 +40,12 @@ fn fixed_batch_training_matches_the_pytorch_step() {
         .insert("images".into(), fx.get("images", None).unwrap().clone());
     init.save(&dir.join("init.safetensors")).unwrap();
     batch.save(&dir.join("batch.safetensors")).unwrap();
+    (fx, dir)
+}
+
+#[test]
+fn fixed_batch_training_matches_the_pytorch_step() {
+    let (fx, dir) = fixed_batch_inputs("train");
     let out = bin()
         .args(["train", "--init"])
         .arg(dir.join("init.safetensors"))
@@ -111,23 +118,7 @@ fn fixed_batch_training_matches_the_pytorch_step() {
 /// the gradients' sizes).
 #[test]
 fn fixed_batch_gradients_and_three_steps_match_pytorch() {
-    let fx = Checkpoint::load(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train_step.safetensors"),
-    )
-    .unwrap();
-    let dir = tmp("grads");
-    let mut init = Checkpoint::default();
-    let mut batch = Checkpoint::default();
-    for (name, t) in &fx.tensors {
-        if let Some(k) = name.strip_prefix("before.") {
-            init.tensors.insert(k.to_string(), t.clone());
-        }
-    }
-    batch
-        .tensors
-        .insert("images".into(), fx.get("images", None).unwrap().clone());
-    init.save(&dir.join("init.safetensors")).unwrap();
-    batch.save(&dir.join("batch.safetensors")).unwrap();
+    let (fx, dir) = fixed_batch_inputs("grads");
     let out = bin()
         .args(["train", "--init"])
         .arg(dir.join("init.safetensors"))
@@ -252,23 +243,7 @@ fn fixed_batch_gradients_and_three_steps_match_pytorch() {
 /// infinite in f32) stops the run before a non-finite checkpoint is written.
 #[test]
 fn a_non_finite_update_is_never_checkpointed() {
-    let fx = Checkpoint::load(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train_step.safetensors"),
-    )
-    .unwrap();
-    let dir = tmp("nonfinite");
-    let mut init = Checkpoint::default();
-    let mut batch = Checkpoint::default();
-    for (name, t) in &fx.tensors {
-        if let Some(k) = name.strip_prefix("before.") {
-            init.tensors.insert(k.to_string(), t.clone());
-        }
-    }
-    batch
-        .tensors
-        .insert("images".into(), fx.get("images", None).unwrap().clone());
-    init.save(&dir.join("init.safetensors")).unwrap();
-    batch.save(&dir.join("batch.safetensors")).unwrap();
+    let (_, dir) = fixed_batch_inputs("nonfinite");
     let out = bin()
         .args(["train", "--init"])
         .arg(dir.join("init.safetensors"))
