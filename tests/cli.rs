@@ -43,6 +43,23 @@ fn fixed_batch_inputs(name: &str) -> (Checkpoint, PathBuf) {
     (fx, dir)
 }
 
+/// Writes the encoder of the tiny timm ViT fixture (32 px, width 32, head dim 16) to `path`, as
+/// a timm user would convert one; returns the fixture.
+fn tiny_encoder(path: &Path) -> Checkpoint {
+    let fx = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit_tiny.safetensors"),
+    )
+    .unwrap();
+    let mut ck = Checkpoint::default();
+    for (k, t) in &fx.tensors {
+        if k.starts_with("visual.") {
+            ck.tensors.insert(k.clone(), t.clone());
+        }
+    }
+    ck.save(path).unwrap();
+    fx
+}
+
 #[test]
 fn fixed_batch_training_matches_the_pytorch_step() {
     let (fx, dir) = fixed_batch_inputs("train");
@@ -383,18 +400,8 @@ fn embed_writes_the_timm_features() {
 #[test]
 fn probe_knn_and_fewshot_on_labelled_folders() {
     use stablerep::util::image::save_rgb;
-    let fx = Checkpoint::load(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit_tiny.safetensors"),
-    )
-    .unwrap();
     let dir = tmp("probe");
-    let mut ck = Checkpoint::default();
-    for (k, t) in &fx.tensors {
-        if k.starts_with("visual.") {
-            ck.tensors.insert(k.clone(), t.clone());
-        }
-    }
-    ck.save(&dir.join("ck.safetensors")).unwrap();
+    tiny_encoder(&dir.join("ck.safetensors"));
     // Three visually distinct classes (colours and stripes) with per-image variation.
     for (split, count) in [("train", 6usize), ("test", 11)] {
         for class in 0..3 {
@@ -1320,18 +1327,8 @@ fn embedding_many_images_keeps_memory_bounded() {
     if !Path::new("/proc/self/status").exists() {
         return; // VmHWM is Linux's
     }
-    let fx = Checkpoint::load(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit_tiny.safetensors"),
-    )
-    .unwrap();
     let dir = tmp("rss");
-    let mut ck = Checkpoint::default();
-    for (k, t) in &fx.tensors {
-        if k.starts_with("visual.") {
-            ck.tensors.insert(k.clone(), t.clone());
-        }
-    }
-    ck.save(&dir.join("ck.safetensors")).unwrap();
+    tiny_encoder(&dir.join("ck.safetensors"));
     let n = 4000;
     let paths: Vec<PathBuf> = (0..n)
         .map(|i| {
