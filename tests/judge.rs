@@ -24,10 +24,10 @@ fn shipped_judge_reads_held_out_renders() {
     // Layouts and captions it never trained on (its training used layout seed 0x1D6E).
     let acc = accuracy(&judge, 600, 777).unwrap();
     for (kind, a) in acc {
-        // The target for shape is 0.90; the shipped judge reads 88.5 % on its own
-        // held-out set (chance 1/6), colour 99.4 %, background 100 % (docs/world.md).
+        // The targets (shape 0.90, colour and background 0.95); the shipped judge reads
+        // 99.2 % / 99.3 % / 100 % on its own held-out set (chance 1/6; docs/world.md).
         let want = match kind {
-            LabelKind::Shape => 0.80,
+            LabelKind::Shape => 0.90,
             _ => 0.95,
         };
         assert!(a >= want, "held-out {kind:?} accuracy {a:.3} < {want}");
