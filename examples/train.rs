@@ -13,11 +13,11 @@ use std::process::ExitCode;
 
 use stablerep::data::pool::Pool;
 use stablerep::gpu::{Gpu, GpuOptions};
+use stablerep::models::config::ModelConfig;
 use stablerep::models::stablerep::HeadConfig;
 use stablerep::models::vit::VitConfig;
-use stablerep::train::fixed::ModelConfig;
+use stablerep::nn::schedule::Schedule;
 use stablerep::train::pool_run::{run as train, PoolRun};
-use stablerep::train::schedule::Schedule;
 
 fn run() -> stablerep::Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
