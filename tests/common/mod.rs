@@ -27,21 +27,24 @@ pub fn gpu() -> (Arc<Gpu>, MutexGuard<'static, ()>) {
     (g, guard)
 }
 
-/// SplitMix64: small, seeded, good enough for test data.
+/// Test data from the library's seeded stream (`stablerep::util::rng::Rng`), with helpers for
+/// ranges and vectors.
 pub struct Rng(pub u64);
 
 impl Rng {
     /// Next raw value.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
+        let mut r = stablerep::util::rng::Rng(self.0);
+        let v = r.next_u64();
+        self.0 = r.0;
+        v
     }
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        let mut r = stablerep::util::rng::Rng(self.0);
+        let v = r.unit();
+        self.0 = r.0;
+        v
     }
     /// Uniform in [lo, hi).
     pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
