@@ -34,6 +34,7 @@ fn run() -> stablerep::Result<()> {
         train: Some(PathBuf::from(train)),
         test: PathBuf::from(test),
         method,
+        features: None,
     };
     let knn = probe(
         &gpu,

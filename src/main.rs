@@ -50,9 +50,19 @@ enum Cmd {
         /// With --captions: generate shard i of N ("i/N"), captions [i*C/N, (i+1)*C/N).
         #[arg(long, default_value = "0/1", allow_hyphen_values = true)]
         shard: String,
-        /// With --captions: skip captions whose images all exist already.
+        /// With --captions: skip captions whose images all exist already (with --format
+        /// webdataset: shards that are complete).
         #[arg(long)]
         resume: bool,
+        /// With --captions: the pool's layout: `folder` (the official one) or `webdataset`
+        /// (tar shards `pool-000000.tar`, ... of --captions-per-shard captions each; caption k
+        /// is the sample `{k:010}` with `KEY.0.png` ... and `KEY.txt`). docs/formats.md.
+        #[arg(long, default_value = "folder", value_parser = ["folder", "webdataset"])]
+        format: String,
+        /// With --format webdataset: captions per shard (--shard i/N then splits shards, not
+        /// captions, among machines).
+        #[arg(long, default_value_t = 1000, allow_negative_numbers = true, value_parser = count)]
+        captions_per_shard: usize,
         /// What to steer away from (the unconditional branch of guidance).
         #[arg(long, default_value = "")]
         negative_prompt: String,
@@ -258,11 +268,17 @@ enum Cmd {
         #[arg(long, conflicts_with = "images", required_unless_present = "images")]
         input_tensor: Option<std::path::PathBuf>,
         /// Image files (PNG/JPEG): resized, center-cropped and normalized as for evaluation.
+        /// Or one labelled folder (`DIR/<class>/<image>`) or one file list (`.txt`, a path per
+        /// line): then --out is a feature cache folder of safetensors shards (`features`,
+        /// `labels`) that `probe --features` reads (docs/scale.md).
         #[arg(long, num_args = 1..)]
         images: Vec<std::path::PathBuf>,
-        /// Output safetensors file (`features` [N, D]).
+        /// Output safetensors file (`features` [N, D]), or the cache folder.
         #[arg(long)]
         out: std::path::PathBuf,
+        /// With a folder or a list: images per cache shard.
+        #[arg(long, default_value_t = stablerep::eval::cache::SHARD_ROWS, allow_negative_numbers = true, value_parser = count)]
+        rows_per_shard: usize,
         /// Head dimension for checkpoints without a config.
         #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = count)]
         head_dim: usize,
@@ -312,6 +328,11 @@ enum Cmd {
         /// Head dimension for checkpoints without a config.
         #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = count)]
         head_dim: usize,
+        /// Feature cache folder: `train/` and `test/` in it are read when they hold this
+        /// checkpoint's features of the same images, and written otherwise, so a second probe
+        /// does not embed again. A cache of another checkpoint is refused.
+        #[arg(long)]
+        features: Option<std::path::PathBuf>,
     },
     /// Render the built-in mini-world: a pool of captions with their "real" renders (official
     /// layout), or with --labelled a folder per class for evaluation.
@@ -409,6 +430,12 @@ enum Cmd {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// Work on training pools.
+    Pool {
+        /// What to do.
+        #[command(subcommand)]
+        action: PoolAction,
+    },
     /// Train a small MLP on three spirals through the graph executor (an engine smoke test).
     EngineDemo {
         /// Optimizer steps.
@@ -423,6 +450,27 @@ enum Cmd {
         /// Random seed.
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         seed: u64,
+    },
+}
+
+/// `stablerep pool ...`.
+#[derive(Subcommand)]
+enum PoolAction {
+    /// Rewrite a pool in the other layout: the official folders (captions.csv, seed_*/) or
+    /// WebDataset shards. Image bytes are copied as they are; captions keep their order.
+    Convert {
+        /// The pool to read (either layout).
+        #[arg(long)]
+        from: std::path::PathBuf,
+        /// The folder to write (new or empty).
+        #[arg(long)]
+        to: std::path::PathBuf,
+        /// Layout to write: folder or webdataset.
+        #[arg(long, value_parser = ["folder", "webdataset"])]
+        format: String,
+        /// With --format webdataset: captions per shard.
+        #[arg(long, default_value_t = 1000, allow_negative_numbers = true, value_parser = count)]
+        captions_per_shard: usize,
     },
 }
 
@@ -621,8 +669,14 @@ fn given_flags(m: &clap::ArgMatches) -> Given {
     };
     // Arguments only (clap also reports the variant's argument group).
     let cmd = Cli::command();
-    let args: Vec<String> = cmd
-        .find_subcommand(name)
+    let mut found = cmd.find_subcommand(name);
+    let mut sub = sub;
+    // A nested action (`pool convert`): its own flags.
+    if let Some((inner, m)) = sub.subcommand() {
+        found = found.and_then(|c| c.find_subcommand(inner));
+        sub = m;
+    }
+    let args: Vec<String> = found
         .map(|c| c.get_arguments().map(|a| a.get_id().to_string()).collect())
         .unwrap_or_default();
     sub.ids()
@@ -728,6 +782,8 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             captions,
             shard,
             resume,
+            format,
+            captions_per_shard,
             negative_prompt,
             images_per_prompt,
             guidance,
@@ -756,8 +812,15 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             } else {
                 refuse(
                     given,
-                    &["shard", "resume"],
+                    &["shard", "resume", "format", "captions_per_shard"],
                     "applies only to a pool (--captions FILE)",
+                )?;
+            }
+            if format != "webdataset" {
+                refuse(
+                    given,
+                    &["captions_per_shard"],
+                    "applies only to --format webdataset",
                 )?;
             }
             if !sampler.eq_ignore_ascii_case("ddim") {
@@ -808,23 +871,45 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                     .ok_or_else(|| {
                         stablerep::Error::Config(format!("--shard '{shard}': want i/N"))
                     })?;
-                let n = shard_range(caps.len(), sh)?.len();
+                let webdataset = format == "webdataset";
+                let n = if webdataset {
+                    stablerep::diffusion::model::shards_of(caps.len(), captions_per_shard, sh)?
+                        .len()
+                } else {
+                    shard_range(caps.len(), sh)?.len()
+                };
                 if n == 0 {
                     return Err(stablerep::Error::Config(format!(
-                        "{}: no captions in shard {shard}",
-                        file.display()
+                        "{}: no {} in shard {shard}",
+                        file.display(),
+                        if webdataset { "tar shards" } else { "captions" }
                     )));
                 }
                 let gpu = Gpu::new(&opts)?;
                 let mut bar = Bar::new(0, Stream::Stderr, Duration::from_secs(10));
-                let written = generate_pool(&gpu, &m, &o, &caps, sh, resume, &out, |p| {
+                let report = |p: &stablerep::diffusion::model::PoolProgress| {
                     bar.set_total(p.total());
                     if p.skipped {
                         bar.skip(p.image.total());
                     }
                     bar.update(p.done(), &p.to_string());
                     Ok(())
-                })?;
+                };
+                let written = if webdataset {
+                    stablerep::diffusion::model::generate_shards(
+                        &gpu,
+                        &m,
+                        &o,
+                        &caps,
+                        sh,
+                        captions_per_shard,
+                        resume,
+                        &out,
+                        report,
+                    )?
+                } else {
+                    generate_pool(&gpu, &m, &o, &caps, sh, resume, &out, report)?
+                };
                 println!("{written} images in {}", out.display());
                 return Ok(());
             }
@@ -877,6 +962,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             batch_size,
             no_bn,
             head_dim,
+            features,
         } => {
             use stablerep::eval::{knn, linear, probe};
             let method = match method {
@@ -904,8 +990,20 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                     train,
                     test,
                     method,
+                    features,
                 },
             )?;
+            if out.cached > 0 {
+                eprintln!("features of {} images read from the cache", out.cached);
+            }
+            if out.embedded.0 > 0 {
+                eprintln!(
+                    "embedded {} images in {:.1} s ({:.1} images/s)",
+                    out.embedded.0,
+                    out.embedded.1,
+                    out.embedded.0 as f64 / out.embedded.1.max(1e-9)
+                );
+            }
             for (lr, a) in &out.per_lr {
                 eprintln!("  base lr {lr}: {:.2}%", a * 100.0);
             }
@@ -919,11 +1017,53 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             images,
             out,
             head_dim,
+            rows_per_shard,
         } => {
             use stablerep::models::features;
+            let cache_mode = input_tensor.is_none()
+                && images.len() == 1
+                && (images[0].is_dir() || images[0].extension().is_some_and(|x| x == "txt"));
+            if !cache_mode {
+                refuse(
+                    given,
+                    &["rows_per_shard"],
+                    "applies only to a feature cache (--images DIR or a .txt list)",
+                )?;
+            }
             let gpu = Gpu::new(&opts)?;
             let n = match input_tensor {
                 Some(input) => features::embed_files(&gpu, &checkpoint, &input, &out, head_dim)?,
+                None if cache_mode => {
+                    use stablerep::eval::cache;
+                    let src = cache::Source::open(&images[0])?;
+                    let ck = stablerep::nn::checkpoint::Checkpoint::load(&checkpoint)?;
+                    let mut bar = stablerep::progress::Bar::new(
+                        src.paths.len() as u64,
+                        stablerep::progress::Stream::Stderr,
+                        std::time::Duration::from_secs(5),
+                    );
+                    let t0 = std::time::Instant::now();
+                    cache::write(
+                        &gpu,
+                        &ck,
+                        head_dim,
+                        &src,
+                        &images[0].display().to_string(),
+                        &out,
+                        rows_per_shard,
+                        false,
+                        |done, total| {
+                            bar.update(done as u64, &format!("embedded {done}/{total} images"));
+                        },
+                    )?;
+                    let s = t0.elapsed().as_secs_f64();
+                    eprintln!(
+                        "embedded {} images in {s:.1} s ({:.1} images/s)",
+                        src.paths.len(),
+                        src.paths.len() as f64 / s.max(1e-9)
+                    );
+                    src.paths.len()
+                }
                 None => {
                     let mut bar = stablerep::progress::Bar::new(
                         images.len() as u64,
@@ -1335,6 +1475,43 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                 out.join("results.json").display(),
                 out.join("results.png").display(),
                 out.join("losses.png").display()
+            );
+            Ok(())
+        }
+        Cmd::Pool {
+            action:
+                PoolAction::Convert {
+                    from,
+                    to,
+                    format,
+                    captions_per_shard,
+                },
+        } => {
+            use stablerep::data::convert::{convert, Format};
+            use stablerep::progress::{Bar, Stream};
+            let format = Format::parse(&format).ok_or_else(|| {
+                stablerep::Error::Config(format!("--format {format}: want folder or webdataset"))
+            })?;
+            if format != Format::WebDataset {
+                refuse(
+                    given,
+                    &["captions_per_shard"],
+                    "applies only to --format webdataset",
+                )?;
+            }
+            let pool = stablerep::data::pool::Pool::open(&from)?;
+            let mut bar = Bar::new(
+                pool.captions.len() as u64,
+                Stream::Stderr,
+                std::time::Duration::from_secs(10),
+            );
+            let written = convert(&pool, &to, format, captions_per_shard, |done, total| {
+                bar.update(done as u64, &format!("caption {done}/{total}"));
+            })?;
+            println!(
+                "{written} images of {} captions in {}",
+                pool.captions.len(),
+                to.display()
             );
             Ok(())
         }

@@ -699,7 +699,7 @@ fn data_cases(b: &Base) -> Vec<Case> {
         let pl = d.join(format!("pool-{slug}"));
         copy_dir(&b.pool, &pl);
         let pool = stablerep::data::pool::Pool::open(&pl).unwrap();
-        let victim = pool.image_path(1, 0);
+        let victim = pool.image_path(1, 0).unwrap();
         std::fs::write(&victim, &bytes).unwrap();
         cases.push(case(
             &format!("train on a pool with a {what} image"),

@@ -398,6 +398,94 @@ fn embed_writes_the_timm_features() {
 }
 
 #[test]
+fn a_trained_checkpoint_hands_off_to_timm_strictly() {
+    // tools/make_fixtures.py handoff: the `visual.*` of a checkpoint `train` wrote, as timm's
+    // VisionTransformer loaded it with strict=True, and timm's CLS features on a fixed input.
+    let fx = Checkpoint::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/handoff.safetensors"),
+    )
+    .unwrap();
+    let dir = tmp("handoff");
+    // What `train` writes today for that architecture has exactly timm's keys and shapes, so
+    // `load_state_dict(strict=True)` keeps working.
+    let o = bin()
+        .args(["world", "--world", "simple", "--captions", "8"])
+        .args(["--images-per-caption", "2", "--size", "16", "--out"])
+        .arg(dir.join("pool"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = bin()
+        .args(["train", "--pool"])
+        .arg(dir.join("pool"))
+        .args([
+            "--img-size",
+            "16",
+            "--patch",
+            "8",
+            "--width",
+            "32",
+            "--depth",
+            "2",
+        ])
+        .args(["--heads", "2", "--head-hidden", "32", "--head-out", "16"])
+        .args([
+            "--captions-per-batch",
+            "4",
+            "--images-per-caption",
+            "2",
+            "--steps",
+            "1",
+        ])
+        .arg("--out")
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ck = Checkpoint::load(&dir.join("run/checkpoint-last.safetensors")).unwrap();
+    let visual = |c: &Checkpoint| -> std::collections::BTreeMap<String, Vec<usize>> {
+        c.tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with("visual."))
+            .map(|(k, t)| (k.clone(), t.shape.clone()))
+            .collect()
+    };
+    assert_eq!(visual(&ck), visual(&fx));
+    // Our features from the trained weights are timm's.
+    let mut weights = Checkpoint::default();
+    for (k, t) in &fx.tensors {
+        if k.starts_with("visual.") {
+            weights.tensors.insert(k.clone(), t.clone());
+        }
+    }
+    weights.save(&dir.join("ck.safetensors")).unwrap();
+    let mut input = Checkpoint::default();
+    input
+        .tensors
+        .insert("images".into(), fx.get("input", None).unwrap().clone());
+    input.save(&dir.join("x.safetensors")).unwrap();
+    let o = bin()
+        .arg("embed")
+        .arg("--checkpoint")
+        .arg(dir.join("ck.safetensors"))
+        .arg("--input-tensor")
+        .arg(dir.join("x.safetensors"))
+        .arg("--out")
+        .arg(dir.join("f.safetensors"))
+        .args(["--head-dim", "16"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f = Checkpoint::load(&dir.join("f.safetensors")).unwrap();
+    let got = &f.get("features", Some(&[4, 32])).unwrap().data;
+    let want = &fx.get("features", Some(&[4, 32])).unwrap().data;
+    for (a, b) in got.iter().zip(want) {
+        assert!((a - b).abs() <= 1e-4 + 1e-4 * b.abs(), "{a} vs {b}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn probe_knn_and_fewshot_on_labelled_folders() {
     use stablerep::util::image::save_rgb;
     let dir = tmp("probe");
@@ -790,8 +878,8 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
     let p = stablerep::data::pool::Pool::open(&dir.join("pool")).unwrap();
     assert_eq!((p.captions.len(), p.images_per_caption()), (3, 2));
     assert_eq!(p.captions[1].text, "a blue sphere, on grass");
-    assert!(image::open(p.image_path(2, 1)).is_ok());
-    let leftovers = std::fs::read_dir(p.image_path(2, 1).parent().unwrap())
+    assert!(image::open(p.image_path(2, 1).unwrap()).is_ok());
+    let leftovers = std::fs::read_dir(p.image_path(2, 1).unwrap().parent().unwrap())
         .unwrap()
         .filter(|e| {
             e.as_ref()
@@ -810,20 +898,20 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
     );
     // Damaged images (truncated, empty, not a PNG) are generated again on resume, with the
     // same bytes as before (seeded per caption and image).
-    let good = std::fs::read(p.image_path(0, 0)).unwrap();
-    let png = std::fs::read(p.image_path(1, 1)).unwrap();
-    std::fs::write(p.image_path(0, 0), &good[..good.len() / 2]).unwrap();
-    std::fs::write(p.image_path(1, 1), b"").unwrap();
-    std::fs::write(p.image_path(2, 0), b"not a png").unwrap();
+    let good = std::fs::read(p.image_path(0, 0).unwrap()).unwrap();
+    let png = std::fs::read(p.image_path(1, 1).unwrap()).unwrap();
+    std::fs::write(p.image_path(0, 0).unwrap(), &good[..good.len() / 2]).unwrap();
+    std::fs::write(p.image_path(1, 1).unwrap(), b"").unwrap();
+    std::fs::write(p.image_path(2, 0).unwrap(), b"not a png").unwrap();
     let o = pool(&["--resume"]);
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("6 images"),
         "three damaged captions of 2 images each: {}",
         String::from_utf8_lossy(&o.stdout)
     );
-    assert_eq!(std::fs::read(p.image_path(0, 0)).unwrap(), good);
-    assert_eq!(std::fs::read(p.image_path(1, 1)).unwrap(), png);
-    assert!(image::open(p.image_path(2, 0)).is_ok());
+    assert_eq!(std::fs::read(p.image_path(0, 0).unwrap()).unwrap(), good);
+    assert_eq!(std::fs::read(p.image_path(1, 1).unwrap()).unwrap(), png);
+    assert!(image::open(p.image_path(2, 0).unwrap()).is_ok());
     let o = pool(&["--shard", "1/2"]);
     assert!(o.status.success());
     let csv = std::fs::read_to_string(dir.join("pool/captions.1-of-2.csv")).unwrap();
@@ -860,7 +948,7 @@ fn world_writes_pools_and_labelled_folders() {
     );
     let pool = stablerep::data::pool::Pool::open(&dir.join("pool")).unwrap();
     assert_eq!((pool.captions.len(), pool.images_per_caption()), (5, 2));
-    let (h, w, _) = stablerep::util::image::load_rgb(&pool.image_path(4, 1)).unwrap();
+    let (h, w, _) = stablerep::util::image::load_rgb(&pool.image_path(4, 1).unwrap()).unwrap();
     assert_eq!((h, w), (16, 16));
     let first = &pool.captions[0].text;
     assert_eq!(first, &stablerep::world::descriptions(5, 0)[0].caption());
@@ -1145,8 +1233,8 @@ fn pool_generation_killed_with_sigkill_resumes_to_the_same_images() {
     for c in 0..12 {
         for j in 0..2 {
             assert_eq!(
-                std::fs::read(a.image_path(c, j)).unwrap(),
-                std::fs::read(b.image_path(c, j)).unwrap(),
+                std::fs::read(a.image_path(c, j).unwrap()).unwrap(),
+                std::fs::read(b.image_path(c, j).unwrap()).unwrap(),
                 "caption {c} image {j}"
             );
         }
@@ -1332,7 +1420,8 @@ fn embedding_many_images_keeps_memory_bounded() {
     let n = 4000;
     let paths: Vec<PathBuf> = (0..n)
         .map(|i| {
-            let p = dir.join(format!("img/{i:05}.png"));
+            // Two classes, so the folder is also a labelled folder.
+            let p = dir.join(format!("img/c{}/{i:05}.png", i % 2));
             let img: Vec<f32> = (0..3 * 40 * 40)
                 .map(|j| ((i * 7 + j) % 101) as f32 / 100.0)
                 .collect();
@@ -1372,5 +1461,163 @@ fn embedding_many_images_keeps_memory_bounded() {
         "peak RSS {small} KiB for {} images, {large} KiB for {n}",
         n / 10
     );
+    // The same folder into a feature cache: shards written as rows arrive, the same features
+    // (class c0's images first), memory no larger than one shard's worth beyond the run above.
+    let mut c = bin();
+    c.arg("embed")
+        .arg("--checkpoint")
+        .arg(dir.join("ck.safetensors"))
+        .args(["--head-dim", "16", "--rows-per-shard", "1500", "--out"])
+        .arg(dir.join("cache"))
+        .arg("--images")
+        .arg(dir.join("img"));
+    let (ok, cached, err) = run_with_peak_rss(c);
+    assert!(ok, "{err}");
+    assert!(err.contains("images/s"), "{err}");
+    assert!(
+        cached <= large + 4 * 1024,
+        "peak RSS {cached} KiB into the cache, {large} KiB into one file"
+    );
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cache/index.json")).unwrap())
+            .unwrap();
+    assert_eq!(index["images"], n);
+    assert_eq!(index["classes"], serde_json::json!(["c0", "c1"]));
+    assert_eq!(index["shards"].as_array().unwrap().len(), 3);
+    let mut row = 0;
+    for s in index["shards"].as_array().unwrap() {
+        let ck = Checkpoint::load(&dir.join("cache").join(s.as_str().unwrap())).unwrap();
+        let f = ck.get("features", None).unwrap();
+        let l = ck.get("labels", None).unwrap();
+        for r in 0..f.shape[0] {
+            let (class, i) = if row < n / 2 {
+                (0, 2 * row)
+            } else {
+                (1, 2 * (row - n / 2) + 1)
+            };
+            assert_eq!(l.data[r], class as f32);
+            for d in 0..32 {
+                let (a, b) = (f.data[r * 32 + d], feats.data[i * 32 + d]);
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "row {row}: {a} vs {b}"
+                );
+            }
+            row += 1;
+        }
+    }
+    assert_eq!(row, n);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn probes_reuse_cached_features_of_their_own_checkpoint_only() {
+    let dir = tmp("feature-cache");
+    tiny_encoder(&dir.join("ck.safetensors"));
+    common::make_labelled(&dir.join("lab"));
+    let probe = |ck: &str, method: &str| {
+        bin()
+            .args(["probe", "--method", method, "--head-dim", "16", "--k", "3"])
+            .arg("--checkpoint")
+            .arg(dir.join(ck))
+            .arg("--train")
+            .arg(dir.join("lab"))
+            .arg("--test")
+            .arg(dir.join("lab"))
+            .arg("--features")
+            .arg(dir.join("cache"))
+            .output()
+            .unwrap()
+    };
+    let first = probe("ck.safetensors", "knn");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let e1 = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        e1.contains("embedded 24 images") && !e1.contains("cache"),
+        "{e1}"
+    );
+    assert!(
+        dir.join("cache/train/index.json").exists() && dir.join("cache/test/index.json").exists()
+    );
+    // The second probe reads the features instead of embedding, and finds the same answer.
+    let second = probe("ck.safetensors", "knn");
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let e2 = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        e2.contains("features of 24 images read from the cache") && !e2.contains("embedded"),
+        "{e2}"
+    );
+    assert_eq!(first.stdout, second.stdout);
+    // The linear probe runs from the same cache.
+    let linear = probe("ck.safetensors", "linear");
+    assert!(
+        linear.status.success(),
+        "{}",
+        String::from_utf8_lossy(&linear.stderr)
+    );
+    assert!(String::from_utf8_lossy(&linear.stderr).contains("read from the cache"));
+    // Another checkpoint's probe is refused, naming the folder.
+    let mut other = Checkpoint::load(&dir.join("ck.safetensors")).unwrap();
+    other.tensors.get_mut("visual.norm.bias").unwrap().data[0] += 0.5;
+    other.save(&dir.join("other.safetensors")).unwrap();
+    let o = probe("other.safetensors", "knn");
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("another checkpoint") && e.contains("cache"),
+        "{e}"
+    );
+    // A file list embeds into a cache too; --rows-per-shard only applies to caches.
+    std::fs::write(
+        dir.join("list.txt"),
+        "lab/class0/0.png\n# a comment\n\nlab/class2/3.png\n",
+    )
+    .unwrap();
+    let o = bin()
+        .args(["embed", "--head-dim", "16", "--checkpoint"])
+        .arg(dir.join("ck.safetensors"))
+        .arg("--images")
+        .arg(dir.join("list.txt"))
+        .arg("--out")
+        .arg(dir.join("list-cache"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ix: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("list-cache/index.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (
+            ix["images"].as_u64(),
+            ix["classes"].as_array().map(Vec::len)
+        ),
+        (Some(2), Some(0))
+    );
+    let o = bin()
+        .args([
+            "embed",
+            "--head-dim",
+            "16",
+            "--rows-per-shard",
+            "5",
+            "--checkpoint",
+        ])
+        .arg(dir.join("ck.safetensors"))
+        .arg("--images")
+        .arg(dir.join("lab/class0/0.png"))
+        .arg("--out")
+        .arg(dir.join("x.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--rows-per-shard"));
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -477,7 +477,13 @@ fn optimizer_case(n: usize) {
         feeds.insert(hs, vec![0.05f32 as f64]);
         stablerep::cpu::eval(&g, &feeds, &mut cpu_params).unwrap();
     }
-    for name in ["w", "v", "w.adam_m", "w.adam_v", "v.sgd_momentum"] {
+    for name in [
+        "w",
+        "v",
+        "optimizer.w.exp_avg",
+        "optimizer.w.exp_avg_sq",
+        "optimizer.v.momentum_buffer",
+    ] {
         let got = store.read(name).unwrap();
         assert_close(name, &got, &cpu_params[name], 1e-4, 1e-6);
     }

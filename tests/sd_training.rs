@@ -356,12 +356,12 @@ fn demo_pipeline_generates_trains_seven_arms_and_scores_on_real_renders() {
     };
     assert_eq!(texts(&real), texts(&oracle));
     assert_eq!(
-        std::fs::read(real.image_path(3, 0)).unwrap(),
-        std::fs::read(oracle.image_path(3, 0)).unwrap()
+        std::fs::read(real.image_path(3, 0).unwrap()).unwrap(),
+        std::fs::read(oracle.image_path(3, 0).unwrap()).unwrap()
     );
     assert_ne!(
-        std::fs::read(oracle.image_path(3, 0)).unwrap(),
-        std::fs::read(oracle.image_path(3, 1)).unwrap()
+        std::fs::read(oracle.image_path(3, 0).unwrap()).unwrap(),
+        std::fs::read(oracle.image_path(3, 1).unwrap()).unwrap()
     );
     assert!(
         stages.iter().any(|s| s.contains("generating")),
@@ -426,8 +426,8 @@ fn demo_pipeline_generates_trains_seven_arms_and_scores_on_real_renders() {
     let p0 = stablerep::data::pool::Pool::open(&ex.join("seed-0/oracle-pool")).unwrap();
     let p1 = stablerep::data::pool::Pool::open(&ex.join("seed-1/oracle-pool")).unwrap();
     assert_ne!(
-        std::fs::read(p0.image_path(0, 0)).unwrap(),
-        std::fs::read(p1.image_path(0, 0)).unwrap()
+        std::fs::read(p0.image_path(0, 0).unwrap()).unwrap(),
+        std::fs::read(p1.image_path(0, 0).unwrap()).unwrap()
     );
     let m2 = records.iter().find(|r| r.arm == "m/2/stablerep").unwrap();
     let o = m2.outcome.as_ref().unwrap();

@@ -248,6 +248,7 @@ fn worker_runs_generation_sweeps_and_training_cancels_and_reports_errors() {
             k: 3,
             temperature: 0.07,
         },
+        features: None,
     };
     let id = w.submit(Job::Evaluate {
         request: Box::new(request(Some(labelled.clone()))),

@@ -5,7 +5,7 @@ Python is a tool for fixtures only: neither CI nor any user path needs it.
 Set up once (see ../shared/env.md):
     python3 -m venv .venv-ref && .venv-ref/bin/pip install torch timm safetensors numpy open-clip-torch
 then:
-    .venv-ref/bin/python tools/make_fixtures.py [loss vit train_step tokens plus cnn]
+    .venv-ref/bin/python tools/make_fixtures.py [resize loss vit train_step tokens plus cnn handoff]
 Everything is seeded: rerunning on the same versions reproduces every tensor exactly (the
 JSON header may list keys in another order).
 """
@@ -377,7 +377,54 @@ def resize_fixture():
     save_file(tensors, OUT / "eval_resize.safetensors", metadata=meta)
 
 
+def handoff_fixture():
+    """The hand-off to PyTorch: a tiny StableRep model trained by this project's CLI (5 steps
+    on the mini-world; the release binary is built by cargo), its `visual.*` loaded into
+    timm's VisionTransformer with strict=True, and timm's CLS features on a fixed input."""
+    import subprocess
+    import tempfile
+
+    import timm
+    from safetensors import safe_open
+
+    root = OUT.parent.parent
+    tmp = pathlib.Path(tempfile.mkdtemp())
+
+    def cli(*args):
+        subprocess.run(["cargo", "run", "--release", "--quiet", "--", *args], check=True, cwd=root)
+
+    cli("world", "--world", "simple", "--captions", "8", "--images-per-caption", "2",
+        "--size", "16", "--out", str(tmp / "pool"))
+    cli("train", "--pool", str(tmp / "pool"), "--img-size", "16", "--patch", "8", "--width", "32",
+        "--depth", "2", "--heads", "2", "--head-hidden", "32", "--head-out", "16",
+        "--captions-per-batch", "4", "--images-per-caption", "2", "--steps", "5",
+        "--out", str(tmp / "run"))
+    path = tmp / "run" / "checkpoint-last.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        ck = {k: f.get_tensor(k) for k in f.keys()}
+    vit = json.loads(meta["config"])["model"]["vit"]
+    cfg = dict(img_size=vit["img_size"], patch_size=vit["patch"], embed_dim=vit["width"],
+               depth=vit["depth"], num_heads=vit["heads"], mlp_ratio=vit["mlp"] / vit["width"],
+               num_classes=0)
+    model = timm.models.vision_transformer.VisionTransformer(**cfg).eval()
+    visual = {k[len("visual."):]: v for k, v in ck.items() if k.startswith("visual.")}
+    model.load_state_dict(visual, strict=True)  # raises on any missing or unexpected key
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, cfg["img_size"], cfg["img_size"])
+    with torch.no_grad():
+        feats = model.forward_features(x)[:, 0]
+    tensors = {f"visual.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    tensors["input"] = x
+    tensors["features"] = feats.contiguous()
+    save_file(tensors, OUT / "handoff.safetensors", metadata={
+        "config": json.dumps(cfg), "stablerep_config": meta["config"],
+        "timm": timm.__version__, "torch": torch.__version__,
+        "what": "visual.* of a checkpoint trained by `stablerep train`, loaded into timm strict=True"})
+
+
 FIXTURES = {
+    "handoff": handoff_fixture,
     "resize": resize_fixture,
     "loss": loss_fixture,
     "vit": vit_fixture,

@@ -75,6 +75,7 @@ pub fn request(e: &EvaluateSettings) -> Result<Request, String> {
         train,
         test: PathBuf::from(e.test.trim()),
         method,
+        features: None,
     })
 }
 

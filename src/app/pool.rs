@@ -208,7 +208,9 @@ impl PoolPanel {
                     egui::Label::new(format!("{}. {}", i + 1, pool.captions[i].text)).wrap(),
                 );
                 for j in 0..pool.images_per_caption() {
-                    self.thumbs.show(ui, &pool.image_path(i, j), 64.0);
+                    self.thumbs.show_with(ui, &pool.image_name(i, j), 64.0, || {
+                        pool.read_bytes(i, j).ok().map(|(b, _)| b)
+                    });
                 }
             });
         }

@@ -231,24 +231,42 @@ impl Gallery {
     }
 }
 
-/// Thumbnails of image files, decoded once (at most `side` pixels) and kept by path.
+/// Thumbnails of images, decoded once (at most `side` pixels) and kept by name.
 #[derive(Default)]
 pub struct Thumbnails {
-    cache: HashMap<PathBuf, Option<TextureHandle>>,
+    cache: HashMap<String, Option<TextureHandle>>,
 }
 
 impl Thumbnails {
-    /// Draws the thumbnail of `path` (a placeholder when it cannot be read).
+    /// Draws the thumbnail of the image file `path` (a placeholder when it cannot be read).
     pub fn show(&mut self, ui: &mut egui::Ui, path: &Path, side: f32) -> egui::Response {
+        self.show_with(ui, &path.display().to_string(), side, || {
+            std::fs::read(path).ok()
+        })
+    }
+
+    /// Draws the thumbnail of the image called `name`, whose encoded bytes `read` gives the
+    /// first time (a placeholder when it gives none or they do not decode).
+    pub fn show_with(
+        &mut self,
+        ui: &mut egui::Ui,
+        name: &str,
+        side: f32,
+        read: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> egui::Response {
         let ctx = ui.ctx().clone();
         let tex = self
             .cache
-            .entry(path.to_path_buf())
+            .entry(name.to_string())
             .or_insert_with(|| {
-                let img = image::open(path).ok()?.thumbnail(128, 128).to_rgb8();
+                let bytes = read()?;
+                let img = image::load_from_memory(&bytes)
+                    .ok()?
+                    .thumbnail(128, 128)
+                    .to_rgb8();
                 let (w, h) = (img.width() as usize, img.height() as usize);
                 Some(ctx.load_texture(
-                    path.display().to_string(),
+                    name.to_string(),
                     ColorImage::from_rgb([w, h], img.as_raw()),
                     TextureOptions::LINEAR,
                 ))

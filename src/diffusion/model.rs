@@ -329,9 +329,27 @@ impl Progress {
 /// differs), atomically: written beside and renamed, so an interrupted run never leaves a
 /// partial PNG that `--resume` would take for a finished one.
 pub fn save_image(path: &Path, size: usize, save: Option<usize>, img: &[f32]) -> Result<()> {
-    use crate::util::image::save_rgb;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::Io {
+            path: parent.display().to_string(),
+            source: e,
+        })?;
+    }
+    let png = image_png(size, save, img)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    crate::atomic::write_atomic(path, &png)
+}
+
+/// PNG bytes of a generated image [3, size, size], resized to `save` pixels when that differs
+/// (bicubic, as [`save_image`]).
+pub fn image_png(
+    size: usize,
+    save: Option<usize>,
+    img: &[f32],
+) -> std::result::Result<Vec<u8>, String> {
+    use crate::util::image::encode_png;
     match save.filter(|&s| s != size) {
-        None => save_rgb(path, size, size, img),
+        None => encode_png(size, size, img),
         Some(s) => {
             let mut rgb = image::Rgb32FImage::new(size as u32, size as u32);
             for (x, y, p) in rgb.enumerate_pixels_mut() {
@@ -351,7 +369,7 @@ pub fn save_image(path: &Path, size: usize, save: Option<usize>, img: &[f32]) ->
                     planar[(c * s + y as usize) * s + x as usize] = p[c];
                 }
             }
-            save_rgb(path, s, s, &planar)
+            encode_png(s, s, &planar)
         }
     }
 }
@@ -903,5 +921,89 @@ pub fn generate_pool(
         source: e,
     })?;
     crate::atomic::write_atomic(&index, rows.as_bytes())?;
+    Ok(written)
+}
+
+/// The WebDataset shards of `captions` (shard s holds captions [s * per_shard, (s + 1) *
+/// per_shard)) that machine `i` of `n` writes: shards [i * S / n, (i + 1) * S / n) of S.
+pub fn shards_of(
+    captions: usize,
+    per_shard: usize,
+    machine: (usize, usize),
+) -> Result<std::ops::Range<usize>> {
+    if per_shard == 0 {
+        return Err(Error::Config(
+            "--captions-per-shard must be positive".into(),
+        ));
+    }
+    shard_range(captions.div_ceil(per_shard), machine)
+}
+
+/// Generates a pool as WebDataset shards under `out` (docs/formats.md): `pool-{s:06}.tar`
+/// with `per_shard` captions each, caption k as the sample `{k:010}` with members
+/// `KEY.0.png` ... and `KEY.txt`. The image noise is seeded exactly as [`generate_pool`]'s,
+/// so both layouts hold the same images. Machine `shard` = (i, n) writes its share of the
+/// shards ([`shards_of`]). A shard is written to `NAME.tmp` and renamed when complete, so it
+/// is either complete or absent; with `resume`, complete shards are skipped. Returns images
+/// written.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_shards(
+    gpu: &Arc<Gpu>,
+    m: &SdModel,
+    o: &GenerateOptions,
+    captions: &[String],
+    shard: (usize, usize),
+    per_shard: usize,
+    resume: bool,
+    out: &Path,
+    mut progress: impl FnMut(&PoolProgress) -> Result<()>,
+) -> Result<usize> {
+    use crate::data::webdataset::{shard_is_complete, ShardSink};
+    let shards = shards_of(captions.len(), per_shard, shard)?;
+    let range_of = |s: usize| s * per_shard..((s + 1) * per_shard).min(captions.len());
+    let total: usize = shards.clone().map(|s| range_of(s).len()).sum();
+    let gen = Generator::new(gpu, m, o)?;
+    let mut sink = ShardSink::new(out);
+    let mut written = 0;
+    let mut done = 0;
+    for s in shards {
+        let skip = resume && shard_is_complete(&sink.path(s), range_of(s), o.images);
+        for c in range_of(s) {
+            let mut report = PoolProgress {
+                caption: done,
+                captions: total,
+                written,
+                skipped: skip,
+                image: Progress {
+                    image: o.images,
+                    images: o.images,
+                    step: 0,
+                    steps: gen.run.sampler().evaluations(),
+                },
+            };
+            done += 1;
+            if skip {
+                progress(&report)?;
+                continue;
+            }
+            let g = gen.run(&captions[c], c as u64, |p| {
+                report.image = p;
+                progress(&report)
+            })?;
+            let side = o.size;
+            let images = g
+                .images
+                .iter()
+                .map(|img| {
+                    image_png(side, o.save_size, img)
+                        .map(|b| (b, "png".to_string()))
+                        .map_err(|e| Error::Config(format!("caption {c}: {e}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            sink.push(s, c as u64, &images, &captions[c])?;
+            written += images.len();
+        }
+        sink.finish()?;
+    }
     Ok(written)
 }

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use super::cache::Features;
+use super::cache::Origin;
 use super::knn::{fewshot_accuracy, knn_accuracy, FewShot};
 use super::linear::{linear_probe, ProbeConfig};
-use crate::data::folder::LabelledFolder;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::models::features::embed_paths;
 use crate::nn::checkpoint::Checkpoint;
 
 /// How to score the features.
@@ -43,18 +43,9 @@ pub struct Request {
     pub test: PathBuf,
     /// The method.
     pub method: Method,
-}
-
-/// Features of a labelled folder.
-pub struct Features {
-    /// [images, dim], row-major.
-    pub feats: Vec<f32>,
-    /// Class index per image.
-    pub labels: Vec<usize>,
-    /// Feature width.
-    pub dim: usize,
-    /// Class names.
-    pub classes: Vec<String>,
+    /// A feature cache folder: `train/` and `test/` inside are read when they hold this
+    /// checkpoint's features of the same images, and written otherwise (docs/scale.md).
+    pub features: Option<PathBuf>,
 }
 
 /// What an evaluation found.
@@ -64,6 +55,10 @@ pub struct Outcome {
     pub accuracy: f64,
     /// The linear probe's accuracy per base learning rate.
     pub per_lr: Vec<(f64, f64)>,
+    /// (images, seconds spent embedding) of the folders that were embedded now.
+    pub embedded: (usize, f64),
+    /// Images whose features came from the cache.
+    pub cached: usize,
 }
 
 /// CLS features of every image of a labelled folder (evaluation transform at the encoder's
@@ -74,16 +69,7 @@ pub fn folder_features(
     head_dim: usize,
     dir: &Path,
 ) -> Result<Features> {
-    let f = LabelledFolder::open(dir)?;
-    let paths: Vec<PathBuf> = f.items.iter().map(|(p, _)| p.clone()).collect();
-    let labels: Vec<usize> = f.items.iter().map(|&(_, l)| l).collect();
-    let feats = embed_paths(gpu, ck, head_dim, &paths, |_, _| {})?;
-    Ok(Features {
-        dim: feats.shape[1],
-        feats: feats.data,
-        labels,
-        classes: f.classes.clone(),
-    })
+    Ok(super::cache::folder_features(gpu, ck, head_dim, dir, None, |_, _| {})?.0)
 }
 
 /// The test labels renumbered as the train folder numbers the same class names: each folder
@@ -132,23 +118,41 @@ pub fn relabel(
 /// Runs `r`.
 pub fn run(gpu: &Arc<Gpu>, r: &Request) -> Result<Outcome> {
     let ck = Checkpoint::load(&r.checkpoint)?;
-    let test = folder_features(gpu, &ck, r.head_dim, &r.test)?;
+    let embedded = std::cell::Cell::new((0usize, 0.0f64));
+    let cached = std::cell::Cell::new(0usize);
+    let features = |dir: &Path, part: &str| -> Result<Features> {
+        let cache = r.features.as_ref().map(|c| c.join(part));
+        let t0 = std::time::Instant::now();
+        let (f, origin) =
+            super::cache::folder_features(gpu, &ck, r.head_dim, dir, cache.as_deref(), |_, _| {})?;
+        match origin {
+            Origin::Cache => cached.set(cached.get() + f.labels.len()),
+            Origin::Embedded => {
+                let (n, s) = embedded.get();
+                embedded.set((n + f.labels.len(), s + t0.elapsed().as_secs_f64()));
+            }
+        }
+        Ok(f)
+    };
+    let test = features(&r.test, "test")?;
     // Train features with the test labels renumbered to the train folder's class numbers.
     let train = |what: &str| -> Result<(Features, Vec<usize>)> {
         let dir = r.train.as_ref().ok_or_else(|| {
             Error::Config(format!("{what} needs a labelled train folder (--train)"))
         })?;
-        let tr = folder_features(gpu, &ck, r.head_dim, dir)?;
+        let tr = features(dir, "train")?;
         let tl = relabel(&tr, &test, dir, &r.test)?;
         Ok((tr, tl))
     };
     let (te, tl, dim) = (&test.feats, &test.labels, test.dim);
-    Ok(match &r.method {
+    let mut out = match &r.method {
         Method::Knn { k, temperature } => {
             let (tr, tl) = train("kNN")?;
             Outcome {
                 accuracy: knn_accuracy(&tr.feats, &tr.labels, te, &tl, dim, *k, *temperature)?,
                 per_lr: vec![],
+                embedded: (0, 0.0),
+                cached: 0,
             }
         }
         Method::Linear(cfg) => {
@@ -159,13 +163,20 @@ pub fn run(gpu: &Arc<Gpu>, r: &Request) -> Result<Outcome> {
             Outcome {
                 accuracy: best,
                 per_lr: cfg.base_lrs.iter().copied().zip(accs).collect(),
+                embedded: (0, 0.0),
+                cached: 0,
             }
         }
         Method::FewShot(cfg) => Outcome {
             accuracy: fewshot_accuracy(te, tl, dim, cfg)?,
             per_lr: vec![],
+            embedded: (0, 0.0),
+            cached: 0,
         },
-    })
+    };
+    out.embedded = embedded.get();
+    out.cached = cached.get();
+    Ok(out)
 }
 
 #[cfg(test)]

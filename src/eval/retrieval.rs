@@ -91,7 +91,12 @@ pub fn pool_batch(
     let mut labels = Vec::new();
     for c in 0..captions {
         for j in 0..images {
-            paths.push(p.image_path(c, j));
+            paths.push(p.image_path(c, j).ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: retrieval reads pools in the folder layout; convert shards with `stablerep pool convert --to DIR --format folder`",
+                    pool.display()
+                ))
+            })?);
             labels.push(format!("{} #{j}", p.captions[c].text));
         }
     }

@@ -1309,7 +1309,8 @@ impl Graph {
     }
 
     /// Appends AdamW updates for `params` given their gradients. Creates the moment state
-    /// (`<name>.adam_m`, `<name>.adam_v`) and returns the `hyper` input [lr, 1-b1^t, 1-b2^t]
+    /// (`optimizer.<name>.exp_avg`, `optimizer.<name>.exp_avg_sq`, PyTorch's names, under a
+    /// prefix of their own so a model's parameters load without them) and returns the `hyper` input [lr, 1-b1^t, 1-b2^t]
     /// that the host writes each step (see [`adam_hyper`]).
     pub fn adamw(
         &mut self,
@@ -1355,8 +1356,8 @@ impl Graph {
                 return Err(Error::Graph(format!("'{name}' is not a parameter")));
             }
             let s = self.shape(p).to_vec();
-            let m = self.state(&format!("{name}.adam_m"), &s, 0.0);
-            let v = self.state(&format!("{name}.adam_v"), &s, 0.0);
+            let m = self.state(&format!("optimizer.{name}.exp_avg"), &s, 0.0);
+            let v = self.state(&format!("optimizer.{name}.exp_avg_sq"), &s, 0.0);
             self.push(Op::AdamW(c), vec![p, g, m, v, hyper], vec![], DType::F32);
         }
         Ok(hyper)
@@ -1377,7 +1378,7 @@ impl Graph {
                 .clone()
                 .ok_or_else(|| Error::Graph("optimizer parameter without a name".into()))?;
             let s = self.shape(p).to_vec();
-            let m = self.state(&format!("{name}.sgd_momentum"), &s, 0.0);
+            let m = self.state(&format!("optimizer.{name}.momentum_buffer"), &s, 0.0);
             self.push(
                 Op::Sgd {
                     momentum,

@@ -132,10 +132,33 @@ pub fn embed_paths(
     paths: &[PathBuf],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<HostTensor> {
+    let mut data = Vec::new();
+    let width = embed_paths_each(gpu, ck, head_dim, paths, |rows, _, done, total| {
+        data.extend_from_slice(rows);
+        progress(done, total);
+        Ok(())
+    })?;
+    Ok(HostTensor {
+        shape: vec![paths.len(), width],
+        data,
+    })
+}
+
+/// Embeds image files as [`embed_paths`] does, handing each chunk of feature rows to
+/// `each(rows, width, done, total)` instead of keeping them (an error it returns stops the
+/// run). Returns the feature width.
+pub fn embed_paths_each(
+    gpu: &Arc<Gpu>,
+    ck: &Checkpoint,
+    head_dim: usize,
+    paths: &[PathBuf],
+    mut each: impl FnMut(&[f32], usize, usize, usize) -> Result<()>,
+) -> Result<usize> {
     let mut e = Embedder::new(gpu, ck, head_dim)?;
     let size = e.img_size();
+    let width = e.width();
     let workers = decode_workers();
-    let mut data = Vec::with_capacity(paths.len() * e.width());
+    let mut embedded = 0;
     std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<f32>>>(workers);
         s.spawn(move || {
@@ -162,26 +185,21 @@ pub fn embed_paths(
                 }
             }
         });
-        let mut done = 0;
         for part in rx {
             let pixels = part?;
-            done += pixels.len() / (3 * size * size);
-            data.extend(e.embed(&pixels)?);
-            progress(done, paths.len());
+            let rows = e.embed(&pixels)?;
+            embedded += rows.len() / width.max(1);
+            each(&rows, width, embedded, paths.len())?;
         }
         Ok(())
     })?;
-    if data.len() != paths.len() * e.width() {
+    if embedded != paths.len() {
         return Err(Error::Graph(format!(
-            "embedded {} of {} images",
-            data.len() / e.width().max(1),
+            "embedded {embedded} of {} images",
             paths.len()
         )));
     }
-    Ok(HostTensor {
-        shape: vec![paths.len(), e.width()],
-        data,
-    })
+    Ok(width)
 }
 
 /// Reads `input` (tensor `images`), embeds it and writes `features` to `out` (atomically).

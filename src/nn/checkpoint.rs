@@ -18,6 +18,25 @@ pub struct HostTensor {
 
 /// Metadata key holding the JSON configuration.
 pub const CONFIG_KEY: &str = "config";
+/// Prefix of the optimizer's state (`optimizer.<param>.exp_avg`, ...), kept apart from the
+/// model's own names.
+pub const OPTIMIZER_PREFIX: &str = "optimizer.";
+
+/// The current name of an optimizer-state tensor saved under the old naming
+/// (`<param>.adam_m`, `<param>.adam_v`, `<param>.sgd_momentum`), if `name` is one.
+pub fn legacy_state_name(name: &str) -> Option<String> {
+    [
+        (".adam_m", "exp_avg"),
+        (".adam_v", "exp_avg_sq"),
+        (".sgd_momentum", "momentum_buffer"),
+    ]
+    .iter()
+    .find_map(|(old, new)| {
+        name.strip_suffix(old)
+            .map(|p| format!("{OPTIMIZER_PREFIX}{p}.{new}"))
+    })
+}
+
 /// Metadata key holding the optimizer step count.
 pub const STEP_KEY: &str = "step";
 
@@ -96,8 +115,10 @@ impl Checkpoint {
                 )))
                 }
             };
+            // Optimizer state saved under the old naming gets its current name.
+            let name = legacy_state_name(&name).unwrap_or(name);
             tensors.insert(
-                name.to_string(),
+                name,
                 HostTensor {
                     // A 0-d tensor (PyTorch's scalar logit_scale) is read as shape [1].
                     shape: if view.shape().is_empty() {
@@ -269,6 +290,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing.safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn old_optimizer_state_names_load_under_the_new_ones() {
+        let dir = std::env::temp_dir().join(format!("ck-legacy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ck = Checkpoint::default();
+        for name in [
+            "visual.norm.weight",
+            "visual.norm.weight.adam_m",
+            "w.adam_v",
+            "v.sgd_momentum",
+        ] {
+            ck.tensors.insert(
+                name.into(),
+                HostTensor {
+                    shape: vec![2],
+                    data: vec![1.0, 2.0],
+                },
+            );
+        }
+        let path = dir.join("old.safetensors");
+        ck.save(&path).unwrap();
+        let names: Vec<String> = Checkpoint::load(&path)
+            .unwrap()
+            .tensors
+            .into_keys()
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "optimizer.v.momentum_buffer",
+                "optimizer.visual.norm.weight.exp_avg",
+                "optimizer.w.exp_avg_sq",
+                "visual.norm.weight"
+            ]
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

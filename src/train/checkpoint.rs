@@ -1,8 +1,9 @@
 //! The training state on disk: every tensor of the [`ParamStore`] (parameters under their
-//! official names such as `visual.*` and `image_mlp.*`, AdamW moments as `<name>.adam_m` /
-//! `<name>.adam_v`, BatchNorm running statistics) in one safetensors file, with the run's
-//! configuration and step in the metadata. Writes are atomic, so an interrupted save keeps the
-//! previous checkpoint; a timm user can load the `visual.*` tensors directly.
+//! official names such as `visual.*` and `image_mlp.*`, AdamW moments as
+//! `optimizer.<name>.exp_avg` / `optimizer.<name>.exp_avg_sq`, BatchNorm running statistics)
+//! in one safetensors file, with the run's configuration and step in the metadata. Writes are
+//! atomic, so an interrupted save keeps the previous checkpoint; a timm user loads the
+//! `visual.*` tensors (prefix stripped) with `strict=True`.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -20,7 +20,6 @@ use crate::models::stablerep::{init_params, recipe_adamw, train_step, StepConfig
 use crate::models::text::TextBatch;
 use crate::nn::checkpoint::Checkpoint;
 use crate::nn::schedule::Schedule;
-use crate::util::image::load_rgb;
 use crate::util::image::resize_center_crop;
 use crate::util::rng::Rng;
 
@@ -118,7 +117,7 @@ pub fn run(
         }
         Some(s) => (s, s),
         None => {
-            let (h, w, _) = load_rgb(&pool.image_path(0, 0))?;
+            let (h, w, _) = pool.load_rgb(0, 0)?;
             (h, w)
         }
     };
@@ -215,8 +214,7 @@ pub fn run(
             let mut params = Vec::with_capacity(batch.picks.len() * 16);
             let mut failed = None;
             for &(c, j) in &batch.picks {
-                let path = pool2.image_path(c, j);
-                match load_rgb(&path) {
+                match pool2.load_rgb(c, j) {
                     Ok((h, w, px)) if source_size.is_some() => {
                         pixels.extend(resize_center_crop(&px, h, w, src_h, src_h));
                     }
@@ -224,7 +222,7 @@ pub fn run(
                     Ok((h, w, _)) => {
                         failed = Some(Error::Config(format!(
                             "{}: {h}x{w} differs from the pool's {src_h}x{src_w} (pass --source-size to resize every image)",
-                            path.display()
+                            pool2.image_name(c, j)
                         )));
                         break;
                     }

@@ -15,6 +15,19 @@ pub fn load_rgb(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
     let img = image::open(path)
         .map_err(|e| Error::Config(format!("{}: cannot decode image: {e}", path.display())))?
         .to_rgb8();
+    Ok(planar(&img))
+}
+
+/// Decodes an encoded image (PNG, JPEG, ...; the format is read from its bytes) to RGB f32 in
+/// [0, 1], channel-major; `name` says where it came from in errors.
+pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<(usize, usize, Vec<f32>)> {
+    let img = image::load_from_memory(bytes)
+        .map_err(|e| Error::Config(format!("{name}: cannot decode image: {e}")))?
+        .to_rgb8();
+    Ok(planar(&img))
+}
+
+fn planar(img: &image::RgbImage) -> (usize, usize, Vec<f32>) {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let mut out = vec![0.0f32; 3 * h * w];
     for (x, y, p) in img.enumerate_pixels() {
@@ -22,7 +35,7 @@ pub fn load_rgb(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
             out[c * h * w + y as usize * w + x as usize] = p[c] as f32 / 255.0;
         }
     }
-    Ok((h, w, out))
+    (h, w, out)
 }
 
 /// Writes RGB f32 [3, H, W] in [0, 1] as a PNG (creating folders), atomically and durably.
@@ -33,6 +46,13 @@ pub fn save_rgb(path: &Path, h: usize, w: usize, data: &[f32]) -> Result<()> {
             source: e,
         })?;
     }
+    let png =
+        encode_png(h, w, data).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    crate::atomic::write_atomic(path, &png)
+}
+
+/// Encodes RGB f32 [3, H, W] in [0, 1] as PNG bytes (rounded to 8 bits).
+pub fn encode_png(h: usize, w: usize, data: &[f32]) -> std::result::Result<Vec<u8>, String> {
     let mut img = image::RgbImage::new(w as u32, h as u32);
     for (x, y, p) in img.enumerate_pixels_mut() {
         for c in 0..3 {
@@ -42,8 +62,8 @@ pub fn save_rgb(path: &Path, h: usize, w: usize, data: &[f32]) -> Result<()> {
     }
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .map_err(|e| Error::Config(format!("{}: cannot encode PNG: {e}", path.display())))?;
-    crate::atomic::write_atomic(path, &png)
+        .map_err(|e| format!("cannot encode PNG: {e}"))?;
+    Ok(png)
 }
 
 /// Whether `path` holds a PNG that decodes to `size` x `size` (a finished pool image, not one

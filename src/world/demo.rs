@@ -413,12 +413,11 @@ pub fn pool_fidelity(judge: &Judge, p: &PoolSpec, dir: &Path) -> Result<Fidelity
     let mut images = Vec::with_capacity(world.len() * p.images_per_caption * 3 * s * s);
     for c in 0..world.len() {
         for k in 0..p.images_per_caption {
-            let path = pool.image_path(c, k);
-            let (h, w, px) = crate::util::image::load_rgb(&path)?;
+            let (h, w, px) = pool.load_rgb(c, k)?;
             if (h, w) != (s, s) {
                 return Err(Error::Config(format!(
                     "{}: {h}x{w}, the judge takes {s}x{s}",
-                    path.display()
+                    pool.image_name(c, k)
                 )));
             }
             images.extend(px);
@@ -561,6 +560,7 @@ pub fn train_arm(
             train: Some(eval_dir.join(format!("{prefix}-train"))),
             test: eval_dir.join(format!("{prefix}-test")),
             method,
+            features: None,
         };
         progress(&Step {
             stage: stage.clone(),

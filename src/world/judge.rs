@@ -82,7 +82,7 @@ pub fn export(run_checkpoint: &Path, path: &Path) -> Result<()> {
     let ck = Checkpoint::load(run_checkpoint)?;
     let mut out = Checkpoint::default();
     for (k, t) in &ck.tensors {
-        if !k.ends_with(".adam_m") && !k.ends_with(".adam_v") {
+        if !k.starts_with(crate::nn::checkpoint::OPTIMIZER_PREFIX) {
             out.tensors.insert(k.clone(), t.clone());
         }
     }
