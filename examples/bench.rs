@@ -1,6 +1,7 @@
 //! Benchmarks, one JSON object per line. Usage:
 //!   cargo run --release --example bench -- [FILTER...] [--size N] [--reps N]
 //! FILTER selects cases by substring: `matmul`, `matmul_variants`, `mlp_step`, `vit-train`,
+//! `demo-step` (the demo's training step without augmentation),
 //! `chain`, `sd-unet`, `sd-vae` (SD 1.5's real shapes with random weights at `--size`,
 //! default 256; not run without a filter); `world-sd` (one training step of each stage of the
 //! built-in mini-world model; `WORLD_SD_VAE=32,64 WORLD_SD_UNET=32,64` try other widths).
@@ -213,6 +214,77 @@ fn vit_train(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
             "layers": cfg.layers, "heads": cfg.heads, "mlp": cfg.mlp, "ms_per_step": (ms * 10.0).round() / 10.0,
             "ms_min": (ms_min * 10.0).round() / 10.0, "ms_median": (ms_median * 10.0).round() / 10.0, "loss": l,
             "dispatches_per_submit": st.dispatches, "plan_peak_bytes": st.peak_bytes, "sum_tensor_bytes": st.tensor_bytes,
+        })
+    );
+    Ok(())
+}
+
+/// The demo's StableRep training step (`stablerep::world::demo::DemoConfig::new`: ViT 32 px,
+/// patch 8, width 96, depth 3; head 256/64; 8 captions x 4 images = 32 views; multi-positive
+/// loss; BatchNorm running statistics; AdamW), without augmentation, as
+/// `tools/bench_peers.py` runs it in PyTorch.
+fn demo_step(gpu: &Arc<Gpu>, adapter: &str, reps: usize) -> stablerep::Result<()> {
+    use stablerep::graph::adam_hyper;
+    use stablerep::models::stablerep::{init_params, recipe_adamw, train_step, StepConfig};
+    let d = stablerep::world::demo::DemoConfig::new(std::path::PathBuf::new());
+    let m = d.images_per_caption;
+    let cfg = StepConfig {
+        vit: d.vit,
+        head: d.head,
+        captions: d.views_per_step / m,
+        images_per_caption: m,
+        temperature: 0.1,
+        adamw: recipe_adamw(0.1),
+        augment_from: None,
+        plus: None,
+    };
+    let step = train_step(&cfg)?;
+    let mut store = ParamStore::new();
+    for (name, t) in &init_params(&d.vit, &d.head, None, 1).tensors {
+        store.set(gpu, name, &t.shape, &t.data)?;
+    }
+    let plan = Plan::compile(
+        gpu,
+        &step.graph,
+        &[step.loss],
+        &mut store,
+        PlanOptions::default(),
+    )?;
+    let s = d.vit.img_size;
+    let px: Vec<f32> = (0..d.views_per_step * 3 * s * s)
+        .map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5)
+        .collect();
+    plan.write(step.images, &px)?;
+    let adam = recipe_adamw(0.1);
+    plan.write(step.hyper, &adam_hyper(1e-3, &adam, 1))?;
+    plan.run_fetch(&[step.loss])?;
+    let mut times = Vec::with_capacity(reps);
+    for r in 0..reps {
+        let t0 = Instant::now();
+        plan.write(step.hyper, &adam_hyper(1e-3, &adam, r as u32 + 2))?;
+        plan.run()?;
+        gpu.wait()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let loss = plan.run_fetch(&[step.loss])?[0][0];
+    times.sort_by(f64::total_cmp);
+    let st = plan.stats();
+    if std::env::var("BENCH_PROFILE").is_ok() {
+        for (key, secs, count) in plan.profile()? {
+            println!(
+                "{}",
+                json!({"bench": "demo-step_profile", "kernel": key, "ms": (secs * 1e4).round() / 10.0, "dispatches": count})
+            );
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "bench": "demo-step", "adapter": adapter, "views": d.views_per_step, "img_size": s,
+            "patch": d.vit.patch, "width": d.vit.width, "depth": d.vit.depth,
+            "head": [d.head.hidden, d.head.out], "augment": false,
+            "ms_median": (times[reps / 2] * 10.0).round() / 10.0, "ms_min": (times[0] * 10.0).round() / 10.0,
+            "runs": reps, "loss": loss, "dispatches_per_submit": st.dispatches,
         })
     );
     Ok(())
@@ -578,6 +650,10 @@ fn main() -> stablerep::Result<()> {
     }
     if wanted(&a, "vit-train") {
         vit_train(&gpu, &adapter)?;
+    }
+    if wanted(&a, "demo-step") {
+        let reps = if a.reps > 0 { a.reps } else { 10 };
+        demo_step(&gpu, &adapter, reps)?;
     }
     if wanted(&a, "attention") && !a.filters.is_empty() {
         // SD 1.5's UNet self-attention at 256^2 (guided: 16 batch-heads), levels 0 and 1.
