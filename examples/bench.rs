@@ -1,7 +1,8 @@
 //! Benchmarks, one JSON object per line. Usage:
 //!   cargo run --release --example bench -- [FILTER...] [--size N] [--reps N]
 //! FILTER selects cases by substring: `matmul`, `matmul_variants`, `mlp_step`, `vit-train`,
-//! `demo-step` (the demo's training step without augmentation),
+//! `demo-step` (the demo's training step without augmentation), `chunk` (gradient caching:
+//! memory and time as the batch grows to `--size N` images, default 2064; only when asked for),
 //! `chain`, `sd-unet`, `sd-vae` (SD 1.5's real shapes with random weights at `--size`,
 //! default 256; not run without a filter); `world-sd` (one training step of each stage of the
 //! built-in mini-world model; `WORLD_SD_VAE=32,64 WORLD_SD_UNET=32,64` try other widths).
@@ -287,6 +288,87 @@ fn demo_step(gpu: &Arc<Gpu>, adapter: &str, reps: usize) -> stablerep::Result<()
             "runs": reps, "loss": loss, "dispatches_per_submit": st.dispatches,
         })
     );
+    Ok(())
+}
+
+/// Gradient caching (`train --chunk`): ViT-Ti/16 at 64 px (head 4096/256, GPU augmentation),
+/// batches of 258 .. `max_rows` images (43 captions x 6 images per 258) in chunks of 258: the
+/// device memory of the chunked step and of one unchunked pass (estimated from the plans'
+/// layouts), the chunked step's time, and the process's peak RSS so far (lavapipe's device
+/// memory is host memory).
+fn chunk_bench(gpu: &Arc<Gpu>, adapter: &str, max_rows: usize) -> stablerep::Result<()> {
+    use stablerep::data::augment::{sample, AugmentConfig};
+    use stablerep::models::stablerep::{
+        init_params, recipe_adamw, train_step, HeadConfig, StepConfig,
+    };
+    use stablerep::models::vit::VitConfig;
+    use stablerep::train::chunked::{estimate, ChunkedStep};
+    let vit = VitConfig {
+        img_size: 64,
+        patch: 16,
+        width: 192,
+        depth: 12,
+        heads: 3,
+        mlp: 768,
+    };
+    let head = HeadConfig {
+        hidden: 4096,
+        out: 256,
+    };
+    let chunk = 258;
+    let init = init_params(&vit, &head, None, 1);
+    let mut rows = chunk;
+    while rows <= max_rows {
+        let cfg = StepConfig {
+            vit,
+            head,
+            captions: rows / 6,
+            images_per_caption: 6,
+            temperature: 0.1,
+            adamw: recipe_adamw(0.1),
+            augment_from: Some((64, 64)),
+            plus: None,
+        };
+        let full = train_step(&cfg)?;
+        let unchunked = stablerep::graph::plan::estimate(
+            &full.graph,
+            &[full.loss],
+            PlanOptions::default(),
+            gpu.caps.max_binding,
+        )?;
+        let chunked = estimate(&cfg, chunk, gpu.caps.max_binding)?;
+        let mut store = ParamStore::new();
+        for (name, t) in &init.tensors {
+            store.set(gpu, name, &t.shape, &t.data)?;
+        }
+        let cs = ChunkedStep::new(gpu, &cfg, chunk, &mut store)?;
+        let mut rng = stablerep::util::rng::Rng(7);
+        let images: Vec<f32> = (0..rows * 3 * 64 * 64).map(|_| rng.unit() as f32).collect();
+        let acfg = AugmentConfig::default();
+        let aug: Vec<f32> = (0..rows)
+            .flat_map(|_| sample(&acfg, 64, 64, &mut rng))
+            .collect();
+        let t0 = Instant::now();
+        let out = cs.step(&images, Some(&aug), 1e-3, 1, false)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let rss_kib = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            });
+        println!(
+            "{}",
+            json!({
+                "bench": "chunk", "adapter": adapter, "model": "vit-ti/16 64px, head 4096/256",
+                "images_per_step": rows, "chunk": chunk, "unchunked_device_bytes": unchunked.total(),
+                "chunked_device_bytes": chunked, "chunked_ms_per_step": ms.round(), "loss": out.loss,
+                "peak_rss_kib": rss_kib,
+            })
+        );
+        rows *= 2;
+    }
     Ok(())
 }
 
@@ -650,6 +732,10 @@ fn main() -> stablerep::Result<()> {
     }
     if wanted(&a, "vit-train") {
         vit_train(&gpu, &adapter)?;
+    }
+    if a.filters.iter().any(|f| f == "chunk") {
+        let max_rows = a.sizes.first().map_or(2064, |&s| s as usize);
+        chunk_bench(&gpu, &adapter, max_rows)?;
     }
     if wanted(&a, "demo-step") {
         let reps = if a.reps > 0 { a.reps } else { 10 };

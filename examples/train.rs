@@ -73,6 +73,7 @@ fn run() -> stablerep::Result<()> {
         labelled_folder: false,
         source_size: None,
         head_dim: 64,
+        chunk: None,
     };
     let gpu = Gpu::new(&GpuOptions::default())?;
     train(

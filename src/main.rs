@@ -251,6 +251,12 @@ enum Cmd {
         /// Head dimension for checkpoints without a config (64 in every timm ViT size).
         #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = count)]
         head_dim: usize,
+        /// Gradient caching: run the encoder in chunks of this many images (a divisor of
+        /// captions-per-batch x images-per-caption), so GPU memory is bounded by the chunk and
+        /// the head over the batch, not by the batch (the paper's 8,256 images on one GPU).
+        /// The gradients are the unchunked step's (docs/scale.md).
+        #[arg(long, allow_negative_numbers = true, value_parser = count)]
+        chunk: Option<usize>,
         /// Output folder (checkpoint-last.safetensors, metrics.jsonl).
         #[arg(long)]
         out: std::path::PathBuf,
@@ -732,6 +738,7 @@ const FIXED_BATCH_FLAGS: &[&str] = &[
     "no_augment",
     "out",
     "save_grads",
+    "chunk",
 ];
 
 /// StableRep+'s text tower flags.
@@ -1121,6 +1128,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             weight_decay,
             temperature,
             head_dim,
+            chunk,
             out,
             save_grads,
         } => {
@@ -1234,6 +1242,20 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                     ),
                 );
             };
+            if let Some(c) = chunk {
+                // Checked before any GPU work (the step checks it again).
+                let rows = captions_per_batch * images_per_caption;
+                if !rows.is_multiple_of(c) {
+                    return Err(stablerep::Error::Config(format!(
+                        "--chunk {c} must divide the batch of {rows} images (--captions-per-batch {captions_per_batch} x --images-per-caption {images_per_caption})"
+                    )));
+                }
+                if method == Method::StablerepPlus {
+                    return Err(stablerep::Error::Config(
+                        "--chunk does not support --method stablerep-plus yet (its text loss is not chunked)".into(),
+                    ));
+                }
+            }
             let gpu = Gpu::new(&opts)?;
             if let Some(batch) = fixed_batch {
                 if !no_augment {
@@ -1257,6 +1279,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                     plus: method == Method::StablerepPlus,
                     out,
                     save_grads,
+                    chunk,
                 };
                 let report = stablerep::train::fixed::run(&gpu, &run, progress)?;
                 println!("wrote {}", report.checkpoint.display());
@@ -1329,6 +1352,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                 labelled_folder: labelled,
                 source_size: source_size.or(labelled.then(|| (img_size * 8).div_ceil(7))),
                 head_dim,
+                chunk,
             };
             stablerep::train::pool_run::run(&gpu, &run, progress, &|| false)?;
             println!(

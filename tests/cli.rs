@@ -211,8 +211,53 @@ fn fixed_batch_gradients_and_three_steps_match_pytorch() {
         "gradients PyTorch does not have"
     );
     assert!(compared >= 40, "only {compared} gradients compared");
-    // Weights (and BatchNorm running statistics) after three steps, as updates.
-    let after = Checkpoint::load(&dir.join("run/checkpoint-last.safetensors")).unwrap();
+    check_three_steps(&fx, &dir.join("run"), global);
+    // The same three steps with gradient caching in chunks of 3 images (4 chunks) match
+    // PyTorch's unchunked run alike.
+    let out = bin()
+        .args(["train", "--init"])
+        .arg(dir.join("init.safetensors"))
+        .arg("--fixed-batch")
+        .arg(dir.join("batch.safetensors"))
+        .args([
+            "--captions-per-batch",
+            "4",
+            "--images-per-caption",
+            "3",
+            "--chunk",
+            "3",
+        ])
+        .args(["--steps", "3", "--no-augment", "--lr-schedule", "constant"])
+        .args(["--lr", "1e-3", "--weight-decay", "0.1", "--head-dim", "16"])
+        .arg("--out")
+        .arg(dir.join("chunked"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_three_steps(&fx, &dir.join("chunked"), global);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The losses and the weights (and BatchNorm running statistics) of a three-step fixed-batch
+/// run in `run` against PyTorch's (`losses3`, `after3.*`); `global` is the largest gradient.
+fn check_three_steps(fx: &Checkpoint, run: &Path, global: f32) {
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let want_losses = &fx.get("losses3", None).unwrap().data;
+    assert_eq!(metrics.lines().count(), 3);
+    for (line, want) in metrics.lines().zip(want_losses) {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        let got = m["loss"].as_f64().unwrap();
+        assert!(
+            (got - *want as f64).abs() < 1e-5 * (*want as f64).abs().max(1.0),
+            "{}: {m} vs {want}",
+            run.display()
+        );
+    }
+    let after = Checkpoint::load(&run.join("checkpoint-last.safetensors")).unwrap();
     assert_eq!(after.metadata.get("step").map(String::as_str), Some("3"));
     let mut compared = 0;
     for (name, want) in &fx.tensors {
@@ -253,7 +298,6 @@ fn fixed_batch_gradients_and_three_steps_match_pytorch() {
         compared += 1;
     }
     assert!(compared >= 40, "only {compared} tensors compared");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// A gradient step that overflows while the loss is still finite (here a learning rate that is

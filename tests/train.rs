@@ -391,3 +391,252 @@ fn simclr_trains_on_a_labelled_folder_of_real_images_of_any_size() {
     assert!(err.contains("--method simclr"), "{err}");
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// A tiny StableRep step: 4 captions x 3 images of 16 x 16 (augmented on the GPU from 20 x 20
+/// sources), ViT width 32, 2 blocks, head 48/16.
+fn chunk_config() -> stablerep::models::stablerep::StepConfig {
+    use stablerep::models::stablerep::{recipe_adamw, HeadConfig, StepConfig};
+    StepConfig {
+        vit: VitConfig {
+            img_size: 16,
+            patch: 8,
+            width: 32,
+            depth: 2,
+            heads: 2,
+            mlp: 64,
+        },
+        head: HeadConfig {
+            hidden: 48,
+            out: 16,
+        },
+        captions: 4,
+        images_per_caption: 3,
+        temperature: 0.1,
+        adamw: recipe_adamw(0.1),
+        augment_from: Some((20, 20)),
+        plus: None,
+    }
+}
+
+#[test]
+fn chunked_steps_match_the_unchunked_step() {
+    use stablerep::data::augment::{sample, AugmentConfig};
+    use stablerep::graph::{adam_hyper, ParamStore, Plan, PlanOptions};
+    use stablerep::models::stablerep::{init_params, train_step};
+    use stablerep::train::chunked::ChunkedStep;
+    use stablerep::util::rng::Rng;
+    let (gpu, _lock) = gpu();
+    let cfg = chunk_config();
+    let rows = 12;
+    let mut rng = Rng(5);
+    let images: Vec<f32> = (0..rows * 3 * 20 * 20).map(|_| rng.unit() as f32).collect();
+    let acfg = AugmentConfig::default();
+    let aug: Vec<f32> = (0..rows)
+        .flat_map(|_| sample(&acfg, 20, 20, &mut rng))
+        .collect();
+    let init = init_params(&cfg.vit, &cfg.head, None, 3);
+    let fresh = || {
+        let mut s = ParamStore::new();
+        for (name, t) in &init.tensors {
+            s.set(&gpu, name, &t.shape, &t.data).unwrap();
+        }
+        s
+    };
+    // The unchunked step: its gradients (no update), then two full steps.
+    let step = train_step(&cfg).unwrap();
+    let mut a = fresh();
+    let mut fetch = vec![step.loss];
+    fetch.extend(&step.grads);
+    let eval = Plan::compile(
+        &gpu,
+        &step.graph,
+        &fetch,
+        &mut a,
+        PlanOptions {
+            updates: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    eval.write(step.images, &images).unwrap();
+    eval.write(step.aug_params.unwrap(), &aug).unwrap();
+    let want = eval.run_fetch(&fetch).unwrap();
+    let grad_of = |name: &str| -> &Vec<f32> {
+        let i = step
+            .params
+            .iter()
+            .position(|&p| step.graph.node(p).name.as_deref() == Some(name))
+            .unwrap();
+        &want[1 + i]
+    };
+    let full = Plan::compile(
+        &gpu,
+        &step.graph,
+        &[step.loss],
+        &mut a,
+        PlanOptions::default(),
+    )
+    .unwrap();
+    let mut full_losses = Vec::new();
+    for t in 1..=2u32 {
+        full.write(step.images, &images).unwrap();
+        full.write(step.aug_params.unwrap(), &aug).unwrap();
+        full.write(step.hyper, &adam_hyper(1e-3, &cfg.adamw, t))
+            .unwrap();
+        full_losses.push(full.run_fetch(&[step.loss]).unwrap()[0][0]);
+    }
+    for chunk in [12, 6, 4, 3] {
+        let mut b = fresh();
+        let cs = ChunkedStep::new(&gpu, &cfg, chunk, &mut b).unwrap();
+        let first = cs.step(&images, Some(&aug), 1e-3, 1, true).unwrap();
+        assert!(
+            (first.loss - want[0][0]).abs() <= 1e-5 * want[0][0].abs(),
+            "chunk {chunk}: loss {} vs {}",
+            first.loss,
+            want[0][0]
+        );
+        // The encoder's gradients, summed over chunks, are the unchunked step's: within 1e-4
+        // of each tensor's largest value, or 1e-6 of the largest of all for tensors whose
+        // gradient is float noise (the final norm's bias: the head's BatchNorm removes any shift
+        // common to all rows, so its exact gradient is 0).
+        let grads = first.encoder_grads.unwrap();
+        let global = cs
+            .encoder_params
+            .iter()
+            .flat_map(|(name, _)| grad_of(name).iter())
+            .fold(0f32, |m, v| m.max(v.abs()));
+        for ((name, _), got) in cs.encoder_params.iter().zip(&grads) {
+            let w = grad_of(name);
+            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let tol = (1e-4 * scale).max(1e-6 * global);
+            for (x, y) in got.iter().zip(w) {
+                assert!(
+                    (x - y).abs() <= tol,
+                    "chunk {chunk}: {name}: {x} vs {y} (max {scale}, all {global})"
+                );
+            }
+        }
+        // After a second step every tensor of the training state agrees: parameters, AdamW
+        // moments and BatchNorm running statistics.
+        let second = cs.step(&images, Some(&aug), 1e-3, 2, false).unwrap();
+        assert!((second.loss - full_losses[1]).abs() <= 1e-4 * full_losses[1].abs());
+        let names: Vec<String> = a.names().map(str::to_string).collect();
+        assert_eq!(
+            names.len(),
+            b.names().count(),
+            "chunk {chunk}: the same state"
+        );
+        // Elements whose gradient is float noise (biases right before a BatchNorm, the key
+        // part of the attention's qkv bias, the final norm's bias: their exact gradient is 0)
+        // get AdamW steps of about lr of either sign, so they may differ by 2 lr per step and
+        // their moments are noise; every other element agrees within 2e-4 of its tensor's
+        // largest value.
+        let all_grads = want[1..].iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        let is_param = |n: &str| {
+            step.params
+                .iter()
+                .any(|&p| step.graph.node(p).name.as_deref() == Some(n))
+        };
+        for name in names {
+            let base = name
+                .strip_prefix("optimizer.")
+                .map(|n| {
+                    n.trim_end_matches(".exp_avg_sq")
+                        .trim_end_matches(".exp_avg")
+                })
+                .unwrap_or(&name)
+                .to_string();
+            let noise: Vec<bool> = if is_param(&base) {
+                let g = grad_of(&base);
+                let gmax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
+                g.iter()
+                    .map(|v| v.abs() <= (1e-3 * gmax).max(1e-5 * all_grads))
+                    .collect()
+            } else {
+                vec![false; a.read(&name).unwrap().len()]
+            };
+            let (x, y) = (a.read(&name).unwrap(), b.read(&name).unwrap());
+            let scale = y.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+            for ((p, q), &n) in x.iter().zip(&y).zip(&noise) {
+                let tol = match (n, name.starts_with("optimizer.")) {
+                    (true, true) => continue,
+                    (true, false) => 2e-4 * scale + 4.04e-3,
+                    _ => 2e-4 * scale,
+                };
+                assert!(
+                    (p - q).abs() <= tol,
+                    "chunk {chunk}: {name}: {p} vs {q} (max {scale})"
+                );
+            }
+        }
+    }
+    // Chunks that do not divide the batch, and StableRep+, are refused by name.
+    let mut b = fresh();
+    let e = ChunkedStep::new(&gpu, &cfg, 5, &mut b)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--chunk 5") && e.contains("12 images"), "{e}");
+}
+
+#[test]
+fn train_chunk_gives_the_unchunked_losses_and_refuses_what_it_cannot_do() {
+    let root = std::env::temp_dir().join(format!("stablerep-chunkcli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    make_pool(&root.join("pool"));
+    let train = |out: &str, extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stablerep"))
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .args(["train", "--pool"])
+            .arg(root.join("pool"))
+            .args(["--captions-per-batch", "4", "--images-per-caption", "3"])
+            .args([
+                "--img-size",
+                "16",
+                "--patch",
+                "8",
+                "--width",
+                "32",
+                "--depth",
+                "1",
+            ])
+            .args(["--heads", "2", "--head-hidden", "32", "--head-out", "16"])
+            .args(["--steps", "4", "--log-every", "1", "--out"])
+            .arg(root.join(out))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let losses = |out: &str| -> Vec<f64> {
+        std::fs::read_to_string(root.join(out).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    for (out, extra) in [("whole", &[][..]), ("chunked", &["--chunk", "4"][..])] {
+        let o = train(out, extra);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (a, b) = (losses("whole"), losses("chunked"));
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4 * x.abs(), "{a:?} vs {b:?}");
+    }
+    let err = |extra: &[&str]| {
+        let o = train("bad", extra);
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = err(&["--chunk", "5"]);
+    assert!(e.contains("--chunk 5") && e.contains("12 images"), "{e}");
+    let e = err(&["--chunk", "0"]);
+    assert!(e.contains("--chunk"), "{e}");
+    let e = err(&["--chunk", "4", "--method", "stablerep-plus"]);
+    assert!(e.contains("--chunk") && e.contains("stablerep-plus"), "{e}");
+    std::fs::remove_dir_all(&root).ok();
+}

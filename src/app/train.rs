@@ -152,6 +152,7 @@ pub fn build_run(t: &TrainSettings, resume: bool) -> Result<PoolRun, String> {
         labelled_folder: labelled,
         source_size: labelled.then(|| (t.img_size * 8).div_ceil(7)),
         head_dim: 64,
+        chunk: None,
     })
 }
 

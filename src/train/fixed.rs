@@ -49,6 +49,8 @@ pub struct FixedBatchRun {
     /// Where to write the first step's gradients (safetensors, f32, under the parameters'
     /// names), if anywhere.
     pub save_grads: Option<PathBuf>,
+    /// Gradient caching in chunks of this many images ([`super::chunked`]).
+    pub chunk: Option<usize>,
 }
 
 /// What a run did.
@@ -126,6 +128,40 @@ pub fn run(
             ))
         })?,
     };
+    if let Some(c) = r.chunk {
+        if r.save_grads.is_some() {
+            return Err(Error::Config(
+                "--save-grads reads the unchunked step's gradients; leave out --chunk".into(),
+            ));
+        }
+        let cs = super::chunked::ChunkedStep::new(gpu, &cfg, c, &mut store)?;
+        let mut metrics = super::MetricsLog::open(&r.out)?;
+        let mut losses = Vec::new();
+        for i in 0..r.steps {
+            let t = start_step + i;
+            let lr = r.schedule.lr(r.lr, t);
+            let loss = cs
+                .step(&images.data, None, lr as f32, (t + 1) as u32, false)?
+                .loss;
+            if !loss.is_finite() {
+                return Err(Error::Graph(format!(
+                    "loss became {loss} at step {}; the last good checkpoint is {}",
+                    t + 1,
+                    r.init.display()
+                )));
+            }
+            metrics.write(&serde_json::json!({"step": t + 1, "loss": loss, "lr": lr}))?;
+            losses.push(loss);
+            progress(t + 1, loss, lr);
+        }
+        let path = r.out.join("checkpoint-last.safetensors");
+        let config = serde_json::json!({ "model": model, "captions": r.captions, "images_per_caption": r.images_per_caption, "temperature": r.temperature });
+        checkpoint::save(&store, &config, start_step + r.steps, &path)?;
+        return Ok(RunReport {
+            losses,
+            checkpoint: path,
+        });
+    }
     let mut outputs = vec![step.loss];
     if r.save_grads.is_some() {
         outputs.extend(&step.grads);

@@ -2,6 +2,7 @@
 //! the full training state.
 
 pub mod checkpoint;
+pub mod chunked;
 pub mod fixed;
 pub mod pool_run;
 

@@ -76,6 +76,10 @@ pub struct PoolRun {
     /// model config (a converted official one): 64 in every timm ViT size.
     #[serde(default = "default_head_dim")]
     pub head_dim: usize,
+    /// Gradient caching: run the encoder in chunks of this many images (a divisor of the
+    /// batch), so memory is bounded by the chunk ([`super::chunked`]).
+    #[serde(default)]
+    pub chunk: Option<usize>,
 }
 
 fn default_head_dim() -> usize {
@@ -176,13 +180,23 @@ pub fn run(
     for (name, t) in &ck.tensors {
         store.set(gpu, name, &t.shape, &t.data)?;
     }
-    let plan = Plan::compile(
-        gpu,
-        &step.graph,
-        &[step.loss],
-        &mut store,
-        PlanOptions::default(),
-    )?;
+    // Chunked: four plans over the same store; otherwise one plan for the whole step.
+    let chunked = match r.chunk {
+        Some(c) => Some(super::chunked::ChunkedStep::new(
+            gpu, &step_cfg, c, &mut store,
+        )?),
+        None => None,
+    };
+    let plan = match chunked {
+        Some(_) => None,
+        None => Some(Plan::compile(
+            gpu,
+            &step.graph,
+            &[step.loss],
+            &mut store,
+            PlanOptions::default(),
+        )?),
+    };
     // Decoder thread: batches in step order, two ahead of the GPU.
     let (tx, rx) = mpsc::sync_channel::<Result<Prepared>>(2);
     let (pool2, sampler2, seed, total, aug, aug_cfg) = (
@@ -276,16 +290,45 @@ pub fn run(
             .map_err(|_| Error::Graph("the image decoder stopped unexpectedly".into()))??;
         debug_assert_eq!(batch.step, t);
         let lr = r.schedule.lr(r.lr, t);
+        let save = (t + 1) % r.checkpoint_every.max(1) == 0 || t + 1 == r.steps;
+        let log = (t + 1) % r.log_every.max(1) == 0 || save;
+        let Some(plan) = &plan else {
+            let cs = chunked
+                .as_ref()
+                .ok_or_else(|| Error::Graph("no training plan".into()))?;
+            let out = cs.step(
+                &batch.pixels,
+                Some(&batch.params),
+                lr as f32,
+                (t + 1) as u32,
+                false,
+            )?;
+            let loss = out.loss;
+            if !loss.is_finite() {
+                return Err(Error::Graph(format!(
+                    "loss became {loss} at step {}; stopped without saving, the last good checkpoint is {}",
+                    t + 1,
+                    last.display()
+                )));
+            }
+            if log {
+                metrics.write(&serde_json::json!({"step": t + 1, "loss": loss, "lr": lr}))?;
+                losses.push((t + 1, loss));
+                progress(t + 1, loss, lr);
+            }
+            if save {
+                checkpoint::save(&store, &config, t + 1, &last)?;
+            }
+            continue;
+        };
         plan.write(step.images, &batch.pixels)?;
         plan.write(aug_params, &batch.params)?;
         if let (Some(t), Some(inp)) = (&batch.text, &step.text) {
-            super::fixed::write_text(&plan, inp, t)?;
+            super::fixed::write_text(plan, inp, t)?;
         }
         plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;
-        let save = (t + 1) % r.checkpoint_every.max(1) == 0 || t + 1 == r.steps;
         // A checkpoint step always reads the loss back, so a non-finite loss is caught before
         // anything is saved.
-        let log = (t + 1) % r.log_every.max(1) == 0 || save;
         if log {
             let loss = plan.run_fetch(&[step.loss])?[0][0];
             if !loss.is_finite() {

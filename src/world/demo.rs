@@ -531,6 +531,7 @@ pub fn train_arm(
             labelled_folder: false,
             source_size: None,
             head_dim: 64,
+            chunk: None,
         };
         pool_run::run(
             gpu,

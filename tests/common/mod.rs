@@ -295,6 +295,7 @@ pub fn settings(
         labelled_folder: false,
         source_size: None,
         head_dim: 64,
+        chunk: None,
     }
 }
 

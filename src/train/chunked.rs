@@ -1,0 +1,358 @@
+//! Gradient caching: a StableRep step over a batch larger than what one pass can hold in
+//! memory, split into chunks of images (`train --chunk N`).
+//!
+//! The contrastive loss couples every image of the batch, so the batch cannot simply be split.
+//! The encoder, though, treats images independently, and the loss reaches it only through the
+//! CLS features (N x D, small). So the step caches the gradient at the features:
+//!
+//! 1. **Features** (plan `encode`, no activations kept): the ViT's CLS feature of each chunk,
+//!    read back to the host.
+//! 2. **Head and loss** (plan `head`, the whole batch at once): the projection head with its
+//!    BatchNorm statistics per view group over the *whole* batch (the official SyncBatchNorm
+//!    semantics, exactly as the unchunked step), the multi-positive loss, the head's gradients
+//!    and AdamW update, the BatchNorm running statistics, and the loss's gradient with respect
+//!    to the features.
+//! 3. **Encoder backward** (plan `backward`, per chunk): each chunk's features are recomputed
+//!    with activations and backpropagated from its slice of that gradient (the gradient of
+//!    sum(F_c * dF_c)); the encoder's gradients are summed over chunks on the host.
+//! 4. **Encoder update** (plan `update`): AdamW on the summed gradients.
+//!
+//! GPU memory is bounded by one chunk of the encoder plus the head over the whole batch (whose
+//! activations are N x hidden); the gradients equal the unchunked step's up to float rounding
+//! (`tests/train.rs`). The price: the encoder's forward runs twice, and its gradients travel to
+//! the host once per chunk (a GPU-side accumulation op would save that).
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::graph::{adam_hyper, Graph, NodeId, Op, ParamStore, Plan, PlanOptions};
+use crate::kernels::optim::AdamW;
+use crate::models::stablerep::{decays, head, StepConfig, BN_EPS, BN_MOMENTUM};
+use crate::models::vit;
+
+/// The encoder's input for one chunk: (pixels or source images, augmentation parameters).
+struct EncoderInput {
+    images: NodeId,
+    aug: Option<NodeId>,
+}
+
+fn encoder_graph(cfg: &StepConfig, rows: usize) -> Result<(Graph, EncoderInput, NodeId)> {
+    let mut g = Graph::new();
+    let s = cfg.vit.img_size;
+    let (images, aug, pixels) = match cfg.augment_from {
+        Some((h, w)) => {
+            let src = g.input("images", &[rows, 3, h, w]);
+            let prm = g.input("augment.params", &[rows, 16]);
+            let out = g.augment(src, prm, s)?;
+            (src, Some(prm), out)
+        }
+        None => {
+            let x = g.input("images", &[rows, 3, s, s]);
+            (x, None, x)
+        }
+    };
+    let feats = vit::encoder(&mut g, &cfg.vit, "visual.", pixels)?;
+    Ok((g, EncoderInput { images, aug }, feats))
+}
+
+fn params_of(g: &Graph) -> Vec<NodeId> {
+    (0..g.nodes.len())
+        .map(NodeId)
+        .filter(|&id| g.node(id).op == Op::Param)
+        .collect()
+}
+
+/// AdamW settings per parameter under the recipe's weight-decay rule.
+fn adamw_cfgs(g: &Graph, params: &[NodeId], adamw: AdamW) -> Vec<AdamW> {
+    params
+        .iter()
+        .map(|&p| {
+            let name = g.node(p).name.as_deref().unwrap_or_default();
+            let mut c = adamw;
+            if !decays(name, g.shape(p).len()) {
+                c.weight_decay = 0.0;
+            }
+            c
+        })
+        .collect()
+}
+
+/// One chunked StableRep training step, compiled.
+pub struct ChunkedStep {
+    /// Images per chunk.
+    pub chunk: usize,
+    rows: usize,
+    image_len: usize,
+    width: usize,
+    encode: (Plan, EncoderInput, NodeId),
+    head: Plan,
+    head_features: NodeId,
+    head_loss: NodeId,
+    head_dfeatures: NodeId,
+    head_hyper: NodeId,
+    /// The backward plan, its chunk input and its feature-gradient input.
+    backward: (Plan, EncoderInput, NodeId),
+    backward_grads: Vec<NodeId>,
+    /// (name, element count) of each encoder parameter, in `backward_grads` order.
+    pub encoder_params: Vec<(String, usize)>,
+    update: Plan,
+    update_grads: Vec<NodeId>,
+    update_hyper: NodeId,
+    adamw: AdamW,
+}
+
+/// What one chunked step returns.
+pub struct ChunkedOutcome {
+    /// The loss.
+    pub loss: f32,
+    /// The encoder's gradients (summed over chunks), by parameter, when asked for.
+    pub encoder_grads: Option<Vec<Vec<f32>>>,
+}
+
+/// The four graphs of a chunked step.
+struct Graphs {
+    encode: (Graph, EncoderInput, NodeId),
+    head: (Graph, [NodeId; 4]),
+    backward: (Graph, EncoderInput, NodeId, Vec<NodeId>),
+    shapes: Vec<(String, Vec<usize>)>,
+    update: (Graph, Vec<NodeId>, NodeId),
+}
+
+fn build(cfg: &StepConfig, chunk: usize) -> Result<Graphs> {
+    let (n, m) = (cfg.captions, cfg.images_per_caption);
+    let rows = n * m;
+    if chunk == 0 || !rows.is_multiple_of(chunk) {
+        return Err(Error::Config(format!(
+            "--chunk {chunk} must divide the batch of {rows} images (--captions-per-batch {n} x --images-per-caption {m})"
+        )));
+    }
+    if cfg.plus.is_some() {
+        return Err(Error::Config(
+            "--chunk does not support StableRep+ (its text loss is not chunked yet)".into(),
+        ));
+    }
+    let width = cfg.vit.width;
+    // 1. Features of a chunk.
+    let encode = encoder_graph(cfg, chunk)?;
+    // 2. Head, loss, head update, gradient at the features.
+    let mut g = Graph::new();
+    let f = g.input("features", &[rows, width]);
+    let (h, stats) = head(&mut g, &cfg.head, "image_mlp.", f, m)?;
+    let loss = g.multi_positive_loss(h, n, cfg.temperature)?;
+    let hp = params_of(&g);
+    let mut wrt = hp.clone();
+    wrt.push(f);
+    let mut grads = g.grad(loss, &wrt)?;
+    let df = grads
+        .pop()
+        .ok_or_else(|| Error::Graph("no feature gradient".into()))?;
+    for (l, st) in stats.iter().enumerate() {
+        g.bn_running_update(&format!("image_mlp.bn{}", l + 1), *st, BN_MOMENTUM, BN_EPS)?;
+    }
+    let cfgs = adamw_cfgs(&g, &hp, cfg.adamw);
+    let head_hyper = g.adamw_each(&hp, &grads, &cfgs)?;
+    let head = (g, [f, loss, df, head_hyper]);
+    // 3. Encoder backward of a chunk from its feature gradient.
+    let (mut g, input, feats) = encoder_graph(cfg, chunk)?;
+    let dfc = g.input("features.grad", &[chunk, width]);
+    let prod = g.mul(feats, dfc)?;
+    let s = g.sum_all(prod)?;
+    let vp = params_of(&g);
+    let backward_grads = g.grad(s, &vp)?;
+    let shapes: Vec<(String, Vec<usize>)> = vp
+        .iter()
+        .map(|&p| {
+            (
+                g.node(p).name.clone().unwrap_or_default(),
+                g.shape(p).to_vec(),
+            )
+        })
+        .collect();
+    let backward = (g, input, dfc, backward_grads);
+    // 4. Encoder update from the summed gradients.
+    let mut g = Graph::new();
+    let mut ps = Vec::new();
+    let mut update_grads = Vec::new();
+    for (name, shape) in &shapes {
+        ps.push(g.param(name, shape));
+        update_grads.push(g.input(&format!("grad.{name}"), shape));
+    }
+    let cfgs = adamw_cfgs(&g, &ps, cfg.adamw);
+    let update_hyper = g.adamw_each(&ps, &update_grads, &cfgs)?;
+    Ok(Graphs {
+        encode,
+        head,
+        backward,
+        shapes,
+        update: (g, update_grads, update_hyper),
+    })
+}
+
+/// Device memory of a chunked step, without a device: the training state (parameters, AdamW
+/// moments, BatchNorm statistics) plus the largest of the four plans' intermediates and inputs
+/// (they run one at a time). For comparison, [`crate::graph::estimate`] of the unchunked
+/// step's graph gives the same for one pass over the batch.
+pub fn estimate(cfg: &StepConfig, chunk: usize, max_binding: u64) -> Result<u64> {
+    use crate::graph::plan::estimate as plan_estimate;
+    let g = build(cfg, chunk)?;
+    let o = PlanOptions::default();
+    let enc = plan_estimate(&g.encode.0, &[g.encode.2], o, max_binding)?;
+    let head = plan_estimate(&g.head.0, &[g.head.1[1], g.head.1[2]], o, max_binding)?;
+    let bwd = plan_estimate(&g.backward.0, &g.backward.3, o, max_binding)?;
+    let upd = plan_estimate(&g.update.0, &[], o, max_binding)?;
+    let state = head.param_bytes + upd.param_bytes;
+    let work = [enc, head, bwd, upd]
+        .iter()
+        .map(|e| e.planned_bytes + e.input_bytes)
+        .max()
+        .unwrap_or(0);
+    Ok(state + work)
+}
+
+impl ChunkedStep {
+    /// Compiles the four plans of a step of `cfg` in chunks of `chunk` images against `store`
+    /// (which must hold the model; optimizer state is created in it). StableRep+ is not
+    /// supported chunked.
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        cfg: &StepConfig,
+        chunk: usize,
+        store: &mut ParamStore,
+    ) -> Result<ChunkedStep> {
+        let g = build(cfg, chunk)?;
+        let o = PlanOptions::default();
+        let encode = Plan::compile(gpu, &g.encode.0, &[g.encode.2], store, o)?;
+        let [f, loss, df, head_hyper] = g.head.1;
+        let head = Plan::compile(gpu, &g.head.0, &[loss, df], store, o)?;
+        let backward = Plan::compile(gpu, &g.backward.0, &g.backward.3, store, o)?;
+        let update = Plan::compile(gpu, &g.update.0, &[], store, o)?;
+        Ok(ChunkedStep {
+            chunk,
+            rows: cfg.captions * cfg.images_per_caption,
+            image_len: match cfg.augment_from {
+                Some((h, w)) => 3 * h * w,
+                None => 3 * cfg.vit.img_size * cfg.vit.img_size,
+            },
+            width: cfg.vit.width,
+            encode: (encode, g.encode.1, g.encode.2),
+            head,
+            head_features: f,
+            head_loss: loss,
+            head_dfeatures: df,
+            head_hyper,
+            backward: (backward, g.backward.1, g.backward.2),
+            backward_grads: g.backward.3,
+            encoder_params: g
+                .shapes
+                .iter()
+                .map(|(n, s)| (n.clone(), s.iter().product()))
+                .collect(),
+            update,
+            update_grads: g.update.1,
+            update_hyper: g.update.2,
+            adamw: cfg.adamw,
+        })
+    }
+
+    fn write_chunk(
+        &self,
+        plan: &Plan,
+        input: &EncoderInput,
+        c: usize,
+        images: &[f32],
+        aug: Option<&[f32]>,
+    ) -> Result<()> {
+        let k = self.chunk;
+        plan.write(
+            input.images,
+            &images[c * k * self.image_len..(c + 1) * k * self.image_len],
+        )?;
+        if let (Some(node), Some(a)) = (input.aug, aug) {
+            plan.write(node, &a[c * k * 16..(c + 1) * k * 16])?;
+        }
+        Ok(())
+    }
+
+    /// Runs one step on a batch (view-major, as the unchunked step takes it: normalized
+    /// images, or source images and augmentation parameters [rows, 16]) with learning rate
+    /// `lr` at optimizer step `t` (1-based). With `want_grads`, also returns the encoder's
+    /// summed gradients.
+    pub fn step(
+        &self,
+        images: &[f32],
+        aug: Option<&[f32]>,
+        lr: f32,
+        t: u32,
+        want_grads: bool,
+    ) -> Result<ChunkedOutcome> {
+        if images.len() != self.rows * self.image_len {
+            return Err(Error::Config(format!(
+                "a chunked step takes {} image values, got {}",
+                self.rows * self.image_len,
+                images.len()
+            )));
+        }
+        if self.encode.1.aug.is_some() != aug.is_some()
+            || aug.is_some_and(|a| a.len() != self.rows * 16)
+        {
+            return Err(Error::Config(
+                "augmentation parameters must be given exactly when the step augments ([rows, 16])"
+                    .into(),
+            ));
+        }
+        let chunks = self.rows / self.chunk;
+        // 1. Features, chunk by chunk.
+        let mut feats = Vec::with_capacity(self.rows * self.width);
+        let (plan, input, f) = &self.encode;
+        for c in 0..chunks {
+            self.write_chunk(plan, input, c, images, aug)?;
+            feats.extend(plan.run_fetch(&[*f])?.swap_remove(0));
+        }
+        // 2. Head and loss over the whole batch; the head's update.
+        let hyper = adam_hyper(lr, &self.adamw, t);
+        self.head.write(self.head_features, &feats)?;
+        self.head.write(self.head_hyper, &hyper)?;
+        let mut out = self
+            .head
+            .run_fetch(&[self.head_loss, self.head_dfeatures])?;
+        let df = out.swap_remove(1);
+        let loss = out[0][0];
+        // 3. The encoder's gradients, chunk by chunk, summed here.
+        let mut acc: Vec<Vec<f32>> = self
+            .encoder_params
+            .iter()
+            .map(|(_, n)| vec![0.0; *n])
+            .collect();
+        let (plan, input, dfc) = &self.backward;
+        let w = self.chunk * self.width;
+        for c in 0..chunks {
+            self.write_chunk(plan, input, c, images, aug)?;
+            plan.write(*dfc, &df[c * w..(c + 1) * w])?;
+            for (a, g) in acc.iter_mut().zip(plan.run_fetch(&self.backward_grads)?) {
+                for (x, y) in a.iter_mut().zip(g) {
+                    *x += y;
+                }
+            }
+        }
+        // 4. The encoder's update.
+        for (node, a) in self.update_grads.iter().zip(&acc) {
+            self.update.write(*node, a)?;
+        }
+        self.update.write(self.update_hyper, &hyper)?;
+        self.update.run()?;
+        Ok(ChunkedOutcome {
+            loss,
+            encoder_grads: want_grads.then_some(acc),
+        })
+    }
+
+    /// Peak bytes the four plans plan for (the largest of them; they run one at a time).
+    pub fn peak_bytes(&self) -> u64 {
+        [&self.encode.0, &self.head, &self.backward.0, &self.update]
+            .iter()
+            .map(|p| p.stats().peak_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+}
