@@ -128,68 +128,58 @@ pub fn run(
             ))
         })?,
     };
-    if let Some(c) = r.chunk {
-        if r.save_grads.is_some() {
-            return Err(Error::Config(
-                "--save-grads reads the unchunked step's gradients; leave out --chunk".into(),
-            ));
-        }
-        let cs = super::chunked::ChunkedStep::new(gpu, &cfg, c, &mut store)?;
-        let mut metrics = super::MetricsLog::open(&r.out)?;
-        let mut losses = Vec::new();
-        for i in 0..r.steps {
-            let t = start_step + i;
-            let lr = r.schedule.lr(r.lr, t);
-            let loss = cs
-                .step(&images.data, None, lr as f32, (t + 1) as u32, false)?
-                .loss;
-            if !loss.is_finite() {
-                return Err(Error::Graph(format!(
-                    "loss became {loss} at step {}; the last good checkpoint is {}",
-                    t + 1,
-                    r.init.display()
-                )));
-            }
-            metrics.write(&serde_json::json!({"step": t + 1, "loss": loss, "lr": lr}))?;
-            losses.push(loss);
-            progress(t + 1, loss, lr);
-        }
-        let path = r.out.join("checkpoint-last.safetensors");
-        let config = serde_json::json!({ "model": model, "captions": r.captions, "images_per_caption": r.images_per_caption, "temperature": r.temperature });
-        checkpoint::save(&store, &config, start_step + r.steps, &path)?;
-        return Ok(RunReport {
-            losses,
-            checkpoint: path,
-        });
+    if r.chunk.is_some() && r.save_grads.is_some() {
+        return Err(Error::Config(
+            "--save-grads reads the unchunked step's gradients; leave out --chunk".into(),
+        ));
     }
+    // Chunked (gradient caching) or one plan for the whole step; the loop is the same.
     let mut outputs = vec![step.loss];
     if r.save_grads.is_some() {
         outputs.extend(&step.grads);
     }
-    let plan = Plan::compile(
-        gpu,
-        &step.graph,
-        &outputs,
-        &mut store,
-        PlanOptions::default(),
-    )?;
-    plan.write(step.images, &images.data)?;
-    if let (Some(t), Some(inp)) = (&text, &step.text) {
-        write_text(&plan, inp, t)?;
-    }
+    let (plan, chunked) = match r.chunk {
+        Some(c) => (
+            None,
+            Some(super::chunked::ChunkedStep::new(gpu, &cfg, c, &mut store)?),
+        ),
+        None => {
+            let plan = Plan::compile(
+                gpu,
+                &step.graph,
+                &outputs,
+                &mut store,
+                PlanOptions::default(),
+            )?;
+            plan.write(step.images, &images.data)?;
+            if let (Some(t), Some(inp)) = (&text, &step.text) {
+                write_text(&plan, inp, t)?;
+            }
+            (Some(plan), None)
+        }
+    };
     let mut metrics = super::MetricsLog::open(&r.out)?;
     let mut losses = Vec::new();
     for i in 0..r.steps {
         let t = start_step + i;
         let lr = r.schedule.lr(r.lr, t);
-        plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;
-        let loss = match (&r.save_grads, i) {
-            (Some(path), 0) => {
-                let got = plan.run_fetch(&outputs)?;
-                save_grads(&step, &got[1..], path)?;
-                got[0][0]
+        let loss = match (&plan, &chunked) {
+            (_, Some(cs)) => {
+                cs.step(&images.data, None, lr as f32, (t + 1) as u32, false)?
+                    .loss
             }
-            _ => plan.run_fetch(&[step.loss])?[0][0],
+            (Some(plan), None) => {
+                plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;
+                match (&r.save_grads, i) {
+                    (Some(path), 0) => {
+                        let got = plan.run_fetch(&outputs)?;
+                        save_grads(&step, &got[1..], path)?;
+                        got[0][0]
+                    }
+                    _ => plan.run_fetch(&[step.loss])?[0][0],
+                }
+            }
+            (None, None) => return Err(Error::Graph("no training plan".into())),
         };
         if !loss.is_finite() {
             return Err(Error::Graph(format!(
