@@ -4,7 +4,8 @@
 //!
 //!     cargo run --release --example train_world_sd -- OUT [--vae-steps N] [--denoiser-steps N]
 //!         [--vae-batch N] [--batch N] [--vae-channels 32,64] [--unet-channels 32,64]
-//!         [--latent-channels N] [--world simple|full]
+//!         [--latent-channels N] [--world simple|full] [--offset-noise STD]
+//!         [--offset-noise-from STEP]
 //!
 //! The defaults are the built-in model's recipe (`world::train_sd::Recipe::builtin`).
 //! Then, for example:
@@ -53,6 +54,14 @@ fn run() -> stablerep::Result<()> {
             i += 2;
             continue;
         }
+        if args[i] == "--offset-noise" {
+            let v = args.get(i + 1).and_then(|s| s.parse::<f32>().ok());
+            r.offset_noise = v.filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| {
+                stablerep::Error::Config("--offset-noise wants a number >= 0".into())
+            })?;
+            i += 2;
+            continue;
+        }
         let v: u64 = args
             .get(i + 1)
             .and_then(|s| s.parse().ok())
@@ -63,6 +72,7 @@ fn run() -> stablerep::Result<()> {
             "--vae-batch" => r.vae.batch = v as usize,
             "--batch" => r.denoiser.batch = v as usize,
             "--latent-channels" => r.spec.latent_channels = v as usize,
+            "--offset-noise-from" => r.offset_noise_from = v,
             other => {
                 return Err(stablerep::Error::Config(format!("unknown option {other}")));
             }

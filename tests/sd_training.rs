@@ -233,6 +233,8 @@ fn mini_world_training_resumes_exactly_after_a_cancel() {
         warmup: 1,
     };
     (r.vae, r.denoiser, r.checkpoint_every) = (stage(4), stage(4), 2);
+    // Offset noise starts after the cancel at denoiser step 2, so resuming crosses it.
+    (r.offset_noise, r.offset_noise_from) = (0.2, 3);
     let base = std::env::temp_dir().join(format!("stablerep-worldsd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     // Straight through.
@@ -261,6 +263,13 @@ fn mini_world_training_resumes_exactly_after_a_cancel() {
         assert_eq!(a.tensors, b.tensors, "{sub} differs after resuming");
     }
     assert!(out.join("vae-check.png").is_file());
+    // The offset is not ignored: without it the last step's update differs.
+    r.offset_noise = 0.0;
+    let plain = train(&gpu, &r, &base.join("c"), |_| {}, &|| false).unwrap();
+    let sub = "unet/diffusion_pytorch_model.safetensors";
+    let a = Checkpoint::load(&straight.join(sub)).unwrap();
+    let c = Checkpoint::load(&plain.join(sub)).unwrap();
+    assert_ne!(a.tensors, c.tensors, "offset noise changed nothing");
     let m = SdModel::load(&resumed).unwrap();
     assert!(m.vae.scaling_factor > 0.0 && m.vae.scaling_factor.is_finite());
 }
