@@ -349,7 +349,7 @@ fn chunk_bench(gpu: &Arc<Gpu>, adapter: &str, max_rows: usize) -> stablerep::Res
             .flat_map(|_| sample(&acfg, 64, 64, &mut rng))
             .collect();
         let t0 = Instant::now();
-        let out = cs.step(&images, Some(&aug), 1e-3, 1, false)?;
+        let out = cs.step(&images, Some(&aug), None, 1e-3, 1, false)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let rss_kib = std::fs::read_to_string("/proc/self/status")
             .ok()

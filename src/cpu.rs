@@ -753,6 +753,16 @@ pub fn eval(
                 params.insert(name(3), vv);
                 None
             }
+            Op::Accumulate => {
+                let name = g.node(node.inputs[0]).name.clone().unwrap_or_default();
+                let (gr, h) = (get(1).clone(), get(2).clone());
+                let mut a = get(0).clone();
+                for j in 0..a.len() {
+                    a[j] = if h[0] == 0.0 { 0.0 } else { h[0] * a[j] } + gr[j];
+                }
+                params.insert(name, a);
+                None
+            }
             Op::Sgd {
                 momentum,
                 weight_decay,

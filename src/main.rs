@@ -1250,11 +1250,6 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                         "--chunk {c} must divide the batch of {rows} images (--captions-per-batch {captions_per_batch} x --images-per-caption {images_per_caption})"
                     )));
                 }
-                if method == Method::StablerepPlus {
-                    return Err(stablerep::Error::Config(
-                        "--chunk does not support --method stablerep-plus yet (its text loss is not chunked)".into(),
-                    ));
-                }
             }
             let gpu = Gpu::new(&opts)?;
             if let Some(batch) = fixed_batch {

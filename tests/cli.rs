@@ -643,6 +643,10 @@ fn plus_inputs(dir: &Path, with_tokens: bool) -> Checkpoint {
 }
 
 fn plus_command(dir: &Path) -> Command {
+    plus_command_to(dir, "run")
+}
+
+fn plus_command_to(dir: &Path, out: &str) -> Command {
     let mut c = bin();
     c.args(["train", "--method", "stablerep-plus", "--init"])
         .arg(dir.join("init.safetensors"))
@@ -651,7 +655,7 @@ fn plus_command(dir: &Path) -> Command {
         .args(["--captions-per-batch", "3", "--images-per-caption", "2"])
         .args(["--steps", "1", "--no-augment", "--lr-schedule", "constant"])
         .args(["--lr", "1e-2", "--weight-decay", "0.1", "--out"])
-        .arg(dir.join("run"));
+        .arg(dir.join(out));
     c
 }
 
@@ -676,6 +680,28 @@ fn stablerep_plus_fixed_batch_matches_pytorch_and_errors_are_clear() {
     let theta = after.get("logit_scale", Some(&[1])).unwrap().data[0];
     let want_theta = fx.get("after.logit_scale", None).unwrap().data[0];
     assert!((theta - want_theta).abs() < 1e-4, "{theta} vs {want_theta}");
+    // Chunked (gradient caching, two images per chunk): the same loss and logit scale.
+    let out = plus_command_to(&dir, "run-chunked")
+        .args(["--chunk", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(dir.join("run-chunked/metrics.jsonl")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert!(
+        (m["loss"].as_f64().unwrap() - want).abs() < 1e-4 * want.abs(),
+        "chunked: {m} vs {want}"
+    );
+    let after = Checkpoint::load(&dir.join("run-chunked/checkpoint-last.safetensors")).unwrap();
+    let theta = after.get("logit_scale", Some(&[1])).unwrap().data[0];
+    assert!(
+        (theta - want_theta).abs() < 1e-4,
+        "chunked: {theta} vs {want_theta}"
+    );
     // A batch without the captions' tokens.
     plus_inputs(&dir, false);
     let out = plus_command(&dir).output().unwrap();

@@ -431,12 +431,16 @@ fn optimizer_case(n: usize) {
     let mut g = Graph::new();
     let p = g.param("w", &[n]);
     let q = g.param("v", &[n]);
+    let u = g.param("u", &[n]);
     let x = g.input("x", &[n]);
     let a = g.mul(p, x).unwrap();
     let b = g.mul(q, x).unwrap();
+    let c = g.mul(u, x).unwrap();
+    let c = g.mul(c, x).unwrap();
     let loss = g.add(a, b).unwrap();
+    let loss = g.add(loss, c).unwrap();
     let loss = g.sum_all(loss).unwrap();
-    let grads = g.grad(loss, &[p, q]).unwrap();
+    let grads = g.grad(loss, &[p, q, u]).unwrap();
     let cfg = AdamW {
         beta1: 0.9,
         beta2: 0.98,
@@ -446,9 +450,11 @@ fn optimizer_case(n: usize) {
     };
     let hyper = g.adamw(&[p], &[grads[0]], cfg, &[true]).unwrap();
     let hs = g.sgd(&[q], &[grads[1]], 0.9, 0.01).unwrap();
+    let ha = g.accumulate(&[u], &[grads[2]]).unwrap();
     let mut params = HashMap::new();
     params.insert("w".to_string(), rng.vec(n, -1.0, 1.0));
     params.insert("v".to_string(), rng.vec(n, -1.0, 1.0));
+    params.insert("u".to_string(), rng.vec(n, -1.0, 1.0));
     let mut store = stablerep::graph::ParamStore::new();
     for (k, v) in &params {
         store
@@ -462,7 +468,12 @@ fn optimizer_case(n: usize) {
     }
     let plan =
         stablerep::graph::Plan::compile(&gpu, &g, &[loss], &mut store, Default::default()).unwrap();
+    // A NaN left in the accumulator: the first accumulation (beta 0) must overwrite it.
+    let acc = stablerep::graph::accumulator_name("u");
+    store.set(&gpu, &acc, &[n], &vec![f32::NAN; n]).unwrap();
     let mut cpu_params = params.clone();
+    cpu_params.insert(acc.clone(), vec![f64::NAN; n]);
+    let mut sum = vec![0.0f64; n];
     for step in 1..=3u32 {
         let xv = rng.vec(n, -1.0, 1.0);
         let h = stablerep::graph::adam_hyper(1e-2, &cfg, step);
@@ -470,11 +481,19 @@ fn optimizer_case(n: usize) {
             .unwrap();
         plan.write(hyper, &h).unwrap();
         plan.write(hs, &[0.05]).unwrap();
+        // beta: 0 starts a sum (the first step), 1 adds to it.
+        let beta = if step == 1 { 0.0 } else { 1.0 };
+        plan.write(ha, &[beta]).unwrap();
         plan.run().unwrap();
+        // The sum of d/du of sum(u x^2) = x^2 over the steps, by hand.
+        for (s, v) in sum.iter_mut().zip(&xv) {
+            *s += v * v;
+        }
         let mut feeds = HashMap::new();
         feeds.insert(x, xv);
         feeds.insert(hyper, h.iter().map(|&v| v as f64).collect());
         feeds.insert(hs, vec![0.05f32 as f64]);
+        feeds.insert(ha, vec![beta as f64]);
         stablerep::cpu::eval(&g, &feeds, &mut cpu_params).unwrap();
     }
     for name in [
@@ -483,10 +502,18 @@ fn optimizer_case(n: usize) {
         "optimizer.w.exp_avg",
         "optimizer.w.exp_avg_sq",
         "optimizer.v.momentum_buffer",
+        acc.as_str(),
     ] {
         let got = store.read(name).unwrap();
         assert_close(name, &got, &cpu_params[name], 1e-4, 1e-6);
     }
+    assert_close(
+        "the accumulated sum",
+        &store.read(&acc).unwrap(),
+        &sum,
+        1e-4,
+        1e-6,
+    );
     drop(lock);
 }
 

@@ -481,7 +481,8 @@ impl Graph {
             | Op::AdamW(_)
             | Op::BnRunning { .. }
             | Op::Augment(_)
-            | Op::Sgd { .. } => {
+            | Op::Sgd { .. }
+            | Op::Accumulate => {
                 return Err(Error::Graph(format!(
                     "{op:?} cannot be differentiated (no second-order gradients)"
                 )))

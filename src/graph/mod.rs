@@ -215,6 +215,9 @@ pub enum Op {
     /// params [B,16]), Mean (image, params) -> [B], Post (image, params, means), BlurH and
     /// BlurV (image, params); images are [B, 3, S, S].
     Augment(crate::kernels::augment::Stage),
+    /// (acc, grad, hyper[1]): in-place `acc = hyper[0] * acc + grad` (no output), for
+    /// gradients summed over chunks on the device.
+    Accumulate,
     /// (param, grad, momentum, hyper[1]): in-place SGD step (no output).
     Sgd {
         /// momentum
@@ -227,7 +230,10 @@ pub enum Op {
 impl Op {
     /// True for ops that update persistent tensors instead of producing an output.
     pub fn is_update(&self) -> bool {
-        matches!(self, Op::AdamW(_) | Op::Sgd { .. } | Op::BnRunning { .. })
+        matches!(
+            self,
+            Op::AdamW(_) | Op::Sgd { .. } | Op::BnRunning { .. } | Op::Accumulate
+        )
     }
     /// True for leaves whose storage lives outside the plan's planner.
     pub fn is_leaf(&self) -> bool {
@@ -1363,6 +1369,37 @@ impl Graph {
         Ok(hyper)
     }
 
+    /// Appends in-place accumulations of `grads` into persistent tensors named
+    /// [`accumulator_name`] of `params`' names: `acc = beta * acc + grad` with `beta` the
+    /// returned `hyper` input [1] (0 for a step's first chunk, 1 after). Another plan reads
+    /// the sums as `state(accumulator_name(..))`.
+    pub fn accumulate(&mut self, params: &[NodeId], grads: &[NodeId]) -> Result<NodeId> {
+        if params.len() != grads.len() {
+            return Err(Error::Graph(format!(
+                "accumulate: {} parameters but {} gradients",
+                params.len(),
+                grads.len()
+            )));
+        }
+        let hyper = self.input("accumulate.hyper", &[1]);
+        for (&p, &g) in params.iter().zip(grads) {
+            let name = self.nodes[p.0]
+                .name
+                .clone()
+                .ok_or_else(|| Error::Graph("accumulated parameter without a name".into()))?;
+            let s = self.shape(p).to_vec();
+            if self.shape(g) != s.as_slice() {
+                return Err(Error::Graph(format!(
+                    "accumulate: gradient of '{name}' has shape {:?}, the parameter {s:?}",
+                    self.shape(g)
+                )));
+            }
+            let acc = self.state(&accumulator_name(&name), &s, 0.0);
+            self.push(Op::Accumulate, vec![acc, g, hyper], vec![], DType::F32);
+        }
+        Ok(hyper)
+    }
+
     /// Appends SGD-with-momentum updates; returns the `hyper` input [lr].
     pub fn sgd(
         &mut self,
@@ -1391,6 +1428,15 @@ impl Graph {
         }
         Ok(hyper)
     }
+}
+
+/// Prefix of store tensors that are working memory, not training state: checkpoints leave
+/// them out.
+pub const SCRATCH_PREFIX: &str = "scratch.";
+
+/// The store name of the gradient accumulator of parameter `name` ([`Graph::accumulate`]).
+pub fn accumulator_name(name: &str) -> String {
+    format!("{SCRATCH_PREFIX}grad.{name}")
 }
 
 /// Anchors per similarity block of [`Graph::multi_positive_loss`] (a block of 4,096 rows of

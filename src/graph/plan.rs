@@ -1035,6 +1035,7 @@ fn lower(
             momentum,
             weight_decay,
         } => optim::sgd(*momentum, *weight_decay, x(0)?, x(1)?, x(2)?, x(3)?, caps)?,
+        Op::Accumulate => optim::accumulate(x(0)?, x(1)?, x(2)?, caps)?,
         Op::Input | Op::Param | Op::State(_) | Op::Const(_) => vec![],
     })
 }

@@ -412,6 +412,7 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         v(3, 1),
         &caps,
     )?);
+    out.extend(optim::accumulate(v(0, 4), v(1, 4), v(2, 1), &caps)?);
     let mut seen = std::collections::HashSet::new();
     out.retain(|d| seen.insert(d.key.clone()));
     Ok(out)

@@ -71,6 +71,28 @@ pub fn adamw(
     )
 }
 
+/// Gradient accumulation in place: `acc = hyper[0] * acc + grad` (`hyper[0]` is 0 for the
+/// first chunk of a step, 1 after; with 0 the old contents are ignored, NaN included).
+pub fn accumulate(acc: View, grad: View, hyper: View, caps: &Caps) -> Result<Vec<Dispatch>> {
+    chunked(
+        acc.len,
+        &[acc, grad, hyper],
+        &[true, true, false],
+        caps,
+        "accumulate",
+        |b, _, count| {
+            Ok(Dispatch {
+                key: "accumulate".into(),
+                template: "accumulate",
+                subst: vec![],
+                uniform: uniform(&[count as u32, b[0].1, b[1].1, b[2].1]),
+                bindings: b.iter().map(|x| x.0).collect(),
+                groups: grid(count.div_ceil(WG_1D as u64), caps)?,
+            })
+        },
+    )
+}
+
 /// One SGD-with-momentum step; `hyper = [lr]`.
 pub fn sgd(
     momentum: f32,

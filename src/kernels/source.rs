@@ -38,6 +38,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("bn_running", include_str!("../../shaders/bn_running.wgsl")),
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
+    ("accumulate", include_str!("../../shaders/accumulate.wgsl")),
     ("fill", include_str!("../../shaders/fill.wgsl")),
     ("lincomb", include_str!("../../shaders/lincomb.wgsl")),
     ("im2col", include_str!("../../shaders/im2col.wgsl")),

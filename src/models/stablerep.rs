@@ -131,6 +131,38 @@ pub struct StepConfig {
     pub plus: Option<PlusConfig>,
 }
 
+/// StableRep+'s image-text term on CLS features `feats` [n * m, width] (image-major rows of
+/// n captions): the text tower over the n captions, both projections and the CLIP loss with
+/// the learned logit scale. Returns the loss [1] and the text inputs to write.
+pub fn image_text_loss(
+    g: &mut Graph,
+    plus: &PlusConfig,
+    feats: NodeId,
+    captions: usize,
+) -> Result<(NodeId, TextInputs)> {
+    let width = g.shape(feats)[1];
+    let (tf, inputs) = text::encoder(g, &plus.text, captions)?;
+    let tp = g.param("text_projection", &[plus.text.width, plus.embed]);
+    let t = g.matmul(tf, tp)?;
+    let ip = g.param("image_projection", &[width, plus.embed]);
+    let v = g.matmul(feats, ip)?;
+    let theta = g.param("logit_scale", &[1]);
+    Ok((g.image_text_loss(v, t, theta)?, inputs))
+}
+
+/// The recipe's AdamW settings for parameter `name` of `ndim` dimensions: no weight decay
+/// where [`decays`] says so, and the logit scale clamped to [0, [`LOGIT_SCALE_MAX`]].
+pub fn param_adamw(name: &str, ndim: usize, base: AdamW) -> AdamW {
+    let mut c = base;
+    if !decays(name, ndim) {
+        c.weight_decay = 0.0;
+    }
+    if name == "logit_scale" {
+        c.clamp = Some([0.0, LOGIT_SCALE_MAX]);
+    }
+    c
+}
+
 /// Builds the training step graph.
 pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
     let (n, m) = (cfg.captions, cfg.images_per_caption);
@@ -160,13 +192,7 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
     let mut terms = vec![("ssl", ssl)];
     let mut text_inputs = None;
     if let Some(plus) = &cfg.plus {
-        let (tf, inputs) = text::encoder(&mut g, &plus.text, n)?;
-        let tp = g.param("text_projection", &[plus.text.width, plus.embed]);
-        let t = g.matmul(tf, tp)?;
-        let ip = g.param("image_projection", &[cfg.vit.width, plus.embed]);
-        let v = g.matmul(feats, ip)?;
-        let theta = g.param("logit_scale", &[1]);
-        let it = g.image_text_loss(v, t, theta)?;
+        let (it, inputs) = image_text_loss(&mut g, plus, feats, n)?;
         loss = g.add(ssl, it)?;
         terms.push(("image_text", it));
         text_inputs = Some(inputs);
@@ -183,14 +209,7 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
         .iter()
         .map(|&p| {
             let name = g.node(p).name.as_deref().unwrap_or_default();
-            let mut c = cfg.adamw;
-            if !decays(name, g.shape(p).len()) {
-                c.weight_decay = 0.0;
-            }
-            if name == "logit_scale" {
-                c.clamp = Some([0.0, LOGIT_SCALE_MAX]);
-            }
-            c
+            param_adamw(name, g.shape(p).len(), cfg.adamw)
         })
         .collect();
     let hyper = g.adamw_each(&params, &grads, &cfgs)?;

@@ -40,6 +40,9 @@ pub fn read_step(ck: &Checkpoint, path: &Path) -> Result<u64> {
 pub fn save(store: &ParamStore, config: &serde_json::Value, step: u64, path: &Path) -> Result<()> {
     let mut ck = Checkpoint::default();
     for name in store.names() {
+        if name.starts_with(crate::graph::SCRATCH_PREFIX) {
+            continue;
+        }
         let t = store.get(name).expect("name from the store");
         let data = t.read_f32()?;
         if let Some(v) = data.iter().find(|v| !v.is_finite()) {

@@ -14,21 +14,29 @@
 //!    to the features.
 //! 3. **Encoder backward** (plan `backward`, per chunk): each chunk's features are recomputed
 //!    with activations and backpropagated from its slice of that gradient (the gradient of
-//!    sum(F_c * dF_c)); the encoder's gradients are summed over chunks on the host.
-//! 4. **Encoder update** (plan `update`): AdamW on the summed gradients.
+//!    sum(F_c * dF_c)); the encoder's gradients are summed over chunks on the device, in
+//!    place, into store tensors `scratch.grad.<name>` (`Op::Accumulate`; checkpoints leave
+//!    them out).
+//! 4. **Encoder update** (plan `update`): AdamW on the summed gradients, read in place.
 //!
 //! GPU memory is bounded by one chunk of the encoder plus the head over the whole batch (whose
 //! activations are N x hidden); the gradients equal the unchunked step's up to float rounding
-//! (`tests/train.rs`). The price: the encoder's forward runs twice, and its gradients travel to
-//! the host once per chunk (a GPU-side accumulation op would save that).
+//! (`tests/train.rs`). The price: the encoder's forward runs twice, and one more copy of the
+//! encoder's parameters (the accumulators) lives on the device. Only the features and their
+//! gradient (rows x width) cross to the host.
 
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::graph::{adam_hyper, Graph, NodeId, Op, ParamStore, Plan, PlanOptions};
+use crate::graph::{
+    accumulator_name, adam_hyper, Graph, NodeId, Op, ParamStore, Plan, PlanOptions,
+};
 use crate::kernels::optim::AdamW;
-use crate::models::stablerep::{decays, head, StepConfig, BN_EPS, BN_MOMENTUM};
+use crate::models::stablerep::{
+    head, image_text_loss, param_adamw, StepConfig, BN_EPS, BN_MOMENTUM,
+};
+use crate::models::text::{TextBatch, TextInputs};
 use crate::models::vit;
 
 /// The encoder's input for one chunk: (pixels or source images, augmentation parameters).
@@ -69,11 +77,7 @@ fn adamw_cfgs(g: &Graph, params: &[NodeId], adamw: AdamW) -> Vec<AdamW> {
         .iter()
         .map(|&p| {
             let name = g.node(p).name.as_deref().unwrap_or_default();
-            let mut c = adamw;
-            if !decays(name, g.shape(p).len()) {
-                c.weight_decay = 0.0;
-            }
-            c
+            param_adamw(name, g.shape(p).len(), adamw)
         })
         .collect()
 }
@@ -91,13 +95,17 @@ pub struct ChunkedStep {
     head_loss: NodeId,
     head_dfeatures: NodeId,
     head_hyper: NodeId,
+    /// StableRep+'s text inputs of the head plan.
+    head_text: Option<TextInputs>,
     /// The backward plan, its chunk input and its feature-gradient input.
     backward: (Plan, EncoderInput, NodeId),
-    backward_grads: Vec<NodeId>,
-    /// (name, element count) of each encoder parameter, in `backward_grads` order.
+    /// The accumulation's `beta` input (0 for a step's first chunk, 1 after).
+    backward_hyper: NodeId,
+    /// The gradient accumulators (store tensors `scratch.grad.<name>`), in parameter order.
+    backward_accs: Vec<NodeId>,
+    /// (name, element count) of each encoder parameter, in `backward_accs` order.
     pub encoder_params: Vec<(String, usize)>,
     update: Plan,
-    update_grads: Vec<NodeId>,
     update_hyper: NodeId,
     adamw: AdamW,
 }
@@ -113,10 +121,11 @@ pub struct ChunkedOutcome {
 /// The four graphs of a chunked step.
 struct Graphs {
     encode: (Graph, EncoderInput, NodeId),
-    head: (Graph, [NodeId; 4]),
-    backward: (Graph, EncoderInput, NodeId, Vec<NodeId>),
+    head: (Graph, [NodeId; 4], Option<TextInputs>),
+    /// (graph, input, the feature gradient, the accumulation's hyper, the accumulators)
+    backward: (Graph, EncoderInput, NodeId, NodeId, Vec<NodeId>),
     shapes: Vec<(String, Vec<usize>)>,
-    update: (Graph, Vec<NodeId>, NodeId),
+    update: (Graph, NodeId),
 }
 
 fn build(cfg: &StepConfig, chunk: usize) -> Result<Graphs> {
@@ -127,11 +136,6 @@ fn build(cfg: &StepConfig, chunk: usize) -> Result<Graphs> {
             "--chunk {chunk} must divide the batch of {rows} images (--captions-per-batch {n} x --images-per-caption {m})"
         )));
     }
-    if cfg.plus.is_some() {
-        return Err(Error::Config(
-            "--chunk does not support StableRep+ (its text loss is not chunked yet)".into(),
-        ));
-    }
     let width = cfg.vit.width;
     // 1. Features of a chunk.
     let encode = encoder_graph(cfg, chunk)?;
@@ -139,7 +143,15 @@ fn build(cfg: &StepConfig, chunk: usize) -> Result<Graphs> {
     let mut g = Graph::new();
     let f = g.input("features", &[rows, width]);
     let (h, stats) = head(&mut g, &cfg.head, "image_mlp.", f, m)?;
-    let loss = g.multi_positive_loss(h, n, cfg.temperature)?;
+    let mut loss = g.multi_positive_loss(h, n, cfg.temperature)?;
+    // StableRep+: the text tower and the image-text loss, over the whole batch too (they see
+    // the encoder only through its features).
+    let mut text = None;
+    if let Some(plus) = &cfg.plus {
+        let (it, inputs) = image_text_loss(&mut g, plus, f, n)?;
+        loss = g.add(loss, it)?;
+        text = Some(inputs);
+    }
     let hp = params_of(&g);
     let mut wrt = hp.clone();
     wrt.push(f);
@@ -152,7 +164,7 @@ fn build(cfg: &StepConfig, chunk: usize) -> Result<Graphs> {
     }
     let cfgs = adamw_cfgs(&g, &hp, cfg.adamw);
     let head_hyper = g.adamw_each(&hp, &grads, &cfgs)?;
-    let head = (g, [f, loss, df, head_hyper]);
+    let head = (g, [f, loss, df, head_hyper], text);
     // 3. Encoder backward of a chunk from its feature gradient.
     let (mut g, input, feats) = encoder_graph(cfg, chunk)?;
     let dfc = g.input("features.grad", &[chunk, width]);
@@ -160,6 +172,18 @@ fn build(cfg: &StepConfig, chunk: usize) -> Result<Graphs> {
     let s = g.sum_all(prod)?;
     let vp = params_of(&g);
     let backward_grads = g.grad(s, &vp)?;
+    let acc_hyper = g.accumulate(&vp, &backward_grads)?;
+    let accs: Vec<NodeId> = vp
+        .iter()
+        .map(|&p| {
+            let name = accumulator_name(g.node(p).name.as_deref().unwrap_or_default());
+            g.nodes
+                .iter()
+                .position(|n| n.name.as_deref() == Some(name.as_str()))
+                .map(NodeId)
+                .ok_or_else(|| Error::Graph(format!("no accumulator {name}")))
+        })
+        .collect::<Result<_>>()?;
     let shapes: Vec<(String, Vec<usize>)> = vp
         .iter()
         .map(|&p| {
@@ -169,14 +193,14 @@ fn build(cfg: &StepConfig, chunk: usize) -> Result<Graphs> {
             )
         })
         .collect();
-    let backward = (g, input, dfc, backward_grads);
-    // 4. Encoder update from the summed gradients.
+    let backward = (g, input, dfc, acc_hyper, accs);
+    // 4. Encoder update from the summed gradients, read in place.
     let mut g = Graph::new();
     let mut ps = Vec::new();
     let mut update_grads = Vec::new();
     for (name, shape) in &shapes {
         ps.push(g.param(name, shape));
-        update_grads.push(g.input(&format!("grad.{name}"), shape));
+        update_grads.push(g.state(&accumulator_name(name), shape, 0.0));
     }
     let cfgs = adamw_cfgs(&g, &ps, cfg.adamw);
     let update_hyper = g.adamw_each(&ps, &update_grads, &cfgs)?;
@@ -185,7 +209,7 @@ fn build(cfg: &StepConfig, chunk: usize) -> Result<Graphs> {
         head,
         backward,
         shapes,
-        update: (g, update_grads, update_hyper),
+        update: (g, update_hyper),
     })
 }
 
@@ -199,7 +223,7 @@ pub fn estimate(cfg: &StepConfig, chunk: usize, max_binding: u64) -> Result<u64>
     let o = PlanOptions::default();
     let enc = plan_estimate(&g.encode.0, &[g.encode.2], o, max_binding)?;
     let head = plan_estimate(&g.head.0, &[g.head.1[1], g.head.1[2]], o, max_binding)?;
-    let bwd = plan_estimate(&g.backward.0, &g.backward.3, o, max_binding)?;
+    let bwd = plan_estimate(&g.backward.0, &[], o, max_binding)?;
     let upd = plan_estimate(&g.update.0, &[], o, max_binding)?;
     let state = head.param_bytes + upd.param_bytes;
     let work = [enc, head, bwd, upd]
@@ -224,8 +248,9 @@ impl ChunkedStep {
         let o = PlanOptions::default();
         let encode = Plan::compile(gpu, &g.encode.0, &[g.encode.2], store, o)?;
         let [f, loss, df, head_hyper] = g.head.1;
+        let head_text = g.head.2;
         let head = Plan::compile(gpu, &g.head.0, &[loss, df], store, o)?;
-        let backward = Plan::compile(gpu, &g.backward.0, &g.backward.3, store, o)?;
+        let backward = Plan::compile(gpu, &g.backward.0, &g.backward.4, store, o)?;
         let update = Plan::compile(gpu, &g.update.0, &[], store, o)?;
         Ok(ChunkedStep {
             chunk,
@@ -241,16 +266,17 @@ impl ChunkedStep {
             head_loss: loss,
             head_dfeatures: df,
             head_hyper,
+            head_text,
             backward: (backward, g.backward.1, g.backward.2),
-            backward_grads: g.backward.3,
+            backward_hyper: g.backward.3,
+            backward_accs: g.backward.4,
             encoder_params: g
                 .shapes
                 .iter()
                 .map(|(n, s)| (n.clone(), s.iter().product()))
                 .collect(),
             update,
-            update_grads: g.update.1,
-            update_hyper: g.update.2,
+            update_hyper: g.update.1,
             adamw: cfg.adamw,
         })
     }
@@ -275,13 +301,15 @@ impl ChunkedStep {
     }
 
     /// Runs one step on a batch (view-major, as the unchunked step takes it: normalized
-    /// images, or source images and augmentation parameters [rows, 16]) with learning rate
-    /// `lr` at optimizer step `t` (1-based). With `want_grads`, also returns the encoder's
-    /// summed gradients.
+    /// images, or source images and augmentation parameters [rows, 16]; for StableRep+ the
+    /// captions' tokens) with learning rate `lr` at optimizer step `t` (1-based). With
+    /// `want_grads`, also returns the encoder's summed gradients.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &self,
         images: &[f32],
         aug: Option<&[f32]>,
+        text: Option<&TextBatch>,
         lr: f32,
         t: u32,
         want_grads: bool,
@@ -301,6 +329,15 @@ impl ChunkedStep {
                     .into(),
             ));
         }
+        let text = match (&self.head_text, text) {
+            (Some(inputs), Some(t)) => Some((inputs, t)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config(
+                    "captions' tokens must be given exactly when the step is StableRep+".into(),
+                ))
+            }
+        };
         let chunks = self.rows / self.chunk;
         // 1. Features, chunk by chunk.
         let mut feats = Vec::with_capacity(self.rows * self.width);
@@ -313,37 +350,40 @@ impl ChunkedStep {
         let hyper = adam_hyper(lr, &self.adamw, t);
         self.head.write(self.head_features, &feats)?;
         self.head.write(self.head_hyper, &hyper)?;
+        if let Some((inputs, t)) = text {
+            crate::train::fixed::write_text(&self.head, inputs, t)?;
+        }
         let mut out = self
             .head
             .run_fetch(&[self.head_loss, self.head_dfeatures])?;
         let df = out.swap_remove(1);
         let loss = out[0][0];
-        // 3. The encoder's gradients, chunk by chunk, summed here.
-        let mut acc: Vec<Vec<f32>> = self
-            .encoder_params
-            .iter()
-            .map(|(_, n)| vec![0.0; *n])
-            .collect();
+        // 3. The encoder's gradients, chunk by chunk, summed on the device (the first chunk
+        // overwrites what the last step left).
         let (plan, input, dfc) = &self.backward;
         let w = self.chunk * self.width;
         for c in 0..chunks {
             self.write_chunk(plan, input, c, images, aug)?;
             plan.write(*dfc, &df[c * w..(c + 1) * w])?;
-            for (a, g) in acc.iter_mut().zip(plan.run_fetch(&self.backward_grads)?) {
-                for (x, y) in a.iter_mut().zip(g) {
-                    *x += y;
-                }
-            }
+            plan.write(self.backward_hyper, &[if c == 0 { 0.0 } else { 1.0 }])?;
+            plan.run()?;
         }
+        let grads = if want_grads {
+            Some(
+                self.backward_accs
+                    .iter()
+                    .map(|&a| plan.read(a))
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        } else {
+            None
+        };
         // 4. The encoder's update.
-        for (node, a) in self.update_grads.iter().zip(&acc) {
-            self.update.write(*node, a)?;
-        }
         self.update.write(self.update_hyper, &hyper)?;
         self.update.run()?;
         Ok(ChunkedOutcome {
             loss,
-            encoder_grads: want_grads.then_some(acc),
+            encoder_grads: grads,
         })
     }
 

@@ -165,8 +165,15 @@ pub fn run(
         let lr = r.schedule.lr(r.lr, t);
         let loss = match (&plan, &chunked) {
             (_, Some(cs)) => {
-                cs.step(&images.data, None, lr as f32, (t + 1) as u32, false)?
-                    .loss
+                cs.step(
+                    &images.data,
+                    None,
+                    text.as_ref(),
+                    lr as f32,
+                    (t + 1) as u32,
+                    false,
+                )?
+                .loss
             }
             (Some(plan), None) => {
                 plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;

@@ -292,45 +292,37 @@ pub fn run(
         let lr = r.schedule.lr(r.lr, t);
         let save = (t + 1) % r.checkpoint_every.max(1) == 0 || t + 1 == r.steps;
         let log = (t + 1) % r.log_every.max(1) == 0 || save;
-        let Some(plan) = &plan else {
+        // The loss when this step logs (a checkpoint step always reads it back, so a
+        // non-finite loss is caught before anything is saved).
+        let loss = if let Some(plan) = &plan {
+            plan.write(step.images, &batch.pixels)?;
+            plan.write(aug_params, &batch.params)?;
+            if let (Some(t), Some(inp)) = (&batch.text, &step.text) {
+                super::fixed::write_text(plan, inp, t)?;
+            }
+            plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;
+            if log {
+                Some(plan.run_fetch(&[step.loss])?[0][0])
+            } else {
+                plan.run()?;
+                None
+            }
+        } else {
             let cs = chunked
                 .as_ref()
                 .ok_or_else(|| Error::Graph("no training plan".into()))?;
             let out = cs.step(
                 &batch.pixels,
                 Some(&batch.params),
+                batch.text.as_ref(),
                 lr as f32,
                 (t + 1) as u32,
                 false,
             )?;
-            let loss = out.loss;
-            if !loss.is_finite() {
-                return Err(Error::Graph(format!(
-                    "loss became {loss} at step {}; stopped without saving, the last good checkpoint is {}",
-                    t + 1,
-                    last.display()
-                )));
-            }
-            if log {
-                metrics.write(&serde_json::json!({"step": t + 1, "loss": loss, "lr": lr}))?;
-                losses.push((t + 1, loss));
-                progress(t + 1, loss, lr);
-            }
-            if save {
-                checkpoint::save(&store, &config, t + 1, &last)?;
-            }
-            continue;
+            // The chunked step has the loss anyway: check it every step.
+            (log || !out.loss.is_finite()).then_some(out.loss)
         };
-        plan.write(step.images, &batch.pixels)?;
-        plan.write(aug_params, &batch.params)?;
-        if let (Some(t), Some(inp)) = (&batch.text, &step.text) {
-            super::fixed::write_text(plan, inp, t)?;
-        }
-        plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;
-        // A checkpoint step always reads the loss back, so a non-finite loss is caught before
-        // anything is saved.
-        if log {
-            let loss = plan.run_fetch(&[step.loss])?[0][0];
+        if let Some(loss) = loss {
             if !loss.is_finite() {
                 return Err(Error::Graph(format!(
                     "loss became {loss} at step {}; stopped without saving, the last good checkpoint is {}",
@@ -341,8 +333,6 @@ pub fn run(
             metrics.write(&serde_json::json!({"step": t + 1, "loss": loss, "lr": lr}))?;
             losses.push((t + 1, loss));
             progress(t + 1, loss, lr);
-        } else {
-            plan.run()?;
         }
         if save {
             checkpoint::save(&store, &config, t + 1, &last)?;
