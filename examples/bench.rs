@@ -1,6 +1,7 @@
 //! Benchmarks, one JSON object per line. Usage:
 //!   cargo run --release --example bench -- [FILTER...] [--size N] [--reps N]
-//! FILTER selects cases by substring: `matmul`, `matmul_variants`, `mlp_step`, `vit-train`,
+//! FILTER selects cases by substring: `matmul`, `matmul_variants`, `matmul_small` (the blocked
+//! tiles on the demo's attention products; only when asked for), `mlp_step`, `vit-train`,
 //! `demo-step` (the demo's training step without augmentation), `chunk` (gradient caching:
 //! memory and time as the batch grows to `--size N` images, default 2064; only when asked for),
 //! `chain`, `sd-unet`, `sd-vae` (SD 1.5's real shapes with random weights at `--size`,
@@ -668,6 +669,46 @@ fn main() -> stablerep::Result<()> {
                 "{}",
                 json!({"bench": "matmul_shape", "case": name, "adapter": adapter, "batch": s.batch, "m": s.m, "n": s.n, "k": s.k, "kernel": kernel, "gflops": (gflops * 10.0).round() / 10.0})
             );
+        }
+    }
+    if a.filters.iter().any(|f| f == "matmul_small") {
+        // The demo step's attention matmuls (32 views x 3 heads, 17 tokens, head width 32)
+        // under each blocked tile, alternating, to choose the tile for small batched products.
+        let att = |m, n, k, ta, tb| MatmulShape {
+            batch: 96,
+            m,
+            n,
+            k,
+            ta,
+            tb,
+            a_shared: false,
+            b_shared: false,
+        };
+        let cases = [
+            ("QK^T", att(17, 17, 32, false, true)),
+            ("PV", att(17, 32, 17, false, false)),
+            ("dV", att(17, 32, 17, true, false)),
+        ];
+        let tiles = [
+            (8, 8, 8, 8),
+            (4, 4, 8, 8),
+            (4, 4, 4, 8),
+            (4, 8, 8, 4),
+            (2, 4, 8, 8),
+        ];
+        let reps = if a.reps > 0 { a.reps } else { 20 };
+        for round in 0..3 {
+            for (name, s) in &cases {
+                for &(tm, tn, wx, wy) in &tiles {
+                    let v = Variant::Blocked(Tile { tm, tn, wx, wy });
+                    let (gflops, kernel) = time_shape(&gpu, s, v, reps)?;
+                    let ms = 2.0 * (s.batch * s.m * s.n * s.k) as f64 / gflops / 1e6;
+                    println!(
+                        "{}",
+                        json!({"bench": "matmul_small", "round": round, "case": name, "adapter": adapter, "tile": [tm, tn, wx, wy], "kernel": kernel, "ms": (ms * 1000.0).round() / 1000.0})
+                    );
+                }
+            }
         }
     }
     if a.filters.iter().any(|f| f == "matmul_variants") {

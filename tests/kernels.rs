@@ -32,6 +32,10 @@ fn matmul_all_layouts_random_shapes() {
         (2, 64, 72, 32),
         (1, 100, 12, 8),
         (3, 4, 4, 4),
+        // Attention's per-head products at 17 tokens (the 4 x 4 tile, fast and edge paths).
+        (3, 17, 17, 32),
+        (2, 17, 32, 17),
+        (2, 32, 32, 8),
     ]);
     for (ci, &(b, m, n, k)) in cases.iter().enumerate() {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
