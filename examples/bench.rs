@@ -4,6 +4,8 @@
 //! tiles on the demo's attention products; only when asked for), `mlp_step`, `vit-train`,
 //! `demo-step` (the demo's training step without augmentation), `chunk` (gradient caching:
 //! memory and time as the batch grows to `--size N` images, default 2064; only when asked for),
+//! `chunk-estimate` (ViT-B/16 at 224 up to the paper's 8,256 images: device bytes from the
+//! plans' layouts, nothing run; only when asked for),
 //! `chain`, `sd-unet`, `sd-vae` (SD 1.5's real shapes with random weights at `--size`,
 //! default 256; not run without a filter); `world-sd` (one training step of each stage of the
 //! built-in mini-world model; `WORLD_SD_VAE=32,64 WORLD_SD_UNET=32,64` try other widths).
@@ -289,6 +291,83 @@ fn demo_step(gpu: &Arc<Gpu>, adapter: &str, reps: usize) -> stablerep::Result<()
             "runs": reps, "loss": loss, "dispatches_per_submit": st.dispatches,
         })
     );
+    Ok(())
+}
+
+/// The paper's model and batch without running them: ViT-B/16 at 224 with the official head
+/// (4096/256), device bytes of the chunked step (chunks of 258 = 43 captions x 6) and of one
+/// unchunked pass for batches of 258 .. 8,256, from the plans' layouts for this adapter's
+/// binding limit; then the largest unchunked batch (in steps of 6) under 23 GB (this machine),
+/// 80 GB and 139 GB (an H200).
+fn chunk_estimate(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
+    use stablerep::models::stablerep::{recipe_adamw, train_step, HeadConfig, StepConfig};
+    use stablerep::models::vit::VitConfig;
+    use stablerep::train::chunked::estimate;
+    let cfg = |rows: usize| StepConfig {
+        vit: VitConfig {
+            img_size: 224,
+            patch: 16,
+            width: 768,
+            depth: 12,
+            heads: 12,
+            mlp: 3072,
+        },
+        head: HeadConfig {
+            hidden: 4096,
+            out: 256,
+        },
+        captions: rows / 6,
+        images_per_caption: 6,
+        temperature: 0.1,
+        adamw: recipe_adamw(0.1),
+        augment_from: Some((256, 256)),
+        plus: None,
+    };
+    let mb = gpu.caps.max_binding;
+    let unchunked = |rows: usize| -> stablerep::Result<(u64, u64)> {
+        let step = train_step(&cfg(rows))?;
+        let e = stablerep::graph::plan::estimate(
+            &step.graph,
+            &[step.loss],
+            PlanOptions::default(),
+            mb,
+        )?;
+        Ok((e.total(), e.largest_tensor_bytes))
+    };
+    let mut rows = 258;
+    while rows <= 8256 {
+        let chunked = estimate(&cfg(rows), 258, mb)?;
+        let (full, largest) = unchunked(rows)?;
+        println!(
+            "{}",
+            json!({"bench": "chunk-estimate", "adapter": adapter, "model": "vit-b/16 224px, head 4096/256",
+                "images_per_step": rows, "chunk": 258, "chunked_device_bytes": chunked,
+                "unchunked_device_bytes": full, "unchunked_largest_tensor_bytes": largest,
+                "max_binding": mb})
+        );
+        rows *= 2;
+        if rows > 8256 && rows / 2 < 8256 {
+            rows = 8256;
+        }
+    }
+    for budget in [23u64 << 30, 80 << 30, 139 << 30] {
+        // Bisection over captions (6 images each): the estimate grows with the batch.
+        let (mut lo, mut hi) = (1usize, 8256 / 6 + 1);
+        while lo + 1 < hi {
+            let mid = (lo + hi) / 2;
+            if unchunked(mid * 6)?.0 <= budget {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        println!(
+            "{}",
+            json!({"bench": "chunk-estimate-largest-unchunked", "model": "vit-b/16 224px, head 4096/256",
+                "budget_bytes": budget, "largest_images_per_step": lo * 6,
+                "device_bytes": unchunked(lo * 6)?.0})
+        );
+    }
     Ok(())
 }
 
@@ -777,6 +856,9 @@ fn main() -> stablerep::Result<()> {
     if a.filters.iter().any(|f| f == "chunk") {
         let max_rows = a.sizes.first().map_or(2064, |&s| s as usize);
         chunk_bench(&gpu, &adapter, max_rows)?;
+    }
+    if a.filters.iter().any(|f| f == "chunk-estimate") {
+        chunk_estimate(&gpu, &adapter)?;
     }
     if wanted(&a, "demo-step") {
         let reps = if a.reps > 0 { a.reps } else { 10 };
