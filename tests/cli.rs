@@ -168,7 +168,46 @@ fn fixed_batch_gradients_and_three_steps_match_pytorch() {
     }
     assert_eq!(metrics.lines().count(), 3);
     // Gradients, element by element.
-    let grads = Checkpoint::load(&dir.join("grads.safetensors")).unwrap();
+    let global = check_grads(&fx, &dir.join("grads.safetensors"));
+    check_three_steps(&fx, &dir.join("run"), global);
+    // The same three steps with gradient caching in chunks of 3 images (4 chunks) match
+    // PyTorch's unchunked run alike, and so do the first step's gradients: the encoder's
+    // summed over the chunks on the device, the head's from the whole-batch plan.
+    let out = bin()
+        .args(["train", "--init"])
+        .arg(dir.join("init.safetensors"))
+        .arg("--fixed-batch")
+        .arg(dir.join("batch.safetensors"))
+        .args([
+            "--captions-per-batch",
+            "4",
+            "--images-per-caption",
+            "3",
+            "--chunk",
+            "3",
+        ])
+        .args(["--steps", "3", "--no-augment", "--lr-schedule", "constant"])
+        .args(["--lr", "1e-3", "--weight-decay", "0.1", "--head-dim", "16"])
+        .arg("--save-grads")
+        .arg(dir.join("grads-chunked.safetensors"))
+        .arg("--out")
+        .arg(dir.join("chunked"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_grads(&fx, &dir.join("grads-chunked.safetensors"));
+    check_three_steps(&fx, &dir.join("chunked"), global);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A `--save-grads` file against PyTorch's first-step gradients (`grad.*`), element by
+/// element; returns the largest gradient anywhere.
+fn check_grads(fx: &Checkpoint, path: &Path) -> f32 {
+    let grads = Checkpoint::load(path).unwrap();
     let global = fx
         .tensors
         .iter()
@@ -211,35 +250,7 @@ fn fixed_batch_gradients_and_three_steps_match_pytorch() {
         "gradients PyTorch does not have"
     );
     assert!(compared >= 40, "only {compared} gradients compared");
-    check_three_steps(&fx, &dir.join("run"), global);
-    // The same three steps with gradient caching in chunks of 3 images (4 chunks) match
-    // PyTorch's unchunked run alike.
-    let out = bin()
-        .args(["train", "--init"])
-        .arg(dir.join("init.safetensors"))
-        .arg("--fixed-batch")
-        .arg(dir.join("batch.safetensors"))
-        .args([
-            "--captions-per-batch",
-            "4",
-            "--images-per-caption",
-            "3",
-            "--chunk",
-            "3",
-        ])
-        .args(["--steps", "3", "--no-augment", "--lr-schedule", "constant"])
-        .args(["--lr", "1e-3", "--weight-decay", "0.1", "--head-dim", "16"])
-        .arg("--out")
-        .arg(dir.join("chunked"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    check_three_steps(&fx, &dir.join("chunked"), global);
-    std::fs::remove_dir_all(&dir).ok();
+    global
 }
 
 /// The losses and the weights (and BatchNorm running statistics) of a three-step fixed-batch

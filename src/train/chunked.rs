@@ -97,6 +97,8 @@ pub struct ChunkedStep {
     head_hyper: NodeId,
     /// StableRep+'s text inputs of the head plan.
     head_text: Option<TextInputs>,
+    /// The head's gradients by parameter name, when kept ([`ChunkedStep::new_keeping_gradients`]).
+    head_grads: Vec<(String, NodeId)>,
     /// The backward plan, its chunk input and its feature-gradient input.
     backward: (Plan, EncoderInput, NodeId),
     /// The accumulation's `beta` input (0 for a step's first chunk, 1 after).
@@ -116,12 +118,22 @@ pub struct ChunkedOutcome {
     pub loss: f32,
     /// The encoder's gradients (summed over chunks), by parameter, when asked for.
     pub encoder_grads: Option<Vec<Vec<f32>>>,
+    /// The head's (and text tower's) gradients by parameter name, when asked for of a step
+    /// compiled with [`ChunkedStep::new_keeping_gradients`].
+    pub head_grads: Option<Vec<(String, Vec<f32>)>>,
 }
 
 /// The four graphs of a chunked step.
 struct Graphs {
     encode: (Graph, EncoderInput, NodeId),
-    head: (Graph, [NodeId; 4], Option<TextInputs>),
+    /// (graph, [features, loss, dLoss/dFeatures, hyper], StableRep+'s text inputs, the
+    /// head's (and text tower's) gradients by parameter name)
+    head: (
+        Graph,
+        [NodeId; 4],
+        Option<TextInputs>,
+        Vec<(String, NodeId)>,
+    ),
     /// (graph, input, the feature gradient, the accumulation's hyper, the accumulators)
     backward: (Graph, EncoderInput, NodeId, NodeId, Vec<NodeId>),
     shapes: Vec<(String, Vec<usize>)>,
@@ -164,7 +176,12 @@ fn build(cfg: &StepConfig, chunk: usize) -> Result<Graphs> {
     }
     let cfgs = adamw_cfgs(&g, &hp, cfg.adamw);
     let head_hyper = g.adamw_each(&hp, &grads, &cfgs)?;
-    let head = (g, [f, loss, df, head_hyper], text);
+    let head_grads: Vec<(String, NodeId)> = hp
+        .iter()
+        .zip(&grads)
+        .map(|(&p, &gr)| (g.node(p).name.clone().unwrap_or_default(), gr))
+        .collect();
+    let head = (g, [f, loss, df, head_hyper], text, head_grads);
     // 3. Encoder backward of a chunk from its feature gradient.
     let (mut g, input, feats) = encoder_graph(cfg, chunk)?;
     let dfc = g.input("features.grad", &[chunk, width]);
@@ -244,12 +261,41 @@ impl ChunkedStep {
         chunk: usize,
         store: &mut ParamStore,
     ) -> Result<ChunkedStep> {
+        Self::compile(gpu, cfg, chunk, store, false)
+    }
+
+    /// As [`ChunkedStep::new`], keeping the head's (and text tower's) gradients readable, so
+    /// that a step asked for gradients returns every parameter's (`train --save-grads`). They
+    /// then hold their buffers for the whole step.
+    pub fn new_keeping_gradients(
+        gpu: &Arc<Gpu>,
+        cfg: &StepConfig,
+        chunk: usize,
+        store: &mut ParamStore,
+    ) -> Result<ChunkedStep> {
+        Self::compile(gpu, cfg, chunk, store, true)
+    }
+
+    fn compile(
+        gpu: &Arc<Gpu>,
+        cfg: &StepConfig,
+        chunk: usize,
+        store: &mut ParamStore,
+        keep_head_grads: bool,
+    ) -> Result<ChunkedStep> {
         let g = build(cfg, chunk)?;
         let o = PlanOptions::default();
         let encode = Plan::compile(gpu, &g.encode.0, &[g.encode.2], store, o)?;
         let [f, loss, df, head_hyper] = g.head.1;
         let head_text = g.head.2;
-        let head = Plan::compile(gpu, &g.head.0, &[loss, df], store, o)?;
+        let head_grads = if keep_head_grads {
+            g.head.3
+        } else {
+            Vec::new()
+        };
+        let mut head_outputs = vec![loss, df];
+        head_outputs.extend(head_grads.iter().map(|(_, n)| *n));
+        let head = Plan::compile(gpu, &g.head.0, &head_outputs, store, o)?;
         let backward = Plan::compile(gpu, &g.backward.0, &g.backward.4, store, o)?;
         let update = Plan::compile(gpu, &g.update.0, &[], store, o)?;
         Ok(ChunkedStep {
@@ -267,6 +313,7 @@ impl ChunkedStep {
             head_dfeatures: df,
             head_hyper,
             head_text,
+            head_grads,
             backward: (backward, g.backward.1, g.backward.2),
             backward_hyper: g.backward.3,
             backward_accs: g.backward.4,
@@ -358,6 +405,16 @@ impl ChunkedStep {
             .run_fetch(&[self.head_loss, self.head_dfeatures])?;
         let df = out.swap_remove(1);
         let loss = out[0][0];
+        let head_grads = if want_grads && !self.head_grads.is_empty() {
+            Some(
+                self.head_grads
+                    .iter()
+                    .map(|(name, n)| Ok((name.clone(), self.head.read(*n)?)))
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        } else {
+            None
+        };
         // 3. The encoder's gradients, chunk by chunk, summed on the device (the first chunk
         // overwrites what the last step left).
         let (plan, input, dfc) = &self.backward;
@@ -384,6 +441,7 @@ impl ChunkedStep {
         Ok(ChunkedOutcome {
             loss,
             encoder_grads: grads,
+            head_grads,
         })
     }
 

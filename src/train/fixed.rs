@@ -128,11 +128,6 @@ pub fn run(
             ))
         })?,
     };
-    if r.chunk.is_some() && r.save_grads.is_some() {
-        return Err(Error::Config(
-            "--save-grads reads the unchunked step's gradients; leave out --chunk".into(),
-        ));
-    }
     // Chunked (gradient caching) or one plan for the whole step; the loop is the same.
     let mut outputs = vec![step.loss];
     if r.save_grads.is_some() {
@@ -141,7 +136,11 @@ pub fn run(
     let (plan, chunked) = match r.chunk {
         Some(c) => (
             None,
-            Some(super::chunked::ChunkedStep::new(gpu, &cfg, c, &mut store)?),
+            Some(if r.save_grads.is_some() {
+                super::chunked::ChunkedStep::new_keeping_gradients(gpu, &cfg, c, &mut store)?
+            } else {
+                super::chunked::ChunkedStep::new(gpu, &cfg, c, &mut store)?
+            }),
         ),
         None => {
             let plan = Plan::compile(
@@ -165,15 +164,27 @@ pub fn run(
         let lr = r.schedule.lr(r.lr, t);
         let loss = match (&plan, &chunked) {
             (_, Some(cs)) => {
-                cs.step(
+                let want = r.save_grads.is_some() && i == 0;
+                let out = cs.step(
                     &images.data,
                     None,
                     text.as_ref(),
                     lr as f32,
                     (t + 1) as u32,
-                    false,
-                )?
-                .loss
+                    want,
+                )?;
+                if let (Some(path), Some(enc), Some(head)) =
+                    (&r.save_grads, &out.encoder_grads, &out.head_grads)
+                {
+                    let named = cs
+                        .encoder_params
+                        .iter()
+                        .map(|(n, _)| n)
+                        .zip(enc)
+                        .chain(head.iter().map(|(n, g)| (n, g)));
+                    save_named_grads(&store, named, path)?;
+                }
+                out.loss
             }
             (Some(plan), None) => {
                 plan.write(step.hyper, &adam_hyper(lr as f32, &adamw, (t + 1) as u32))?;
@@ -227,6 +238,32 @@ fn save_grads(
             name,
             HostTensor {
                 shape: step.graph.shape(gr).to_vec(),
+                data: data.clone(),
+            },
+        );
+    }
+    ck.save(path)
+}
+
+/// Writes gradients given by parameter name, shaped as the parameters in `store` (the chunked
+/// step's: the encoder's summed over chunks, then the head's).
+fn save_named_grads<'a>(
+    store: &ParamStore,
+    grads: impl Iterator<Item = (&'a String, &'a Vec<f32>)>,
+    path: &Path,
+) -> Result<()> {
+    use crate::nn::checkpoint::HostTensor;
+    let mut ck = Checkpoint::default();
+    for (name, data) in grads {
+        let shape = store
+            .get(name)
+            .ok_or_else(|| Error::Graph(format!("no parameter '{name}' for its gradient")))?
+            .shape
+            .clone();
+        ck.tensors.insert(
+            name.clone(),
+            HostTensor {
+                shape,
                 data: data.clone(),
             },
         );
