@@ -123,17 +123,21 @@ pub struct ChunkedOutcome {
     pub head_grads: Option<Vec<(String, Vec<f32>)>>,
 }
 
+/// The head-and-loss graph of a chunked step.
+struct HeadGraph {
+    graph: Graph,
+    /// [features, loss, dLoss/dFeatures, hyper]
+    nodes: [NodeId; 4],
+    /// StableRep+'s text inputs.
+    text: Option<TextInputs>,
+    /// The head's (and text tower's) gradients by parameter name.
+    grads: Vec<(String, NodeId)>,
+}
+
 /// The four graphs of a chunked step.
 struct Graphs {
     encode: (Graph, EncoderInput, NodeId),
-    /// (graph, [features, loss, dLoss/dFeatures, hyper], StableRep+'s text inputs, the
-    /// head's (and text tower's) gradients by parameter name)
-    head: (
-        Graph,
-        [NodeId; 4],
-        Option<TextInputs>,
-        Vec<(String, NodeId)>,
-    ),
+    head: HeadGraph,
     /// (graph, input, the feature gradient, the accumulation's hyper, the accumulators)
     backward: (Graph, EncoderInput, NodeId, NodeId, Vec<NodeId>),
     shapes: Vec<(String, Vec<usize>)>,
@@ -181,7 +185,12 @@ fn build(cfg: &StepConfig, chunk: usize) -> Result<Graphs> {
         .zip(&grads)
         .map(|(&p, &gr)| (g.node(p).name.clone().unwrap_or_default(), gr))
         .collect();
-    let head = (g, [f, loss, df, head_hyper], text, head_grads);
+    let head = HeadGraph {
+        graph: g,
+        nodes: [f, loss, df, head_hyper],
+        text,
+        grads: head_grads,
+    };
     // 3. Encoder backward of a chunk from its feature gradient.
     let (mut g, input, feats) = encoder_graph(cfg, chunk)?;
     let dfc = g.input("features.grad", &[chunk, width]);
@@ -239,7 +248,12 @@ pub fn estimate(cfg: &StepConfig, chunk: usize, max_binding: u64) -> Result<u64>
     let g = build(cfg, chunk)?;
     let o = PlanOptions::default();
     let enc = plan_estimate(&g.encode.0, &[g.encode.2], o, max_binding)?;
-    let head = plan_estimate(&g.head.0, &[g.head.1[1], g.head.1[2]], o, max_binding)?;
+    let head = plan_estimate(
+        &g.head.graph,
+        &[g.head.nodes[1], g.head.nodes[2]],
+        o,
+        max_binding,
+    )?;
     let bwd = plan_estimate(&g.backward.0, &[], o, max_binding)?;
     let upd = plan_estimate(&g.update.0, &[], o, max_binding)?;
     let state = head.param_bytes + upd.param_bytes;
@@ -286,16 +300,16 @@ impl ChunkedStep {
         let g = build(cfg, chunk)?;
         let o = PlanOptions::default();
         let encode = Plan::compile(gpu, &g.encode.0, &[g.encode.2], store, o)?;
-        let [f, loss, df, head_hyper] = g.head.1;
-        let head_text = g.head.2;
+        let [f, loss, df, head_hyper] = g.head.nodes;
+        let head_text = g.head.text;
         let head_grads = if keep_head_grads {
-            g.head.3
+            g.head.grads
         } else {
             Vec::new()
         };
         let mut head_outputs = vec![loss, df];
         head_outputs.extend(head_grads.iter().map(|(_, n)| *n));
-        let head = Plan::compile(gpu, &g.head.0, &head_outputs, store, o)?;
+        let head = Plan::compile(gpu, &g.head.graph, &head_outputs, store, o)?;
         let backward = Plan::compile(gpu, &g.backward.0, &g.backward.4, store, o)?;
         let update = Plan::compile(gpu, &g.update.0, &[], store, o)?;
         Ok(ChunkedStep {
