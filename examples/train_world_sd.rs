@@ -5,7 +5,11 @@
 //!     cargo run --release --example train_world_sd -- OUT [--vae-steps N] [--denoiser-steps N]
 //!         [--vae-batch N] [--batch N] [--vae-channels 32,64] [--unet-channels 32,64]
 //!         [--latent-channels N] [--world simple|full] [--offset-noise STD]
-//!         [--offset-noise-from STEP]
+//!         [--offset-noise-from STEP] [--denoiser-stop-at STEP]
+//!
+//! `--denoiser-stop-at` ends the denoiser stage (and writes the model) at that step while the
+//! learning rate follows the whole `--denoiser-steps` schedule; the built-in model stops at
+//! 5,000 of 6,000 (`--denoiser-stop-at 6000` runs the schedule to its end).
 //!
 //! The defaults are the built-in model's recipe (`world::train_sd::Recipe::builtin`).
 //! Then, for example:
@@ -73,6 +77,7 @@ fn run() -> stablerep::Result<()> {
             "--batch" => r.denoiser.batch = v as usize,
             "--latent-channels" => r.spec.latent_channels = v as usize,
             "--offset-noise-from" => r.offset_noise_from = v,
+            "--denoiser-stop-at" => r.denoiser_stop = Some(v),
             other => {
                 return Err(stablerep::Error::Config(format!("unknown option {other}")));
             }

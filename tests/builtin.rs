@@ -1,6 +1,6 @@
 //! The shipped mini-world model (assets/world-sd): it is found, it matches diffusers on the
-//! same noise (fixture from `tools/make_sd_fixtures.py builtin`), and its images follow
-//! their captions' colours.
+//! same noise (fixture from `tools/make_sd_fixtures.py builtin`), and the shipped judge reads
+//! its images as their captions' colours and backgrounds.
 
 use std::path::Path;
 
@@ -9,7 +9,7 @@ mod common;
 use stablerep::diffusion::model::{generate, GenerateOptions, SdModel};
 use stablerep::diffusion::sampler::Kind;
 use stablerep::nn::checkpoint::Checkpoint;
-use stablerep::world::{builtin_model, GROUNDS};
+use stablerep::world::builtin_model;
 
 fn options(prompt: &str, images: usize, noise: Option<Vec<f32>>) -> GenerateOptions {
     GenerateOptions {
@@ -65,39 +65,26 @@ fn builtin_model_matches_diffusers() {
 }
 
 #[test]
-fn builtin_images_show_their_backgrounds() {
+fn builtin_images_follow_their_captions_as_the_judge_reads_them() {
+    use stablerep::world::judge::{builtin_judge, fidelity, FidelitySpec, Judge};
     let (gpu, _lock) = common::gpu();
     let m = SdModel::load(&builtin_model().unwrap()).unwrap();
-    // One object on each background; the border pixels should be nearest to the named
-    // background colour.
-    let mut right = 0;
-    let mut total = 0;
-    for (k, (ground, _)) in GROUNDS.iter().enumerate() {
-        let prompt = format!("a small red circle on a {ground} background");
-        let got = generate(&gpu, &m, &options(&prompt, 3, None), |_| Ok(())).unwrap();
-        for img in &got.images {
-            let mut mean = [0.0f32; 3];
-            let mut n = 0.0;
-            for y in 0..32 {
-                for x in 0..32 {
-                    if x < 3 || y < 3 || x >= 29 || y >= 29 {
-                        for (c, m) in mean.iter_mut().enumerate() {
-                            *m += img[c * 1024 + y * 32 + x];
-                        }
-                        n += 1.0;
-                    }
-                }
-            }
-            let dist = |g: &[f32; 3]| (0..3).map(|c| (mean[c] / n - g[c]).powi(2)).sum::<f32>();
-            let nearest = (0..GROUNDS.len())
-                .min_by(|&a, &b| dist(&GROUNDS[a].1).total_cmp(&dist(&GROUNDS[b].1)))
-                .unwrap();
-            right += usize::from(nearest == k);
-            total += 1;
-        }
-    }
-    assert!(
-        right * 10 >= total * 8,
-        "{right} of {total} backgrounds right"
-    );
+    let judge = Judge::load(&gpu, &builtin_judge().unwrap()).unwrap();
+    let spec = FidelitySpec {
+        captions: 12,
+        images_per_caption: 2,
+        guidance: 2.0,
+        steps: 8,
+        seed: 3,
+    };
+    let f = fidelity(&gpu, &m, &judge, &spec, |_, _| {}).unwrap();
+    eprintln!("{f:?}");
+    // The judge reads the real renders of the same captions (nearly) perfectly, so what it
+    // misreads in the samples is the generator's. The shipped model measured 86 / 99 / 21 %
+    // (background / colour / shape) on 24 captions x 4 at 20 steps (docs/world.md); the
+    // model it replaced drew the caption's colour half the time.
+    assert!(f.real[1] >= 0.95 && f.real[2] >= 0.95, "judge on renders: {:?}", f.real);
+    assert!(f.colour >= 0.85, "object colour right in {:.1} %", 100.0 * f.colour);
+    assert!(f.background >= 0.6, "background right in {:.1} %", 100.0 * f.background);
+    assert!(f.diversity > 0.0);
 }

@@ -263,10 +263,29 @@ fn mini_world_training_resumes_exactly_after_a_cancel() {
         assert_eq!(a.tensors, b.tensors, "{sub} differs after resuming");
     }
     assert!(out.join("vae-check.png").is_file());
+    // A stop before the schedule's end keeps the schedule: stopped at denoiser step 3, the
+    // model differs from the end's; continued, the run ends where the straight one did. A
+    // folder already past a stop is refused by name.
+    let sub = "unet/diffusion_pytorch_model.safetensors";
+    let want = Checkpoint::load(&straight.join(sub)).unwrap();
+    let d = base.join("d");
+    r.denoiser_stop = Some(3);
+    let stopped = train(&gpu, &r, &d, |_| {}, &|| false).unwrap();
+    assert_ne!(Checkpoint::load(&stopped.join(sub)).unwrap().tensors, want.tensors);
+    r.denoiser_stop = None;
+    let continued = train(&gpu, &r, &d, |_| {}, &|| false).unwrap();
+    assert_eq!(
+        Checkpoint::load(&continued.join(sub)).unwrap().tensors,
+        want.tensors,
+        "stopping at step 3 and continuing changed the result"
+    );
+    r.denoiser_stop = Some(2);
+    let e = train(&gpu, &r, &d, |_| {}, &|| false).unwrap_err().to_string();
+    assert!(e.contains("past the stop") && e.contains("denoiser-training"), "{e}");
+    r.denoiser_stop = None;
     // The offset is not ignored: without it the last step's update differs.
     r.offset_noise = 0.0;
     let plain = train(&gpu, &r, &base.join("c"), |_| {}, &|| false).unwrap();
-    let sub = "unet/diffusion_pytorch_model.safetensors";
     let a = Checkpoint::load(&straight.join(sub)).unwrap();
     let c = Checkpoint::load(&plain.join(sub)).unwrap();
     assert_ne!(a.tensors, c.tensors, "offset noise changed nothing");

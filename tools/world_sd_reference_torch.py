@@ -15,7 +15,11 @@ Resumable (OUT/state.pt every 250 steps). Every --export-every steps it writes O
 a copy of the folder with the trained UNet and text encoder, for `stablerep fidelity --model`.
 
     python tools/world_sd_reference_torch.py MODEL_DIR POOL_DIR OUT [--steps 6000]
-        [--offset 0.2] [--offset-from 0] [--export-every 1000]
+        [--offset 0.2] [--offset-from 0] [--export-every 1000] [--lr 7e-4] [--warmup 200]
+        [--init-from STATE]
+
+--init-from continues another run as a fine-tune: the weights and AdamW moments of that run's
+state.pt, then a fresh warmup-cosine schedule of --steps steps peaking at --lr.
 """
 import csv
 import json
@@ -43,6 +47,9 @@ def main():
     offset = arg("--offset", 0.2, float)
     offset_from = arg("--offset-from", 0, int)
     export_every = arg("--export-every", 1000, int)
+    lr = arg("--lr", 7e-4, float)
+    warmup = arg("--warmup", 200, int)
+    init_from = arg("--init-from", None, str)
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -75,14 +82,22 @@ def main():
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
     text = CLIPTextModel(CLIPTextConfig.from_pretrained(model, subfolder="text_encoder"))
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=7e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    warmup = 200
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: (t + 1) / warmup if t < warmup
         else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, steps - warmup))))
     noise_sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     state_path = os.path.join(out, "state.pt")
     start = 0
+    if init_from and not os.path.exists(state_path):
+        st = torch.load(init_from, weights_only=False)
+        unet.load_state_dict(st["unet"]); text.load_state_dict(st["text"])
+        opt.load_state_dict(st["opt"])
+        for g in opt.param_groups:
+            g["lr"] = lr / warmup
+            g["initial_lr"] = lr
+        rng = np.random.default_rng(st["step"])
+        print(f"initialized from {init_from} (step {st['step']})", flush=True)
     if os.path.exists(state_path):
         st = torch.load(state_path, weights_only=False)
         unet.load_state_dict(st["unet"]); text.load_state_dict(st["text"])

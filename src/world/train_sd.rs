@@ -71,6 +71,10 @@ pub struct Recipe {
     pub offset_noise: f32,
     /// The denoiser step from which offset noise is added (0: from the start).
     pub offset_noise_from: u64,
+    /// Where the denoiser stage ends and the model is written, when before the end of its
+    /// schedule: the learning rate still follows the `denoiser.steps`-step schedule up to
+    /// here. `None`: at the schedule's end.
+    pub denoiser_stop: Option<u64>,
     /// Steps between checkpoints.
     pub checkpoint_every: u64,
     /// Seed of initialization, layouts, noise and timesteps.
@@ -121,6 +125,9 @@ impl Recipe {
             // The built-in run trained 3,200 steps without it before the signal leak was found,
             // and added it for the rest of the schedule (docs/world.md).
             offset_noise_from: 3200,
+            // The shipped model is step 5,000 of the 6,000-step schedule: the session that
+            // shipped it could not run the last 1,000 steps (docs/world.md).
+            denoiser_stop: Some(5000),
             checkpoint_every: 100,
             seed: 0,
         }
@@ -393,7 +400,15 @@ pub fn train(
         .iter()
         .filter_map(|&p| ds.graph.node(p).name.clone())
         .collect();
-    if done < r.denoiser.steps {
+    let end = r.denoiser_stop.map_or(r.denoiser.steps, |s| s.min(r.denoiser.steps));
+    if done > end {
+        return Err(Error::Config(format!(
+            "{} is at denoiser step {done}, past the stop at step {end}; give a later stop \
+             or another folder",
+            den_path.display()
+        )));
+    }
+    if done < end {
         let plan = Plan::compile(
             gpu,
             &ds.graph,
@@ -414,7 +429,7 @@ pub fn train(
         });
         let ch0 = ucfg.block_out_channels[0];
         let steps_t = tables.alphas_cumprod.len();
-        for t in done..r.denoiser.steps {
+        for t in done..end {
             if cancel() {
                 checkpoint::save(&store, &config, t, &den_path)?;
                 return Err(Error::Cancelled);
@@ -464,7 +479,7 @@ pub fn train(
             plan.write(ds.time, &time)?;
             let lr = sched.lr(r.denoiser.lr, t);
             plan.write(ds.hyper, &adam_hyper(lr as f32, &ADAMW, (t + 1) as u32))?;
-            let log = (t + 1) % LOG_EVERY == 0 || t + 1 == r.denoiser.steps;
+            let log = (t + 1) % LOG_EVERY == 0 || t + 1 == end;
             let loss = if log {
                 let l = plan.run_fetch(&[ds.loss])?[0][0];
                 if !l.is_finite() {
@@ -479,13 +494,13 @@ pub fn train(
                 plan.run()?;
                 None
             };
-            if (t + 1) % r.checkpoint_every == 0 || t + 1 == r.denoiser.steps {
+            if (t + 1) % r.checkpoint_every == 0 || t + 1 == end {
                 checkpoint::save(&store, &config, t + 1, &den_path)?;
             }
             progress(&Report {
                 phase: Phase::Denoiser,
                 step: t + 1,
-                total: r.denoiser.steps,
+                total: end,
                 loss,
             });
         }
