@@ -508,7 +508,7 @@ fn sd_bench(
     let vae = VaeConfig::from_json(SD15_VAE, "sd15")?;
     let max_tensor = gpu.caps.max_binding.min(gpu.caps.max_buffer) as usize;
     let half = std::env::var("BENCH_F16").is_ok();
-    let gr = graphs(&text, &unet, &vae, size, 7.5, max_tensor, half)?;
+    let gr = graphs(&text, &unet, &vae, size, 7.5, max_tensor, half, 1)?;
     let (g, out, inputs) = if which == "sd-unet" {
         let d = &gr.unet;
         (

@@ -374,7 +374,7 @@ enum Cmd {
     /// the built-in model and measure its fidelity with the judge, train seven arms at equal
     /// views and steps (supervised; StableRep and SimCLR on oracle and synthetic images; SimCLR
     /// on real renders; untrained), score each on held-out real renders (kNN and linear
-    /// probe), print a table and write results.json and plots. About 11 minutes on 2 CPU cores
+    /// probe), print a table and write results.json and plots. About 12 - 15 minutes on 2 CPU cores
     /// (software adapter); --quick about 2. Resumes when run again with the same --out.
     Demo {
         /// The small run (about 2 minutes on 2 CPU cores).

@@ -249,7 +249,7 @@ fn numeric_cases(b: &Base) -> Vec<Case> {
     for (f, vals) in [
         ("--guidance", &["nan", "inf", "-inf"][..]),
         ("--steps", &["0", "-3", "x"][..]),
-        ("--size", &["0", "12", "1000000"][..]),
+        ("--size", &["0", "13", "1000000"][..]),
         ("--save-size", &["0"][..]),
         ("--images-per-prompt", &["0"][..]),
         ("--eta", &["nan", "-1", "2"][..]),

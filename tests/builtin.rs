@@ -83,8 +83,51 @@ fn builtin_images_follow_their_captions_as_the_judge_reads_them() {
     // misreads in the samples is the generator's. The shipped model measured 86 / 99 / 21 %
     // (background / colour / shape) on 24 captions x 4 at 20 steps (docs/world.md); the
     // model it replaced drew the caption's colour half the time.
-    assert!(f.real[1] >= 0.95 && f.real[2] >= 0.95, "judge on renders: {:?}", f.real);
-    assert!(f.colour >= 0.85, "object colour right in {:.1} %", 100.0 * f.colour);
-    assert!(f.background >= 0.6, "background right in {:.1} %", 100.0 * f.background);
+    assert!(
+        f.real[1] >= 0.95 && f.real[2] >= 0.95,
+        "judge on renders: {:?}",
+        f.real
+    );
+    assert!(
+        f.colour >= 0.85,
+        "object colour right in {:.1} %",
+        100.0 * f.colour
+    );
+    assert!(
+        f.background >= 0.6,
+        "background right in {:.1} %",
+        100.0 * f.background
+    );
     assert!(f.diversity > 0.0);
+}
+
+#[test]
+fn a_prompts_images_denoised_together_equal_those_made_one_at_a_time() {
+    use stablerep::diffusion::model::Generator;
+    let (gpu, _lock) = common::gpu();
+    let m = SdModel::load(&builtin_model().unwrap()).unwrap();
+    let len = 4 * 16 * 16;
+    let mut rng = stablerep::util::rng::Rng(11);
+    let noise: Vec<f32> = (0..4 * len).map(|_| rng.normal() as f32).collect();
+    let prompt = "a green heart on a pink background";
+    let o = options(prompt, 4, Some(noise.clone()));
+    // A small model takes all four images in one batch.
+    assert_eq!(Generator::new(&gpu, &m, &o).unwrap().batch(), 4);
+    let mut steps = Vec::new();
+    let together = generate(&gpu, &m, &o, |p| {
+        steps.push(p.done());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(steps, (1..=6).map(|i| 4 * i).collect::<Vec<u64>>());
+    for k in 0..4 {
+        let one = options(prompt, 1, Some(noise[k * len..(k + 1) * len].to_vec()));
+        let alone = generate(&gpu, &m, &one, |_| Ok(())).unwrap();
+        let worst = together.images[k]
+            .iter()
+            .zip(&alone.images[0])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "image {k}: worst pixel difference {worst}");
+    }
 }

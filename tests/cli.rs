@@ -827,10 +827,11 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
     };
     let o = single_gen("s", &["--save-size", "32"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // Progress: steps, images and an ETA (plain lines off a terminal).
+    // Progress: steps, images (this small model denoises both together) and an ETA (plain
+    // lines off a terminal).
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(
-        log.contains("image 2/2, step 2/2") && log.contains("ETA"),
+        log.contains("images 1-2/2, step 2/2") && log.contains("ETA"),
         "{log}"
     );
     // --save-size: a bicubic 2x reduction of the same image.

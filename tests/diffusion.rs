@@ -825,7 +825,7 @@ fn memory_estimates_match_plans_and_sd15_fits_6_gib_at_512() {
     let (gpu, _lock) = common::gpu();
     let uk = Checkpoint::load(Path::new("tests/fixtures/sd_unet.safetensors")).unwrap();
     let cfg = UNetConfig::from_json(&uk.metadata["config"], "unet").unwrap();
-    let d = denoiser_graph(&cfg, 8, 8, 5, 7.5, false).unwrap();
+    let d = denoiser_graph(&cfg, 1, 8, 8, 5, 7.5, false).unwrap();
     let e = estimate(
         &d.graph,
         &[d.out],
@@ -845,7 +845,7 @@ fn memory_estimates_match_plans_and_sd15_fits_6_gib_at_512() {
     assert_eq!(e.param_bytes + e.input_bytes, st.persistent_bytes);
     // The same UNet with f16 weights: the fixture's weights are fp16, so storing them at half
     // size is lossless and the output is the same; the estimate still matches the plan.
-    let h = denoiser_graph(&cfg, 8, 8, 5, 7.5, true).unwrap();
+    let h = denoiser_graph(&cfg, 1, 8, 8, 5, 7.5, true).unwrap();
     let eh = estimate(
         &h.graph,
         &[h.out],

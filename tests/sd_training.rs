@@ -271,7 +271,10 @@ fn mini_world_training_resumes_exactly_after_a_cancel() {
     let d = base.join("d");
     r.denoiser_stop = Some(3);
     let stopped = train(&gpu, &r, &d, |_| {}, &|| false).unwrap();
-    assert_ne!(Checkpoint::load(&stopped.join(sub)).unwrap().tensors, want.tensors);
+    assert_ne!(
+        Checkpoint::load(&stopped.join(sub)).unwrap().tensors,
+        want.tensors
+    );
     r.denoiser_stop = None;
     let continued = train(&gpu, &r, &d, |_| {}, &|| false).unwrap();
     assert_eq!(
@@ -280,8 +283,13 @@ fn mini_world_training_resumes_exactly_after_a_cancel() {
         "stopping at step 3 and continuing changed the result"
     );
     r.denoiser_stop = Some(2);
-    let e = train(&gpu, &r, &d, |_| {}, &|| false).unwrap_err().to_string();
-    assert!(e.contains("past the stop") && e.contains("denoiser-training"), "{e}");
+    let e = train(&gpu, &r, &d, |_| {}, &|| false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("past the stop") && e.contains("denoiser-training"),
+        "{e}"
+    );
     r.denoiser_stop = None;
     // The offset is not ignored: without it the last step's update differs.
     r.offset_noise = 0.0;

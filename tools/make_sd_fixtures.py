@@ -520,19 +520,19 @@ def single_file_fixture():
 def builtin_fixture():
     """The shipped mini-world model (assets/world-sd, fp16 files read as fp32) through
     diffusers' StableDiffusionPipeline: two prompts (batched with the empty prompt for
-    guidance 2), saved initial latents [2, C, 8, 8], 6 steps of DPM-Solver++ 2M with Karras
-    sigmas; the decoded images in [0, 1] and the final latents."""
+    guidance 2), saved initial latents [2, C, S, S] (S: 32 over the VAE's downsampling), 6
+    steps of DPM-Solver++ 2M with Karras sigmas; the decoded images in [0, 1]."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     folder = OUT.parent.parent / "assets" / "world-sd"
     pipe = StableDiffusionPipeline.from_pretrained(
         folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
-    prompts = ["a large red circle on a sky blue background",
-               "a small dotted yellow star above a large black square on a dark background"]
+    prompts = ["a red circle on a sky blue background", "a yellow star"]
     c = pipe.unet.config.in_channels
+    side = 32 // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     torch.manual_seed(7)
-    noise = torch.randn(2, c, 8, 8)
+    noise = torch.randn(2, c, side, side)
     t = {"noise": noise}
     for i, p in enumerate(prompts):
         out = pipe(p, height=32, width=32, num_inference_steps=6, guidance_scale=2.0,

@@ -285,12 +285,14 @@ pub struct GenerateOptions {
     pub init_noise: Option<Vec<f32>>,
 }
 
-/// Where a generation stands: `step` of `steps` sampler evaluations finished for image
-/// `image` (0-based) of `images`.
+/// Where a generation stands: `step` of `steps` sampler evaluations finished for the `batch`
+/// images from `image` (0-based) of `images`, which are denoised together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Progress {
-    /// Image being generated (0-based).
+    /// First image being generated (0-based).
     pub image: usize,
+    /// Images being generated together, from `image` on.
+    pub batch: usize,
     /// Images in this run.
     pub images: usize,
     /// Evaluations of this image finished.
@@ -300,23 +302,23 @@ pub struct Progress {
 }
 
 impl std::fmt::Display for Progress {
-    /// "image 2/4, step 17/51".
+    /// "image 2/4, step 17/51", or "images 1-4/4, step 17/51" for a batch.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "image {}/{}, step {}/{}",
-            (self.image + 1).min(self.images),
-            self.images,
-            self.step,
-            self.steps
-        )
+        let first = (self.image + 1).min(self.images);
+        let last = (self.image + self.batch).min(self.images);
+        if last > first {
+            write!(f, "images {first}-{last}/{}", self.images)?;
+        } else {
+            write!(f, "image {first}/{}", self.images)?;
+        }
+        write!(f, ", step {}/{}", self.step, self.steps)
     }
 }
 
 impl Progress {
     /// Evaluations finished in this run.
     pub fn done(&self) -> u64 {
-        (self.image * self.steps + self.step) as u64
+        (self.image * self.steps + self.step * self.batch.max(1)) as u64
     }
 
     /// Evaluations of the whole run.
@@ -458,6 +460,48 @@ pub struct Generator<'a> {
     vae: Plan,
     z: NodeId,
     image: NodeId,
+    batch: usize,
+}
+
+/// Bytes of intermediates that denoising several images of a prompt together may add to the
+/// UNet plan's one-image need. Small models (the mini-world's) then run all of a prompt's
+/// images in one batch, with the same dispatches as one image; SD at 512 stays at one.
+const BATCH_EXTRA_BYTES: u64 = 256 << 20;
+
+/// The graphs for the largest batch of images (a divisor of `o.images`) whose UNet plan
+/// needs at most [`BATCH_EXTRA_BYTES`] more than one image's, with their memory and batch.
+fn batched_graphs(
+    m: &SdModel,
+    o: &GenerateOptions,
+    limit: u64,
+    half: bool,
+) -> Result<(SdGraphs, SdMemory, usize)> {
+    let build = |b| {
+        graphs(
+            &m.text,
+            &m.unet,
+            &m.vae,
+            o.size,
+            o.guidance,
+            limit as usize,
+            half,
+            b,
+        )
+    };
+    let one = build(1)?;
+    let one_need = one.memory(limit)?;
+    let mut best = (one, one_need, 1);
+    for b in (2..=o.images).filter(|b| o.images.is_multiple_of(*b)) {
+        let g = build(b)?;
+        let need = g.memory(limit)?;
+        if need.unet.total() > one_need.unet.total() + BATCH_EXTRA_BYTES
+            || need.largest_tensor() > limit
+        {
+            break;
+        }
+        best = (g, need, b);
+    }
+    Ok(best)
 }
 
 impl<'a> Generator<'a> {
@@ -466,16 +510,9 @@ impl<'a> Generator<'a> {
         o.check(m)?;
         let sampler = Sampler::new(o.sampler, &m.scheduler, o.steps)?;
         let lat = o.size / m.vae.downscale();
-        let run = GpuSampler::new(gpu, sampler, m.unet.in_channels * lat * lat)?;
-        let gr = graphs(
-            &m.text,
-            &m.unet,
-            &m.vae,
-            o.size,
-            o.guidance,
-            max_tensor(gpu),
-            o.half_weights(m, &gpu.caps),
-        )?;
+        let limit = max_tensor(gpu) as u64;
+        let (gr, need, batch) = batched_graphs(m, o, limit, o.half_weights(m, &gpu.caps))?;
+        let run = GpuSampler::new(gpu, sampler, batch * m.unet.in_channels * lat * lat)?;
         // Each graph's parameters, in the dtype it asks for (f16 weights when half_weights);
         // token embeddings stay on the host (see `text_encoder::embed_tokens`).
         let upload = |ck: &Checkpoint, g: &Graph| -> Result<ParamStore> {
@@ -494,8 +531,6 @@ impl<'a> Generator<'a> {
             Ok(store)
         };
         // Sizes the device cannot hold fail here, before any weight is uploaded.
-        let limit = max_tensor(gpu) as u64;
-        let need = gr.memory(limit)?;
         need.check(o.size, limit)?;
         let oom = |e: Error| out_of_memory(e, need.total(), o, gpu);
         let text = Plan::compile(
@@ -531,7 +566,13 @@ impl<'a> Generator<'a> {
             vae,
             z,
             image,
+            batch,
         })
+    }
+
+    /// Images denoised together (a divisor of the options' image count).
+    pub fn batch(&self) -> usize {
+        self.batch
     }
 
     /// Images of `prompt` (the options' negative prompt, count, sampler and seed), with the
@@ -591,39 +632,53 @@ impl<'a> Generator<'a> {
         }
         let lat = o.size / m.vae.downscale();
         let len = m.unet.in_channels * lat * lat;
-        for k in 0..o.images {
-            let noise = match &o.init_noise {
-                Some(n) => n[k * len..(k + 1) * len].to_vec(),
-                None => image_noise(o.seed, caption, k as u64, len),
-            };
-            let mut step_rng = Rng(o.seed ^ 0x5EED ^ ((k as u64) << 32) ^ caption);
-            let steps = self.run.sampler().evaluations();
-            let latent = sample(
+        let (b, steps) = (self.batch, self.run.sampler().evaluations());
+        for k0 in (0..o.images).step_by(b) {
+            // Image k's noise and step noise are its own whatever the batch.
+            let mut noise = Vec::with_capacity(b * len);
+            let mut rngs = Vec::with_capacity(b);
+            for k in k0..k0 + b {
+                match &o.init_noise {
+                    Some(n) => noise.extend_from_slice(&n[k * len..(k + 1) * len]),
+                    None => noise.extend(image_noise(o.seed, caption, k as u64, len)),
+                }
+                rngs.push(Rng(o.seed ^ 0x5EED ^ ((k as u64) << 32) ^ caption));
+            }
+            let latents = sample(
                 &self.gpu,
                 &self.den,
                 &self.run,
                 &noise,
-                |_| (0..len).map(|_| step_rng.normal() as f32).collect(),
+                |_| {
+                    let mut v = Vec::with_capacity(b * len);
+                    for r in rngs.iter_mut() {
+                        v.extend((0..len).map(|_| r.normal() as f32));
+                    }
+                    v
+                },
                 |i| {
                     progress(Progress {
-                        image: k,
+                        image: k0,
+                        batch: b,
                         images: o.images,
                         step: i + 1,
                         steps,
                     })
                 },
             )?;
-            let zs: Vec<f32> = latent
-                .iter()
-                .map(|&v| (v as f64 / m.vae.scaling_factor) as f32)
-                .collect();
-            self.vae.write(self.z, &zs)?;
-            let img = self.vae.run_fetch(&[self.image])?.remove(0);
-            let image = img
-                .iter()
-                .map(|&v| (v * 0.5 + 0.5).clamp(0.0, 1.0))
-                .collect();
-            done(k, image, latent)?;
+            for (j, latent) in latents.chunks(len).enumerate() {
+                let zs: Vec<f32> = latent
+                    .iter()
+                    .map(|&v| (v as f64 / m.vae.scaling_factor) as f32)
+                    .collect();
+                self.vae.write(self.z, &zs)?;
+                let img = self.vae.run_fetch(&[self.image])?.remove(0);
+                let image = img
+                    .iter()
+                    .map(|&v| (v * 0.5 + 0.5).clamp(0.0, 1.0))
+                    .collect();
+                done(k0 + j, image, latent.to_vec())?;
+            }
         }
         Ok(())
     }
@@ -668,8 +723,9 @@ pub struct SdGraphs {
     pub image: NodeId,
 }
 
-/// Builds the [`SdGraphs`] for `size`^2 images at guidance scale `guidance`, the UNet's
-/// matmul weights in f16 when `half_weights`.
+/// Builds the [`SdGraphs`] for `size`^2 images at guidance scale `guidance`, `batch` images
+/// of a prompt denoised together, the UNet's matmul weights in f16 when `half_weights`.
+#[allow(clippy::too_many_arguments)]
 pub fn graphs(
     text: &ClipTextConfig,
     unet: &UNetConfig,
@@ -678,6 +734,7 @@ pub fn graphs(
     guidance: f64,
     max_tensor: usize,
     half_weights: bool,
+    batch: usize,
 ) -> Result<SdGraphs> {
     let tokens = text.max_position_embeddings;
     let rows = if guidance > 1.0 { 2 } else { 1 };
@@ -685,7 +742,8 @@ pub fn graphs(
     let mut g = Graph::new();
     let embedded = g.input("embedded", &[rows * tokens, text.hidden_size]);
     let hidden = text_encoder::encoder_embedded(&mut g, text, "", embedded, rows, tokens)?;
-    let den = super::pipeline::denoiser_graph(unet, lat, lat, tokens, guidance, half_weights)?;
+    let den =
+        super::pipeline::denoiser_graph(unet, batch, lat, lat, tokens, guidance, half_weights)?;
     let mut vg = Graph::new();
     vg.max_tensor_bytes = max_tensor;
     let z = vg.input("z", &[1, vae_cfg.latent_channels, lat, lat]);
@@ -749,7 +807,8 @@ impl SdMemory {
 }
 
 /// What generation at `size`^2 needs on a device whose bindings take `max_tensor` bytes,
-/// without a device or weights (the f32 weights the graphs read, the planned intermediates).
+/// one image at a time, without a device or weights (the f32 weights the graphs read, the
+/// planned intermediates).
 pub fn estimate_memory(
     text: &ClipTextConfig,
     unet: &UNetConfig,
@@ -767,6 +826,7 @@ pub fn estimate_memory(
         guidance,
         max_tensor,
         half_weights,
+        1,
     )?
     .memory(max_tensor as u64)
 }
@@ -885,6 +945,7 @@ pub fn generate_pool(
             skipped: true,
             image: Progress {
                 image: o.images,
+                batch: 1,
                 images: o.images,
                 step: 0,
                 steps: gen.run.sampler().evaluations(),
@@ -976,6 +1037,7 @@ pub fn generate_shards(
                 skipped: skip,
                 image: Progress {
                     image: o.images,
+                    batch: 1,
                     images: o.images,
                     step: 0,
                     steps: gen.run.sampler().evaluations(),

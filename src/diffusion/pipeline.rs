@@ -18,9 +18,9 @@ use crate::graph::{Graph, NodeId, ParamStore, Plan, PlanOptions};
 pub struct DenoiserGraph {
     /// The graph.
     pub graph: Graph,
-    /// The guided noise prediction [1, C, h, w].
+    /// The guided noise prediction [B, C, h, w].
     pub out: NodeId,
-    /// The sampler's latent [1, C, h, w].
+    /// The sampler's latents [B, C, h, w] (B images of one prompt, denoised together).
     pub latent_in: NodeId,
     /// The per-step input scale [1].
     pub scale: NodeId,
@@ -28,23 +28,28 @@ pub struct DenoiserGraph {
     pub inputs: UNetInputs,
 }
 
-/// Builds the UNet for one latent of `channels x h x w` and `tokens` text states on the
-/// scaled latent, batch [uncond, cond] with guidance `w` in the graph when `guidance` > 1;
-/// matmul weights in f16 when `half_weights`.
+/// Builds the UNet for `batch` latents of `channels x h x w` and `tokens` text states on the
+/// scaled latents, batch [uncond x B, cond x B] with guidance `w` in the graph when
+/// `guidance` > 1; matmul weights in f16 when `half_weights`.
 pub fn denoiser_graph(
     config: &UNetConfig,
+    batch: usize,
     h: usize,
     w: usize,
     tokens: usize,
     guidance: f64,
     half_weights: bool,
 ) -> Result<DenoiserGraph> {
+    if batch == 0 {
+        return Err(Error::Config(
+            "the denoiser needs a batch of at least 1".into(),
+        ));
+    }
     let guided = guidance > 1.0;
-    let batch = if guided { 2 } else { 1 };
     let c = config.in_channels;
     let mut g = Graph::new();
     g.half_weights = half_weights;
-    let latent_in = g.input("latent", &[1, c, h, w]);
+    let latent_in = g.input("latent", &[batch, c, h, w]);
     let scale = g.input("scale", &[1]);
     let scaled = g.mul(latent_in, scale)?;
     // The UNet runs on [scaled] or [scaled, scaled] (unconditional, conditional).
@@ -54,10 +59,10 @@ pub fn denoiser_graph(
         scaled
     };
     let (eps, inputs) = unet_on(&mut g, config, "", sample, tokens)?;
-    debug_assert_eq!(g.shape(eps)[0], batch);
+    debug_assert_eq!(g.shape(eps)[0], if guided { 2 * batch } else { batch });
     let out = if guided {
-        let u = g.slice(eps, 0, 0, 1)?;
-        let cnd = g.slice(eps, 0, 1, 1)?;
+        let u = g.slice(eps, 0, 0, batch)?;
+        let cnd = g.slice(eps, 0, batch, batch)?;
         let d = g.sub(cnd, u)?;
         let d = g.affine(d, guidance as f32, 0.0)?;
         g.add(u, d)?
@@ -82,6 +87,7 @@ pub struct Denoiser {
     eps: NodeId,
     config: UNetConfig,
     guided: bool,
+    batch: usize,
     latent: usize,
 }
 
@@ -99,7 +105,7 @@ impl Denoiser {
         tokens: usize,
         guidance: f64,
     ) -> Result<Denoiser> {
-        let d = denoiser_graph(config, h, w, tokens, guidance, false)?;
+        let d = denoiser_graph(config, 1, h, w, tokens, guidance, false)?;
         Self::compile(gpu, d, config, store, guidance)
     }
 
@@ -114,6 +120,7 @@ impl Denoiser {
         let plan = Plan::compile(gpu, &d.graph, &[d.out], store, PlanOptions::default())?;
         let guided = guidance > 1.0;
         let latent = d.graph.shape(d.latent_in).iter().product();
+        let batch = d.graph.shape(d.latent_in)[0];
         let (latent_in, scale, inputs, out) = (d.latent_in, d.scale, d.inputs, d.out);
         Ok(Denoiser {
             plan,
@@ -123,15 +130,23 @@ impl Denoiser {
             eps: out,
             config: config.clone(),
             guided,
+            batch,
             latent,
         })
     }
 
-    /// Sets the text states: `cond` [tokens, dim], and `uncond` the same size when guided.
+    /// Sets the text states: `cond` [tokens, dim], and `uncond` the same size when guided
+    /// (the same prompt for every latent of the batch).
     pub fn set_context(&self, uncond: Option<&[f32]>, cond: &[f32]) -> Result<()> {
+        let b = self.batch;
         let ctx: Vec<f32> = match (self.guided, uncond) {
-            (true, Some(u)) => u.iter().chain(cond).copied().collect(),
-            (false, None) => cond.to_vec(),
+            (true, Some(u)) => {
+                let mut v = Vec::with_capacity(2 * b * cond.len());
+                (0..b).for_each(|_| v.extend_from_slice(u));
+                (0..b).for_each(|_| v.extend_from_slice(cond));
+                v
+            }
+            (false, None) => cond.repeat(b),
             _ => {
                 return Err(Error::Config(
                     "unconditional text states are needed exactly when guiding".into(),
@@ -145,7 +160,7 @@ impl Denoiser {
     fn set_step(&self, scale: f64, t: f64) -> Result<()> {
         let c0 = self.config.block_out_channels[0];
         let f = timestep_features(t, c0, self.config.flip_sin_to_cos, self.config.freq_shift);
-        let reps = if self.guided { 2 } else { 1 };
+        let reps = if self.guided { 2 } else { 1 } * self.batch;
         let time: Vec<f32> = (0..reps).flat_map(|_| f.iter().copied()).collect();
         self.plan.write(self.scale, &[scale as f32])?;
         self.plan.write(self.inputs.time, &time)

@@ -103,7 +103,7 @@ pub struct DemoConfig {
 }
 
 impl DemoConfig {
-    /// The default run on `model` (about 11 minutes on 2 CPU cores): 96 captions of the
+    /// The default run on `model` (about 12 - 15 minutes on 2 CPU cores): 96 captions of the
     /// simple world x 4 images at guidance 2 (8 sampler steps), a 3-layer ViT of width 96
     /// with 8-pixel patches on 32 x 32 images, 300 steps of 32 views per arm.
     pub fn new(model: PathBuf) -> DemoConfig {

@@ -400,7 +400,9 @@ pub fn train(
         .iter()
         .filter_map(|&p| ds.graph.node(p).name.clone())
         .collect();
-    let end = r.denoiser_stop.map_or(r.denoiser.steps, |s| s.min(r.denoiser.steps));
+    let end = r
+        .denoiser_stop
+        .map_or(r.denoiser.steps, |s| s.min(r.denoiser.steps));
     if done > end {
         return Err(Error::Config(format!(
             "{} is at denoiser step {done}, past the stop at step {end}; give a later stop \
