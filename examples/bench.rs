@@ -5,7 +5,9 @@
 //! `demo-step` (the demo's training step without augmentation), `chunk` (gradient caching:
 //! memory and time as the batch grows to `--size N` images, default 2064; only when asked for),
 //! `chunk-estimate` (ViT-B/16 at 224 up to the paper's 8,256 images: device bytes from the
-//! plans' layouts, nothing run; only when asked for),
+//! plans' layouts, nothing run; only when asked for), `chunk-vit-b` (one real chunked step of
+//! ViT-B/16 at 224 on 12 images in chunks of `--size N`, default 6, timed per phase and per
+//! image, with the 8,256-image step's time that follows at that rate; only when asked for),
 //! `chain`, `sd-unet`, `sd-vae` (SD 1.5's real shapes with random weights at `--size`,
 //! default 256; not run without a filter); `world-sd` (one training step of each stage of the
 //! built-in mini-world model; `WORLD_SD_VAE=32,64 WORLD_SD_UNET=32,64` try other widths).
@@ -452,6 +454,77 @@ fn chunk_bench(gpu: &Arc<Gpu>, adapter: &str, max_rows: usize) -> stablerep::Res
     Ok(())
 }
 
+/// One chunked StableRep step of ViT-B/16 at 224 (head 4096/256, GPU augmentation from 256 x
+/// 256) on 12 images (2 captions x 6) in chunks of `chunk`, after one untimed step (pipeline
+/// compilation, first-use allocation): ms per step and per image, and the paper's 8,256-image
+/// step at that per-image rate. A chunked step's work grows linearly with the batch (every
+/// chunk is encoded twice, once with activations kept; the head and loss over the batch are
+/// about 0.1 % of it), so the per-image rate carries over; device bytes are the plans'.
+fn chunk_vit_b(gpu: &Arc<Gpu>, adapter: &str, chunk: usize) -> stablerep::Result<()> {
+    use stablerep::data::augment::{sample, AugmentConfig};
+    use stablerep::models::stablerep::{init_params, recipe_adamw, HeadConfig, StepConfig};
+    use stablerep::models::vit::VitConfig;
+    use stablerep::train::chunked::{estimate, ChunkedStep};
+    let rows = 12;
+    let cfg = StepConfig {
+        vit: VitConfig {
+            img_size: 224,
+            patch: 16,
+            width: 768,
+            depth: 12,
+            heads: 12,
+            mlp: 3072,
+        },
+        head: HeadConfig {
+            hidden: 4096,
+            out: 256,
+        },
+        captions: rows / 6,
+        images_per_caption: 6,
+        temperature: 0.1,
+        adamw: recipe_adamw(0.1),
+        augment_from: Some((256, 256)),
+        plus: None,
+    };
+    let init = init_params(&cfg.vit, &cfg.head, None, 1);
+    let mut store = ParamStore::new();
+    for (name, t) in &init.tensors {
+        store.set(gpu, name, &t.shape, &t.data)?;
+    }
+    let t0 = Instant::now();
+    let cs = ChunkedStep::new(gpu, &cfg, chunk, &mut store)?;
+    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut rng = stablerep::util::rng::Rng(7);
+    let images: Vec<f32> = (0..rows * 3 * 256 * 256)
+        .map(|_| rng.unit() as f32)
+        .collect();
+    let acfg = AugmentConfig::default();
+    let mut ms = Vec::new();
+    let mut loss = 0.0;
+    for step in 1..=2u32 {
+        let aug: Vec<f32> = (0..rows)
+            .flat_map(|_| sample(&acfg, 256, 256, &mut rng))
+            .collect();
+        let t = Instant::now();
+        loss = cs.step(&images, Some(&aug), None, 1e-4, step, false)?.loss;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let per_image = ms[1] / rows as f64;
+    println!(
+        "{}",
+        json!({
+            "bench": "chunk-vit-b", "adapter": adapter, "model": "vit-b/16 224px, head 4096/256",
+            "images_per_step": rows, "chunk": chunk, "compile_ms": compile_ms.round(),
+            "first_step_ms": ms[0].round(), "ms_per_step": ms[1].round(),
+            "ms_per_image": per_image.round(),
+            "chunked_device_bytes": estimate(&cfg, chunk, gpu.caps.max_binding)?,
+            "paper_step_8256_images_s_at_this_rate": (per_image * 8256.0 / 1e3).round(),
+            "loss": loss,
+        })
+    );
+    Ok(())
+}
+
 /// Random weights for every parameter of `g`: GroupNorm/LayerNorm scales 1, biases 0, other
 /// tensors uniform with variance 1/fan_in (activations stay in range, no denormals).
 fn random_weights(gpu: &Arc<Gpu>, g: &Graph, store: &mut ParamStore) -> stablerep::Result<()> {
@@ -658,7 +731,12 @@ fn world_sd_bench(gpu: &Arc<Gpu>, adapter: &str, reps: usize) -> stablerep::Resu
         if std::env::var("BENCH_PROFILE").is_ok() {
             let mut prof = plan.profile()?;
             prof.sort_by(|a, b| b.1.total_cmp(&a.1));
-            for (key, secs, count) in prof.into_iter().take(15) {
+            // BENCH_PROFILE_TOP=N prints more of the kernels (15 by default).
+            let top = std::env::var("BENCH_PROFILE_TOP")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(15);
+            for (key, secs, count) in prof.into_iter().take(top) {
                 println!(
                     "{}",
                     json!({"bench": format!("{name}_profile"), "kernel": key, "ms": (secs * 1e4).round() / 10.0, "dispatches": count})
@@ -859,6 +937,10 @@ fn main() -> stablerep::Result<()> {
     }
     if a.filters.iter().any(|f| f == "chunk-estimate") {
         chunk_estimate(&gpu, &adapter)?;
+    }
+    if a.filters.iter().any(|f| f == "chunk-vit-b") {
+        let chunk = a.sizes.first().map_or(6, |&s| s as usize);
+        chunk_vit_b(&gpu, &adapter, chunk)?;
     }
     if wanted(&a, "demo-step") {
         let reps = if a.reps > 0 { a.reps } else { 10 };
