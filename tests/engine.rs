@@ -50,10 +50,12 @@ fn memory_planner_reuses_buffers_without_changing_results() {
     let y = g.sum_all(h).unwrap();
     let mut feeds = HashMap::new();
     feeds.insert(x, rng.vec(64 * 48, -1.0, 1.0));
+    // Unfused, so the chain's 40 tensors are planned (fused, they are one kernel's registers).
     let opts = |reuse| PlanOptions {
         reuse,
         poison: true,
         updates: true,
+        fuse: false,
     };
     let (a, pa) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[h, y], opts(true));
     let (b, pb) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[h, y], opts(false));
@@ -248,6 +250,7 @@ fn contiguous_slices_alias_their_input_without_a_copy() {
             reuse: true,
             poison: true,
             updates: true,
+            fuse: true,
         },
     );
     let want = common::run_cpu(&g, &feeds, &HashMap::new(), &outs);
@@ -267,4 +270,214 @@ fn contiguous_slices_alias_their_input_without_a_copy() {
     );
     // A slice fetched as an output reads from its offset.
     assert_eq!(plan.read(s3).unwrap(), got[2]);
+}
+
+/// A random elementwise graph for the fusion test: chains of unary and binary ops over a few
+/// inputs (some broadcast), with fan-out and intermediate outputs here and there, so groups
+/// form, stop at shared nodes and split at the leaf limit.
+fn random_elementwise_graph(
+    rng: &mut Rng,
+    case: usize,
+) -> (
+    Graph,
+    HashMap<stablerep::graph::NodeId, Vec<f64>>,
+    Vec<stablerep::graph::NodeId>,
+) {
+    use stablerep::kernels::elementwise::BinaryOp;
+    let mut g = Graph::new();
+    let mut feeds = HashMap::new();
+    let rank = rng.int(1, 4);
+    let mut out: Vec<usize> = (0..rank).map(|_| rng.int(1, 9)).collect();
+    if case.is_multiple_of(2) {
+        // vec4 forms: an innermost dim that is a multiple of 4.
+        out[rank - 1] = 4 * rng.int(1, 3);
+    }
+    let numel = |s: &[usize]| s.iter().product::<usize>();
+    let mut leaf = |g: &mut Graph, rng: &mut Rng| {
+        let shape: Vec<usize> = match rng.int(0, 3) {
+            // Full, per-row, per-column or fewer leading dims.
+            0 | 1 => out.clone(),
+            2 => out
+                .iter()
+                .enumerate()
+                .map(|(d, &v)| if d + 1 == rank { v } else { 1 })
+                .collect(),
+            _ => out[rng.int(0, rank - 1)..]
+                .iter()
+                .enumerate()
+                .map(|(d, &v)| if d == 0 { 1 } else { v })
+                .collect(),
+        };
+        let x = g.input(&format!("x{}", g.nodes.len()), &shape);
+        feeds.insert(x, rng.vec(numel(&shape), -1.5, 1.5));
+        x
+    };
+    let safe = [
+        UnaryOp::Tanh,
+        UnaryOp::Sigmoid,
+        UnaryOp::Silu,
+        UnaryOp::Gelu,
+        UnaryOp::QuickGelu,
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Relu,
+        UnaryOp::Square,
+        UnaryOp::Affine(0.75, -0.25),
+        UnaryOp::Clamp(-0.6, 0.8),
+    ];
+    let positive = [
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Recip,
+        UnaryOp::Pow(1.5),
+        UnaryOp::Exp,
+    ];
+    // Values with the output's shape that later ops may read.
+    let first = leaf(&mut g, rng);
+    let mut cur = g.unary(UnaryOp::Tanh, first).unwrap();
+    let mut outputs = Vec::new();
+    let steps = rng.int(3, 14);
+    let mut shared = None;
+    for _ in 0..steps {
+        cur = match rng.int(0, 9) {
+            0..=2 => g.unary(safe[rng.int(0, safe.len() - 1)], cur).unwrap(),
+            3 => {
+                // A positive argument: 1 + |x| (then a tanh keeps the chain bounded).
+                let a = g.unary(UnaryOp::Abs, cur).unwrap();
+                let p = g.affine(a, 1.0, 1.0).unwrap();
+                let u = g
+                    .unary(positive[rng.int(0, positive.len() - 1)], p)
+                    .unwrap();
+                g.unary(UnaryOp::Tanh, u).unwrap()
+            }
+            4..=6 => {
+                let other = leaf(&mut g, rng);
+                let op = [
+                    BinaryOp::Add,
+                    BinaryOp::Sub,
+                    BinaryOp::Mul,
+                    BinaryOp::Max,
+                    BinaryOp::Min,
+                    BinaryOp::UnaryGrad(safe[rng.int(0, safe.len() - 1)]),
+                ][rng.int(0, 5)];
+                if rng.int(0, 1) == 0 {
+                    g.binary(op, cur, other).unwrap()
+                } else {
+                    g.binary(op, other, cur).unwrap()
+                }
+            }
+            7 => {
+                // Division by 1 + |leaf|.
+                let other = leaf(&mut g, rng);
+                let a = g.unary(UnaryOp::Abs, other).unwrap();
+                let d = g.affine(a, 1.0, 1.0).unwrap();
+                g.binary(BinaryOp::Div, cur, d).unwrap()
+            }
+            8 => {
+                // Fan-out: this value is read twice (a group boundary), once much later.
+                shared = Some(cur);
+                g.mul(cur, cur).unwrap()
+            }
+            _ => {
+                if rng.int(0, 1) == 0 {
+                    outputs.push(cur);
+                }
+                match shared {
+                    Some(s) if g.shape(s) == g.shape(cur) => g.add(cur, s).unwrap(),
+                    _ => g.unary(UnaryOp::Sigmoid, cur).unwrap(),
+                }
+            }
+        };
+    }
+    outputs.push(cur);
+    (g, feeds, outputs)
+}
+
+#[test]
+fn fused_elementwise_chains_match_unfused_plans_and_the_cpu() {
+    let (gpu, _lock) = gpu();
+    let mut rng = Rng(77);
+    let (mut fused_dispatches, mut plain_dispatches) = (0, 0);
+    let mut keys = Vec::new();
+    for case in 0..40 {
+        let (g, feeds, outs) = random_elementwise_graph(&mut rng, case);
+        let opts = |fuse| PlanOptions {
+            reuse: true,
+            poison: true,
+            updates: true,
+            fuse,
+        };
+        let (a, pa) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &outs, opts(true));
+        let (b, pb) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &outs, opts(false));
+        let want = common::run_cpu(&g, &feeds, &HashMap::new(), &outs);
+        for k in 0..outs.len() {
+            common::assert_close(
+                &format!("case {case} output {k}"),
+                &a[k],
+                &want[k],
+                1e-5,
+                1e-5,
+            );
+            let plain: Vec<f64> = b[k].iter().map(|&v| v as f64).collect();
+            common::assert_close(
+                &format!("case {case} output {k} vs unfused"),
+                &a[k],
+                &plain,
+                1e-6,
+                1e-6,
+            );
+        }
+        fused_dispatches += pa.stats().dispatches;
+        plain_dispatches += pb.stats().dispatches;
+        assert!(pa.stats().dispatches <= pb.stats().dispatches);
+        assert!(pb.kernel_keys().iter().all(|k| !k.starts_with("fused_")));
+        keys.extend(pa.kernel_keys().iter().map(|k| k.to_string()));
+    }
+    // The groups formed, in both launch forms, with broadcast leaves.
+    assert!(
+        fused_dispatches * 2 < plain_dispatches,
+        "{fused_dispatches} vs {plain_dispatches}"
+    );
+    let fused: Vec<&String> = keys.iter().filter(|k| k.starts_with("fused_")).collect();
+    assert!(fused.iter().any(|k| k.ends_with("_v4")), "{fused:?}");
+    assert!(fused.iter().any(|k| !k.ends_with("_v4")), "{fused:?}");
+    // A key ends with one letter per leaf (s: same shape, v: broadcast read as vec4, b:
+    // broadcast scalar), then `_v4` for the vec4 form.
+    let pattern = |k: &str| {
+        let k = k.strip_suffix("_v4").unwrap_or(k);
+        k.rsplit('_').next().unwrap_or("").to_string()
+    };
+    assert!(fused.iter().any(|k| pattern(k).contains('b')), "{fused:?}");
+    assert!(fused.iter().any(|k| pattern(k).contains('v')), "{fused:?}");
+}
+
+#[test]
+fn a_fused_group_splits_at_the_leaf_limit() {
+    use stablerep::kernels::fused::MAX_LEAVES;
+    let (gpu, _lock) = gpu();
+    let mut rng = Rng(78);
+    let mut g = Graph::new();
+    let mut feeds = HashMap::new();
+    // x0 + x1 + ... + x9: a chain with 10 leaves, more than one kernel may read.
+    let xs: Vec<_> = (0..10)
+        .map(|k| {
+            let x = g.input(&format!("x{k}"), &[3, 5]);
+            feeds.insert(x, rng.vec(15, -1.0, 1.0));
+            x
+        })
+        .collect();
+    let mut y = g.unary(UnaryOp::Tanh, xs[0]).unwrap();
+    for &x in &xs[1..] {
+        y = g.add(y, x).unwrap();
+    }
+    let opts = PlanOptions::default();
+    let (got, plan) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[y], opts);
+    let want = common::run_cpu(&g, &feeds, &HashMap::new(), &[y]);
+    common::assert_close("sum of 10", &got[0], &want[0], 1e-6, 1e-6);
+    let keys = plan.kernel_keys();
+    // The first kernel reads x0..x5; the second reads its result and x6..x9.
+    assert_eq!(MAX_LEAVES, 6);
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys.iter().all(|k| k.starts_with("fused_")), "{keys:?}");
 }

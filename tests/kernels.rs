@@ -122,6 +122,7 @@ fn matmul_with_a_fused_bias() {
             reuse: true,
             poison: true,
             updates: true,
+            fuse: true,
         };
         let (got, plan) = common::run_gpu_opts(&gpu, &g, &f, &HashMap::new(), &[y], opts);
         let keys = plan.kernel_keys();
@@ -554,6 +555,31 @@ fn long_reductions_run_in_two_stages() {
     let x = input(&mut g, &mut f, &mut rng, &[4096, 12], -1.0, 1.0);
     let y = g.sum_to(x, &[12]).unwrap();
     check("long sum_to", &g, &f, &HashMap::new(), &[y], 1e-5, 1e-4);
+    // A convolution's bias-gradient shape: [N, C, H, W] to [C, 1, 1], in two stages (the
+    // inner dims, then the batch), and a vec4-aligned one.
+    for shape in [[6usize, 5, 7, 9], [8, 3, 4, 16]] {
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let x = input(&mut g, &mut f, &mut rng, &shape, -1.0, 1.0);
+        let y = g.sum_to(x, &[shape[1], 1, 1]).unwrap();
+        assert_eq!(
+            g.nodes
+                .iter()
+                .filter(|n| n.op == stablerep::graph::Op::SumTo)
+                .count(),
+            0,
+            "both stages are row reductions (the inner dims, then the batch)"
+        );
+        check(
+            &format!("two-stage sum_to {shape:?}"),
+            &g,
+            &f,
+            &HashMap::new(),
+            &[y],
+            1e-5,
+            1e-5,
+        );
+    }
 }
 
 #[test]

@@ -12,6 +12,14 @@ Cases:
              loss, AdamW. PyTorch: timm's VisionTransformer, the same head and loss.
   sd-unet    one guided SD 1.5 UNet step at 256 x 256 (batch 2, random weights).
              PyTorch: diffusers' UNet2DConditionModel with SD 1.5's config.
+  world-sd-denoiser
+             one training step of the built-in mini-world model's second stage (`bench
+             world-sd`): text encoder + UNet (assets/world-sd's configs) on 32 latents of
+             4 x 16 x 16 with 16 tokens, epsilon MSE, backward, AdamW. PyTorch: diffusers'
+             UNet2DConditionModel and transformers' CLIPTextModel from the same configs.
+  world-sd-vae
+             one training step of its first stage: the VAE on 16 images of 32 x 32,
+             reconstruction MSE + 1e-4 x KL, backward, AdamW. PyTorch: diffusers' AutoencoderKL.
 
 Usage (after `cargo build --release --example bench`):
     python3 -m venv .venv-ref && .venv-ref/bin/pip install torch timm diffusers
@@ -136,9 +144,59 @@ def torch_sd_unet(reps):
     return timed(step, 1, reps)
 
 
+WORLD_SD = os.path.join(ROOT, "assets", "world-sd")
+
+
+def torch_world_sd_denoiser(reps):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(
+        UNet2DConditionModel.load_config(WORLD_SD, subfolder="unet"))
+    text = CLIPTextModel(CLIPTextConfig.from_pretrained(WORLD_SD, subfolder="text_encoder"))
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    b, tokens = 32, text.config.max_position_embeddings
+    ids = torch.arange(b * tokens).remainder(300).reshape(b, tokens)
+    x0 = torch.randn(b, 4, 16, 16)
+    noise = torch.randn_like(x0)
+    ts = torch.randint(0, 1000, (b,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        pred = unet(x0 * 0.7 + noise * 0.7, ts, text(ids).last_hidden_state).sample
+        (pred - noise).pow(2).mean().backward()
+        opt.step()
+
+    return timed(step, 2, reps)
+
+
+def torch_world_sd_vae(reps):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(WORLD_SD, subfolder="vae"))
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.01)
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = (rec - x).pow(2).mean() + 1e-4 * post.kl().mean() / post.mean[0].numel()
+        loss.backward()
+        opt.step()
+
+    return timed(step, 2, reps)
+
+
 def ours(case, reps, raw):
     args = {"vit-train": ["vit-train"], "demo-step": ["demo-step", "--reps", str(reps)],
-            "sd-unet": ["sd-unet", "--size", "256", "--reps", str(reps)]}[case]
+            "sd-unet": ["sd-unet", "--size", "256", "--reps", str(reps)],
+            "world-sd-denoiser": ["world-sd", "--reps", str(reps)],
+            "world-sd-vae": ["world-sd", "--reps", str(reps)]}[case]
     env = dict(os.environ, XDG_RUNTIME_DIR=os.environ.get("XDG_RUNTIME_DIR", "/tmp"))
     out = subprocess.run([BENCH, *args], capture_output=True, text=True, env=env, check=True).stdout
     for line in out.splitlines():
@@ -168,12 +226,14 @@ def main():
     if not os.path.exists(BENCH):
         sys.exit(f"{BENCH} is missing: run `cargo build --release --example bench` first")
     torch.set_num_threads(os.cpu_count() or 1)
-    peers = {"vit-train": torch_vit_train, "demo-step": torch_demo_step, "sd-unet": torch_sd_unet}
-    reps = {"vit-train": 5, "demo-step": 10, "sd-unet": 2}
+    peers = {"vit-train": torch_vit_train, "demo-step": torch_demo_step, "sd-unet": torch_sd_unet,
+             "world-sd-denoiser": torch_world_sd_denoiser, "world-sd-vae": torch_world_sd_vae}
+    reps = {"vit-train": 5, "demo-step": 10, "sd-unet": 2, "world-sd-denoiser": 5,
+            "world-sd-vae": 5}
     cases = [c for c in a.cases.split(",") if c]
     for c in cases:
         if c not in peers:
-            sys.exit(f"--cases: unknown case '{c}' (want vit-train, demo-step, sd-unet)")
+            sys.exit(f"--cases: unknown case '{c}' (want one of {', '.join(peers)})")
     raw = []
     res = {c: {"ours": [], "torch": [], "burn": [], "dispatches": None} for c in cases}
     for r in range(a.rounds):

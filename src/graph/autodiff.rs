@@ -378,9 +378,23 @@ impl Graph {
             Op::Attention { scale } => {
                 // The forward keeps no score matrix: recompute the probabilities, then the
                 // unfused attention's rules (softmax(s) with s = q k^T * scale, y = p v).
+                // The scale goes where it touches the fewest values: on the [Tq, Tk] scores
+                // and their gradient, or, when Tk > D, on q and dq ([Tq, D]): with qs = q *
+                // scale, s = qs k^T, dq = (ds k) * scale and dk = ds^T qs.
                 let (q, k, v) = (ins[0], ins[1], ins[2]);
-                let s = self.matmul_t(q, k, false, true)?;
-                let s = self.affine(s, *scale, 0.0)?;
+                let (tk, d) = (shape(self, k)[1], shape(self, k)[2]);
+                let on_q = tk > d;
+                let qs = if on_q {
+                    self.affine(q, *scale, 0.0)?
+                } else {
+                    q
+                };
+                let s = self.matmul_t(qs, k, false, true)?;
+                let s = if on_q {
+                    s
+                } else {
+                    self.affine(s, *scale, 0.0)?
+                };
                 let p = self.softmax(s)?;
                 let dv = self.matmul_t(p, dy, true, false)?;
                 let dp = self.matmul_t(dy, v, false, true)?;
@@ -391,9 +405,16 @@ impl Graph {
                     ps,
                     super::DType::F32,
                 );
-                let ds = self.affine(ds, *scale, 0.0)?;
-                let dq = self.matmul(ds, k)?;
-                let dk = self.matmul_t(ds, q, true, false)?;
+                let (dq, dk) = if on_q {
+                    let dq = self.matmul(ds, k)?;
+                    (
+                        self.affine(dq, *scale, 0.0)?,
+                        self.matmul_t(ds, qs, true, false)?,
+                    )
+                } else {
+                    let ds = self.affine(ds, *scale, 0.0)?;
+                    (self.matmul(ds, k)?, self.matmul_t(ds, q, true, false)?)
+                };
                 vec![(q, dq), (k, dk), (v, dv)]
             }
             // GroupNorm statistics are differentiated through GroupApply's rule.

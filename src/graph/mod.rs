@@ -3,6 +3,7 @@
 //! graph, so forward, backward and optimizer updates compile into one [`plan::Plan`].
 
 pub mod autodiff;
+mod fusion;
 pub mod plan;
 pub mod store;
 
@@ -598,6 +599,24 @@ impl Graph {
             let flat = self.reshape(x, &[rows, numel(&s[lead..])])?;
             let y = self.reduce(ReduceOp::Sum, flat, 0)?;
             return self.reshape(y, shape);
+        }
+        // Summing away trailing dims only ([N, C, H, W] -> [N, C, 1, 1]) is a row reduction.
+        let trail = full.iter().rev().take_while(|&&d| d == 1).count();
+        let keep = s.len() - trail;
+        if full[..keep] == s[..keep] && trail > 0 {
+            let flat = self.reshape(x, &[numel(&s[..keep]), numel(&s[keep..])])?;
+            let y = self.reduce(ReduceOp::Sum, flat, 1)?;
+            return self.reshape(y, shape);
+        }
+        // Few outputs over a long reduction (a convolution's bias gradient: [N, C, H, W] ->
+        // [C]) would leave most of the device idle, one invocation per output walking N*H*W
+        // values: sum every reduced dim but the first one, then that one.
+        let red: Vec<usize> = (0..s.len()).filter(|&d| full[d] == 1 && s[d] > 1).collect();
+        if red.len() >= 2 && numel(&full) < 1024 && s[red[0]] >= 4 {
+            let mut inter = full.clone();
+            inter[red[0]] = s[red[0]];
+            let y = self.sum_to(x, &inter)?;
+            return self.sum_to(y, shape);
         }
         let y = self.push(Op::SumTo, vec![x], full, DType::F32);
         self.reshape(y, shape)

@@ -11,7 +11,7 @@ use crate::exec::Prepared;
 use crate::gpu::Gpu;
 use crate::kernels::elementwise::{self, broadcast_strides, strides};
 use crate::kernels::matmul::{self, MatmulShape};
-use crate::kernels::{contrastive, layout, norm, optim, reduce, Dispatch, View};
+use crate::kernels::{contrastive, fused, layout, norm, optim, reduce, Dispatch, View};
 
 /// Compile options.
 #[derive(Clone, Copy, Debug)]
@@ -23,6 +23,10 @@ pub struct PlanOptions {
     pub poison: bool,
     /// Include the graph's optimizer updates (off: an evaluation plan over the same graph).
     pub updates: bool,
+    /// Fuse chains of elementwise ops into one generated kernel each (`graph::fusion`; off:
+    /// one dispatch per op, for comparisons). The default is on unless the environment sets
+    /// `STABLEREP_FUSE=0` (an escape hatch, and the A/B switch of the benchmarks).
+    pub fuse: bool,
 }
 
 impl Default for PlanOptions {
@@ -31,6 +35,7 @@ impl Default for PlanOptions {
             reuse: true,
             poison: false,
             updates: true,
+            fuse: std::env::var("STABLEREP_FUSE").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -122,6 +127,7 @@ struct Layout {
     live: Vec<bool>,
     fused_mm: Vec<Option<(usize, usize, Option<usize>)>>,
     fused_away: Vec<bool>,
+    fused_ew: Vec<Option<super::fusion::Group>>,
     root: Vec<usize>,
     off: Vec<u64>,
     slots: Vec<(usize, Vec<(usize, usize)>)>,
@@ -213,6 +219,21 @@ fn layout(
             }
         }
     }
+    // 1c. Chains of elementwise ops become one generated kernel (`graph::fusion`).
+    let fused_ew = if opts.fuse {
+        // Nodes the matmul epilogues took stay out.
+        let mut taken = fused_away.clone();
+        for (i, g) in fused_mm.iter().enumerate() {
+            taken[i] |= g.is_some();
+        }
+        let f = super::fusion::plan(graph, &live, &consumers, &taken, max_binding);
+        for (i, a) in f.absorbed.iter().enumerate() {
+            fused_away[i] |= *a;
+        }
+        f.groups
+    } else {
+        vec![None; n]
+    };
     // 2. Alias roots: a reshape shares its input's buffer, and so does a slice that is one
     // contiguous block of its input (every dim before the axis is 1), at an element offset.
     let mut root: Vec<usize> = (0..n).collect();
@@ -263,6 +284,13 @@ fn layout(
                 last[r] = last[r].max(i);
             }
         }
+        // A fused chain reads its leaves.
+        if let Some((_, leaves)) = &fused_ew[i] {
+            for &x in leaves {
+                let r = root[x];
+                last[r] = last[r].max(i);
+            }
+        }
     }
     for o in outputs {
         last[root[o.0]] = usize::MAX;
@@ -299,6 +327,7 @@ fn layout(
         live,
         fused_mm,
         fused_away,
+        fused_ew,
         root,
         off,
         slots,
@@ -379,6 +408,7 @@ impl Plan {
             live,
             fused_mm,
             fused_away,
+            fused_ew,
             root,
             off,
             slots,
@@ -510,8 +540,15 @@ impl Plan {
                 continue;
             }
             executed += 1;
-            let lowered = match fused_mm[i] {
-                Some((m, b, r)) => lower_matmul(
+            let lowered = match (fused_mm[i], &fused_ew[i]) {
+                (_, Some((prog, leaves))) => leaves
+                    .iter()
+                    .map(|&l| Ok((view(NodeId(l))?, &graph.nodes[l].shape[..])))
+                    .collect::<Result<Vec<_>>>()
+                    .and_then(|ls| {
+                        fused::fused(prog, &ls, view(NodeId(i))?, &node.shape, &gpu.caps)
+                    }),
+                (Some((m, b, r)), None) => lower_matmul(
                     graph,
                     NodeId(m),
                     &view,
@@ -520,7 +557,7 @@ impl Plan {
                     r.map(|r| view(NodeId(r))).transpose()?,
                     &gpu.caps,
                 ),
-                None => lower(gpu, graph, NodeId(i), &view),
+                (None, None) => lower(gpu, graph, NodeId(i), &view),
             };
             dispatches.extend(lowered.map_err(|e| match e {
                 Error::TooLarge { .. } | Error::Shape { .. } => {

@@ -109,6 +109,67 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
             &caps,
         )?);
     }
+    {
+        // Fused chains: every unary op and every binary op once, in the scalar form with a
+        // strided leaf, the vec4 form with a splatted leaf, and the widest program.
+        use super::fused::{self, Arg, Instr, Program};
+        for u in unary_ops() {
+            let p = Program {
+                leaves: 2,
+                instrs: vec![
+                    Instr::Unary(u, Arg::Leaf(0)),
+                    Instr::Binary(BinaryOp::Mul, Arg::Tmp(0), Arg::Leaf(1)),
+                ],
+            };
+            out.extend(fused::fused(
+                &p,
+                &[(v(0, 8), &[2, 4]), (v(1, 4), &[4])],
+                v(2, 8),
+                &[2, 4],
+                &caps,
+            )?);
+        }
+        for b in binary_ops() {
+            let p = Program {
+                leaves: 2,
+                instrs: vec![
+                    Instr::Binary(b, Arg::Leaf(0), Arg::Leaf(1)),
+                    Instr::Unary(UnaryOp::Neg, Arg::Tmp(0)),
+                ],
+            };
+            out.extend(fused::fused(
+                &p,
+                &[(v(0, 6), &[2, 3]), (v(1, 3), &[3])],
+                v(2, 6),
+                &[2, 3],
+                &caps,
+            )?);
+            out.extend(fused::fused(
+                &p,
+                &[(v(0, 8), &[2, 4]), (v(1, 2), &[2, 1])],
+                v(2, 8),
+                &[2, 4],
+                &caps,
+            )?);
+        }
+        let wide = Program {
+            leaves: fused::MAX_LEAVES,
+            instrs: (1..fused::MAX_LEAVES)
+                .map(|k| {
+                    let prev = if k == 1 {
+                        Arg::Leaf(0)
+                    } else {
+                        Arg::Tmp(k - 2)
+                    };
+                    Instr::Binary(BinaryOp::Add, prev, Arg::Leaf(k))
+                })
+                .collect(),
+        };
+        let leaves: Vec<(View, &[usize])> = (0..fused::MAX_LEAVES)
+            .map(|k| (v(k, 6), &[2usize, 3][..]))
+            .collect();
+        out.extend(fused::fused(&wide, &leaves, v(9, 6), &[2, 3], &caps)?);
+    }
     out.extend(elementwise::fill(0.0, v(0, 4), &caps)?);
     for k in [1, 3, elementwise::LINCOMB_MAX] {
         let xs: Vec<View> = (0..k).map(|j| v(2 + j, 8)).collect();

@@ -502,7 +502,7 @@ pub fn pack8(v: &[usize]) -> [u32; 8] {
 }
 
 /// Merges adjacent dims that are contiguous in every operand, so ranks stay small.
-fn coalesce(shape: &[usize], ops: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
+pub(crate) fn coalesce(shape: &[usize], ops: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
     let mut s: Vec<usize> = Vec::new();
     let mut o: Vec<Vec<usize>> = vec![Vec::new(); ops.len()];
     for d in 0..shape.len() {

@@ -7,6 +7,7 @@ pub mod augment;
 pub mod catalog;
 pub mod contrastive;
 pub mod elementwise;
+pub mod fused;
 pub mod layout;
 pub mod matmul;
 pub mod norm;

@@ -10,6 +10,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("matmul_sg", include_str!("../../shaders/matmul_sg.wgsl")),
     ("unary", include_str!("../../shaders/unary.wgsl")),
     ("binary", include_str!("../../shaders/binary.wgsl")),
+    ("fused", include_str!("../../shaders/fused.wgsl")),
     ("reduce", include_str!("../../shaders/reduce.wgsl")),
     ("sum_to", include_str!("../../shaders/sum_to.wgsl")),
     ("rows", include_str!("../../shaders/rows.wgsl")),

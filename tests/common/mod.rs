@@ -78,6 +78,7 @@ pub fn run_gpu(
             reuse: true,
             poison: true,
             updates: true,
+            fuse: true,
         },
     )
     .0
