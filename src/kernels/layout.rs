@@ -287,6 +287,8 @@ pub fn im2col(
     }
     let r = c * g.kh * g.kw;
     let total = (samples * count * r) as u64;
+    // One invocation per run of kw elements (one kernel row of one channel).
+    let runs = total / g.kw as u64;
     let (bx, ox) = bind_all(&x, caps, "convolution input")?;
     let (by, oy) = super::bind(&y, 0, total, caps, "im2col output")?;
     let k = |v: usize| v.to_string();
@@ -297,8 +299,8 @@ pub fn im2col(
         ),
         template: "im2col",
         subst: vec![
-            ("R", k(r)),
-            ("KK", k(g.kh * g.kw)),
+            ("CKH", k(c * g.kh)),
+            ("KH", k(g.kh)),
             ("KW", k(g.kw)),
             ("WO", k(wo)),
             ("S", k(g.stride)),
@@ -307,9 +309,9 @@ pub fn im2col(
             ("W", k(w)),
             ("CHW", k(c * h * w)),
         ],
-        uniform: uniform(&[total as u32, ox, oy, first as u32, (count * r) as u32]),
+        uniform: uniform(&[runs as u32, ox, oy, first as u32, (count * c * g.kh) as u32]),
         bindings: vec![bx, by],
-        groups: grid(total.div_ceil(WG_1D as u64), caps)?,
+        groups: grid(runs.div_ceil(WG_1D as u64), caps)?,
     }])
 }
 
