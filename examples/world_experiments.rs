@@ -5,9 +5,11 @@
 //!
 //!     cargo run --release --example world_experiments -- OUT [--model DIR] [--seeds N]
 //!         [--steps N] [--budget N] [--captions N] [--main-only] [--oracle-only]
+//!         [--guidance-only] [--demo-encoder]
 //!
 //! `--main-only` skips the guidance and images-per-caption sweeps; `--oracle-only` also the
-//! synthetic arms (no text-to-image model needed). `--demo-encoder` trains the full demo's
+//! synthetic arms (no text-to-image model needed); `--guidance-only` skips the
+//! images-per-caption sweep. `--demo-encoder` trains the full demo's
 //! encoder for 400 steps (default: the `--quick` demo's, cheaper for the sweeps).
 //!
 //! The model defaults to the built-in one (assets/world-sd).
@@ -32,8 +34,14 @@ fn go() -> stablerep::Result<()> {
     let mut main_only = false;
     let mut oracle_only = false;
     let mut demo_encoder = false;
+    let mut guidance_only = false;
     let mut i = 1;
     while i < args.len() {
+        if args[i] == "--guidance-only" {
+            guidance_only = true;
+            i += 1;
+            continue;
+        }
         if args[i] == "--demo-encoder" {
             demo_encoder = true;
             i += 1;
@@ -80,6 +88,9 @@ fn go() -> stablerep::Result<()> {
     }
     if main_only {
         plan.guidances.clear();
+        plan.images_per_caption.clear();
+    }
+    if guidance_only {
         plan.images_per_caption.clear();
     }
     plan.synthetic = !oracle_only;

@@ -294,13 +294,19 @@ fn random_elementwise_graph(
     }
     let numel = |s: &[usize]| s.iter().product::<usize>();
     let mut leaf = |g: &mut Graph, rng: &mut Rng| {
-        let shape: Vec<usize> = match rng.int(0, 3) {
-            // Full, per-row, per-column or fewer leading dims.
+        let shape: Vec<usize> = match rng.int(0, 4) {
+            // Full, one value per innermost index, one per outer index (splatted along the
+            // innermost dim), or fewer leading dims.
             0 | 1 => out.clone(),
             2 => out
                 .iter()
                 .enumerate()
                 .map(|(d, &v)| if d + 1 == rank { v } else { 1 })
+                .collect(),
+            3 => out
+                .iter()
+                .enumerate()
+                .map(|(d, &v)| if d + 1 == rank { 1 } else { v })
                 .collect(),
             _ => out[rng.int(0, rank - 1)..]
                 .iter()
@@ -480,4 +486,40 @@ fn a_fused_group_splits_at_the_leaf_limit() {
     assert_eq!(MAX_LEAVES, 6);
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert!(keys.iter().all(|k| k.starts_with("fused_")), "{keys:?}");
+}
+
+#[test]
+fn fusion_does_not_move_a_read_past_an_in_place_update() {
+    let (gpu, _lock) = gpu();
+    let mut g = Graph::new();
+    // m = tanh(acc) is computed before `accumulate` adds the gradient into acc in place; the
+    // reader 2 m comes after. Fused, the read of acc would move past the update.
+    let w = g.param("w", &[8]);
+    let grad = g.input("grad", &[8]);
+    let acc = g.state(&stablerep::graph::accumulator_name("w"), &[8], 0.0);
+    let m = g.unary(UnaryOp::Tanh, acc).unwrap();
+    let hyper = g.accumulate(&[w], &[grad]).unwrap();
+    let y = g.affine(m, 2.0, 0.0).unwrap();
+    let mut feeds = HashMap::new();
+    feeds.insert(
+        grad,
+        (0..8).map(|i| 0.1 * (i as f64 + 1.0)).collect::<Vec<_>>(),
+    );
+    feeds.insert(hyper, vec![1.0]);
+    let params = HashMap::from([("w".to_string(), vec![0.5; 8])]);
+    let (got, plan) = run_gpu_opts(&gpu, &g, &feeds, &params, &[y], PlanOptions::default());
+    let want = common::run_cpu(&g, &feeds, &params, &[y]);
+    common::assert_close(
+        "2 tanh(acc) before the update",
+        &got[0],
+        &want[0],
+        1e-6,
+        1e-6,
+    );
+    assert!(got[0].iter().all(|&v| v == 0.0), "{:?}", got[0]);
+    assert!(
+        plan.kernel_keys().iter().all(|k| !k.starts_with("fused_")),
+        "{:?}",
+        plan.kernel_keys()
+    );
 }

@@ -4,6 +4,8 @@
 //! elementwise ops, and its shape is the reader's (so every member computes one value per
 //! output element; leaves may broadcast). A group keeps at most [`MAX_LEAVES`] distinct
 //! leaves: when a reader would exceed them, its members with the most leaves stay separate.
+//! No in-place update may sit between a member and its reader (the member's reads move to
+//! the reader's place in the order), and every tensor must fit one binding at any offset.
 //! Members get no buffer and no dispatch; the group's last node runs the program.
 
 use super::{DType, Graph, Op};
@@ -32,10 +34,20 @@ pub(super) fn plan(
     max_binding: u64,
 ) -> Fusion {
     let n = graph.nodes.len();
+    // Whole tensors bound at any offset (an aliased slice starts mid-buffer).
+    let max_elems = max_binding.saturating_sub(256) / 4;
     let f32_fits = |i: usize| {
         let node = &graph.nodes[i];
-        node.dtype == DType::F32 && (node.numel() as u64) * 4 <= max_binding
+        node.dtype == DType::F32 && (node.numel() as u64) <= max_elems
     };
+    // A member's reads move to its group's last node; an in-place update (AdamW, SGD,
+    // running statistics, gradient accumulation) between the two could change what they read.
+    let mut updates_before = vec![0usize; n + 1];
+    for i in 0..n {
+        updates_before[i + 1] =
+            updates_before[i] + (live[i] && graph.nodes[i].op.is_update()) as usize;
+    }
+    let update_between = |a: usize, b: usize| updates_before[b] > updates_before[a + 1];
     let elementwise = |i: usize| {
         let node = &graph.nodes[i];
         live[i]
@@ -63,6 +75,7 @@ pub(super) fn plan(
             if elementwise(j)
                 && consumers[j] == 1
                 && graph.nodes[j].shape == node.shape
+                && !update_between(j, k)
                 && !members.contains(&j)
             {
                 members.push(j);
