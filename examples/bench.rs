@@ -296,16 +296,12 @@ fn demo_step(gpu: &Arc<Gpu>, adapter: &str, reps: usize) -> stablerep::Result<()
     Ok(())
 }
 
-/// The paper's model and batch without running them: ViT-B/16 at 224 with the official head
-/// (4096/256), device bytes of the chunked step (chunks of 258 = 43 captions x 6) and of one
-/// unchunked pass for batches of 258 .. 8,256, from the plans' layouts for this adapter's
-/// binding limit; then the largest unchunked batch (in steps of 6) under 23 GB (this machine),
-/// 80 GB and 139 GB (an H200).
-fn chunk_estimate(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
-    use stablerep::models::stablerep::{recipe_adamw, train_step, HeadConfig, StepConfig};
+/// The paper's StableRep step: ViT-B/16 at 224, head 4096/256, 6 images per caption,
+/// temperature 0.1, the recipe's AdamW, GPU augmentation from 256 x 256; `rows` images.
+fn paper_step(rows: usize) -> stablerep::models::stablerep::StepConfig {
+    use stablerep::models::stablerep::{recipe_adamw, HeadConfig, StepConfig};
     use stablerep::models::vit::VitConfig;
-    use stablerep::train::chunked::estimate;
-    let cfg = |rows: usize| StepConfig {
+    StepConfig {
         vit: VitConfig {
             img_size: 224,
             patch: 16,
@@ -324,7 +320,18 @@ fn chunk_estimate(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
         adamw: recipe_adamw(0.1),
         augment_from: Some((256, 256)),
         plus: None,
-    };
+    }
+}
+
+/// The paper's model and batch without running them: ViT-B/16 at 224 with the official head
+/// (4096/256), device bytes of the chunked step (chunks of 258 = 43 captions x 6) and of one
+/// unchunked pass for batches of 258 .. 8,256, from the plans' layouts for this adapter's
+/// binding limit; then the largest unchunked batch (in steps of 6) under 23 GB (this machine),
+/// 80 GB and 139 GB (an H200).
+fn chunk_estimate(gpu: &Arc<Gpu>, adapter: &str) -> stablerep::Result<()> {
+    use stablerep::models::stablerep::train_step;
+    use stablerep::train::chunked::estimate;
+    let cfg = paper_step;
     let mb = gpu.caps.max_binding;
     let unchunked = |rows: usize| -> stablerep::Result<(u64, u64)> {
         let step = train_step(&cfg(rows))?;
@@ -462,30 +469,10 @@ fn chunk_bench(gpu: &Arc<Gpu>, adapter: &str, max_rows: usize) -> stablerep::Res
 /// about 0.1 % of it), so the per-image rate carries over; device bytes are the plans'.
 fn chunk_vit_b(gpu: &Arc<Gpu>, adapter: &str, chunk: usize) -> stablerep::Result<()> {
     use stablerep::data::augment::{sample, AugmentConfig};
-    use stablerep::models::stablerep::{init_params, recipe_adamw, HeadConfig, StepConfig};
-    use stablerep::models::vit::VitConfig;
+    use stablerep::models::stablerep::init_params;
     use stablerep::train::chunked::{estimate, ChunkedStep};
     let rows = 12;
-    let cfg = StepConfig {
-        vit: VitConfig {
-            img_size: 224,
-            patch: 16,
-            width: 768,
-            depth: 12,
-            heads: 12,
-            mlp: 3072,
-        },
-        head: HeadConfig {
-            hidden: 4096,
-            out: 256,
-        },
-        captions: rows / 6,
-        images_per_caption: 6,
-        temperature: 0.1,
-        adamw: recipe_adamw(0.1),
-        augment_from: Some((256, 256)),
-        plus: None,
-    };
+    let cfg = paper_step(rows);
     let init = init_params(&cfg.vit, &cfg.head, None, 1);
     let mut store = ParamStore::new();
     for (name, t) in &init.tensors {
