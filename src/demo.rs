@@ -255,6 +255,8 @@ pub fn init_params(
     seed: u64,
 ) -> Result<()> {
     let mut rng = Rng(seed);
+    let bytes: usize = params.iter().map(|&id| g.node(id).numel() * 4).sum();
+    store.reserve(gpu, "", bytes as u64)?;
     for &id in params {
         let node = g.node(id);
         let name = node.name.as_deref().unwrap_or_default();

@@ -56,6 +56,7 @@ fn memory_planner_reuses_buffers_without_changing_results() {
         poison: true,
         updates: true,
         fuse: false,
+        multi_update: true,
     };
     let (a, pa) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[h, y], opts(true));
     let (b, pb) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[h, y], opts(false));
@@ -251,6 +252,7 @@ fn contiguous_slices_alias_their_input_without_a_copy() {
             poison: true,
             updates: true,
             fuse: true,
+            multi_update: true,
         },
     );
     let want = common::run_cpu(&g, &feeds, &HashMap::new(), &outs);
@@ -413,6 +415,7 @@ fn fused_elementwise_chains_match_unfused_plans_and_the_cpu() {
             poison: true,
             updates: true,
             fuse,
+            multi_update: true,
         };
         let (a, pa) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &outs, opts(true));
         let (b, pb) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &outs, opts(false));
@@ -522,4 +525,121 @@ fn fusion_does_not_move_a_read_past_an_in_place_update() {
         "{:?}",
         plan.kernel_keys()
     );
+}
+
+/// Three AdamW steps on parameters of `sizes` with per-parameter settings (no decay on every
+/// third, a clamp on the second), with `multi` on or off: every parameter and moment after
+/// the steps, and the plan's kernel keys.
+fn adamw_steps(
+    gpu: &std::sync::Arc<stablerep::gpu::Gpu>,
+    sizes: &[usize],
+    multi: bool,
+) -> (Vec<Vec<f32>>, Vec<String>, usize) {
+    use stablerep::kernels::optim::AdamW;
+    let mut g = Graph::new();
+    let x = g.input("x", &[1]);
+    let mut params = Vec::new();
+    let mut loss = None;
+    for (k, &n) in sizes.iter().enumerate() {
+        let p = g.param(&format!("p{k}"), &[n]);
+        // loss += sum(tanh(p * x) * p): a gradient that is a planned node, not a leaf.
+        let px = g.mul(p, x).unwrap();
+        let t = g.unary(UnaryOp::Tanh, px).unwrap();
+        let tp = g.mul(t, p).unwrap();
+        let s = g.sum_all(tp).unwrap();
+        loss = Some(match loss {
+            None => s,
+            Some(l) => g.add(l, s).unwrap(),
+        });
+        params.push(p);
+    }
+    let loss = loss.unwrap();
+    let grads = g.grad(loss, &params).unwrap();
+    let cfgs: Vec<AdamW> = (0..sizes.len())
+        .map(|k| AdamW {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-6,
+            weight_decay: if k % 3 == 2 { 0.0 } else { 0.1 },
+            clamp: (k == 1).then_some([-0.3, 0.25]),
+        })
+        .collect();
+    let hyper = g.adamw_each(&params, &grads, &cfgs).unwrap();
+    let mut store = ParamStore::new();
+    let mut rng = Rng(5);
+    for (k, &n) in sizes.iter().enumerate() {
+        store
+            .set(
+                gpu,
+                &format!("p{k}"),
+                &[n],
+                &rng.vec(n, -1.0, 1.0)
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+    }
+    let opts = PlanOptions {
+        multi_update: multi,
+        ..PlanOptions::default()
+    };
+    let plan = Plan::compile(gpu, &g, &[loss], &mut store, opts).unwrap();
+    plan.write(plan.input("x").unwrap(), &[1.3]).unwrap();
+    for t in 1..=3 {
+        let h = stablerep::graph::adam_hyper(0.05, &cfgs[0], t);
+        plan.write(hyper, &h).unwrap();
+        plan.run().unwrap();
+    }
+    let mut out = Vec::new();
+    for k in 0..sizes.len() {
+        for name in [
+            format!("p{k}"),
+            format!("optimizer.p{k}.exp_avg"),
+            format!("optimizer.p{k}.exp_avg_sq"),
+        ] {
+            out.push(store.read(&name).unwrap());
+        }
+    }
+    let keys = plan.kernel_keys().iter().map(|k| k.to_string()).collect();
+    (out, keys, plan.stats().dispatches)
+}
+
+#[test]
+fn one_adamw_dispatch_for_many_parameters_gives_the_same_values() {
+    let (gpu, _lock) = gpu();
+    // All lengths multiples of 4 (the vec4 form), then some not (the scalar form); 4,100 and
+    // 3,000 elements span several workgroups.
+    for (sizes, key) in [
+        (vec![4, 8, 4100, 12, 64, 256, 1024], "adamw_multi_v4"),
+        (vec![1, 3, 5, 3000, 17, 64, 2], "adamw_multi"),
+    ] {
+        let (one, keys_one, d_one) = adamw_steps(&gpu, &sizes, false);
+        let (multi, keys_multi, d_multi) = adamw_steps(&gpu, &sizes, true);
+        assert_eq!(
+            keys_multi
+                .iter()
+                .filter(|k| k.starts_with("adamw"))
+                .collect::<Vec<_>>(),
+            vec![key],
+            "{sizes:?}: one update dispatch for all parameters"
+        );
+        assert_eq!(
+            keys_one.iter().filter(|k| k.starts_with("adamw")).count(),
+            sizes.len()
+        );
+        assert_eq!(d_one - d_multi, sizes.len() - 1);
+        for (k, (a, b)) in one.iter().zip(&multi).enumerate() {
+            assert_eq!(
+                a,
+                b,
+                "{sizes:?}: tensor {k} (parameter {}, 0 p, 1 m, 2 v: {})",
+                k / 3,
+                k % 3
+            );
+        }
+        // The clamp held, and the steps moved every parameter.
+        assert!(multi[3].iter().all(|&v| (-0.3..=0.25).contains(&v)));
+        assert!(multi[0].iter().all(|v| v.is_finite()));
+    }
 }

@@ -123,6 +123,7 @@ fn matmul_with_a_fused_bias() {
             poison: true,
             updates: true,
             fuse: true,
+            multi_update: true,
         };
         let (got, plan) = common::run_gpu_opts(&gpu, &g, &f, &HashMap::new(), &[y], opts);
         let keys = plan.kernel_keys();

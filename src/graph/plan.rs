@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{DType, Graph, NodeId, Op, ParamStore, Tensor};
+use super::{DType, Graph, NodeId, Op, ParamStore};
 use crate::error::{Error, Result};
 use crate::exec::Prepared;
 use crate::gpu::Gpu;
@@ -27,6 +27,11 @@ pub struct PlanOptions {
     /// one dispatch per op, for comparisons). The default is on unless the environment sets
     /// `STABLEREP_FUSE=0` (an escape hatch, and the A/B switch of the benchmarks).
     pub fuse: bool,
+    /// Update the parameters of a run of AdamW steps in one dispatch per group of shared
+    /// buffers (`kernels::optim::adamw_multi`), with their gradients packed into one slab
+    /// buffer; off: one dispatch per parameter. Both give the same values. The default is on
+    /// unless the environment sets `STABLEREP_MULTI_UPDATE=0`.
+    pub multi_update: bool,
 }
 
 impl Default for PlanOptions {
@@ -36,6 +41,7 @@ impl Default for PlanOptions {
             poison: false,
             updates: true,
             fuse: std::env::var("STABLEREP_FUSE").map_or(true, |v| v != "0"),
+            multi_update: std::env::var("STABLEREP_MULTI_UPDATE").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -295,16 +301,61 @@ fn layout(
     for o in outputs {
         last[root[o.0]] = usize::MAX;
     }
-    // 4. Greedy-by-size slot assignment.
-    let mut order: Vec<usize> = (0..n).filter(|&i| planned(i)).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse((graph.nodes[i].numel().max(1), usize::MAX - i)));
+    // 3b. The gradients AdamW reads are packed into slabs, each one buffer that fits one
+    // binding (4-element aligned offsets), so that one dispatch updates many parameters.
+    // (They are all live until the update anyway; a slab lives from its first gradient.)
+    let mut slab_of: Vec<Option<(usize, u64)>> = vec![None; n];
+    // (elements, first node, last use, members)
+    let mut slabs: Vec<(usize, usize, usize, Vec<usize>)> = Vec::new();
+    if opts.multi_update {
+        let max = (max_binding.saturating_sub(256) / 4) as usize;
+        let mut seen = vec![false; n];
+        for j in (0..n).filter(|&j| live[j] && matches!(graph.nodes[j].op, Op::AdamW(_))) {
+            // The gradient's root (a gradient is often a reshape of a sum).
+            let g = root[graph.nodes[j].inputs[1].0];
+            if !planned(g) || seen[g] || graph.nodes[g].dtype != DType::F32 {
+                continue;
+            }
+            seen[g] = true;
+            let size = graph.nodes[g].numel().max(1).div_ceil(4) * 4;
+            if size > max {
+                continue;
+            }
+            if slabs.last().is_none_or(|s| s.0 + size > max) {
+                slabs.push((0, usize::MAX, 0, Vec::new()));
+            }
+            let k = slabs.len() - 1;
+            let s = &mut slabs[k];
+            slab_of[g] = Some((k, s.0 as u64));
+            s.0 += size;
+            s.1 = s.1.min(g);
+            s.2 = s.2.max(last[g]);
+            s.3.push(g);
+        }
+        for i in 0..n {
+            if live[i] {
+                if let Some((_, o)) = slab_of[root[i]] {
+                    off[i] += o;
+                }
+            }
+        }
+    }
+    // 4. Greedy-by-size slot assignment: (elements, first, last use, nodes) per item.
+    let mut items: Vec<(usize, usize, usize, Vec<usize>)> = (0..n)
+        .filter(|&i| planned(i) && slab_of[i].is_none())
+        .map(|i| (graph.nodes[i].numel().max(1), i, last[i], vec![i]))
+        .collect();
+    items.extend(slabs);
+    items.sort_by_key(|it| std::cmp::Reverse((it.0, usize::MAX - it.1)));
     let mut slots: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
     let mut slot_of = vec![usize::MAX; n];
     let mut tensor_bytes = 0u64;
-    for &i in &order {
-        let size = graph.nodes[i].numel().max(1);
-        tensor_bytes += size as u64 * 4;
-        let iv = (i, last[i]);
+    for (size, first, end, members) in items {
+        tensor_bytes += members
+            .iter()
+            .map(|&i| graph.nodes[i].numel().max(1) as u64 * 4)
+            .sum::<u64>();
+        let iv = (first, end);
         let fit = if opts.reuse {
             slots
                 .iter()
@@ -312,15 +363,18 @@ fn layout(
         } else {
             None
         };
-        match fit {
+        let s = match fit {
             Some(s) => {
                 slots[s].1.push(iv);
-                slot_of[i] = s;
+                s
             }
             None => {
                 slots.push((size, vec![iv]));
-                slot_of[i] = slots.len() - 1;
+                slots.len() - 1
             }
+        };
+        for i in members {
+            slot_of[i] = s;
         }
     }
     Ok(Layout {
@@ -428,6 +482,21 @@ impl Plan {
         let mut inputs = HashMap::new();
         let mut once: Vec<Dispatch> = Vec::new();
         let mut persistent = 0u64;
+        // Optimizer state made by this plan shares arenas (see `ParamStore::reserve`).
+        let mut fresh: HashMap<&'static str, u64> = HashMap::new();
+        for (i, node) in graph.nodes.iter().enumerate() {
+            if let (true, Op::State(_), Some(name)) = (live[i], &node.op, &node.name) {
+                if store.get(name).is_none() {
+                    *fresh.entry(super::store::arena_class(name)).or_default() +=
+                        (node.numel().max(1) as u64 * 4).div_ceil(16) * 16;
+                }
+            }
+        }
+        for (class, bytes) in fresh {
+            store.reserve(gpu, super::store::class_name(class), bytes)?;
+        }
+        let mut arena_slot: HashMap<u64, usize> = HashMap::new();
+        let mut store_off = vec![0u64; n];
         for i in 0..n {
             if !live[i] {
                 continue;
@@ -462,10 +531,7 @@ impl Plan {
                     })?;
                     if store.get(&name).is_none() {
                         match node.op {
-                            Op::State(v) => store.insert(
-                                &name,
-                                Tensor::from_f32(gpu, &node.shape, &vec![v; node.numel()])?,
-                            ),
+                            Op::State(v) => store.set_fill(gpu, &name, &node.shape, v)?,
                             _ => {
                                 return Err(Error::Graph(format!(
                                     "parameter '{name}' {:?} is missing from the store",
@@ -491,8 +557,20 @@ impl Plan {
                         ));
                     }
                     persistent += node_bytes(node);
-                    buffers.push(t.buffer().clone());
-                    loc[i] = Some(Loc::Buf(buffers.len() - 1));
+                    // Tensors of one store arena share one buffer-table entry.
+                    let b = match t.arena().and_then(|a| arena_slot.get(&a)) {
+                        Some(&b) => b,
+                        None => {
+                            buffers.push(t.buffer().clone());
+                            if let Some(a) = t.arena() {
+                                arena_slot.insert(a, buffers.len() - 1);
+                            }
+                            buffers.len() - 1
+                        }
+                    };
+                    let elem = if node.dtype == DType::F16 { 2 } else { 4 };
+                    store_off[i] = t.byte_offset() / elem;
+                    loc[i] = Some(Loc::Buf(b));
                 }
                 op if op.is_update() => loc[i] = Some(Loc::None),
                 _ if fused_away[i] => loc[i] = Some(Loc::None),
@@ -503,9 +581,13 @@ impl Plan {
                 }
             }
         }
+        let mut off = off;
         for (i, &r) in root.iter().enumerate() {
-            if live[i] && r != i {
-                loc[i] = loc[r];
+            if live[i] {
+                off[i] += store_off[r];
+                if r != i {
+                    loc[i] = loc[r];
+                }
             }
         }
         if opts.poison {
@@ -534,12 +616,28 @@ impl Plan {
         };
         let mut dispatches = Vec::new();
         let mut executed = 0;
+        let runs = if opts.multi_update {
+            adamw_runs(graph, |i| {
+                live[i] && !graph.nodes[i].op.is_leaf() && root[i] == i && !fused_away[i]
+            })
+        } else {
+            HashMap::new()
+        };
         for (i, node) in graph.nodes.iter().enumerate() {
             // Aliases (reshapes, contiguous slices) have no work of their own.
             if !live[i] || node.op.is_leaf() || root[i] != i || fused_away[i] {
                 continue;
             }
             executed += 1;
+            match runs.get(&i) {
+                Some(Some(run)) => {
+                    dispatches.extend(lower_adamw_run(gpu, graph, run, &view, &mut buffers)?);
+                    continue;
+                }
+                // A later member of a run lowered with its first.
+                Some(None) => continue,
+                None => {}
+            }
             let lowered = match (fused_mm[i], &fused_ew[i]) {
                 (_, Some((prog, leaves))) => leaves
                     .iter()
@@ -630,7 +728,14 @@ impl Plan {
     /// The node's buffer and the byte offset of its data there.
     fn buffer_of(&self, id: NodeId) -> Result<(&wgpu::Buffer, u64)> {
         match self.loc.get(id.0).copied().flatten() {
-            Some(Loc::Buf(b)) => Ok((&self.buffers[b], self.off[id.0] * 4)),
+            Some(Loc::Buf(b)) => {
+                let elem = if self.dtypes[id.0] == DType::F16 {
+                    2
+                } else {
+                    4
+                };
+                Ok((&self.buffers[b], self.off[id.0] * elem))
+            }
             _ => Err(Error::Graph(format!(
                 "node {} is not part of this plan",
                 id.0
@@ -1079,6 +1184,144 @@ fn lower(
 
 /// The dispatches of matmul node `id` writing `y`, optionally adding `bias` along rows and
 /// then `residual` (C's layout).
+/// Runs of AdamW nodes that execute one after another (nothing else runs between them), of
+/// two or more: the first member maps to the run, the others to `None`.
+fn adamw_runs(
+    graph: &Graph,
+    executes: impl Fn(usize) -> bool,
+) -> HashMap<usize, Option<Vec<usize>>> {
+    let mut out = HashMap::new();
+    let mut run: Vec<usize> = Vec::new();
+    let mut flush = |run: &mut Vec<usize>| {
+        if run.len() > 1 {
+            for &j in &run[1..] {
+                out.insert(j, None);
+            }
+            out.insert(run[0], Some(std::mem::take(run)));
+        }
+        run.clear();
+    };
+    for i in (0..graph.nodes.len()).filter(|&i| executes(i)) {
+        if matches!(graph.nodes[i].op, Op::AdamW(_)) {
+            run.push(i);
+        } else {
+            flush(&mut run);
+        }
+    }
+    flush(&mut run);
+    out
+}
+
+/// Lowers a run of AdamW nodes: members whose params, grads, m and v each share a buffer
+/// (store arenas, the gradient slab) and fit one binding per operand set go to one
+/// [`optim::adamw_multi`] dispatch per such group, with its table in a new plan buffer; the
+/// rest get [`optim::adamw`] each. The members touch disjoint tensors (checked: otherwise
+/// every member is lowered alone, in order), so the order of their updates does not matter.
+fn lower_adamw_run(
+    gpu: &Arc<Gpu>,
+    graph: &Graph,
+    run: &[usize],
+    view: &dyn Fn(NodeId) -> Result<View>,
+    buffers: &mut Vec<wgpu::Buffer>,
+) -> Result<Vec<Dispatch>> {
+    let caps = &gpu.caps;
+    use optim::Member;
+    // The four buffers and the hyper view.
+    type Key = (usize, usize, usize, usize, View);
+    let mut members: Vec<(Member, View)> = Vec::new();
+    for &j in run {
+        let node = &graph.nodes[j];
+        let Op::AdamW(cfg) = node.op else {
+            return Err(Error::Graph(format!("node {j} is not an AdamW step")));
+        };
+        let x = |k: usize| view(node.inputs[k]);
+        members.push(((cfg, x(0)?, x(1)?, x(2)?, x(3)?), x(4)?));
+    }
+    // Written ranges must not overlap anything another member touches.
+    let mut ranges: Vec<(usize, u64, u64, usize)> = Vec::new();
+    for (k, ((_, p, g, m, v), _)) in members.iter().enumerate() {
+        for r in [p, g, m, v] {
+            ranges.push((r.buf, r.offset, r.offset + r.len, k));
+        }
+    }
+    ranges.sort();
+    let disjoint = ranges
+        .windows(2)
+        .all(|w| w[0].0 != w[1].0 || w[0].2 <= w[1].1 || w[0].3 == w[1].3);
+    let single = |m: &Member, h: View| optim::adamw(m.0, m.1, m.2, m.3, m.4, h, caps);
+    let mut out = Vec::new();
+    if !disjoint {
+        for (m, h) in &members {
+            out.extend(single(m, *h)?);
+        }
+        return Ok(out);
+    }
+    // Groups by the four buffers and the hyper view, in order of first appearance.
+    let max = super::super::kernels::max_bind_elems(caps);
+    let mut groups: Vec<(Key, Vec<Member>)> = Vec::new();
+    for (m, h) in members {
+        if m.1.len == 0 {
+            continue;
+        }
+        let fits = [m.1, m.2, m.3, m.4].iter().all(|v| v.len <= max && !v.half);
+        let key = (m.1.buf, m.2.buf, m.3.buf, m.4.buf, h);
+        match groups.iter_mut().find(|g| g.0 == key && fits) {
+            Some(g) => g.1.push(m),
+            None => groups.push((key, vec![m])),
+        }
+    }
+    for (key, group) in groups {
+        // Split where an operand set's span would outgrow one binding.
+        let span_ok = |g: &[Member]| {
+            (0..4).all(|k| {
+                let pick = |m: &Member| [m.1, m.2, m.3, m.4][k];
+                let lo = g.iter().map(|m| pick(m).offset).min().unwrap_or(0);
+                let hi = g
+                    .iter()
+                    .map(|m| pick(m).offset + pick(m).len)
+                    .max()
+                    .unwrap_or(0);
+                hi - lo <= max
+            })
+        };
+        let mut parts: Vec<Vec<Member>> = Vec::new();
+        for m in group {
+            let mut moved = None;
+            match parts.last_mut() {
+                Some(p) => {
+                    p.push(m);
+                    if !span_ok(p) {
+                        moved = p.pop();
+                    }
+                }
+                None => moved = Some(m),
+            }
+            if let Some(m) = moved {
+                parts.push(vec![m]);
+            }
+        }
+        for part in parts {
+            if part.len() == 1 {
+                out.extend(single(&part[0], key.4)?);
+                continue;
+            }
+            let bytes = (optim::adamw_multi_table_words(&part) * 4) as u64;
+            gpu.check_buffer_size("adamw table", bytes)?;
+            buffers.push(gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("adamw table"),
+                size: bytes.div_ceil(16) * 16,
+                usage: crate::gpu::pool::STORAGE_USAGE,
+                mapped_at_creation: false,
+            }));
+            let table = buffers.len() - 1;
+            let (d, words) = optim::adamw_multi(&part, key.4, table, caps)?;
+            gpu.write(&buffers[table], 0, &words);
+            out.push(d);
+        }
+    }
+    Ok(out)
+}
+
 fn lower_matmul(
     g: &Graph,
     id: NodeId,

@@ -464,6 +464,10 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
             &caps,
         )?);
     }
+    for n in [4, 5] {
+        let members = [(cfg, v(0, n), v(1, n), v(2, n), v(3, n)); 2];
+        out.push(optim::adamw_multi(&members, v(4, 3), 5, &caps)?.0);
+    }
     out.extend(optim::sgd(
         0.9,
         0.0,

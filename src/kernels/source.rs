@@ -38,6 +38,10 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("augment", include_str!("../../shaders/augment.wgsl")),
     ("bn_running", include_str!("../../shaders/bn_running.wgsl")),
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
+    (
+        "adamw_multi",
+        include_str!("../../shaders/adamw_multi.wgsl"),
+    ),
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
     ("accumulate", include_str!("../../shaders/accumulate.wgsl")),
     ("fill", include_str!("../../shaders/fill.wgsl")),

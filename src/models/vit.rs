@@ -202,9 +202,14 @@ pub fn load_params(
     ckpt: &Checkpoint,
     store: &mut ParamStore,
 ) -> Result<()> {
-    for (name, shape) in cfg.param_shapes(prefix) {
-        let t = ckpt.get(&name, Some(&shape))?;
-        store.set(gpu, &name, &shape, &t.data)?;
+    let shapes = cfg.param_shapes(prefix);
+    let mut list = Vec::with_capacity(shapes.len());
+    for (name, shape) in &shapes {
+        list.push((
+            name.as_str(),
+            &shape[..],
+            &ckpt.get(name, Some(shape))?.data[..],
+        ));
     }
-    Ok(())
+    store.set_all(gpu, list)
 }

@@ -379,9 +379,12 @@ pub fn run(
     let world = r.world.descriptions(r.captions, r.caption_seed);
     let step = build(r)?;
     let mut store = ParamStore::new();
-    for (name, t) in &ck.tensors {
-        store.set(gpu, name, &t.shape, &t.data)?;
-    }
+    store.set_all(
+        gpu,
+        ck.tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
+    )?;
     let plan = Plan::compile(
         gpu,
         &step.graph,

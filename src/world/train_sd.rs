@@ -174,9 +174,12 @@ const SCALE_IMAGES: usize = 256;
 
 fn store_from(gpu: &Arc<Gpu>, ck: &Checkpoint) -> Result<ParamStore> {
     let mut store = ParamStore::new();
-    for (n, t) in &ck.tensors {
-        store.set(gpu, n, &t.shape, &t.data)?;
-    }
+    store.set_all(
+        gpu,
+        ck.tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
+    )?;
     Ok(store)
 }
 
