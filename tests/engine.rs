@@ -643,3 +643,72 @@ fn one_adamw_dispatch_for_many_parameters_gives_the_same_values() {
         assert!(multi[0].iter().all(|v| v.is_finite()));
     }
 }
+
+#[test]
+fn a_concat_of_blocks_is_computed_in_place() {
+    let (gpu, _lock) = gpu();
+    let mut rng = Rng(9);
+    let mut g = Graph::new();
+    let a = g.input("a", &[6, 5]);
+    let b = g.input("b", &[5, 7]);
+    let c = g.input("c", &[1, 3, 7]);
+    // Three inputs of [1, 6, 7] blocks: a matmul (through a reshape), a fused elementwise
+    // chain and a plain unary op; then the same concat again with an input that another node
+    // also reads, which must be copied.
+    let m = g.matmul(a, b).unwrap();
+    let m = g.reshape(m, &[1, 6, 7]).unwrap();
+    let t = g.unary(UnaryOp::Tanh, m).unwrap();
+    let t = g.affine(t, 2.0, 0.5).unwrap();
+    let s = g.unary(UnaryOp::Silu, c).unwrap();
+    let cat = g.concat(&[m, t, s], 1).unwrap();
+    let y = g.unary(UnaryOp::Affine(0.5, 1.0), cat).unwrap();
+    let u = g.unary(UnaryOp::Silu, c).unwrap();
+    let cat2 = g.concat(&[u, t], 1).unwrap();
+    let also = g.sum_all(u).unwrap();
+    let mut feeds = HashMap::new();
+    feeds.insert(a, rng.vec(30, -1.0, 1.0));
+    feeds.insert(b, rng.vec(35, -1.0, 1.0));
+    feeds.insert(c, rng.vec(21, -1.0, 1.0));
+    let outs = [y, cat2, also];
+    let want = common::run_cpu(&g, &feeds, &HashMap::new(), &outs);
+    let (got, plan) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &outs, Default::default());
+    for (k, name) in ["in place", "copied", "the other reader"]
+        .iter()
+        .enumerate()
+    {
+        common::assert_close(name, &got[k], &want[k], 1e-5, 1e-6);
+    }
+    // Neither concat is in place (m is read by tanh too, u by sum_all): 3 + 2 copies.
+    let keys = plan.kernel_keys();
+    let copies = keys.iter().filter(|k| k.starts_with("permute")).count();
+    assert_eq!(copies, 5, "{keys:?}");
+    // A graph where every input is read only by the concat: no copy at all.
+    let mut g = Graph::new();
+    let a = g.input("a", &[6, 5]);
+    let b = g.input("b", &[5, 7]);
+    let x = g.input("x", &[1, 4, 7]);
+    let m = g.matmul(a, b).unwrap();
+    let m = g.reshape(m, &[1, 6, 7]).unwrap();
+    let e = g.unary(UnaryOp::Exp, x).unwrap();
+    let e = g.affine(e, 2.0, 0.5).unwrap();
+    let cat = g.concat(&[e, m], 1).unwrap();
+    let y = g.unary(UnaryOp::Tanh, cat).unwrap();
+    let mut feeds = HashMap::new();
+    feeds.insert(a, rng.vec(30, -1.0, 1.0));
+    feeds.insert(b, rng.vec(35, -1.0, 1.0));
+    feeds.insert(x, rng.vec(28, -1.0, 1.0));
+    let want = common::run_cpu(&g, &feeds, &HashMap::new(), &[y, cat]);
+    let (got, plan) = run_gpu_opts(
+        &gpu,
+        &g,
+        &feeds,
+        &HashMap::new(),
+        &[y, cat],
+        Default::default(),
+    );
+    common::assert_close("in place", &got[0], &want[0], 1e-5, 1e-6);
+    common::assert_close("the concat itself", &got[1], &want[1], 1e-5, 1e-6);
+    let keys = plan.kernel_keys();
+    assert!(keys.iter().all(|k| !k.starts_with("permute")), "{keys:?}");
+    assert_eq!(keys.len(), 3, "matmul, the fused exp chain, tanh: {keys:?}");
+}

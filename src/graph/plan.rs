@@ -135,6 +135,8 @@ struct Layout {
     fused_away: Vec<bool>,
     fused_ew: Vec<Option<super::fusion::Group>>,
     root: Vec<usize>,
+    alias: Vec<bool>,
+    in_place: Vec<bool>,
     off: Vec<u64>,
     slots: Vec<(usize, Vec<(usize, usize)>)>,
     slot_of: Vec<usize>,
@@ -265,6 +267,67 @@ fn layout(
             _ => {}
         }
     }
+    // Nodes that share another's buffer and do no work of their own.
+    let alias: Vec<bool> = (0..n).map(|i| root[i] != i).collect();
+    // 2b. A concatenation along an axis with only 1s before it is a row of contiguous blocks.
+    // When nothing but the concat reads an input (with its reshapes), the input is computed
+    // straight into its block of the concat's buffer and the concat costs no dispatch (the
+    // gradients of attention's q, k and v become the gradient of the fused qkv this way).
+    let mut in_place = vec![false; n];
+    {
+        let mut class: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut readers: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for i in (0..n).filter(|&i| live[i]) {
+            class[root[i]].push(i);
+            for x in &graph.nodes[i].inputs {
+                if root[i] != root[x.0] {
+                    readers[root[x.0]].push(i);
+                }
+            }
+        }
+        for o in outputs {
+            readers[root[o.0]].push(usize::MAX);
+        }
+        for c in 0..n {
+            let node = &graph.nodes[c];
+            let Op::Concat { axis } = node.op else {
+                continue;
+            };
+            if !live[c]
+                || fused_away[c]
+                || root[c] != c
+                || node.dtype != DType::F32
+                || !node.shape[..axis].iter().all(|&d| d == 1)
+            {
+                continue;
+            }
+            let roots: Vec<usize> = node.inputs.iter().map(|x| root[x.0]).collect();
+            let ok = node.inputs.iter().zip(&roots).all(|(x, &r)| {
+                let rn = &graph.nodes[r];
+                live[r]
+                    && !fused_away[r]
+                    && !rn.op.is_leaf()
+                    && !rn.op.is_update()
+                    && rn.dtype == DType::F32
+                    && off[x.0] == 0
+                    && rn.numel() == graph.nodes[x.0].numel()
+                    && readers[r] == [c]
+            }) && (1..roots.len()).all(|k| !roots[..k].contains(&roots[k]));
+            if !ok {
+                continue;
+            }
+            let mut at = 0u64;
+            for (x, &r) in node.inputs.iter().zip(&roots) {
+                for &i in &std::mem::take(&mut class[r]) {
+                    root[i] = c;
+                    off[i] += at;
+                    class[c].push(i);
+                }
+                at += graph.nodes[x.0].numel() as u64;
+            }
+            in_place[c] = true;
+        }
+    }
     // 3. Lifetimes of planned roots.
     let planned = |i: usize| {
         live[i]
@@ -301,6 +364,12 @@ fn layout(
     for o in outputs {
         last[root[o.0]] = usize::MAX;
     }
+    // A buffer is in use from the first node that writes it (an in-place concat's first
+    // input).
+    let mut first: Vec<usize> = (0..n).collect();
+    for i in (0..n).filter(|&i| live[i]) {
+        first[root[i]] = first[root[i]].min(i);
+    }
     // 3b. The gradients AdamW reads are packed into slabs, each one buffer that fits one
     // binding (4-element aligned offsets), so that one dispatch updates many parameters.
     // (They are all live until the update anyway; a slab lives from its first gradient.)
@@ -328,7 +397,7 @@ fn layout(
             let s = &mut slabs[k];
             slab_of[g] = Some((k, s.0 as u64));
             s.0 += size;
-            s.1 = s.1.min(g);
+            s.1 = s.1.min(first[g]);
             s.2 = s.2.max(last[g]);
             s.3.push(g);
         }
@@ -343,7 +412,7 @@ fn layout(
     // 4. Greedy-by-size slot assignment: (elements, first, last use, nodes) per item.
     let mut items: Vec<(usize, usize, usize, Vec<usize>)> = (0..n)
         .filter(|&i| planned(i) && slab_of[i].is_none())
-        .map(|i| (graph.nodes[i].numel().max(1), i, last[i], vec![i]))
+        .map(|i| (graph.nodes[i].numel().max(1), first[i], last[i], vec![i]))
         .collect();
     items.extend(slabs);
     items.sort_by_key(|it| std::cmp::Reverse((it.0, usize::MAX - it.1)));
@@ -383,6 +452,8 @@ fn layout(
         fused_away,
         fused_ew,
         root,
+        alias,
+        in_place,
         off,
         slots,
         slot_of,
@@ -464,6 +535,8 @@ impl Plan {
             fused_away,
             fused_ew,
             root,
+            alias,
+            in_place,
             off,
             slots,
             slot_of,
@@ -618,14 +691,19 @@ impl Plan {
         let mut executed = 0;
         let runs = if opts.multi_update {
             adamw_runs(graph, |i| {
-                live[i] && !graph.nodes[i].op.is_leaf() && root[i] == i && !fused_away[i]
+                live[i]
+                    && !graph.nodes[i].op.is_leaf()
+                    && !alias[i]
+                    && !fused_away[i]
+                    && !in_place[i]
             })
         } else {
             HashMap::new()
         };
         for (i, node) in graph.nodes.iter().enumerate() {
             // Aliases (reshapes, contiguous slices) have no work of their own.
-            if !live[i] || node.op.is_leaf() || root[i] != i || fused_away[i] {
+            // and a concat whose inputs were computed in place.
+            if !live[i] || node.op.is_leaf() || alias[i] || fused_away[i] || in_place[i] {
                 continue;
             }
             executed += 1;
