@@ -534,6 +534,7 @@ fn adamw_steps(
     gpu: &std::sync::Arc<stablerep::gpu::Gpu>,
     sizes: &[usize],
     multi: bool,
+    accumulate: bool,
 ) -> (Vec<Vec<f32>>, Vec<String>, usize) {
     use stablerep::kernels::optim::AdamW;
     let mut g = Graph::new();
@@ -564,7 +565,11 @@ fn adamw_steps(
             clamp: (k == 1).then_some([-0.3, 0.25]),
         })
         .collect();
-    let hyper = g.adamw_each(&params, &grads, &cfgs).unwrap();
+    let hyper = if accumulate {
+        g.accumulate(&params, &grads).unwrap()
+    } else {
+        g.adamw_each(&params, &grads, &cfgs).unwrap()
+    };
     let mut store = ParamStore::new();
     let mut rng = Rng(5);
     for (k, &n) in sizes.iter().enumerate() {
@@ -587,17 +592,36 @@ fn adamw_steps(
     let plan = Plan::compile(gpu, &g, &[loss], &mut store, opts).unwrap();
     plan.write(plan.input("x").unwrap(), &[1.3]).unwrap();
     for t in 1..=3 {
-        let h = stablerep::graph::adam_hyper(0.05, &cfgs[0], t);
-        plan.write(hyper, &h).unwrap();
+        if accumulate {
+            // A NaN left in an accumulator must not survive the first chunk (beta 0).
+            for k in (0..sizes.len()).filter(|_| t == 1) {
+                let name = stablerep::graph::accumulator_name(&format!("p{k}"));
+                if let Some(acc) = store.get(&name) {
+                    acc.write_f32(&vec![f32::NAN; sizes[k]]).unwrap();
+                }
+            }
+            plan.write(hyper, &[if t == 1 { 0.0 } else { 1.0 }])
+                .unwrap();
+            plan.write(plan.input("x").unwrap(), &[1.3 + 0.1 * t as f32])
+                .unwrap();
+        } else {
+            let h = stablerep::graph::adam_hyper(0.05, &cfgs[0], t);
+            plan.write(hyper, &h).unwrap();
+        }
         plan.run().unwrap();
     }
     let mut out = Vec::new();
     for k in 0..sizes.len() {
-        for name in [
-            format!("p{k}"),
-            format!("optimizer.p{k}.exp_avg"),
-            format!("optimizer.p{k}.exp_avg_sq"),
-        ] {
+        let names = if accumulate {
+            vec![stablerep::graph::accumulator_name(&format!("p{k}"))]
+        } else {
+            vec![
+                format!("p{k}"),
+                format!("optimizer.p{k}.exp_avg"),
+                format!("optimizer.p{k}.exp_avg_sq"),
+            ]
+        };
+        for name in names {
             out.push(store.read(&name).unwrap());
         }
     }
@@ -614,8 +638,8 @@ fn one_adamw_dispatch_for_many_parameters_gives_the_same_values() {
         (vec![4, 8, 4100, 12, 64, 256, 1024], "adamw_multi_v4"),
         (vec![1, 3, 5, 3000, 17, 64, 2], "adamw_multi"),
     ] {
-        let (one, keys_one, d_one) = adamw_steps(&gpu, &sizes, false);
-        let (multi, keys_multi, d_multi) = adamw_steps(&gpu, &sizes, true);
+        let (one, keys_one, d_one) = adamw_steps(&gpu, &sizes, false, false);
+        let (multi, keys_multi, d_multi) = adamw_steps(&gpu, &sizes, true, false);
         assert_eq!(
             keys_multi
                 .iter()
@@ -711,4 +735,39 @@ fn a_concat_of_blocks_is_computed_in_place() {
     let keys = plan.kernel_keys();
     assert!(keys.iter().all(|k| !k.starts_with("permute")), "{keys:?}");
     assert_eq!(keys.len(), 3, "matmul, the fused exp chain, tanh: {keys:?}");
+}
+
+#[test]
+fn one_accumulation_dispatch_for_many_gradients_gives_the_same_values() {
+    let (gpu, _lock) = gpu();
+    for (sizes, key) in [
+        (vec![4, 8, 4100, 12, 64], "accumulate_multi_v4"),
+        (vec![1, 3, 5, 3000, 17], "accumulate_multi"),
+    ] {
+        let (one, keys_one, d_one) = adamw_steps(&gpu, &sizes, false, true);
+        let (multi, keys_multi, d_multi) = adamw_steps(&gpu, &sizes, true, true);
+        assert_eq!(
+            keys_multi
+                .iter()
+                .filter(|k| k.starts_with("accumulate"))
+                .collect::<Vec<_>>(),
+            vec![key],
+            "{sizes:?}"
+        );
+        assert_eq!(
+            keys_one
+                .iter()
+                .filter(|k| k.starts_with("accumulate"))
+                .count(),
+            sizes.len()
+        );
+        assert_eq!(d_one - d_multi, sizes.len() - 1);
+        for (k, (a, b)) in one.iter().zip(&multi).enumerate() {
+            assert_eq!(a, b, "{sizes:?}: accumulator {k}");
+            assert!(
+                b.iter().all(|v| v.is_finite()),
+                "{sizes:?}: accumulator {k}"
+            );
+        }
+    }
 }

@@ -488,6 +488,21 @@ fn chunked_steps_match_the_unchunked_step() {
     for chunk in [12, 6, 4, 3] {
         let mut b = fresh();
         let cs = ChunkedStep::new(&gpu, &cfg, chunk, &mut b).unwrap();
+        // The encoder's gradients are summed, and its parameters updated, by one multi-tensor
+        // dispatch each (not one per parameter).
+        let [_, _, backward, update] = cs.plans();
+        assert_eq!(update.kernel_keys(), ["adamw_multi_v4"]);
+        let sums: Vec<&str> = backward
+            .kernel_keys()
+            .into_iter()
+            .filter(|k| k.starts_with("accumulate"))
+            .collect();
+        assert_eq!(
+            sums,
+            ["accumulate_multi_v4"],
+            "{} parameters",
+            cs.encoder_params.len()
+        );
         let first = cs.step(&images, Some(&aug), None, 1e-3, 1, true).unwrap();
         assert!(
             (first.loss - want[0][0]).abs() <= 1e-5 * want[0][0].abs(),

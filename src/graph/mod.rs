@@ -6,6 +6,7 @@ pub mod autodiff;
 mod fusion;
 pub mod plan;
 pub mod store;
+mod updates;
 
 use crate::error::{Error, Result};
 use crate::kernels::elementwise::{broadcast_shape, BinaryOp, UnaryOp};

@@ -370,8 +370,9 @@ fn layout(
     for i in (0..n).filter(|&i| live[i]) {
         first[root[i]] = first[root[i]].min(i);
     }
-    // 3b. The gradients AdamW reads are packed into slabs, each one buffer that fits one
-    // binding (4-element aligned offsets), so that one dispatch updates many parameters.
+    // 3b. The gradients AdamW and accumulation read are packed into slabs, each one buffer
+    // that fits one binding (4-element aligned offsets), so that one dispatch updates many
+    // tensors (`graph::updates`).
     // (They are all live until the update anyway; a slab lives from its first gradient.)
     let mut slab_of: Vec<Option<(usize, u64)>> = vec![None; n];
     // (elements, first node, last use, members)
@@ -379,7 +380,7 @@ fn layout(
     if opts.multi_update {
         let max = (max_binding.saturating_sub(256) / 4) as usize;
         let mut seen = vec![false; n];
-        for j in (0..n).filter(|&j| live[j] && matches!(graph.nodes[j].op, Op::AdamW(_))) {
+        for j in (0..n).filter(|&j| live[j] && super::updates::reads_gradient(&graph.nodes[j].op)) {
             // The gradient's root (a gradient is often a reshape of a sum).
             let g = root[graph.nodes[j].inputs[1].0];
             if !planned(g) || seen[g] || graph.nodes[g].dtype != DType::F32 {
@@ -690,7 +691,7 @@ impl Plan {
         let mut dispatches = Vec::new();
         let mut executed = 0;
         let runs = if opts.multi_update {
-            adamw_runs(graph, |i| {
+            super::updates::runs(graph, |i| {
                 live[i]
                     && !graph.nodes[i].op.is_leaf()
                     && !alias[i]
@@ -709,7 +710,13 @@ impl Plan {
             executed += 1;
             match runs.get(&i) {
                 Some(Some(run)) => {
-                    dispatches.extend(lower_adamw_run(gpu, graph, run, &view, &mut buffers)?);
+                    dispatches.extend(super::updates::lower_run(
+                        gpu,
+                        graph,
+                        run,
+                        &view,
+                        &mut buffers,
+                    )?);
                     continue;
                 }
                 // A later member of a run lowered with its first.
@@ -1262,144 +1269,6 @@ fn lower(
 
 /// The dispatches of matmul node `id` writing `y`, optionally adding `bias` along rows and
 /// then `residual` (C's layout).
-/// Runs of AdamW nodes that execute one after another (nothing else runs between them), of
-/// two or more: the first member maps to the run, the others to `None`.
-fn adamw_runs(
-    graph: &Graph,
-    executes: impl Fn(usize) -> bool,
-) -> HashMap<usize, Option<Vec<usize>>> {
-    let mut out = HashMap::new();
-    let mut run: Vec<usize> = Vec::new();
-    let mut flush = |run: &mut Vec<usize>| {
-        if run.len() > 1 {
-            for &j in &run[1..] {
-                out.insert(j, None);
-            }
-            out.insert(run[0], Some(std::mem::take(run)));
-        }
-        run.clear();
-    };
-    for i in (0..graph.nodes.len()).filter(|&i| executes(i)) {
-        if matches!(graph.nodes[i].op, Op::AdamW(_)) {
-            run.push(i);
-        } else {
-            flush(&mut run);
-        }
-    }
-    flush(&mut run);
-    out
-}
-
-/// Lowers a run of AdamW nodes: members whose params, grads, m and v each share a buffer
-/// (store arenas, the gradient slab) and fit one binding per operand set go to one
-/// [`optim::adamw_multi`] dispatch per such group, with its table in a new plan buffer; the
-/// rest get [`optim::adamw`] each. The members touch disjoint tensors (checked: otherwise
-/// every member is lowered alone, in order), so the order of their updates does not matter.
-fn lower_adamw_run(
-    gpu: &Arc<Gpu>,
-    graph: &Graph,
-    run: &[usize],
-    view: &dyn Fn(NodeId) -> Result<View>,
-    buffers: &mut Vec<wgpu::Buffer>,
-) -> Result<Vec<Dispatch>> {
-    let caps = &gpu.caps;
-    use optim::Member;
-    // The four buffers and the hyper view.
-    type Key = (usize, usize, usize, usize, View);
-    let mut members: Vec<(Member, View)> = Vec::new();
-    for &j in run {
-        let node = &graph.nodes[j];
-        let Op::AdamW(cfg) = node.op else {
-            return Err(Error::Graph(format!("node {j} is not an AdamW step")));
-        };
-        let x = |k: usize| view(node.inputs[k]);
-        members.push(((cfg, x(0)?, x(1)?, x(2)?, x(3)?), x(4)?));
-    }
-    // Written ranges must not overlap anything another member touches.
-    let mut ranges: Vec<(usize, u64, u64, usize)> = Vec::new();
-    for (k, ((_, p, g, m, v), _)) in members.iter().enumerate() {
-        for r in [p, g, m, v] {
-            ranges.push((r.buf, r.offset, r.offset + r.len, k));
-        }
-    }
-    ranges.sort();
-    let disjoint = ranges
-        .windows(2)
-        .all(|w| w[0].0 != w[1].0 || w[0].2 <= w[1].1 || w[0].3 == w[1].3);
-    let single = |m: &Member, h: View| optim::adamw(m.0, m.1, m.2, m.3, m.4, h, caps);
-    let mut out = Vec::new();
-    if !disjoint {
-        for (m, h) in &members {
-            out.extend(single(m, *h)?);
-        }
-        return Ok(out);
-    }
-    // Groups by the four buffers and the hyper view, in order of first appearance.
-    let max = super::super::kernels::max_bind_elems(caps);
-    let mut groups: Vec<(Key, Vec<Member>)> = Vec::new();
-    for (m, h) in members {
-        if m.1.len == 0 {
-            continue;
-        }
-        let fits = [m.1, m.2, m.3, m.4].iter().all(|v| v.len <= max && !v.half);
-        let key = (m.1.buf, m.2.buf, m.3.buf, m.4.buf, h);
-        match groups.iter_mut().find(|g| g.0 == key && fits) {
-            Some(g) => g.1.push(m),
-            None => groups.push((key, vec![m])),
-        }
-    }
-    for (key, group) in groups {
-        // Split where an operand set's span would outgrow one binding.
-        let span_ok = |g: &[Member]| {
-            (0..4).all(|k| {
-                let pick = |m: &Member| [m.1, m.2, m.3, m.4][k];
-                let lo = g.iter().map(|m| pick(m).offset).min().unwrap_or(0);
-                let hi = g
-                    .iter()
-                    .map(|m| pick(m).offset + pick(m).len)
-                    .max()
-                    .unwrap_or(0);
-                hi - lo <= max
-            })
-        };
-        let mut parts: Vec<Vec<Member>> = Vec::new();
-        for m in group {
-            let mut moved = None;
-            match parts.last_mut() {
-                Some(p) => {
-                    p.push(m);
-                    if !span_ok(p) {
-                        moved = p.pop();
-                    }
-                }
-                None => moved = Some(m),
-            }
-            if let Some(m) = moved {
-                parts.push(vec![m]);
-            }
-        }
-        for part in parts {
-            if part.len() == 1 {
-                out.extend(single(&part[0], key.4)?);
-                continue;
-            }
-            let bytes = (optim::adamw_multi_table_words(&part) * 4) as u64;
-            gpu.check_buffer_size("adamw table", bytes)?;
-            buffers.push(gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("adamw table"),
-                size: bytes.div_ceil(16) * 16,
-                usage: crate::gpu::pool::STORAGE_USAGE,
-                mapped_at_creation: false,
-            }));
-            let table = buffers.len() - 1;
-            let (d, words) = optim::adamw_multi(&part, key.4, table, caps)?;
-            gpu.write(&buffers[table], 0, &words);
-            out.push(d);
-        }
-    }
-    Ok(out)
-}
-
 fn lower_matmul(
     g: &Graph,
     id: NodeId,

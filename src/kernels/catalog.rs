@@ -478,6 +478,10 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         &caps,
     )?);
     out.extend(optim::accumulate(v(0, 4), v(1, 4), v(2, 1), &caps)?);
+    for n in [4, 5] {
+        let members = [(v(0, n), v(1, n)); 2];
+        out.push(optim::accumulate_multi(&members, v(2, 1), 3, &caps)?.0);
+    }
     let mut seen = std::collections::HashSet::new();
     out.retain(|d| seen.insert(d.key.clone()));
     Ok(out)

@@ -71,41 +71,106 @@ pub fn adamw(
     )
 }
 
-/// Units (elements, or vec4s in the vec4 form) one workgroup of [`adamw_multi`] updates.
+/// Units (elements, or vec4s in the vec4 form) one workgroup of a multi-tensor update
+/// ([`adamw_multi`], [`accumulate_multi`]) works on.
 pub const MULTI_GROUP_UNITS: u64 = 1024;
-
-/// One tensor of an [`adamw_multi`] dispatch: (configuration, param, grad, m, v).
-pub type Member = (AdamW, View, View, View, View);
 
 /// Words of one [`adamw_multi`] table entry.
 pub const MULTI_ENTRY_WORDS: usize = 16;
 
-/// The words of an [`adamw_multi`] table for `members` (see there).
-pub fn adamw_multi_table_words(members: &[Member]) -> usize {
-    let vec = multi_vec4(members);
-    let d = if vec { 4 } else { 1 };
-    members.len() * MULTI_ENTRY_WORDS
-        + members
-            .iter()
-            .map(|m| (m.1.len / d).div_ceil(MULTI_GROUP_UNITS) as usize)
-            .sum::<usize>()
+/// Words of one [`accumulate_multi`] table entry.
+pub const ACC_ENTRY_WORDS: usize = 4;
+
+/// One tensor of an [`adamw_multi`] dispatch: (configuration, param, grad, m, v).
+pub type Member = (AdamW, View, View, View, View);
+
+/// How a multi-tensor update binds its operand sets: one binding per set spanning all its
+/// members, and each member's offset inside it in units.
+struct MultiLayout {
+    bindings: Vec<super::Binding>,
+    /// Per set: the element that unit 0 of the binding is.
+    starts: Vec<u64>,
+    /// The vec4 form: every length and offset a multiple of 4.
+    vec: bool,
 }
 
-/// Whether every member's length and offsets allow the vec4 form.
-fn multi_vec4(members: &[Member]) -> bool {
-    members.iter().all(|m| {
-        m.1.len.is_multiple_of(4)
-            && [m.1, m.2, m.3, m.4]
-                .iter()
-                .all(|v| v.offset.is_multiple_of(4))
-    })
+impl MultiLayout {
+    /// `sets[k][j]` is operand k of member j. Every set must be f32 in one buffer, and every
+    /// member's operands one length.
+    fn new(sets: &[Vec<View>], caps: &Caps, what: &str) -> Result<MultiLayout> {
+        use crate::error::Error;
+        let mut bindings = Vec::with_capacity(sets.len());
+        let mut starts = Vec::with_capacity(sets.len());
+        let mut vec = true;
+        for set in sets {
+            let first = set
+                .first()
+                .ok_or_else(|| Error::Graph(format!("{what} with no tensors")))?;
+            if set.iter().any(|v| v.buf != first.buf || v.half) {
+                return Err(Error::Graph(format!(
+                    "{what}: every operand set must be f32 in one buffer"
+                )));
+            }
+            if set.len() != sets[0].len() || set.iter().zip(&sets[0]).any(|(v, w)| v.len != w.len) {
+                return Err(Error::Graph(format!(
+                    "{what}: a member's operands differ in length"
+                )));
+            }
+            let lo = set.iter().map(|v| v.offset).min().unwrap_or(0);
+            let hi = set.iter().map(|v| v.offset + v.len).max().unwrap_or(0);
+            let span = View {
+                buf: first.buf,
+                offset: lo,
+                len: hi - lo,
+                half: false,
+            };
+            let (b, at) = super::bind_all(&span, caps, what)?;
+            let start = lo - at as u64;
+            vec &= start.is_multiple_of(4)
+                && set
+                    .iter()
+                    .all(|v| v.len.is_multiple_of(4) && v.offset.is_multiple_of(4));
+            bindings.push(b);
+            starts.push(start);
+        }
+        Ok(MultiLayout {
+            bindings,
+            starts,
+            vec,
+        })
+    }
+
+    fn unit(&self) -> u64 {
+        if self.vec {
+            4
+        } else {
+            1
+        }
+    }
+
+    /// Member view `v` of set `k` as a unit offset in its binding.
+    fn rel(&self, k: usize, v: &View) -> u32 {
+        ((v.offset - self.starts[k]) / self.unit()) as u32
+    }
+
+    /// The workgroup-to-member map for members of `lens` elements; returns (map, groups).
+    fn owners(&self, lens: impl Iterator<Item = u64>) -> (Vec<u32>, Vec<u32>) {
+        let mut owner: Vec<u32> = Vec::new();
+        let mut first = Vec::new();
+        for (j, n) in lens.enumerate() {
+            first.push(owner.len() as u32);
+            let groups = (n / self.unit()).div_ceil(MULTI_GROUP_UNITS);
+            owner.extend(std::iter::repeat_n(j as u32, groups as usize));
+        }
+        (owner, first)
+    }
 }
 
 /// One AdamW step on many tensors in one dispatch: `members` are (configuration, param, grad,
 /// m, v) whose params share one buffer, as do their grads, their m and their v (each set's
 /// span must fit one binding); `hyper` is as for [`adamw`]. `table` is the buffer id of a
-/// storage buffer of [`adamw_multi_table_words`] words that the caller fills with the
-/// returned words before the dispatch runs. Every element gets the arithmetic of [`adamw`],
+/// storage buffer that the caller fills with the returned words (a table per tensor, then a
+/// map from workgroups to tensors) before the dispatch runs. Every element gets the arithmetic of [`adamw`],
 /// so the result is the same as one [`adamw`] dispatch per member.
 pub fn adamw_multi(
     members: &[Member],
@@ -113,62 +178,22 @@ pub fn adamw_multi(
     table: usize,
     caps: &Caps,
 ) -> Result<(Dispatch, Vec<u32>)> {
-    use crate::error::Error;
-    let first = members
-        .first()
-        .ok_or_else(|| Error::Graph("adamw_multi with no tensors".into()))?;
-    let pick = |k: usize, m: &Member| [m.1, m.2, m.3, m.4][k];
-    // The span of each operand set over the members, bound once; offsets relative to it.
-    let mut binds = Vec::with_capacity(4);
-    let mut starts = Vec::with_capacity(4);
-    let mut aligned = true;
-    for k in 0..4 {
-        let buf = pick(k, first).buf;
-        if members
-            .iter()
-            .any(|m| pick(k, m).buf != buf || pick(k, m).half)
-        {
-            return Err(Error::Graph(
-                "adamw_multi: every operand set must be f32 in one buffer".into(),
-            ));
-        }
-        let lo = members.iter().map(|m| pick(k, m).offset).min().unwrap_or(0);
-        let hi = members
-            .iter()
-            .map(|m| pick(k, m).offset + pick(k, m).len)
-            .max()
-            .unwrap_or(0);
-        let span = View {
-            buf,
-            offset: lo,
-            len: hi - lo,
-            half: false,
-        };
-        let (b, at) = super::bind_all(&span, caps, "adamw_multi operand span")?;
-        aligned &= (lo - at as u64).is_multiple_of(4);
-        binds.push(b);
-        starts.push(lo - at as u64);
-    }
-    let vec = aligned && multi_vec4(members);
-    let d: u64 = if vec { 4 } else { 1 };
+    let sets: Vec<Vec<View>> = (0..4)
+        .map(|k| members.iter().map(|m| [m.1, m.2, m.3, m.4][k]).collect())
+        .collect();
+    let l = MultiLayout::new(&sets, caps, "adamw_multi")?;
     let (bh, off_h) = super::bind_all(&hyper, caps, "adamw hyper")?;
-    let mut words = Vec::with_capacity(adamw_multi_table_words(members));
-    let mut owner: Vec<u32> = Vec::new();
-    for (k, m) in members.iter().enumerate() {
-        if [m.2.len, m.3.len, m.4.len] != [m.1.len; 3] {
-            return Err(Error::Graph(
-                "adamw_multi: a member's operands differ in length".into(),
-            ));
-        }
+    let (owner, first) = l.owners(members.iter().map(|m| m.1.len));
+    let mut words = Vec::with_capacity(members.len() * MULTI_ENTRY_WORDS + owner.len());
+    for (j, m) in members.iter().enumerate() {
         let c = m.0;
-        let rel = |j: usize| -> u32 { ((pick(j, m).offset - starts[j]) / d) as u32 };
         words.extend_from_slice(&[
-            rel(0),
-            rel(1),
-            rel(2),
-            rel(3),
-            (m.1.len / d) as u32,
-            owner.len() as u32,
+            l.rel(0, &m.1),
+            l.rel(1, &m.2),
+            l.rel(2, &m.3),
+            l.rel(3, &m.4),
+            (m.1.len / l.unit()) as u32,
+            first[j],
             u32::from(c.clamp.is_some()),
             0,
             c.beta1.to_bits(),
@@ -180,13 +205,84 @@ pub fn adamw_multi(
             0,
             0,
         ]);
-        let groups = (m.1.len / d).div_ceil(MULTI_GROUP_UNITS);
-        owner.extend(std::iter::repeat_n(k as u32, groups as usize));
     }
     let groups = owner.len() as u64;
     words.extend(owner);
-    let mut bindings = binds;
-    bindings.push(bh);
+    multi_dispatch(
+        "adamw_multi",
+        l,
+        bh,
+        off_h,
+        table,
+        members.len(),
+        groups,
+        words,
+        caps,
+    )
+}
+
+/// Gradient accumulation `acc = hyper[0] * acc + grad` on many tensors in one dispatch:
+/// `members` are (acc, grad) whose accs share one buffer, as do their grads; otherwise as
+/// [`adamw_multi`] (table included). The result is
+/// the same as one [`accumulate`] dispatch per member.
+pub fn accumulate_multi(
+    members: &[(View, View)],
+    hyper: View,
+    table: usize,
+    caps: &Caps,
+) -> Result<(Dispatch, Vec<u32>)> {
+    let sets: Vec<Vec<View>> = vec![
+        members.iter().map(|m| m.0).collect(),
+        members.iter().map(|m| m.1).collect(),
+    ];
+    let l = MultiLayout::new(&sets, caps, "accumulate_multi")?;
+    let (bh, off_h) = super::bind_all(&hyper, caps, "accumulate hyper")?;
+    let (owner, first) = l.owners(members.iter().map(|m| m.0.len));
+    let mut words = Vec::with_capacity(members.len() * ACC_ENTRY_WORDS + owner.len());
+    for (j, m) in members.iter().enumerate() {
+        words.extend_from_slice(&[
+            l.rel(0, &m.0),
+            l.rel(1, &m.1),
+            (m.0.len / l.unit()) as u32,
+            first[j],
+        ]);
+    }
+    let groups = owner.len() as u64;
+    words.extend(owner);
+    multi_dispatch(
+        "accumulate_multi",
+        l,
+        bh,
+        off_h,
+        table,
+        members.len(),
+        groups,
+        words,
+        caps,
+    )
+}
+
+/// The dispatch of a multi-tensor update over its operand bindings, hyper and table.
+#[allow(clippy::too_many_arguments)]
+fn multi_dispatch(
+    template: &'static str,
+    l: MultiLayout,
+    hyper: super::Binding,
+    off_h: u32,
+    table: usize,
+    count: usize,
+    groups: u64,
+    words: Vec<u32>,
+    caps: &Caps,
+) -> Result<(Dispatch, Vec<u32>)> {
+    if groups > u32::MAX as u64 {
+        return Err(crate::error::Error::Graph(format!(
+            "{template}: too many elements"
+        )));
+    }
+    let vec = l.vec;
+    let mut bindings = l.bindings;
+    bindings.push(hyper);
     bindings.push(super::Binding {
         buf: table,
         offset: 0,
@@ -194,10 +290,14 @@ pub fn adamw_multi(
     });
     Ok((
         Dispatch {
-            key: if vec { "adamw_multi_v4" } else { "adamw_multi" }.into(),
-            template: "adamw_multi",
+            key: if vec {
+                format!("{template}_v4")
+            } else {
+                template.to_string()
+            },
+            template,
             subst: vec![("TY", super::elem_ty(vec).into())],
-            uniform: uniform(&[members.len() as u32, groups as u32, off_h, 0]),
+            uniform: uniform(&[count as u32, groups as u32, off_h, 0]),
             bindings,
             groups: grid(groups, caps)?,
         },

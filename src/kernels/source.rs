@@ -44,6 +44,10 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ),
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
     ("accumulate", include_str!("../../shaders/accumulate.wgsl")),
+    (
+        "accumulate_multi",
+        include_str!("../../shaders/accumulate_multi.wgsl"),
+    ),
     ("fill", include_str!("../../shaders/fill.wgsl")),
     ("lincomb", include_str!("../../shaders/lincomb.wgsl")),
     ("im2col", include_str!("../../shaders/im2col.wgsl")),

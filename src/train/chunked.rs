@@ -459,6 +459,12 @@ impl ChunkedStep {
         })
     }
 
+    /// The four plans: features, head and loss, encoder backward (one chunk), update (for
+    /// their stats and kernels).
+    pub fn plans(&self) -> [&Plan; 4] {
+        [&self.encode.0, &self.head, &self.backward.0, &self.update]
+    }
+
     /// Peak bytes the four plans plan for (the largest of them; they run one at a time).
     pub fn peak_bytes(&self) -> u64 {
         [&self.encode.0, &self.head, &self.backward.0, &self.update]
