@@ -517,6 +517,14 @@ impl<'a> Generator<'a> {
         // token embeddings stay on the host (see `text_encoder::embed_tokens`).
         let upload = |ck: &Checkpoint, g: &Graph| -> Result<ParamStore> {
             let mut store = ParamStore::new();
+            // f32 weights share arenas sized to them (f16 ones get buffers of their own).
+            let f32_bytes: usize = g
+                .nodes
+                .iter()
+                .filter(|n| n.op == crate::graph::Op::Param && n.dtype == crate::graph::DType::F32)
+                .map(|n| n.numel().max(1).div_ceil(4) * 16)
+                .sum();
+            store.reserve(gpu, "", f32_bytes as u64)?;
             for node in g.nodes.iter().filter(|n| n.op == crate::graph::Op::Param) {
                 let name = node.name.as_deref().unwrap_or_default();
                 let Some(t) = ck.tensors.get(name) else {

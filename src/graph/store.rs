@@ -287,7 +287,7 @@ impl ParamStore {
         if bytes > max / 2 {
             return Tensor::empty(gpu, shape, dtype);
         }
-        let a = self.arena_with(gpu, name, bytes, bytes)?;
+        let a = self.arena_with(gpu, name, bytes)?;
         let arenas = self.arenas.get_mut(arena_class(name)).expect("made above");
         let arena = &mut arenas[a];
         let offset = arena.used;
@@ -305,43 +305,62 @@ impl ParamStore {
     /// Makes room for `bytes` more bytes of tensors named like `name` in one arena, so that
     /// tensors created together (a model's parameters, their optimizer state) share a buffer
     /// and one dispatch can update them all. Has no effect beyond the arena size limit.
+    /// The new arenas are sized to the request (in pieces of at most the arena limit), so a
+    /// reservation that is used up wastes nothing.
     pub fn reserve(&mut self, gpu: &Arc<Gpu>, name: &str, bytes: u64) -> Result<()> {
         let max = ARENA_MAX.min(gpu.caps.max_binding / 16 * 16);
-        let bytes = bytes.div_ceil(16) * 16;
-        self.arena_with(gpu, name, bytes.min(max), 0).map(|_| ())
+        let free: u64 = self
+            .arenas
+            .get(arena_class(name))
+            .map_or(0, |v| v.iter().map(|a| a.size - a.used).sum());
+        let mut left = (bytes.div_ceil(16) * 16).saturating_sub(free);
+        while left > 0 {
+            let size = left.min(max);
+            self.new_arena(gpu, name, size)?;
+            left -= size;
+        }
+        Ok(())
     }
 
-    /// The index of an arena of `name`'s class with `need` bytes free, made (at least `size`
-    /// bytes, doubling the last one) if there is none.
-    fn arena_with(&mut self, gpu: &Arc<Gpu>, name: &str, need: u64, size: u64) -> Result<usize> {
+    /// Adds an arena of `size` bytes to `name`'s class.
+    fn new_arena(&mut self, gpu: &Arc<Gpu>, name: &str, size: u64) -> Result<usize> {
+        gpu.check_buffer_size("parameter arena", size)?;
+        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("parameter arena"),
+            size,
+            usage: crate::gpu::pool::STORAGE_USAGE,
+            mapped_at_creation: false,
+        });
+        let arenas = self
+            .arenas
+            .entry(arena_class(name).to_string())
+            .or_default();
+        arenas.push(Arena {
+            id: NEXT_ARENA.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            buffer,
+            size,
+            used: 0,
+        });
+        Ok(arenas.len() - 1)
+    }
+
+    /// The index of an arena of `name`'s class with `need` bytes free, made (doubling the
+    /// last one's size, at least `need`) if there is none.
+    fn arena_with(&mut self, gpu: &Arc<Gpu>, name: &str, need: u64) -> Result<usize> {
         let max = ARENA_MAX.min(gpu.caps.max_binding / 16 * 16);
-        let class = arena_class(name);
-        let arenas = self.arenas.entry(class.to_string()).or_default();
-        let slot = arenas.iter().position(|a| a.size - a.used >= need);
-        Ok(match slot {
-            Some(a) => a,
-            None => {
-                let last = arenas.last().map_or(0, |a| a.size);
-                let size = (last * 2).clamp(ARENA_FIRST, max).max(size).max(need);
-                gpu.check_buffer_size("parameter arena", size)?;
-                let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("parameter arena"),
-                    size,
-                    usage: crate::gpu::pool::STORAGE_USAGE,
-                    mapped_at_creation: false,
-                });
-                arenas.push(Arena {
-                    id: NEXT_ARENA.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-                    buffer,
-                    size,
-                    used: 0,
-                });
-                arenas.len() - 1
-            }
-        })
+        let arenas = self
+            .arenas
+            .entry(arena_class(name).to_string())
+            .or_default();
+        if let Some(a) = arenas.iter().position(|a| a.size - a.used >= need) {
+            return Ok(a);
+        }
+        let last = arenas.last().map_or(0, |a| a.size);
+        self.new_arena(gpu, name, (last * 2).clamp(ARENA_FIRST, max).max(need))
     }
 
-    /// Sets `name` to `data` stored as f16 (for [`crate::graph::Graph::param_f16`] weights).
+    /// Sets `name` to `data` stored as f16 (for [`crate::graph::Graph::param_f16`] weights),
+    /// in a buffer of its own.
     pub fn set_f16(
         &mut self,
         gpu: &Arc<Gpu>,
@@ -349,9 +368,9 @@ impl ParamStore {
         shape: &[usize],
         data: &[f32],
     ) -> Result<()> {
-        let t = self.alloc(gpu, name, shape, DType::F16)?;
-        let words = f16_words(data, t.numel())?;
-        t.write_f16_words(&words)?;
+        // A buffer of its own: f16 weights are only read (no optimizer updates them), and a
+        // model's worth of them would leave up to an arena's size unused at the end.
+        let t = Tensor::from_f16(gpu, shape, data)?;
         self.insert(name, t);
         Ok(())
     }
