@@ -102,17 +102,25 @@ pub(super) fn lower_run(
             None => optim::accumulate(o[0], o[1], m.hyper, caps),
         }
     };
-    // No member's range may overlap another member's.
-    let mut ranges: Vec<(usize, u64, u64, usize)> = Vec::new();
-    for (k, m) in members.iter().enumerate() {
-        for r in &m.ops {
-            ranges.push((r.buf, r.offset, r.offset + r.len, k));
+    // No two operand ranges may overlap (a sweep per buffer in order of start, against the
+    // furthest end so far).
+    let mut ranges: Vec<(usize, u64, u64)> = members
+        .iter()
+        .flat_map(|m| m.ops.iter().map(|r| (r.buf, r.offset, r.offset + r.len)))
+        .filter(|r| r.2 > r.1)
+        .collect();
+    ranges.sort();
+    let mut disjoint = true;
+    let mut reach: Option<(usize, u64)> = None;
+    for &(buf, start, end) in &ranges {
+        match reach {
+            Some((b, e)) if b == buf => {
+                disjoint &= start >= e;
+                reach = Some((b, e.max(end)));
+            }
+            _ => reach = Some((buf, end)),
         }
     }
-    ranges.sort();
-    let disjoint = ranges
-        .windows(2)
-        .all(|w| w[0].0 != w[1].0 || w[0].2 <= w[1].1 || w[0].3 == w[1].3);
     let mut out = Vec::new();
     if !disjoint {
         for m in &members {
