@@ -54,20 +54,6 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Uploads every tensor into `store` under its name (f32), sharing arena buffers.
-    pub fn upload(
-        &self,
-        gpu: &std::sync::Arc<crate::gpu::Gpu>,
-        store: &mut crate::graph::ParamStore,
-    ) -> Result<()> {
-        store.set_all(
-            gpu,
-            self.tensors
-                .iter()
-                .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
-        )
-    }
-
     /// Reads every tensor of a safetensors file.
     pub fn load(path: &Path) -> Result<Checkpoint> {
         let bytes = std::fs::read(path).map_err(|e| Error::Io {

@@ -98,7 +98,12 @@ pub fn load(
     store: &mut ParamStore,
 ) -> Result<(serde_json::Value, u64)> {
     let ck = Checkpoint::load(path)?;
-    ck.upload(gpu, store)?;
+    store.set_all(
+        gpu,
+        ck.tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
+    )?;
     let config = match ck.metadata.get(CONFIG_KEY) {
         Some(s) => serde_json::from_str(s).map_err(|e| {
             Error::Config(format!(

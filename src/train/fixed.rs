@@ -115,7 +115,12 @@ pub fn run(
     };
     let step = train_step(&cfg)?;
     let mut store = ParamStore::new();
-    ck.upload(gpu, &mut store)?;
+    store.set_all(
+        gpu,
+        ck.tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
+    )?;
     // No step entry: a fresh start. One that does not parse is an error, not step 0.
     let start_step: u64 = match ck.metadata.get(checkpoint::STEP_KEY) {
         None => 0,

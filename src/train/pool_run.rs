@@ -177,7 +177,12 @@ pub fn run(
     }
     let step = train_step(&step_cfg)?;
     let mut store = ParamStore::new();
-    ck.upload(gpu, &mut store)?;
+    store.set_all(
+        gpu,
+        ck.tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
+    )?;
     // Chunked: four plans over the same store; otherwise one plan for the whole step.
     let chunked = match r.chunk {
         Some(c) => Some(super::chunked::ChunkedStep::new(

@@ -379,7 +379,12 @@ pub fn run(
     let world = r.world.descriptions(r.captions, r.caption_seed);
     let step = build(r)?;
     let mut store = ParamStore::new();
-    ck.upload(gpu, &mut store)?;
+    store.set_all(
+        gpu,
+        ck.tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
+    )?;
     let plan = Plan::compile(
         gpu,
         &step.graph,

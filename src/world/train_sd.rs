@@ -174,7 +174,12 @@ const SCALE_IMAGES: usize = 256;
 
 fn store_from(gpu: &Arc<Gpu>, ck: &Checkpoint) -> Result<ParamStore> {
     let mut store = ParamStore::new();
-    ck.upload(gpu, &mut store)?;
+    store.set_all(
+        gpu,
+        ck.tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
+    )?;
     Ok(store)
 }
 
