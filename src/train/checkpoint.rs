@@ -98,12 +98,7 @@ pub fn load(
     store: &mut ParamStore,
 ) -> Result<(serde_json::Value, u64)> {
     let ck = Checkpoint::load(path)?;
-    store.set_all(
-        gpu,
-        ck.tensors
-            .iter()
-            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
-    )?;
+    crate::models::upload(gpu, &ck, store)?;
     let config = match ck.metadata.get(CONFIG_KEY) {
         Some(s) => serde_json::from_str(s).map_err(|e| {
             Error::Config(format!(

@@ -115,12 +115,7 @@ pub fn run(
     };
     let step = train_step(&cfg)?;
     let mut store = ParamStore::new();
-    store.set_all(
-        gpu,
-        ck.tensors
-            .iter()
-            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
-    )?;
+    crate::models::upload(gpu, &ck, &mut store)?;
     // No step entry: a fresh start. One that does not parse is an error, not step 0.
     let start_step: u64 = match ck.metadata.get(checkpoint::STEP_KEY) {
         None => 0,

@@ -177,12 +177,7 @@ pub fn run(
     }
     let step = train_step(&step_cfg)?;
     let mut store = ParamStore::new();
-    store.set_all(
-        gpu,
-        ck.tensors
-            .iter()
-            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
-    )?;
+    crate::models::upload(gpu, &ck, &mut store)?;
     // Chunked: four plans over the same store; otherwise one plan for the whole step.
     let chunked = match r.chunk {
         Some(c) => Some(super::chunked::ChunkedStep::new(

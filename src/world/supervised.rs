@@ -379,12 +379,7 @@ pub fn run(
     let world = r.world.descriptions(r.captions, r.caption_seed);
     let step = build(r)?;
     let mut store = ParamStore::new();
-    store.set_all(
-        gpu,
-        ck.tensors
-            .iter()
-            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
-    )?;
+    crate::models::upload(gpu, &ck, &mut store)?;
     let plan = Plan::compile(
         gpu,
         &step.graph,

@@ -174,12 +174,7 @@ const SCALE_IMAGES: usize = 256;
 
 fn store_from(gpu: &Arc<Gpu>, ck: &Checkpoint) -> Result<ParamStore> {
     let mut store = ParamStore::new();
-    store.set_all(
-        gpu,
-        ck.tensors
-            .iter()
-            .map(|(n, t)| (n.as_str(), &t.shape[..], &t.data[..])),
-    )?;
+    crate::models::upload(gpu, ck, &mut store)?;
     Ok(store)
 }
 
