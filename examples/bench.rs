@@ -12,7 +12,9 @@
 //! default 256; not run without a filter); `world-sd` (one training step of each stage of the
 //! built-in mini-world model; `WORLD_SD_VAE=32,64 WORLD_SD_UNET=32,64` try other widths).
 //! `BENCH_PROFILE=1` adds a per-kernel breakdown of
-//! `vit-train` and the SD cases; `BENCH_F16=1` stores the SD UNet's weights in f16.
+//! `vit-train` and the SD cases; `BENCH_F16=1` stores the SD UNet's weights in f16, and
+//! `BENCH_F16_ACT=1` stores the SD cases' activations in f16 (`generate --precision f16`;
+//! needs shader-f16).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -582,7 +584,12 @@ fn sd_bench(
     let mut store = ParamStore::new();
     let t0 = Instant::now();
     random_weights(gpu, g, &mut store)?;
-    let plan = Plan::compile(gpu, g, &[out], &mut store, PlanOptions::default())?;
+    let half_act = std::env::var("BENCH_F16_ACT").is_ok();
+    let opts = PlanOptions {
+        f16_activations: half_act,
+        ..PlanOptions::default()
+    };
+    let plan = Plan::compile(gpu, g, &[out], &mut store, opts)?;
     let setup_s = t0.elapsed().as_secs_f64();
     for &i in &inputs {
         let n: usize = g.shape(i).iter().product();
@@ -628,7 +635,7 @@ fn sd_bench(
         "{}",
         json!({
             "bench": which, "adapter": adapter, "size": size, "guided_batch": if which == "sd-unet" { 2 } else { 1 },
-            "f16_weights": half && which == "sd-unet",
+            "f16_weights": half && which == "sd-unet", "f16_activations": half_act,
             "ms_median": ms_median.round(), "ms_min": times[0].round(), "runs": reps,
             "tflops": gflop.map(|f| (f / ms_median * 1e3).round() / 1e3),
             "gflop": gflop, "dispatches": st.dispatches, "planned_bytes": st.peak_bytes,

@@ -46,6 +46,7 @@ fn run() -> stablerep::Result<()> {
         caption: 0,
         size: arg(6, 512)?,
         half_weights: None,
+        half_activations: None,
         save_size: None,
         init_noise: None,
     };

@@ -94,6 +94,7 @@ fn go() -> stablerep::Result<()> {
                 caption: c as u64,
                 size,
                 half_weights: None,
+                half_activations: None,
                 save_size: None,
                 init_noise: None,
             };

@@ -18,10 +18,10 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> qs: array<f32>;
-@group(0) @binding(2) var<storage, read> ks: array<f32>;
-@group(0) @binding(3) var<storage, read> vs: array<f32>;
-@group(0) @binding(4) var<storage, read_write> os: array<f32>;
+@group(0) @binding(1) var<storage, read> qs: array<{{Q_TY}}>;
+@group(0) @binding(2) var<storage, read> ks: array<{{K_TY}}>;
+@group(0) @binding(3) var<storage, read> vs: array<{{V_TY}}>;
+@group(0) @binding(4) var<storage, read_write> os: array<{{O_TY}}>;
 
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -35,7 +35,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     var q: array<f32, {{DH}}>;
     var acc: array<f32, {{DH}}>;
     for (var d = 0u; d < {{DH}}u; d++) {
-        q[d] = qs[qb + d] * p.scale;
+        q[d] = f32(qs[qb + d]) * p.scale;
         acc[d] = 0.0;
     }
     var m = -3.0e38;
@@ -43,19 +43,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     for (var j = 0u; j < p.tk; j++) {
         var s = 0.0;
         for (var d = 0u; d < {{DH}}u; d++) {
-            s += q[d] * ks[kb + j * {{DH}}u + d];
+            s += q[d] * f32(ks[kb + j * {{DH}}u + d]);
         }
         let mn = max(m, s);
         let c = exp(m - mn);
         let e = exp(s - mn);
         l = l * c + e;
         for (var d = 0u; d < {{DH}}u; d++) {
-            acc[d] = acc[d] * c + e * vs[vb + j * {{DH}}u + d];
+            acc[d] = acc[d] * c + e * f32(vs[vb + j * {{DH}}u + d]);
         }
         m = mn;
     }
     let inv = 1.0 / l;
     for (var d = 0u; d < {{DH}}u; d++) {
-        os[p.off_o + i * {{DH}}u + d] = acc[d] * inv;
+        os[p.off_o + i * {{DH}}u + d] = {{O_TY}}(acc[d] * inv);
     }
 }

@@ -5,7 +5,8 @@
 // unrolls the code, so nothing sits in an indexed private array); every key and value vec4
 // it loads serves all <R> rows, and its address is the same in the whole workgroup. The
 // running max m, denominator l and accumulator a of each row are rescaled as keys arrive.
-// Offsets count vec4s.
+// Offsets count vec4s. <Q_TY>.. <O_TY> are vec4<f32> or vec4<f16> (activations stored in f16;
+// the arithmetic is f32).
 
 struct Params {
     bh: u32,
@@ -19,10 +20,10 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> qs: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> ks: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> vs: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> os: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> qs: array<{{Q_TY}}>;
+@group(0) @binding(2) var<storage, read> ks: array<{{K_TY}}>;
+@group(0) @binding(3) var<storage, read> vs: array<{{V_TY}}>;
+@group(0) @binding(4) var<storage, read_write> os: array<{{O_TY}}>;
 
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {

@@ -5,7 +5,8 @@
 // per run of KW consecutive elements of cols (one kernel row ky of one channel: its index
 // math is shared by the run, and the run reads KW neighbouring input pixels); every size is a
 // compile-time constant (divisions become multiplies); the pixel range is in the uniform, so
-// all chunks of a convolution share one pipeline.
+// all chunks of a convolution share one pipeline. <XTY> and <YTY> are the storage types of x
+// and the patches (f32, or f16 for activations stored in f16).
 
 struct Params {
     // runs of KW elements in all
@@ -18,8 +19,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> xs: array<f32>;
-@group(0) @binding(2) var<storage, read_write> ys: array<f32>;
+@group(0) @binding(1) var<storage, read> xs: array<{{XTY}}>;
+@group(0) @binding(2) var<storage, read_write> ys: array<{{YTY}}>;
 
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -41,8 +42,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         let ix = ix0 + kx;
         var v = 0.0;
         if (row_ok && ix >= 0 && ix < {{W}}) {
-            v = xs[u32(base + ix)];
+            v = f32(xs[u32(base + ix)]);
         }
-        ys[out + u32(kx)] = v;
+        ys[out + u32(kx)] = {{YTY}}(v);
     }
 }

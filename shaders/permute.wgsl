@@ -1,7 +1,9 @@
 // Strided copy: y[off_y + sum_d i_d * sy_d] = x[off_x + sum_d i_d * sx_d] over an index space
 // of up to 8 dims. One kernel serves permute/transpose, expand (stride 0), slice, concat
-// pieces and pad placement. <TY> is vec4<f32> when the innermost dim is contiguous in both
-// tensors and everything is vec4-aligned (shape, strides and offsets then count vec4s).
+// pieces and pad placement. <TX> and <TY> are the element types of x and y: f32 or f16
+// (activations stored in f16; the copy converts), or vec4s of them when the innermost dim is
+// contiguous in both tensors and everything is vec4-aligned (shape, strides and offsets then
+// count vec4s).
 // <INDEX> decomposes i over the shape with the dims and strides as constants (the uniform's
 // shape/sx/sy describe the same layout for readers of a dump).
 
@@ -16,7 +18,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> xs: array<{{TY}}>;
+@group(0) @binding(1) var<storage, read> xs: array<{{TX}}>;
 @group(0) @binding(2) var<storage, read_write> ys: array<{{TY}}>;
 
 @compute @workgroup_size(256, 1, 1)
@@ -27,5 +29,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var ix = 0u;
     var iy = 0u;
 {{INDEX}}
-    ys[p.off_y + iy] = xs[p.off_x + ix];
+    ys[p.off_y + iy] = {{TY}}(xs[p.off_x + ix]);
 }

@@ -95,6 +95,11 @@ enum Cmd {
         /// (f16 on a GPU when the file is fp16, which is then lossless).
         #[arg(long, default_value = "auto")]
         weights: String,
+        /// Activations: f16 (convolution patches, attention heads and outputs stored as f16,
+        /// arithmetic f32; needs shader-f16; weights default to f16 too), f32, or auto (f16 on
+        /// GPUs that have shader-f16; f32 on CPU adapters, where it is faster).
+        #[arg(long, default_value = "auto")]
+        precision: String,
         /// Output folder.
         #[arg(long)]
         out: std::path::PathBuf,
@@ -801,6 +806,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             size,
             save_size,
             weights,
+            precision,
             out,
             init_noise,
             save_latents,
@@ -863,6 +869,16 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                     other => {
                         return Err(stablerep::Error::Config(format!(
                             "--weights '{other}': want auto, f16 or f32"
+                        )))
+                    }
+                },
+                half_activations: match precision.as_str() {
+                    "auto" => None,
+                    "f16" => Some(true),
+                    "f32" => Some(false),
+                    other => {
+                        return Err(stablerep::Error::Config(format!(
+                            "--precision '{other}': want auto, f16 or f32"
                         )))
                     }
                 },

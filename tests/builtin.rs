@@ -23,6 +23,7 @@ fn options(prompt: &str, images: usize, noise: Option<Vec<f32>>) -> GenerateOpti
         caption: 0,
         size: 32,
         half_weights: None,
+        half_activations: None,
         save_size: None,
         init_noise: noise,
     }

@@ -566,6 +566,109 @@ fn unet_with_sd15_topology_matches_diffusers() {
     assert!(e.contains("6x8") && e.contains("multiple of 8"), "{e}");
 }
 
+#[test]
+fn unet_with_f16_activations_matches_diffusers_fp16() {
+    use stablerep::diffusion::blocks::timestep_features;
+    use stablerep::diffusion::unet::{unet, UNetConfig};
+    use stablerep::graph::{DType, Graph, ParamStore, Plan, PlanOptions};
+    let (gpu, _lock) = common::gpu();
+    let ck = Checkpoint::load(Path::new("tests/fixtures/sd_unet.safetensors")).unwrap();
+    let half = Checkpoint::load(Path::new("tests/fixtures/sd_unet_fp16.safetensors")).unwrap();
+    let cfg = UNetConfig::from_json(&ck.metadata["config"], "unet/config.json").unwrap();
+    let x = &ck.tensors["ref.x"];
+    let ctx = &ck.tensors["ref.ctx"];
+    let (b, h, w, tokens) = (x.shape[0], x.shape[2], x.shape[3], ctx.shape[1]);
+    // As `generate --precision f16` runs it: f16 weights (the fixture's are fp16, so this is
+    // lossless) and f16 activations.
+    let mut g = Graph::new();
+    g.half_weights = true;
+    let (eps, inp) = unet(&mut g, &cfg, "", b, h, w, tokens).unwrap();
+    let mut store = ParamStore::new();
+    for node in g
+        .nodes
+        .iter()
+        .filter(|n| n.op == stablerep::graph::Op::Param)
+    {
+        let name = node.name.as_deref().unwrap();
+        let t = &ck.tensors[&format!("unet.{name}")];
+        if node.dtype == DType::F16 {
+            store.set_f16(&gpu, name, &t.shape, &t.data).unwrap();
+        } else {
+            store.set(&gpu, name, &t.shape, &t.data).unwrap();
+        }
+    }
+    let opts = PlanOptions {
+        f16_activations: true,
+        ..PlanOptions::default()
+    };
+    let plan = Plan::compile(&gpu, &g, &[eps], &mut store, opts).unwrap();
+    let keys = plan.kernel_keys();
+    for family in ["im2col", "permute", "attention"] {
+        assert!(
+            keys.iter()
+                .any(|k| k.starts_with(family) && k.contains("_h")),
+            "no f16 {family} kernel: {keys:?}"
+        );
+    }
+    plan.write(inp.sample, &x.data).unwrap();
+    plan.write(inp.context, &ctx.data).unwrap();
+    for t in [981, 1] {
+        let feats = timestep_features(
+            t as f64,
+            cfg.block_out_channels[0],
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+        );
+        let time: Vec<f32> = (0..b).flat_map(|_| feats.iter().copied()).collect();
+        plan.write(inp.time, &time).unwrap();
+        let got = plan.run_fetch(&[eps]).unwrap().remove(0);
+        let want16 = &half.tensors[&format!("ref.eps{t}")].data;
+        let want32 = &ck.tensors[&format!("ref.eps{t}")].data;
+        // diffusers' fp16 UNet is itself 1.8e-3 (relative to the largest output) from its
+        // f32 run on this fixture; ours must be within 4e-3 of both.
+        let (d16, tol) = deviation(&got, want16);
+        let (d32, _) = deviation(&got, want32);
+        let tol = tol * 40.0;
+        eprintln!("t = {t}: f16 activations vs diffusers fp16 {d16:.2e}, vs f32 {d32:.2e} (tolerance {tol:.2e})");
+        assert!(
+            d16 <= tol,
+            "t = {t}: {d16} from diffusers' fp16 UNet (tolerance {tol})"
+        );
+        assert!(
+            d32 <= tol,
+            "t = {t}: {d32} from diffusers' f32 UNet (tolerance {tol})"
+        );
+        assert!(d32 > 0.0, "t = {t}: identical to f32, so f16 was not used");
+    }
+    // Asked for on a device without shader-f16: a clear error before any GPU work.
+    let no_f16 = stablerep::kernels::catalog::generic_caps(false);
+    let mut o = stablerep::diffusion::model::GenerateOptions {
+        prompt: "a".into(),
+        negative: String::new(),
+        images: 1,
+        guidance: 2.0,
+        steps: 1,
+        sampler: stablerep::diffusion::sampler::Kind::Ddim { eta: 0.0 },
+        seed: 0,
+        caption: 0,
+        size: 64,
+        half_weights: None,
+        half_activations: Some(true),
+        save_size: None,
+        init_noise: None,
+    };
+    let e = o.half_activations(&no_f16).unwrap_err().to_string();
+    assert!(
+        e.contains("--precision f16") && e.contains("shader-f16"),
+        "{e}"
+    );
+    o.half_activations = None;
+    assert!(!o.half_activations(&no_f16).unwrap());
+    assert!(!o
+        .half_activations(&stablerep::kernels::catalog::generic_caps(true))
+        .unwrap());
+}
+
 /// Runs the VAE encoder or decoder of the fixture on `input`, with the checkpoint `ck`; with
 /// `limit` > 0 the decoder must keep every activation under `limit` bytes.
 fn run_vae(

@@ -57,6 +57,7 @@ fn memory_planner_reuses_buffers_without_changing_results() {
         updates: true,
         fuse: false,
         multi_update: true,
+        f16_activations: false,
     };
     let (a, pa) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[h, y], opts(true));
     let (b, pb) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[h, y], opts(false));
@@ -253,6 +254,7 @@ fn contiguous_slices_alias_their_input_without_a_copy() {
             updates: true,
             fuse: true,
             multi_update: true,
+            f16_activations: false,
         },
     );
     let want = common::run_cpu(&g, &feeds, &HashMap::new(), &outs);
@@ -416,6 +418,7 @@ fn fused_elementwise_chains_match_unfused_plans_and_the_cpu() {
             updates: true,
             fuse,
             multi_update: true,
+            f16_activations: false,
         };
         let (a, pa) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &outs, opts(true));
         let (b, pb) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &outs, opts(false));
@@ -587,6 +590,7 @@ fn adamw_steps(
     }
     let opts = PlanOptions {
         multi_update: multi,
+        f16_activations: false,
         ..PlanOptions::default()
     };
     let plan = Plan::compile(gpu, &g, &[loss], &mut store, opts).unwrap();

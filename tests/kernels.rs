@@ -124,6 +124,7 @@ fn matmul_with_a_fused_bias() {
             updates: true,
             fuse: true,
             multi_update: true,
+            f16_activations: false,
         };
         let (got, plan) = common::run_gpu_opts(&gpu, &g, &f, &HashMap::new(), &[y], opts);
         let keys = plan.kernel_keys();
@@ -901,4 +902,104 @@ fn out_of_range_ids_and_labels_are_refused_when_written() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("class label") && e.contains("below 3"), "{e}");
+}
+
+#[test]
+fn f16_activations_match_the_cpu_within_f16_rounding() {
+    use common::run_gpu_opts;
+    use stablerep::diffusion::blocks::attention;
+    use stablerep::graph::PlanOptions;
+    let (gpu, _lock) = gpu();
+    assert!(
+        gpu.caps.f16,
+        "lavapipe offers shader-f16; this test needs it"
+    );
+    let mut rng = Rng(16);
+    // (batch, channels, side, heads): patches of 36 and 108 columns in f16 and of 27 in f32
+    // (K not a multiple of 4), head widths 4 (vec4 attention) and 3 (scalar).
+    for &(n, c, side, heads) in &[
+        (2usize, 8usize, 5usize, 2usize),
+        (1, 3, 4, 1),
+        (2, 12, 3, 4),
+    ] {
+        let t = side * side;
+        let mut g = Graph::new();
+        let x = g.input("x", &[n, c, side, side]);
+        let w = g.input("w", &[c, c, 3, 3]);
+        let y = g.conv2d(x, w, None, 1, 1).unwrap();
+        let y = g.permute(y, &[0, 2, 3, 1]).unwrap();
+        let tok = g.reshape(y, &[n * t, c]).unwrap();
+        let mut proj = Vec::new();
+        for name in ["wq", "wk", "wv", "wo"] {
+            proj.push(g.input(name, &[c, c]));
+        }
+        let qkv: Vec<_> = proj[..3]
+            .iter()
+            .map(|&p| g.matmul_t(tok, p, false, true).unwrap())
+            .collect();
+        let a = attention(&mut g, qkv[0], qkv[1], qkv[2], n, t, t, heads).unwrap();
+        let out = g.matmul_t(a, proj[3], false, true).unwrap();
+        let mut feeds = HashMap::new();
+        feeds.insert(x, rng.vec(n * c * t, -1.0, 1.0));
+        feeds.insert(w, rng.vec(c * c * 9, -0.3, 0.3));
+        for &p in &proj {
+            feeds.insert(p, rng.vec(c * c, -0.6, 0.6));
+        }
+        let what = format!("n{n} c{c} side{side} heads{heads}");
+        let cpu = run_cpu(&g, &feeds, &HashMap::new(), &[out]).remove(0);
+        let opts = |half| PlanOptions {
+            reuse: true,
+            poison: true,
+            updates: false,
+            fuse: true,
+            multi_update: true,
+            f16_activations: half,
+        };
+        let (f32s, p32) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[out], opts(false));
+        let (f16s, p16) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[out], opts(true));
+        assert_close(&what, &f32s[0], &cpu, 1e-4, 1e-5);
+        // Each f16 store rounds by at most 2^-11 relative; a few of them compound.
+        let scale = cpu.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert_close(&what, &f16s[0], &cpu, 4e-3, 4e-3 * scale);
+        let keys = p16.kernel_keys();
+        let has = |k: &str| keys.iter().any(|x| x.starts_with(k) && x.contains("_h"));
+        assert_eq!(has("im2col"), c % 4 == 0, "{what}: {keys:?}");
+        assert!(has("attention") && has("permute"), "{what}: {keys:?}");
+        assert!(
+            f16s[0] != f32s[0],
+            "{what}: f16 storage changed nothing, so it was not used"
+        );
+        // The patches are the largest tensor; in f32 (c = 3) they set the peak either way.
+        assert!(
+            c % 4 != 0 || p16.stats().peak_bytes < p32.stats().peak_bytes,
+            "{what}: {} >= {} bytes",
+            p16.stats().peak_bytes,
+            p32.stats().peak_bytes
+        );
+        assert!(p32.kernel_keys().iter().all(|k| !k.contains("_h")));
+    }
+    // Training graphs keep f32.
+    let mut g = Graph::new();
+    let w = g.param("w", &[4, 4]);
+    let x = g.input("x", &[2, 4]);
+    let y = g.matmul_t(x, w, false, true).unwrap();
+    let l = g.sum_all(y).unwrap();
+    let gw = g.grad(l, &[w]).unwrap()[0];
+    g.sgd(&[w], &[gw], 0.9, 0.0).unwrap();
+    let mut store = stablerep::graph::ParamStore::new();
+    store.set(&gpu, "w", &[4, 4], &[0.0; 16]).unwrap();
+    let e = stablerep::graph::Plan::compile(
+        &gpu,
+        &g,
+        &[l],
+        &mut store,
+        PlanOptions {
+            f16_activations: true,
+            ..PlanOptions::default()
+        },
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(e.contains("f16 activations are for inference"), "{e}");
 }

@@ -211,6 +211,7 @@ fn small_sd_trains_and_writes_a_loadable_folder() {
         caption: 0,
         size,
         half_weights: None,
+        half_activations: None,
         save_size: None,
         init_noise: None,
     };

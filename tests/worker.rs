@@ -46,6 +46,7 @@ fn options(steps: usize, images: usize) -> GenerateOptions {
         size: 64,
         save_size: None,
         half_weights: None,
+        half_activations: None,
         init_noise: None,
     }
 }

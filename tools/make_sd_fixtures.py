@@ -12,6 +12,8 @@ merge table, over a few hundred varied prompts (tests/fixtures/sd_tokens.json).
 Usage: .venv-ref/bin/python tools/make_sd_fixtures.py   (writes tests/fixtures/sd_*)
        .venv-ref/bin/python tools/make_sd_fixtures.py single_file   (only the single-file
        checkpoint, from the committed UNet and VAE fixtures)
+       .venv-ref/bin/python tools/make_sd_fixtures.py unet_fp16   (only diffusers' fp16 UNet
+       on the committed UNet fixture, tests/fixtures/sd_unet_fp16.safetensors)
        .venv-ref/bin/python tools/make_sd_fixtures.py builtin   (only the built-in model's
        run: assets/world-sd through StableDiffusionPipeline, tests/fixtures/world_sd.safetensors)
 """
@@ -517,6 +519,34 @@ def single_file_fixture():
     print("sd_single_file.safetensors", len(ck), "tensors; diffusers' converters give back every tensor")
 
 
+def unet_fp16_fixture():
+    """diffusers' fp16 UNet on the committed UNet fixture (tests/fixtures/sd_unet.safetensors):
+    the same fp16 weights, latent and text states, the model cast to float16 as
+    `StableDiffusionPipeline(..., torch_dtype=torch.float16)` does, run on the CPU; outputs
+    ref.eps981 / ref.eps1 (fp16, widened to f32) in tests/fixtures/sd_unet_fp16.safetensors."""
+    import json
+
+    from safetensors import safe_open
+    from diffusers import UNet2DConditionModel
+
+    with safe_open(OUT / "sd_unet.safetensors", "pt") as f:
+        meta = f.metadata()
+        sd = {k[len("unet."):]: f.get_tensor(k) for k in f.keys() if k.startswith("unet.")}
+        x, ctx = f.get_tensor("ref.x"), f.get_tensor("ref.ctx")
+    m = UNet2DConditionModel.from_config(json.loads(meta["config"])).eval()
+    m.load_state_dict({k: v.float() for k, v in sd.items()})
+    m = m.half()
+    t = {}
+    with torch.no_grad():
+        for ts in (981, 1):
+            y = m(x.half(), ts, encoder_hidden_states=ctx.half()).sample
+            assert y.dtype == torch.float16
+            t[f"ref.eps{ts}"] = y.float().contiguous()
+    save_file(t, OUT / "sd_unet_fp16.safetensors",
+              metadata={"diffusers": diffusers.__version__, "torch": torch.__version__})
+    print("sd_unet_fp16.safetensors: diffusers' fp16 UNet on the CPU")
+
+
 def builtin_fixture():
     """The shipped mini-world model (assets/world-sd, fp16 files read as fp32) through
     diffusers' StableDiffusionPipeline: two prompts (batched with the empty prompt for
@@ -548,6 +578,9 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["builtin"]:
         builtin_fixture()
         sys.exit(0)
+    if sys.argv[1:] == ["unet_fp16"]:  # only this one (it reads the committed UNet fixture)
+        unet_fp16_fixture()
+        sys.exit(0)
     if sys.argv[1:] == ["single_file"]:  # only this one (it reads the committed fixtures)
         single_file_fixture()
         sys.exit(0)
@@ -561,3 +594,4 @@ if __name__ == "__main__":
     vae_fixture()
     guided_run_fixture()
     single_file_fixture()
+    unet_fp16_fixture()

@@ -50,6 +50,11 @@ pub fn options(
         "f32" => Some(false),
         _ => None,
     };
+    let half_activations = match s.precision.as_str() {
+        "f16" => Some(true),
+        "f32" => Some(false),
+        _ => None,
+    };
     if s.size == 0 || !s.size.is_multiple_of(8) {
         return Err(format!("size {} is not a positive multiple of 8", s.size));
     }
@@ -67,6 +72,7 @@ pub fn options(
         caption: 0,
         size: s.size,
         half_weights,
+        half_activations,
         save_size: None,
         init_noise: None,
     })
@@ -172,6 +178,20 @@ pub fn sampling_form(ui: &mut egui::Ui, id: &str, s: &mut Sampling) {
             })
             .response
             .on_hover_text("f16 halves the UNet's memory; arithmetic stays f32");
+        ui.end_row();
+        ui.label("Activations");
+        egui::ComboBox::from_id_salt(format!("{id} precision"))
+            .selected_text(s.precision.clone())
+            .show_ui(ui, |ui| {
+                for k in ["auto", "f16", "f32"] {
+                    ui.selectable_value(&mut s.precision, k.to_string(), k);
+                }
+            })
+            .response
+            .on_hover_text(
+                "f16 stores convolution patches and attention in half precision (needs \
+                 shader-f16; auto: on GPUs that have it); arithmetic stays f32",
+            );
         ui.end_row();
     });
 }

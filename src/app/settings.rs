@@ -52,6 +52,8 @@ pub struct Sampling {
     pub size: usize,
     /// UNet weight storage: auto, f16 or f32.
     pub weights: String,
+    /// Activation storage (`generate --precision`): auto, f16 or f32.
+    pub precision: String,
 }
 
 impl Default for Sampling {
@@ -64,6 +66,7 @@ impl Default for Sampling {
             seed: 0,
             size: 512,
             weights: "auto".into(),
+            precision: "auto".into(),
         }
     }
 }

@@ -277,6 +277,11 @@ pub struct GenerateOptions {
     /// its file is fp16 (then lossless: the results are identical to f32 storage) and the
     /// adapter is a GPU.
     pub half_weights: Option<bool>,
+    /// Store activations that convolutions, attention and layout copies read in f16
+    /// (`PlanOptions::f16_activations`: f32 arithmetic, half the memory and traffic for those
+    /// tensors; needs `shader-f16`); `None`: on GPUs that have the feature. With f16
+    /// activations the weights default to f16 too.
+    pub half_activations: Option<bool>,
     /// Side of the saved PNGs (resized from `size` with a bicubic filter, like PIL's default);
     /// `None` saves at `size`.
     pub save_size: Option<usize>,
@@ -389,8 +394,24 @@ impl GenerateOptions {
     /// by default when its file is fp16 (lossless) and the adapter is a GPU (on CPU adapters
     /// widening costs 10-25 % of a step, docs/benchmarks.md, and memory is the host's).
     pub fn half_weights(&self, m: &SdModel, caps: &crate::gpu::Caps) -> bool {
-        self.half_weights
-            .unwrap_or(m.unet_weights.all_f16() && !caps.is_cpu)
+        self.half_weights.unwrap_or(
+            (m.unet_weights.all_f16() && !caps.is_cpu)
+                || self.half_activations(caps).unwrap_or(false),
+        )
+    }
+
+    /// Whether activations are stored in f16 on a device with `caps`: by default on GPUs with
+    /// `shader-f16` (on CPU adapters the conversions cost time and memory is the host's,
+    /// docs/benchmarks.md). Fails when f16 is asked for and the device lacks the feature.
+    pub fn half_activations(&self, caps: &crate::gpu::Caps) -> Result<bool> {
+        match self.half_activations {
+            None => Ok(caps.f16 && !caps.is_cpu),
+            Some(true) if !caps.f16 => Err(Error::Config(
+                "--precision f16: this device lacks the feature shader-f16 (use f32 or auto)"
+                    .into(),
+            )),
+            Some(h) => Ok(h),
+        }
     }
 
     /// Checks the settings against the model, before any GPU work.
@@ -475,6 +496,7 @@ fn batched_graphs(
     o: &GenerateOptions,
     limit: u64,
     half: bool,
+    half_act: bool,
 ) -> Result<(SdGraphs, SdMemory, usize)> {
     let build = |b| {
         graphs(
@@ -489,11 +511,11 @@ fn batched_graphs(
         )
     };
     let one = build(1)?;
-    let one_need = one.memory(limit)?;
+    let one_need = one.memory_with(limit, half_act)?;
     let mut best = (one, one_need, 1);
     for b in (2..=o.images).filter(|b| o.images.is_multiple_of(*b)) {
         let g = build(b)?;
-        let need = g.memory(limit)?;
+        let need = g.memory_with(limit, half_act)?;
         if need.unet.total() > one_need.unet.total() + BATCH_EXTRA_BYTES
             || need.largest_tensor() > limit
         {
@@ -511,7 +533,13 @@ impl<'a> Generator<'a> {
         let sampler = Sampler::new(o.sampler, &m.scheduler, o.steps)?;
         let lat = o.size / m.vae.downscale();
         let limit = max_tensor(gpu) as u64;
-        let (gr, need, batch) = batched_graphs(m, o, limit, o.half_weights(m, &gpu.caps))?;
+        let half_act = o.half_activations(&gpu.caps)?;
+        let plan_opts = PlanOptions {
+            f16_activations: half_act,
+            ..PlanOptions::default()
+        };
+        let (gr, need, batch) =
+            batched_graphs(m, o, limit, o.half_weights(m, &gpu.caps), half_act)?;
         let run = GpuSampler::new(gpu, sampler, batch * m.unet.in_channels * lat * lat)?;
         // Each graph's parameters, in the dtype it asks for (f16 weights when half_weights);
         // token embeddings stay on the host (see `text_encoder::embed_tokens`).
@@ -546,18 +574,25 @@ impl<'a> Generator<'a> {
             &gr.text,
             &[gr.hidden],
             &mut upload(&m.text_weights, &gr.text).map_err(oom)?,
-            PlanOptions::default(),
+            plan_opts,
         )
         .map_err(oom)?;
         let mut unet_store = upload(&m.unet_weights, &gr.unet.graph).map_err(oom)?;
-        let den =
-            Denoiser::compile(gpu, gr.unet, &m.unet, &mut unet_store, o.guidance).map_err(oom)?;
+        let den = Denoiser::compile_with(
+            gpu,
+            gr.unet,
+            &m.unet,
+            &mut unet_store,
+            o.guidance,
+            plan_opts,
+        )
+        .map_err(oom)?;
         let vae = Plan::compile(
             gpu,
             &gr.vae,
             &[gr.image],
             &mut upload(&m.vae_weights, &gr.vae).map_err(oom)?,
-            PlanOptions::default(),
+            plan_opts,
         )
         .map_err(oom)?;
         gpu.take_error().map_err(oom)?;
@@ -842,7 +877,15 @@ pub fn estimate_memory(
 impl SdGraphs {
     /// What the three plans of these graphs need (bindings of `limit` bytes).
     pub fn memory(&self, limit: u64) -> Result<SdMemory> {
-        let o = PlanOptions::default();
+        self.memory_with(limit, false)
+    }
+
+    /// [`SdGraphs::memory`] with activations in f16 when `half_activations`.
+    pub fn memory_with(&self, limit: u64, half_activations: bool) -> Result<SdMemory> {
+        let o = PlanOptions {
+            f16_activations: half_activations,
+            ..PlanOptions::default()
+        };
         Ok(SdMemory {
             text: estimate(&self.text, &[self.hidden], o, limit)?,
             unet: estimate(&self.unet.graph, &[self.unet.out], o, limit)?,

@@ -117,7 +117,19 @@ impl Denoiser {
         store: &mut ParamStore,
         guidance: f64,
     ) -> Result<Denoiser> {
-        let plan = Plan::compile(gpu, &d.graph, &[d.out], store, PlanOptions::default())?;
+        Self::compile_with(gpu, d, config, store, guidance, PlanOptions::default())
+    }
+
+    /// [`Denoiser::compile`] with plan options (f16 activations).
+    pub fn compile_with(
+        gpu: &Arc<Gpu>,
+        d: DenoiserGraph,
+        config: &UNetConfig,
+        store: &mut ParamStore,
+        guidance: f64,
+        opts: PlanOptions,
+    ) -> Result<Denoiser> {
+        let plan = Plan::compile(gpu, &d.graph, &[d.out], store, opts)?;
         let guided = guidance > 1.0;
         let latent = d.graph.shape(d.latent_in).iter().product();
         let batch = d.graph.shape(d.latent_in)[0];

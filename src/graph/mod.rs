@@ -5,6 +5,7 @@
 pub mod autodiff;
 mod fusion;
 pub mod plan;
+mod precision;
 pub mod store;
 mod updates;
 
@@ -24,7 +25,8 @@ pub enum DType {
     /// 32-bit unsigned integer (indices, labels)
     U32,
     /// 16-bit float, two to a word: weights stored at half size and read by the matmul
-    /// kernels, which widen them to f32 (inference only).
+    /// kernels, and activations a plan stores as f16 (`PlanOptions::f16_activations`); the
+    /// kernels widen them to f32 (inference only).
     F16,
 }
 

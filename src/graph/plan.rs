@@ -32,6 +32,10 @@ pub struct PlanOptions {
     /// buffer; off: one dispatch per parameter. Both give the same values. The default is on
     /// unless the environment sets `STABLEREP_MULTI_UPDATE=0`.
     pub multi_update: bool,
+    /// Store the activations that only convolutions' matmuls, attention and layout copies
+    /// read as f16 (`graph::precision`; f32 arithmetic, half the memory for those tensors).
+    /// Inference only; needs the device's `shader-f16`. Off by default.
+    pub f16_activations: bool,
 }
 
 impl Default for PlanOptions {
@@ -42,6 +46,7 @@ impl Default for PlanOptions {
             updates: true,
             fuse: std::env::var("STABLEREP_FUSE").map_or(true, |v| v != "0"),
             multi_update: std::env::var("STABLEREP_MULTI_UPDATE").map_or(true, |v| v != "0"),
+            f16_activations: false,
         }
     }
 }
@@ -413,7 +418,7 @@ fn layout(
     // 4. Greedy-by-size slot assignment: (elements, first, last use, nodes) per item.
     let mut items: Vec<(usize, usize, usize, Vec<usize>)> = (0..n)
         .filter(|&i| planned(i) && slab_of[i].is_none())
-        .map(|i| (graph.nodes[i].numel().max(1), first[i], last[i], vec![i]))
+        .map(|i| (words(&graph.nodes[i]), first[i], last[i], vec![i]))
         .collect();
     items.extend(slabs);
     items.sort_by_key(|it| std::cmp::Reverse((it.0, usize::MAX - it.1)));
@@ -423,7 +428,7 @@ fn layout(
     for (size, first, end, members) in items {
         tensor_bytes += members
             .iter()
-            .map(|&i| graph.nodes[i].numel().max(1) as u64 * 4)
+            .map(|&i| words(&graph.nodes[i]) as u64 * 4)
             .sum::<u64>();
         let iv = (first, end);
         let fit = if opts.reuse {
@@ -460,6 +465,15 @@ fn layout(
         slot_of,
         tensor_bytes,
     })
+}
+
+/// 32-bit words of a planned tensor (at least one): f16 tensors take half, rounded up to
+/// whole 8-byte units so that their vec4 loads stay inside.
+fn words(node: &super::Node) -> usize {
+    match node.dtype {
+        DType::F16 => node.numel().div_ceil(4).max(1) * 2,
+        _ => node.numel().max(1),
+    }
 }
 
 /// Bytes of a node's data (f16 weights take two per element, in whole words).
@@ -499,6 +513,13 @@ pub fn estimate(
     opts: PlanOptions,
     max_binding: u64,
 ) -> Result<MemoryEstimate> {
+    let halved;
+    let graph = if opts.f16_activations {
+        halved = super::precision::halve(graph, outputs)?.0;
+        &halved
+    } else {
+        graph
+    };
     let l = layout(graph, outputs, opts, max_binding)?;
     let mut e = MemoryEstimate {
         planned_bytes: l.slots.iter().map(|(s, _)| *s as u64 * 4).sum(),
@@ -529,6 +550,19 @@ impl Plan {
         store: &mut ParamStore,
         opts: PlanOptions,
     ) -> Result<Plan> {
+        let halved;
+        let graph = if opts.f16_activations {
+            if !gpu.caps.f16 {
+                return Err(Error::Config(
+                    "f16 activations need the device feature shader-f16, which this device lacks"
+                        .into(),
+                ));
+            }
+            halved = super::precision::halve(graph, outputs)?.0;
+            &halved
+        } else {
+            graph
+        };
         let n = graph.nodes.len();
         let Layout {
             live,

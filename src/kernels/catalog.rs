@@ -241,6 +241,53 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
             )?);
         }
     }
+    // f16 activations (`graph::precision`): copies converting either way and f16 to f16
+    // (scalar and vec4), convolution patches stored as f16, and attention reading and
+    // writing f16 (scalar and vec4 kernels).
+    {
+        let caps = Caps {
+            f16: true,
+            ..generic_caps(false)
+        };
+        let h = |b: usize, n: u64| View {
+            half: true,
+            ..v(b, n)
+        };
+        for (hx, hy) in [(false, true), (true, false), (true, true)] {
+            let x = if hx { h(0, 6) } else { v(0, 6) };
+            let y = if hy { h(1, 6) } else { v(1, 6) };
+            out.extend(layout::permute(x, &[2, 3], &[1, 0], y, &caps)?);
+            let x = if hx { h(0, 32) } else { v(0, 32) };
+            let y = if hy { h(1, 32) } else { v(1, 32) };
+            out.extend(layout::permute(x, &[2, 4, 4], &[1, 0, 2], y, &caps)?);
+        }
+        out.extend(layout::im2col(
+            v(0, 2 * 3 * 5 * 4),
+            [3, 5, 4],
+            layout::Conv2d {
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad: 1,
+            },
+            0,
+            20,
+            2,
+            h(1, 2 * 20 * 27),
+            &caps,
+        )?);
+        for d in [3u64, 8] {
+            out.extend(layout::attention(
+                h(0, 6 * d),
+                h(1, 10 * d),
+                h(2, 10 * d),
+                h(3, 6 * d),
+                [2, 3, 5, d as usize],
+                0.5,
+                &caps,
+            )?);
+        }
+    }
     // GroupNorm: scalar and vec4 statistics and apply, with and without SiLU.
     for (hw, silu) in [(5usize, false), (8, true)] {
         let n = 2 * 6 * hw as u64;

@@ -2,7 +2,7 @@
 //! summing down to a broadcast shape, and embedding gather / its gradient.
 
 use super::elementwise::{pack8, strides};
-use super::{bind_all, grid, uniform, Dispatch, View, WG_1D};
+use super::{bind_all, check_half, grid, half_suffix, storage_ty, uniform, Dispatch, View, WG_1D};
 use crate::error::{Error, Result};
 use crate::gpu::Caps;
 
@@ -54,6 +54,7 @@ pub fn strided_copy(
     if n == 0 {
         return Ok(vec![]);
     }
+    check_half(&[&x, &y], caps, "strided copy")?;
     let (bx, ox) = bind_all(&x, caps, "copy source")?;
     let (by, oy) = bind_all(&y, caps, "copy destination")?;
     let (mut ox, mut oy) = (ox + x0 as u32, oy + y0 as u32);
@@ -97,9 +98,17 @@ pub fn strided_copy(
         }
     }
     Ok(vec![Dispatch {
-        key: format!("permute{}{sig}", if vec { "_v4" } else { "" }),
+        key: format!(
+            "permute{}{sig}{}",
+            if vec { "_v4" } else { "" },
+            half_suffix(&[&x, &y])
+        ),
         template: "permute",
-        subst: vec![("TY", super::elem_ty(vec).into()), ("INDEX", index)],
+        subst: vec![
+            ("TX", storage_ty(vec, x.half).into()),
+            ("TY", storage_ty(vec, y.half).into()),
+            ("INDEX", index),
+        ],
         uniform: uniform(&w),
         bindings: vec![bx, by],
         groups: grid((units as u64).div_ceil(WG_1D as u64), caps)?,
@@ -289,13 +298,18 @@ pub fn im2col(
     let total = (samples * count * r) as u64;
     // One invocation per run of kw elements (one kernel row of one channel).
     let runs = total / g.kw as u64;
+    check_half(&[&x, &y], caps, "im2col")?;
     let (bx, ox) = bind_all(&x, caps, "convolution input")?;
     let (by, oy) = super::bind(&y, 0, total, caps, "im2col output")?;
     let k = |v: usize| v.to_string();
     Ok(vec![Dispatch {
         key: format!(
-            "im2col_{c}x{h}x{w}_k{}x{}_s{}_p{}",
-            g.kh, g.kw, g.stride, g.pad
+            "im2col_{c}x{h}x{w}_k{}x{}_s{}_p{}{}",
+            g.kh,
+            g.kw,
+            g.stride,
+            g.pad,
+            half_suffix(&[&x, &y])
         ),
         template: "im2col",
         subst: vec![
@@ -308,6 +322,8 @@ pub fn im2col(
             ("H", k(h)),
             ("W", k(w)),
             ("CHW", k(c * h * w)),
+            ("XTY", storage_ty(false, x.half).into()),
+            ("YTY", storage_ty(false, y.half).into()),
         ],
         uniform: uniform(&[runs as u32, ox, oy, first as u32, (count * c * g.kh) as u32]),
         bindings: vec![bx, by],
@@ -368,6 +384,8 @@ pub fn col2im(
             ("H", k(h)),
             ("W", k(w)),
             ("CHW", k(c * h * w)),
+            ("XTY", storage_ty(false, x.half).into()),
+            ("YTY", storage_ty(false, y.half).into()),
         ],
         uniform: uniform(&[total as u32, ox, oy, first as u32, count as u32]),
         bindings: vec![bx, by],
@@ -388,6 +406,16 @@ pub fn attention(
     caps: &Caps,
 ) -> Result<Vec<Dispatch>> {
     let [bh, tq, tk, dh] = dims;
+    check_half(&[&q, &k, &v, &o], caps, "attention")?;
+    let halves = half_suffix(&[&q, &k, &v, &o]);
+    let types = |vec: bool| {
+        vec![
+            ("Q_TY", storage_ty(vec, q.half).to_string()),
+            ("K_TY", storage_ty(vec, k.half).to_string()),
+            ("V_TY", storage_ty(vec, v.half).to_string()),
+            ("O_TY", storage_ty(vec, o.half).to_string()),
+        ]
+    };
     let (bq, oq) = bind_all(&q, caps, "attention queries")?;
     let (bk, ok) = bind_all(&k, caps, "attention keys")?;
     let (bv, ov) = bind_all(&v, caps, "attention values")?;
@@ -414,19 +442,22 @@ pub fn attention(
             );
             for i in 0..n4 {
                 load_q += &format!(
-                    "    let q{row}_{i} = qs[qb{row} + {i}u] * p.scale;\n    var a{row}_{i} = vec4<f32>(0.0);\n"
+                    "    let q{row}_{i} = vec4<f32>(qs[qb{row} + {i}u]) * p.scale;\n    var a{row}_{i} = vec4<f32>(0.0);\n"
                 );
             }
             store += &format!(
                 "    if (row0 + {row}u < p.tq) {{\n        let ob = p.off_o + (b * p.tq + row0 + {row}u) * {n4}u;\n        let inv = 1.0 / l{row};\n"
             );
             for i in 0..n4 {
-                store += &format!("        os[ob + {i}u] = a{row}_{i} * inv;\n");
+                store += &format!(
+                    "        os[ob + {i}u] = {}(a{row}_{i} * inv);\n",
+                    storage_ty(true, o.half)
+                );
             }
             store += "    }\n";
         }
         for i in 0..n4 {
-            step += &format!("        let k{i} = ks[kr + {i}u];\n");
+            step += &format!("        let k{i} = vec4<f32>(ks[kr + {i}u]);\n");
         }
         for row in 0..r {
             let dot: Vec<String> = (0..n4).map(|i| format!("dot(q{row}_{i}, k{i})")).collect();
@@ -436,21 +467,24 @@ pub fn attention(
             );
         }
         for i in 0..n4 {
-            step += &format!("        let v{i} = vs[vr + {i}u];\n");
+            step += &format!("        let v{i} = vec4<f32>(vs[vr + {i}u]);\n");
             for row in 0..r {
                 step += &format!("        a{row}_{i} = a{row}_{i} * c{row} + e{row} * v{i};\n");
             }
         }
         return Ok(vec![Dispatch {
-            key: format!("attention_v4_dh{dh}_r{r}"),
+            key: format!("attention_v4_dh{dh}_r{r}{halves}"),
             template: "attention_v4",
-            subst: vec![
+            subst: [
                 ("N4", n4.to_string()),
                 ("R", r.to_string()),
                 ("LOAD_Q", load_q),
                 ("STEP", step),
                 ("STORE", store),
-            ],
+            ]
+            .into_iter()
+            .chain(types(true))
+            .collect(),
             uniform: uniform(&[
                 bh as u32,
                 tq as u32,
@@ -466,9 +500,12 @@ pub fn attention(
         }]);
     }
     Ok(vec![Dispatch {
-        key: format!("attention_dh{dh}"),
+        key: format!("attention_dh{dh}{halves}"),
         template: "attention",
-        subst: vec![("DH", dh.to_string())],
+        subst: [("DH", dh.to_string())]
+            .into_iter()
+            .chain(types(false))
+            .collect(),
         uniform: uniform(&[
             bh as u32,
             tq as u32,

@@ -193,6 +193,41 @@ pub(crate) fn vec4_ok(count: u64, offsets: &[u32]) -> bool {
     count.is_multiple_of(4) && offsets.iter().all(|o| o.is_multiple_of(4))
 }
 
+/// The WGSL storage type of a scalar or vec4 launch over f32 or (`half`) f16 elements.
+pub(crate) fn storage_ty(vec: bool, half: bool) -> &'static str {
+    match (vec, half) {
+        (false, false) => "f32",
+        (true, false) => "vec4<f32>",
+        (false, true) => "f16",
+        (true, true) => "vec4<f16>",
+    }
+}
+
+/// Fails unless the device can store f16 values (`shader-f16`) when any of `views` holds
+/// f16 activations.
+pub(crate) fn check_half(views: &[&View], caps: &Caps, what: &str) -> Result<()> {
+    if views.iter().any(|v| v.half) && !caps.f16 {
+        return Err(Error::Config(format!(
+            "{what}: f16 activations need the device feature shader-f16, which this device lacks"
+        )));
+    }
+    Ok(())
+}
+
+/// A key suffix naming which operands are f16 (`_h` and one digit per operand), empty when
+/// none is.
+pub(crate) fn half_suffix(views: &[&View]) -> String {
+    if views.iter().any(|v| v.half) {
+        let d: String = views
+            .iter()
+            .map(|v| if v.half { '1' } else { '0' })
+            .collect();
+        format!("_h{d}")
+    } else {
+        String::new()
+    }
+}
+
 /// The WGSL element type of a scalar or vec4 launch.
 pub(crate) fn elem_ty(vec: bool) -> &'static str {
     if vec {

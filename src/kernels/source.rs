@@ -68,7 +68,9 @@ pub const TEMPLATES: &[(&str, &str)] = &[
 ];
 
 /// Fills `{{KEY}}` placeholders of the template `name`. Fails on unknown templates and on
-/// placeholders left unfilled.
+/// placeholders left unfilled. A variant that stores f16 values (`array<f16>`,
+/// `vec4<f16>`: activations in f16, which needs the device's `shader-f16`) gets the
+/// `enable f16;` directive.
 pub fn render(name: &str, subst: &[(&str, String)]) -> Result<String> {
     let (_, text) = TEMPLATES
         .iter()
@@ -85,5 +87,13 @@ pub fn render(name: &str, subst: &[(&str, String)]) -> Result<String> {
             &s[pos..end]
         )));
     }
+    if uses_f16(&s) {
+        s.insert_str(0, "enable f16;\n");
+    }
     Ok(s)
+}
+
+/// Whether WGSL source names the `f16` type (which needs `enable f16;`).
+pub fn uses_f16(source: &str) -> bool {
+    source.contains("<f16>") || source.contains("f16(")
 }

@@ -384,6 +384,7 @@ pub fn synthetic_pool(
         caption: 0,
         size: p.size,
         half_weights: None,
+        half_activations: None,
         save_size: None,
         init_noise: None,
     };

@@ -371,6 +371,7 @@ pub fn fidelity(
         caption: 0,
         size,
         half_weights: None,
+        half_activations: None,
         save_size: None,
         init_noise: None,
     };
