@@ -11,6 +11,7 @@ use stablerep::kernels::catalog::unary_ops;
 use stablerep::kernels::elementwise::UnaryOp;
 use stablerep::kernels::reduce::ReduceOp;
 use stablerep::kernels::reduce::RowOp;
+use stablerep::models::losses::multi_positive_loss;
 
 /// loss = sum(y * r) for a fixed random r, so every output element matters.
 fn weighted_loss(g: &mut Graph, f: &mut Feeds, rng: &mut Rng, y: NodeId) -> NodeId {
@@ -350,7 +351,7 @@ fn multi_positive_loss_gradient() {
         let mut g = Graph::new();
         let mut f = Feeds::new();
         let h = input(&mut g, &mut f, &mut rng, &[n * m, 6], -1.0, 1.0);
-        let l = g.multi_positive_loss(h, n, 0.1).unwrap();
+        let l = multi_positive_loss(&mut g, h, n, 0.1).unwrap();
         grad_check(
             &format!("multi-positive loss n={n} m={m}"),
             &mut g,

@@ -91,7 +91,7 @@ fn contrastive_loss_on_a_similarity_matrix_larger_than_one_binding() {
     let mut f = HashMap::new();
     // 48 x 48 similarities = 9 KiB > 4 KiB bindings: rows are processed in chunks.
     let h = input(&mut g, &mut f, &mut rng, &[48, 8], -1.0, 1.0);
-    let l = g.multi_positive_loss(h, 12, 0.1).unwrap();
+    let l = stablerep::models::losses::multi_positive_loss(&mut g, h, 12, 0.1).unwrap();
     let gr = g.grad(l, &[h]).unwrap()[0];
     let got = run_gpu(&gpu, &g, &f, &HashMap::new(), &[l, gr]);
     let want = run_cpu(&g, &f, &HashMap::new(), &[l, gr]);

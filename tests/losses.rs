@@ -7,6 +7,9 @@ use std::path::Path;
 
 use common::{assert_close, gpu};
 use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
+use stablerep::models::losses::{
+    image_text_loss, multi_positive_loss, multi_positive_loss_blocked,
+};
 use stablerep::nn::checkpoint::Checkpoint;
 
 fn run_loss(h: &[f32], rows: usize, dim: usize, captions: usize) -> (f32, Vec<f32>) {
@@ -23,9 +26,7 @@ fn run_loss_blocked(
     let (gpu, _lock) = gpu();
     let mut g = Graph::new();
     let x = g.input("h", &[rows, dim]);
-    let loss = g
-        .multi_positive_loss_blocked(x, captions, 0.1, block)
-        .unwrap();
+    let loss = multi_positive_loss_blocked(&mut g, x, captions, 0.1, block).unwrap();
     let grad = g.grad(loss, &[x]).unwrap()[0];
     let plan = Plan::compile(
         &gpu,
@@ -118,13 +119,11 @@ fn loss_reaches_its_floor_log_m_minus_1() {
 fn bad_loss_settings_are_rejected() {
     let mut g = Graph::new();
     let x = g.input("h", &[10, 4]);
-    assert!(g
-        .multi_positive_loss(x, 3, 0.1)
+    assert!(multi_positive_loss(&mut g, x, 3, 0.1)
         .unwrap_err()
         .to_string()
         .contains("3 captions"));
-    assert!(g
-        .multi_positive_loss(x, 5, 0.0)
+    assert!(multi_positive_loss(&mut g, x, 5, 0.0)
         .unwrap_err()
         .to_string()
         .contains("temperature"));
@@ -149,7 +148,7 @@ fn image_text_loss_matches_the_stablerep_plus_transcription() {
         let v = g.input("v", &[n * m, d]);
         let t = g.input("t", &[n, d]);
         let theta = g.input("theta", &[1]);
-        let loss = g.image_text_loss(v, t, theta).unwrap();
+        let loss = image_text_loss(&mut g, v, t, theta).unwrap();
         let grads = g.grad(loss, &[v, t, theta]).unwrap();
         let mut fetch = vec![loss];
         fetch.extend(&grads);

@@ -4,6 +4,8 @@
 
 pub mod autodiff;
 mod fusion;
+mod lower;
+mod memory;
 pub mod plan;
 mod precision;
 pub mod store;
@@ -1225,117 +1227,6 @@ impl Graph {
         ))
     }
 
-    /// StableRep's multi-positive contrastive loss of embeddings h [n * m, D] laid out
-    /// view-major (row k = v * n + i, caption k mod n): L2-normalize, cosine similarities,
-    /// softmax over all other rows at temperature `tau`, cross-entropy against the uniform
-    /// distribution over the other images of the same caption, mean over anchors. With m = 2
-    /// and two crops of one image per caption this is SimCLR's NT-Xent. Returns a [1] tensor.
-    pub fn multi_positive_loss(&mut self, h: NodeId, captions: usize, tau: f32) -> Result<NodeId> {
-        self.multi_positive_loss_blocked(h, captions, tau, MULTIPOS_BLOCK)
-    }
-
-    /// [`Graph::multi_positive_loss`] with at most `block` anchors per similarity block.
-    pub fn multi_positive_loss_blocked(
-        &mut self,
-        h: NodeId,
-        captions: usize,
-        tau: f32,
-        block: usize,
-    ) -> Result<NodeId> {
-        let s = self.shape(h).to_vec();
-        if s.len() != 2 || captions == 0 || !s[0].is_multiple_of(captions) {
-            return Err(Error::shape(
-                "multi_positive_loss",
-                format!("embeddings must be [captions * images, dim] with {captions} captions, got {s:?}"),
-            ));
-        }
-        if tau.is_nan() || tau <= 0.0 {
-            return Err(Error::Config(format!(
-                "temperature must be positive, got {tau}"
-            )));
-        }
-        let z = self.l2_normalize(h)?;
-        // Blocks of at most MULTIPOS_BLOCK anchors: each similarity block [rows, N] is its own
-        // tensor, so no buffer holds the whole N x N matrix (8,256 x 8,256 floats at the
-        // paper's batch would exceed the 256 MiB many devices allow per buffer).
-        let n = s[0];
-        serial("multi-positive loss", "views", n, 2)?;
-        let mut parts = Vec::new();
-        let mut r0 = 0;
-        while r0 < n {
-            let len = block.max(1).min(n - r0);
-            let zb = if len == n {
-                z
-            } else {
-                self.slice(z, 0, r0, len)?
-            };
-            let sim = self.matmul_t(zb, z, false, true)?;
-            parts.push(self.push(
-                Op::MultiPos {
-                    captions,
-                    tau,
-                    mask_self: true,
-                    row0: r0,
-                },
-                vec![sim],
-                vec![len],
-                DType::F32,
-            ));
-            r0 += len;
-        }
-        let rows = if parts.len() == 1 {
-            parts[0]
-        } else {
-            self.concat(&parts, 0)?
-        };
-        self.mean_all(rows)
-    }
-
-    /// StableRep+'s image-text loss: image embeddings v [n * m, D] (view-major, caption of row
-    /// k is k mod n), text embeddings t [n, D], logit scale parameter theta [1] (scale
-    /// exp(theta)). Both are L2-normalized; image-to-text is the cross-entropy against the own
-    /// caption, text-to-image against the uniform distribution over the caption's m images;
-    /// returns their mean as a [1] tensor.
-    pub fn image_text_loss(&mut self, v: NodeId, t: NodeId, theta: NodeId) -> Result<NodeId> {
-        let (sv, st, sth) = (
-            self.shape(v).to_vec(),
-            self.shape(t).to_vec(),
-            self.shape(theta).to_vec(),
-        );
-        if sv.len() != 2
-            || st.len() != 2
-            || sv[1] != st[1]
-            || st[0] == 0
-            || !sv[0].is_multiple_of(st[0])
-            || sth != [1]
-        {
-            return Err(Error::shape(
-                "image_text_loss",
-                format!("needs images [n * m, D], texts [n, D] and a [1] logit scale, got {sv:?}, {st:?} and {sth:?}"),
-            ));
-        }
-        let captions = st[0];
-        serial("image-text loss", "images", sv[0].max(captions), 2)?;
-        let vn = self.l2_normalize(v)?;
-        let tn = self.l2_normalize(t)?;
-        let scale = self.unary(UnaryOp::Exp, theta)?;
-        let a = self.matmul_t(vn, tn, false, true)?;
-        let a = self.mul(a, scale)?;
-        let b = self.transpose(a)?;
-        let op = Op::MultiPos {
-            captions,
-            tau: 1.0,
-            mask_self: false,
-            row0: 0,
-        };
-        let i2t = self.push(op.clone(), vec![a], vec![sv[0]], DType::F32);
-        let t2i = self.push(op, vec![b], vec![captions], DType::F32);
-        let i2t = self.mean_all(i2t)?;
-        let t2i = self.mean_all(t2i)?;
-        let sum = self.add(i2t, t2i)?;
-        self.affine(sum, 0.5, 0.0)
-    }
-
     /// Appends AdamW updates for `params` given their gradients. Creates the moment state
     /// (`optimizer.<name>.exp_avg`, `optimizer.<name>.exp_avg_sq`, PyTorch's names, under a
     /// prefix of their own so a model's parameters load without them) and returns the `hyper` input [lr, 1-b1^t, 1-b2^t]
@@ -1461,11 +1352,10 @@ pub fn accumulator_name(name: &str) -> String {
     format!("{SCRATCH_PREFIX}grad.{name}")
 }
 
-/// Anchors per similarity block of [`Graph::multi_positive_loss`] (a block of 4,096 rows of
-/// an 8,256-image batch is 135 MB).
+/// Anchors per similarity block of `models::losses::multi_positive_loss` (a block of 4,096
+/// rows of an 8,256-image batch is 135 MB).
 pub const MULTIPOS_BLOCK: usize = 4096;
 
-/// A divisor of `len` near its square root (at least 16), to split a long reduction in two.
 /// The most loop iterations an op may give one invocation: llvmpipe (lavapipe) ends a
 /// shader's loops after 65,535 iterations per invocation with no error, so an op whose
 /// kernel walks `len` elements `passes` times in one invocation is refused above this
@@ -1473,7 +1363,9 @@ pub const MULTIPOS_BLOCK: usize = 4096;
 /// [`crate::kernels::LOOP_CHUNK`] and [`MATMUL_K_CHUNK`].)
 pub const SERIAL_LIMIT: usize = 49_152;
 
-fn serial(op: &str, what: &str, len: usize, passes: usize) -> Result<()> {
+/// Refuses an op whose kernel would walk `len` elements `passes` times in one invocation
+/// beyond [`SERIAL_LIMIT`], with an error naming `op` and `what` it counts.
+pub fn serial(op: &str, what: &str, len: usize, passes: usize) -> Result<()> {
     if len.saturating_mul(passes) > SERIAL_LIMIT {
         return Err(Error::shape(
             op,
@@ -1487,6 +1379,7 @@ fn serial(op: &str, what: &str, len: usize, passes: usize) -> Result<()> {
     Ok(())
 }
 
+/// A divisor of `len` near its square root (at least 16), to split a long reduction in two.
 pub(crate) fn split_factor(len: usize) -> Option<usize> {
     let root = (len as f64).sqrt() as usize;
     (16..=root.max(16))

@@ -4,6 +4,7 @@
 pub mod cnn;
 pub mod config;
 pub mod features;
+pub mod losses;
 pub mod stablerep;
 pub mod text;
 pub mod transformer;

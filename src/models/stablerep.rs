@@ -147,7 +147,7 @@ pub fn image_text_loss(
     let ip = g.param("image_projection", &[width, plus.embed]);
     let v = g.matmul(feats, ip)?;
     let theta = g.param("logit_scale", &[1]);
-    Ok((g.image_text_loss(v, t, theta)?, inputs))
+    Ok((super::losses::image_text_loss(g, v, t, theta)?, inputs))
 }
 
 /// The recipe's AdamW settings for parameter `name` of `ndim` dimensions: no weight decay
@@ -187,7 +187,7 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
     };
     let feats = vit::encoder(&mut g, &cfg.vit, "visual.", pixels)?;
     let (h, stats) = head(&mut g, &cfg.head, "image_mlp.", feats, m)?;
-    let ssl = g.multi_positive_loss(h, n, cfg.temperature)?;
+    let ssl = super::losses::multi_positive_loss(&mut g, h, n, cfg.temperature)?;
     let mut loss = ssl;
     let mut terms = vec![("ssl", ssl)];
     let mut text_inputs = None;

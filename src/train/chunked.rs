@@ -159,7 +159,7 @@ fn build(cfg: &StepConfig, chunk: usize) -> Result<Graphs> {
     let mut g = Graph::new();
     let f = g.input("features", &[rows, width]);
     let (h, stats) = head(&mut g, &cfg.head, "image_mlp.", f, m)?;
-    let mut loss = g.multi_positive_loss(h, n, cfg.temperature)?;
+    let mut loss = crate::models::losses::multi_positive_loss(&mut g, h, n, cfg.temperature)?;
     // StableRep+: the text tower and the image-text loss, over the whole batch too (they see
     // the encoder only through its features).
     let mut text = None;
