@@ -863,6 +863,26 @@ fn generate_writes_reproducible_images_from_a_model_folder() {
     );
     let o = gen("w", &["--weights", "f8"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--weights 'f8'"));
+    // f16 activations (lavapipe has shader-f16): the same picture within a few levels.
+    let o = gen("h16", &["--seed", "3", "--precision", "f16"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, h) = (
+        image::open(dir.join("a/00001.png")).unwrap().to_rgb8(),
+        image::open(dir.join("h16/00001.png")).unwrap().to_rgb8(),
+    );
+    let worst = a
+        .pixels()
+        .zip(h.pixels())
+        .flat_map(|(a, b)| (0..3).map(move |c| (a[c] as i32 - b[c] as i32).abs()))
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 8,
+        "f16 activations change a pixel by {worst} levels"
+    );
+    let o = gen("p", &["--precision", "f8"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--precision 'f8'"));
     let o = gen("c", &["--seed", "4"]);
     assert!(o.status.success());
     assert_ne!(read(dir.join("a/00000.png")), read(dir.join("c/00000.png")));
