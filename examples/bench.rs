@@ -584,7 +584,7 @@ fn sd_bench(
     let mut store = ParamStore::new();
     let t0 = Instant::now();
     random_weights(gpu, g, &mut store)?;
-    let half_act = std::env::var("BENCH_F16_ACT").is_ok();
+    let half_act = std::env::var("BENCH_F16_ACT").is_ok_and(|v| v != "0");
     let opts = PlanOptions {
         f16_activations: half_act,
         ..PlanOptions::default()

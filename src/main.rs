@@ -96,8 +96,8 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         weights: String,
         /// Activations: f16 (convolution patches, attention heads and outputs stored as f16,
-        /// arithmetic f32; needs shader-f16; weights default to f16 too), f32, or auto (f16 on
-        /// GPUs that have shader-f16; f32 on CPU adapters, where it is faster).
+        /// arithmetic f32; needs shader-f16), f32, or auto (f16 on GPUs that have shader-f16;
+        /// f32 on CPU adapters, where it is faster). Independent of --weights.
         #[arg(long, default_value = "auto")]
         precision: String,
         /// Output folder.

@@ -168,3 +168,44 @@ fn every_kernel_variant_translates_to_msl_hlsl_and_spirv() {
     );
     eprintln!("{done} variants translated to MSL, HLSL and SPIR-V; {skipped} need features this adapter lacks");
 }
+
+#[test]
+fn only_f16_variants_need_shader_f16() {
+    // A device without `shader-f16` (WebGL, some DX12 and Vulkan drivers) must still compile
+    // every variant that stores no f16 value: the f16 storage variants' keys end in `_h`
+    // and a digit per operand, and the packed f16 weights (`_f16a`/`_f16b`) need only core WGSL.
+    let caps = naga::valid::Capabilities::all() - naga::valid::Capabilities::SHADER_FLOAT16;
+    let (mut half, mut plain) = (0, 0);
+    for d in &catalog::all_variants().expect("catalog builds") {
+        let src = d.source().expect("template renders");
+        let needs = d
+            .key
+            .rsplit_once("_h")
+            .is_some_and(|(_, t)| !t.is_empty() && t.chars().all(|c| c == '0' || c == '1'));
+        assert_eq!(
+            src.starts_with("enable f16;"),
+            needs,
+            "{}: `enable f16;` must be there exactly for f16 storage",
+            d.key
+        );
+        if needs {
+            half += 1;
+            continue;
+        }
+        plain += 1;
+        let mut fe = naga::front::wgsl::Frontend::new_with_options(naga::front::wgsl::Options {
+            parse_doc_comments: false,
+            capabilities: caps,
+        });
+        let module = fe
+            .parse(&src)
+            .unwrap_or_else(|e| panic!("{} without shader-f16: {}", d.key, e.emit_to_string(&src)));
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{} without shader-f16: {}", d.key, e.emit_to_string(&src)));
+    }
+    assert!(
+        half >= 8 && plain > 60,
+        "{half} f16 and {plain} other variants"
+    );
+}

@@ -279,8 +279,8 @@ pub struct GenerateOptions {
     pub half_weights: Option<bool>,
     /// Store activations that convolutions, attention and layout copies read in f16
     /// (`PlanOptions::f16_activations`: f32 arithmetic, half the memory and traffic for those
-    /// tensors; needs `shader-f16`); `None`: on GPUs that have the feature. With f16
-    /// activations the weights default to f16 too.
+    /// tensors; needs `shader-f16`); `None`: on GPUs that have the feature. Independent of
+    /// `half_weights`.
     pub half_activations: Option<bool>,
     /// Side of the saved PNGs (resized from `size` with a bicubic filter, like PIL's default);
     /// `None` saves at `size`.
@@ -394,10 +394,8 @@ impl GenerateOptions {
     /// by default when its file is fp16 (lossless) and the adapter is a GPU (on CPU adapters
     /// widening costs 10-25 % of a step, docs/benchmarks.md, and memory is the host's).
     pub fn half_weights(&self, m: &SdModel, caps: &crate::gpu::Caps) -> bool {
-        self.half_weights.unwrap_or(
-            (m.unet_weights.all_f16() && !caps.is_cpu)
-                || self.half_activations(caps).unwrap_or(false),
-        )
+        self.half_weights
+            .unwrap_or(m.unet_weights.all_f16() && !caps.is_cpu)
     }
 
     /// Whether activations are stored in f16 on a device with `caps`: by default on GPUs with

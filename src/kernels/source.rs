@@ -93,7 +93,10 @@ pub fn render(name: &str, subst: &[(&str, String)]) -> Result<String> {
     Ok(s)
 }
 
-/// Whether WGSL source names the `f16` type (which needs `enable f16;`).
+/// Whether WGSL source names the `f16` type (which needs `enable f16;`) outside comments.
 pub fn uses_f16(source: &str) -> bool {
-    source.contains("<f16>") || source.contains("f16(")
+    source.lines().any(|line| {
+        let code = line.split("//").next().unwrap_or_default();
+        code.contains("<f16>") || code.contains("f16(")
+    })
 }
