@@ -364,7 +364,22 @@ fn run_block(
         &[stablerep::graph::NodeId],
     ) -> stablerep::graph::NodeId,
 ) -> Vec<f32> {
-    use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
+    run_block_opts(gpu, ck, prefix, inputs, Default::default(), build).0
+}
+
+/// [`run_block`] with plan options; also returns the plan's kernel keys.
+fn run_block_opts(
+    gpu: &std::sync::Arc<stablerep::gpu::Gpu>,
+    ck: &Checkpoint,
+    prefix: &str,
+    inputs: &[(&str, &[usize], &[f32])],
+    opts: stablerep::graph::PlanOptions,
+    build: impl FnOnce(
+        &mut stablerep::graph::Graph,
+        &[stablerep::graph::NodeId],
+    ) -> stablerep::graph::NodeId,
+) -> (Vec<f32>, Vec<String>) {
+    use stablerep::graph::{Graph, ParamStore, Plan};
     let mut g = Graph::new();
     let ids: Vec<_> = inputs.iter().map(|(n, s, _)| g.input(n, s)).collect();
     let y = build(&mut g, &ids);
@@ -374,11 +389,12 @@ fn run_block(
             store.set(gpu, n, &t.shape, &t.data).unwrap();
         }
     }
-    let plan = Plan::compile(gpu, &g, &[y], &mut store, PlanOptions::default()).unwrap();
+    let plan = Plan::compile(gpu, &g, &[y], &mut store, opts).unwrap();
     for (id, (_, _, data)) in ids.iter().zip(inputs) {
         plan.write(*id, data).unwrap();
     }
-    plan.run_fetch(&[y]).unwrap().remove(0)
+    let keys = plan.kernel_keys().iter().map(|k| k.to_string()).collect();
+    (plan.run_fetch(&[y]).unwrap().remove(0), keys)
 }
 
 #[test]
@@ -678,13 +694,26 @@ fn run_vae(
     input: &stablerep::nn::checkpoint::HostTensor,
     limit: usize,
 ) -> Vec<f32> {
+    run_vae_opts(gpu, ck, decode, input, limit, Default::default()).0
+}
+
+/// [`run_vae`] with plan options; also returns the plan's kernel keys.
+fn run_vae_opts(
+    gpu: &std::sync::Arc<stablerep::gpu::Gpu>,
+    ck: &Checkpoint,
+    decode: bool,
+    input: &stablerep::nn::checkpoint::HostTensor,
+    limit: usize,
+    opts: stablerep::graph::PlanOptions,
+) -> (Vec<f32>, Vec<String>) {
     use stablerep::diffusion::vae::{decoder, encoder, VaeConfig};
     let cfg = VaeConfig::from_json(&ck.metadata["config"], "vae/config.json").unwrap();
-    run_block(
+    run_block_opts(
         gpu,
         ck,
         "vae.",
         &[("x", &input.shape, &input.data)],
+        opts,
         |g, i| {
             if decode {
                 g.max_tensor_bytes = limit;
@@ -732,6 +761,29 @@ fn vae_decoder_and_encoder_match_diffusers() {
     let got = run_vae(&gpu, &ck, false, &ck.tensors["ref.image"], 0);
     let (worst, tol) = deviation(&got, &ck.tensors["ref.moments"].data);
     assert!(worst <= tol, "VAE encode differs by {worst}");
+    // With f16 activations (`--precision f16`: the patches and the mid-block attention in
+    // f16), within the UNet test's tolerance (4e-3 of the largest value).
+    let half = stablerep::graph::PlanOptions {
+        f16_activations: true,
+        ..Default::default()
+    };
+    let (got, keys) = run_vae_opts(&gpu, &ck, true, &ck.tensors["ref.z"], 0, half);
+    let (worst, tol) = deviation(&got, &ck.tensors["ref.decoded"].data);
+    eprintln!(
+        "VAE decode with f16 activations: {worst:.2e} (tolerance {:.2e})",
+        tol * 40.0
+    );
+    assert!(
+        worst <= 40.0 * tol && worst > 0.0,
+        "VAE decode in f16 differs by {worst}"
+    );
+    for family in ["im2col", "attention"] {
+        assert!(
+            keys.iter()
+                .any(|k| k.starts_with(family) && k.contains("_h")),
+            "no f16 {family} kernel: {keys:?}"
+        );
+    }
     // The same weights under the legacy attention names, as 1x1 convs, decode the same.
     let mut legacy = ck.clone();
     let names: Vec<String> = legacy
