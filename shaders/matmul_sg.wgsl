@@ -26,7 +26,7 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<{{A_TY}}>;
 @group(0) @binding(2) var<storage, read> b: array<{{B_TY}}>;
-@group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> c: array<{{C_TY}}>;
 {{BIAS_BINDING}}
 
 // Four f16 values packed in two words (weights stored at half size), widened to f32.

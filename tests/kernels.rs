@@ -965,6 +965,12 @@ fn f16_activations_match_the_cpu_within_f16_rounding() {
         let has = |k: &str| keys.iter().any(|x| x.starts_with(k) && x.contains("_h"));
         assert_eq!(has("im2col"), c % 4 == 0, "{what}: {keys:?}");
         assert!(has("attention") && has("permute"), "{what}: {keys:?}");
+        // The bias-free projections to q, k and v store f16 (their readers are permutes).
+        assert!(
+            keys.iter()
+                .any(|k| k.starts_with("matmul") && k.contains("_f16") && k.ends_with('c')),
+            "{what}: {keys:?}"
+        );
         assert!(
             f16s[0] != f32s[0],
             "{what}: f16 storage changed nothing, so it was not used"

@@ -173,7 +173,8 @@ fn every_kernel_variant_translates_to_msl_hlsl_and_spirv() {
 fn only_f16_variants_need_shader_f16() {
     // A device without `shader-f16` (WebGL, some DX12 and Vulkan drivers) must still compile
     // every variant that stores no f16 value: the f16 storage variants' keys end in `_h`
-    // and a digit per operand, and the packed f16 weights (`_f16a`/`_f16b`) need only core WGSL.
+    // and a digit per operand (matmuls: `_f16..c`, an f16 C), and the packed f16 operands
+    // (`_f16a`/`_f16b`) need only core WGSL.
     let caps = naga::valid::Capabilities::all() - naga::valid::Capabilities::SHADER_FLOAT16;
     let (mut half, mut plain) = (0, 0);
     for d in &catalog::all_variants().expect("catalog builds") {
@@ -181,7 +182,10 @@ fn only_f16_variants_need_shader_f16() {
         let needs = d
             .key
             .rsplit_once("_h")
-            .is_some_and(|(_, t)| !t.is_empty() && t.chars().all(|c| c == '0' || c == '1'));
+            .is_some_and(|(_, t)| !t.is_empty() && t.chars().all(|c| c == '0' || c == '1'))
+            || d.key
+                .rsplit_once("_f16")
+                .is_some_and(|(_, t)| t.contains('c'));
         assert_eq!(
             src.starts_with("enable f16;"),
             needs,

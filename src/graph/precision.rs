@@ -6,15 +6,18 @@
 //!
 //! A tensor is stored in f16 when its producer can round its stores and every reader can
 //! widen its loads:
-//! - producers: `Im2col` (a convolution's patches), `Permute` (which then converts, for
-//!   example f32 queries into f16 heads) and `Attention` (its output);
+//! - producers: `Im2col` (a convolution's patches), `Permute` (which then converts),
+//!   `Attention` (its output) and `Matmul` (its stores round; not the K-split form with A
+//!   transposed and B not, which accumulates into C, and not a matmul whose bias add joins its
+//!   dispatch: that add is the tensor, and it is not a producer);
 //! - readers: a matmul's A operand (not transposed, K a multiple of 4) or B operand
 //!   (transposed, K a multiple of 4), `Attention`'s queries, keys and values, and `Permute`;
 //!   a `Reshape` passes its readers through (it shares its input's buffer and type).
 //!
-//! So a convolution's patches, the attention heads and the attention output (up to the
-//! output projection) live in f16, and everything else (normalizations, residual sums,
-//! elementwise chains, the graph's outputs) stays f32. Inference only: a graph with
+//! So a convolution's patches, the bias-free projections to queries, keys and values, the
+//! attention heads and the attention output (up to the output projection) live in f16, and
+//! everything else (normalizations, residual sums, biased linear layers, elementwise chains,
+//! the graph's outputs) stays f32. Inference only: a graph with
 //! optimizer updates is refused.
 
 use super::{DType, Graph, NodeId, Op};
@@ -87,10 +90,12 @@ pub(super) fn halve(graph: &Graph, outputs: &[NodeId]) -> Result<(Graph, usize)>
     let mut chosen = 0;
     for i in 0..n {
         let node = &graph.nodes[i];
-        let producer = matches!(
-            node.op,
-            Op::Im2col { .. } | Op::Permute(_) | Op::Attention { .. }
-        );
+        // A matmul with A transposed and B not may split K and accumulate into C.
+        let producer = match node.op {
+            Op::Im2col { .. } | Op::Permute(_) | Op::Attention { .. } => true,
+            Op::Matmul { ta, tb } => !ta || tb,
+            _ => false,
+        };
         if producer
             && node.dtype == DType::F32
             && !readers[i].is_empty()

@@ -276,6 +276,27 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
             h(1, 2 * 20 * 27),
             &caps,
         )?);
+        // Matmuls storing f16 (bias-free projections): vec4 and scalar C, both kernels.
+        for cpu in [false, true] {
+            for n in [16u32, 7] {
+                let s = MatmulShape {
+                    batch: 1,
+                    m: 8,
+                    n,
+                    k: 12,
+                    ta: false,
+                    tb: true,
+                    a_shared: false,
+                    b_shared: false,
+                };
+                let (na, nb, nc) = matmul::sizes(&s);
+                let caps = Caps {
+                    f16: true,
+                    ..generic_caps(cpu)
+                };
+                out.extend(matmul::launch(&s, h(0, na), v(1, nb), h(2, nc), &caps)?);
+            }
+        }
         for d in [3u64, 8] {
             out.extend(layout::attention(
                 h(0, 6 * d),

@@ -87,6 +87,7 @@ pub fn subst(
     accumulate: bool,
     bias: bool,
     res: bool,
+    half_c: bool,
 ) -> Vec<(&'static str, String)> {
     let (tm, tn) = (t.tm as usize, t.tn as usize);
     let nj = tn / 4;
@@ -301,7 +302,10 @@ pub fn subst(
                 } else {
                     String::new()
                 };
-                fast_store += &format!("{ind2}c[({ci}) >> 2u] = acc_{i}_{j}{rv}{old};\n");
+                fast_store += &format!(
+                    "{ind2}c[({ci}) >> 2u] = {};\n",
+                    round_c(format!("acc_{i}_{j}{rv}{old}"), true, half_c)
+                );
             } else {
                 for r in 0..4 {
                     let old = if accumulate {
@@ -310,7 +314,10 @@ pub fn subst(
                         String::new()
                     };
                     let rv = res_at(format!("row0 + {i}u"), format!("col0 + {}u", 4 * j + r));
-                    fast_store += &format!("{ind2}c[{ci} + {r}u] = acc_{i}_{j}[{r}]{rv}{old};\n");
+                    fast_store += &format!(
+                        "{ind2}c[{ci} + {r}u] = {};\n",
+                        round_c(format!("acc_{i}_{j}[{r}]{rv}{old}"), false, half_c)
+                    );
                 }
             }
             for r in 0..4 {
@@ -324,10 +331,17 @@ pub fn subst(
                 } else {
                     String::new()
                 };
+                let value = round_c(
+                    format!(
+                        "acc_{i}_{j}[{r}]{}{old}",
+                        res_at(format!("row0 + {i}u"), format!("col0 + {}u", 4 * j + r))
+                    ),
+                    false,
+                    half_c,
+                );
                 checked_store += &format!(
-                    "{ind2}if (row0 + {i}u < p.m && col0 + {cc}u < p.n) {{ let ci = cbase + (row0 + {i}u) * p.n + col0 + {cc}u; {target} = acc_{i}_{j}[{r}]{rv}{old}; }}\n",
+                    "{ind2}if (row0 + {i}u < p.m && col0 + {cc}u < p.n) {{ let ci = cbase + (row0 + {i}u) * p.n + col0 + {cc}u; {target} = {value}; }}\n",
                     cc = 4 * j + r,
-                    rv = res_at(format!("row0 + {i}u"), format!("col0 + {}u", 4 * j + r))
                 );
             }
         }
@@ -339,7 +353,7 @@ pub fn subst(
         ("WY", t.wy.to_string()),
         ("A_TY", ty(v.a)),
         ("B_TY", ty(v.b)),
-        ("C_TY", ty(v.c)),
+        ("C_TY", super::storage_ty(v.c, half_c).to_string()),
         ("A_SCALAR", a_scalar),
         ("B_SCALAR", b_scalar),
         ("ACC_DECL", acc),
@@ -350,6 +364,16 @@ pub fn subst(
         ("CHECKED_STORE", checked_store),
         ("BIAS_BINDING", epilogue_bindings(bias, res)),
     ]
+}
+
+/// A value stored into C: as is, or rounded to f16 (`vec4<f16>(..)` or `f16(..)`) when C holds
+/// f16 activations.
+fn round_c(value: String, vec: bool, half_c: bool) -> String {
+    match (half_c, vec) {
+        (false, _) => value,
+        (true, true) => format!("vec4<f16>({value})"),
+        (true, false) => format!("f16({value})"),
+    }
 }
 
 /// The optional bias and residual bindings of both matmul templates.
@@ -504,6 +528,8 @@ fn launch_full(
             format!("an f16 operand must be contiguous along K with K a multiple of 4: {s:?}"),
         ));
     }
+    // An f16 C (activations stored in f16) is written once, with f32 arithmetic.
+    super::check_half(&[&c], caps, "matmul")?;
     let max_elems = super::max_bind_elems(caps);
     let bound = |v: Option<View>, what: &str| -> Result<Option<(Binding, u64)>> {
         match v {
@@ -519,6 +545,12 @@ fn launch_full(
         res: bound(residual, "matmul residual")?,
     };
     if s.ta && !s.tb && !s.a_shared && !s.b_shared && (m * k).max(k * n) > max_elems {
+        if c.half {
+            return Err(Error::shape(
+                "matmul",
+                "a K-split product accumulates into C, which must then be f32",
+            ));
+        }
         return split_k(s, a, b, c, epi, caps, t, variant);
     }
     let (bb, b_off) = bind(&b, 0, nb, caps, "matmul operand B")?;
@@ -565,7 +597,7 @@ fn launch_full(
                 t,
                 variant,
                 false,
-                [a.half, b.half],
+                [a.half, b.half, c.half],
                 [ba, bb, bc],
                 offs,
                 epi.shifted(b0 * m * n),
@@ -592,7 +624,7 @@ fn launch_full(
             t,
             variant,
             false,
-            [a.half, b.half],
+            [a.half, b.half, c.half],
             [ba, bb, bc],
             [a_off as u64, b_base, c_off as u64],
             epi.shifted(c_start),
@@ -647,7 +679,7 @@ fn split_k(
                 t,
                 variant,
                 k0 > 0,
-                [false, false],
+                [false, false, false],
                 [ba, bb, bc],
                 [a_off as u64, b_off as u64, c_off as u64],
                 if k0 == 0 {
@@ -675,7 +707,7 @@ fn one(
     t: Tile,
     variant: Variant,
     accumulate: bool,
-    half: [bool; 2],
+    half: [bool; 3],
     bindings: [Binding; 3],
     offs: [u64; 3],
     epi: Epi,
@@ -744,7 +776,14 @@ fn one(
                 sg.s
             ),
             "matmul_sg",
-            sg_subst(s, sg, accumulate, epi.bias.is_some(), epi.res.is_some()),
+            sg_subst(
+                s,
+                sg,
+                accumulate,
+                epi.bias.is_some(),
+                epi.res.is_some(),
+                half[2],
+            ),
             [
                 n.div_ceil((sg.s * sg.tn) as u64),
                 m.div_ceil(sg.r as u64),
@@ -755,7 +794,15 @@ fn one(
         (
             key(s, t, v),
             "matmul",
-            subst(s, t, v, accumulate, epi.bias.is_some(), epi.res.is_some()),
+            subst(
+                s,
+                t,
+                v,
+                accumulate,
+                epi.bias.is_some(),
+                epi.res.is_some(),
+                half[2],
+            ),
             [
                 n.div_ceil((t.tn * t.wx) as u64),
                 m.div_ceil((t.tm * t.wy) as u64),
@@ -770,14 +817,15 @@ fn one(
         _ => key,
     };
     let key = match half {
-        [false, false] => key,
-        [a, b] => format!(
-            "{key}_f16{}{}",
+        [false, false, false] => key,
+        [a, b, c] => format!(
+            "{key}_f16{}{}{}",
             if a { "a" } else { "" },
-            if b { "b" } else { "" }
+            if b { "b" } else { "" },
+            if c { "c" } else { "" }
         ),
     };
-    let subst = widen_f16(subst, half);
+    let subst = widen_f16(subst, [half[0], half[1]]);
     if groups.iter().any(|&g| g > caps.max_workgroups as u64) {
         return Err(Error::TooLarge {
             what: format!("matmul grid {groups:?}"),
@@ -881,6 +929,7 @@ pub fn sg_subst(
     accumulate: bool,
     bias: bool,
     res: bool,
+    half_c: bool,
 ) -> Vec<(&'static str, String)> {
     let (sz, r, tn) = (t.s as usize, t.r as usize, t.tn as usize);
     let nj = tn / 4;
@@ -1007,15 +1056,20 @@ pub fn sg_subst(
                 String::new()
             };
             store += &format!(
-                "    if (row0 + {i}u < p.m && colbase + {col}u < p.n) {{ c[{ci}] = acc_{i}_{j}{bias}{rv}{old}; }}\n",
+                "    if (row0 + {i}u < p.m && colbase + {col}u < p.n) {{ c[{ci}] = {}; }}\n",
+                round_c(
+                    format!("acc_{i}_{j}{}{rv}{old}", plus_bias(j)),
+                    true,
+                    half_c
+                ),
                 col = 4 * sz * j,
-                bias = plus_bias(j)
             );
         }
     }
     vec![
         ("A_TY", "vec4<f32>".into()),
         ("B_TY", "vec4<f32>".into()),
+        ("C_TY", super::storage_ty(true, half_c).into()),
         ("S", t.s.to_string()),
         ("R", t.r.to_string()),
         ("TN", t.tn.to_string()),
