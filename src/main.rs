@@ -95,9 +95,10 @@ enum Cmd {
         /// (f16 on a GPU when the file is fp16, which is then lossless).
         #[arg(long, default_value = "auto")]
         weights: String,
-        /// Activations: f16 (convolution patches, attention heads and outputs stored as f16,
-        /// arithmetic f32; needs shader-f16), f32, or auto (f16 on GPUs that have shader-f16;
-        /// f32 on CPU adapters, where it is faster). Independent of --weights.
+        /// Activations: f16 (convolution patches and products, queries, keys, values and
+        /// attention stored as f16, arithmetic f32; needs shader-f16), f32, or auto (f16 on
+        /// GPUs that have shader-f16; f32 on CPU adapters, where f16 gains nothing).
+        /// Independent of --weights.
         #[arg(long, default_value = "auto")]
         precision: String,
         /// Output folder.

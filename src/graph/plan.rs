@@ -170,13 +170,7 @@ pub fn estimate(
     opts: PlanOptions,
     max_binding: u64,
 ) -> Result<MemoryEstimate> {
-    let halved;
-    let graph = if opts.f16_activations {
-        halved = super::precision::halve(graph, outputs)?.0;
-        &halved
-    } else {
-        graph
-    };
+    let graph = &*super::precision::planned(graph, outputs, opts.f16_activations)?;
     let l = layout(graph, outputs, opts, max_binding)?;
     let mut e = MemoryEstimate {
         planned_bytes: l.slots.iter().map(|(s, _)| *s as u64 * 4).sum(),
@@ -207,19 +201,13 @@ impl Plan {
         store: &mut ParamStore,
         opts: PlanOptions,
     ) -> Result<Plan> {
-        let halved;
-        let graph = if opts.f16_activations {
-            if !gpu.caps.f16 {
-                return Err(Error::Config(
-                    "f16 activations need the device feature shader-f16, which this device lacks"
-                        .into(),
-                ));
-            }
-            halved = super::precision::halve(graph, outputs)?.0;
-            &halved
-        } else {
-            graph
-        };
+        if opts.f16_activations && !gpu.caps.f16 {
+            return Err(Error::Config(
+                "f16 activations need the device feature shader-f16, which this device lacks"
+                    .into(),
+            ));
+        }
+        let graph = &*super::precision::planned(graph, outputs, opts.f16_activations)?;
         let n = graph.nodes.len();
         let Layout {
             live,

@@ -20,8 +20,23 @@
 //! the graph's outputs) stays f32. Inference only: a graph with
 //! optimizer updates is refused.
 
+use std::borrow::Cow;
+
 use super::{DType, Graph, NodeId, Op};
 use crate::error::{Error, Result};
+
+/// The graph a plan is laid out from: `graph` itself, or with `half` its copy from [`halve`].
+pub(super) fn planned<'g>(
+    graph: &'g Graph,
+    outputs: &[NodeId],
+    half: bool,
+) -> Result<Cow<'g, Graph>> {
+    Ok(if half {
+        Cow::Owned(halve(graph, outputs)?)
+    } else {
+        Cow::Borrowed(graph)
+    })
+}
 
 /// Whether node `r`'s readers (through reshapes) all widen f16 loads.
 fn readers_take_f16(graph: &Graph, readers: &[Vec<usize>], is_output: &[bool], r: usize) -> bool {
@@ -59,9 +74,8 @@ fn readers_take_f16(graph: &Graph, readers: &[Vec<usize>], is_output: &[bool], r
     true
 }
 
-/// A copy of `graph` whose chosen intermediates (see the module doc) have dtype F16, with the
-/// number of tensors chosen.
-pub(super) fn halve(graph: &Graph, outputs: &[NodeId]) -> Result<(Graph, usize)> {
+/// A copy of `graph` whose chosen intermediates (see the module doc) have dtype F16.
+fn halve(graph: &Graph, outputs: &[NodeId]) -> Result<Graph> {
     let n = graph.nodes.len();
     if graph.nodes.iter().any(|x| x.op.is_update()) {
         return Err(Error::Config(
@@ -87,7 +101,6 @@ pub(super) fn halve(graph: &Graph, outputs: &[NodeId]) -> Result<(Graph, usize)>
         is_output[o.0] = true;
     }
     let mut g = graph.clone();
-    let mut chosen = 0;
     for i in 0..n {
         let node = &graph.nodes[i];
         // A matmul with A transposed and B not may split K and accumulate into C.
@@ -102,7 +115,6 @@ pub(super) fn halve(graph: &Graph, outputs: &[NodeId]) -> Result<(Graph, usize)>
             && readers_take_f16(graph, &readers, &is_output, i)
         {
             g.nodes[i].dtype = DType::F16;
-            chosen += 1;
         }
     }
     // A reshape has its input's type (it is the same buffer).
@@ -111,5 +123,5 @@ pub(super) fn halve(graph: &Graph, outputs: &[NodeId]) -> Result<(Graph, usize)>
             g.nodes[i].dtype = g.nodes[g.nodes[i].inputs[0].0].dtype;
         }
     }
-    Ok((g, chosen))
+    Ok(g)
 }
