@@ -525,9 +525,29 @@ fn spatial_transformer_matches_diffusers() {
     assert!(worst <= tol, "Transformer2DModel differs by {worst}");
 }
 
+/// The fixture UNet's output at timestep `t` (inputs already written): its time features for
+/// each of the `b` latents, then one run.
+fn unet_at(
+    plan: &stablerep::graph::Plan,
+    inp: &stablerep::diffusion::unet::UNetInputs,
+    eps: stablerep::graph::NodeId,
+    cfg: &stablerep::diffusion::unet::UNetConfig,
+    b: usize,
+    t: usize,
+) -> Vec<f32> {
+    let feats = stablerep::diffusion::blocks::timestep_features(
+        t as f64,
+        cfg.block_out_channels[0],
+        cfg.flip_sin_to_cos,
+        cfg.freq_shift,
+    );
+    let time: Vec<f32> = (0..b).flat_map(|_| feats.iter().copied()).collect();
+    plan.write(inp.time, &time).unwrap();
+    plan.run_fetch(&[eps]).unwrap().remove(0)
+}
+
 #[test]
 fn unet_with_sd15_topology_matches_diffusers() {
-    use stablerep::diffusion::blocks::timestep_features;
     use stablerep::diffusion::unet::{unet, UNetConfig};
     use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
     let (gpu, _lock) = common::gpu();
@@ -549,15 +569,7 @@ fn unet_with_sd15_topology_matches_diffusers() {
     plan.write(inp.sample, &x.data).unwrap();
     plan.write(inp.context, &ctx.data).unwrap();
     for t in [981, 1] {
-        let feats = timestep_features(
-            t as f64,
-            cfg.block_out_channels[0],
-            cfg.flip_sin_to_cos,
-            cfg.freq_shift,
-        );
-        let time: Vec<f32> = (0..b).flat_map(|_| feats.iter().copied()).collect();
-        plan.write(inp.time, &time).unwrap();
-        let got = plan.run_fetch(&[eps]).unwrap().remove(0);
+        let got = unet_at(&plan, &inp, eps, &cfg, b, t);
         let (worst, tol) = deviation(&got, &ck.tensors[&format!("ref.eps{t}")].data);
         assert!(
             worst <= tol,
@@ -584,7 +596,6 @@ fn unet_with_sd15_topology_matches_diffusers() {
 
 #[test]
 fn unet_with_f16_activations_matches_diffusers_fp16() {
-    use stablerep::diffusion::blocks::timestep_features;
     use stablerep::diffusion::unet::{unet, UNetConfig};
     use stablerep::graph::{DType, Graph, ParamStore, Plan, PlanOptions};
     let (gpu, _lock) = common::gpu();
@@ -629,15 +640,7 @@ fn unet_with_f16_activations_matches_diffusers_fp16() {
     plan.write(inp.sample, &x.data).unwrap();
     plan.write(inp.context, &ctx.data).unwrap();
     for t in [981, 1] {
-        let feats = timestep_features(
-            t as f64,
-            cfg.block_out_channels[0],
-            cfg.flip_sin_to_cos,
-            cfg.freq_shift,
-        );
-        let time: Vec<f32> = (0..b).flat_map(|_| feats.iter().copied()).collect();
-        plan.write(inp.time, &time).unwrap();
-        let got = plan.run_fetch(&[eps]).unwrap().remove(0);
+        let got = unet_at(&plan, &inp, eps, &cfg, b, t);
         let want16 = &half.tensors[&format!("ref.eps{t}")].data;
         let want32 = &ck.tensors[&format!("ref.eps{t}")].data;
         // diffusers' fp16 UNet is itself 1.8e-3 (relative to the largest output) from its
