@@ -333,11 +333,16 @@ impl Graph {
                         super::DType::F32,
                     ),
                 };
-                let dg = self.slice(sums, 1, 0, 1)?;
-                let dg = self.reduce(ReduceOp::Sum, dg, 0)?;
+                // One sum over the groups gives [2, cols]; its rows are contiguous slices,
+                // which the plan aliases (no copies).
+                let both = if g == 1 {
+                    self.reshape(sums, &[2, cols])?
+                } else {
+                    self.reduce(ReduceOp::Sum, sums, 0)?
+                };
+                let dg = self.slice(both, 0, 0, 1)?;
                 let dg = self.reshape(dg, &[cols])?;
-                let db = self.slice(sums, 1, 1, 1)?;
-                let db = self.reduce(ReduceOp::Sum, db, 0)?;
+                let db = self.slice(both, 0, 1, 1)?;
                 let db = self.reshape(db, &[cols])?;
                 vec![(x, dx), (gamma, dg), (beta, db)]
             }
