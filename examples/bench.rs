@@ -1,7 +1,9 @@
 //! Benchmarks, one JSON object per line. Usage:
 //!   cargo run --release --example bench -- [FILTER...] [--size N] [--reps N]
 //! FILTER selects cases by substring: `matmul`, `matmul_variants`, `matmul_small` (the blocked
-//! tiles on the demo's attention products; only when asked for), `mlp_step`, `vit-train`,
+//! tiles on the demo's attention products; only when asked for), `matmul_anatomy` (the subgroup
+//! kernel against probes without most loads or without the multiply-adds, to split its time;
+//! 8-lane CPU adapters only, when asked for), `mlp_step`, `vit-train`,
 //! `demo-step` (the demo's training step without augmentation), `chunk` (gradient caching:
 //! memory and time as the batch grows to `--size N` images, default 2064; only when asked for),
 //! `chunk-estimate` (ViT-B/16 at 224 up to the paper's 8,256 images: device bytes from the
@@ -25,7 +27,7 @@ use stablerep::exec::Prepared;
 use stablerep::gpu::{Gpu, GpuOptions};
 use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
 use stablerep::kernels::elementwise::UnaryOp;
-use stablerep::kernels::matmul::{self, MatmulShape, SgTile, Tile, Variant};
+use stablerep::kernels::matmul::{self, MatmulShape, SgProbe, SgTile, Tile, Variant};
 use stablerep::kernels::View;
 
 struct Args {
@@ -66,6 +68,17 @@ fn time_shape(
     variant: Variant,
     reps: usize,
 ) -> stablerep::Result<(f64, String)> {
+    time_probe(gpu, s, variant, None, reps)
+}
+
+/// [`time_shape`] with the kernel replaced by a probe variant (`matmul_anatomy`).
+fn time_probe(
+    gpu: &Arc<Gpu>,
+    s: &MatmulShape,
+    variant: Variant,
+    probe: Option<SgProbe>,
+    reps: usize,
+) -> stablerep::Result<(f64, String)> {
     let (na, nb, nc) = matmul::sizes(s);
     let bufs = [
         gpu.alloc(na * 4, "a")?,
@@ -84,6 +97,13 @@ fn time_shape(
         &gpu.caps,
         variant,
     )?;
+    let d = match probe {
+        Some(p) => d
+            .iter()
+            .map(|x| matmul::sg_probe(x, p))
+            .collect::<stablerep::Result<Vec<_>>>()?,
+        None => d,
+    };
     let refs: Vec<&wgpu::Buffer> = bufs.iter().collect();
     Prepared::new(gpu, &d, &refs)?.submit(gpu);
     gpu.wait()?;
@@ -820,6 +840,45 @@ fn main() -> stablerep::Result<()> {
                 "{}",
                 json!({"bench": "matmul_shape", "case": name, "adapter": adapter, "batch": s.batch, "m": s.m, "n": s.n, "k": s.k, "kernel": kernel, "gflops": (gflops * 10.0).round() / 10.0})
             );
+        }
+    }
+    if a.filters.iter().any(|f| f == "matmul_anatomy") && gpu.caps.subgroup_size == Some(8) {
+        // Where the subgroup kernel's time goes on this adapter: the kernel, a probe with
+        // almost no storage loads (arithmetic and register traffic) and a probe with the loads
+        // and almost no arithmetic, alternating, on shapes of one vit-train step.
+        let lin = |m, n, k, ta, tb| MatmulShape {
+            batch: 1,
+            m,
+            n,
+            k,
+            ta,
+            tb,
+            a_shared: false,
+            b_shared: false,
+        };
+        let cases = [
+            ("fwd fc1", lin(2048, 768, 192, false, true)),
+            ("dx fc2", lin(2048, 768, 192, false, false)),
+            ("dW fc2", lin(192, 768, 2048, true, false)),
+        ];
+        let reps = if a.reps > 0 { a.reps } else { 5 };
+        for round in 0..3 {
+            for (name, s) in &cases {
+                for probe in [SgProbe::Full, SgProbe::FewLoads, SgProbe::LoadsOnly] {
+                    let (gflops, kernel) = time_probe(
+                        &gpu,
+                        s,
+                        Variant::Subgroup(matmul::SG_TILE),
+                        Some(probe),
+                        reps,
+                    )?;
+                    let ms = 2.0 * (s.m * s.n * s.k) as f64 / gflops / 1e6;
+                    println!(
+                        "{}",
+                        json!({"bench": "matmul_anatomy", "round": round, "case": name, "adapter": adapter, "probe": format!("{probe:?}"), "kernel": kernel, "ms": (ms * 1000.0).round() / 1000.0, "gflops_equiv": (gflops * 10.0).round() / 10.0})
+                    );
+                }
+            }
         }
     }
     if a.filters.iter().any(|f| f == "matmul_small") {

@@ -1079,3 +1079,75 @@ pub fn sg_subst(
         ("BIAS_BINDING", epilogue_bindings(bias, res)),
     ]
 }
+
+/// What a probe variant of the subgroup kernel keeps, to split its time between storage
+/// loads and arithmetic (`bench matmul_anatomy`). Probes compute wrong values: timing only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SgProbe {
+    /// The kernel itself.
+    Full,
+    /// Every load in the K loop but the first of A and the first of B replaced by a value
+    /// computed from the lane and k: the multiply-adds and register traffic, almost no loads.
+    FewLoads,
+    /// Every load kept; the multiply-adds replaced by one accumulator summing what was loaded.
+    LoadsOnly,
+}
+
+/// The probe variant of a subgroup-kernel dispatch (f32 operands), or an error for any other
+/// dispatch.
+pub fn sg_probe(d: &Dispatch, probe: SgProbe) -> Result<Dispatch> {
+    let is_load = |l: &str| l.contains(" = a[") || l.contains(" = b[");
+    let mut out = d.clone();
+    let step = out
+        .subst
+        .iter_mut()
+        .find(|(k, _)| *k == "STEP")
+        .filter(|_| d.template == "matmul_sg" && !d.key.contains("_f16"))
+        .ok_or_else(|| {
+            Error::shape("sg_probe", format!("not an f32 subgroup matmul: {}", d.key))
+        })?;
+    let name = |l: &str| {
+        l.trim()
+            .strip_prefix("let ")
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or("")
+            .to_string()
+    };
+    let lines: Vec<String> = step.1.lines().map(str::to_string).collect();
+    let new: Vec<String> = match probe {
+        SgProbe::Full => lines,
+        SgProbe::FewLoads => {
+            let (mut kept_a, mut kept_b) = (false, false);
+            lines
+                .iter()
+                .map(|l| {
+                    let keep = |seen: &mut bool| !std::mem::replace(seen, true);
+                    let keep = if l.contains(" = a[") {
+                        keep(&mut kept_a)
+                    } else if l.contains(" = b[") {
+                        keep(&mut kept_b)
+                    } else {
+                        true
+                    };
+                    if keep {
+                        l.clone()
+                    } else {
+                        format!(
+                            "        let {} = vec4<f32>(f32(k + lane) * 0.001);",
+                            name(l)
+                        )
+                    }
+                })
+                .collect()
+        }
+        SgProbe::LoadsOnly => {
+            let mut kept: Vec<String> = lines.iter().filter(|l| is_load(l)).cloned().collect();
+            let sums: Vec<String> = kept.iter().map(|l| name(l)).collect();
+            kept.push(format!("        acc_0_0 += {};", sums.join(" + ")));
+            kept
+        }
+    };
+    step.1 = new.join("\n") + "\n";
+    out.key = format!("{}_probe_{probe:?}", d.key);
+    Ok(out)
+}
