@@ -881,6 +881,60 @@ fn main() -> stablerep::Result<()> {
             }
         }
     }
+    if a.filters.iter().any(|f| f == "matmul_colsum") {
+        // A weight gradient dY^T X alone and with the bias gradient's column sums of dY in the
+        // same kernel (`launch_colsum`), alternating, on vit-train's shapes.
+        let reps = if a.reps > 0 { a.reps } else { 5 };
+        for round in 0..3 {
+            for (name, m, n) in [
+                ("dW qkv", 576u32, 192u32),
+                ("dW fc2", 192, 768),
+                ("dW fc1", 768, 192),
+            ] {
+                let s = MatmulShape {
+                    batch: 1,
+                    m,
+                    n,
+                    k: 2048,
+                    ta: true,
+                    tb: false,
+                    a_shared: false,
+                    b_shared: false,
+                };
+                let (na, nb, nc) = matmul::sizes(&s);
+                let bufs = [
+                    gpu.alloc(na * 4, "a")?,
+                    gpu.alloc(nb * 4, "b")?,
+                    gpu.alloc(nc * 4, "c")?,
+                    gpu.alloc(m as u64 * 4, "colsum")?,
+                ];
+                let refs: Vec<&wgpu::Buffer> = bufs.iter().collect();
+                for with in [false, true] {
+                    let (va, vb, vc) = (View::new(0, na), View::new(1, nb), View::new(2, nc));
+                    let d = if with {
+                        matmul::launch_colsum(&s, va, vb, vc, View::new(3, m as u64), &gpu.caps)?
+                    } else {
+                        matmul::launch(&s, va, vb, vc, &gpu.caps)?
+                    };
+                    Prepared::new(&gpu, &d, &refs)?.submit(&gpu);
+                    gpu.wait()?;
+                    let many: Vec<_> = (0..reps).flat_map(|_| d.clone()).collect();
+                    let p = Prepared::new(&gpu, &many, &refs)?;
+                    let t0 = Instant::now();
+                    p.submit(&gpu);
+                    gpu.wait()?;
+                    let ms = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
+                    println!(
+                        "{}",
+                        json!({"bench": "matmul_colsum", "round": round, "case": name, "adapter": adapter, "colsum": with, "kernel": d[0].key, "ms": (ms * 1000.0).round() / 1000.0})
+                    );
+                }
+                for b in bufs {
+                    gpu.pool.give(b);
+                }
+            }
+        }
+    }
     if a.filters.iter().any(|f| f == "matmul_small") {
         // The demo step's attention matmuls (32 views x 3 heads, 17 tokens, head width 32)
         // under each blocked tile, alternating, to choose the tile for small batched products.

@@ -8,7 +8,9 @@
 // Template parameters (filled by src/kernels/matmul.rs): <TM> <TN> <WX> <WY>,
 // <A_TY> <B_TY> <C_TY> (f32 or vec4<f32>), and generated code blocks. With a bias binding the
 // stores add bias[off_bias + column] (a fused `x W^T + b`), and with a residual binding
-// res at C's position (`x + (h W^T + b)`).
+// res at C's position (`x + (h W^T + b)`). With a colsum binding (transposed A, batch 1) every
+// invocation also sums its rows of op(A) over K and those at column 0 store
+// colsum[off_s + m] = sum_k A[k, m] (a bias gradient beside its weight gradient).
 
 struct Params {
     m: u32,
@@ -22,7 +24,7 @@ struct Params {
     off_c: u32,
     off_bias: u32,
     off_res: u32,
-    _p1: u32,
+    off_s: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -6,7 +6,9 @@
 // groups 4l + 4Sj. Loads are clamped into the matrix; stores are guarded.
 // Requires vec4-aligned operands (the launcher checks) and subgroups of exactly <S> lanes.
 // With a bias binding the stores add bias[off_bias + column] (a fused `x W^T + b`), and with a residual binding
-// res at C's position (`x + (h W^T + b)`).
+// res at C's position (`x + (h W^T + b)`). With a colsum binding (transposed A, batch 1) each
+// lane also sums its A slices over K and the workgroups of the first column block store
+// colsum[off_s + m] = sum_k A[k, m] (a bias gradient beside its weight gradient).
 
 struct Params {
     m: u32,
@@ -20,7 +22,7 @@ struct Params {
     off_c: u32,
     off_bias: u32,
     off_res: u32,
-    _p2: u32,
+    off_s: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

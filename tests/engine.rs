@@ -57,6 +57,7 @@ fn memory_planner_reuses_buffers_without_changing_results() {
         updates: true,
         fuse: false,
         multi_update: true,
+        colsum: true,
         f16_activations: false,
     };
     let (a, pa) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[h, y], opts(true));
@@ -254,6 +255,7 @@ fn contiguous_slices_alias_their_input_without_a_copy() {
             updates: true,
             fuse: true,
             multi_update: true,
+            colsum: true,
             f16_activations: false,
         },
     );
@@ -418,6 +420,7 @@ fn fused_elementwise_chains_match_unfused_plans_and_the_cpu() {
             updates: true,
             fuse,
             multi_update: true,
+            colsum: true,
             f16_activations: false,
         };
         let (a, pa) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &outs, opts(true));
@@ -590,6 +593,7 @@ fn adamw_steps(
     }
     let opts = PlanOptions {
         multi_update: multi,
+        colsum: true,
         f16_activations: false,
         ..PlanOptions::default()
     };

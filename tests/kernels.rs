@@ -124,6 +124,7 @@ fn matmul_with_a_fused_bias() {
             updates: true,
             fuse: true,
             multi_update: true,
+            colsum: true,
             f16_activations: false,
         };
         let (got, plan) = common::run_gpu_opts(&gpu, &g, &f, &HashMap::new(), &[y], opts);
@@ -139,6 +140,54 @@ fn matmul_with_a_fused_bias() {
             1e-4,
             1e-4,
         );
+    }
+}
+
+#[test]
+fn weight_gradient_matmul_writes_the_bias_gradient() {
+    // dW = dY^T X and db = sum over rows of dY compile to one matmul dispatch that also
+    // writes db (no reduce kernel), on awkward shapes (the blocked kernel's checked and tail
+    // paths), aligned ones (the subgroup kernel on CPU adapters) and a sum long enough to be
+    // split in two stages; db is also read by a later op. With `colsum` off the sums run
+    // separately and give the same values.
+    let mut rng = Rng(23);
+    for &(k, m, n) in &[
+        (37, 13, 29),
+        (64, 32, 40),
+        (6, 4, 8),
+        (2048, 24, 8),
+        (1030, 36, 12),
+    ] {
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let dy = input(&mut g, &mut f, &mut rng, &[k, m], -1.0, 1.0);
+        let x = input(&mut g, &mut f, &mut rng, &[k, n], -1.0, 1.0);
+        let db = g.sum_to(dy, &[m]).unwrap();
+        let dw = g.matmul_t(dy, x, true, false).unwrap();
+        let later = g.unary(UnaryOp::Tanh, db).unwrap();
+        let want = run_cpu(&g, &f, &HashMap::new(), &[dw, db, later]);
+        let (gpu, _lock) = gpu();
+        for on in [true, false] {
+            let opts = stablerep::graph::PlanOptions {
+                poison: true,
+                colsum: on,
+                ..Default::default()
+            };
+            let (got, plan) =
+                common::run_gpu_opts(&gpu, &g, &f, &HashMap::new(), &[dw, db, later], opts);
+            let keys = plan.kernel_keys();
+            let fused = keys.iter().filter(|k| k.contains("_colsum")).count();
+            let sums = keys.iter().filter(|k| k.starts_with("reduce")).count();
+            assert_eq!(
+                (fused, sums == 0),
+                (on as usize, on),
+                "colsum {on}: {keys:?}"
+            );
+            let tol = 1e-5 * (k as f64).sqrt();
+            for (name, (a, b)) in ["dW", "db", "tanh(db)"].iter().zip(got.iter().zip(&want)) {
+                assert_close(&format!("{name} {k}x{m}x{n} colsum {on}"), a, b, tol, tol);
+            }
+        }
     }
 }
 
@@ -953,6 +1002,7 @@ fn f16_activations_match_the_cpu_within_f16_rounding() {
             updates: false,
             fuse: true,
             multi_update: true,
+            colsum: true,
             f16_activations: half,
         };
         let (f32s, p32) = run_gpu_opts(&gpu, &g, &feeds, &HashMap::new(), &[out], opts(false));

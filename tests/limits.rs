@@ -60,6 +60,38 @@ fn oversized_tensors_are_split_and_grids_folded() {
 }
 
 #[test]
+fn a_k_split_weight_gradient_writes_its_column_sums_across_chunks() {
+    // dY [300, 16] is larger than a 4 KiB binding: dY^T X runs in K chunks that add into C,
+    // and the column sums of dY (a bias gradient, whose separate reduce could not bind dY at
+    // all) add up across the same chunks.
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let gpu = tiny();
+    let mut rng = Rng(37);
+    let mut g = Graph::new();
+    let mut f = HashMap::new();
+    let dy = input(&mut g, &mut f, &mut rng, &[300, 16], -1.0, 1.0);
+    let x = input(&mut g, &mut f, &mut rng, &[300, 12], -1.0, 1.0);
+    let db = g.sum_to(dy, &[16]).unwrap();
+    let dw = g.matmul_t(dy, x, true, false).unwrap();
+    let mut store = ParamStore::new();
+    let plan =
+        Plan::compile(&gpu, &g, &[dw, db], &mut store, PlanOptions::default()).expect("compile");
+    let keys = plan.kernel_keys();
+    assert!(
+        keys.len() > 1 && keys.iter().all(|k| k.contains("_colsum")),
+        "{keys:?}"
+    );
+    assert!(keys.iter().any(|k| k.contains("_acc_colsum")), "{keys:?}");
+    drop(plan);
+    let outs = [dw, db];
+    let got = run_gpu(&gpu, &g, &f, &HashMap::new(), &outs);
+    let want = run_cpu(&g, &f, &HashMap::new(), &outs);
+    for (name, (a, b)) in ["dW", "db"].iter().zip(got.iter().zip(&want)) {
+        assert_close(&format!("K-split {name}"), a, b, 1e-4, 1e-5);
+    }
+}
+
+#[test]
 fn unsplittable_ops_refuse_with_a_clear_error() {
     let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = tiny();

@@ -374,3 +374,47 @@ pub(super) fn lower_matmul(
         None => matmul::launch(&s, a, b, y, caps),
     }
 }
+
+/// The dispatches of a transposed-A matmul node `id` that also writes the column sums of its
+/// A into node `sum`'s buffer (memory planning's step 2c).
+pub(super) fn lower_matmul_colsum(
+    g: &Graph,
+    id: NodeId,
+    view: &dyn Fn(NodeId) -> Result<View>,
+    sum: NodeId,
+    caps: &crate::gpu::Caps,
+) -> Result<Vec<Dispatch>> {
+    let node = g.node(id);
+    let sa = g.shape(node.inputs[0]);
+    if node.op
+        != (Op::Matmul {
+            ta: true,
+            tb: false,
+        })
+        || sa.len() != 2
+        || node.shape.len() != 2
+    {
+        return Err(Error::Graph(format!(
+            "node {} is not a 2-D matmul with a transposed A",
+            id.0
+        )));
+    }
+    let s = MatmulShape {
+        batch: 1,
+        m: node.shape[0] as u32,
+        n: node.shape[1] as u32,
+        k: sa[0] as u32,
+        ta: true,
+        tb: false,
+        a_shared: false,
+        b_shared: false,
+    };
+    matmul::launch_colsum(
+        &s,
+        view(node.inputs[0])?,
+        view(node.inputs[1])?,
+        view(id)?,
+        view(sum)?,
+        caps,
+    )
+}

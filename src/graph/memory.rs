@@ -16,6 +16,10 @@ pub(super) struct Layout {
     pub(super) root: Vec<usize>,
     pub(super) alias: Vec<bool>,
     pub(super) in_place: Vec<bool>,
+    /// Per transposed-A matmul: the column sum of its A it also writes (step 2c).
+    pub(super) colsum: Vec<Option<usize>>,
+    /// Column sums written by a matmul (they keep their buffer, with no dispatch of their own).
+    pub(super) by_matmul: Vec<bool>,
     pub(super) off: Vec<u64>,
     pub(super) slots: Vec<(usize, Vec<(usize, usize)>)>,
     pub(super) slot_of: Vec<usize>,
@@ -207,6 +211,119 @@ pub(super) fn layout(
             in_place[c] = true;
         }
     }
+    // 2c. A sum over all rows of a tensor that a transposed-A matmul also reads as its A
+    // ([K, M] -> [M]: a linear layer's bias gradient beside its weight gradient dY^T X) is
+    // written by the matmul from the A values it loads anyway (`matmul::launch_colsum`); the
+    // sum (and its first stage, when split in two) costs no dispatch. Everything that reads
+    // the sum must come after the matmul.
+    let mut colsum: Vec<Option<usize>> = vec![None; n];
+    let mut by_matmul = vec![false; n];
+    if opts.colsum {
+        let strip = |mut i: usize| {
+            while graph.nodes[i].op == Op::Reshape {
+                i = graph.nodes[i].inputs[0].0;
+            }
+            i
+        };
+        let sum = |axis: usize| Op::Reduce {
+            op: crate::kernels::reduce::ReduceOp::Sum,
+            axis,
+        };
+        // The first node reading each buffer (aliases excluded; fused members count at their
+        // own place, which is no later than where their reads run), and the first update.
+        let mut first_reader = vec![usize::MAX; n];
+        let mut first_update = usize::MAX;
+        for j in (0..n).filter(|&j| live[j]) {
+            if graph.nodes[j].op.is_update() {
+                first_update = first_update.min(j);
+            }
+            for x in &graph.nodes[j].inputs {
+                if root[x.0] != root[j] {
+                    first_reader[root[x.0]] = first_reader[root[x.0]].min(j);
+                }
+            }
+        }
+        // What the sum read must not change before the matmul reads it.
+        let mut updates_upto = vec![0usize; n + 1];
+        for i in 0..n {
+            updates_upto[i + 1] =
+                updates_upto[i] + (live[i] && graph.nodes[i].op.is_update()) as usize;
+        }
+        let mut read_by_update = vec![false; n];
+        for j in (0..n).filter(|&j| live[j] && graph.nodes[j].op.is_update()) {
+            for x in &graph.nodes[j].inputs {
+                read_by_update[root[x.0]] = true;
+            }
+        }
+        // Candidate sums: (source, rows, columns, the sum, its first stage).
+        let mut sums: Vec<(usize, usize, usize, usize, Option<usize>)> = Vec::new();
+        for r in (0..n).filter(|&r| live[r] && !fused_away[r] && root[r] == r) {
+            let node = &graph.nodes[r];
+            if node.op != sum(0) || node.dtype != DType::F32 || node.shape.len() != 1 {
+                continue;
+            }
+            let m = node.shape[0];
+            let p = node.inputs[0].0;
+            let pn = &graph.nodes[p];
+            if pn.shape.len() != 2 || pn.shape[1] != m {
+                continue;
+            }
+            if pn.op == sum(1) {
+                // The two-stage form of a long sum: [c, K / c, M] -> [c, M] -> [M].
+                let q = pn.inputs[0].0;
+                let qs = &graph.nodes[q].shape;
+                if consumers[p] == 1
+                    && !fused_away[p]
+                    && graph.nodes[q].op == Op::Reshape
+                    && qs.len() == 3
+                    && qs[0] == pn.shape[0]
+                    && qs[2] == m
+                {
+                    sums.push((strip(q), qs[0] * qs[1], m, r, Some(p)));
+                }
+            } else {
+                sums.push((strip(p), pn.shape[0], m, r, None));
+            }
+        }
+        for w in 0..n {
+            let wn = &graph.nodes[w];
+            if !live[w]
+                || fused_away[w]
+                || sums.is_empty()
+                || wn.op
+                    != (Op::Matmul {
+                        ta: true,
+                        tb: false,
+                    })
+                || wn.shape.len() != 2
+            {
+                continue;
+            }
+            let a = wn.inputs[0].0;
+            let an = &graph.nodes[a];
+            if an.shape.len() != 2 || an.dtype != DType::F32 {
+                continue;
+            }
+            let d = strip(a);
+            let found = sums.iter().position(|&(sd, k, m, r, _)| {
+                sd == d
+                    && k == an.shape[0]
+                    && m == an.shape[1]
+                    && r < w
+                    && updates_upto[w] == updates_upto[r]
+                    && first_reader[r] > w
+                    && (!read_by_update[r] || first_update > w)
+            });
+            if let Some(pos) = found {
+                let (_, _, _, r, p) = sums.remove(pos);
+                colsum[w] = Some(r);
+                by_matmul[r] = true;
+                if let Some(p) = p {
+                    fused_away[p] = true;
+                }
+            }
+        }
+    }
     // 3. Lifetimes of planned roots.
     let planned = |i: usize| {
         live[i]
@@ -231,6 +348,10 @@ pub(super) fn layout(
                 let r = root[x];
                 last[r] = last[r].max(i);
             }
+        }
+        // A matmul writes the column sum it took over.
+        if let Some(r) = colsum[i] {
+            last[root[r]] = last[root[r]].max(i);
         }
         // A fused chain reads its leaves.
         if let Some((_, leaves)) = &fused_ew[i] {
@@ -334,6 +455,8 @@ pub(super) fn layout(
         root,
         alias,
         in_place,
+        colsum,
+        by_matmul,
         off,
         slots,
         slot_of,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::lower::{lower, lower_matmul};
+use super::lower::{lower, lower_matmul, lower_matmul_colsum};
 use super::memory::{layout, Layout};
 use super::{DType, Graph, NodeId, Op, ParamStore};
 use crate::error::{Error, Result};
@@ -33,6 +33,10 @@ pub struct PlanOptions {
     /// buffer; off: one dispatch per parameter. Both give the same values. The default is on
     /// unless the environment sets `STABLEREP_MULTI_UPDATE=0`.
     pub multi_update: bool,
+    /// Let a transposed-A matmul also write a sum over all rows of its A that the graph asks
+    /// for (a bias gradient beside its weight gradient, `matmul::launch_colsum`), so the sum
+    /// costs no dispatch. The default is on unless the environment sets `STABLEREP_COLSUM=0`.
+    pub colsum: bool,
     /// Store the activations that only convolutions' matmuls, attention and layout copies
     /// read as f16 (`graph::precision`; f32 arithmetic, half the memory for those tensors).
     /// Inference only; needs the device's `shader-f16`. Off by default.
@@ -47,6 +51,7 @@ impl Default for PlanOptions {
             updates: true,
             fuse: std::env::var("STABLEREP_FUSE").map_or(true, |v| v != "0"),
             multi_update: std::env::var("STABLEREP_MULTI_UPDATE").map_or(true, |v| v != "0"),
+            colsum: std::env::var("STABLEREP_COLSUM").map_or(true, |v| v != "0"),
             f16_activations: false,
         }
     }
@@ -217,6 +222,8 @@ impl Plan {
             root,
             alias,
             in_place,
+            colsum,
+            by_matmul,
             off,
             slots,
             slot_of,
@@ -383,7 +390,14 @@ impl Plan {
         for (i, node) in graph.nodes.iter().enumerate() {
             // Aliases (reshapes, contiguous slices) have no work of their own.
             // and a concat whose inputs were computed in place.
-            if !live[i] || node.op.is_leaf() || alias[i] || fused_away[i] || in_place[i] {
+            // A column sum written by a later matmul (step 2c) has no dispatch of its own.
+            if !live[i]
+                || node.op.is_leaf()
+                || alias[i]
+                || fused_away[i]
+                || in_place[i]
+                || by_matmul[i]
+            {
                 continue;
             }
             executed += 1;
@@ -419,7 +433,10 @@ impl Plan {
                     r.map(|r| view(NodeId(r))).transpose()?,
                     &gpu.caps,
                 ),
-                (None, None) => lower(gpu, graph, NodeId(i), &view),
+                (None, None) => match colsum[i] {
+                    Some(r) => lower_matmul_colsum(graph, NodeId(i), &view, NodeId(r), &gpu.caps),
+                    None => lower(gpu, graph, NodeId(i), &view),
+                },
             };
             dispatches.extend(lowered.map_err(|e| match e {
                 Error::TooLarge { .. } | Error::Shape { .. } => {

@@ -80,6 +80,7 @@ pub struct VecFlags {
 }
 
 /// Generates the WGSL of one variant.
+#[allow(clippy::too_many_arguments)]
 pub fn subst(
     s: &MatmulShape,
     t: Tile,
@@ -88,6 +89,7 @@ pub fn subst(
     bias: bool,
     res: bool,
     half_c: bool,
+    colsum: bool,
 ) -> Vec<(&'static str, String)> {
     let (tm, tn) = (t.tm as usize, t.tn as usize);
     let nj = tn / 4;
@@ -135,6 +137,9 @@ pub fn subst(
     for i in 0..tm {
         for j in 0..nj {
             acc += &format!("    var acc_{i}_{j} = vec4<f32>(0.0);\n");
+        }
+        if colsum {
+            acc += &format!("    var rs_{i} = 0.0;\n");
         }
     }
     // Fast step over k..k+4: scalars a_i_t, vectors b_t_j, then FMAs.
@@ -220,6 +225,20 @@ pub fn subst(
             }
         }
     }
+    // Column sums of the stored A (row sums of op(A)): every invocation keeps its rows'
+    // sums; the one at column 0 stores them.
+    let sum_rows = |code: &mut String, one: bool| {
+        if colsum {
+            for i in 0..tm {
+                if one {
+                    *code += &format!("{ind}rs_{i} += a_{i};\n");
+                } else {
+                    *code += &format!("{ind}rs_{i} += a_{i}_0 + a_{i}_1 + a_{i}_2 + a_{i}_3;\n");
+                }
+            }
+        }
+    };
+    sum_rows(&mut fast, false);
     // Tail step (single k, block in range): scalar loads without checks.
     let mut tail = String::new();
     for i in 0..tm {
@@ -239,6 +258,7 @@ pub fn subst(
             tail += &format!("{ind}acc_{i}_{j} = fma(vec4<f32>(a_{i}), b_{j}, acc_{i}_{j});\n");
         }
     }
+    sum_rows(&mut tail, true);
     // Checked step: everything through the bounds-checked accessors.
     let mut checked = String::new();
     for i in 0..tm {
@@ -255,6 +275,7 @@ pub fn subst(
             checked += &format!("{ind}acc_{i}_{j} = fma(vec4<f32>(a_{i}), b_{j}, acc_{i}_{j});\n");
         }
     }
+    sum_rows(&mut checked, true);
     let ind2 = "        ";
     let mut fast_store = String::new();
     let mut checked_store = String::new();
@@ -346,6 +367,21 @@ pub fn subst(
             }
         }
     }
+    if colsum {
+        for i in 0..tm {
+            let si = format!("p.off_s + row0 + {i}u");
+            let old = if accumulate {
+                format!(" + colsum[{si}]")
+            } else {
+                String::new()
+            };
+            let line = format!(
+                "{ind2}if (col0 == 0u && row0 + {i}u < p.m) {{ colsum[{si}] = rs_{i}{old}; }}\n"
+            );
+            fast_store += &line;
+            checked_store += &line;
+        }
+    }
     vec![
         ("TM", t.tm.to_string()),
         ("TN", t.tn.to_string()),
@@ -362,7 +398,7 @@ pub fn subst(
         ("CHECKED_STEP", checked),
         ("FAST_STORE", fast_store),
         ("CHECKED_STORE", checked_store),
-        ("BIAS_BINDING", epilogue_bindings(bias, res)),
+        ("BIAS_BINDING", epilogue_bindings(bias, res, colsum)),
     ]
 }
 
@@ -376,14 +412,21 @@ fn round_c(value: String, vec: bool, half_c: bool) -> String {
     }
 }
 
-/// The optional bias and residual bindings of both matmul templates.
-fn epilogue_bindings(bias: bool, res: bool) -> String {
+/// The optional bias, residual and column-sum bindings of both matmul templates, numbered
+/// after C in that order.
+fn epilogue_bindings(bias: bool, res: bool, colsum: bool) -> String {
     let mut s = String::new();
     if bias {
         s += "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n";
     }
     if res {
         s += "@group(0) @binding(5) var<storage, read> res: array<f32>;\n";
+    }
+    if colsum {
+        s += &format!(
+            "@group(0) @binding({}) var<storage, read_write> colsum: array<f32>;\n",
+            4 + bias as u32 + res as u32
+        );
     }
     s
 }
@@ -427,7 +470,37 @@ pub enum Variant {
 /// Dispatches computing `c = op(a) op(b)`. Splits over batches and rows of C (and A when it is
 /// not transposed) so that every binding fits the device; B must fit one binding.
 pub fn launch(s: &MatmulShape, a: View, b: View, c: View, caps: &Caps) -> Result<Vec<Dispatch>> {
-    launch_full(s, a, b, c, None, None, caps, Variant::Auto)
+    launch_full(s, a, b, c, None, None, None, caps, Variant::Auto)
+}
+
+/// C = op(A) op(B) for a transposed A ([K, M], batch 1) that also writes the column sums of
+/// the stored A, `colsum[m] = sum_k A[k, m]`, from the A values the product loads anyway: a
+/// linear layer's bias gradient next to its weight gradient (`dY^T X` and `sum_rows dY`) in
+/// one dispatch.
+pub fn launch_colsum(
+    s: &MatmulShape,
+    a: View,
+    b: View,
+    c: View,
+    colsum: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    if !s.ta || s.tb || s.batch != 1 || a.half || colsum.half {
+        return Err(Error::shape(
+            "matmul",
+            format!("column sums need an f32 transposed A and a plain B, batch 1: {s:?}"),
+        ));
+    }
+    if colsum.len < s.m as u64 {
+        return Err(Error::shape(
+            "matmul",
+            format!(
+                "column sums of {} elements for {} columns of A",
+                colsum.len, s.m
+            ),
+        ));
+    }
+    launch_full(s, a, b, c, None, None, Some(colsum), caps, Variant::Auto)
 }
 
 /// C = op(A) op(B) + bias (+ residual), added in the kernel's stores: the bias [N] along
@@ -460,7 +533,7 @@ pub fn launch_epilogue(
             ));
         }
     }
-    launch_full(s, a, b, c, Some(bias), residual, caps, Variant::Auto)
+    launch_full(s, a, b, c, Some(bias), residual, None, caps, Variant::Auto)
 }
 
 /// [`launch`] with an explicit variant (benchmarks compare them).
@@ -472,22 +545,23 @@ pub fn launch_with(
     caps: &Caps,
     variant: Variant,
 ) -> Result<Vec<Dispatch>> {
-    launch_full(s, a, b, c, None, None, caps, variant)
+    launch_full(s, a, b, c, None, None, None, caps, variant)
 }
 
-/// Bias and residual bindings of a dispatch (the residual offset follows C's).
+/// Bias, residual and column-sum bindings of a dispatch (the residual offset follows C's).
 #[derive(Clone, Copy, Debug, Default)]
 struct Epi {
     bias: Option<(Binding, u64)>,
     res: Option<(Binding, u64)>,
+    colsum: Option<(Binding, u64)>,
 }
 
 impl Epi {
     /// The same epilogue for a dispatch whose C starts `by` elements further.
     fn shifted(self, by: u64) -> Epi {
         Epi {
-            bias: self.bias,
             res: self.res.map(|(b, o)| (b, o + by)),
+            ..self
         }
     }
 }
@@ -500,6 +574,7 @@ fn launch_full(
     c: View,
     bias: Option<View>,
     residual: Option<View>,
+    colsum: Option<View>,
     caps: &Caps,
     variant: Variant,
 ) -> Result<Vec<Dispatch>> {
@@ -543,6 +618,7 @@ fn launch_full(
     let epi = Epi {
         bias: bound(bias, "matmul bias")?,
         res: bound(residual, "matmul residual")?,
+        colsum: bound(colsum, "matmul column sums")?,
     };
     if s.ta && !s.tb && !s.a_shared && !s.b_shared && (m * k).max(k * n) > max_elems {
         if c.half {
@@ -685,7 +761,11 @@ fn split_k(
                 if k0 == 0 {
                     epi.shifted(bi * m * n)
                 } else {
-                    Epi::default()
+                    // Later chunks add their column sums too.
+                    Epi {
+                        colsum: epi.colsum,
+                        ..Epi::default()
+                    }
                 },
                 m,
                 1,
@@ -749,6 +829,7 @@ fn one(
         offs[2] as u32,
         epi.bias.map_or(0, |b| b.1 as u32),
         epi.res.map_or(0, |b| b.1 as u32),
+        epi.colsum.map_or(0, |b| b.1 as u32),
     ]);
     let (sg, wanted) = match variant {
         Variant::Auto => (SG_TILE, caps.is_cpu),
@@ -783,6 +864,7 @@ fn one(
                 epi.bias.is_some(),
                 epi.res.is_some(),
                 half[2],
+                epi.colsum.is_some(),
             ),
             [
                 n.div_ceil((sg.s * sg.tn) as u64),
@@ -802,6 +884,7 @@ fn one(
                 epi.bias.is_some(),
                 epi.res.is_some(),
                 half[2],
+                epi.colsum.is_some(),
             ),
             [
                 n.div_ceil((t.tn * t.wx) as u64),
@@ -815,6 +898,11 @@ fn one(
         (false, true, true) => format!("{key}_bias_res"),
         (false, true, false) => format!("{key}_bias"),
         _ => key,
+    };
+    let key = if epi.colsum.is_some() {
+        format!("{key}_colsum")
+    } else {
+        key
     };
     let key = match half {
         [false, false, false] => key,
@@ -844,6 +932,7 @@ fn one(
             .copied()
             .chain(epi.bias.map(|b| b.0))
             .chain(epi.res.map(|b| b.0))
+            .chain(epi.colsum.map(|b| b.0))
             .collect(),
         groups: [groups[0] as u32, groups[1] as u32, groups[2] as u32],
     })
@@ -930,6 +1019,7 @@ pub fn sg_subst(
     bias: bool,
     res: bool,
     half_c: bool,
+    colsum: bool,
 ) -> Vec<(&'static str, String)> {
     let (sz, r, tn) = (t.s as usize, t.r as usize, t.tn as usize);
     let nj = tn / 4;
@@ -964,6 +1054,13 @@ pub fn sg_subst(
                     "{ind}let av_{q}_{tt} = a[(abase + (k + {tt}u) * p.m + min(row0 + 4u * (lane + {}u), p.m - 4u)) >> 2u];\n",
                     sz * q
                 );
+            }
+        }
+        // Column sums of the stored A: lane l sums its own 4-row slices over k.
+        if colsum {
+            for q in 0..r / (4 * sz) {
+                acc += &format!("    var rs_{q} = vec4<f32>(0.0);\n");
+                st += &format!("{ind}rs_{q} += av_{q}_0 + av_{q}_1 + av_{q}_2 + av_{q}_3;\n");
             }
         }
         for i in 0..r {
@@ -1066,6 +1163,22 @@ pub fn sg_subst(
             );
         }
     }
+    if colsum && s.ta {
+        for q in 0..r / (4 * sz) {
+            let row = format!("row0 + 4u * (lane + {}u)", sz * q);
+            for cc in 0..4 {
+                let si = format!("p.off_s + {row} + {cc}u");
+                let old = if accumulate {
+                    format!(" + colsum[{si}]")
+                } else {
+                    String::new()
+                };
+                store += &format!(
+                    "    if (wg.x == 0u && {row} < p.m) {{ colsum[{si}] = rs_{q}[{cc}]{old}; }}\n"
+                );
+            }
+        }
+    }
     vec![
         ("A_TY", "vec4<f32>".into()),
         ("B_TY", "vec4<f32>".into()),
@@ -1076,7 +1189,7 @@ pub fn sg_subst(
         ("ACC_DECL", acc),
         ("STEP", st),
         ("STORE", store),
-        ("BIAS_BINDING", epilogue_bindings(bias, res)),
+        ("BIAS_BINDING", epilogue_bindings(bias, res, colsum)),
     ]
 }
 

@@ -80,6 +80,7 @@ pub fn run_gpu(
             updates: true,
             fuse: true,
             multi_update: true,
+            colsum: true,
             f16_activations: false,
         },
     )
