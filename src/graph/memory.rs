@@ -296,6 +296,7 @@ pub(super) fn layout(
                         tb: false,
                     })
                 || wn.shape.len() != 2
+                || wn.shape[1] == 0
             {
                 continue;
             }
@@ -305,6 +306,11 @@ pub(super) fn layout(
                 continue;
             }
             let d = strip(a);
+            // A tensor an update reads may sit in a gradient slab beside the sum, and one
+            // dispatch cannot bind a buffer both read-only and writable.
+            if read_by_update[root[d]] {
+                continue;
+            }
             let found = sums.iter().position(|&(sd, k, m, r, _)| {
                 sd == d
                     && k == an.shape[0]
