@@ -60,6 +60,20 @@ fn wanted(a: &Args, name: &str) -> bool {
     a.filters.is_empty() || a.filters.iter().any(|f| name.contains(f.as_str()))
 }
 
+/// A single (batch 1) matmul shape.
+fn lin(m: u32, n: u32, k: u32, ta: bool, tb: bool) -> MatmulShape {
+    MatmulShape {
+        batch: 1,
+        m,
+        n,
+        k,
+        ta,
+        tb,
+        a_shared: false,
+        b_shared: false,
+    }
+}
+
 /// Times `reps` back-to-back runs of one matmul shape (values not checked); returns GFLOP/s
 /// and the kernel key.
 fn time_shape(
@@ -801,16 +815,6 @@ fn main() -> stablerep::Result<()> {
     if a.filters.iter().any(|f| f == "matmul_shapes") {
         // The matmuls of one vit-train step (batch 32 x 64 tokens, width 192, MLP 768, 3 heads):
         // forward x W^T, input gradients dY W, weight gradients dY^T X, and attention.
-        let lin = |m, n, k, ta, tb| MatmulShape {
-            batch: 1,
-            m,
-            n,
-            k,
-            ta,
-            tb,
-            a_shared: false,
-            b_shared: false,
-        };
         let att = |ta, tb| MatmulShape {
             batch: 96,
             m: 64,
@@ -846,16 +850,6 @@ fn main() -> stablerep::Result<()> {
         // Where the subgroup kernel's time goes on this adapter: the kernel, a probe with
         // almost no storage loads (arithmetic and register traffic) and a probe with the loads
         // and almost no arithmetic, alternating, on shapes of one vit-train step.
-        let lin = |m, n, k, ta, tb| MatmulShape {
-            batch: 1,
-            m,
-            n,
-            k,
-            ta,
-            tb,
-            a_shared: false,
-            b_shared: false,
-        };
         let cases = [
             ("fwd fc1", lin(2048, 768, 192, false, true)),
             ("dx fc2", lin(2048, 768, 192, false, false)),
@@ -891,16 +885,7 @@ fn main() -> stablerep::Result<()> {
                 ("dW fc2", 192, 768),
                 ("dW fc1", 768, 192),
             ] {
-                let s = MatmulShape {
-                    batch: 1,
-                    m,
-                    n,
-                    k: 2048,
-                    ta: true,
-                    tb: false,
-                    a_shared: false,
-                    b_shared: false,
-                };
+                let s = lin(m, n, 2048, true, false);
                 let (na, nb, nc) = matmul::sizes(&s);
                 let bufs = [
                     gpu.alloc(na * 4, "a")?,
