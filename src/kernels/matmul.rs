@@ -811,6 +811,14 @@ fn one(
         b: even(offs[1]) && even(batch_b) && if s.tb { even(k) } else { even(n) },
         c: even(offs[2]) && even(batch_c) && even(n),
     };
+    // Column sums are of a transposed A's stored columns (`launch_colsum`); the kernels
+    // generate them for that layout only.
+    if epi.colsum.is_some() && (!s.ta || s.tb || nbat != 1) {
+        return Err(Error::shape(
+            "matmul",
+            format!("column sums need a transposed A and a plain B, batch 1: {s:?}"),
+        ));
+    }
     if (half[0] && !v.a) || (half[1] && !v.b) {
         return Err(Error::shape(
             "matmul",
