@@ -337,6 +337,71 @@ pub fn eval(
                 }
                 Some(y)
             }
+            Op::HeadAttention(h) => {
+                let (rows, cols) = (sh(0)[0], sh(0)[1]);
+                let mut y = vec![0.0; n];
+                for (b, hd, t, p) in head_probs(get(0), rows, cols, h) {
+                    let dh = cols / 3 / h.heads;
+                    let yo = (b * h.tokens + t) * (cols / 3) + hd * dh;
+                    for (j, pj) in p.iter().enumerate() {
+                        let vo = (b * h.tokens + j) * cols + 2 * cols / 3 + hd * dh;
+                        for c in 0..dh {
+                            y[yo + c] += pj * get(0)[vo + c];
+                        }
+                    }
+                }
+                Some(y)
+            }
+            Op::HeadAttentionStats(h) => {
+                let (rows, cols) = (sh(0)[0], sh(0)[1]);
+                let (qkv, yy, dy) = (get(0), get(1), get(2));
+                let d = cols / 3;
+                let dh = d / h.heads;
+                let mut st = vec![0.0; n];
+                for b in 0..rows / h.tokens {
+                    for hd in 0..h.heads {
+                        for t in 0..h.tokens {
+                            let s = head_scores(qkv, cols, h, b, hd, t);
+                            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let lse = m + s.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                            let o = (b * h.tokens + t) * d + hd * dh;
+                            let dd: f64 = (0..dh).map(|c| yy[o + c] * dy[o + c]).sum();
+                            let r = ((b * h.heads + hd) * h.tokens + t) * 2;
+                            st[r] = lse;
+                            st[r + 1] = dd;
+                        }
+                    }
+                }
+                Some(st)
+            }
+            Op::HeadAttentionGrad(h) => {
+                // The exact gradient from qkv and dy alone (the statistics input is the GPU
+                // kernels' shortcut; recomputing here keeps the reference independent of it).
+                let (rows, cols) = (sh(0)[0], sh(0)[1]);
+                let (qkv, dy) = (get(0), get(1));
+                let d = cols / 3;
+                let dh = d / h.heads;
+                let sc = h.scale as f64;
+                let mut g = vec![0.0; n];
+                for (b, hd, t, p) in head_probs(qkv, rows, cols, h) {
+                    let row = |j: usize| (b * h.tokens + j) * cols + hd * dh;
+                    let oy = (b * h.tokens + t) * d + hd * dh;
+                    // dp_j = dy . v_j; ds_j = p_j (dp_j - sum_k p_k dp_k).
+                    let dp: Vec<f64> = (0..p.len())
+                        .map(|j| (0..dh).map(|c| dy[oy + c] * qkv[row(j) + 2 * d + c]).sum())
+                        .collect();
+                    let mean: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    for j in 0..p.len() {
+                        let ds = p[j] * (dp[j] - mean) * sc;
+                        for c in 0..dh {
+                            g[row(t) + c] += ds * qkv[row(j) + d + c];
+                            g[row(j) + d + c] += ds * qkv[row(t) + c];
+                            g[row(j) + 2 * d + c] += p[j] * dy[oy + c];
+                        }
+                    }
+                }
+                Some(g)
+            }
             Op::GroupStats { groups, eps } => {
                 let x = get(0);
                 let len = x.len() / (sh(0)[0] * groups);
@@ -783,6 +848,52 @@ pub fn eval(
         v[i] = out;
     }
     Ok(v)
+}
+
+/// The scaled scores of query `t` of head `hd` in sequence `b` against its visible keys.
+fn head_scores(
+    qkv: &[f64],
+    cols: usize,
+    h: &crate::graph::Heads,
+    b: usize,
+    hd: usize,
+    t: usize,
+) -> Vec<f64> {
+    let d = cols / 3;
+    let dh = d / h.heads;
+    let row = |j: usize| (b * h.tokens + j) * cols + hd * dh;
+    let keys = if h.causal { t + 1 } else { h.tokens };
+    (0..keys)
+        .map(|j| {
+            (0..dh)
+                .map(|c| qkv[row(t) + c] * qkv[row(j) + d + c])
+                .sum::<f64>()
+                * h.scale as f64
+        })
+        .collect()
+}
+
+/// (sequence, head, query, softmax probabilities over its visible keys) for every query row
+/// of a `HeadAttention` input.
+fn head_probs(
+    qkv: &[f64],
+    rows: usize,
+    cols: usize,
+    h: &crate::graph::Heads,
+) -> Vec<(usize, usize, usize, Vec<f64>)> {
+    let mut out = Vec::new();
+    for b in 0..rows / h.tokens {
+        for hd in 0..h.heads {
+            for t in 0..h.tokens {
+                let s = head_scores(qkv, cols, h, b, hd, t);
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                out.push((b, hd, t, e.iter().map(|v| v / z).collect()));
+            }
+        }
+    }
+    out
 }
 
 fn gray(c: [f64; 3]) -> f64 {

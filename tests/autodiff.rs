@@ -471,3 +471,76 @@ fn fused_attention_gradients() {
         );
     }
 }
+
+#[test]
+fn head_attention_on_qkv_rows_forward_and_gradients() {
+    let mut rng = Rng(35);
+    // (sequences, tokens, heads, head width, causal): vec4 and scalar head rows, one token,
+    // causal and not, more workgroups than one (2 x 40 x 2 query rows) for the grad kernel's
+    // split between query-row and key-row workgroups.
+    for (b, t, nh, dh, causal) in [
+        (2, 5, 3, 4, false),
+        (1, 7, 2, 5, true),
+        (3, 1, 1, 8, false),
+        (2, 40, 2, 4, true),
+        (2, 6, 2, 3, false),
+    ] {
+        let what = format!("head attention b{b} t{t} h{nh} dh{dh} causal {causal}");
+        let d = nh * dh;
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let qkv = input(&mut g, &mut f, &mut rng, &[b * t, 3 * d], -1.5, 1.5);
+        let y = g
+            .head_attention(qkv, t, nh, 1.0 / (dh as f32).sqrt(), causal)
+            .unwrap();
+        // The forward on the GPU against the f64 reference, and the reference against the
+        // unfused composition (split heads, score matmul, softmax, value matmul, merge).
+        let want = run_cpu(&g, &f, &HashMap::new(), &[y]);
+        {
+            let (gpu, _lock) = gpu();
+            let got = run_gpu(&gpu, &g, &f, &HashMap::new(), &[y]);
+            assert_close(&format!("{what}: forward"), &got[0], &want[0], 2e-5, 2e-6);
+        }
+        let mut u = g.clone();
+        let x = u.reshape(qkv, &[b, t, 3, nh, dh]).unwrap();
+        let x = u.permute(x, &[2, 0, 3, 1, 4]).unwrap();
+        let x = u.reshape(x, &[3, b * nh, t, dh]).unwrap();
+        let parts: Vec<NodeId> = (0..3)
+            .map(|k| {
+                let s = u.slice(x, 0, k, 1).unwrap();
+                u.reshape(s, &[b * nh, t, dh]).unwrap()
+            })
+            .collect();
+        let s = u.matmul_t(parts[0], parts[1], false, true).unwrap();
+        let s = u.affine(s, 1.0 / (dh as f32).sqrt(), 0.0).unwrap();
+        let a = if causal {
+            u.row(RowOp::CausalSoftmax, s).unwrap()
+        } else {
+            u.softmax(s).unwrap()
+        };
+        let o = u.matmul(a, parts[2]).unwrap();
+        let o = u.reshape(o, &[b, nh, t, dh]).unwrap();
+        let o = u.permute(o, &[0, 2, 1, 3]).unwrap();
+        let o = u.reshape(o, &[b * t, d]).unwrap();
+        let unfused = run_cpu(&u, &f, &HashMap::new(), &[o]);
+        for (a, c) in unfused[0].iter().zip(&want[0]) {
+            assert!((a - c).abs() < 1e-12, "{what}: reference vs unfused");
+        }
+        let l = weighted_loss(&mut g, &mut f, &mut rng, y);
+        grad_check(&what, &mut g, &f, l, &[qkv], 1e-6);
+    }
+}
+
+#[test]
+fn head_attention_rejects_bad_geometry() {
+    let mut g = Graph::new();
+    let x = g.input("qkv", &[10, 18]);
+    for (t, h) in [(3, 1), (5, 4), (0, 1), (5, 0)] {
+        let err = g
+            .head_attention(x, t, h, 1.0, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("head attention"), "{err}");
+    }
+    assert!(g.head_attention(x, 5, 3, 1.0, false).is_ok());
+}

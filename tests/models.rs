@@ -18,8 +18,26 @@ fn fixture(name: &str) -> Checkpoint {
     .expect("fixture")
 }
 
+/// Runs a fixture test with the attention built both ways: the fused kernels
+/// (`kernels::heads`) and the batched matmuls, whichever the device would pick.
+fn both_attention_forms(test: impl Fn(&str)) {
+    for fused in [true, false] {
+        stablerep::gpu::with_fused_attention(fused, || {
+            test(if fused {
+                " (fused attention)"
+            } else {
+                " (matmul attention)"
+            })
+        });
+    }
+}
+
 #[test]
 fn vit_features_match_timm() {
+    both_attention_forms(vit_features_match_timm_with);
+}
+
+fn vit_features_match_timm_with(form: &str) {
     let ck = fixture("vit_tiny.safetensors");
     let meta: serde_json::Value = serde_json::from_str(&ck.metadata["config"]).unwrap();
     let cfg = vit::infer_config(&ck, "visual.", 16).unwrap();
@@ -61,7 +79,13 @@ fn vit_features_match_timm() {
         .iter()
         .map(|&v| v as f64)
         .collect();
-    assert_close("ViT CLS features vs timm", &got[0], &want, 1e-4, 1e-4);
+    assert_close(
+        &format!("ViT CLS features vs timm{form}"),
+        &got[0],
+        &want,
+        1e-4,
+        1e-4,
+    );
 }
 
 #[test]
@@ -108,6 +132,10 @@ fn fixture_step_config(ck: &Checkpoint) -> stablerep::models::stablerep::StepCon
 
 #[test]
 fn one_training_step_matches_pytorch() {
+    both_attention_forms(one_training_step_matches_pytorch_with);
+}
+
+fn one_training_step_matches_pytorch_with(form: &str) {
     use stablerep::graph::adam_hyper;
     use stablerep::models::stablerep::train_step;
     let ck = fixture("train_step.safetensors");
@@ -134,8 +162,8 @@ fn one_training_step_matches_pytorch() {
         .unwrap();
     let loss = plan.run_fetch(&[step.loss]).unwrap()[0][0];
     let want_loss = ck.get("loss", None).unwrap().data[0] as f64;
-    assert_close("loss", &[loss], &[want_loss], 1e-5, 1e-6);
-    let checked = compare_updates(&ck, 1e-3, |key| {
+    assert_close(&format!("loss{form}"), &[loss], &[want_loss], 1e-5, 1e-6);
+    let checked = compare_updates(&ck, 1e-3, form, |key| {
         store.read(key).unwrap_or_else(|e| panic!("{key}: {e}"))
     });
     assert!(checked >= 40, "only {checked} tensors compared");
@@ -144,7 +172,7 @@ fn one_training_step_matches_pytorch() {
 /// Compares every `after.*` tensor of a training-step fixture with what `read` returns (in the
 /// fixture's layout), as updates (after - before) so the tolerance is relative to what
 /// changed. Returns how many tensors were compared.
-fn compare_updates(ck: &Checkpoint, lr: f32, read: impl Fn(&str) -> Vec<f32>) -> usize {
+fn compare_updates(ck: &Checkpoint, lr: f32, form: &str, read: impl Fn(&str) -> Vec<f32>) -> usize {
     let global = ck
         .tensors
         .iter()
@@ -178,7 +206,7 @@ fn compare_updates(ck: &Checkpoint, lr: f32, read: impl Fn(&str) -> Vec<f32>) ->
             let bound = |d: &f32, b: &f32| d.abs() <= 1.01 * lr * (1.0 + 0.1 * b.abs());
             assert!(
                 du.iter().zip(before).all(|(d, b)| bound(d, b)),
-                "{key}: an update larger than AdamW allows"
+                "{key}{form}: an update larger than AdamW allows"
             );
         }
         let (du, dw): (Vec<f32>, Vec<f64>) = du
@@ -188,7 +216,7 @@ fn compare_updates(ck: &Checkpoint, lr: f32, read: impl Fn(&str) -> Vec<f32>) ->
             .filter(|(_, &nz)| !nz)
             .map(|((a, b), _)| (*a, *b))
             .unzip();
-        assert_close(&format!("update of {key}"), &du, &dw, 2e-3, 2e-6);
+        assert_close(&format!("update of {key}{form}"), &du, &dw, 2e-3, 2e-6);
         checked += 1;
     }
     checked
@@ -196,6 +224,10 @@ fn compare_updates(ck: &Checkpoint, lr: f32, read: impl Fn(&str) -> Vec<f32>) ->
 
 #[test]
 fn one_stablerep_plus_step_matches_pytorch() {
+    both_attention_forms(one_stablerep_plus_step_matches_pytorch_with);
+}
+
+fn one_stablerep_plus_step_matches_pytorch_with(form: &str) {
     use stablerep::graph::adam_hyper;
     use stablerep::models::stablerep::{
         recipe_adamw, train_step, HeadConfig, PlusConfig, StepConfig,
@@ -267,7 +299,7 @@ fn one_stablerep_plus_step_matches_pytorch() {
     let out = plan.run_fetch(&fetch).unwrap();
     for (i, key) in ["loss", "loss_ssl", "loss_it"].iter().enumerate() {
         let want = ck.get(key, None).unwrap().data[0] as f64;
-        assert_close(key, &out[i], &[want], 1e-4, 1e-6);
+        assert_close(&format!("{key}{form}"), &out[i], &[want], 1e-4, 1e-6);
     }
     let table = store.read("token_embedding.weight").unwrap();
     for (id, row) in table.chunks(d).enumerate() {
@@ -278,7 +310,7 @@ fn one_stablerep_plus_step_matches_pytorch() {
             );
         }
     }
-    let checked = compare_updates(&ck, 1e-2, |key| {
+    let checked = compare_updates(&ck, 1e-2, form, |key| {
         let got = store.read(key).unwrap_or_else(|e| panic!("{key}: {e}"));
         if key == "token_embedding.weight" {
             used.iter()

@@ -5,11 +5,46 @@ pub mod adapter;
 pub mod pool;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 pub use adapter::{AdapterSummary, ADAPTER_ENV};
 pub use pool::{BufferPool, PoolStats};
+
+/// The kind of the last device opened in this process: 0 none yet, 1 a GPU, 2 a CPU adapter.
+static LAST_ADAPTER: AtomicU8 = AtomicU8::new(0);
+
+thread_local! {
+    /// A choice of attention form made by [`with_fused_attention`] on this thread.
+    static ATTENTION_CHOICE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether graph builders should run multi-head attention as the fused kernels
+/// (`kernels::heads`) rather than as batched matmuls: yes, unless the last device this
+/// process opened is a CPU adapter. On lavapipe the fused kernels (one invocation per query
+/// or key row, every row's registers live at once) ran `bench vit-train` 1.7x slower than
+/// the matmuls, docs/benchmarks.md. `STABLEREP_HEAD_ATTENTION=1` or `=0` overrides that,
+/// and [`with_fused_attention`] overrides both on its thread.
+pub fn fused_attention_preferred() -> bool {
+    if let Some(c) = ATTENTION_CHOICE.with(|c| c.get()) {
+        return c;
+    }
+    match std::env::var("STABLEREP_HEAD_ATTENTION").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => LAST_ADAPTER.load(Ordering::Relaxed) != 2,
+    }
+}
+
+/// Runs `f` (a graph builder) with the attention form fixed to fused or not on this thread,
+/// whatever the device or environment prefer (tests of both forms, A/B measurements).
+pub fn with_fused_attention<T>(fused: bool, f: impl FnOnce() -> T) -> T {
+    let before = ATTENTION_CHOICE.with(|c| c.replace(Some(fused)));
+    let out = f();
+    ATTENTION_CHOICE.with(|c| c.set(before));
+    out
+}
 
 /// How to open a device. `Default` picks the best adapter with its own limits.
 #[derive(Clone, Debug, Default)]
@@ -178,6 +213,7 @@ impl Gpu {
             caps.f16,
             caps.subgroups
         );
+        LAST_ADAPTER.store(if caps.is_cpu { 2 } else { 1 }, Ordering::Relaxed);
         Arc::new(Gpu {
             device,
             queue,

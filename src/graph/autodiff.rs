@@ -422,6 +422,26 @@ impl Graph {
                 };
                 vec![(q, dq), (k, dk), (v, dv)]
             }
+            Op::HeadAttention(h) => {
+                // FlashAttention's backward: the row statistics (log-sum-exp, dy . y), then
+                // one kernel for dq (query rows) and dk, dv (key rows).
+                let qkv = ins[0];
+                let sq = shape(self, qkv);
+                let rows = sq[0] * h.heads;
+                let st = self.push(
+                    Op::HeadAttentionStats(*h),
+                    vec![qkv, y, dy],
+                    vec![rows, 2],
+                    super::DType::F32,
+                );
+                let g = self.push(
+                    Op::HeadAttentionGrad(*h),
+                    vec![qkv, dy, st],
+                    sq,
+                    super::DType::F32,
+                );
+                vec![(qkv, g)]
+            }
             // GroupNorm statistics are differentiated through GroupApply's rule.
             Op::GroupStats { .. } => vec![],
             Op::GroupApply { groups, silu } => {
@@ -502,6 +522,8 @@ impl Graph {
             | Op::RowGrad(_)
             | Op::ColGrad { .. }
             | Op::LnGrad
+            | Op::HeadAttentionStats(_)
+            | Op::HeadAttentionGrad(_)
             | Op::BnGrad { .. }
             | Op::CrossEntropyGrad
             | Op::AdamW(_)

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernels::elementwise::{self, broadcast_strides, strides};
 use crate::kernels::matmul::{self, MatmulShape};
-use crate::kernels::{contrastive, layout, norm, optim, reduce, Dispatch, View};
+use crate::kernels::{contrastive, heads, layout, norm, optim, reduce, Dispatch, View};
 
 fn numel(s: &[usize]) -> usize {
     s.iter().product()
@@ -125,6 +125,9 @@ pub(super) fn lower(
                 caps,
             )?
         }
+        Op::HeadAttention(h) => heads::forward(h, x(0)?, y, sh(0)[0], caps)?,
+        Op::HeadAttentionStats(h) => heads::stats(h, x(0)?, x(1)?, x(2)?, y, sh(0)[0], caps)?,
+        Op::HeadAttentionGrad(h) => heads::grad(h, x(0)?, x(1)?, x(2)?, y, sh(0)[0], caps)?,
         Op::GroupStats { groups, eps } => {
             let s = sh(0);
             norm::group_stats(x(0)?, [s[0], s[1], s[2] * s[3]], *groups, *eps, y, caps)?

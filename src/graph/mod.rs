@@ -39,6 +39,9 @@ pub struct NodeId(pub usize);
 /// Which statistics a normalization node uses (mirrors the kernels).
 pub use crate::kernels::norm::Stats;
 
+/// The geometry of a [`Op::HeadAttention`] node and its gradient nodes (mirrors the kernels).
+pub use crate::kernels::heads::Heads;
+
 /// Graph operations. Inputs are listed per variant; the node's shape is its output shape.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -124,6 +127,17 @@ pub enum Op {
         /// Score scale (usually D^-1/2).
         scale: f32,
     },
+    /// (qkv [B * T, 3 * H * Dh]) -> [B * T, H * Dh]: multi-head self-attention straight from
+    /// the fused projection's rows (columns `[3][H][Dh]`, as timm's and CLIP's `qkv`), its
+    /// output in the rows the output projection reads: no head split or merge copies, no
+    /// score matrix (online softmax).
+    HeadAttention(Heads),
+    /// (qkv, y, dy) -> [B * H * T, 2]: per query row its log-sum-exp of the scaled scores and
+    /// `dy . y` (the gradient's row statistics).
+    HeadAttentionStats(Heads),
+    /// (qkv, dy, stats) -> [B * T, 3 * H * Dh]: the gradient of `HeadAttention` with
+    /// respect to qkv, in qkv's layout (each query row writes its dq, each key row its dk, dv).
+    HeadAttentionGrad(Heads),
     /// (x [N, C, H, W]) -> [N * groups, 2]: GroupNorm statistics (mean, 1 / std); their
     /// gradient flows through `GroupApply`'s rule.
     GroupStats {
@@ -835,6 +849,47 @@ impl Graph {
             ));
         }
         Ok(self.push(Op::Attention { scale }, vec![q, k, v], sq, DType::F32))
+    }
+
+    /// Multi-head self-attention on the fused projection's output (see [`Op::HeadAttention`]):
+    /// qkv [B * T, 3 * heads * Dh] -> [B * T, heads * Dh], differentiable (two backward
+    /// kernels, no score matrix).
+    pub fn head_attention(
+        &mut self,
+        qkv: NodeId,
+        tokens: usize,
+        heads: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Result<NodeId> {
+        self.expect_f32("head attention", &[qkv])?;
+        let s = self.shape(qkv).to_vec();
+        if s.len() != 2
+            || tokens == 0
+            || heads == 0
+            || !s[0].is_multiple_of(tokens)
+            || !s[1].is_multiple_of(3 * heads)
+            || s[1] == 0
+        {
+            return Err(Error::shape(
+                "head attention",
+                format!(
+                    "qkv {s:?} with {tokens} tokens and {heads} heads (want [B * tokens, 3 * heads * head width])"
+                ),
+            ));
+        }
+        let h = Heads {
+            tokens,
+            heads,
+            scale,
+            causal,
+        };
+        Ok(self.push(
+            Op::HeadAttention(h),
+            vec![qkv],
+            vec![s[0], s[1] / 3],
+            DType::F32,
+        ))
     }
 
     /// 2-D convolution, PyTorch's `conv2d`: x [N, C, H, W], w [O, C, KH, KW], optional bias

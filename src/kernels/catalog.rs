@@ -212,6 +212,48 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
             &generic_caps(cpu),
         )?);
     }
+    // Multi-head attention on qkv rows: scalar and vec4 head rows, causal and not, the
+    // widest head row the kernels take.
+    for (dh, causal) in [
+        (3usize, false),
+        (4, true),
+        (64, false),
+        (64, true),
+        (256, false),
+    ] {
+        let h = super::heads::Heads {
+            tokens: 5,
+            heads: 2,
+            scale: 0.5,
+            causal,
+        };
+        let (rows, d) = (10u64, 2 * dh as u64);
+        out.extend(super::heads::forward(
+            &h,
+            v(0, rows * 3 * d),
+            v(1, rows * d),
+            10,
+            &caps,
+        )?);
+        out.extend(super::heads::stats(
+            &h,
+            v(0, rows * 3 * d),
+            v(1, rows * d),
+            v(2, rows * d),
+            v(3, rows * 4),
+            10,
+            &caps,
+        )?);
+        out.extend(super::heads::grad(
+            &h,
+            v(0, rows * 3 * d),
+            v(1, rows * d),
+            v(2, rows * 4),
+            v(3, rows * 3 * d),
+            10,
+            &caps,
+        )?);
+    }
     // f16 weights as A (a convolution) or B (a linear layer), in both matmul kernels.
     for cpu in [false, true] {
         for half_a in [true, false] {

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod contrastive;
 pub mod elementwise;
 pub mod fused;
+pub mod heads;
 pub mod layout;
 pub mod matmul;
 pub mod norm;

@@ -58,6 +58,10 @@ pub const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention_v4.wgsl"),
     ),
     (
+        "head_attention",
+        include_str!("../../shaders/head_attention.wgsl"),
+    ),
+    (
         "group_stats",
         include_str!("../../shaders/group_stats.wgsl"),
     ),

@@ -103,7 +103,8 @@ pub fn param_shapes(
 }
 
 /// One pre-norm block over x [batch * tokens, width]; parameters named `{prefix}{name}`.
-/// Attention runs as batched matmuls over (batch * heads).
+/// Attention is one fused op on the qkv rows ([`Graph::head_attention`]) where the head width
+/// and the device call for it, else batched matmuls over (batch * heads).
 #[allow(clippy::too_many_arguments)]
 pub fn block(
     g: &mut Graph,
@@ -124,25 +125,12 @@ pub fn block(
     let h = g.layer_norm(x, p[0], p[1], style.eps)?;
     let qkv = g.matmul_t(h, p[2], false, true)?;
     let qkv = g.add(qkv, p[3])?;
-    let qkv = g.reshape(qkv, &[batch, tokens, 3, heads, dh])?;
-    let qkv = g.permute(qkv, &[2, 0, 3, 1, 4])?;
-    let qkv = g.reshape(qkv, &[3, batch * heads, tokens, dh])?;
-    let mut parts = Vec::with_capacity(3);
-    for k in 0..3 {
-        let s = g.slice(qkv, 0, k, 1)?;
-        parts.push(g.reshape(s, &[batch * heads, tokens, dh])?);
-    }
-    let s = g.matmul_t(parts[0], parts[1], false, true)?;
-    let s = g.affine(s, 1.0 / (dh as f32).sqrt(), 0.0)?;
-    let a = if style.causal {
-        g.row(RowOp::CausalSoftmax, s)?
+    let scale = 1.0 / (dh as f32).sqrt();
+    let o = if fused_attention(dh) {
+        g.head_attention(qkv, tokens, heads, scale, style.causal)?
     } else {
-        g.softmax(s)?
+        split_attention(g, style, qkv, batch, tokens, heads, scale)?
     };
-    let o = g.matmul(a, parts[2])?;
-    let o = g.reshape(o, &[batch, heads, tokens, dh])?;
-    let o = g.permute(o, &[0, 2, 1, 3])?;
-    let o = g.reshape(o, &[batch * tokens, d])?;
     let o = g.matmul_t(o, p[4], false, true)?;
     let o = g.add(o, p[5])?;
     let x = g.add(x, o)?;
@@ -153,4 +141,45 @@ pub fn block(
     let h = g.matmul_t(h, p[10], false, true)?;
     let h = g.add(h, p[11])?;
     g.add(x, h)
+}
+
+/// Whether a block with head width `dh` runs its attention as one fused op
+/// ([`Graph::head_attention`]): where the fused kernels take the width and the device
+/// prefers them ([`crate::gpu::fused_attention_preferred`]: not on CPU adapters).
+fn fused_attention(dh: usize) -> bool {
+    crate::kernels::heads::fits(dh) && crate::gpu::fused_attention_preferred()
+}
+
+/// The unfused attention: heads split by a copy, batched score matmuls, softmax, the value
+/// matmul and a merge copy. qkv [batch * tokens, 3 d] -> [batch * tokens, d].
+fn split_attention(
+    g: &mut Graph,
+    style: &BlockStyle,
+    qkv: NodeId,
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    scale: f32,
+) -> Result<NodeId> {
+    let d = g.shape(qkv)[1] / 3;
+    let dh = d / heads;
+    let qkv = g.reshape(qkv, &[batch, tokens, 3, heads, dh])?;
+    let qkv = g.permute(qkv, &[2, 0, 3, 1, 4])?;
+    let qkv = g.reshape(qkv, &[3, batch * heads, tokens, dh])?;
+    let mut parts = Vec::with_capacity(3);
+    for k in 0..3 {
+        let s = g.slice(qkv, 0, k, 1)?;
+        parts.push(g.reshape(s, &[batch * heads, tokens, dh])?);
+    }
+    let s = g.matmul_t(parts[0], parts[1], false, true)?;
+    let s = g.affine(s, scale, 0.0)?;
+    let a = if style.causal {
+        g.row(RowOp::CausalSoftmax, s)?
+    } else {
+        g.softmax(s)?
+    };
+    let o = g.matmul(a, parts[2])?;
+    let o = g.reshape(o, &[batch, heads, tokens, dh])?;
+    let o = g.permute(o, &[0, 2, 1, 3])?;
+    g.reshape(o, &[batch * tokens, d])
 }
