@@ -1,7 +1,8 @@
 // LayerNorm input gradient, one invocation per row, from x, the row statistics
 // [mean, rstd], gamma and dy: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma.
 // <TY> vec4<f32> processes 4 columns per step (p.len and the x, gamma, dy, y offsets then count
-// vec4s; <W> = 4 elements per unit).
+// vec4s; <W> = 4 elements per unit). <RES_BINDING> optionally declares a residual gradient
+// added in the store (`{{RES}}`: the backward of `x + f(layer_norm(x))` in one dispatch).
 
 struct Params {
     rows: u32,
@@ -11,7 +12,7 @@ struct Params {
     off_g: u32,
     off_dy: u32,
     off_y: u32,
-    _p0: u32,
+    off_r: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -20,6 +21,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> gamma: array<{{TY}}>;
 @group(0) @binding(4) var<storage, read> dys: array<{{TY}}>;
 @group(0) @binding(5) var<storage, read_write> ys: array<{{TY}}>;
+{{RES_BINDING}}
 
 fn total(v: {{TY}}) -> f32 {
     return {{TOTAL}};
@@ -47,6 +49,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     for (var c = 0u; c < p.len; c++) {
         let g = dys[db + c] * gamma[p.off_g + c];
         let xh = (xs[xb + c] - mean) * rstd;
-        ys[p.off_y + r * p.len + c] = rstd * (g - m1 - xh * m2);
+        ys[p.off_y + r * p.len + c] = rstd * (g - m1 - xh * m2){{RES}};
     }
 }

@@ -320,18 +320,18 @@ fn long_reduction_gradients_through_the_two_stage_split() {
 
 #[test]
 fn layernorm_parameter_gradients_over_many_rows() {
-    // 1024 rows: the column sums for gamma/beta run over row chunks.
+    // More than 4,096 rows: the column sums for gamma/beta run over row chunks.
     let mut rng = Rng(19);
     let mut g = Graph::new();
     let mut f = Feeds::new();
-    let x = input(&mut g, &mut f, &mut rng, &[1024, 6], -2.0, 2.0);
+    let x = input(&mut g, &mut f, &mut rng, &[4608, 6], -2.0, 2.0);
     let gamma = input(&mut g, &mut f, &mut rng, &[6], 0.5, 1.5);
     let beta = input(&mut g, &mut f, &mut rng, &[6], -0.5, 0.5);
     let y = g.layer_norm(x, gamma, beta, 1e-6).unwrap();
     let l = weighted_loss(&mut g, &mut f, &mut rng, y);
     let before = g.nodes.len();
     grad_check(
-        "layernorm over 1024 rows",
+        "layernorm over 4608 rows",
         &mut g,
         &f,
         l,
@@ -341,7 +341,7 @@ fn layernorm_parameter_gradients_over_many_rows() {
     let chunked = g.nodes[before..]
         .iter()
         .any(|n| matches!(n.op, stablerep::graph::Op::ColGrad { groups, .. } if groups > 1));
-    assert!(chunked, "column sums over 1024 rows should be chunked");
+    assert!(chunked, "column sums over 4608 rows should be chunked");
 }
 
 #[test]

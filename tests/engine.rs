@@ -822,3 +822,65 @@ fn an_update_run_whose_tensors_overlap_is_lowered_one_by_one() {
     assert_eq!(a, b);
     assert!(a.iter().all(|&v| (v - 0.4).abs() < 1e-5), "{a:?}");
 }
+
+/// The backward of `x + f(layer_norm(x))` adds the residual gradient inside the LayerNorm
+/// gradient kernel (planner step 1b): one dispatch fewer, the same values as the CPU, and
+/// the add stays a kernel of its own when the option to fuse is off.
+#[test]
+fn layernorm_gradient_takes_the_residual_add() {
+    let (gpu, _lock) = gpu();
+    let mut rng = Rng(41);
+    // vec4 rows and scalar rows.
+    for (rows, cols) in [(9usize, 8usize), (7, 5)] {
+        let mut g = Graph::new();
+        let x = g.input("x", &[rows, cols]);
+        let gamma = g.input("gamma", &[cols]);
+        let beta = g.input("beta", &[cols]);
+        let w = g.input("w", &[rows, cols]);
+        let h = g.layer_norm(x, gamma, beta, 1e-5).unwrap();
+        let h = g.unary(UnaryOp::Tanh, h).unwrap();
+        let y = g.add(x, h).unwrap();
+        let p = g.mul(y, w).unwrap();
+        let l = g.sum_all(p).unwrap();
+        let dx = g.grad(l, &[x]).unwrap()[0];
+        let mut feeds = HashMap::new();
+        feeds.insert(x, rng.vec(rows * cols, -2.0, 2.0));
+        feeds.insert(gamma, rng.vec(cols, 0.5, 1.5));
+        feeds.insert(beta, rng.vec(cols, -0.5, 0.5));
+        feeds.insert(w, rng.vec(rows * cols, -1.0, 1.0));
+        let want = common::run_cpu(&g, &feeds, &HashMap::new(), &[dx]);
+        let mut dispatches = Vec::new();
+        for fuse in [true, false] {
+            let (got, plan) = run_gpu_opts(
+                &gpu,
+                &g,
+                &feeds,
+                &HashMap::new(),
+                &[dx],
+                PlanOptions {
+                    reuse: true,
+                    poison: true,
+                    updates: true,
+                    fuse,
+                    multi_update: true,
+                    colsum: true,
+                    f16_activations: false,
+                },
+            );
+            common::assert_close(
+                &format!("{rows}x{cols} dx, fuse {fuse}"),
+                &got[0],
+                &want[0],
+                1e-4,
+                1e-5,
+            );
+            let keys = plan.kernel_keys();
+            let fused = keys
+                .iter()
+                .any(|k| k.starts_with("ln_grad") && k.ends_with("_res"));
+            assert_eq!(fused, fuse, "{keys:?}");
+            dispatches.push(plan.stats().dispatches);
+        }
+        assert!(dispatches[0] < dispatches[1], "{dispatches:?}");
+    }
+}

@@ -231,7 +231,7 @@ pub(super) fn lower(
         }
         Op::LnGrad => {
             let (rows, cols) = rows_cols(&node.shape);
-            norm::ln_grad(x(0)?, x(1)?, x(2)?, x(3)?, rows, cols, y, caps)?
+            norm::ln_grad(x(0)?, x(1)?, x(2)?, x(3)?, rows, cols, y, None, caps)?
         }
         Op::BnGrad { groups } => {
             let (rows, cols) = rows_cols(&node.shape);
@@ -380,6 +380,33 @@ pub(super) fn lower_matmul(
 
 /// The dispatches of a transposed-A matmul node `id` that also writes the column sums of its
 /// A into node `sum`'s buffer (memory planning's step 2c).
+/// Lowers the LayerNorm input gradient `ln` with a residual gradient `res` added in its
+/// stores, writing `y` (the add it took over; planner step 1b).
+pub(super) fn lower_ln_grad_res(
+    g: &Graph,
+    ln: NodeId,
+    view: &dyn Fn(NodeId) -> Result<View>,
+    y: View,
+    res: NodeId,
+    caps: &crate::gpu::Caps,
+) -> Result<Vec<Dispatch>> {
+    let node = g.node(ln);
+    let x = |k: usize| view(node.inputs[k]);
+    let cols = *node.shape.last().unwrap_or(&1);
+    let rows = numel(&node.shape) / cols.max(1);
+    norm::ln_grad(
+        x(0)?,
+        x(1)?,
+        x(2)?,
+        x(3)?,
+        rows,
+        cols,
+        y,
+        Some(view(res)?),
+        caps,
+    )
+}
+
 pub(super) fn lower_matmul_colsum(
     g: &Graph,
     id: NodeId,

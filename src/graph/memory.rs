@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 pub(super) struct Layout {
     pub(super) live: Vec<bool>,
     pub(super) fused_mm: Vec<Option<(usize, usize, Option<usize>)>>,
+    /// Per add: the LayerNorm input gradient it took over and the residual it adds.
+    pub(super) fused_ln: Vec<Option<(usize, usize)>>,
     pub(super) fused_away: Vec<bool>,
     pub(super) fused_ew: Vec<Option<super::fusion::Group>>,
     pub(super) root: Vec<usize>,
@@ -110,12 +112,39 @@ pub(super) fn layout(
             }
         }
     }
+    // A residual add of a LayerNorm input gradient (`d x` of `x + f(layer_norm(x))`, the
+    // two contributions autodiff combines) is added in the gradient kernel's stores.
+    let mut fused_ln: Vec<Option<(usize, usize)>> = vec![None; n];
+    for k in (0..n).filter(|&k| live[k] && opts.fuse) {
+        let node = &graph.nodes[k];
+        if node.op != Op::Binary(crate::kernels::elementwise::BinaryOp::Add)
+            || fused_mm[k].is_some()
+            || fused_away[k]
+        {
+            continue;
+        }
+        for (ji, ri) in [(0, 1), (1, 0)] {
+            let (j, r) = (node.inputs[ji].0, node.inputs[ri].0);
+            if graph.nodes[j].op == Op::LnGrad
+                && consumers[j] == 1
+                && !fused_away[j]
+                && graph.nodes[j].shape == node.shape
+                && graph.nodes[r].shape == node.shape
+                && r != j
+                && (graph.nodes[r].numel() as u64 * 4) <= max_binding
+            {
+                fused_ln[k] = Some((j, r));
+                fused_away[j] = true;
+                break;
+            }
+        }
+    }
     // 1c. Chains of elementwise ops become one generated kernel (`graph::fusion`).
     let fused_ew = if opts.fuse {
         // Nodes the matmul epilogues took stay out.
         let mut taken = fused_away.clone();
         for (i, g) in fused_mm.iter().enumerate() {
-            taken[i] |= g.is_some();
+            taken[i] |= g.is_some() || fused_ln[i].is_some();
         }
         let f = super::fusion::plan(graph, &live, &consumers, &taken, max_binding);
         for (i, a) in f.absorbed.iter().enumerate() {
@@ -355,6 +384,13 @@ pub(super) fn layout(
                 last[r] = last[r].max(i);
             }
         }
+        // A fused LayerNorm gradient reads the gradient node's operands.
+        if let Some((j, _)) = fused_ln[i] {
+            for x in &graph.nodes[j].inputs {
+                let r = root[x.0];
+                last[r] = last[r].max(i);
+            }
+        }
         // A matmul writes the column sum it took over.
         if let Some(r) = colsum[i] {
             last[root[r]] = last[root[r]].max(i);
@@ -456,6 +492,7 @@ pub(super) fn layout(
     Ok(Layout {
         live,
         fused_mm,
+        fused_ln,
         fused_away,
         fused_ew,
         root,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::lower::{lower, lower_matmul, lower_matmul_colsum};
+use super::lower::{lower, lower_ln_grad_res, lower_matmul, lower_matmul_colsum};
 use super::memory::{layout, Layout};
 use super::{DType, Graph, NodeId, Op, ParamStore};
 use crate::error::{Error, Result};
@@ -24,9 +24,10 @@ pub struct PlanOptions {
     pub poison: bool,
     /// Include the graph's optimizer updates (off: an evaluation plan over the same graph).
     pub updates: bool,
-    /// Fuse chains of elementwise ops into one generated kernel each (`graph::fusion`; off:
-    /// one dispatch per op, for comparisons). The default is on unless the environment sets
-    /// `STABLEREP_FUSE=0` (an escape hatch, and the A/B switch of the benchmarks).
+    /// Fuse chains of elementwise ops into one generated kernel each (`graph::fusion`), and
+    /// a residual add into the LayerNorm gradient kernel before it; off: one dispatch per op,
+    /// for comparisons. The default is on unless the environment sets `STABLEREP_FUSE=0` (an
+    /// escape hatch, and the A/B switch of the benchmarks).
     pub fuse: bool,
     /// Update the parameters of a run of AdamW steps in one dispatch per group of shared
     /// buffers (`kernels::optim::adamw_multi`), with their gradients packed into one slab
@@ -217,6 +218,7 @@ impl Plan {
         let Layout {
             live,
             fused_mm,
+            fused_ln,
             fused_away,
             fused_ew,
             root,
@@ -433,9 +435,14 @@ impl Plan {
                     r.map(|r| view(NodeId(r))).transpose()?,
                     &gpu.caps,
                 ),
-                (None, None) => match colsum[i] {
-                    Some(r) => lower_matmul_colsum(graph, NodeId(i), &view, NodeId(r), &gpu.caps),
-                    None => lower(gpu, graph, NodeId(i), &view),
+                (None, None) => match (colsum[i], fused_ln[i]) {
+                    (Some(r), _) => {
+                        lower_matmul_colsum(graph, NodeId(i), &view, NodeId(r), &gpu.caps)
+                    }
+                    (None, Some((j, r))) => view(NodeId(i)).and_then(|y| {
+                        lower_ln_grad_res(graph, NodeId(j), &view, y, NodeId(r), &gpu.caps)
+                    }),
+                    (None, None) => lower(gpu, graph, NodeId(i), &view),
                 },
             };
             dispatches.extend(lowered.map_err(|e| match e {

@@ -533,16 +533,19 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         &caps,
     )?);
     for cols in [3u64, 4] {
-        out.extend(norm::ln_grad(
-            v(0, 2 * cols),
-            v(1, 4),
-            v(2, cols),
-            v(3, 2 * cols),
-            2,
-            cols as usize,
-            v(4, 2 * cols),
-            &caps,
-        )?);
+        for res in [None, Some(v(5, 2 * cols))] {
+            out.extend(norm::ln_grad(
+                v(0, 2 * cols),
+                v(1, 4),
+                v(2, cols),
+                v(3, 2 * cols),
+                2,
+                cols as usize,
+                v(4, 2 * cols),
+                res,
+                &caps,
+            )?);
+        }
     }
     out.extend(norm::bn_grad(
         v(0, 6),

@@ -290,6 +290,7 @@ pub fn ln_grad(
     rows: usize,
     cols: usize,
     dx: View,
+    res: Option<View>,
     caps: &Caps,
 ) -> Result<Vec<Dispatch>> {
     let (bx, ox) = bind_all(&x, caps, "layernorm input")?;
@@ -297,18 +298,41 @@ pub fn ln_grad(
     let (bg, og) = bind_all(&gamma, caps, "layernorm weight")?;
     let (bd, od) = bind_all(&dy, caps, "layernorm gradient")?;
     let (by, oy) = bind_all(&dx, caps, "layernorm input gradient")?;
-    let vec = super::vec4_ok(cols as u64, &[ox, og, od, oy]);
+    let r = res
+        .map(|v| bind_all(&v, caps, "layernorm residual gradient"))
+        .transpose()?;
+    let mut offs = vec![ox, og, od, oy];
+    offs.extend(r.map(|(_, o)| o));
+    let vec = super::vec4_ok(cols as u64, &offs);
     let w = if vec { 4 } else { 1 };
+    let ty = super::elem_ty(vec);
+    let mut bindings = vec![bx, bs, bg, bd, by];
+    let (res_binding, res_expr) = match r {
+        Some((b, _)) => {
+            bindings.push(b);
+            (
+                format!("@group(0) @binding(6) var<storage, read> res: array<{ty}>;"),
+                " + res[p.off_r + r * p.len + c]".to_string(),
+            )
+        }
+        None => (String::new(), String::new()),
+    };
     Ok(vec![Dispatch {
-        key: if vec { "ln_grad_v4" } else { "ln_grad" }.into(),
+        key: format!(
+            "ln_grad{}{}",
+            if vec { "_v4" } else { "" },
+            if r.is_some() { "_res" } else { "" }
+        ),
         template: "ln_grad",
         subst: vec![
-            ("TY", super::elem_ty(vec).into()),
+            ("TY", ty.into()),
             ("W", w.to_string()),
             (
                 "TOTAL",
                 if vec { "dot(v, vec4<f32>(1.0))" } else { "v" }.into(),
             ),
+            ("RES_BINDING", res_binding),
+            ("RES", res_expr),
         ],
         uniform: uniform(&[
             rows as u32,
@@ -318,9 +342,9 @@ pub fn ln_grad(
             og / w as u32,
             od / w as u32,
             oy / w as u32,
-            0,
+            r.map_or(0, |(_, o)| o / w as u32),
         ]),
-        bindings: vec![bx, bs, bg, bd, by],
+        bindings,
         groups: grid((rows as u64).div_ceil(64), caps)?,
     }])
 }
