@@ -2,7 +2,7 @@
 // [mean, rstd], gamma and dy: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma.
 // <TY> vec4<f32> processes 4 columns per step (p.len and the x, gamma, dy, y offsets then count
 // vec4s; <W> = 4 elements per unit). <RES_BINDING> optionally declares a residual gradient
-// added in the store (`{{RES}}`: the backward of `x + f(layer_norm(x))` in one dispatch).
+// that <RES> adds in the store (the backward of `x + f(layer_norm(x))` in one dispatch).
 
 struct Params {
     rows: u32,

@@ -24,8 +24,10 @@ thread_local! {
 /// (`kernels::heads`) rather than as batched matmuls: yes, unless the last device this
 /// process opened is a CPU adapter. On lavapipe the fused kernels (one invocation per query
 /// or key row, every row's registers live at once) ran `bench vit-train` 1.7x slower than
-/// the matmuls, docs/benchmarks.md. `STABLEREP_HEAD_ATTENTION=1` or `=0` overrides that,
-/// and [`with_fused_attention`] overrides both on its thread.
+/// the matmuls, docs/benchmarks.md. Before any device is opened the answer is yes, and
+/// with several devices the last one opened decides: build graphs after opening the device.
+/// `STABLEREP_HEAD_ATTENTION=1` or `=0` overrides that, and [`with_fused_attention`]
+/// overrides both on its thread.
 pub fn fused_attention_preferred() -> bool {
     if let Some(c) = ATTENTION_CHOICE.with(|c| c.get()) {
         return c;
@@ -40,10 +42,15 @@ pub fn fused_attention_preferred() -> bool {
 /// Runs `f` (a graph builder) with the attention form fixed to fused or not on this thread,
 /// whatever the device or environment prefer (tests of both forms, A/B measurements).
 pub fn with_fused_attention<T>(fused: bool, f: impl FnOnce() -> T) -> T {
-    let before = ATTENTION_CHOICE.with(|c| c.replace(Some(fused)));
-    let out = f();
-    ATTENTION_CHOICE.with(|c| c.set(before));
-    out
+    /// Restores the previous choice when dropped (also when `f` panics).
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ATTENTION_CHOICE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(ATTENTION_CHOICE.with(|c| c.replace(Some(fused))));
+    f()
 }
 
 /// How to open a device. `Default` picks the best adapter with its own limits.

@@ -307,7 +307,9 @@ impl Graph {
                 // LayerNorm's column sums may partition rows freely: past 4,096 rows, chunks
                 // keep each invocation's loop short; the chunks are summed below with the
                 // groups. Up to there one pass saves a dispatch per norm (bench vit-train,
-                // 2,048 rows: 8 fewer; on lavapipe the sums take 35 ms a step, not 29).
+                // 2,048 rows: 8 fewer; on lavapipe the one-pass sums take 35 ms a step where
+                // the two stages took 29; not timed on a GPU, where one pass has fewer
+                // workgroups to spread over).
                 let g = match kind {
                     Stats::Row if rows > 4096 => super::split_factor(rows).unwrap_or(1),
                     _ => *groups,

@@ -378,8 +378,6 @@ pub(super) fn lower_matmul(
     }
 }
 
-/// The dispatches of a transposed-A matmul node `id` that also writes the column sums of its
-/// A into node `sum`'s buffer (memory planning's step 2c).
 /// Lowers the LayerNorm input gradient `ln` with a residual gradient `res` added in its
 /// stores, writing `y` (the add it took over; planner step 1b).
 pub(super) fn lower_ln_grad_res(
@@ -407,6 +405,8 @@ pub(super) fn lower_ln_grad_res(
     )
 }
 
+/// The dispatches of a transposed-A matmul node `id` that also writes the column sums of its
+/// A into node `sum`'s buffer (memory planning's step 2c).
 pub(super) fn lower_matmul_colsum(
     g: &Graph,
     id: NodeId,

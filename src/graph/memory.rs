@@ -114,8 +114,28 @@ pub(super) fn layout(
     }
     // A residual add of a LayerNorm input gradient (`d x` of `x + f(layer_norm(x))`, the
     // two contributions autodiff combines) is added in the gradient kernel's stores.
+    // Not when an update runs between the gradient and the add (the add would read the
+    // gradient's operands after it), nor when an update reads the add, the residual or the
+    // gradient's dy, through reshapes or slices (they may share one gradient slab, which a
+    // dispatch cannot bind both read-only and writable).
     let mut fused_ln: Vec<Option<(usize, usize)>> = vec![None; n];
-    for k in (0..n).filter(|&k| live[k] && opts.fuse) {
+    let mut updates_before = vec![0usize; n + 1];
+    let mut update_read = vec![false; n];
+    for i in 0..n {
+        let upd = live[i] && graph.nodes[i].op.is_update();
+        updates_before[i + 1] = updates_before[i] + upd as usize;
+        if upd {
+            for x in &graph.nodes[i].inputs {
+                let mut q = x.0;
+                update_read[q] = true;
+                while matches!(graph.nodes[q].op, Op::Reshape | Op::Slice { .. }) {
+                    q = graph.nodes[q].inputs[0].0;
+                    update_read[q] = true;
+                }
+            }
+        }
+    }
+    for k in (0..n).filter(|&k| live[k] && opts.fuse && !update_read[k]) {
         let node = &graph.nodes[k];
         if node.op != Op::Binary(crate::kernels::elementwise::BinaryOp::Add)
             || fused_mm[k].is_some()
@@ -127,6 +147,9 @@ pub(super) fn layout(
             let (j, r) = (node.inputs[ji].0, node.inputs[ri].0);
             if graph.nodes[j].op == Op::LnGrad
                 && consumers[j] == 1
+                && updates_before[k] == updates_before[j + 1]
+                && !update_read[r]
+                && !update_read[graph.nodes[j].inputs[3].0]
                 && !fused_away[j]
                 && graph.nodes[j].shape == node.shape
                 && graph.nodes[r].shape == node.shape

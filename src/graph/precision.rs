@@ -17,7 +17,8 @@
 //! So a convolution's patches, the bias-free projections to queries, keys and values, the
 //! attention heads and the attention output (up to the output projection) live in f16, and
 //! everything else (normalizations, residual sums, biased linear layers, elementwise chains,
-//! the graph's outputs) stays f32. Inference only: a graph with
+//! the graph's outputs) stays f32. The transformer blocks' fused `HeadAttention` reads and
+//! writes f32 (its qkv is a biased layer's output anyway). Inference only: a graph with
 //! optimizer updates is refused.
 
 use std::borrow::Cow;

@@ -22,14 +22,15 @@ pub struct Heads {
     pub causal: bool,
 }
 
-/// The most registers of one head row (Dh / 4 vec4s, or Dh scalars) the unrolled kernels
-/// hold; wider heads are refused (see [`fits`]).
+/// The most registers of one head row (Dh / 4 vec4s, or Dh scalars when a width or offset
+/// is not a multiple of 4) the unrolled kernels hold; wider rows are refused.
 pub const MAX_CHUNKS: usize = 64;
 
-/// Whether the fused kernels take a head width of `dh` (the unrolled row fits
-/// [`MAX_CHUNKS`] registers).
-pub fn fits(dh: usize) -> bool {
-    dh > 0 && chunks(dh, true).1 <= MAX_CHUNKS
+/// Whether the fused kernels take a head width of `dh` in either register form (so whatever
+/// the offsets: at most [`MAX_CHUNKS`]) and `tokens` per sequence (their loops run at most
+/// [`LOOP_CHUNK`] iterations).
+pub fn fits(dh: usize, tokens: usize) -> bool {
+    dh > 0 && dh <= MAX_CHUNKS && tokens <= LOOP_CHUNK
 }
 
 /// (vector width, registers per head row) for head width `dh`, vec4 when `vec_ok`.
@@ -73,7 +74,7 @@ fn launch(
         ));
     }
     let dh = d / nh;
-    if !fits(dh) {
+    if dh > 4 * MAX_CHUNKS {
         return Err(Error::shape(
             "head attention",
             format!(
@@ -107,6 +108,14 @@ fn launch(
         .map(|(_, o)| *o)
         .collect();
     let (w, c) = chunks(dh, vec4_ok(dh as u64, &vec_offs));
+    if c > MAX_CHUNKS {
+        return Err(Error::shape(
+            "head attention",
+            format!(
+                "head width {dh} at unaligned offsets ({c} scalar registers per head row; the fused kernels hold at most {MAX_CHUNKS})"
+            ),
+        ));
+    }
     let ty = if w == 4 { "vec4<f32>" } else { "f32" };
     let div = |k: usize| {
         if Some(k) == stats_at {

@@ -126,7 +126,7 @@ pub fn block(
     let qkv = g.matmul_t(h, p[2], false, true)?;
     let qkv = g.add(qkv, p[3])?;
     let scale = 1.0 / (dh as f32).sqrt();
-    let o = if fused_attention(dh) {
+    let o = if fused_attention(dh, tokens) {
         g.head_attention(qkv, tokens, heads, scale, style.causal)?
     } else {
         split_attention(g, style, qkv, batch, tokens, heads, scale)?
@@ -146,8 +146,8 @@ pub fn block(
 /// Whether a block with head width `dh` runs its attention as one fused op
 /// ([`Graph::head_attention`]): where the fused kernels take the width and the device
 /// prefers them ([`crate::gpu::fused_attention_preferred`]: not on CPU adapters).
-fn fused_attention(dh: usize) -> bool {
-    crate::kernels::heads::fits(dh) && crate::gpu::fused_attention_preferred()
+fn fused_attention(dh: usize, tokens: usize) -> bool {
+    crate::kernels::heads::fits(dh, tokens) && crate::gpu::fused_attention_preferred()
 }
 
 /// The unfused attention: heads split by a copy, batched score matmuls, softmax, the value
