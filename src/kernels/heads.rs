@@ -74,14 +74,6 @@ fn launch(
         ));
     }
     let dh = d / nh;
-    if dh > 4 * MAX_CHUNKS {
-        return Err(Error::shape(
-            "head attention",
-            format!(
-                "head width {dh} (the fused kernels hold at most {MAX_CHUNKS} registers per head row)"
-            ),
-        ));
-    }
     if views.iter().any(|v| v.half) {
         return Err(Error::Config(
             "head attention: f16 activations are not supported by the fused kernels".into(),
@@ -272,6 +264,28 @@ fn load(name: &str, arr: &str, base: &str, c: usize, mul: &str) -> String {
         .collect()
 }
 
+/// [`load`] inside a loop body (one more indent).
+fn load_in_loop(name: &str, arr: &str, base: &str, c: usize) -> String {
+    indent(&load(name, arr, base, c, ""))
+}
+
+/// The scaled query, the running max and sum, and the head of the key loop up to the score
+/// `sc` and the new max `mn` (shared by the forward and the statistics).
+fn online_softmax_head(c: usize, w: usize, causal: bool) -> String {
+    let mut s = load("q", "qkv", "seq + t * p.row", c, " * p.scale");
+    s += "    var m = -3.0e38;\n    var l = 0.0;\n";
+    s += &format!(
+        "    for (var j = 0u; j < {}; j++) {{\n        let kr = seq + j * p.row + p.d;\n",
+        keys_end(causal)
+    );
+    s += &load_in_loop("k", "qkv", "kr", c);
+    s += &format!(
+        "        let sc = {};\n        let mn = max(m, sc);\n",
+        dot("q", "k", c, w)
+    );
+    s
+}
+
 fn zeros(name: &str, c: usize, w: usize) -> String {
     let z = if w == 4 { "vec4<f32>(0.0)" } else { "0.0" };
     (0..c)
@@ -289,18 +303,9 @@ fn keys_end(causal: bool) -> &'static str {
 }
 
 fn forward_body(c: usize, w: usize, causal: bool) -> String {
-    let mut s = load("q", "qkv", "seq + t * p.row", c, " * p.scale");
-    s += &zeros("a", c, w);
-    s += "    var m = -3.0e38;\n    var l = 0.0;\n";
-    s += &format!(
-        "    for (var j = 0u; j < {}; j++) {{\n        let kr = seq + j * p.row + p.d;\n",
-        keys_end(causal)
-    );
-    s += &load("k", "qkv", "kr", c, "").replace("    let", "        let");
-    s += &format!(
-        "        let sc = {};\n        let mn = max(m, sc);\n        let cf = exp(m - mn);\n        let e = exp(sc - mn);\n        l = l * cf + e;\n        m = mn;\n        let vr = kr + p.d;\n",
-        dot("q", "k", c, w)
-    );
+    let mut s = zeros("a", c, w);
+    s += &online_softmax_head(c, w, causal);
+    s += "        let cf = exp(m - mn);\n        let e = exp(sc - mn);\n        l = l * cf + e;\n        m = mn;\n        let vr = kr + p.d;\n";
     for i in 0..c {
         s += &format!("        a{i} = a{i} * cf + e * qkv[vr + {i}u];\n");
     }
@@ -312,17 +317,8 @@ fn forward_body(c: usize, w: usize, causal: bool) -> String {
 }
 
 fn stats_body(c: usize, w: usize, causal: bool) -> String {
-    let mut s = load("q", "qkv", "seq + t * p.row", c, " * p.scale");
-    s += "    var m = -3.0e38;\n    var l = 0.0;\n";
-    s += &format!(
-        "    for (var j = 0u; j < {}; j++) {{\n        let kr = seq + j * p.row + p.d;\n",
-        keys_end(causal)
-    );
-    s += &load("k", "qkv", "kr", c, "").replace("    let", "        let");
-    s += &format!(
-        "        let sc = {};\n        let mn = max(m, sc);\n        l = l * exp(m - mn) + exp(sc - mn);\n        m = mn;\n    }}\n",
-        dot("q", "k", c, w)
-    );
+    let mut s = online_softmax_head(c, w, causal);
+    s += "        l = l * exp(m - mn) + exp(sc - mn);\n        m = mn;\n    }\n";
     s += &load("y", "ys", "p.off_a + orow", c, "");
     s += &load("g", "dys", "p.off_b + orow", c, "");
     s += &format!(
@@ -343,8 +339,8 @@ fn grad_body(c: usize, w: usize, causal: bool) -> String {
         "    for (var j = 0u; j < {}; j++) {{\n        let kr = seq + j * p.row + p.d;\n        let vr = kr + p.d;\n",
         keys_end(causal)
     );
-    q += &load("k", "qkv", "kr", c, "").replace("    let", "        let");
-    q += &load("v", "qkv", "vr", c, "").replace("    let", "        let");
+    q += &load_in_loop("k", "qkv", "kr", c);
+    q += &load_in_loop("v", "qkv", "vr", c);
     q += &format!(
         "        let pj = exp(({}) * p.scale - lse);\n        let ds = pj * ({} - dd);\n",
         dot("q", "k", c, w),
@@ -369,8 +365,8 @@ fn grad_body(c: usize, w: usize, causal: bool) -> String {
         "    for (var r = {}; r < p.tokens; r++) {{\n        let qr = seq + r * p.row;\n        let gr = p.off_a + (b * p.tokens + r) * p.d + hd * {c}u;\n",
         if causal { "t" } else { "0u" }
     );
-    k += &load("q", "qkv", "qr", c, "").replace("    let", "        let");
-    k += &load("g", "dys", "gr", c, "").replace("    let", "        let");
+    k += &load_in_loop("q", "qkv", "qr", c);
+    k += &load_in_loop("g", "dys", "gr", c);
     k += &format!(
         "        let pj = exp(({}) * p.scale - sts[sb + r * 2u]);\n        let ds = pj * ({} - sts[sb + r * 2u + 1u]);\n",
         dot("q", "k", c, w),
