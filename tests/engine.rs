@@ -884,3 +884,81 @@ fn layernorm_gradient_takes_the_residual_add() {
         assert!(dispatches[0] < dispatches[1], "{dispatches:?}");
     }
 }
+
+#[test]
+fn layernorm_forward_runs_as_one_dispatch() {
+    let (gpu, _lock) = gpu();
+    let mut rng = Rng(43);
+    // vec4 rows, scalar rows, vec4-length rows at an unaligned offset, and a LayerNorm above
+    // the one-dispatch limit (2^19 elements), which keeps its two kernels.
+    for (rows, cols, shift, one) in [
+        (9usize, 8usize, 0usize, true),
+        (7, 5, 0, true),
+        (6, 8, 1, true),
+        (1025, 512, 0, false),
+    ] {
+        let mut g = Graph::new();
+        let z = g.input("z", &[rows * cols + shift]);
+        let x = g.slice(z, 0, shift, rows * cols).unwrap();
+        let x = g.reshape(x, &[rows, cols]).unwrap();
+        let gamma = g.input("gamma", &[cols]);
+        let beta = g.input("beta", &[cols]);
+        let w = g.input("w", &[rows, cols]);
+        let y = g.layer_norm(x, gamma, beta, 1e-5).unwrap();
+        let p = g.mul(y, w).unwrap();
+        let l = g.sum_all(p).unwrap();
+        // The gradient reads the statistics the fused kernel wrote.
+        let grads = g.grad(l, &[z, gamma]).unwrap();
+        let outs = [y, grads[0], grads[1]];
+        let mut feeds = HashMap::new();
+        feeds.insert(z, rng.vec(rows * cols + shift, -2.0, 2.0));
+        feeds.insert(gamma, rng.vec(cols, 0.5, 1.5));
+        feeds.insert(beta, rng.vec(cols, -0.5, 0.5));
+        feeds.insert(w, rng.vec(rows * cols, -1.0, 1.0));
+        let want = common::run_cpu(&g, &feeds, &HashMap::new(), &outs);
+        let mut got_by = Vec::new();
+        for fuse in [true, false] {
+            let (got, plan) = run_gpu_opts(
+                &gpu,
+                &g,
+                &feeds,
+                &HashMap::new(),
+                &outs,
+                PlanOptions {
+                    reuse: true,
+                    poison: true,
+                    updates: true,
+                    fuse,
+                    multi_update: true,
+                    colsum: true,
+                    f16_activations: false,
+                },
+            );
+            for (k, name) in ["y", "dz", "dgamma"].iter().enumerate() {
+                // dgamma sums 1,025 rows in f32 in the large case.
+                let atol = if k == 2 && !one { 2e-4 } else { 1e-5 };
+                common::assert_close(
+                    &format!("{rows}x{cols}+{shift} {name}, fuse {fuse}"),
+                    &got[k],
+                    &want[k],
+                    1e-4,
+                    atol,
+                );
+            }
+            let keys = plan.kernel_keys();
+            let fused = keys.iter().any(|k| k.starts_with("ln_forward"));
+            let stats = keys.iter().any(|k| k.starts_with("rows_ln_stats"));
+            assert_eq!(fused, fuse && one, "{keys:?}");
+            assert_eq!(stats, !(fuse && one), "{keys:?}");
+            got_by.push(got);
+        }
+        // The same expressions in the same order as the two-kernel form.
+        common::assert_close(
+            &format!("{rows}x{cols}+{shift} y, fused against two kernels"),
+            &got_by[0][0],
+            &got_by[1][0].iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            1e-6,
+            1e-7,
+        );
+    }
+}

@@ -405,6 +405,41 @@ pub(super) fn lower_ln_grad_res(
     )
 }
 
+/// The one dispatch of a LayerNorm apply node `apply` that also computes and writes its row
+/// statistics node `stats` (memory planning's step 2d).
+pub(super) fn lower_ln_forward(
+    g: &Graph,
+    apply: NodeId,
+    stats: NodeId,
+    view: &dyn Fn(NodeId) -> Result<View>,
+    caps: &crate::gpu::Caps,
+) -> Result<Vec<Dispatch>> {
+    let node = g.node(apply);
+    let eps = match g.node(stats).op {
+        Op::Row(crate::kernels::reduce::RowOp::LnStats(eps)) => eps,
+        ref other => {
+            return Err(Error::Graph(format!(
+                "node {} ({other:?}) is not LayerNorm statistics",
+                stats.0
+            )))
+        }
+    };
+    let x = |k: usize| view(node.inputs[k]);
+    let cols = *node.shape.last().unwrap_or(&1);
+    let rows = numel(&node.shape) / cols.max(1);
+    norm::ln_forward(
+        x(0)?,
+        view(stats)?,
+        x(2)?,
+        x(3)?,
+        rows,
+        cols,
+        eps,
+        view(apply)?,
+        caps,
+    )
+}
+
 /// The dispatches of a transposed-A matmul node `id` that also writes the column sums of its
 /// A into node `sum`'s buffer (memory planning's step 2c).
 pub(super) fn lower_matmul_colsum(

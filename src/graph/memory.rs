@@ -22,11 +22,18 @@ pub(super) struct Layout {
     pub(super) colsum: Vec<Option<usize>>,
     /// Column sums written by a matmul (they keep their buffer, with no dispatch of their own).
     pub(super) by_matmul: Vec<bool>,
+    /// Per LayerNorm apply: the row statistics it also computes and writes (step 2d).
+    pub(super) ln_forward: Vec<Option<usize>>,
+    /// Row statistics written by their LayerNorm apply (no dispatch of their own).
+    pub(super) by_apply: Vec<bool>,
     pub(super) off: Vec<u64>,
     pub(super) slots: Vec<(usize, Vec<(usize, usize)>)>,
     pub(super) slot_of: Vec<usize>,
     pub(super) tensor_bytes: u64,
 }
+
+/// The largest LayerNorm (elements of x) whose statistics and apply run as one dispatch.
+pub(super) const LN_FORWARD_MAX: usize = 1 << 19;
 
 pub(super) fn layout(
     graph: &Graph,
@@ -382,6 +389,54 @@ pub(super) fn layout(
             }
         }
     }
+    // 2d. A LayerNorm's row statistics and its apply become one dispatch
+    // (`norm::ln_forward`), which writes both where the apply runs; the statistics keep their
+    // buffer (the backward reads them) but have no dispatch of their own. Only for rows of at
+    // most `LN_FORWARD_MAX` elements in all, where the dispatch costs more than the apply's
+    // lost parallelism (one invocation per row instead of one per element); not when anything
+    // else reads the statistics, or an update runs, between the two.
+    let mut ln_forward: Vec<Option<usize>> = vec![None; n];
+    let mut by_apply = vec![false; n];
+    if opts.fuse {
+        let mut updates_upto = vec![0usize; n + 1];
+        for i in 0..n {
+            updates_upto[i + 1] =
+                updates_upto[i] + (live[i] && graph.nodes[i].op.is_update()) as usize;
+        }
+        for k in (0..n).filter(|&k| live[k]) {
+            let node = &graph.nodes[k];
+            if node.op
+                != (Op::NormApply {
+                    stats: crate::kernels::norm::Stats::Row,
+                    groups: 1,
+                })
+                || fused_away[k]
+                || node.numel() > LN_FORWARD_MAX
+                || node.dtype != DType::F32
+                || graph.nodes[node.inputs[0].0].dtype != DType::F32
+            {
+                continue;
+            }
+            let (x, st) = (node.inputs[0].0, node.inputs[1].0);
+            let sn = &graph.nodes[st];
+            if !matches!(sn.op, Op::Row(crate::kernels::reduce::RowOp::LnStats(_)))
+                || sn.inputs[0].0 != x
+                || !live[st]
+                || fused_away[st]
+                || by_matmul[st]
+                || root[st] != st
+                || updates_upto[k] != updates_upto[st + 1]
+            {
+                continue;
+            }
+            let early_reader = (st + 1..k)
+                .any(|j| live[j] && graph.nodes[j].inputs.iter().any(|i| root[i.0] == st));
+            if !early_reader {
+                ln_forward[k] = Some(st);
+                by_apply[st] = true;
+            }
+        }
+    }
     // 3. Lifetimes of planned roots.
     let planned = |i: usize| {
         live[i]
@@ -523,6 +578,8 @@ pub(super) fn layout(
         in_place,
         colsum,
         by_matmul,
+        ln_forward,
+        by_apply,
         off,
         slots,
         slot_of,

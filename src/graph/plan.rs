@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::lower::{lower, lower_ln_grad_res, lower_matmul, lower_matmul_colsum};
+use super::lower::{lower, lower_ln_forward, lower_ln_grad_res, lower_matmul, lower_matmul_colsum};
 use super::memory::{layout, Layout};
 use super::{DType, Graph, NodeId, Op, ParamStore};
 use crate::error::{Error, Result};
@@ -24,8 +24,9 @@ pub struct PlanOptions {
     pub poison: bool,
     /// Include the graph's optimizer updates (off: an evaluation plan over the same graph).
     pub updates: bool,
-    /// Fuse chains of elementwise ops into one generated kernel each (`graph::fusion`), and
-    /// a residual add into the LayerNorm gradient kernel before it; off: one dispatch per op,
+    /// Fuse chains of elementwise ops into one generated kernel each (`graph::fusion`), a
+    /// residual add into the LayerNorm gradient kernel before it, and a LayerNorm's
+    /// statistics into its apply (up to 2^19 elements); off: one dispatch per op,
     /// for comparisons. The default is on unless the environment sets `STABLEREP_FUSE=0` (an
     /// escape hatch, and the A/B switch of the benchmarks).
     pub fuse: bool,
@@ -226,6 +227,8 @@ impl Plan {
             in_place,
             colsum,
             by_matmul,
+            ln_forward,
+            by_apply,
             off,
             slots,
             slot_of,
@@ -399,6 +402,7 @@ impl Plan {
                 || fused_away[i]
                 || in_place[i]
                 || by_matmul[i]
+                || by_apply[i]
             {
                 continue;
             }
@@ -435,14 +439,17 @@ impl Plan {
                     r.map(|r| view(NodeId(r))).transpose()?,
                     &gpu.caps,
                 ),
-                (None, None) => match (colsum[i], fused_ln[i]) {
-                    (Some(r), _) => {
+                (None, None) => match (colsum[i], fused_ln[i], ln_forward[i]) {
+                    (Some(r), _, _) => {
                         lower_matmul_colsum(graph, NodeId(i), &view, NodeId(r), &gpu.caps)
                     }
-                    (None, Some((j, r))) => view(NodeId(i)).and_then(|y| {
+                    (None, Some((j, r)), _) => view(NodeId(i)).and_then(|y| {
                         lower_ln_grad_res(graph, NodeId(j), &view, y, NodeId(r), &gpu.caps)
                     }),
-                    (None, None) => lower(gpu, graph, NodeId(i), &view),
+                    (None, None, Some(s)) => {
+                        lower_ln_forward(graph, NodeId(i), NodeId(s), &view, &gpu.caps)
+                    }
+                    (None, None, None) => lower(gpu, graph, NodeId(i), &view),
                 },
             };
             dispatches.extend(lowered.map_err(|e| match e {

@@ -177,6 +177,20 @@ pub fn all_variants() -> Result<Vec<Dispatch>> {
         let xs: Vec<View> = (0..k).map(|j| v(2 + j, 7)).collect();
         out.extend(elementwise::lincomb(v(0, 8), &xs, v(1, 7), &caps)?);
     }
+    // LayerNorm forward in one pass: vec4 rows and scalar rows.
+    for len in [8, 6] {
+        out.extend(norm::ln_forward(
+            v(0, 3 * len as u64),
+            v(1, 6),
+            v(2, len as u64),
+            v(3, len as u64),
+            3,
+            len,
+            1e-5,
+            v(4, 3 * len as u64),
+            &caps,
+        )?);
+    }
     out.extend(layout::permute(v(0, 6), &[2, 3], &[1, 0], v(1, 6), &caps)?);
     out.extend(layout::sum_to(v(0, 6), &[2, 3], v(1, 3), &[1, 3], &caps)?);
     out.extend(layout::sum_to(v(0, 8), &[2, 4], v(1, 4), &[1, 4], &caps)?);

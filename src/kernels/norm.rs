@@ -218,6 +218,82 @@ pub fn apply(
     }])
 }
 
+/// LayerNorm forward in one dispatch (per row chunk that fits the bindings): the row
+/// statistics [rows, 2] (as `reduce::rows` with `RowOp::LnStats` writes them, for the
+/// backward) and y = (x - mean) * rstd * gamma + beta, one invocation per row. The same
+/// expressions in the same order as the statistics row op followed by [`apply`], so the
+/// result equals the two-kernel form; the planner uses it where dispatches, not the apply's
+/// parallelism, are the cost (`graph::memory`, step 2d).
+#[allow(clippy::too_many_arguments)]
+pub fn ln_forward(
+    x: View,
+    stats: View,
+    gamma: View,
+    beta: View,
+    rows: usize,
+    len: usize,
+    eps: f32,
+    y: View,
+    caps: &Caps,
+) -> Result<Vec<Dispatch>> {
+    let (bg, og) = bind_all(&gamma, caps, "layer norm weight")?;
+    let (bb, ob) = bind_all(&beta, caps, "layer norm bias")?;
+    let chunks = super::row_chunks(rows as u64, len as u64, caps, "layer norm")?;
+    let mut out = Vec::new();
+    for (r0, nr) in chunks {
+        if nr == 0 {
+            continue;
+        }
+        let (bx, ox) = super::bind(
+            &x,
+            r0 * len as u64,
+            nr * len as u64,
+            caps,
+            "layer norm input",
+        )?;
+        let (bs, os) = super::bind(&stats, r0 * 2, nr * 2, caps, "layer norm statistics")?;
+        let (by, oy) = super::bind(
+            &y,
+            r0 * len as u64,
+            nr * len as u64,
+            caps,
+            "layer norm output",
+        )?;
+        let vec = super::vec4_ok(len as u64, &[ox, og, ob, oy]);
+        let w = if vec { 4 } else { 1 };
+        let sum = |k: &str| {
+            if vec {
+                format!("dot({k}, vec4<f32>(1.0))")
+            } else {
+                k.to_string()
+            }
+        };
+        out.push(Dispatch {
+            key: format!("ln_forward{}", if vec { "_v4" } else { "" }),
+            template: "ln_forward",
+            subst: vec![
+                ("TY", super::elem_ty(vec).into()),
+                ("N", if vec { "p.len * 4u" } else { "p.len" }.into()),
+                ("SUM_S", sum("s")),
+                ("SUM_V", sum("v")),
+            ],
+            uniform: uniform(&[
+                nr as u32,
+                (len / w) as u32,
+                ox / w as u32,
+                os,
+                og / w as u32,
+                ob / w as u32,
+                oy / w as u32,
+                eps.to_bits(),
+            ]),
+            bindings: vec![bx, bs, bg, bb, by],
+            groups: grid(nr.div_ceil(64), caps)?,
+        });
+    }
+    Ok(out)
+}
+
 /// Column sums [groups, 2, cols] of dy * xhat and dy (LayerNorm gamma/beta gradients with row
 /// statistics, BatchNorm backward sums with column statistics).
 #[allow(clippy::too_many_arguments)]

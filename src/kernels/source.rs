@@ -20,6 +20,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("row_grad", include_str!("../../shaders/row_grad.wgsl")),
     ("col_stats", include_str!("../../shaders/col_stats.wgsl")),
     ("norm_apply", include_str!("../../shaders/norm_apply.wgsl")),
+    ("ln_forward", include_str!("../../shaders/ln_forward.wgsl")),
     ("permute", include_str!("../../shaders/permute.wgsl")),
     ("gather", include_str!("../../shaders/gather.wgsl")),
     (
