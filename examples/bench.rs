@@ -336,7 +336,7 @@ fn demo_step(gpu: &Arc<Gpu>, adapter: &str, reps: usize) -> stablerep::Result<()
 /// temperature 0.1, the recipe's AdamW, GPU augmentation from 256 x 256; `rows` images.
 fn paper_step(rows: usize) -> stablerep::models::stablerep::StepConfig {
     use stablerep::models::stablerep::{recipe_adamw, HeadConfig, StepConfig};
-    use stablerep::models::vit::VitConfig;
+    use stablerep::models::vit::{Stem, VitConfig};
     StepConfig {
         vit: VitConfig {
             img_size: 224,
@@ -345,6 +345,7 @@ fn paper_step(rows: usize) -> stablerep::models::stablerep::StepConfig {
             depth: 12,
             heads: 12,
             mlp: 3072,
+            stem: Stem::Patch,
         },
         head: HeadConfig {
             hidden: 4096,
@@ -426,7 +427,7 @@ fn chunk_bench(gpu: &Arc<Gpu>, adapter: &str, max_rows: usize) -> stablerep::Res
     use stablerep::models::stablerep::{
         init_params, recipe_adamw, train_step, HeadConfig, StepConfig,
     };
-    use stablerep::models::vit::VitConfig;
+    use stablerep::models::vit::{Stem, VitConfig};
     use stablerep::train::chunked::{estimate, ChunkedStep};
     let vit = VitConfig {
         img_size: 64,
@@ -435,6 +436,7 @@ fn chunk_bench(gpu: &Arc<Gpu>, adapter: &str, max_rows: usize) -> stablerep::Res
         depth: 12,
         heads: 3,
         mlp: 768,
+        stem: Stem::Patch,
     };
     let head = HeadConfig {
         hidden: 4096,

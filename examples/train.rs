@@ -15,7 +15,7 @@ use stablerep::data::pool::Pool;
 use stablerep::gpu::{Gpu, GpuOptions};
 use stablerep::models::config::ModelConfig;
 use stablerep::models::stablerep::HeadConfig;
-use stablerep::models::vit::VitConfig;
+use stablerep::models::vit::{Stem, VitConfig};
 use stablerep::nn::schedule::Schedule;
 use stablerep::train::pool_run::{run as train, PoolRun};
 
@@ -44,6 +44,7 @@ fn run() -> stablerep::Result<()> {
                 depth: 4,
                 heads: 3,
                 mlp: 384,
+                stem: Stem::Patch,
             },
             head: HeadConfig {
                 hidden: 256,

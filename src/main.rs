@@ -191,6 +191,9 @@ enum Cmd {
         /// Patch size of a fresh model.
         #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = count)]
         patch: usize,
+        /// How a fresh model turns images into tokens.
+        #[arg(long, value_enum, default_value_t = StemArg::Patch)]
+        stem: StemArg,
         /// Override the preset's width.
         #[arg(long, allow_negative_numbers = true, value_parser = count)]
         width: Option<usize>,
@@ -495,6 +498,25 @@ enum Method {
     Simclr,
     /// StableRep+ (language supervision): the multi-positive loss plus the image-text loss.
     StablerepPlus,
+}
+
+/// The ViT's stem (`models::vit::Stem`).
+#[derive(Clone, Copy, ValueEnum)]
+enum StemArg {
+    /// timm's patch embedding: one p x p convolution at stride p.
+    Patch,
+    /// log2(p) 3 x 3 convolutions at stride 2 (GroupNorm, SiLU), then a 1 x 1 to the width;
+    /// p must be a power of two and width / 4 a multiple of 8.
+    Conv,
+}
+
+impl From<StemArg> for stablerep::models::vit::Stem {
+    fn from(s: StemArg) -> Self {
+        match s {
+            StemArg::Patch => Self::Patch,
+            StemArg::Conv => Self::Conv,
+        }
+    }
 }
 
 /// ViT presets (timm).
@@ -1124,6 +1146,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             model,
             img_size,
             patch,
+            stem,
             width,
             depth,
             heads,
@@ -1316,6 +1339,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                 depth: d,
                 heads: h,
                 mlp: 4 * w,
+                stem: stem.into(),
             };
             vit.validate()?;
             let plus = if method == Method::StablerepPlus {

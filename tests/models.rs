@@ -6,7 +6,7 @@ use std::path::Path;
 
 use common::{assert_close, gpu};
 use stablerep::graph::{Graph, ParamStore, Plan, PlanOptions};
-use stablerep::models::vit::{self, VitConfig};
+use stablerep::models::vit::{self, Stem, VitConfig};
 use stablerep::nn::checkpoint::Checkpoint;
 
 fn fixture(name: &str) -> Checkpoint {
@@ -50,6 +50,7 @@ fn vit_features_match_timm_with(form: &str) {
             depth: meta["depth"].as_u64().unwrap() as usize,
             heads: meta["num_heads"].as_u64().unwrap() as usize,
             mlp: 128,
+            stem: Stem::Patch,
         }
     );
     let (gpu, _lock) = gpu();
@@ -86,6 +87,103 @@ fn vit_features_match_timm_with(form: &str) {
         1e-4,
         1e-4,
     );
+}
+
+#[test]
+fn vit_with_conv_stem_matches_timm_features_and_gradients() {
+    use stablerep::graph::{NodeId, Op};
+    let ck = fixture("vit_conv_stem.safetensors");
+    let cfg = vit::infer_config(&ck, "visual.", 16).unwrap();
+    assert_eq!(
+        cfg,
+        VitConfig {
+            img_size: 16,
+            patch: 4,
+            width: 32,
+            depth: 1,
+            heads: 2,
+            mlp: 64,
+            stem: Stem::Conv,
+        }
+    );
+    assert_eq!(cfg.stem_channels(), vec![8, 16]);
+    // Settings the stem cannot take are refused by name.
+    let err = VitConfig { width: 40, ..cfg }
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--width"), "{err}");
+    let err = VitConfig {
+        patch: 6,
+        img_size: 18,
+        ..cfg
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--patch"), "{err}");
+    // Configs written before the stem existed read as the patch embedding.
+    let old: VitConfig = serde_json::from_str(
+        r#"{"img_size":16,"patch":4,"width":32,"depth":1,"heads":2,"mlp":64}"#,
+    )
+    .unwrap();
+    assert_eq!(old.stem, Stem::Patch);
+    let (gpu, _lock) = gpu();
+    let input = ck.get("input", None).unwrap();
+    let r = ck.get("r", Some(&[3, 32])).unwrap();
+    let mut g = Graph::new();
+    let images = g.input("images", &input.shape);
+    let rn = g.input("r", &[3, 32]);
+    let feats = vit::encoder(&mut g, &cfg, "visual.", images).unwrap();
+    let prod = g.mul(feats, rn).unwrap();
+    let loss = g.sum_all(prod).unwrap();
+    let params: Vec<NodeId> = (0..g.nodes.len())
+        .map(NodeId)
+        .filter(|&id| g.node(id).op == Op::Param)
+        .collect();
+    let grads = g.grad(loss, &params).unwrap();
+    let mut store = ParamStore::new();
+    vit::load_params(&gpu, &cfg, "visual.", &ck, &mut store).unwrap();
+    let mut outs = vec![feats];
+    outs.extend(&grads);
+    let plan = Plan::compile(
+        &gpu,
+        &g,
+        &outs,
+        &mut store,
+        PlanOptions {
+            poison: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    plan.write(images, &input.data).unwrap();
+    plan.write(rn, &r.data).unwrap();
+    let got = plan.run_fetch(&outs).unwrap();
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let want = ck.get("features", Some(&[3, 32])).unwrap();
+    assert_close(
+        "conv-stem ViT features vs timm",
+        &got[0],
+        &f64s(&want.data),
+        1e-4,
+        1e-4,
+    );
+    // Every parameter's gradient, the stem's convolutions and GroupNorms included.
+    let mut stem = 0;
+    for (k, &p) in params.iter().enumerate() {
+        let name = g.node(p).name.clone().unwrap();
+        stem += name.starts_with("visual.patch_embed.proj.") as usize;
+        let want = ck.get(&format!("grad.{name}"), None).unwrap();
+        assert_close(
+            &format!("d {name} vs PyTorch"),
+            &got[1 + k],
+            &f64s(&want.data),
+            1e-3,
+            1e-4,
+        );
+    }
+    assert_eq!(stem, 10, "the stem's parameters");
 }
 
 #[test]
@@ -491,5 +589,37 @@ fn cnn_gradients_match_pytorch_elementwise() {
             0.0,
             1e-4 * peak,
         );
+    }
+}
+
+#[test]
+fn conv_stem_starts_as_pytorch_initializes_it() {
+    use stablerep::models::stablerep::{init_params, HeadConfig};
+    let cfg = VitConfig {
+        img_size: 16,
+        patch: 4,
+        width: 32,
+        depth: 1,
+        heads: 2,
+        mlp: 64,
+        stem: Stem::Conv,
+    };
+    let head = HeadConfig { hidden: 16, out: 8 };
+    let ck = init_params(&cfg, &head, None, 3);
+    let t = |n: &str| ck.tensors[&format!("visual.patch_embed.proj.{n}")].clone();
+    // Convolutions and their biases: uniform(+-1/sqrt(fan_in)) of the weight's fan-in.
+    for (name, fan) in [("0", 27.0f32), ("3", 72.0), ("6", 16.0)] {
+        for part in ["weight", "bias"] {
+            let v = t(&format!("{name}.{part}")).data;
+            let bound = 1.0 / fan.sqrt();
+            assert!(v.iter().all(|x| x.abs() <= bound), "{name}.{part}");
+            let spread = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(spread > 0.5 * bound, "{name}.{part}: {spread} of {bound}");
+        }
+    }
+    // The GroupNorms: weight 1, bias 0.
+    for name in ["1", "4"] {
+        assert!(t(&format!("{name}.weight")).data.iter().all(|&x| x == 1.0));
+        assert!(t(&format!("{name}.bias")).data.iter().all(|&x| x == 0.0));
     }
 }

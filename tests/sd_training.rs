@@ -357,6 +357,7 @@ fn demo_pipeline_generates_trains_seven_arms_and_scores_on_real_renders() {
         depth: 1,
         heads: 2,
         mlp: 64,
+        stem: stablerep::models::vit::Stem::Patch,
     };
     c.head = stablerep::models::stablerep::HeadConfig {
         hidden: 32,

@@ -6,7 +6,7 @@ mod common;
 use common::{gpu, make_pool, settings};
 use stablerep::data::csv;
 use stablerep::data::pool::relpath;
-use stablerep::models::vit::VitConfig;
+use stablerep::models::vit::{Stem, VitConfig};
 use stablerep::nn::schedule::Schedule;
 use stablerep::train::pool_run::run;
 use stablerep::util::image::save_rgb;
@@ -284,6 +284,7 @@ fn training_raises_knn_accuracy_over_the_random_encoder() {
         depth: 2,
         heads: 2,
         mlp: 64,
+        stem: Stem::Patch,
     };
     s.captions = 4;
     // The positives are different images of a caption; the strong augmentation's crops of a
@@ -404,6 +405,7 @@ fn chunk_config() -> stablerep::models::stablerep::StepConfig {
             depth: 2,
             heads: 2,
             mlp: 64,
+            stem: Stem::Patch,
         },
         head: HeadConfig {
             hidden: 48,
@@ -696,6 +698,7 @@ fn chunked_stablerep_plus_matches_pytorchs_gradients_and_loss() {
             depth: 1,
             heads: 2,
             mlp: 64,
+            stem: Stem::Patch,
         },
         head: HeadConfig { hidden: 24, out: 8 },
         captions: 3,

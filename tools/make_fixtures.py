@@ -5,7 +5,7 @@ Python is a tool for fixtures only: neither CI nor any user path needs it.
 Set up once (see ../shared/env.md):
     python3 -m venv .venv-ref && .venv-ref/bin/pip install torch timm safetensors numpy open-clip-torch
 then:
-    .venv-ref/bin/python tools/make_fixtures.py [resize loss vit train_step tokens plus cnn handoff]
+    .venv-ref/bin/python tools/make_fixtures.py [resize loss vit train_step tokens plus cnn handoff vit_conv_stem]
 Everything is seeded: rerunning on the same versions reproduces every tensor exactly (the
 JSON header may list keys in another order).
 """
@@ -423,6 +423,40 @@ def handoff_fixture():
         "what": "visual.* of a checkpoint trained by `stablerep train`, loaded into timm strict=True"})
 
 
+def vit_conv_stem_fixture():
+    """models::vit with the convolutional stem (Stem::Conv): timm's VisionTransformer with
+    patch_embed.proj replaced by 3x3 stride-2 convolutions (GroupNorm(8) + SiLU; channels
+    width/4 doubling) and a 1x1 convolution, on 16 x 16 images with patch 4. Stores the
+    parameters, the input, the CLS features and the gradient of sum(features * r) for every
+    parameter."""
+    import timm
+    import torch.nn as nn
+
+    torch.manual_seed(5)
+    cfg = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=0)
+    model = timm.models.vision_transformer.VisionTransformer(**cfg).eval()
+    layers, c, o, p = [], 3, max(32 // 4, 8), 4
+    while p > 1:
+        layers += [nn.Conv2d(c, o, 3, 2, 1), nn.GroupNorm(8, o), nn.SiLU()]
+        c, o, p = o, o * 2, p // 2
+    model.patch_embed.proj = nn.Sequential(*layers, nn.Conv2d(c, 32, 1))
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    x = torch.randn(3, 3, 16, 16)
+    r = torch.randn(3, 32)
+    feats = model.forward_features(x)[:, 0]
+    (feats * r).sum().backward()
+    tensors = {f"visual.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    for k, v in model.named_parameters():
+        tensors[f"grad.visual.{k}"] = v.grad.contiguous()
+    tensors["input"] = x
+    tensors["r"] = r
+    tensors["features"] = feats.detach().contiguous()
+    meta = {"config": json.dumps(cfg), "stem": "conv", "timm": timm.__version__, "torch": torch.__version__}
+    save_file(tensors, OUT / "vit_conv_stem.safetensors", metadata=meta)
+
+
 FIXTURES = {
     "handoff": handoff_fixture,
     "resize": resize_fixture,
@@ -432,6 +466,7 @@ FIXTURES = {
     "tokens": tokens_fixture,
     "plus": plus_fixture,
     "cnn": cnn_fixture,
+    "vit_conv_stem": vit_conv_stem_fixture,
 }
 
 if __name__ == "__main__":

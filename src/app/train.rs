@@ -12,7 +12,7 @@ use super::{Panel, Shell};
 use crate::models::config::ModelConfig;
 use crate::models::stablerep::{HeadConfig, PlusConfig};
 use crate::models::text::TextConfig;
-use crate::models::vit::VitConfig;
+use crate::models::vit::{Stem, VitConfig};
 use crate::nn::schedule::Schedule;
 use crate::train::pool_run::PoolRun;
 use crate::worker::{Event, Job};
@@ -100,6 +100,7 @@ pub fn build_run(t: &TrainSettings, resume: bool) -> Result<PoolRun, String> {
         depth: t.depth,
         heads: t.heads,
         mlp: 4 * t.width,
+        stem: Stem::Patch,
     };
     vit.validate().map_err(|e| e.to_string())?;
     let plus = if t.method == "stablerep-plus" {

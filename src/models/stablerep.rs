@@ -228,7 +228,8 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
 
 /// Fresh parameters for `vit` + `head` as the official code initializes them: ViT linear
 /// weights, position embedding and CLS token normal(0, 0.02) (timm 0.5.4's truncation at +-2
-/// never triggers), biases 0, norms 1/0, patch embedding and head linears uniform(+-1/sqrt(fan_in)),
+/// never triggers), biases 0, norms 1/0, patch embedding (or the convolutional stem's
+/// convolutions) and head linears uniform(+-1/sqrt(fan_in)),
 /// BatchNorm 1/0 with running statistics 0/1.
 ///
 /// With `plus`, also the text tower ([`TextConfig::init`]), `image_projection`
@@ -255,32 +256,24 @@ pub fn init_params(
     }
     shapes.push(("image_mlp.layer3.weight".into(), vec![head.out, hd]));
     shapes.push(("image_mlp.layer3.bias".into(), vec![head.out]));
+    // Fan-in of every matrix or convolution weight, which its bias's bound uses too.
+    let weight_fan: std::collections::HashMap<String, usize> = shapes
+        .iter()
+        .filter(|(_, s)| s.len() >= 2)
+        .map(|(n, s)| (n.clone(), s[1..].iter().product()))
+        .collect();
     for (name, shape) in shapes {
         let n: usize = shape.iter().product();
-        let fan_in = if shape.len() >= 2 {
-            shape[1..].iter().product::<usize>()
-        } else {
-            1
-        } as f64;
-        let bound = 1.0 / fan_in.sqrt();
-        let data: Vec<f32> = if name.starts_with("image_mlp.layer")
-            || name.starts_with("visual.patch_embed")
-        {
-            let fan = if name.ends_with("bias") {
-                // PyTorch's bias bound uses the weight's fan-in.
-                match name.as_str() {
-                    n if n.starts_with("visual.") => (3 * vit.patch * vit.patch) as f64,
-                    "image_mlp.layer1.bias" => d as f64,
-                    _ => hd as f64,
-                }
-            } else {
-                fan_in
-            };
-            let b = if name.ends_with("bias") {
-                1.0 / fan.sqrt()
-            } else {
-                bound
-            };
+        let uniform_init =
+            name.starts_with("image_mlp.layer") || name.starts_with("visual.patch_embed");
+        // PyTorch's bias bound uses the weight's fan-in; the convolutional stem's GroupNorm
+        // parameters (no weight matrix of their own) are norms.
+        let fan = match name.strip_suffix("bias") {
+            Some(stem) => weight_fan.get(&format!("{stem}weight")),
+            None => weight_fan.get(&name),
+        };
+        let data: Vec<f32> = if let (true, Some(&fan)) = (uniform_init, fan) {
+            let b = 1.0 / (fan as f64).sqrt();
             (0..n)
                 .map(|_| ((rng.unit() * 2.0 - 1.0) * b) as f32)
                 .collect()

@@ -32,7 +32,7 @@ use crate::eval::probe::{self, Method, Request};
 use crate::gpu::Gpu;
 use crate::models::config::ModelConfig;
 use crate::models::stablerep::HeadConfig;
-use crate::models::vit::VitConfig;
+use crate::models::vit::{Stem, VitConfig};
 use crate::nn::schedule::Schedule;
 use crate::plot::{bar_chart, line_chart, Canvas, Chart, Series, Value};
 use crate::train::pool_run::{self, PoolRun};
@@ -126,6 +126,7 @@ impl DemoConfig {
                 depth: 3,
                 heads: 3,
                 mlp: 384,
+                stem: Stem::Patch,
             },
             head: HeadConfig {
                 hidden: 256,
@@ -152,6 +153,7 @@ impl DemoConfig {
                 depth: 2,
                 heads: 2,
                 mlp: 256,
+                stem: Stem::Patch,
             },
             head: HeadConfig {
                 hidden: 128,

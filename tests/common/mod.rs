@@ -280,6 +280,7 @@ pub fn settings(
                 depth: 1,
                 heads: 2,
                 mlp: 64,
+                stem: stablerep::models::vit::Stem::Patch,
             },
             head: stablerep::models::stablerep::HeadConfig {
                 hidden: 64,
