@@ -5,12 +5,16 @@
 //!
 //!     cargo run --release --example world_experiments -- OUT [--model DIR] [--seeds N]
 //!         [--steps N] [--budget N] [--captions N] [--main-only] [--oracle-only]
-//!         [--guidance-only] [--demo-encoder]
+//!         [--guidance-only] [--demo-encoder] [--conv-stem]
 //!
 //! `--main-only` skips the guidance and images-per-caption sweeps; `--oracle-only` also the
 //! synthetic arms (no text-to-image model needed); `--guidance-only` skips the
 //! images-per-caption sweep. `--demo-encoder` trains the full demo's
 //! encoder for 400 steps (default: the `--quick` demo's, cheaper for the sweeps).
+//! `--conv-stem` gives the encoder the convolutional stem (`models::vit::Stem::Conv`) instead
+//! of the patch embedding. OUT remembers the encoder, head, steps, captions, views and budget
+//! it was started with (OUT/settings.txt) and refuses others, so one folder's records never
+//! mix settings.
 //!
 //! The model defaults to the built-in one (assets/world-sd).
 
@@ -35,8 +39,14 @@ fn go() -> stablerep::Result<()> {
     let mut oracle_only = false;
     let mut demo_encoder = false;
     let mut guidance_only = false;
+    let mut conv_stem = false;
     let mut i = 1;
     while i < args.len() {
+        if args[i] == "--conv-stem" {
+            conv_stem = true;
+            i += 1;
+            continue;
+        }
         if args[i] == "--guidance-only" {
             guidance_only = true;
             i += 1;
@@ -93,8 +103,46 @@ fn go() -> stablerep::Result<()> {
     if guidance_only {
         plan.images_per_caption.clear();
     }
+    if conv_stem {
+        plan.base.vit.stem = stablerep::models::vit::Stem::Conv;
+        plan.base.vit.validate()?;
+    }
     plan.synthetic = !oracle_only;
     plan.check()?;
+    // A folder holds the records of one set of settings: resuming with others would mix them.
+    let settings = format!(
+        "encoder {:?}\nhead {:?}\nsteps {}\ncaptions {}\nviews {}\nbudget {}\n",
+        plan.base.vit,
+        plan.base.head,
+        plan.base.train_steps,
+        plan.base.captions,
+        plan.base.views_per_step,
+        plan.budget
+    );
+    let settings_file = out.join("settings.txt");
+    match std::fs::read_to_string(&settings_file) {
+        Ok(old) if old != settings => {
+            return Err(stablerep::Error::Config(format!(
+                "{} was started with other settings:\n{old}not these:\n{settings}use a new \
+                 output folder",
+                out.display()
+            )))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&out).map_err(|source| stablerep::Error::Io {
+                path: out.display().to_string(),
+                source,
+            })?;
+            stablerep::atomic::write_atomic(&settings_file, settings.as_bytes())?;
+        }
+        Err(e) => {
+            return Err(stablerep::Error::Config(format!(
+                "{}: {e}",
+                settings_file.display()
+            )))
+        }
+    }
     let gpu = Gpu::new(&GpuOptions::default())?;
     eprintln!("device: {}", gpu.describe());
     let t0 = Instant::now();

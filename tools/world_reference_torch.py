@@ -5,7 +5,13 @@ ViT trained supervised, with SimCLR or with StableRep's multi-positive loss on r
 Data root R holds oracle/ (216 captions x 4), real/ (216 x 1), shape-train/, shape-test/,
 colour-train/, colour-test/ (480 each, --labelled). Usage:
     PATCH=8 WIDTH=96 DEPTH=3 LR=1e-3 python tools/world_reference_torch.py R STEPS ARMS SEEDS
-with ARMS a comma list of untrained, sup, simclr-real, stablerep-oracle, simclr-oracle."""
+with ARMS a comma list of untrained, sup, simclr-real, stablerep-oracle, simclr-oracle.
+More switches (docs/results.md, Result 6): STEM=conv (3 x 3 stride-2 convolutions with
+GroupNorm and SiLU, then a 1 x 1, instead of the patch embedding), ENC=cnn (the judge's CNN as
+the encoder), POOL=mean (mean of the patch tokens instead of the CLS token), CW (the supervised
+colour head's weight, 1), GRAY and JS (grayscale probability 0.2 and colour-jitter strength
+0.4), TAU (temperature, 0.1), SMIN (smallest crop scale, 0.35), BLUR (largest blur sigma, 0.3),
+VIEWS (32), REAL (the real pool's folder under R, real)."""
 import sys, os, glob, math, json, time, random
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
@@ -33,14 +39,29 @@ class Block(nn.Module):
         s.m = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
     def forward(s, x):
         y = s.n1(x); x = x + s.a(y, y, y, need_weights=False)[0]; return x + s.m(s.n2(x))
+def conv_stem(p, d):
+    # 3 x 3 convolutions at stride 2 (GroupNorm, SiLU) down to the patch grid, then a 1 x 1 to
+    # the width (Xiao et al. 2021, "Early convolutions help transformers see better").
+    L, c, o = [], 3, max(d // 4, 8)
+    while p > 1:
+        L += [nn.Conv2d(c, o, 3, 2, 1), nn.GroupNorm(8, o), nn.SiLU()]; c, o, p = o, o * 2, p // 2
+    return nn.Sequential(*L, nn.Conv2d(c, d, 1))
 class ViT(nn.Module):
     def __init__(s, img=32, p=4, d=96, L=3, h=3):
-        super().__init__(); s.pe = nn.Conv2d(3, d, p, p); n = (img // p) ** 2
+        super().__init__(); s.pe = conv_stem(p, d) if os.environ.get('STEM') == 'conv' else nn.Conv2d(3, d, p, p); n = (img // p) ** 2
+        s.pool = os.environ.get('POOL', 'cls')
         s.cls = nn.Parameter(torch.zeros(1, 1, d)); s.pos = nn.Parameter(torch.randn(1, n + 1, d) * .02)
         s.b = nn.Sequential(*[Block(d, h) for _ in range(L)]); s.n = nn.LayerNorm(d); s.d = d
     def forward(s, x):
         x = s.pe(x).flatten(2).transpose(1, 2); x = torch.cat([s.cls.expand(len(x), -1, -1), x], 1) + s.pos
-        return s.n(s.b(x))[:, 0]
+        y = s.n(s.b(x)); return y[:, 1:].mean(1) if s.pool == 'mean' else y[:, 0]
+class CNN(nn.Module):
+    # The judge's CNN (3 x 3 convolutions, GroupNorm, SiLU, mean pool), width = last channels.
+    def __init__(s, ch=(32, 64, 96, 128)):
+        super().__init__(); L = []; c = 3
+        for i, o in enumerate(ch): L += [nn.Conv2d(c, o, 3, 1 if i == 0 else 2, 1), nn.GroupNorm(8, o), nn.SiLU()]; c = o
+        s.f = nn.Sequential(*L)
+    def forward(s, x): return s.f(x).mean((2, 3))
 def headm(d, hid=256, out=64):
     return nn.Sequential(nn.Linear(d, hid), nn.BatchNorm1d(hid), nn.ReLU(), nn.Linear(hid, hid), nn.BatchNorm1d(hid), nn.ReLU(), nn.Linear(hid, out))
 
@@ -57,14 +78,14 @@ def augment(x, scale, blur, jit=True):
         g = F.affine_grid(theta[None], (1, 3, H, W), align_corners=False)
         y = F.grid_sample(x[i:i + 1], g, align_corners=False)
         if jit and random.random() < .8:
-            b = random.uniform(.6, 1.4); c = random.uniform(.6, 1.4); s = random.uniform(.6, 1.4)
+            js = float(os.environ.get('JS', .4)); b = random.uniform(1 - js, 1 + js); c = random.uniform(1 - js, 1 + js); s = random.uniform(1 - js, 1 + js)
             y = y * b; m = y.mean(); y = (y - m) * c + m; gr = (0.299 * y[:, 0] + .587 * y[:, 1] + .114 * y[:, 2])[:, None]; y = (y - gr) * s + gr
             # hue: rotate channels a little (approximation)
             hh = random.uniform(-.1, .1) * 2 * math.pi; cs, sn = math.cos(hh), math.sin(hh)
             k = 1 / 3; sq = math.sqrt(k)
             M = torch.tensor([[cs + (1 - cs) * k, k * (1 - cs) - sq * sn, k * (1 - cs) + sq * sn], [k * (1 - cs) + sq * sn, cs + k * (1 - cs), k * (1 - cs) - sq * sn], [k * (1 - cs) - sq * sn, k * (1 - cs) + sq * sn, cs + k * (1 - cs)]])
             y = torch.einsum('ij,bjhw->bihw', M, y).clamp(0, 1)
-        if jit and random.random() < .2: gr = (0.299 * y[:, 0] + .587 * y[:, 1] + .114 * y[:, 2])[:, None]; y = gr.expand(-1, 3, -1, -1)
+        if jit and random.random() < float(os.environ.get('GRAY', .2)): gr = (0.299 * y[:, 0] + .587 * y[:, 1] + .114 * y[:, 2])[:, None]; y = gr.expand(-1, 3, -1, -1)
         if blur and random.random() < .5:
             sg = random.uniform(*blur); r = max(1, int(math.ceil(2 * sg))); t = torch.arange(-r, r + 1, dtype=torch.float32); k1 = torch.exp(-t ** 2 / (2 * sg * sg)); k1 /= k1.sum()
             y = F.conv2d(F.pad(y, (r, r, 0, 0), mode='reflect'), k1.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
@@ -80,7 +101,8 @@ def mp_loss(z, labels, tau=.1):
 
 def train(method, data, steps, views, cfg, seed):
     torch.manual_seed(seed); random.seed(seed)
-    enc = ViT(p=cfg['patch'], d=cfg['width'], L=cfg['depth'], h=cfg['width'] // 32)
+    enc = CNN() if os.environ.get('ENC') == 'cnn' else ViT(p=cfg['patch'], d=cfg['width'], L=cfg['depth'], h=cfg['width'] // 32)
+    if os.environ.get('ENC') == 'cnn': cfg = dict(cfg, width=128)
     if method == 'sup':
         hd = nn.ModuleList([nn.Linear(cfg['width'], 12), nn.Linear(cfg['width'], 8)])
     else: hd = headm(cfg['width'])
@@ -92,7 +114,7 @@ def train(method, data, steps, views, cfg, seed):
         if method == 'sup':
             X, Ys, Yc = data
             idx = torch.randint(len(X), (views,)); x = augment(X[idx], cfg['scale'], cfg['blur'], jit=False)
-            f = enc(x); loss = F.cross_entropy(hd[0](f), Ys[idx]) + F.cross_entropy(hd[1](f), Yc[idx])
+            f = enc(x); loss = F.cross_entropy(hd[0](f), Ys[idx]) + cfg['cw'] * F.cross_entropy(hd[1](f), Yc[idx])
         else:
             P = data  # [C, m, 3, H, W]
             C, m = P.shape[:2]
@@ -104,7 +126,7 @@ def train(method, data, steps, views, cfg, seed):
                 n = views // 2; cs = torch.randperm(C)[:n]; j = torch.randint(m, (n,))
                 im = P[cs, j]; x = torch.cat([im, im]); lab = torch.arange(n).repeat(2)
             x = augment(x, cfg['scale'], cfg['blur'])
-            loss = mp_loss(hd(enc(x)), lab)
+            loss = mp_loss(hd(enc(x)), lab, float(os.environ.get('TAU', .1)))
         opt.zero_grad(); loss.backward(); opt.step()
     return enc, (float(loss.detach()) if steps else 0.0)
 
@@ -136,10 +158,10 @@ def evaluate(enc, ev):
 
 if __name__ == '__main__':
     steps = int(sys.argv[2]); which = sys.argv[3].split(','); seeds = [int(x) for x in sys.argv[4].split(',')]
-    cfg = dict(patch=int(os.environ.get('PATCH', 4)), width=int(os.environ.get('WIDTH', 96)), depth=int(os.environ.get('DEPTH', 3)), lr=float(os.environ.get('LR', 1e-3)),
+    cfg = dict(patch=int(os.environ.get('PATCH', 4)), width=int(os.environ.get('WIDTH', 96)), depth=int(os.environ.get('DEPTH', 3)), lr=float(os.environ.get('LR', 1e-3)), cw=float(os.environ.get('CW', 1.0)),
                scale=(float(os.environ.get('SMIN', .35)), 1.0), blur=(0.1, float(os.environ.get('BLUR', .3))) if float(os.environ.get('BLUR', .3)) > 0 else None)
     views = int(os.environ.get('VIEWS', 32))
-    oracle = load_pool(f"{R}/oracle", 4); real = load_pool(f"{R}/real", 1)
+    oracle = load_pool(f"{R}/oracle", 4); real = load_pool(f"{R}/" + os.environ.get("REAL", "real"), 1)
     ev = {}
     for k in ['shape', 'colour']:
         a, b = load_folder(f"{R}/{k}-train"); c, d = load_folder(f"{R}/{k}-test"); ev[k] = (a, b, c, d)
