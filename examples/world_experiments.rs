@@ -12,9 +12,9 @@
 //! images-per-caption sweep. `--demo-encoder` trains the full demo's
 //! encoder for 400 steps (default: the `--quick` demo's, cheaper for the sweeps).
 //! `--conv-stem` gives the encoder the convolutional stem (`models::vit::Stem::Conv`) instead
-//! of the patch embedding. OUT remembers the encoder, head, steps, captions, views and budget
-//! it was started with (OUT/settings.txt) and refuses others, so one folder's records never
-//! mix settings.
+//! of the patch embedding. OUT remembers the model, encoder, head, steps, captions, views and
+//! budget it was started with (OUT/settings.txt) and refuses others, so one folder's records
+//! never mix settings.
 //!
 //! The model defaults to the built-in one (assets/world-sd).
 
@@ -111,7 +111,8 @@ fn go() -> stablerep::Result<()> {
     plan.check()?;
     // A folder holds the records of one set of settings: resuming with others would mix them.
     let settings = format!(
-        "encoder {:?}\nhead {:?}\nsteps {}\ncaptions {}\nviews {}\nbudget {}\n",
+        "model {}\nencoder {:?}\nhead {:?}\nsteps {}\ncaptions {}\nviews {}\nbudget {}\n",
+        plan.base.model.display(),
         plan.base.vit,
         plan.base.head,
         plan.base.train_steps,
@@ -129,6 +130,16 @@ fn go() -> stablerep::Result<()> {
             )))
         }
         Ok(_) => {}
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound && out.join("records.jsonl").exists() =>
+        {
+            return Err(stablerep::Error::Config(format!(
+                "{} holds records from before the folder remembered its settings: use a new \
+                 output folder, or, if these are its settings, write them to {}:\n{settings}",
+                out.display(),
+                settings_file.display()
+            )))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(&out).map_err(|source| stablerep::Error::Io {
                 path: out.display().to_string(),
@@ -136,11 +147,11 @@ fn go() -> stablerep::Result<()> {
             })?;
             stablerep::atomic::write_atomic(&settings_file, settings.as_bytes())?;
         }
-        Err(e) => {
-            return Err(stablerep::Error::Config(format!(
-                "{}: {e}",
-                settings_file.display()
-            )))
+        Err(source) => {
+            return Err(stablerep::Error::Io {
+                path: settings_file.display().to_string(),
+                source,
+            })
         }
     }
     let gpu = Gpu::new(&GpuOptions::default())?;

@@ -191,7 +191,8 @@ enum Cmd {
         /// Patch size of a fresh model.
         #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = count)]
         patch: usize,
-        /// How a fresh model turns images into tokens.
+        /// How a fresh model turns images into tokens (as the other architecture flags, it
+        /// does not change a resumed or `--init` checkpoint, whose own config wins).
         #[arg(long, value_enum, default_value_t = StemArg::Patch)]
         stem: StemArg,
         /// Override the preset's width.
@@ -506,7 +507,7 @@ enum StemArg {
     /// timm's patch embedding: one p x p convolution at stride p.
     Patch,
     /// log2(p) 3 x 3 convolutions at stride 2 (GroupNorm, SiLU), then a 1 x 1 to the width;
-    /// p must be a power of two and width / 4 a multiple of 8.
+    /// p must be a power of two and width / 4 a multiple of 8 (or the width under 32).
     Conv,
 }
 

@@ -889,30 +889,33 @@ fn layernorm_gradient_takes_the_residual_add() {
 fn layernorm_forward_runs_as_one_dispatch() {
     let (gpu, _lock) = gpu();
     let mut rng = Rng(43);
-    // vec4 rows, scalar rows, vec4-length rows at an unaligned offset, and a LayerNorm above
-    // the one-dispatch limit (2^19 elements), which keeps its two kernels.
-    for (rows, cols, shift, one) in [
-        (9usize, 8usize, 0usize, true),
-        (7, 5, 0, true),
-        (6, 8, 1, true),
-        (1025, 512, 0, false),
+    // vec4 rows, scalar rows, vec4-length rows at an unaligned offset, aligned rows with an
+    // unaligned weight (the row op would sum in vec4 order: the two kernels are kept), and a
+    // LayerNorm above the one-dispatch limit (2^19 elements), which keeps its two kernels.
+    for (rows, cols, shift, gshift, one) in [
+        (9usize, 8usize, 0usize, 0usize, true),
+        (7, 5, 0, 0, true),
+        (6, 8, 1, 0, true),
+        (6, 8, 0, 1, false),
+        (1025, 512, 0, 0, false),
     ] {
         let mut g = Graph::new();
         let z = g.input("z", &[rows * cols + shift]);
         let x = g.slice(z, 0, shift, rows * cols).unwrap();
         let x = g.reshape(x, &[rows, cols]).unwrap();
-        let gamma = g.input("gamma", &[cols]);
+        let gamma_in = g.input("gamma", &[cols + gshift]);
+        let gamma = g.slice(gamma_in, 0, gshift, cols).unwrap();
         let beta = g.input("beta", &[cols]);
         let w = g.input("w", &[rows, cols]);
         let y = g.layer_norm(x, gamma, beta, 1e-5).unwrap();
         let p = g.mul(y, w).unwrap();
         let l = g.sum_all(p).unwrap();
         // The gradient reads the statistics the fused kernel wrote.
-        let grads = g.grad(l, &[z, gamma]).unwrap();
+        let grads = g.grad(l, &[z, gamma_in]).unwrap();
         let outs = [y, grads[0], grads[1]];
         let mut feeds = HashMap::new();
         feeds.insert(z, rng.vec(rows * cols + shift, -2.0, 2.0));
-        feeds.insert(gamma, rng.vec(cols, 0.5, 1.5));
+        feeds.insert(gamma_in, rng.vec(cols + gshift, 0.5, 1.5));
         feeds.insert(beta, rng.vec(cols, -0.5, 0.5));
         feeds.insert(w, rng.vec(rows * cols, -1.0, 1.0));
         let want = common::run_cpu(&g, &feeds, &HashMap::new(), &outs);
@@ -938,7 +941,7 @@ fn layernorm_forward_runs_as_one_dispatch() {
                 // dgamma sums 1,025 rows in f32 in the large case.
                 let atol = if k == 2 && !one { 2e-4 } else { 1e-5 };
                 common::assert_close(
-                    &format!("{rows}x{cols}+{shift} {name}, fuse {fuse}"),
+                    &format!("{rows}x{cols}+{shift}/{gshift} {name}, fuse {fuse}"),
                     &got[k],
                     &want[k],
                     1e-4,
@@ -954,7 +957,7 @@ fn layernorm_forward_runs_as_one_dispatch() {
         }
         // The same expressions in the same order as the two-kernel form.
         common::assert_close(
-            &format!("{rows}x{cols}+{shift} y, fused against two kernels"),
+            &format!("{rows}x{cols}+{shift}/{gshift} y, fused against two kernels"),
             &got_by[0][0],
             &got_by[1][0].iter().map(|&v| v as f64).collect::<Vec<_>>(),
             1e-6,

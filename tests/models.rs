@@ -107,6 +107,15 @@ fn vit_with_conv_stem_matches_timm_features_and_gradients() {
         }
     );
     assert_eq!(cfg.stem_channels(), vec![8, 16]);
+    // Another implementation's stem (BatchNorm after the convolutions) is not taken for this one.
+    let mut bn = fixture("vit_conv_stem.safetensors");
+    let t = bn.tensors["visual.patch_embed.proj.1.bias"].clone();
+    bn.tensors
+        .insert("visual.patch_embed.proj.1.running_mean".into(), t);
+    let err = vit::infer_config(&bn, "visual.", 16)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("visual.patch_embed.proj.0.weight"), "{err}");
     // Settings the stem cannot take are refused by name.
     let err = VitConfig { width: 40, ..cfg }
         .validate()

@@ -223,7 +223,9 @@ pub fn apply(
 /// backward) and y = (x - mean) * rstd * gamma + beta, one invocation per row. The same
 /// expressions in the same order as the statistics row op followed by [`apply`], so the
 /// result equals the two-kernel form; the planner uses it where dispatches, not the apply's
-/// parallelism, are the cost (`graph::memory`, step 2d).
+/// parallelism, are the cost (`graph::memory`, step 2d). Where x's rows are vec4-aligned but
+/// y's, gamma's or beta's are not, it returns the two kernels instead (the row op would sum
+/// in vec4 order, this kernel could not).
 #[allow(clippy::too_many_arguments)]
 pub fn ln_forward(
     x: View,
@@ -238,7 +240,8 @@ pub fn ln_forward(
 ) -> Result<Vec<Dispatch>> {
     let (bg, og) = bind_all(&gamma, caps, "layer norm weight")?;
     let (bb, ob) = bind_all(&beta, caps, "layer norm bias")?;
-    let chunks = super::row_chunks(rows as u64, len as u64, caps, "layer norm")?;
+    // Rows per chunk as `reduce::rows` splits them (the statistics need 2 per row).
+    let chunks = super::row_chunks(rows as u64, len.max(2) as u64, caps, "layer norm")?;
     let mut out = Vec::new();
     for (r0, nr) in chunks {
         if nr == 0 {
@@ -260,6 +263,31 @@ pub fn ln_forward(
             "layer norm output",
         )?;
         let vec = super::vec4_ok(len as u64, &[ox, og, ob, oy]);
+        // The statistics row op sums in vec4 order whenever x alone is aligned; where the
+        // others are not, one kernel cannot do both, and the two-kernel form keeps the sums.
+        if !vec && super::vec4_ok(len as u64, &[ox]) {
+            let mut two = super::reduce::rows(
+                super::reduce::RowOp::LnStats(eps),
+                x,
+                rows,
+                len,
+                stats,
+                caps,
+            )?;
+            two.extend(apply(
+                Stats::Row,
+                x,
+                stats,
+                gamma,
+                beta,
+                1,
+                rows,
+                len,
+                y,
+                caps,
+            )?);
+            return Ok(two);
+        }
         let w = if vec { 4 } else { 1 };
         let sum = |k: &str| {
             if vec {

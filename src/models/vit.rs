@@ -91,8 +91,8 @@ impl VitConfig {
                 .is_multiple_of(STEM_GROUPS)
             {
                 return Err(Error::Config(format!(
-                    "the convolutional stem (--stem conv) needs a width (--width) whose quarter \
-                     is a multiple of {STEM_GROUPS} (its GroupNorm groups); got {}",
+                    "the convolutional stem (--stem conv) needs a width (--width) under 32 or \
+                     whose quarter is a multiple of {STEM_GROUPS} (its GroupNorm groups); got {}",
                     self.width
                 )));
             }
@@ -321,7 +321,7 @@ pub fn infer_config(ckpt: &Checkpoint, prefix: &str, head_dim: usize) -> Result<
                 .contains_key(&format!("{prefix}blocks.{l}.attn.qkv.weight"))
         })
         .count();
-    Ok(VitConfig {
+    let cfg = VitConfig {
         img_size: side * patch,
         patch,
         width,
@@ -329,7 +329,32 @@ pub fn infer_config(ckpt: &Checkpoint, prefix: &str, head_dim: usize) -> Result<
         heads: width / head_dim,
         mlp: fc1.shape[0],
         stem,
-    })
+    };
+    if stem == Stem::Conv {
+        // Another implementation's convolutional stem (BatchNorm, other widths) must not load
+        // as this one.
+        let pe = format!("{prefix}patch_embed.proj");
+        let mut cin = 3;
+        for (i, &c) in cfg.stem_channels().iter().enumerate() {
+            let w = &ckpt.tensors[&format!("{pe}.{}.weight", 3 * i)];
+            if w.shape != [c, cin, 3, 3]
+                || ckpt
+                    .tensors
+                    .contains_key(&format!("{pe}.{}.running_mean", 3 * i + 1))
+            {
+                return Err(Error::Config(format!(
+                    "{pe}.{}.weight {:?}: not this engine's convolutional stem (3 x 3 \
+                     convolutions of [{c}, {cin}, 3, 3] at this width, each followed by a \
+                     GroupNorm)",
+                    3 * i,
+                    w.shape
+                )));
+            }
+            cin = c;
+        }
+        cfg.validate()?;
+    }
+    Ok(cfg)
 }
 
 /// Uploads every encoder parameter from `ckpt` into `store`, checking names and shapes.
