@@ -13,12 +13,7 @@ sys.argv = ['x', R]
 exec(open(os.path.join(os.path.dirname(__file__), 'world_reference_torch.py')).read().split("if __name__")[0])
 torch.set_num_threads(1)
 E = os.environ
-class CNN(nn.Module):
-    def __init__(s, ch=(32, 64, 96, 128)):
-        super().__init__(); L = []; c = 3
-        for i, o in enumerate(ch): L += [nn.Conv2d(c, o, 3, 1 if i == 0 else 2, 1), nn.GroupNorm(8, o), nn.SiLU()]; c = o
-        s.f = nn.Sequential(*L)
-    def forward(s, x): return s.f(x).mean((2, 3))
+# CNN: the judge's encoder, defined in world_reference_torch.py (executed above).
 pool = E.get("POOL", "oracle"); m = int(E.get("M", "4"))
 oracle = load_pool(f"{R}/{pool}", m)
 caps = [l.split(',', 1)[1].strip() for l in open(f"{R}/{pool}/captions.csv").read().strip().split("\n")]
