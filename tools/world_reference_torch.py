@@ -11,7 +11,10 @@ GroupNorm and SiLU, then a 1 x 1, instead of the patch embedding), ENC=cnn (the 
 the encoder), POOL=mean (mean of the patch tokens instead of the CLS token), CW (the supervised
 colour head's weight, 1), GRAY and JS (grayscale probability 0.2 and colour-jitter strength
 0.4), TAU (temperature, 0.1), SMIN (smallest crop scale, 0.35), BLUR (largest blur sigma, 0.3),
-VIEWS (32), REAL (the real pool's folder under R, real)."""
+VIEWS (32), REAL (the real pool's folder under R, real), INIT=engine (the engine's
+initialization: transformer matrices, CLS and positions N(0, 0.02), biases 0, supervised heads
+N(0, 0.01); the stem keeps PyTorch's defaults, as the engine does), WD=engine (no decay for
+vectors, biases and norms, as the engine's `decays`)."""
 import sys, os, glob, math, json, time, random
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
@@ -99,6 +102,17 @@ def mp_loss(z, labels, tau=.1):
     p = (labels[:, None] == labels[None]).float().masked_fill(mask, 0); p = p / p.sum(1, keepdim=True)
     return -(p * F.log_softmax(logits, 1)).sum(1).mean()
 
+@torch.no_grad()
+def engine_init(enc, heads):
+    # As the engine's models::stablerep::init_params: transformer matrices N(0, 0.02), biases 0,
+    # LayerNorms 1 / 0, CLS and positions N(0, 0.02); the stem keeps PyTorch's defaults.
+    enc.cls.normal_(0, .02); enc.pos.normal_(0, .02)
+    for n, p in enc.b.named_parameters():
+        if p.dim() >= 2: p.normal_(0, .02)
+        elif 'n1' in n or 'n2' in n: p.fill_(1.0 if n.endswith('weight') else 0.0)
+        else: p.zero_()
+    for h in heads or []: h.weight.normal_(0, .01); h.bias.zero_()
+
 def train(method, data, steps, views, cfg, seed):
     torch.manual_seed(seed); random.seed(seed)
     enc = CNN() if os.environ.get('ENC') == 'cnn' else ViT(p=cfg['patch'], d=cfg['width'], L=cfg['depth'], h=cfg['width'] // 32)
@@ -106,8 +120,13 @@ def train(method, data, steps, views, cfg, seed):
     if method == 'sup':
         hd = nn.ModuleList([nn.Linear(cfg['width'], 12), nn.Linear(cfg['width'], 8)])
     else: hd = headm(cfg['width'])
-    ps = list(enc.parameters()) + list(hd.parameters())
-    opt = torch.optim.AdamW(ps, lr=cfg['lr'], weight_decay=0.1, betas=(.9, .98))
+    if os.environ.get('INIT') == 'engine' and isinstance(enc, ViT): engine_init(enc, hd if method == 'sup' else None)
+    named = list(enc.named_parameters()) + list(hd.named_parameters())
+    if os.environ.get('WD') == 'engine':
+        dec = [p for n, p in named if p.dim() >= 2]; nodec = [p for n, p in named if p.dim() < 2]
+        groups = [dict(params=dec, weight_decay=0.1), dict(params=nodec, weight_decay=0.0)]
+    else: groups = [dict(params=[p for _, p in named], weight_decay=0.1)]
+    opt = torch.optim.AdamW(groups, lr=cfg['lr'], betas=(.9, .98))
     for t in range(steps):
         lr = cfg['lr'] * min((t + 1) / (steps / 10), 0.5 * (1 + math.cos(math.pi * t / steps)))
         for g in opt.param_groups: g['lr'] = lr
