@@ -5,121 +5,27 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId, Op, Stats};
-use crate::kernels::elementwise::{broadcast_strides, strides, BinaryOp, UnaryOp};
+use crate::kernels::elementwise::{broadcast_strides, strides, UnaryOp};
+use crate::kernels::expr::Env;
 use crate::kernels::reduce::{ReduceOp, RowOp};
 
-fn erf(x: f64) -> f64 {
-    // High-precision erf via the complementary series / continued fraction (W. J. Cody style
-    // accuracy is not needed; this is accurate to ~1e-12 for |x| < 6).
-    if x.abs() > 6.0 {
-        return x.signum();
-    }
-    // Maclaurin series for small |x|, otherwise 1 - erfc by continued fraction.
-    let a = x.abs();
-    if a < 2.5 {
-        let mut sum = a;
-        let mut term = a;
-        let mut n = 0.0;
-        loop {
-            n += 1.0;
-            term *= -a * a / n;
-            let add = term / (2.0 * n + 1.0);
-            sum += add;
-            if add.abs() < 1e-17 {
-                break;
-            }
-        }
-        return x.signum() * sum * 2.0 / std::f64::consts::PI.sqrt();
-    }
-    // Lentz continued fraction for erfc.
-    let mut f = a;
-    let mut c = a;
-    let mut d = 0.0;
-    for k in 1..200 {
-        let an = k as f64 / 2.0;
-        d = a + an * d;
-        d = 1.0 / d;
-        c = a + an / c;
-        let delta = c * d;
-        f *= delta;
-        if (delta - 1.0).abs() < 1e-16 {
-            break;
-        }
-    }
-    let erfc = (-a * a).exp() / (f * std::f64::consts::PI.sqrt());
-    x.signum() * (1.0 - erfc)
-}
-
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// f(x) in f64.
+/// f(x) in f64, from the op's definition (`kernels::expr`).
 pub fn unary(op: UnaryOp, x: f64) -> f64 {
-    match op {
-        UnaryOp::Exp => x.exp(),
-        UnaryOp::Log => x.ln(),
-        UnaryOp::Sqrt => x.sqrt(),
-        UnaryOp::Rsqrt => 1.0 / x.sqrt(),
-        UnaryOp::Relu => x.max(0.0),
-        UnaryOp::Gelu => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
-        UnaryOp::QuickGelu => x * sigmoid(1.702 * x),
-        UnaryOp::Silu => x * sigmoid(x),
-        UnaryOp::Sigmoid => sigmoid(x),
-        UnaryOp::Tanh => x.tanh(),
-        UnaryOp::Neg => -x,
-        UnaryOp::Abs => x.abs(),
-        UnaryOp::Square => x * x,
-        UnaryOp::Recip => 1.0 / x,
-        UnaryOp::Affine(a, b) => a as f64 * x + b as f64,
-        UnaryOp::Pow(a) => x.powf(a as f64),
-        UnaryOp::Clamp(lo, hi) => x.clamp(lo as f64, hi as f64),
-    }
+    op.def().eval(&unary_env(op, x, 0.0))
 }
 
-/// dy * f'(x) in f64.
+/// dy * f'(x) in f64, from the gradient derived from the op's definition.
 pub fn unary_grad(op: UnaryOp, x: f64, dy: f64) -> f64 {
-    let d = match op {
-        UnaryOp::Exp => x.exp(),
-        UnaryOp::Log => 1.0 / x,
-        UnaryOp::Sqrt => 0.5 / x.sqrt(),
-        UnaryOp::Rsqrt => -0.5 * x.powf(-1.5),
-        UnaryOp::Relu => (x > 0.0) as u8 as f64,
-        UnaryOp::Gelu => {
-            0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2))
-                + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
-        }
-        UnaryOp::QuickGelu => {
-            let s = sigmoid(1.702 * x);
-            s + 1.702 * x * s * (1.0 - s)
-        }
-        UnaryOp::Silu => {
-            let s = sigmoid(x);
-            s + x * s * (1.0 - s)
-        }
-        UnaryOp::Sigmoid => sigmoid(x) * (1.0 - sigmoid(x)),
-        UnaryOp::Tanh => 1.0 - x.tanh().powi(2),
-        UnaryOp::Neg => -1.0,
-        UnaryOp::Abs => x.signum(),
-        UnaryOp::Square => 2.0 * x,
-        UnaryOp::Recip => -1.0 / (x * x),
-        UnaryOp::Affine(a, _) => a as f64,
-        UnaryOp::Pow(a) => a as f64 * x.powf(a as f64 - 1.0),
-        UnaryOp::Clamp(lo, hi) => (x > lo as f64 && x < hi as f64) as u8 as f64,
-    };
-    dy * d
+    op.def().grad().eval(&unary_env(op, x, dy))
 }
 
-fn binary(op: BinaryOp, a: f64, b: f64) -> f64 {
-    match op {
-        BinaryOp::Add => a + b,
-        BinaryOp::Sub => a - b,
-        BinaryOp::Mul => a * b,
-        BinaryOp::Div => a / b,
-        BinaryOp::Max => a.max(b),
-        BinaryOp::Min => a.min(b),
-        BinaryOp::Eq => (a == b) as u8 as f64,
-        BinaryOp::UnaryGrad(u) => unary_grad(u, a, b),
+fn unary_env(op: UnaryOp, x: f64, dy: f64) -> Env {
+    let (a, b) = op.scalars();
+    Env {
+        x,
+        y: 0.0,
+        dy,
+        params: [a as f64, b as f64],
     }
 }
 
@@ -219,14 +125,25 @@ pub fn eval(
                 }
                 Some(y)
             }
-            Op::Unary(u) => Some(get(0).iter().map(|&x| unary(*u, x)).collect()),
+            Op::Unary(u) => {
+                let f = u.def();
+                let y = get(0).iter().map(|&x| f.eval(&unary_env(*u, x, 0.0)));
+                Some(y.collect())
+            }
             Op::Binary(op) => {
                 let (a, b) = (get(0), get(1));
                 let sa = broadcast_strides(&sh(0), &node.shape);
                 let sb = broadcast_strides(&sh(1), &node.shape);
+                let (f, params) = (op.def(), op.params());
                 let mut y = vec![0.0; n];
                 for_each(&node.shape, &sa, &sb, |i, oa, ob| {
-                    y[i] = binary(*op, a[oa], b[ob])
+                    let env = Env {
+                        x: a[oa],
+                        y: b[ob],
+                        dy: b[ob],
+                        params,
+                    };
+                    y[i] = f.eval(&env)
                 });
                 Some(y)
             }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use common::{assert_close, gpu, input, run_cpu, run_gpu, Feeds, Rng};
 use stablerep::graph::{DType, Graph, NodeId};
 use stablerep::kernels::catalog::unary_ops;
-use stablerep::kernels::elementwise::UnaryOp;
+use stablerep::kernels::elementwise::{BinaryOp, UnaryOp};
 use stablerep::kernels::reduce::ReduceOp;
 use stablerep::kernels::reduce::RowOp;
 use stablerep::models::losses::multi_positive_loss;
@@ -138,6 +138,74 @@ fn unary_gradients() {
         let y = g.unary(op, x).unwrap();
         let l = weighted_loss(&mut g, &mut f, &mut rng, y);
         grad_check(&format!("unary {op:?}"), &mut g, &f, l, &[x], 1e-6);
+    }
+}
+
+/// Every elementwise op's single definition (`kernels::expr`) against PyTorch in float64
+/// (`tests/fixtures/elementwise.safetensors`, `tools/make_fixtures.py elementwise`): the CPU
+/// reference's values and derived gradients, then the GPU's unary kernel, the fused kernel
+/// (the op inside a chain, its scalars as literals) and the gradient kernel (`UnaryGrad`).
+#[test]
+fn elementwise_ops_match_pytorch_values_and_gradients() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/elementwise.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let get = |k: &str| -> Vec<f64> {
+        let t = st.tensor(k).unwrap_or_else(|_| panic!("fixture key {k}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::F64, "{k}");
+        t.data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let (gpu, _lock) = gpu();
+    for op in unary_ops() {
+        let name = op.name();
+        let (x, y, dy, dx) = (
+            get(&format!("{name}.x")),
+            get(&format!("{name}.y")),
+            get(&format!("{name}.dy")),
+            get(&format!("{name}.dx")),
+        );
+        for i in 0..x.len() {
+            let (v, g) = (
+                stablerep::cpu::unary(op, x[i]),
+                stablerep::cpu::unary_grad(op, x[i], dy[i]),
+            );
+            assert!(
+                (v - y[i]).abs() <= 1e-12 + 1e-10 * y[i].abs(),
+                "{name}({}) = {v}, PyTorch {}",
+                x[i],
+                y[i]
+            );
+            assert!(
+                (g - dx[i]).abs() <= 1e-12 + 1e-10 * dx[i].abs(),
+                "{name}'({}) * {} = {g}, PyTorch {}",
+                x[i],
+                dy[i],
+                dx[i]
+            );
+        }
+        let n = x.len();
+        let mut g = Graph::new();
+        let mut f = Feeds::new();
+        let xi = g.input("x", &[n]);
+        let dyi = g.input("dy", &[n]);
+        let zi = g.input("zeros", &[n]);
+        f.insert(xi, x.clone());
+        f.insert(dyi, dy.clone());
+        f.insert(zi, vec![0.0; n]);
+        let yo = g.unary(op, xi).unwrap();
+        let inner = g.unary(op, xi).unwrap();
+        let fused = g.binary(BinaryOp::Add, inner, zi).unwrap();
+        let go = g.binary(BinaryOp::UnaryGrad(op), xi, dyi).unwrap();
+        let out = run_gpu(&gpu, &g, &f, &HashMap::new(), &[yo, fused, go]);
+        // The inputs are rounded to f32 first: their relative error 6e-8 grows by the op's
+        // condition number (exp(9): 9x), well inside these bounds.
+        assert_close(&format!("gpu {name}"), &out[0], &y, 2e-5, 2e-6);
+        assert_close(&format!("gpu fused {name}"), &out[1], &y, 2e-5, 2e-6);
+        assert_close(&format!("gpu {name} gradient"), &out[2], &dx, 2e-5, 2e-6);
     }
 }
 

@@ -5,7 +5,7 @@ Python is a tool for fixtures only: neither CI nor any user path needs it.
 Set up once (see ../shared/env.md):
     python3 -m venv .venv-ref && .venv-ref/bin/pip install torch timm safetensors numpy open-clip-torch
 then:
-    .venv-ref/bin/python tools/make_fixtures.py [resize loss vit train_step tokens plus cnn handoff vit_conv_stem]
+    .venv-ref/bin/python tools/make_fixtures.py [resize loss vit train_step tokens plus cnn handoff vit_conv_stem elementwise]
 Everything is seeded: rerunning on the same versions reproduces every tensor exactly (the
 JSON header may list keys in another order).
 """
@@ -457,6 +457,46 @@ def vit_conv_stem_fixture():
     save_file(tensors, OUT / "vit_conv_stem.safetensors", metadata=meta)
 
 
+def elementwise_fixture():
+    """Every UnaryOp (kernels::elementwise, with UnaryOp::all()'s scalars) in float64 through
+    PyTorch autograd: for each op its inputs x (kinks at 0 included where PyTorch defines the
+    gradient there: relu, abs), y = f(x) and dx = dy * f'(x) for a random dy."""
+    torch.manual_seed(11)
+    pos = torch.tensor([0.05, 0.3, 0.7, 1.0, 1.9, 3.5, 7.0], dtype=torch.float64)
+    gen = torch.tensor([-6.0, -2.5, -1.1, -0.4, -0.07, 0.0, 0.07, 0.3, 0.9, 1.6, 3.2, 9.0], dtype=torch.float64)
+    clamp_x = torch.tensor([-2.0, -0.7, -0.49, -0.2, 0.0, 0.15, 0.49, 0.8, 3.0], dtype=torch.float64)
+    ops = {
+        "exp": (lambda x: torch.exp(x), gen),
+        "log": (lambda x: torch.log(x), pos),
+        "sqrt": (lambda x: torch.sqrt(x), pos),
+        "rsqrt": (lambda x: torch.rsqrt(x), pos),
+        "relu": (lambda x: torch.relu(x), gen),
+        "gelu": (lambda x: F.gelu(x), gen),
+        "quick_gelu": (lambda x: x * torch.sigmoid(1.702 * x), gen),
+        "silu": (lambda x: F.silu(x), gen),
+        "sigmoid": (lambda x: torch.sigmoid(x), gen),
+        "tanh": (lambda x: torch.tanh(x), gen),
+        "neg": (lambda x: -x, gen),
+        "abs": (lambda x: torch.abs(x), gen),
+        "square": (lambda x: torch.square(x), gen),
+        "recip": (lambda x: torch.reciprocal(x), pos),
+        "affine": (lambda x: 2.0 * x - 1.0, gen),
+        "pow": (lambda x: torch.pow(x, 3.0), pos),
+        "clamp": (lambda x: torch.clamp(x, -0.5, 0.5), clamp_x),
+    }
+    tensors = {}
+    for name, (f, xs) in ops.items():
+        x = xs.clone().requires_grad_(True)
+        dy = torch.randn(len(xs), dtype=torch.float64)
+        y = f(x)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        tensors[f"{name}.x"] = xs.clone()
+        tensors[f"{name}.y"] = y.detach()
+        tensors[f"{name}.dy"] = dy
+        tensors[f"{name}.dx"] = dx
+    save_file(tensors, OUT / "elementwise.safetensors", metadata={"torch": torch.__version__})
+
+
 FIXTURES = {
     "handoff": handoff_fixture,
     "resize": resize_fixture,
@@ -467,6 +507,7 @@ FIXTURES = {
     "plus": plus_fixture,
     "cnn": cnn_fixture,
     "vit_conv_stem": vit_conv_stem_fixture,
+    "elementwise": elementwise_fixture,
 }
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 //! Elementwise kernels: unary and scalar ops, their gradients, binary ops with broadcasting,
 //! and fill. Same-shape launches split into chunks when a tensor exceeds one binding.
 
+use super::expr::build::*;
+use super::expr::{Cmp, Expr, Names};
 use super::{bind, grid, uniform, vec4_ok, Binding, Dispatch, View, WG_1D};
 use crate::error::{Error, Result};
 use crate::gpu::Caps;
 
-/// Math shared by the unary and binary shaders (WGSL has no erf).
+/// The WGSL helpers the expressions' primitives call (`expr::Prim::wgsl`; WGSL has no erf).
 pub const HELPERS: &str = r#"
 fn erf_approx(x: f32) -> f32 {
     // Abramowitz & Stegun 7.1.26 refined form (|error| < 1.5e-7).
@@ -16,14 +18,6 @@ fn erf_approx(x: f32) -> f32 {
     return s * y;
 }
 fn sigmoid(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
-fn gelu(x: f32) -> f32 { return 0.5 * x * (1.0 + erf_approx(x * 0.7071067811865476)); }
-fn gelu_grad(x: f32) -> f32 {
-    // erf_approx(x / sqrt 2) inlined so that its exp(-x^2 / 2) also serves the density term.
-    let e = exp(-0.5 * x * x);
-    let t = 1.0 / (1.0 + 0.3275911 * abs(x) * 0.7071067811865476);
-    let erf = sign(x) * (1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * e);
-    return 0.5 * (1.0 + erf) + x * 0.3989422804014327 * e;
-}
 fn tanh_safe(x: f32) -> f32 { return tanh(clamp(x, -15.0, 15.0)); }
 "#;
 
@@ -76,7 +70,7 @@ pub enum UnaryOp {
     Recip,
     /// alpha * x + beta (scalar add, scale, ...)
     Affine(f32, f32),
-    /// x^alpha
+    /// x^alpha (x > 0 on the GPU, where WGSL's `pow` is undefined for negative bases)
     Pow(f32),
     /// clamp(x, lo, hi)
     Clamp(f32, f32),
@@ -139,55 +133,60 @@ impl UnaryOp {
         }
     }
 
-    /// WGSL expression of y in terms of x, p.alpha, p.beta.
-    pub fn expr(&self) -> &'static str {
+    /// The op's definition: y as an expression in x and the scalars alpha (`Param(0)`) and
+    /// beta (`Param(1)`). The kernels' WGSL, the CPU reference and the gradient all come
+    /// from it (`expr`).
+    pub fn def(&self) -> Expr {
+        use super::expr::Prim::*;
+        let sig = |u: Expr| call(Sigmoid, u);
         match self {
-            UnaryOp::Exp => "exp(x)",
-            UnaryOp::Log => "log(x)",
-            UnaryOp::Sqrt => "sqrt(x)",
-            UnaryOp::Rsqrt => "inverseSqrt(x)",
-            UnaryOp::Relu => "max(x, 0.0)",
-            UnaryOp::Gelu => "gelu(x)",
-            UnaryOp::QuickGelu => "x * sigmoid(1.702 * x)",
-            UnaryOp::Silu => "x * sigmoid(x)",
-            UnaryOp::Sigmoid => "sigmoid(x)",
-            UnaryOp::Tanh => "tanh_safe(x)",
-            UnaryOp::Neg => "-x",
-            UnaryOp::Abs => "abs(x)",
-            UnaryOp::Square => "x * x",
-            UnaryOp::Recip => "1.0 / x",
-            UnaryOp::Affine(..) => "p.alpha * x + p.beta",
-            UnaryOp::Pow(_) => "pow(x, p.alpha)",
-            UnaryOp::Clamp(..) => "clamp(x, p.alpha, p.beta)",
+            UnaryOp::Exp => call(Exp, x()),
+            UnaryOp::Log => call(Log, x()),
+            UnaryOp::Sqrt => call(Sqrt, x()),
+            UnaryOp::Rsqrt => call(Rsqrt, x()),
+            UnaryOp::Relu => max(x(), lit(0.0)),
+            UnaryOp::Gelu => mul(
+                mul(lit(0.5), x()),
+                add(
+                    lit(1.0),
+                    call(Erf, mul(x(), lit(std::f64::consts::FRAC_1_SQRT_2))),
+                ),
+            ),
+            UnaryOp::QuickGelu => mul(x(), sig(mul(lit(1.702), x()))),
+            UnaryOp::Silu => mul(x(), sig(x())),
+            UnaryOp::Sigmoid => sig(x()),
+            UnaryOp::Tanh => call(Tanh, x()),
+            UnaryOp::Neg => neg(x()),
+            UnaryOp::Abs => call(Abs, x()),
+            UnaryOp::Square => mul(x(), x()),
+            UnaryOp::Recip => div(lit(1.0), x()),
+            UnaryOp::Affine(..) => add(mul(param(0), x()), param(1)),
+            UnaryOp::Pow(_) => pow(x(), param(0)),
+            UnaryOp::Clamp(..) => min(max(x(), param(0)), param(1)),
         }
     }
 
-    /// WGSL expression of dx in terms of a = x and b = dy (the alpha/beta values are spliced
-    /// in as literals since the binary uniform has no scalar slots).
+    /// WGSL expression of y in terms of x, with the scalars read from the uniform as
+    /// `p.alpha`, `p.beta` (one pipeline serves every value).
+    pub fn expr(&self) -> String {
+        self.def().wgsl(&Names {
+            x: "x",
+            y: "y",
+            dy: "dy",
+            params: None,
+        })
+    }
+
+    /// WGSL expression of dx in terms of a = x and b = dy, derived from [`UnaryOp::def`]
+    /// (the scalars are spliced in as literals since the binary uniform has no scalar slots).
     pub fn grad_expr(&self) -> String {
         let (al, be) = self.scalars();
-        let f = |v: f32| format!("f32({v:e})");
-        match self {
-            UnaryOp::Exp => "b * exp(a)".into(),
-            UnaryOp::Log => "b / a".into(),
-            UnaryOp::Sqrt => "b * 0.5 / sqrt(a)".into(),
-            UnaryOp::Rsqrt => "b * -0.5 * inverseSqrt(a) / a".into(),
-            UnaryOp::Relu => "select(0.0, b, a > 0.0)".into(),
-            UnaryOp::Gelu => "b * gelu_grad(a)".into(),
-            UnaryOp::QuickGelu => {
-                "b * (sigmoid(1.702 * a) + 1.702 * a * sigmoid(1.702 * a) * (1.0 - sigmoid(1.702 * a)))".into()
-            }
-            UnaryOp::Silu => "b * (sigmoid(a) + a * sigmoid(a) * (1.0 - sigmoid(a)))".into(),
-            UnaryOp::Sigmoid => "b * sigmoid(a) * (1.0 - sigmoid(a))".into(),
-            UnaryOp::Tanh => "b * (1.0 - tanh_safe(a) * tanh_safe(a))".into(),
-            UnaryOp::Neg => "-b".into(),
-            UnaryOp::Abs => "b * sign(a)".into(),
-            UnaryOp::Square => "2.0 * a * b".into(),
-            UnaryOp::Recip => "-b / (a * a)".into(),
-            UnaryOp::Affine(..) => format!("{} * b", f(al)),
-            UnaryOp::Pow(_) => format!("b * {} * pow(a, {})", f(al), f(al - 1.0)),
-            UnaryOp::Clamp(..) => format!("select(0.0, b, a > {} && a < {})", f(al), f(be)),
-        }
+        self.def().grad().wgsl(&Names {
+            x: "a",
+            y: "b",
+            dy: "b",
+            params: Some([al, be]),
+        })
     }
 }
 
@@ -230,18 +229,40 @@ impl BinaryOp {
         }
     }
 
-    /// WGSL expression in a and b.
-    pub fn expr(&self) -> String {
+    /// The op's definition in x = a and y = b (a unary op's gradient: in x and dy = b).
+    pub fn def(&self) -> Expr {
         match self {
-            BinaryOp::Add => "a + b".into(),
-            BinaryOp::Sub => "a - b".into(),
-            BinaryOp::Mul => "a * b".into(),
-            BinaryOp::Div => "a / b".into(),
-            BinaryOp::Max => "max(a, b)".into(),
-            BinaryOp::Min => "min(a, b)".into(),
-            BinaryOp::Eq => "select(0.0, 1.0, a == b)".into(),
-            BinaryOp::UnaryGrad(u) => u.grad_expr(),
+            BinaryOp::Add => add(x(), y()),
+            BinaryOp::Sub => sub(x(), y()),
+            BinaryOp::Mul => mul(x(), y()),
+            BinaryOp::Div => div(x(), y()),
+            BinaryOp::Max => max(x(), y()),
+            BinaryOp::Min => min(x(), y()),
+            BinaryOp::Eq => select(x(), Cmp::Eq, y(), lit(1.0), lit(0.0)),
+            BinaryOp::UnaryGrad(u) => u.def().grad(),
         }
+    }
+
+    /// The scalars [`BinaryOp::def`] reads (a unary op's, for its gradient; else zeros).
+    pub fn params(&self) -> [f64; 2] {
+        match self {
+            BinaryOp::UnaryGrad(u) => {
+                let (a, b) = u.scalars();
+                [a as f64, b as f64]
+            }
+            _ => [0.0; 2],
+        }
+    }
+
+    /// WGSL expression in a and b (scalars as literals).
+    pub fn expr(&self) -> String {
+        let [al, be] = self.params();
+        self.def().wgsl(&Names {
+            x: "a",
+            y: "b",
+            dy: "b",
+            params: Some([al as f32, be as f32]),
+        })
     }
 }
 

@@ -6,6 +6,7 @@
 //! rules. The graph compiler (`graph::fusion`) decides what to fuse.
 
 use super::elementwise::{broadcast_strides, coalesce, pack8, strides, BinaryOp, UnaryOp, HELPERS};
+use super::expr::Names;
 use super::{bind_all, grid, uniform, Dispatch, View, WG_1D};
 use crate::error::{Error, Result};
 use crate::gpu::Caps;
@@ -45,18 +46,15 @@ pub struct Program {
     pub instrs: Vec<Instr>,
 }
 
-fn lit(v: f32) -> String {
-    format!("f32({v:e})")
-}
-
 /// A unary op's WGSL expression in `x` with its scalars as literals.
 fn unary_literal(op: &UnaryOp) -> String {
-    match *op {
-        UnaryOp::Affine(a, b) => format!("{} * x + {}", lit(a), lit(b)),
-        UnaryOp::Pow(a) => format!("pow(x, {})", lit(a)),
-        UnaryOp::Clamp(lo, hi) => format!("clamp(x, {}, {})", lit(lo), lit(hi)),
-        _ => op.expr().to_string(),
-    }
+    let (a, b) = op.scalars();
+    op.def().wgsl(&Names {
+        x: "x",
+        y: "y",
+        dy: "dy",
+        params: Some([a, b]),
+    })
 }
 
 fn scalars_finite(i: &Instr) -> bool {

@@ -7,6 +7,7 @@ pub mod augment;
 pub mod catalog;
 pub mod contrastive;
 pub mod elementwise;
+pub mod expr;
 pub mod fused;
 pub mod heads;
 pub mod layout;
