@@ -385,7 +385,8 @@ enum Cmd {
     /// views and steps (supervised; StableRep and SimCLR on oracle and synthetic images; SimCLR
     /// on real renders; untrained), score each on held-out real renders (kNN and linear
     /// probe), print a table and write results.json and plots. About 12 - 15 minutes on 2 CPU cores
-    /// (software adapter); --quick about 2. Resumes when run again with the same --out.
+    /// (software adapter); --quick about 2. Resumes when run again with the same --out and settings
+    /// (the folder records them in settings.txt and refuses others).
     Demo {
         /// The small run (about 2 minutes on 2 CPU cores).
         #[arg(long)]
@@ -408,6 +409,15 @@ enum Cmd {
         /// Training steps per method.
         #[arg(long, allow_negative_numbers = true, value_parser = count_u64)]
         steps: Option<u64>,
+        /// Views per training step, the same for every method (32; even, a multiple of the
+        /// images per caption, at most twice the captions). Larger batches give the
+        /// contrastive losses more negatives (docs/results.md, Result 6).
+        #[arg(long, allow_negative_numbers = true, value_parser = count)]
+        views: Option<usize>,
+        /// The encoder's stem (patch: timm's patch embedding, the default; conv: 3 x 3
+        /// stride-2 convolutions, which learn shape far sooner; docs/results.md, Result 6).
+        #[arg(long, value_enum)]
+        stem: Option<StemArg>,
         /// Seed of captions, generation and training.
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         seed: u64,
@@ -1443,6 +1453,8 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             images_per_caption,
             captions,
             steps,
+            views,
+            stem,
             seed,
             judge,
         } => {
@@ -1463,6 +1475,12 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             }
             if let Some(n) = steps {
                 c.train_steps = n;
+            }
+            if let Some(n) = views {
+                c.views_per_step = n;
+            }
+            if let Some(s) = stem {
+                c.vit.stem = s.into();
             }
             c.check()?;
             c.judge = Some(match judge {

@@ -322,6 +322,8 @@ fn numeric_cases(b: &Base) -> Vec<Case> {
         ("--images-per-caption", &["0", "1"][..]),
         ("--captions", &["0", "1"][..]),
         ("--steps", &["0"][..]),
+        ("--views", &["0", "7", "6", "1000"][..]),
+        ("--stem", &["patchy"][..]),
     ] {
         for v in vals {
             cases.push(case(&format!("demo {f} {v}"), demo(f, v), f));

@@ -1121,6 +1121,13 @@ fn demo_refuses_impossible_settings_and_missing_models() {
     assert!(!dir.join("out").join("eval-train").exists());
     let e = run(&["--quick", "--images-per-caption", "1"]);
     assert!(e.contains("at least 2"), "{e}");
+    let e = run(&["--quick", "--views", "6"]);
+    assert!(e.contains("--views 6 must be even and a multiple"), "{e}");
+    let e = run(&["--quick", "--views", "128"]);
+    assert!(
+        e.contains("too few for batches of 128 views (--views"),
+        "{e}"
+    );
     let e = run(&["--quick", "--guidance", "nan"]);
     assert!(e.contains("--guidance"), "{e}");
     let e = run(&[

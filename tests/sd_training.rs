@@ -440,6 +440,18 @@ fn demo_pipeline_generates_trains_seven_arms_and_scores_on_real_renders() {
         );
     }
     assert_eq!(results.fidelity.shape, again.fidelity.shape);
+    // The folder remembers its settings and refuses a run with others.
+    let other = DemoConfig {
+        train_steps: 4,
+        ..c.clone()
+    };
+    let e = run(&gpu, &other, &out, |_| {}).unwrap_err().to_string();
+    assert!(
+        e.contains("settings.txt")
+            && e.contains("train_steps: 4")
+            && e.contains("was train_steps: 3"),
+        "{e}"
+    );
 
     // The experiments on the same model: 2 seeds, guidance 1 and 2, m = 2 at 8 images.
     use stablerep::world::experiments::{paired, plots, read_records, report, Plan};

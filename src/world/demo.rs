@@ -199,13 +199,13 @@ impl DemoConfig {
             || !self.views_per_step.is_multiple_of(m)
         {
             return Err(Error::Config(format!(
-                "views per step ({}) must be even and a multiple of the images per caption ({m})",
+                "--views {} must be even and a multiple of the images per caption ({m})",
                 self.views_per_step
             )));
         }
         if self.views_per_step / 2 > self.captions {
             return Err(Error::Config(format!(
-                "{} captions (--captions) are too few for batches of {} views (SimCLR needs {} captions a step)",
+                "{} captions (--captions) are too few for batches of {} views (--views; SimCLR needs {} captions a step)",
                 self.captions,
                 self.views_per_step,
                 self.views_per_step / 2
@@ -773,6 +773,46 @@ pub fn arms(c: &DemoConfig, out: &Path) -> Vec<Arm> {
     ]
 }
 
+/// The file in a demo folder that records the settings it was started with.
+pub const SETTINGS_FILE: &str = "settings.txt";
+
+/// Records `c` in `out/settings.txt` on a fresh folder, and refuses a folder started with
+/// other settings (its pools and trained arms would mix with this run's), or one that holds
+/// results from before settings were recorded.
+pub fn check_folder_settings(c: &DemoConfig, out: &Path) -> Result<()> {
+    let path = out.join(SETTINGS_FILE);
+    let mine = format!("{c:#?}\n");
+    match std::fs::read_to_string(&path) {
+        Ok(theirs) if theirs == mine => Ok(()),
+        Ok(theirs) => {
+            let changed: Vec<String> = mine
+                .lines()
+                .zip(theirs.lines())
+                .filter(|(a, b)| a != b)
+                .take(4)
+                .map(|(a, b)| format!("{} (was {})", a.trim(), b.trim()))
+                .collect();
+            Err(Error::Config(format!(
+                "{}: this folder was started with other settings: {}; pass another --out, or \
+                 remove the folder to start again",
+                path.display(),
+                changed.join("; ")
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if out.join("runs").exists() || out.join("results.json").exists() {
+                return Err(Error::Config(format!(
+                    "{}: the folder holds a demo run from before its settings were recorded, \
+                     so a resume could mix settings; pass another --out, or remove the folder",
+                    out.display()
+                )));
+            }
+            crate::nn::checkpoint::write_atomic(&path, mine.as_bytes())
+        }
+        Err(e) => Err(io(&path, e)),
+    }
+}
+
 /// Runs the demo into `out` (resuming what exists there): the evaluation sets, the real,
 /// oracle and synthetic pools, the generator's fidelity, then the seven arms of [`ARMS`].
 /// Writes `out/results.json` ([`DemoResults`]), the bar chart `out/results.png` and the
@@ -804,6 +844,7 @@ pub fn run(
         )));
     }
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    check_folder_settings(c, out)?;
     eval_sets(out, c.world, c.eval_images, c.size, c.seed, &mut progress)?;
     let m = c.images_per_caption;
     rendered_pool(
