@@ -452,6 +452,11 @@ fn demo_pipeline_generates_trains_seven_arms_and_scores_on_real_renders() {
             && e.contains("was train_steps: 3"),
         "{e}"
     );
+    // A folder that holds work but no record of its settings is refused too.
+    let old = base.join("old-demo");
+    std::fs::create_dir_all(old.join("real-pool")).unwrap();
+    let e = run(&gpu, &c, &old, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("before its settings were recorded"), "{e}");
 
     // The experiments on the same model: 2 seeds, guidance 1 and 2, m = 2 at 8 images.
     use stablerep::world::experiments::{paired, plots, read_records, report, Plan};

@@ -777,8 +777,8 @@ pub fn arms(c: &DemoConfig, out: &Path) -> Vec<Arm> {
 pub const SETTINGS_FILE: &str = "settings.txt";
 
 /// Records `c` in `out/settings.txt` on a fresh folder, and refuses a folder started with
-/// other settings (its pools and trained arms would mix with this run's), or one that holds
-/// results from before settings were recorded.
+/// other settings (its pools and trained arms would mix with this run's), or a folder that
+/// holds anything but no record (a run from before settings were recorded).
 pub fn check_folder_settings(c: &DemoConfig, out: &Path) -> Result<()> {
     let path = out.join(SETTINGS_FILE);
     let mine = format!("{c:#?}\n");
@@ -800,7 +800,12 @@ pub fn check_folder_settings(c: &DemoConfig, out: &Path) -> Result<()> {
             )))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if out.join("runs").exists() || out.join("results.json").exists() {
+            // Any pool, evaluation set or run there came from a run that recorded nothing.
+            let started = std::fs::read_dir(out)
+                .map_err(|e| io(out, e))?
+                .next()
+                .is_some();
+            if started {
                 return Err(Error::Config(format!(
                     "{}: the folder holds a demo run from before its settings were recorded, \
                      so a resume could mix settings; pass another --out, or remove the folder",
