@@ -53,6 +53,7 @@ fn run() -> stablerep::Result<()> {
             plus: None,
         },
         init: None,
+        fresh_init: stablerep::models::stablerep::Init::Official,
         captions: p.captions.len().min(8),
         images_per_caption: p.images_per_caption().min(4),
         steps,

@@ -4,15 +4,21 @@
 //! continue. Writes OUT/records.jsonl, OUT/report.md and the plots OUT/*.png.
 //!
 //!     cargo run --release --example world_experiments -- OUT [--model DIR] [--seeds N]
-//!         [--steps N] [--budget N] [--captions N] [--main-only] [--oracle-only]
-//!         [--guidance-only] [--demo-encoder] [--conv-stem]
+//!         [--steps N] [--views N] [--budget N] [--captions N] [--main-only] [--oracle-only]
+//!         [--guidance-only] [--demo-encoder] [--conv-stem] [--init official|torch]
+//!         [--arms NAME,NAME]
 //!
 //! `--main-only` skips the guidance and images-per-caption sweeps; `--oracle-only` also the
 //! synthetic arms (no text-to-image model needed); `--guidance-only` skips the
 //! images-per-caption sweep. `--demo-encoder` trains the full demo's
 //! encoder for 400 steps (default: the `--quick` demo's, cheaper for the sweeps).
 //! `--conv-stem` gives the encoder the convolutional stem (`models::vit::Stem::Conv`) instead
-//! of the patch embedding. OUT remembers the model, encoder, head, steps, captions, views and
+//! of the patch embedding. `--views N` sets the images per training step of every arm
+//! (default 32; StableRep N / m captions of m images, SimCLR N / 2 images of 2 crops,
+//! supervised N images). `--init torch` starts every arm's encoder (and the supervised heads)
+//! from PyTorch's module defaults instead of the official code's normal(0, 0.02)
+//! (`models::stablerep::Init`). `--arms` trains only the named demo arms (for example
+//! `supervised,stablerep-oracle`); the others can be added later in the same OUT. OUT remembers the model, encoder, head, steps, captions, views and
 //! budget it was started with (OUT/settings.txt) and refuses others, so one folder's records
 //! never mix settings.
 //!
@@ -23,13 +29,14 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use stablerep::gpu::{Gpu, GpuOptions};
+use stablerep::models::stablerep::Init;
 use stablerep::world::experiments::{plots, report, run, Plan};
 
 fn go() -> stablerep::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(out) = args.first().map(PathBuf::from) else {
         return Err(stablerep::Error::Config(
-            "usage: world_experiments OUT [--model DIR] [--seeds N] [--steps N] [--budget N]"
+            "usage: world_experiments OUT [--model DIR] [--seeds N] [--steps N] [--views N] [--budget N]"
                 .into(),
         ));
     };
@@ -40,6 +47,8 @@ fn go() -> stablerep::Result<()> {
     let mut demo_encoder = false;
     let mut guidance_only = false;
     let mut conv_stem = false;
+    let mut init = Init::Official;
+    let mut only = Vec::new();
     let mut i = 1;
     while i < args.len() {
         if args[i] == "--conv-stem" {
@@ -68,6 +77,18 @@ fn go() -> stablerep::Result<()> {
             .ok_or_else(|| stablerep::Error::Config(format!("{} wants a value", args[i])))?;
         if args[i] == "--model" {
             model = Some(PathBuf::from(value));
+        } else if args[i] == "--arms" {
+            only = value.split(',').map(|a| a.trim().to_string()).collect();
+        } else if args[i] == "--init" {
+            init = match value.as_str() {
+                "official" => Init::Official,
+                "torch" => Init::Torch,
+                other => {
+                    return Err(stablerep::Error::Config(format!(
+                        "--init '{other}': want official or torch"
+                    )))
+                }
+            };
         } else {
             let v: u64 = value.parse().map_err(|_| {
                 stablerep::Error::Config(format!("{} wants a number, not '{value}'", args[i]))
@@ -91,6 +112,7 @@ fn go() -> stablerep::Result<()> {
         match name.as_str() {
             "--seeds" => plan.seeds = (0..v).collect(),
             "--steps" => plan.base.train_steps = v,
+            "--views" => plan.base.views_per_step = v as usize,
             "--budget" => plan.budget = v as usize,
             "--captions" => plan.base.captions = v as usize,
             other => return Err(stablerep::Error::Config(format!("unknown option {other}"))),
@@ -107,10 +129,12 @@ fn go() -> stablerep::Result<()> {
         plan.base.vit.stem = stablerep::models::vit::Stem::Conv;
         plan.base.vit.validate()?;
     }
+    plan.base.init = init;
+    plan.only = only;
     plan.synthetic = !oracle_only;
     plan.check()?;
     // A folder holds the records of one set of settings: resuming with others would mix them.
-    let settings = format!(
+    let mut settings = format!(
         "model {}\nencoder {:?}\nhead {:?}\nsteps {}\ncaptions {}\nviews {}\nbudget {}\n",
         plan.base.model.display(),
         plan.base.vit,
@@ -120,6 +144,10 @@ fn go() -> stablerep::Result<()> {
         plan.base.views_per_step,
         plan.budget
     );
+    // Written only when not the default, so folders started before the option stay valid.
+    if init != Init::Official {
+        settings += &format!("init {init:?}\n");
+    }
     let settings_file = out.join("settings.txt");
     match std::fs::read_to_string(&settings_file) {
         Ok(old) if old != settings => {

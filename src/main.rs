@@ -418,6 +418,11 @@ enum Cmd {
         /// stride-2 convolutions, which learn shape far sooner; docs/results.md, Result 6).
         #[arg(long, value_enum)]
         stem: Option<StemArg>,
+        /// How each arm's fresh encoder is initialized (official: timm's normal(0, 0.02), the
+        /// default; torch: PyTorch's module defaults, with which a small supervised encoder
+        /// learns shape far sooner; docs/results.md, Result 6).
+        #[arg(long, value_enum)]
+        init: Option<InitArg>,
         /// Seed of captions, generation and training.
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         seed: u64,
@@ -526,6 +531,24 @@ impl From<StemArg> for stablerep::models::vit::Stem {
         match s {
             StemArg::Patch => Self::Patch,
             StemArg::Conv => Self::Conv,
+        }
+    }
+}
+
+/// A fresh encoder's initialization (`models::stablerep::Init`).
+#[derive(Clone, Copy, ValueEnum)]
+enum InitArg {
+    /// The official code's (timm's): matrices, CLS token and positions normal(0, 0.02).
+    Official,
+    /// PyTorch's module defaults (nn.Linear, nn.MultiheadAttention).
+    Torch,
+}
+
+impl From<InitArg> for stablerep::models::stablerep::Init {
+    fn from(s: InitArg) -> Self {
+        match s {
+            InitArg::Official => Self::Official,
+            InitArg::Torch => Self::Torch,
         }
     }
 }
@@ -1381,6 +1404,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
                     plus,
                 },
                 init,
+                fresh_init: stablerep::models::stablerep::Init::Official,
                 captions: captions_per_batch,
                 images_per_caption,
                 steps,
@@ -1455,6 +1479,7 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             steps,
             views,
             stem,
+            init,
             seed,
             judge,
         } => {
@@ -1481,6 +1506,9 @@ fn run(cli: Cli, given: &Given) -> stablerep::Result<()> {
             }
             if let Some(s) = stem {
                 c.vit.stem = s.into();
+            }
+            if let Some(i) = init {
+                c.init = i.into();
             }
             c.check()?;
             c.judge = Some(match judge {

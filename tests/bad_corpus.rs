@@ -324,6 +324,7 @@ fn numeric_cases(b: &Base) -> Vec<Case> {
         ("--steps", &["0"][..]),
         ("--views", &["0", "7", "6", "1000"][..]),
         ("--stem", &["patchy"][..]),
+        ("--init", &["timm", ""][..]),
     ] {
         for v in vals {
             cases.push(case(&format!("demo {f} {v}"), demo(f, v), f));

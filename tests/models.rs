@@ -632,3 +632,138 @@ fn conv_stem_starts_as_pytorch_initializes_it() {
         assert!(t(&format!("{name}.bias")).data.iter().all(|&x| x == 0.0));
     }
 }
+
+/// Standard deviation and largest magnitude of the values of `names` pooled.
+fn spread(tensors: &[&[f32]]) -> (f64, f64) {
+    let n: usize = tensors.iter().map(|t| t.len()).sum();
+    let mean = tensors
+        .iter()
+        .flat_map(|t| t.iter())
+        .map(|&v| v as f64)
+        .sum::<f64>()
+        / n as f64;
+    let var = tensors
+        .iter()
+        .flat_map(|t| t.iter())
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1) as f64;
+    let max = tensors
+        .iter()
+        .flat_map(|t| t.iter())
+        .fold(0.0f64, |m, &v| m.max((v as f64).abs()));
+    (var.sqrt(), max)
+}
+
+/// `Init::Torch` gives the ViT's blocks and the supervised heads PyTorch's module defaults:
+/// each parameter's spread and bound match those measured on `nn.MultiheadAttention` and
+/// `nn.Linear` (`tools/make_fixtures.py torch_init`), while `Init::Official` keeps timm's
+/// normal(0, 0.02).
+#[test]
+fn torch_init_matches_pytorch_module_defaults() {
+    use stablerep::models::stablerep::{init_params_with, HeadConfig, Init};
+    use stablerep::world::export::LabelKind;
+    use stablerep::world::supervised::{self, Encoder};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_init.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let (width, mlp) = (
+        doc["width"].as_u64().unwrap() as usize,
+        doc["mlp"].as_u64().unwrap() as usize,
+    );
+    let vit = VitConfig {
+        img_size: 32,
+        patch: 8,
+        width,
+        depth: 3,
+        heads: doc["heads"].as_u64().unwrap() as usize,
+        mlp,
+        stem: Stem::Conv,
+    };
+    let head = HeadConfig {
+        hidden: 64,
+        out: 32,
+    };
+    let seeds = 0..8u64;
+    let torch: Vec<_> = seeds
+        .clone()
+        .map(|s| init_params_with(&vit, &head, None, s, Init::Torch))
+        .collect();
+    let mut run = stablerep::world::judge::recipe();
+    run.encoder = Encoder::Vit(vit);
+    run.heads = vec![LabelKind::Shape, LabelKind::Colour];
+    run.head_weights = vec![];
+    run.init = Init::Torch;
+    let heads: Vec<_> = seeds
+        .clone()
+        .map(|s| {
+            supervised::init(&supervised::SupervisedRun {
+                seed: s,
+                ..run.clone()
+            })
+        })
+        .collect();
+    for (name, want) in doc["params"].as_object().unwrap() {
+        let (std, max) = (
+            want["std"].as_f64().unwrap(),
+            want["max_abs"].as_f64().unwrap(),
+        );
+        let tensors: Vec<&[f32]> = if let Some(kind) = name.strip_prefix("classifier.") {
+            heads
+                .iter()
+                .flat_map(|ck| {
+                    ["shape", "colour"].map(|h| {
+                        ck.tensors[&format!("classifier.{h}.{kind}")]
+                            .data
+                            .as_slice()
+                    })
+                })
+                .collect()
+        } else {
+            torch
+                .iter()
+                .flat_map(|ck| {
+                    (0..vit.depth).map(move |l| {
+                        ck.tensors[&format!("visual.blocks.{l}.{name}")]
+                            .data
+                            .as_slice()
+                    })
+                })
+                .collect()
+        };
+        let (got_std, got_max) = spread(&tensors);
+        if std == 0.0 {
+            assert_eq!(got_max, 0.0, "{name} should be zero");
+            continue;
+        }
+        // Matrices pool 10^4 - 10^5 values (spread known to about 1 %), biases 10^2 - 10^3.
+        let tol = if name.ends_with("weight") { 0.03 } else { 0.12 };
+        assert!(
+            (got_std / std - 1.0).abs() < tol,
+            "{name}: std {got_std} against PyTorch's {std}"
+        );
+        assert!(
+            got_max <= max * 1.02 && got_max >= max * 0.9,
+            "{name}: largest magnitude {got_max} against PyTorch's {max}"
+        );
+    }
+    let ck = &torch[0];
+    assert!(ck.tensors["visual.cls_token"]
+        .data
+        .iter()
+        .all(|&v| v == 0.0));
+    let (pos, _) = spread(&[&ck.tensors["visual.pos_embed"].data]);
+    assert!((pos / 0.02 - 1.0).abs() < 0.15, "positions: std {pos}");
+    assert!(ck.tensors["visual.blocks.1.norm2.weight"]
+        .data
+        .iter()
+        .all(|&v| v == 1.0));
+    // The official scheme is unchanged: timm's normal(0, 0.02) for the same matrices.
+    let official = init_params_with(&vit, &head, None, 0, Init::Official);
+    let (qkv, _) = spread(&[&official.tensors["visual.blocks.0.attn.qkv.weight"].data]);
+    assert!((qkv / 0.02 - 1.0).abs() < 0.03, "official qkv std {qkv}");
+    assert!(official.tensors["visual.cls_token"]
+        .data
+        .iter()
+        .any(|&v| v != 0.0));
+}

@@ -452,6 +452,15 @@ fn demo_pipeline_generates_trains_seven_arms_and_scores_on_real_renders() {
             && e.contains("was train_steps: 3"),
         "{e}"
     );
+    // The default initialization is not written, so older folders stay valid; another is.
+    let settings = std::fs::read_to_string(out.join("settings.txt")).unwrap();
+    assert!(!settings.contains("init"), "{settings}");
+    let torch = DemoConfig {
+        init: stablerep::models::stablerep::Init::Torch,
+        ..c.clone()
+    };
+    let e = run(&gpu, &torch, &out, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("init: Torch"), "{e}");
     // A folder that holds work but no record of its settings is refused too.
     let old = base.join("old-demo");
     std::fs::create_dir_all(old.join("real-pool")).unwrap();
@@ -467,6 +476,7 @@ fn demo_pipeline_generates_trains_seven_arms_and_scores_on_real_renders() {
         images_per_caption: vec![2],
         budget: 8,
         synthetic: true,
+        only: Vec::new(),
     };
     let ex = base.join("experiments");
     let records = stablerep::world::experiments::run(&gpu, &plan, &ex, |_| {}).unwrap();
@@ -508,5 +518,45 @@ fn demo_pipeline_generates_trains_seven_arms_and_scores_on_real_renders() {
     }
     let charts = plots(&plan, &records).unwrap();
     assert_eq!(charts.len(), 3);
+
+    // Only the named arms, from PyTorch's initialization; an unknown name is refused first.
+    let only = Plan {
+        base: stablerep::world::demo::DemoConfig {
+            init: stablerep::models::stablerep::Init::Torch,
+            ..c.clone()
+        },
+        seeds: vec![0],
+        guidances: vec![],
+        images_per_caption: vec![],
+        synthetic: false,
+        only: vec!["supervised".into()],
+        ..plan.clone()
+    };
+    let recs = stablerep::world::experiments::run(&gpu, &only, &base.join("only"), |_| {}).unwrap();
+    let arms: Vec<&str> = recs.iter().map(|r| r.arm.as_str()).collect();
+    assert_eq!(arms, ["main/supervised"]);
+    let torch = recs[0].outcome.as_ref().unwrap();
+    let official = records
+        .iter()
+        .find(|r| r.arm == "main/supervised" && r.seed == 0)
+        .and_then(|r| r.outcome.as_ref())
+        .unwrap();
+    assert!(torch.final_loss.is_finite());
+    assert_ne!(
+        torch.final_loss, official.final_loss,
+        "the initialization changed nothing"
+    );
+    let bad = Plan {
+        only: vec!["simclr".into()],
+        ..only.clone()
+    };
+    let e = stablerep::world::experiments::run(&gpu, &bad, &base.join("bad"), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown arm 'simclr'"), "{e}");
+    assert!(
+        !base.join("bad").exists(),
+        "a refused plan wrote its folder"
+    );
     let _ = std::fs::remove_dir_all(&base);
 }

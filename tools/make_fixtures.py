@@ -5,7 +5,7 @@ Python is a tool for fixtures only: neither CI nor any user path needs it.
 Set up once (see ../shared/env.md):
     python3 -m venv .venv-ref && .venv-ref/bin/pip install torch timm safetensors numpy open-clip-torch
 then:
-    .venv-ref/bin/python tools/make_fixtures.py [resize loss vit train_step tokens plus cnn handoff vit_conv_stem elementwise]
+    .venv-ref/bin/python tools/make_fixtures.py [resize loss vit train_step tokens plus cnn handoff vit_conv_stem elementwise torch_init]
 Everything is seeded: rerunning on the same versions reproduces every tensor exactly (the
 JSON header may list keys in another order).
 """
@@ -497,6 +497,32 @@ def elementwise_fixture():
     save_file(tensors, OUT / "elementwise.safetensors", metadata={"torch": torch.__version__})
 
 
+def torch_init_fixture():
+    """PyTorch's module defaults at the mini-world encoder's width (96, MLP 384, 3 heads) and
+    the supervised heads (96 -> 6): the standard deviation and largest magnitude of each
+    parameter over 50 fresh modules, named as the engine names them, for `Init::Torch`."""
+    import torch.nn as nn
+    d, mlp, h, classes, draws = 96, 384, 3, 6, 50
+    acc = {}
+    for seed in range(draws):
+        torch.manual_seed(seed)
+        a = nn.MultiheadAttention(d, h, batch_first=True)
+        fc1, fc2, head = nn.Linear(d, mlp), nn.Linear(mlp, d), nn.Linear(d, classes)
+        for name, t in [("attn.qkv.weight", a.in_proj_weight), ("attn.qkv.bias", a.in_proj_bias),
+                        ("attn.proj.weight", a.out_proj.weight), ("attn.proj.bias", a.out_proj.bias),
+                        ("mlp.fc1.weight", fc1.weight), ("mlp.fc1.bias", fc1.bias),
+                        ("mlp.fc2.weight", fc2.weight), ("mlp.fc2.bias", fc2.bias),
+                        ("classifier.weight", head.weight), ("classifier.bias", head.bias)]:
+            acc.setdefault(name, []).append(t.detach().double().flatten())
+    params = {}
+    for name, ts in acc.items():
+        x = torch.cat(ts)
+        params[name] = {"std": round(float(x.std()), 6), "max_abs": round(float(x.abs().max()), 6), "count": x.numel()}
+    doc = {"width": d, "mlp": mlp, "heads": h, "classes": classes, "draws": draws,
+           "torch": torch.__version__, "params": params}
+    (OUT / "torch_init.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
 FIXTURES = {
     "handoff": handoff_fixture,
     "resize": resize_fixture,
@@ -508,6 +534,7 @@ FIXTURES = {
     "cnn": cnn_fixture,
     "vit_conv_stem": vit_conv_stem_fixture,
     "elementwise": elementwise_fixture,
+    "torch_init": torch_init_fixture,
 }
 
 if __name__ == "__main__":

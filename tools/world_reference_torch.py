@@ -183,7 +183,8 @@ if __name__ == '__main__':
     oracle = load_pool(f"{R}/oracle", 4); real = load_pool(f"{R}/" + os.environ.get("REAL", "real"), 1)
     ev = {}
     for k in ['shape', 'colour']:
-        a, b = load_folder(f"{R}/{k}-train"); c, d = load_folder(f"{R}/{k}-test"); ev[k] = (a, b, c, d)
+        tr = os.environ.get('SHAPE_TRAIN', 'shape-train') if k == 'shape' else f"{k}-train"  # SHAPE_TRAIN: a larger probe training set
+        a, b = load_folder(f"{R}/{tr}"); c, d = load_folder(f"{R}/{k}-test"); ev[k] = (a, b, c, d)
     # supervised data: oracle images with labels from the eval folder names? use captions
     caps = [l.split(',', 1)[1].strip().strip('"') for l in open(f"{R}/oracle/captions.csv").read().strip().split("\n")]
     shapes = sorted(os.listdir(f"{R}/shape-train")); colours = sorted(os.listdir(f"{R}/colour-train"))

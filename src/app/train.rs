@@ -132,6 +132,7 @@ pub fn build_run(t: &TrainSettings, resume: bool) -> Result<PoolRun, String> {
             plus,
         },
         init: None,
+        fresh_init: crate::models::stablerep::Init::Official,
         captions: t.captions,
         images_per_caption: t.images,
         steps: t.steps,

@@ -226,6 +226,24 @@ pub fn train_step(cfg: &StepConfig) -> Result<TrainStep> {
     })
 }
 
+/// How a fresh encoder is initialized.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    /// The official code's (timm's): transformer matrices, CLS token and positions
+    /// normal(0, 0.02), biases 0. Tuned for width 768; at width 96 it starts the matrices
+    /// about 3 times smaller than PyTorch's module defaults, and a small encoder learns shape
+    /// more slowly from there (docs/results.md, Result 6).
+    #[default]
+    Official,
+    /// PyTorch's module defaults, as `tools/world_reference_torch.py` builds its ViT from
+    /// `nn.Linear` and `nn.MultiheadAttention`: MLP weights and biases uniform(+-1/sqrt(fan_in)),
+    /// the qkv matrix Xavier-uniform (+-sqrt(6 / (width + 3 width))) with zero bias, the
+    /// attention's output matrix uniform(+-1/sqrt(width)) with zero bias, CLS token 0, positions
+    /// normal(0, 0.02). Norms, the stem and the projection head as [`Init::Official`].
+    Torch,
+}
+
 /// Fresh parameters for `vit` + `head` as the official code initializes them: ViT linear
 /// weights, position embedding and CLS token normal(0, 0.02) (timm 0.5.4's truncation at +-2
 /// never triggers), biases 0, norms 1/0, patch embedding (or the convolutional stem's
@@ -239,6 +257,17 @@ pub fn init_params(
     head: &HeadConfig,
     plus: Option<&PlusConfig>,
     seed: u64,
+) -> crate::nn::checkpoint::Checkpoint {
+    init_params_with(vit, head, plus, seed, Init::Official)
+}
+
+/// [`init_params`] with the encoder initialized by `init`.
+pub fn init_params_with(
+    vit: &VitConfig,
+    head: &HeadConfig,
+    plus: Option<&PlusConfig>,
+    seed: u64,
+    init: Init,
 ) -> crate::nn::checkpoint::Checkpoint {
     use crate::nn::checkpoint::{Checkpoint, HostTensor};
     use crate::util::rng::Rng;
@@ -272,7 +301,18 @@ pub fn init_params(
             Some(stem) => weight_fan.get(&format!("{stem}weight")),
             None => weight_fan.get(&name),
         };
-        let data: Vec<f32> = if let (true, Some(&fan)) = (uniform_init, fan) {
+        let torch = if init == Init::Torch && name.starts_with("visual.blocks.") {
+            torch_default_bound(&name, &shape, fan.copied())
+        } else {
+            None
+        };
+        let data: Vec<f32> = if let Some(b) = torch {
+            (0..n)
+                .map(|_| ((rng.unit() * 2.0 - 1.0) * b) as f32)
+                .collect()
+        } else if init == Init::Torch && name.ends_with("cls_token") {
+            vec![0.0; n]
+        } else if let (true, Some(&fan)) = (uniform_init, fan) {
             let b = 1.0 / (fan as f64).sqrt();
             (0..n)
                 .map(|_| ((rng.unit() * 2.0 - 1.0) * b) as f32)
@@ -313,4 +353,21 @@ pub fn init_params(
         );
     }
     ck
+}
+
+/// The uniform bound PyTorch's modules give a transformer block's parameter under
+/// [`Init::Torch`], or `None` for a parameter they set to a constant (norms; the attention's
+/// biases, which `nn.MultiheadAttention` zeroes). `fan` is the fan-in of the weight the
+/// parameter belongs to.
+fn torch_default_bound(name: &str, shape: &[usize], fan: Option<usize>) -> Option<f64> {
+    let fan = fan? as f64;
+    if name.contains(".norm") || (name.contains(".attn.") && name.ends_with("bias")) {
+        None
+    } else if name.ends_with("attn.qkv.weight") {
+        // Xavier-uniform over the [3d, d] in-projection: fan_in d, fan_out 3d.
+        Some((6.0 / (fan + shape[0] as f64)).sqrt())
+    } else {
+        // nn.Linear: kaiming_uniform(a = sqrt(5)) for the weight, the same bound for the bias.
+        Some(1.0 / fan.sqrt())
+    }
 }

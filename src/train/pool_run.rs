@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, ParamStore, Plan, PlanOptions};
 use crate::models::config::{model_config, ModelConfig};
-use crate::models::stablerep::{init_params, recipe_adamw, train_step, StepConfig};
+use crate::models::stablerep::{init_params_with, recipe_adamw, train_step, Init, StepConfig};
 use crate::models::text::TextBatch;
 use crate::nn::checkpoint::Checkpoint;
 use crate::nn::schedule::Schedule;
@@ -32,6 +32,9 @@ pub struct PoolRun {
     pub model: ModelConfig,
     /// Optional initial checkpoint.
     pub init: Option<PathBuf>,
+    /// How a fresh model is initialized (without `init` or a checkpoint to resume).
+    #[serde(default)]
+    pub fresh_init: Init,
     /// Captions per batch (n).
     pub captions: usize,
     /// Images per caption (m).
@@ -134,7 +137,13 @@ pub fn run(
         (Checkpoint::load(init)?, 0)
     } else {
         (
-            init_params(&r.model.vit, &r.model.head, r.model.plus.as_ref(), r.seed),
+            init_params_with(
+                &r.model.vit,
+                &r.model.head,
+                r.model.plus.as_ref(),
+                r.seed,
+                r.fresh_init,
+            ),
             0,
         )
     };

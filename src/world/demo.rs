@@ -31,7 +31,7 @@ use crate::eval::linear::ProbeConfig;
 use crate::eval::probe::{self, Method, Request};
 use crate::gpu::Gpu;
 use crate::models::config::ModelConfig;
-use crate::models::stablerep::HeadConfig;
+use crate::models::stablerep::{HeadConfig, Init};
 use crate::models::vit::{Stem, VitConfig};
 use crate::nn::schedule::Schedule;
 use crate::plot::{bar_chart, line_chart, Canvas, Chart, Series, Value};
@@ -91,6 +91,8 @@ pub struct DemoConfig {
     pub vit: VitConfig,
     /// Its projection head.
     pub head: HeadConfig,
+    /// How every arm's fresh encoder is initialized (the official code's by default).
+    pub init: Init,
     /// Augmentation of every arm (the supervised arm without its colour changes, since
     /// colour is one of its labels).
     pub augment: AugmentConfig,
@@ -132,6 +134,7 @@ impl DemoConfig {
                 hidden: 256,
                 out: 64,
             },
+            init: Init::Official,
             augment: mini_augment(),
             eval_images: 480,
             probe_epochs: 30,
@@ -513,6 +516,7 @@ pub fn train_arm(
                 plus: None,
             },
             init: None,
+            fresh_init: c.init,
             captions: n,
             images_per_caption: m,
             steps,
@@ -640,6 +644,7 @@ pub fn supervised_run(c: &DemoConfig, arm: &Arm) -> SupervisedRun {
             ..c.augment
         },
         seed: c.seed,
+        init: c.init,
         checkpoint_every: c.train_steps,
         log_every: 10.min(c.train_steps),
     }
@@ -781,7 +786,13 @@ pub const SETTINGS_FILE: &str = "settings.txt";
 /// holds anything but no record (a run from before settings were recorded).
 pub fn check_folder_settings(c: &DemoConfig, out: &Path) -> Result<()> {
     let path = out.join(SETTINGS_FILE);
-    let mine = format!("{c:#?}\n");
+    // The default initialization is left out, so folders started before it was a setting
+    // stay valid.
+    let mine: String = format!("{c:#?}\n")
+        .lines()
+        .filter(|l| l.trim() != "init: Official,")
+        .map(|l| format!("{l}\n"))
+        .collect();
     match std::fs::read_to_string(&path) {
         Ok(theirs) if theirs == mine => Ok(()),
         Ok(theirs) => {

@@ -43,6 +43,9 @@ pub struct Plan {
     /// Whether to generate pools and train the synthetic arms (off: only the oracle, real,
     /// supervised and untrained arms, which need no text-to-image model).
     pub synthetic: bool,
+    /// The demo arms to train (names of [`super::demo::ARMS`]; empty: all). The sweeps'
+    /// arms are not filtered.
+    pub only: Vec<String>,
 }
 
 impl Plan {
@@ -63,6 +66,7 @@ impl Plan {
             images_per_caption: vec![2, 4, 8],
             budget: 384,
             synthetic: true,
+            only: Vec::new(),
         }
     }
 
@@ -98,6 +102,16 @@ impl Plan {
         {
             return Err(Error::Config(format!(
                 "guidance {w} is not a finite number >= 0"
+            )));
+        }
+        if let Some(bad) = self
+            .only
+            .iter()
+            .find(|a| !super::demo::ARMS.contains(&a.as_str()))
+        {
+            return Err(Error::Config(format!(
+                "unknown arm '{bad}': want some of {}",
+                super::demo::ARMS.join(", ")
             )));
         }
         if self.seeds.is_empty() {
@@ -142,6 +156,7 @@ fn plan_arms(plan: &Plan, c: &DemoConfig, dir: &Path) -> (Vec<(String, Arm)>, Ve
     let b = &plan.base;
     let mut list: Vec<(String, Arm)> = arms(c, dir)
         .into_iter()
+        .filter(|a| plan.only.is_empty() || plan.only.contains(&a.name))
         .map(|a| (format!("main/{}", a.name), a))
         .collect();
     // The paired arms first, so an interrupted plan has its comparisons early.

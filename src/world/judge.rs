@@ -65,6 +65,7 @@ pub fn recipe() -> SupervisedRun {
             ..AugmentConfig::default()
         },
         seed: 0,
+        init: crate::models::stablerep::Init::Official,
         checkpoint_every: 100,
         log_every: 25,
     }

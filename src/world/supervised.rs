@@ -23,7 +23,7 @@ use crate::gpu::Gpu;
 use crate::graph::{adam_hyper, DType, Graph, NodeId, Op, ParamStore, Plan, PlanOptions};
 use crate::models::cnn::{self, CnnConfig};
 use crate::models::config::ModelConfig;
-use crate::models::stablerep::{decays, recipe_adamw, HeadConfig};
+use crate::models::stablerep::{decays, recipe_adamw, HeadConfig, Init};
 use crate::models::vit::{self, VitConfig};
 use crate::nn::checkpoint::{Checkpoint, HostTensor};
 use crate::nn::schedule::Schedule;
@@ -123,15 +123,16 @@ impl Encoder {
         }
     }
 
-    /// Fresh parameters.
-    pub fn init(&self, seed: u64) -> Checkpoint {
+    /// Fresh parameters (`init` chooses the ViT's scheme; the CNN has one).
+    pub fn init(&self, seed: u64, init: Init) -> Checkpoint {
         match self {
             Encoder::Vit(v) => {
-                let mut ck = crate::models::stablerep::init_params(
+                let mut ck = crate::models::stablerep::init_params_with(
                     v,
                     &HeadConfig { hidden: 1, out: 1 },
                     None,
                     seed,
+                    init,
                 );
                 ck.tensors.retain(|k, _| k.starts_with("visual."));
                 ck
@@ -176,6 +177,9 @@ pub struct SupervisedRun {
     pub augment: AugmentConfig,
     /// Seed of initialization, batches and augmentation.
     pub seed: u64,
+    /// How the fresh ViT and heads are initialized.
+    #[serde(default)]
+    pub init: Init,
     /// Steps between checkpoints.
     pub checkpoint_every: u64,
     /// Steps between loss readbacks (metric lines).
@@ -274,18 +278,26 @@ fn build(r: &SupervisedRun) -> Result<Step> {
     })
 }
 
-/// Fresh parameters: the encoder (the ViT as StableRep initializes it), the heads
-/// N(0, 0.01) with zero bias.
+/// Fresh parameters: the encoder (the ViT as StableRep initializes it, by `r.init`), the
+/// heads N(0, 0.01) with zero bias ([`Init::Official`]) or as `nn.Linear`'s defaults,
+/// uniform(+-1/sqrt(width)) for weight and bias ([`Init::Torch`]).
 pub fn init(r: &SupervisedRun) -> Checkpoint {
-    let mut ck = r.encoder.init(r.seed);
+    let mut ck = r.encoder.init(r.seed, r.init);
     let width = r.encoder.width();
+    let bound = 1.0 / (width as f64).sqrt();
     let mut rng = Rng(r.seed ^ 0xC1A5);
+    let draw = |rng: &mut Rng| match r.init {
+        Init::Official => (0.01 * rng.normal()) as f32,
+        Init::Torch => ((rng.unit() * 2.0 - 1.0) * bound) as f32,
+    };
     for &kind in &r.heads {
         let c = classes(r.world, kind).len();
         let (wn, bn) = head_names(kind);
-        let w = (0..c * width)
-            .map(|_| (0.01 * rng.normal()) as f32)
-            .collect();
+        let w = (0..c * width).map(|_| draw(&mut rng)).collect();
+        let b = match r.init {
+            Init::Official => vec![0.0; c],
+            Init::Torch => (0..c).map(|_| draw(&mut rng)).collect(),
+        };
         ck.tensors.insert(
             wn,
             HostTensor {
@@ -297,7 +309,7 @@ pub fn init(r: &SupervisedRun) -> Checkpoint {
             bn,
             HostTensor {
                 shape: vec![c],
-                data: vec![0.0; c],
+                data: b,
             },
         );
     }

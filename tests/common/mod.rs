@@ -289,6 +289,7 @@ pub fn settings(
             plus: None,
         },
         init: None,
+        fresh_init: stablerep::models::stablerep::Init::Official,
         captions: 4,
         images_per_caption: 3,
         steps,
