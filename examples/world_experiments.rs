@@ -18,7 +18,9 @@
 //! supervised N images). `--init torch` starts every arm's encoder (and the supervised heads)
 //! from PyTorch's module defaults instead of the official code's normal(0, 0.02)
 //! (`models::stablerep::Init`). `--arms` trains only the named demo arms (for example
-//! `supervised,stablerep-oracle`); the others can be added later in the same OUT. OUT remembers the model, encoder, head, steps, captions, views and
+//! `supervised,stablerep-oracle`); the others can be added later in the same OUT. It filters
+//! the demo's seven arms only: the sweeps still run unless `--main-only` or `--oracle-only`
+//! skips them. OUT remembers the model, encoder, head, steps, captions, views and
 //! budget it was started with (OUT/settings.txt) and refuses others, so one folder's records
 //! never mix settings.
 //!
